@@ -1,0 +1,1 @@
+//! polkit authorization (owner: lead).

@@ -1,0 +1,6 @@
+//! Disk images: validation, in-use detection, `qemu-img check`.
+
+pub mod checker;
+pub mod image;
+pub mod qemu_img;
+pub mod usage;

@@ -1,0 +1,27 @@
+//! VM Manager: a D-Bus system service for hosts that run QEMU/KVM VMs.
+//!
+//! # Layout
+//!
+//! Domain code knows nothing about D-Bus; the D-Bus layer knows nothing about
+//! sysfs or /proc. Roots such as `/proc` are parameters so tests can point the
+//! real code at prepared trees.
+//!
+//! - [`config`]: `/etc/vmmanager/vmmanager.toml`, every key with a default.
+//! - [`disk`]: everything about checking a disk image:
+//!   - [`disk::image`]: validate a caller's path, open it safely, detect the
+//!     format from the header magic;
+//!   - [`disk::usage`]: who uses an image (PID files, /proc fds, QEMU's lock
+//!     bytes);
+//!   - [`disk::qemu_img`]: run `qemu-img check` as a given user in its own
+//!     process group, with timeout and cancellation, and parse its JSON;
+//!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
+//!     in-use refusal, report.
+//! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
+//! - [`service`]: the D-Bus boundary: the manager and job objects, option
+//!   parsing, the one D-Bus error enum, and the daemon's run loop.
+//! - `src/bin/`: thin binaries `vmmanagerd` (the service) and `vmctl` (CLI).
+
+pub mod auth;
+pub mod config;
+pub mod disk;
+pub mod service;
