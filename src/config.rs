@@ -1,1 +1,236 @@
-//! Configuration (owner: lead).
+//! Configuration: `/etc/vmmanager/vmmanager.toml`.
+//!
+//! Every key has a built-in default, so the service runs without any file.
+//! Unknown keys are rejected: a typo in a security-relevant setting must not
+//! be silently ignored.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the daemon looks when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmmanager/vmmanager.toml";
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    pub disk: DiskConfig,
+    pub system: SystemConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DiskConfig {
+    /// The `qemu-img` binary.
+    pub qemu_img: PathBuf,
+    /// Upper bound for one `qemu-img check`, unless the caller asks for less.
+    pub timeout_sec: u32,
+    /// How many checks may run at once; 0 means the number of CPUs.
+    pub max_concurrent_checks: u32,
+    /// Where PID files of running VMs are looked for when the caller names
+    /// none. `{image_dir}` is the image's directory; `*` is allowed in the
+    /// last component.
+    pub pidfile_patterns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SystemConfig {
+    /// procfs mount point (a prepared tree in tests).
+    pub proc_root: PathBuf,
+    /// sysfs mount point (a prepared tree in tests).
+    pub sysfs_root: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            disk: DiskConfig::default(),
+            system: SystemConfig::default(),
+        }
+    }
+}
+
+impl Default for DiskConfig {
+    fn default() -> Self {
+        DiskConfig {
+            qemu_img: PathBuf::from("/usr/bin/qemu-img"),
+            timeout_sec: 600,
+            max_concurrent_checks: 0,
+            pidfile_patterns: vec![
+                // Quickemu keeps `<vm>.pid` next to the disk.
+                "{image_dir}/*.pid".into(),
+                "/run/libvirt/qemu/*.pid".into(),
+                // Proxmox VE.
+                "/run/qemu-server/*.pid".into(),
+            ],
+        }
+    }
+}
+
+impl Default for SystemConfig {
+    fn default() -> Self {
+        SystemConfig {
+            proc_root: PathBuf::from("/proc"),
+            sysfs_root: PathBuf::from("/sys"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads `path`. A missing file at the default location means "all
+    /// defaults"; a missing file the user named explicitly is an error.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        Config::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                source,
+            },
+            ConfigError::Invalid { message, .. } => ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: PathBuf::new(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: PathBuf::new(),
+            message,
+        };
+        if !self.disk.qemu_img.is_absolute() {
+            return Err(invalid("disk.qemu-img must be an absolute path".into()));
+        }
+        if self.disk.timeout_sec == 0 {
+            return Err(invalid("disk.timeout-sec must be at least 1".into()));
+        }
+        for pattern in &self.disk.pidfile_patterns {
+            if !pattern.starts_with('/') && !pattern.starts_with("{image_dir}") {
+                return Err(invalid(format!(
+                    "disk.pidfile-patterns: {pattern:?} must be absolute or start with {{image_dir}}"
+                )));
+            }
+        }
+        for (key, path) in [
+            ("system.proc-root", &self.system.proc_root),
+            ("system.sysfs-root", &self.system.sysfs_root),
+        ] {
+            if !path.is_absolute() {
+                return Err(invalid(format!("{key} must be an absolute path")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The check concurrency limit, with 0 resolved to the CPU count.
+    pub fn max_concurrent_checks(&self) -> usize {
+        match self.disk.max_concurrent_checks {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        }
+    }
+
+    pub fn default_timeout(&self) -> Duration {
+        Duration::from_secs(self.disk.timeout_sec.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn keys_are_kebab_case_and_override_defaults() {
+        let config = Config::parse(
+            "[disk]\nqemu-img = \"/opt/qemu-img\"\ntimeout-sec = 5\nmax-concurrent-checks = 3\n\
+             [system]\nproc-root = \"/tmp/proc\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.disk.qemu_img, Path::new("/opt/qemu-img"));
+        assert_eq!(config.default_timeout(), Duration::from_secs(5));
+        assert_eq!(config.max_concurrent_checks(), 3);
+        assert_eq!(config.system.proc_root, Path::new("/tmp/proc"));
+        assert_eq!(config.system.sysfs_root, Path::new("/sys"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(matches!(
+            Config::parse("[disk]\ntimeout = 5\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::parse("[disk]\ntimeout-sec = \"5\"\n"),
+            Err(ConfigError::Parse { .. })
+        ));
+        assert!(matches!(
+            Config::parse("[disk]\ntimeout-sec = 0\n"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            Config::parse("[disk]\nqemu-img = \"qemu-img\"\n"),
+            Err(ConfigError::Invalid { .. })
+        ));
+        assert!(matches!(
+            Config::parse("[disk]\npidfile-patterns = [\"run/*.pid\"]\n"),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_default_file_is_fine_missing_explicit_file_is_not() {
+        let missing = Path::new("/nonexistent/vmmanager.toml");
+        assert_eq!(Config::load(missing, false).unwrap(), Config::default());
+        assert!(matches!(
+            Config::load(missing, true),
+            Err(ConfigError::Read { .. })
+        ));
+    }
+}

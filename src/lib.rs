@@ -17,11 +17,13 @@
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
+//! - [`client`]: typed proxies for clients (`vmctl`, tests).
 //! - [`service`]: the D-Bus boundary: the manager and job objects, option
 //!   parsing, the one D-Bus error enum, and the daemon's run loop.
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service) and `vmctl` (CLI).
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod disk;
 pub mod service;

@@ -1,9 +1,20 @@
 //! A caller-supplied image path, validated and opened once.
 //!
-//! OWNER: helper A (disk inspection). Placeholder bodies until implemented.
+//! The path comes from an unprivileged D-Bus caller, so nothing here may block
+//! or touch a device: the file type is checked with `stat` before anything is
+//! opened, the open never follows a symlink swapped in since, and the opened
+//! file is checked to be the very inode that was stat'ed.
 
-use std::fs::File;
-use std::path::PathBuf;
+use std::fs::{File, Metadata, OpenOptions};
+use std::io::ErrorKind;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Longest accepted path in bytes (PATH_MAX minus the terminating NUL).
+pub const MAX_PATH_LEN: usize = 4095;
+
+/// Bytes of header read for format detection; enough for every magic below.
+const HEADER_LEN: usize = 512;
 
 /// Image format, detected from the header magic (never by letting qemu-img probe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +41,37 @@ impl ImageFormat {
             ImageFormat::Raw => "raw",
         }
     }
+
+    /// Detects the format from the first bytes of an image (any length; a
+    /// short header simply matches fewer magics). Anything unknown is raw.
+    pub fn detect(header: &[u8]) -> ImageFormat {
+        const VDI_MAGIC_OFFSET: usize = 0x40;
+        const VDI_MAGIC: u32 = 0xbeda_107f;
+        let vdi = header
+            .get(VDI_MAGIC_OFFSET..VDI_MAGIC_OFFSET + 4)
+            .is_some_and(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == VDI_MAGIC);
+
+        if header.starts_with(b"QFI\xfb") {
+            ImageFormat::Qcow2
+        } else if header.starts_with(b"QED\0") {
+            ImageFormat::Qed
+        } else if header.starts_with(b"vhdxfile") {
+            ImageFormat::Vhdx
+        } else if header.starts_with(b"KDMV")
+            || header.starts_with(b"COWD")
+            || header.starts_with(b"# Disk DescriptorFile")
+        {
+            // KDMV: sparse extent; COWD: VMware 3 extent; text: descriptor file.
+            ImageFormat::Vmdk
+        } else if header.starts_with(b"WithoutFreeSpace") || header.starts_with(b"WithouFreSpacExt")
+        {
+            ImageFormat::Parallels
+        } else if vdi {
+            ImageFormat::Vdi
+        } else {
+            ImageFormat::Raw
+        }
+    }
 }
 
 /// A validated, opened image: canonical path, identity, owner, format.
@@ -42,7 +84,8 @@ pub struct ImageFile {
     pub uid: u32,
     pub gid: u32,
     pub format: ImageFormat,
-    /// Opened `O_RDONLY|O_NONBLOCK|O_NOCTTY|O_CLOEXEC`; used for the lock probe.
+    /// Opened `O_RDONLY|O_NONBLOCK|O_NOCTTY|O_CLOEXEC|O_NOFOLLOW`; used for
+    /// the lock probe.
     pub file: File,
 }
 
@@ -54,10 +97,14 @@ pub enum ImageError {
     Relative(String),
     #[error("image path is too long ({0} bytes)")]
     TooLong(usize),
+    #[error("image path contains a NUL byte")]
+    ContainsNul,
     #[error("{0}: no such file")]
     NotFound(PathBuf),
     #[error("{path}: not a regular file (it is a {kind})")]
     NotRegular { path: PathBuf, kind: &'static str },
+    #[error("{path}: the file was replaced while it was being opened")]
+    Changed { path: PathBuf },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -70,6 +117,289 @@ impl ImageFile {
     /// Validates `path` (absolute, non-empty, bounded, a regular file reached
     /// without opening anything that could block) and opens it.
     pub fn open(path: &str) -> Result<ImageFile, ImageError> {
-        Err(ImageError::Relative(path.to_owned()))
+        validate_path(path)?;
+        let canonical = std::fs::canonicalize(path).map_err(|e| io_error(Path::new(path), e))?;
+
+        // stat before open: FIFOs would block and device nodes must never be
+        // opened on a caller's behalf.
+        let before = std::fs::symlink_metadata(&canonical).map_err(|e| io_error(&canonical, e))?;
+        check_regular(&canonical, &before)?;
+
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&canonical)
+            .map_err(|e| match e.raw_os_error() {
+                // O_NOFOLLOW hit a symlink swapped in after canonicalize.
+                Some(libc::ELOOP) => ImageError::Changed {
+                    path: canonical.clone(),
+                },
+                _ => io_error(&canonical, e),
+            })?;
+        let after = file.metadata().map_err(|e| io_error(&canonical, e))?;
+        check_regular(&canonical, &after)?;
+        if (after.dev(), after.ino()) != (before.dev(), before.ino()) {
+            return Err(ImageError::Changed { path: canonical });
+        }
+
+        let header = read_header(&file).map_err(|e| io_error(&canonical, e))?;
+        Ok(ImageFile {
+            path: canonical,
+            dev: after.dev(),
+            ino: after.ino(),
+            uid: after.uid(),
+            gid: after.gid(),
+            format: ImageFormat::detect(&header),
+            file,
+        })
+    }
+}
+
+fn validate_path(path: &str) -> Result<(), ImageError> {
+    if path.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    if path.len() > MAX_PATH_LEN {
+        return Err(ImageError::TooLong(path.len()));
+    }
+    if path.contains('\0') {
+        return Err(ImageError::ContainsNul);
+    }
+    if !path.starts_with('/') {
+        return Err(ImageError::Relative(path.to_owned()));
+    }
+    Ok(())
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> ImageError {
+    // ENOTDIR: a path component is a file, so the image cannot exist either.
+    if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(libc::ENOTDIR) {
+        ImageError::NotFound(path.to_owned())
+    } else {
+        ImageError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+fn check_regular(path: &Path, meta: &Metadata) -> Result<(), ImageError> {
+    let ft = meta.file_type();
+    let kind = if ft.is_file() {
+        return Ok(());
+    } else if ft.is_dir() {
+        "directory"
+    } else if ft.is_symlink() {
+        "symbolic link"
+    } else if ft.is_fifo() {
+        "FIFO"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_char_device() {
+        "character device"
+    } else if ft.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    };
+    Err(ImageError::NotRegular {
+        path: path.to_owned(),
+        kind,
+    })
+}
+
+/// Reads up to [`HEADER_LEN`] bytes from offset 0 (short images give less).
+fn read_header(file: &File) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; HEADER_LEN];
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+    use std::process::Command;
+
+    fn path_str(p: &Path) -> &str {
+        p.to_str().expect("temp paths are UTF-8")
+    }
+
+    #[test]
+    fn rejects_bad_paths() {
+        assert!(matches!(ImageFile::open(""), Err(ImageError::Empty)));
+        assert!(matches!(
+            ImageFile::open("disk.qcow2"),
+            Err(ImageError::Relative(p)) if p == "disk.qcow2"
+        ));
+        assert!(matches!(
+            ImageFile::open("./x"),
+            Err(ImageError::Relative(_))
+        ));
+        let long = format!("/{}", "a".repeat(MAX_PATH_LEN));
+        assert!(matches!(ImageFile::open(&long), Err(ImageError::TooLong(n)) if n == MAX_PATH_LEN + 1));
+        assert!(matches!(
+            ImageFile::open("/tmp/a\0b"),
+            Err(ImageError::ContainsNul)
+        ));
+    }
+
+    #[test]
+    fn missing_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("nope.qcow2");
+        assert!(matches!(ImageFile::open(path_str(&p)), Err(ImageError::NotFound(_))));
+        // A component that is a file, not a directory.
+        std::fs::write(dir.path().join("f"), b"x").unwrap();
+        let p = dir.path().join("f/disk");
+        assert!(matches!(ImageFile::open(path_str(&p)), Err(ImageError::NotFound(_))));
+        // A dangling symlink.
+        let link = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("gone"), &link).unwrap();
+        assert!(matches!(ImageFile::open(path_str(&link)), Err(ImageError::NotFound(_))));
+    }
+
+    fn assert_not_regular(path: &Path, want: &str) {
+        match ImageFile::open(path_str(path)) {
+            Err(ImageError::NotRegular { kind, .. }) => assert_eq!(kind, want),
+            other => panic!("{path:?}: expected NotRegular({want}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rejects_special_files_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_not_regular(dir.path(), "directory");
+
+        let fifo = dir.path().join("fifo");
+        let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(status.success());
+        // Opening a FIFO for reading without a writer would block forever.
+        assert_not_regular(&fifo, "FIFO");
+
+        let sock = dir.path().join("sock");
+        let _listener = UnixListener::bind(&sock).unwrap();
+        assert_not_regular(&sock, "socket");
+
+        assert_not_regular(Path::new("/dev/null"), "character device");
+
+        // A symlink to a device is resolved first and still refused.
+        let link = dir.path().join("null-link");
+        std::os::unix::fs::symlink("/dev/null", &link).unwrap();
+        assert_not_regular(&link, "character device");
+    }
+
+    #[test]
+    fn resolves_symlinks_and_records_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let real_dir = dir.path().join("real");
+        std::fs::create_dir(&real_dir).unwrap();
+        let img = real_dir.join("disk.img");
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        std::os::unix::fs::symlink(&real_dir, dir.path().join("dirlink")).unwrap();
+        std::os::unix::fs::symlink("real/disk.img", dir.path().join("filelink")).unwrap();
+
+        let canonical = std::fs::canonicalize(&img).unwrap();
+        let meta = std::fs::metadata(&img).unwrap();
+        for p in [
+            img.clone(),
+            dir.path().join("dirlink/disk.img"),
+            dir.path().join("filelink"),
+            dir.path().join("real/../real/./disk.img"),
+        ] {
+            let image = ImageFile::open(path_str(&p)).unwrap();
+            assert_eq!(image.path, canonical, "{p:?}");
+            assert!(image.path.is_absolute());
+            assert_eq!((image.dev, image.ino), (meta.dev(), meta.ino()));
+            assert_eq!((image.uid, image.gid), (meta.uid(), meta.gid()));
+            assert_eq!(image.format, ImageFormat::Raw);
+        }
+    }
+
+    #[test]
+    fn empty_and_short_files_are_raw() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        assert_eq!(ImageFile::open(path_str(&empty)).unwrap().format, ImageFormat::Raw);
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"QF").unwrap();
+        assert_eq!(ImageFile::open(path_str(&short)).unwrap().format, ImageFormat::Raw);
+    }
+
+    #[test]
+    fn detect_magics() {
+        let mut vdi = vec![0u8; 0x48];
+        vdi[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        let cases: &[(&[u8], ImageFormat)] = &[
+            (b"QFI\xfb\0\0\0\x03", ImageFormat::Qcow2),
+            (b"QED\0", ImageFormat::Qed),
+            (&vdi, ImageFormat::Vdi),
+            (b"vhdxfile", ImageFormat::Vhdx),
+            (b"KDMV\x01\0\0\0", ImageFormat::Vmdk),
+            (b"COWD", ImageFormat::Vmdk),
+            (b"# Disk DescriptorFile\nversion=1\n", ImageFormat::Vmdk),
+            (b"WithoutFreeSpace\x02\0\0\0", ImageFormat::Parallels),
+            (b"WithouFreSpacExt", ImageFormat::Parallels),
+            (b"", ImageFormat::Raw),
+            (b"QFI", ImageFormat::Raw),
+            (b"QED", ImageFormat::Raw),
+            (b"vhdxfil", ImageFormat::Raw),
+            (&vdi[..0x43], ImageFormat::Raw),
+            (b"\xeb\x63\x90 boot sector", ImageFormat::Raw),
+        ];
+        for (header, want) in cases {
+            assert_eq!(ImageFormat::detect(header), *want, "{header:?}");
+        }
+        // The VDI magic is little-endian.
+        let mut be = vec![0u8; 0x44];
+        be[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_be_bytes());
+        assert_eq!(ImageFormat::detect(&be), ImageFormat::Raw);
+    }
+
+    /// Every format as the real `qemu-img create` writes it.
+    #[test]
+    fn detects_qemu_img_created_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: &[(&str, &[&str], ImageFormat)] = &[
+            ("qcow2", &[], ImageFormat::Qcow2),
+            ("qed", &[], ImageFormat::Qed),
+            ("vdi", &[], ImageFormat::Vdi),
+            ("vhdx", &[], ImageFormat::Vhdx),
+            ("vmdk", &[], ImageFormat::Vmdk),
+            ("vmdk", &["-o", "subformat=monolithicFlat"], ImageFormat::Vmdk),
+            ("parallels", &[], ImageFormat::Parallels),
+            ("raw", &[], ImageFormat::Raw),
+        ];
+        for (i, (fmt, extra, want)) in cases.iter().enumerate() {
+            let img = dir.path().join(format!("img{i}.{fmt}"));
+            let out = Command::new("qemu-img")
+                .args(["create", "-q", "-f", fmt])
+                .args(*extra)
+                .arg(&img)
+                .arg("16M")
+                .output()
+                .expect("qemu-img is installed");
+            assert!(
+                out.status.success(),
+                "qemu-img create -f {fmt}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let image = ImageFile::open(path_str(&img)).unwrap();
+            assert_eq!(image.format, *want, "{fmt} {extra:?}");
+            assert_eq!(image.format.as_str(), want.as_str());
+        }
+        // The flat VMDK's data extent itself is plain raw data.
+        let flat = dir.path().join("img5-flat.vmdk");
+        assert_eq!(ImageFile::open(path_str(&flat)).unwrap().format, ImageFormat::Raw);
     }
 }

@@ -1,0 +1,386 @@
+//! `vmctl`: command-line client of the VM Manager service.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vmmanager::client::{ManagerProxy, dict_to_json, variant_to_json};
+use zbus::{Connection, OwnedVariant, Variant};
+
+/// Exit codes a script can rely on (they follow qemu-img check's where they
+/// overlap).
+mod exit {
+    pub const CLEAN: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const CORRUPT: u8 = 2;
+    pub const LEAKS: u8 = 3;
+    pub const IN_USE: u8 = 4;
+    pub const NOT_AUTHORIZED: u8 = 5;
+    pub const NOT_SUPPORTED: u8 = 63;
+    pub const USAGE: u8 = 64;
+}
+
+const EXIT_CODES_HELP: &str = "\
+Exit status:
+  0   the image is clean (or the command succeeded)
+  1   error: the check could not be done (message on stderr)
+  2   the image is corrupt
+  3   the image has leaked clusters (harmless wasted space; --repair leaks)
+  4   the image is in use by a running VM or another process
+  5   not authorized (polkit said no)
+  63  the format cannot be checked (e.g. raw)
+  64  wrong command-line usage";
+
+/// Control the VM Manager service (org.example.VmManager).
+///
+/// vmctl checks VM disk images safely -- never while a running VM uses
+/// them -- and shows who uses an image. Authorization is decided by polkit:
+/// a desktop session may be asked for a password.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about, after_long_help = EXIT_CODES_HELP)]
+struct Cli {
+    /// Talk to the service on this D-Bus address instead of the system bus
+    /// (e.g. unix:path=/run/vmmanager-test/bus).
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    bus_address: Option<String>,
+
+    /// Never let polkit ask for a password; fail with "not authorized"
+    /// instead (for scripts and cron jobs).
+    #[arg(long, global = true)]
+    no_ask_password: bool,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a disk image with qemu-img, unless a VM uses it.
+    ///
+    /// The service first makes sure no running VM or other process uses the
+    /// image (PID files, /proc, QEMU's image locks). If one does, nothing is
+    /// checked and vmctl names the VM and its PID (exit status 4). Otherwise
+    /// qemu-img check runs with your credentials and the result is printed.
+    #[command(after_long_help = EXIT_CODES_HELP)]
+    CheckDisk {
+        /// The image file (qcow2, qed, vdi, vhdx, vmdk, parallels; raw
+        /// images have nothing to check).
+        path: PathBuf,
+        /// The VM's PID file (e.g. Quickemu's <vm>/<vm>.pid); by default the
+        /// service looks next to the image and in libvirt's and Proxmox's
+        /// run directories.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
+        /// If the image is in use, check it anyway, read-only (qemu-img -U).
+        /// The result may show inconsistencies that are only the running
+        /// VM's writes in flight.
+        #[arg(long)]
+        force_share: bool,
+        /// Repair the image (qemu-img check -r); refused while it is in use.
+        /// "leaks" only frees leaked clusters and is safe; "all" also fixes
+        /// corruptions and may lose data: make a copy first.
+        #[arg(long, value_name = "WHAT")]
+        repair: Option<Repair>,
+        /// Give up after this many seconds (default: the service's setting).
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u32>,
+        /// Print the full report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which VMs and processes use a disk image, without checking it.
+    DiskUsers {
+        /// The image file.
+        path: PathBuf,
+        /// The VM's PID file, as for check-disk.
+        #[arg(long, value_name = "FILE")]
+        pidfile: Option<PathBuf>,
+        /// Print the users as one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Repair {
+    Leaks,
+    All,
+}
+
+/// A failure, with the exit status it maps to.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<zbus::Error> for Failure {
+    fn from(e: zbus::Error) -> Self {
+        if let zbus::Error::MethodError(name, message, _) = &e {
+            let short = name.as_str().rsplit('.').next().unwrap_or("");
+            let code = match short {
+                "InUse" => exit::IN_USE,
+                "NotAuthorized" => exit::NOT_AUTHORIZED,
+                _ => exit::ERROR,
+            };
+            let message = message.clone().unwrap_or_else(|| name.to_string());
+            return Failure { code, message };
+        }
+        let message = match &e {
+            zbus::Error::InputOutput(_) | zbus::Error::Address(_) => format!(
+                "cannot reach the VM Manager service: {e} (is the system bus running, or \
+                 --bus-address right?)"
+            ),
+            _ => e.to_string(),
+        };
+        Failure {
+            code: exit::ERROR,
+            message,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("vmctl: {e}");
+            return ExitCode::from(exit::ERROR);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("vmctl: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+async fn connect(cli: &Cli) -> Result<Connection, Failure> {
+    let builder = match &cli.bus_address {
+        Some(address) => zbus::connection::Builder::address(address.as_str()),
+        None => zbus::connection::Builder::system(),
+    };
+    Ok(builder.build().await?)
+}
+
+/// The service wants absolute paths; a relative one is relative to where
+/// vmctl runs, not where the service runs.
+fn absolute(path: &Path) -> Result<String, Failure> {
+    let absolute = std::path::absolute(path).map_err(|e| Failure {
+        code: exit::USAGE,
+        message: format!("{}: {e}", path.display()),
+    })?;
+    absolute.into_os_string().into_string().map_err(|_| Failure {
+        code: exit::USAGE,
+        message: format!("{}: the path is not valid UTF-8", path.display()),
+    })
+}
+
+async fn run(cli: Cli) -> Result<u8, Failure> {
+    let connection = connect(&cli).await?;
+    let manager = ManagerProxy::new(&connection).await?;
+    let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
+    if cli.no_ask_password {
+        options.insert("auth.no-user-interaction", Variant::from(true));
+    }
+    match &cli.command {
+        Command::CheckDisk {
+            path,
+            pidfile,
+            force_share,
+            repair,
+            timeout,
+            json,
+        } => {
+            let image = absolute(path)?;
+            if let Some(pidfile) = pidfile {
+                options.insert("pidfile", Variant::from(absolute(pidfile)?));
+            }
+            if *force_share {
+                options.insert("force-share", Variant::from(true));
+            }
+            if let Some(repair) = repair {
+                let what = match repair {
+                    Repair::Leaks => "leaks",
+                    Repair::All => "all",
+                };
+                options.insert("repair", Variant::from(what));
+            }
+            if let Some(timeout) = timeout {
+                options.insert("timeout-sec", Variant::from(*timeout));
+            }
+            match manager.check_disk(&image, options).await {
+                Ok(report) => {
+                    if *json {
+                        println!("{:#}", dict_to_json(&report));
+                    } else {
+                        print_report(&report);
+                    }
+                    Ok(exit_code_for(&report))
+                }
+                Err(e) => {
+                    let failure = Failure::from(e);
+                    if *json {
+                        let doc = serde_json::json!({ "image": image, "error": failure.message });
+                        println!("{doc:#}");
+                    }
+                    Err(failure)
+                }
+            }
+        }
+        Command::DiskUsers {
+            path,
+            pidfile,
+            json,
+        } => {
+            let image = absolute(path)?;
+            if let Some(pidfile) = pidfile {
+                options.insert("pidfile", Variant::from(absolute(pidfile)?));
+            }
+            let users = manager.get_disk_users(&image, options).await?;
+            if *json {
+                let list: Vec<_> = users.iter().map(dict_to_json).collect();
+                println!("{:#}", serde_json::Value::Array(list));
+            } else if users.is_empty() {
+                println!("{image}: not in use");
+            } else {
+                println!("{image}: used by");
+                for user in &users {
+                    println!("  {}", describe_user(user));
+                }
+            }
+            Ok(exit::CLEAN)
+        }
+    }
+}
+
+fn get_str<'a>(dict: &'a HashMap<String, OwnedVariant>, key: &str) -> &'a str {
+    match dict.get(key).map(|v| &**v) {
+        Some(Variant::Str(s)) => s.as_str(),
+        _ => "",
+    }
+}
+
+fn get_u64(dict: &HashMap<String, OwnedVariant>, key: &str) -> u64 {
+    match dict.get(key).map(|v| &**v) {
+        Some(Variant::U64(n)) => *n,
+        Some(Variant::U32(n)) => (*n).into(),
+        _ => 0,
+    }
+}
+
+fn get_bool(dict: &HashMap<String, OwnedVariant>, key: &str) -> bool {
+    matches!(dict.get(key).map(|v| &**v), Some(Variant::Bool(true)))
+}
+
+/// `PID 4242 qemu-system-x86_64, VM "win11", writing (found by pidfile, proc, lock)`
+fn describe_user(user: &HashMap<String, OwnedVariant>) -> String {
+    let pid = get_u64(user, "pid");
+    let exe = get_str(user, "exe");
+    let exe = Path::new(exe)
+        .file_name()
+        .map_or(exe.into(), |n| n.to_string_lossy());
+    let mut text = if pid == 0 {
+        "a process in another PID namespace".to_owned()
+    } else {
+        format!("PID {pid} {exe}")
+    };
+    let vm = get_str(user, "vm-name");
+    if !vm.is_empty() {
+        text += &format!(", VM \"{vm}\"");
+    }
+    text += if get_bool(user, "writable") {
+        ", writing"
+    } else {
+        ", read-only"
+    };
+    let found_by = user
+        .get("found-by")
+        .map(|v| variant_to_json(v))
+        .and_then(|j| serde_json::from_value::<Vec<String>>(j).ok())
+        .unwrap_or_default();
+    let pidfile = get_str(user, "pidfile");
+    text += &format!(" (found by {}", found_by.join(", "));
+    if !pidfile.is_empty() {
+        text += &format!("; PID file {pidfile}");
+    }
+    text + ")"
+}
+
+fn print_report(report: &HashMap<String, OwnedVariant>) {
+    let image = get_str(report, "image");
+    let format = get_str(report, "format");
+    let result = get_str(report, "result");
+    let summary = match result {
+        "clean" => "no errors found".to_owned(),
+        "leaks" => format!(
+            "{} leaked cluster(s): wasted space, no data at risk; free it with --repair leaks",
+            get_u64(report, "leaks")
+        ),
+        "corrupt" => format!(
+            "CORRUPT: {} corruption(s), {} leaked cluster(s); back up the image before \
+             --repair all",
+            get_u64(report, "corruptions"),
+            get_u64(report, "leaks")
+        ),
+        "not-supported" => format!("the {format} format has nothing to check"),
+        other => other.to_owned(),
+    };
+    println!("{image} ({format}): {summary}");
+    let (leaks_fixed, corruptions_fixed) = (
+        get_u64(report, "leaks-fixed"),
+        get_u64(report, "corruptions-fixed"),
+    );
+    if leaks_fixed + corruptions_fixed > 0 {
+        println!("  repaired: {leaks_fixed} leak(s), {corruptions_fixed} corruption(s)");
+    }
+    let total = get_u64(report, "total-clusters");
+    if total > 0 {
+        println!(
+            "  clusters: {} of {total} allocated, {} fragmented, {} compressed",
+            get_u64(report, "allocated-clusters"),
+            get_u64(report, "fragmented-clusters"),
+            get_u64(report, "compressed-clusters")
+        );
+    }
+    if !get_bool(report, "consistent") {
+        println!("  note: checked while in use (--force-share); results may not be consistent");
+    }
+    if let Some(Variant::Array(users)) = report.get("users").map(|v| &**v) {
+        for user in users.iter() {
+            if let Ok(user) = HashMap::<String, OwnedVariant>::try_from(user.clone()) {
+                println!("  used by {}", describe_user(&user));
+            }
+        }
+    }
+    if let Some(stale) = report.get("stale-pidfiles").map(|v| variant_to_json(v))
+        && let Some(list) = stale.as_array()
+    {
+        for pidfile in list.iter().filter_map(|p| p.as_str()) {
+            println!("  stale PID file (no such VM running): {pidfile}");
+        }
+    }
+}
+
+fn exit_code_for(report: &HashMap<String, OwnedVariant>) -> u8 {
+    match get_str(report, "result") {
+        "clean" => exit::CLEAN,
+        "leaks" => exit::LEAKS,
+        "corrupt" => exit::CORRUPT,
+        "not-supported" => exit::NOT_SUPPORTED,
+        _ => exit::ERROR,
+    }
+}

@@ -1,0 +1,110 @@
+//! `vmmanagerd`: the VM Manager system service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use vmmanager::config::{Config, DEFAULT_CONFIG_PATH};
+use vmmanager::service::daemon::{self, Bus};
+
+/// The VM Manager system service (D-Bus name org.example.VmManager).
+///
+/// Checks VM disk images with qemu-img only when no running VM uses them, and
+/// manages PCI devices for passthrough. Normally started by D-Bus activation
+/// or systemd (vmmanagerd.service); clients use busctl, vmctl or desktop
+/// applets. Authorization is decided by polkit.
+///
+/// Logs go to the journal when started by systemd, else to stderr; set
+/// RUST_LOG (e.g. RUST_LOG=debug) to change the level.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Args {
+    /// Serve on this D-Bus address instead of the system bus (development
+    /// and tests), e.g. unix:path=/tmp/test-bus.
+    #[arg(long, value_name = "ADDRESS")]
+    bus_address: Option<String>,
+
+    /// Configuration file. Without it, /etc/vmmanager/vmmanager.toml is read
+    /// if it exists; every setting has a built-in default.
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+}
+
+fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // systemd sets JOURNAL_STREAM when stderr goes to the journal: then log
+    // structured fields there; otherwise plain text on stderr.
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(|| tracing_journald::layer().ok())
+        .flatten();
+    let registry = tracing_subscriber::registry().with(filter);
+    match journald {
+        Some(layer) => registry.with(layer).init(),
+        None => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let (path, explicit) = match &args.config {
+        Some(path) => (path.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let config = match Config::load(&path, explicit) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("vmmanagerd: {e}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    let bus = match args.bus_address {
+        Some(address) => Bus::Address(address),
+        None => Bus::System,
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("vmmanagerd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+        let result = daemon::run(config, bus, shutdown.clone()).await;
+        signals.abort();
+        result
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("vmmanagerd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// SIGTERM or SIGINT: stop gracefully (jobs cancelled, children killed).
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,391 @@
+//! Running `qemu-img check` as a given user, in its own process group.
+//!
+//! The command is always
+//! `<qemu_img> check --output=json -f <format> [-U] [-r leaks|all] -- <image>`:
+//! the format comes from the header magic (qemu-img never probes it) and `--`
+//! keeps a file name from ever being read as an option.
+//!
+//! qemu-img runs with the requested uid/gid/groups, an empty environment
+//! (fixed `PATH`, `LC_ALL=C`), stdin from /dev/null and cwd `/`, as the leader
+//! of a new process group. That whole group is killed with SIGKILL on timeout,
+//! on cancel and when the [`run_check`] future is dropped: an orphaned
+//! qemu-img would keep the image lock and stop the VM from starting.
+//!
+//! - [`credentials`]: the passwd/group lookup and the `pre_exec` credential
+//!   switch;
+//! - [`group`]: the process-group kill guard;
+//! - [`output`]: bounded capture of stdout/stderr and the mapping of exit
+//!   status and JSON to a result.
+
+mod credentials;
+mod group;
+mod output;
+
+use std::ffi::OsString;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::image::ImageFormat;
+
+pub use credentials::UserLookupError;
+
+use credentials::CredentialSwitch;
+use group::ProcessGroup;
+use output::{STDERR_KEEP, STDOUT_LIMIT};
+
+/// The only environment qemu-img gets besides `LC_ALL=C`.
+const CHILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Credentials qemu-img runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups; empty means none (root's are dropped, not kept).
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairMode {
+    Leaks,
+    All,
+}
+
+impl RepairMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RepairMode::Leaks => "leaks",
+            RepairMode::All => "all",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    pub qemu_img: PathBuf,
+    /// Must be absolute (it is the canonical path of the opened image).
+    pub image: PathBuf,
+    pub format: ImageFormat,
+    /// `-U`: read-only check of an image someone else holds. qemu-img itself
+    /// refuses it together with `repair`.
+    pub force_share: bool,
+    pub repair: Option<RepairMode>,
+    pub run_as: RunAs,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckResult {
+    Clean,
+    Leaks,
+    Corrupt,
+    NotSupported,
+}
+
+impl CheckResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckResult::Clean => "clean",
+            CheckResult::Leaks => "leaks",
+            CheckResult::Corrupt => "corrupt",
+            CheckResult::NotSupported => "not-supported",
+        }
+    }
+}
+
+/// Counts from qemu-img's JSON; 0 where it omits them.
+///
+/// With a repair, qemu-img re-checks the image afterwards: `leaks` and
+/// `corruptions` describe the repaired image, the `*_fixed` counts what the
+/// repair did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckCounts {
+    pub check_errors: u64,
+    pub corruptions: u64,
+    pub leaks: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    pub image_end_offset: u64,
+    pub total_clusters: u64,
+    pub allocated_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckOutcome {
+    /// From qemu-img's exit code (after a repair: the state of the repaired image).
+    pub result: CheckResult,
+    pub counts: CheckCounts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QemuImgError {
+    #[error("cannot start {path}: {source}")]
+    Spawn {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("qemu-img could not check the image (exit code {code}): {stderr}")]
+    Failed { code: i32, stderr: String },
+    #[error("qemu-img produced unusable output ({detail}): {stderr}")]
+    Garbage { detail: String, stderr: String },
+    #[error("the image is locked by another process: {stderr}")]
+    LockConflict { stderr: String },
+    #[error("qemu-img was killed by signal {signal}")]
+    Killed { signal: i32 },
+    #[error("qemu-img did not finish within {0:?}")]
+    Timeout(Duration),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Why the run was stopped before qemu-img finished.
+enum Stop {
+    Timeout,
+    Cancelled,
+}
+
+/// Runs the check; kills qemu-img's whole process group on timeout, on
+/// `cancel`, and when this future is dropped. On timeout and cancel it returns
+/// only after qemu-img has been reaped and no live process of its group is
+/// left.
+pub async fn run_check(
+    request: &CheckRequest,
+    cancel: &CancellationToken,
+) -> Result<CheckOutcome, QemuImgError> {
+    if request.format == ImageFormat::Raw {
+        // Raw has no metadata to check; qemu-img would exit 63 anyway.
+        return Ok(CheckOutcome {
+            result: CheckResult::NotSupported,
+            counts: CheckCounts::default(),
+        });
+    }
+    let spawn_error = |source: io::Error| QemuImgError::Spawn {
+        path: request.qemu_img.clone(),
+        source,
+    };
+    if !request.image.is_absolute() {
+        // qemu-img reads "json:{…}" or "nbd:…" names as protocol specs; an
+        // absolute path can never be one.
+        return Err(spawn_error(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("image path must be absolute: {:?}", request.image),
+        )));
+    }
+    if cancel.is_cancelled() {
+        return Err(QemuImgError::Cancelled);
+    }
+
+    let switch = CredentialSwitch::plan(&request.run_as).map_err(spawn_error)?;
+    let mut command = build_command(request);
+    switch.install(&mut command);
+    tracing::debug!(
+        qemu_img = %request.qemu_img.display(),
+        image = %request.image.display(),
+        args = ?check_args(request),
+        uid = request.run_as.uid,
+        "running qemu-img check"
+    );
+
+    let mut child = command.spawn().map_err(spawn_error)?;
+    // Declared after `child` so it drops first: the group is killed while the
+    // leader is still unreaped and its pgid cannot have been reused.
+    let mut group = match child.id() {
+        Some(pid) => ProcessGroup::new(pid),
+        None => return Err(spawn_error(io::Error::other("qemu-img vanished at start"))),
+    };
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err(spawn_error(io::Error::other("qemu-img pipes missing")));
+    };
+
+    let stop = tokio::select! {
+        biased;
+        (stdout, stderr, status) = async {
+            tokio::join!(
+                output::read_capped(stdout, STDOUT_LIMIT),
+                output::read_head_tail(stderr, STDERR_KEEP),
+                async {
+                    let status = child.wait().await;
+                    // Anything qemu-img left behind (it forks nothing, a
+                    // stand-in might) would hold the pipes open: kill it now.
+                    group.kill();
+                    status
+                },
+            )
+        } => {
+            group.disarm();
+            let status = status.map_err(spawn_error)?;
+            return output::interpret(status, &stdout, &stderr, request.repair.is_some());
+        }
+        () = tokio::time::sleep(request.timeout) => Stop::Timeout,
+        () = cancel.cancelled() => Stop::Cancelled,
+    };
+
+    group.kill();
+    if let Err(e) = child.wait().await {
+        tracing::warn!(error = %e, "could not reap qemu-img");
+    }
+    group.wait_gone().await;
+    group.disarm();
+    Err(match stop {
+        Stop::Timeout => QemuImgError::Timeout(request.timeout),
+        Stop::Cancelled => QemuImgError::Cancelled,
+    })
+}
+
+/// Arguments after the program name.
+fn check_args(request: &CheckRequest) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "check".into(),
+        "--output=json".into(),
+        "-f".into(),
+        request.format.as_str().into(),
+    ];
+    if request.force_share {
+        args.push("-U".into());
+    }
+    if let Some(mode) = request.repair {
+        args.push("-r".into());
+        args.push(mode.as_str().into());
+    }
+    args.push("--".into());
+    args.push(request.image.clone().into_os_string());
+    args
+}
+
+/// Everything but the credential switch.
+fn build_command(request: &CheckRequest) -> Command {
+    let mut command = Command::new(&request.qemu_img);
+    command
+        .args(check_args(request))
+        .env_clear()
+        .env("PATH", CHILD_PATH)
+        .env("LC_ALL", "C")
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    command
+}
+
+impl RunAs {
+    /// The credentials of `uid`'s passwd entry: its primary gid and every group
+    /// it belongs to (`getgrouplist`). A uid without a passwd entry gets gid
+    /// 65534 and no supplementary groups.
+    ///
+    /// Blocking (NSS may ask a network service): call it from
+    /// `spawn_blocking`.
+    pub fn for_user(uid: u32) -> Result<RunAs, UserLookupError> {
+        credentials::lookup(uid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(format: ImageFormat) -> CheckRequest {
+        CheckRequest {
+            qemu_img: PathBuf::from("/nonexistent/qemu-img"),
+            image: PathBuf::from("/var/lib/vms/-x.qcow2"),
+            format,
+            force_share: false,
+            repair: None,
+            run_as: RunAs {
+                uid: 0,
+                gid: 0,
+                groups: vec![],
+            },
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn args_plain() {
+        let args = check_args(&request(ImageFormat::Qcow2));
+        assert_eq!(
+            args,
+            [
+                "check",
+                "--output=json",
+                "-f",
+                "qcow2",
+                "--",
+                "/var/lib/vms/-x.qcow2"
+            ]
+        );
+    }
+
+    #[test]
+    fn args_force_share_and_repair() {
+        let mut r = request(ImageFormat::Vmdk);
+        r.force_share = true;
+        r.repair = Some(RepairMode::All);
+        let args = check_args(&r);
+        assert_eq!(
+            args,
+            [
+                "check",
+                "--output=json",
+                "-f",
+                "vmdk",
+                "-U",
+                "-r",
+                "all",
+                "--",
+                "/var/lib/vms/-x.qcow2"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn raw_is_not_supported_without_running() {
+        let outcome = run_check(&request(ImageFormat::Raw), &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(outcome.result, CheckResult::NotSupported);
+        assert_eq!(outcome.counts, CheckCounts::default());
+    }
+
+    #[tokio::test]
+    async fn relative_image_is_refused() {
+        let mut r = request(ImageFormat::Qcow2);
+        r.image = PathBuf::from("json:{}");
+        match run_check(&r, &CancellationToken::new()).await {
+            Err(QemuImgError::Spawn { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::InvalidInput)
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn cancelled_before_start_does_not_spawn() {
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let r = run_check(&request(ImageFormat::Qcow2), &cancel).await;
+        assert!(matches!(r, Err(QemuImgError::Cancelled)), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn missing_binary_is_a_spawn_error() {
+        let mut r = request(ImageFormat::Qcow2);
+        r.run_as = credentials::tests::current();
+        match run_check(&r, &CancellationToken::new()).await {
+            Err(QemuImgError::Spawn { path, source }) => {
+                assert_eq!(path, PathBuf::from("/nonexistent/qemu-img"));
+                assert_eq!(source.kind(), io::ErrorKind::NotFound);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Who uses a disk image: PID files, /proc fds, QEMU's lock bytes.
+//!
+//! Three independent sources, merged per PID:
+//! - [`pidfile`]: a PID file counts only when it names a live QEMU that holds
+//!   the image (and, if QEMU was given `-pidfile`, that very file); a dead
+//!   VM's leftover file or a recycled PID never blocks a check.
+//! - [`procfs`]: every process with an fd on the image's (dev, ino).
+//! - [`lock`]: QEMU's OFD lock bytes, which also reveal a QEMU in another PID
+//!   namespace that /proc does not show.
+
+mod lock;
+mod pidfile;
+mod procfs;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::image::ImageFile;
+
+pub use pidfile::{IMAGE_DIR, PatternError, validate_pattern};
+
+/// How a user of the image was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FoundBy {
+    Pidfile,
+    Proc,
+    Lock,
+}
+
+impl FoundBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FoundBy::Pidfile => "pidfile",
+            FoundBy::Proc => "proc",
+            FoundBy::Lock => "lock",
+        }
+    }
+}
+
+/// One process (or, with `pid == 0`, an invisible lock holder) using the image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskUser {
+    pub pid: u32,
+    /// Resolved `/proc/PID/exe` ("" when unknown).
+    pub exe: String,
+    /// QEMU `-name`, "" when none.
+    pub vm_name: String,
+    /// Holds the image open for writing (or, for pid 0, holds QEMU's write lock).
+    pub writable: bool,
+    /// Sorted, without duplicates.
+    pub found_by: Vec<FoundBy>,
+    /// The PID file that named this process, if any.
+    pub pidfile: Option<PathBuf>,
+    /// `exe` is a QEMU system emulator.
+    pub is_qemu: bool,
+}
+
+impl DiskUser {
+    /// Whether this user stops a check: a live QEMU, a writer, or a lock writer.
+    /// A read-only non-QEMU user (a backup reader) is reported but harmless.
+    pub fn blocks_check(&self) -> bool {
+        self.is_qemu || self.writable
+    }
+}
+
+/// Everything found about who uses an image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Blocking users first (QEMU before other writers), then by PID.
+    pub users: Vec<DiskUser>,
+    /// PID files that should name this image's VM but whose process is gone
+    /// or is not that VM: the explicit one, or matches of `{image_dir}`
+    /// patterns. Never files from global directories.
+    pub stale_pidfiles: Vec<PathBuf>,
+}
+
+impl DiskUsage {
+    /// The first user that makes the image "in use", if any.
+    pub fn blocking_user(&self) -> Option<&DiskUser> {
+        self.users.iter().find(|u| u.blocks_check())
+    }
+}
+
+/// Scans PID files, /proc and lock bytes. Cheap to clone into a blocking task.
+#[derive(Debug, Clone)]
+pub struct UsageScanner {
+    proc_root: PathBuf,
+    pidfile_patterns: Vec<String>,
+}
+
+/// What one PID file turned out to be.
+enum Verdict {
+    /// Names a live QEMU that holds the image.
+    Valid(u32),
+    /// Leftover, garbage, or names something that is not this image's VM.
+    Stale,
+    /// Missing, or another VM's valid PID file: not our business.
+    Ignore,
+}
+
+impl UsageScanner {
+    /// `pidfile_patterns` may contain `{image_dir}`; `*` is allowed in the last
+    /// path component only (see [`validate_pattern`]).
+    pub fn new(proc_root: PathBuf, pidfile_patterns: Vec<String>) -> Self {
+        UsageScanner {
+            proc_root,
+            pidfile_patterns,
+        }
+    }
+
+    /// Blocking: reads /proc. `explicit_pidfile` replaces the patterns.
+    ///
+    /// The calling process itself is never reported: its only fds on the
+    /// image are the service's own read-only probe descriptors.
+    pub fn scan(&self, image: &ImageFile, explicit_pidfile: Option<&Path>) -> DiskUsage {
+        let own_pid = std::process::id();
+        let mut users: BTreeMap<u32, DiskUser> =
+            procfs::holders(&self.proc_root, image.dev, image.ino, own_pid)
+                .into_iter()
+                .map(|h| (h.pid, self.describe(h.pid, h.writable)))
+                .collect();
+
+        let mut stale_pidfiles = Vec::new();
+        let image_dir = image.path.parent().unwrap_or(Path::new("/"));
+        for cand in pidfile::candidates(&self.pidfile_patterns, image_dir, explicit_pidfile) {
+            match self.judge_pidfile(&cand, &users) {
+                Verdict::Valid(pid) => {
+                    let user = users.get_mut(&pid).expect("valid only for holders");
+                    user.found_by.push(FoundBy::Pidfile);
+                    user.pidfile.get_or_insert(cand.path);
+                }
+                Verdict::Stale if cand.origin != pidfile::Origin::Global => {
+                    stale_pidfiles.push(cand.path);
+                }
+                Verdict::Stale | Verdict::Ignore => {}
+            }
+        }
+
+        let lock = lock::probe(&image.file);
+        let mut users: Vec<DiskUser> = users.into_values().collect();
+        if lock.locked {
+            let mut attributed = false;
+            for user in users.iter_mut() {
+                if procfs::is_qemu_family_exe(&user.exe) {
+                    user.found_by.push(FoundBy::Lock);
+                    attributed = true;
+                }
+            }
+            if !attributed {
+                // A QEMU in another PID namespace: only its lock is visible.
+                users.push(DiskUser {
+                    pid: 0,
+                    exe: String::new(),
+                    vm_name: String::new(),
+                    writable: lock.writer,
+                    found_by: vec![FoundBy::Lock],
+                    pidfile: None,
+                    is_qemu: true,
+                });
+            }
+        }
+
+        for user in users.iter_mut() {
+            user.found_by.sort();
+            user.found_by.dedup();
+        }
+        users.sort_by_key(|u| (!u.blocks_check(), !u.is_qemu, u.pidfile.is_none(), u.pid));
+        DiskUsage {
+            users,
+            stale_pidfiles,
+        }
+    }
+
+    /// A /proc holder with its exe, VM name and QEMU-ness.
+    fn describe(&self, pid: u32, writable: bool) -> DiskUser {
+        let exe = procfs::exe(&self.proc_root, pid).unwrap_or_default();
+        let is_qemu = procfs::is_qemu_exe(&exe);
+        let vm_name = procfs::cmdline(&self.proc_root, pid)
+            .map(|c| procfs::vm_name(&c))
+            .unwrap_or_default();
+        DiskUser {
+            pid,
+            exe,
+            vm_name,
+            writable,
+            found_by: vec![FoundBy::Proc],
+            pidfile: None,
+            is_qemu,
+        }
+    }
+
+    fn judge_pidfile(&self, cand: &pidfile::Candidate, holders: &BTreeMap<u32, DiskUser>) -> Verdict {
+        let (pid, dev, ino) = match pidfile::read(&cand.path) {
+            pidfile::PidfileContent::Missing => return Verdict::Ignore,
+            pidfile::PidfileContent::Invalid => return Verdict::Stale,
+            pidfile::PidfileContent::Pid { pid, dev, ino } => (pid, dev, ino),
+        };
+        if !procfs::is_alive(&self.proc_root, pid) {
+            return Verdict::Stale;
+        }
+        let exe = match holders.get(&pid) {
+            Some(user) => user.exe.clone(),
+            None => procfs::exe(&self.proc_root, pid).unwrap_or_default(),
+        };
+        if !procfs::is_qemu_exe(&exe) {
+            return Verdict::Stale;
+        }
+        // Proxmox's rule: a QEMU started with -pidfile must name this file.
+        let cmdline = procfs::cmdline(&self.proc_root, pid).unwrap_or_default();
+        if let Some(arg) = procfs::pidfile_arg(&cmdline) {
+            if !self.same_file(pid, &arg, dev, ino) {
+                return Verdict::Stale;
+            }
+        }
+        if holders.contains_key(&pid) {
+            Verdict::Valid(pid)
+        } else if cand.origin == pidfile::Origin::Explicit {
+            // The caller said this is the image's VM, but it is not using it.
+            Verdict::Stale
+        } else {
+            // A live QEMU with its own PID file: another VM in the same place.
+            Verdict::Ignore
+        }
+    }
+
+    /// Whether `arg` (QEMU's `-pidfile`, as QEMU sees it) is the file (dev, ino).
+    fn same_file(&self, pid: u32, arg: &Path, dev: u64, ino: u64) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let seen = procfs::path_seen_by(&self.proc_root, pid, arg);
+        // Fall back to our own view for absolute paths, e.g. when the proc
+        // tree has no usable root link.
+        let direct = arg.is_absolute().then(|| arg.to_owned());
+        [Some(seen), direct]
+            .into_iter()
+            .flatten()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .any(|m| (m.dev(), m.ino()) == (dev, ino))
+    }
+}
+
+#[cfg(test)]
+mod tests;

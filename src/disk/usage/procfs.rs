@@ -1,0 +1,395 @@
+//! Reading a /proc tree: which processes hold an inode open, and what they are.
+//!
+//! Every read tolerates processes that vanish mid-scan, unreadable entries and
+//! garbage: such a process or fd is skipped, never a panic.
+
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// QEMU command lines are a few KiB; this bounds memory for pathological ones.
+const MAX_CMDLINE: u64 = 256 * 1024;
+/// `/proc/PID/stat` is one short line; the comm field is at most 64 bytes.
+const MAX_STAT: u64 = 4096;
+/// `fdinfo` has `pos`, `flags`, `mnt_id`, `ino` and maybe lock lines first.
+const MAX_FDINFO: u64 = 4096;
+
+/// A process holding the inode, as seen through its fds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Holder {
+    pub pid: u32,
+    /// Some fd referring to the inode is open for writing.
+    pub writable: bool,
+}
+
+/// Every process under `proc_root` (except `skip_pid`) with an fd whose
+/// target has identity (`dev`, `ino`), sorted by PID. Matched by `stat()` of
+/// the fd link, never by the link's text.
+pub(super) fn holders(proc_root: &Path, dev: u64, ino: u64, skip_pid: u32) -> Vec<Holder> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = parse_pid_name(&entry.file_name()) else {
+            continue;
+        };
+        if pid == skip_pid {
+            continue;
+        }
+        if let Some(writable) = holds(&entry.path(), dev, ino) {
+            found.push(Holder { pid, writable });
+        }
+    }
+    found.sort_by_key(|h| h.pid);
+    found
+}
+
+/// Whether the process at `pid_dir` has the inode open: `None` when not,
+/// else whether any such fd is writable.
+fn holds(pid_dir: &Path, dev: u64, ino: u64) -> Option<bool> {
+    // EACCES or a vanished process: nothing to see.
+    let fds = std::fs::read_dir(pid_dir.join("fd")).ok()?;
+    let mut result = None;
+    for fd in fds.flatten() {
+        let name = fd.file_name();
+        if parse_pid_name(&name).is_none() {
+            continue;
+        }
+        // stat() follows the magic link to the open file itself.
+        let Ok(meta) = std::fs::metadata(fd.path()) else {
+            continue;
+        };
+        if (meta.dev(), meta.ino()) != (dev, ino) {
+            continue;
+        }
+        let writable = match read_bounded(&pid_dir.join("fdinfo").join(&name), MAX_FDINFO) {
+            Ok(info) => fdinfo_writable(&info).unwrap_or(true),
+            // The fd was closed in between: it no longer counts.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            // Cannot tell: fail closed and treat it as a writer.
+            Err(_) => true,
+        };
+        result = Some(result.unwrap_or(false) || writable);
+    }
+    result
+}
+
+/// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).
+fn parse_pid_name(name: &OsStr) -> Option<u32> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+/// Whether the `flags:` line of an fdinfo file says O_WRONLY or O_RDWR;
+/// `None` when there is no parsable flags line.
+pub(super) fn fdinfo_writable(info: &[u8]) -> Option<bool> {
+    let text = String::from_utf8_lossy(info);
+    let flags = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())?;
+    let mode = flags & libc::O_ACCMODE as u32;
+    Some(mode == libc::O_WRONLY as u32 || mode == libc::O_RDWR as u32)
+}
+
+/// The process's executable with " (deleted)" stripped; `None` if unreadable
+/// (kernel threads, vanished processes).
+pub(super) fn exe(proc_root: &Path, pid: u32) -> Option<String> {
+    let target = std::fs::read_link(pid_path(proc_root, pid, "exe")).ok()?;
+    let text = String::from_utf8_lossy(target.as_os_str().as_bytes()).into_owned();
+    Some(match text.strip_suffix(" (deleted)") {
+        Some(s) => s.to_owned(),
+        None => text,
+    })
+}
+
+/// The raw NUL-separated command line (bounded), `None` if unreadable.
+pub(super) fn cmdline(proc_root: &Path, pid: u32) -> Option<Vec<u8>> {
+    read_bounded(&pid_path(proc_root, pid, "cmdline"), MAX_CMDLINE).ok()
+}
+
+/// Process state letter from `/proc/PID/stat`; `None` when the process does
+/// not exist or the file is garbage.
+pub(super) fn state(proc_root: &Path, pid: u32) -> Option<u8> {
+    let stat = read_bounded(&pid_path(proc_root, pid, "stat"), MAX_STAT).ok()?;
+    parse_stat_state(&stat)
+}
+
+/// The state field follows the last `)`: comm may itself contain `)` or spaces.
+pub(super) fn parse_stat_state(stat: &[u8]) -> Option<u8> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    stat[close + 1..]
+        .iter()
+        .copied()
+        .find(|b| !b.is_ascii_whitespace())
+        .filter(u8::is_ascii_alphabetic)
+}
+
+/// Alive for our purposes: exists and is neither a zombie nor dead.
+pub(super) fn is_alive(proc_root: &Path, pid: u32) -> bool {
+    matches!(state(proc_root, pid), Some(s) if s != b'Z' && s != b'X' && s != b'x')
+}
+
+/// A QEMU system emulator: `qemu-system-*`, `qemu-kvm` or `kvm`.
+pub(super) fn is_qemu_exe(exe: &str) -> bool {
+    let base = basename(exe);
+    (base.starts_with("qemu-system-") && base.len() > "qemu-system-".len())
+        || base == "qemu-kvm"
+        || base == "kvm"
+}
+
+/// Any QEMU tool that takes QEMU's image locks (emulators, qemu-img,
+/// qemu-nbd, qemu-storage-daemon).
+pub(super) fn is_qemu_family_exe(exe: &str) -> bool {
+    is_qemu_exe(exe) || basename(exe).starts_with("qemu-")
+}
+
+fn basename(exe: &str) -> &str {
+    let exe = exe.strip_suffix(" (deleted)").unwrap_or(exe);
+    exe.rsplit('/').next().unwrap_or(exe)
+}
+
+fn args(cmdline: &[u8]) -> impl Iterator<Item = &[u8]> {
+    // A trailing NUL ends the last argument rather than starting an empty one.
+    let trimmed = cmdline.strip_suffix(b"\0").unwrap_or(cmdline);
+    trimmed.split(|&b| b == 0).skip(1)
+}
+
+/// The value of the last `-OPT X`, `--OPT X`, `-OPT=X` or `--OPT=X`.
+fn option_value<'a>(cmdline: &'a [u8], opt: &str) -> Option<&'a [u8]> {
+    let mut value = None;
+    let mut it = args(cmdline);
+    while let Some(arg) = it.next() {
+        let Some(rest) = arg.strip_prefix(b"--").or_else(|| arg.strip_prefix(b"-")) else {
+            continue;
+        };
+        let Some(after) = rest.strip_prefix(opt.as_bytes()) else {
+            continue;
+        };
+        if after.is_empty() {
+            if let Some(v) = it.next() {
+                value = Some(v);
+            }
+        } else if let Some(v) = after.strip_prefix(b"=") {
+            value = Some(v);
+        }
+    }
+    value
+}
+
+/// The VM name from QEMU's `-name`: `foo`, `guest=foo,debug-threads=on`,
+/// `foo,process=bar` (`,,` is an escaped comma). "" when absent.
+pub(super) fn vm_name(cmdline: &[u8]) -> String {
+    let Some(value) = option_value(cmdline, "name") else {
+        return String::new();
+    };
+    let mut name = None;
+    for (i, part) in split_qemu_opts(value).into_iter().enumerate() {
+        if let Some(v) = part.strip_prefix(b"guest=") {
+            name = Some(v.to_vec());
+        } else if i == 0 && !part.contains(&b'=') {
+            // QemuOpts' implied first key for -name is "guest".
+            name = Some(part);
+        }
+    }
+    String::from_utf8_lossy(&name.unwrap_or_default()).into_owned()
+}
+
+/// Splits a QemuOpts string on single commas, turning `,,` into `,`.
+fn split_qemu_opts(value: &[u8]) -> Vec<Vec<u8>> {
+    let mut parts = vec![Vec::new()];
+    let mut i = 0;
+    while i < value.len() {
+        if value[i] == b',' {
+            if value.get(i + 1) == Some(&b',') {
+                parts.last_mut().expect("never empty").push(b',');
+                i += 2;
+                continue;
+            }
+            parts.push(Vec::new());
+        } else {
+            parts.last_mut().expect("never empty").push(value[i]);
+        }
+        i += 1;
+    }
+    parts
+}
+
+/// QEMU's `-pidfile` argument, if given.
+pub(super) fn pidfile_arg(cmdline: &[u8]) -> Option<PathBuf> {
+    option_value(cmdline, "pidfile")
+        .filter(|v| !v.is_empty())
+        .map(|v| PathBuf::from(OsStr::from_bytes(v)))
+}
+
+/// `path` as the process `pid` sees it: through its root (absolute) or cwd
+/// (relative), so mount namespaces and relative paths resolve correctly.
+pub(super) fn path_seen_by(proc_root: &Path, pid: u32, path: &Path) -> PathBuf {
+    match path.strip_prefix("/") {
+        Ok(rel) => pid_path(proc_root, pid, "root").join(rel),
+        Err(_) => pid_path(proc_root, pid, "cwd").join(path),
+    }
+}
+
+fn pid_path(proc_root: &Path, pid: u32, leaf: &str) -> PathBuf {
+    let mut p = proc_root.join(pid.to_string());
+    p.push(leaf);
+    p
+}
+
+/// Reads at most `max` bytes. O_NONBLOCK and O_NOFOLLOW so a prepared tree
+/// cannot make the scan hang or wander.
+pub(super) fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    let file: File = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)?;
+    let mut buf = Vec::new();
+    file.take(max).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(args: &[&str]) -> Vec<u8> {
+        let mut v = Vec::new();
+        for a in args {
+            v.extend_from_slice(a.as_bytes());
+            v.push(0);
+        }
+        v
+    }
+
+    #[test]
+    fn vm_names() {
+        let q = "/usr/bin/qemu-system-x86_64";
+        let cases: &[(&[&str], &str)] = &[
+            (&[q, "-name", "win11"], "win11"),
+            (&[q, "-name", "guest=win11,debug-threads=on"], "win11"),
+            (&[q, "-name", "debug-threads=on,guest=deb"], "deb"),
+            (&[q, "-name", "foo,process=bar"], "foo"),
+            (&[q, "--name", "foo"], "foo"),
+            (&[q, "-name=foo"], "foo"),
+            (&[q, "--name=guest=foo,debug-threads=on"], "foo"),
+            (&[q, "-name", "a,,b,process=c"], "a,b"),
+            (&[q, "-m", "64"], ""),
+            (&[q, "-name"], ""),
+            (&[q, "-name", "process=only"], ""),
+            (&[q, "-name", "first", "-name", "second"], "second"),
+            (&[q, "-names", "x"], ""),
+            (&[], ""),
+            // argv[0] is never an option.
+            (&["-name", "x"], ""),
+        ];
+        for (args, want) in cases {
+            assert_eq!(vm_name(&cmd(args)), *want, "{args:?}");
+        }
+        // Garbage and non-UTF-8 are lossy, never a panic.
+        assert_eq!(vm_name(b"q\0-name\0caf\xe9\0"), "caf\u{fffd}");
+        assert_eq!(vm_name(b"q\0-name\0x"), "x", "no trailing NUL");
+        assert_eq!(vm_name(b""), "");
+        assert_eq!(vm_name(b"\0\0\0"), "");
+        assert_eq!(vm_name(&[0xff; 100]), "");
+    }
+
+    #[test]
+    fn pidfile_args() {
+        let q = "qemu-system-x86_64";
+        assert_eq!(
+            pidfile_arg(&cmd(&[q, "-pidfile", "/run/vm.pid"])),
+            Some(PathBuf::from("/run/vm.pid"))
+        );
+        assert_eq!(
+            pidfile_arg(&cmd(&[q, "--pidfile", "vm.pid"])),
+            Some(PathBuf::from("vm.pid"))
+        );
+        assert_eq!(
+            pidfile_arg(&cmd(&[q, "-pidfile=/a"])),
+            Some(PathBuf::from("/a"))
+        );
+        assert_eq!(pidfile_arg(&cmd(&[q, "-pidfile"])), None);
+        assert_eq!(pidfile_arg(&cmd(&[q, "-pidfile="])), None);
+        assert_eq!(pidfile_arg(&cmd(&[q, "-name", "x"])), None);
+    }
+
+    #[test]
+    fn stat_states() {
+        assert_eq!(parse_stat_state(b"42 (qemu) S 1 2 3"), Some(b'S'));
+        assert_eq!(parse_stat_state(b"42 (a) b) Z 1"), Some(b'Z'));
+        assert_eq!(parse_stat_state(b"42 (x (y)) R"), Some(b'R'));
+        assert_eq!(parse_stat_state(b"42 (qemu"), None);
+        assert_eq!(parse_stat_state(b"42 (qemu)"), None);
+        assert_eq!(parse_stat_state(b"42 (qemu) 7"), None);
+        assert_eq!(parse_stat_state(b""), None);
+    }
+
+    #[test]
+    fn fdinfo_flags() {
+        assert_eq!(fdinfo_writable(b"pos:\t0\nflags:\t0100000\nmnt_id:\t1\n"), Some(false));
+        assert_eq!(fdinfo_writable(b"pos:\t0\nflags:\t02100002\n"), Some(true));
+        assert_eq!(fdinfo_writable(b"flags:\t01\n"), Some(true));
+        assert_eq!(fdinfo_writable(b"flags:\t0104000\n"), Some(false));
+        assert_eq!(fdinfo_writable(b"pos:\t0\n"), None);
+        assert_eq!(fdinfo_writable(b"flags:\tzz\n"), None);
+        assert_eq!(fdinfo_writable(b"\xff\xfe"), None);
+    }
+
+    #[test]
+    fn qemu_exes() {
+        for exe in [
+            "/usr/bin/qemu-system-x86_64",
+            "/usr/bin/qemu-system-aarch64 (deleted)",
+            "/usr/libexec/qemu-kvm",
+            "/usr/bin/kvm",
+            "qemu-system-x86_64",
+        ] {
+            assert!(is_qemu_exe(exe), "{exe}");
+            assert!(is_qemu_family_exe(exe), "{exe}");
+        }
+        for exe in [
+            "/usr/bin/qemu-img",
+            "/usr/bin/qemu-system-",
+            "/usr/bin/sleep",
+            "/opt/qemu-system-x86_64/bin/sh",
+            "/usr/bin/kvmtool",
+            "",
+        ] {
+            assert!(!is_qemu_exe(exe), "{exe}");
+        }
+        assert!(is_qemu_family_exe("/usr/bin/qemu-img"));
+        assert!(is_qemu_family_exe("/usr/bin/qemu-storage-daemon"));
+        assert!(!is_qemu_family_exe("/usr/bin/sleep"));
+    }
+
+    #[test]
+    fn pid_names() {
+        assert_eq!(parse_pid_name(OsStr::new("1")), Some(1));
+        assert_eq!(parse_pid_name(OsStr::new("4194304")), Some(4_194_304));
+        assert_eq!(parse_pid_name(OsStr::new("self")), None);
+        assert_eq!(parse_pid_name(OsStr::new("+1")), None);
+        assert_eq!(parse_pid_name(OsStr::new("")), None);
+        assert_eq!(parse_pid_name(OsStr::new("99999999999")), None);
+    }
+
+    #[test]
+    fn seen_by_paths() {
+        let root = Path::new("/proc");
+        assert_eq!(
+            path_seen_by(root, 7, Path::new("/run/a.pid")),
+            PathBuf::from("/proc/7/root/run/a.pid")
+        );
+        assert_eq!(
+            path_seen_by(root, 7, Path::new("a.pid")),
+            PathBuf::from("/proc/7/cwd/a.pid")
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! The one D-Bus error enum: every domain error is mapped here, once, to a
+//! precise `org.example.VmManager1.Error.*` name with a message fit to show
+//! a user.
+
+use crate::auth::AuthError;
+use crate::disk::checker::{CheckError, CheckErrorKind};
+use crate::disk::image::ImageError;
+use crate::disk::qemu_img::QemuImgError;
+
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.example.VmManager1.Error")]
+pub enum VmError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    /// The image (or device) is used by a VM or another process.
+    InUse(String),
+    /// The image or object does not exist.
+    NotFound(String),
+    /// An argument or option is malformed, unknown, or of the wrong type.
+    InvalidArgument(String),
+    /// polkit said no, or could not be asked.
+    NotAuthorized(String),
+    /// A check of the same image is already running.
+    Busy(String),
+    /// qemu-img could not complete the check.
+    CheckFailed(String),
+    /// The operation took longer than allowed.
+    Timeout(String),
+    /// The operation was cancelled.
+    Cancelled(String),
+}
+
+impl VmError {
+    /// The short error name (`InUse`, …) as it appears in reports.
+    pub fn short_name(&self) -> &'static str {
+        match self {
+            VmError::ZBus(_) => "Failed",
+            VmError::InUse(_) => "InUse",
+            VmError::NotFound(_) => "NotFound",
+            VmError::InvalidArgument(_) => "InvalidArgument",
+            VmError::NotAuthorized(_) => "NotAuthorized",
+            VmError::Busy(_) => "Busy",
+            VmError::CheckFailed(_) => "CheckFailed",
+            VmError::Timeout(_) => "Timeout",
+            VmError::Cancelled(_) => "Cancelled",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            VmError::ZBus(e) => e.to_string(),
+            VmError::InUse(m)
+            | VmError::NotFound(m)
+            | VmError::InvalidArgument(m)
+            | VmError::NotAuthorized(m)
+            | VmError::Busy(m)
+            | VmError::CheckFailed(m)
+            | VmError::Timeout(m)
+            | VmError::Cancelled(m) => m.clone(),
+        }
+    }
+}
+
+impl From<ImageError> for VmError {
+    fn from(e: ImageError) -> Self {
+        match e {
+            ImageError::NotFound(_) => VmError::NotFound(e.to_string()),
+            ImageError::Io { ref source, .. }
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                VmError::NotFound(e.to_string())
+            }
+            ImageError::Io { ref source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                VmError::NotAuthorized(e.to_string())
+            }
+            ImageError::Io { .. } => VmError::CheckFailed(e.to_string()),
+            _ => VmError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+impl From<AuthError> for VmError {
+    fn from(e: AuthError) -> Self {
+        VmError::NotAuthorized(e.to_string())
+    }
+}
+
+impl From<QemuImgError> for VmError {
+    fn from(e: QemuImgError) -> Self {
+        match e {
+            QemuImgError::Timeout(_) => VmError::Timeout(e.to_string()),
+            QemuImgError::Cancelled => {
+                VmError::Cancelled("the check was cancelled; qemu-img was stopped".into())
+            }
+            QemuImgError::LockConflict { .. } => VmError::InUse(e.to_string()),
+            _ => VmError::CheckFailed(e.to_string()),
+        }
+    }
+}
+
+impl From<CheckError> for VmError {
+    fn from(e: CheckError) -> Self {
+        match e.kind {
+            CheckErrorKind::InUse { .. } | CheckErrorKind::RepairInUse(_) => {
+                VmError::InUse(e.kind.to_string())
+            }
+            CheckErrorKind::Busy(_) => VmError::Busy(e.kind.to_string()),
+            CheckErrorKind::QemuImg(q) => q.into(),
+        }
+    }
+}

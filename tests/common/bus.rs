@@ -1,0 +1,320 @@
+//! A private, system-like D-Bus daemon per test, and clients for it.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::util::{
+    self, ChildGuard, CmdOutput, NOBODY, command_as, public_tempdir, read_lossy, write_file,
+};
+
+/// The project's bus policy, used as-is so tests exercise what ships.
+pub const PROJECT_BUS_POLICY: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/dbus/org.example.VmManager.conf");
+
+/// The host's polkit bus policy (read only).
+const POLKIT_BUS_POLICY: &str = "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf";
+
+/// Stand-in for `dbus/org.example.VmManager.conf` while it does not exist yet.
+const FALLBACK_BUS_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <policy user="root">
+    <allow own="org.example.VmManager"/>
+  </policy>
+  <policy context="default">
+    <allow send_destination="org.example.VmManager"/>
+  </policy>
+</busconfig>
+"#;
+
+/// How long to wait for a bus name to appear or vanish.
+pub const NAME_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `dbus-daemon` with a system-bus policy (deny own and method calls by
+/// default) plus the project's and polkit's policy files, on
+/// `unix:path=<tmp>/bus.sock`.
+pub struct TestBus {
+    // Field order: the daemon dies before its directory is removed.
+    child: ChildGuard,
+    address: String,
+    dir: TempDir,
+}
+
+impl TestBus {
+    pub fn start() -> TestBus {
+        // 0755: polkitd and nobody must reach the socket.
+        let dir = public_tempdir("vmm-bus-");
+        let sock = dir.path().join("bus.sock");
+        let project_policy = if Path::new(PROJECT_BUS_POLICY).exists() {
+            PathBuf::from(PROJECT_BUS_POLICY)
+        } else {
+            let p = dir.path().join("org.example.VmManager.conf");
+            write_file(&p, FALLBACK_BUS_POLICY, 0o644);
+            p
+        };
+        let conf = dir.path().join("bus.conf");
+        write_file(
+            &conf,
+            bus_config(&sock, &project_policy, Path::new(POLKIT_BUS_POLICY)),
+            0o644,
+        );
+        let stderr_path = dir.path().join("bus.stderr");
+        let child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", conf.display()))
+            .args(["--nofork", "--print-address"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&stderr_path).expect("create bus.stderr"))
+            .spawn()
+            .expect("spawn dbus-daemon");
+        let mut child = ChildGuard::new(child, "dbus-daemon");
+
+        // The address is printed once the socket listens; read it on a
+        // thread so a wedged daemon cannot hang the test.
+        let stdout = child_stdout(&mut child);
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let printed = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let address = format!("unix:path={}", sock.display());
+        if !printed.starts_with(&address) {
+            panic!(
+                "dbus-daemon did not start (printed {printed:?}, exit {:?}); stderr:\n{}",
+                child.try_wait(),
+                read_lossy(&stderr_path)
+            );
+        }
+        TestBus {
+            child,
+            address,
+            dir,
+        }
+    }
+
+    /// `unix:path=…/bus.sock`, for `--bus-address`, `busctl --address` and zbus.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The bus's private temp dir (0755); tests may put files here.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    /// dbus-daemon's stderr so far (policy errors show up here).
+    pub fn stderr(&self) -> String {
+        read_lossy(&self.dir.path().join("bus.stderr"))
+    }
+
+    /// `busctl --address=ADDR ARGS…` as root.
+    pub fn busctl(&self, args: &[&str]) -> CmdOutput {
+        self.busctl_as(None, args)
+    }
+
+    /// `busctl` as `nobody` (uid/gid 65534, no supplementary groups).
+    pub fn busctl_as_nobody(&self, args: &[&str]) -> CmdOutput {
+        self.busctl_as(Some((NOBODY, NOBODY)), args)
+    }
+
+    /// `busctl` as `user` = (uid, gid), or root when `None`.
+    pub fn busctl_as(&self, user: Option<(u32, u32)>, args: &[&str]) -> CmdOutput {
+        busctl_at(&self.address, user, args)
+    }
+
+    pub fn name_has_owner(&self, name: &str) -> bool {
+        name_has_owner_at(&self.address, name)
+    }
+
+    /// Waits until `name` has an owner; panics with `diag()` on timeout or as
+    /// soon as `alive` reports the would-be owner gone.
+    pub fn wait_for_name(
+        &self,
+        name: &str,
+        mut alive: impl FnMut() -> bool,
+        diag: impl FnOnce() -> String,
+    ) {
+        let start = Instant::now();
+        loop {
+            if self.name_has_owner(name) {
+                return;
+            }
+            if !alive() {
+                // It may have taken the name just before exiting.
+                if self.name_has_owner(name) {
+                    return;
+                }
+                panic!("the process that should own {name} exited\n{}", diag());
+            }
+            if start.elapsed() >= NAME_TIMEOUT {
+                panic!(
+                    "{name} got no owner on the test bus within {NAME_TIMEOUT:?}\n{}",
+                    diag()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn wait_for_name_gone(&self, name: &str) {
+        util::wait_until(
+            NAME_TIMEOUT,
+            &format!("{name} to lose its owner"),
+            || !self.name_has_owner(name),
+            || self.stderr(),
+        );
+    }
+
+    /// A typed zbus connection (as root, the test process's uid).
+    pub async fn connect(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {}: {e}", self.address))
+    }
+
+    /// A connection held open by another process running as `user`, whose
+    /// unique name can serve as a polkit `system-bus-name` subject.
+    pub fn idle_client_as(&self, user: Option<(u32, u32)>) -> IdleClient {
+        // dbus-monitor stays connected; as non-root its BecomeMonitor is
+        // refused and it falls back to an ordinary (harmless) match rule.
+        let child = command_as(user, "dbus-monitor")
+            .arg("--address")
+            .arg(&self.address)
+            .arg("type='signal',interface='org.example.HarnessIdle'")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dbus-monitor");
+        let mut child = ChildGuard::new(child, "dbus-monitor");
+        let pid = child.pid().to_string();
+        let mut unique_name = None;
+        util::wait_until(
+            NAME_TIMEOUT,
+            "the idle client's connection",
+            || {
+                assert!(child.is_running(), "dbus-monitor exited early");
+                let out = self.busctl(&["list", "--unique", "--no-legend"]);
+                unique_name = out
+                    .stdout
+                    .lines()
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>())
+                    .find(|cols| cols.get(1) == Some(&pid.as_str()))
+                    .map(|cols| cols[0].to_owned());
+                unique_name.is_some()
+            },
+            || self.stderr(),
+        );
+        IdleClient {
+            unique_name: unique_name.unwrap(),
+            child,
+        }
+    }
+}
+
+/// A bus connection owned by a separate (possibly non-root) process.
+pub struct IdleClient {
+    pub unique_name: String,
+    child: ChildGuard,
+}
+
+impl IdleClient {
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+}
+
+/// `busctl --address=ADDRESS ARGS…` as `user` (root when `None`).
+pub fn busctl_at(address: &str, user: Option<(u32, u32)>, args: &[&str]) -> CmdOutput {
+    let mut cmd = command_as(user, "busctl");
+    cmd.arg(format!("--address={address}"))
+        .arg("--no-pager")
+        .args(args);
+    util::run(&mut cmd)
+}
+
+pub fn name_has_owner_at(address: &str, name: &str) -> bool {
+    let out = busctl_at(
+        address,
+        None,
+        &[
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "NameHasOwner",
+            "s",
+            name,
+        ],
+    );
+    match out.stdout.trim() {
+        "b true" => true,
+        "b false" => false,
+        _ => panic!("NameHasOwner({name}) failed: {out:#?}"),
+    }
+}
+
+fn child_stdout(child: &mut ChildGuard) -> std::process::ChildStdout {
+    child.take_stdout().expect("dbus-daemon stdout is piped")
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Debian's system.conf default policy minus the parts that need a real
+/// system (user switch, fork, activation, syslog, pidfile).
+fn bus_config(sock: &Path, project_policy: &Path, polkit_policy: &Path) -> String {
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path={sock}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Debug.Stats"/>
+  </policy>
+  <policy user="root">
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
+  </policy>
+  <include>{project}</include>
+  <include>{polkit}</include>
+</busconfig>
+"#,
+        sock = xml_escape(&sock.display().to_string()),
+        project = xml_escape(&project_policy.display().to_string()),
+        polkit = xml_escape(&polkit_policy.display().to_string()),
+    )
+}

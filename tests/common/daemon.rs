@@ -1,0 +1,177 @@
+//! `vmmanagerd` under test, on a [`TestBus`].
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use super::bus::TestBus;
+use super::util::{ChildGuard, public_tempdir, read_lossy, write_file};
+
+pub const SERVICE_NAME: &str = "org.example.VmManager";
+pub const MANAGER_PATH: &str = "/org/example/VmManager";
+pub const MANAGER_IFACE: &str = "org.example.VmManager1";
+
+/// The daemon binary Cargo built for this test run; `None` until the
+/// `vmmanagerd` target exists.
+pub const DAEMON_BIN: Option<&str> = option_env!("CARGO_BIN_EXE_vmmanagerd");
+
+/// Contents of the daemon's TOML config. Defaults match the daemon's, except
+/// that no PID-file patterns point at the host's /run.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    pub qemu_img: PathBuf,
+    pub timeout_sec: u32,
+    pub max_concurrent_checks: u32,
+    pub pidfile_patterns: Vec<String>,
+    pub proc_root: PathBuf,
+    pub sysfs_root: PathBuf,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            qemu_img: PathBuf::from("/usr/bin/qemu-img"),
+            timeout_sec: 600,
+            max_concurrent_checks: 0,
+            pidfile_patterns: vec!["{image_dir}/*.pid".into()],
+            proc_root: PathBuf::from("/proc"),
+            sysfs_root: PathBuf::from("/sys"),
+        }
+    }
+}
+
+impl DaemonConfig {
+    pub fn qemu_img(mut self, path: impl Into<PathBuf>) -> Self {
+        self.qemu_img = path.into();
+        self
+    }
+
+    pub fn timeout_sec(mut self, secs: u32) -> Self {
+        self.timeout_sec = secs;
+        self
+    }
+
+    pub fn max_concurrent_checks(mut self, n: u32) -> Self {
+        self.max_concurrent_checks = n;
+        self
+    }
+
+    pub fn pidfile_patterns<S: Into<String>>(
+        mut self,
+        patterns: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.pidfile_patterns = patterns.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn proc_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.proc_root = path.into();
+        self
+    }
+
+    pub fn sysfs_root(mut self, path: impl Into<PathBuf>) -> Self {
+        self.sysfs_root = path.into();
+        self
+    }
+
+    pub fn to_toml(&self) -> String {
+        let patterns: Vec<String> = self.pidfile_patterns.iter().map(|p| toml_str(p)).collect();
+        format!(
+            "[disk]\nqemu-img = {}\ntimeout-sec = {}\nmax-concurrent-checks = {}\n\
+             pidfile-patterns = [{}]\n\n[system]\nproc-root = {}\nsysfs-root = {}\n",
+            toml_path(&self.qemu_img),
+            self.timeout_sec,
+            self.max_concurrent_checks,
+            patterns.join(", "),
+            toml_path(&self.proc_root),
+            toml_path(&self.sysfs_root),
+        )
+    }
+}
+
+fn toml_str(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+fn toml_path(p: &Path) -> String {
+    toml_str(p.to_str().expect("test paths are UTF-8"))
+}
+
+/// A running `vmmanagerd --bus-address ADDR --config PATH`; killed on drop.
+pub struct Daemon {
+    child: ChildGuard,
+    dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon and returns once it owns `org.example.VmManager`.
+    pub fn start(bus: &TestBus, config: &DaemonConfig) -> Daemon {
+        let bin = DAEMON_BIN.expect("the vmmanagerd binary target does not exist yet");
+        let dir = public_tempdir("vmm-daemon-");
+        let config_path = dir.path().join("vmmanager.toml");
+        write_file(&config_path, config.to_toml(), 0o644);
+        let stderr_path = dir.path().join("vmmanagerd.stderr");
+        let log = File::create(&stderr_path).expect("create vmmanagerd.stderr");
+        let child = Command::new(bin)
+            .arg("--bus-address")
+            .arg(bus.address())
+            .arg("--config")
+            .arg(&config_path)
+            // Belt and braces: nothing in the daemon may reach the host bus.
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log fd"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let mut child = ChildGuard::new(child, "vmmanagerd");
+        bus.wait_for_name(
+            SERVICE_NAME,
+            || child.is_running(),
+            || {
+                format!(
+                    "vmmanagerd config:\n{}\nvmmanagerd output:\n{}\ndbus-daemon stderr:\n{}",
+                    config.to_toml(),
+                    read_lossy(&stderr_path),
+                    bus.stderr()
+                )
+            },
+        );
+        Daemon { child, dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("vmmanager.toml")
+    }
+
+    /// The daemon's stdout and stderr so far.
+    pub fn output(&self) -> String {
+        read_lossy(&self.dir.path().join("vmmanagerd.stderr"))
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    pub fn sigterm_and_wait(&mut self) -> ExitStatus {
+        self.child.signal(libc::SIGTERM);
+        self.child
+            .wait_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|| {
+                panic!(
+                    "vmmanagerd did not exit within 15 s of SIGTERM; output:\n{}",
+                    self.output()
+                )
+            })
+    }
+
+    /// Whether the process is still alive (reaps it if not).
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+}

@@ -1,0 +1,1 @@
+//! Test disk images (owned by another helper; placeholder).

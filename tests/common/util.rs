@@ -1,0 +1,194 @@
+//! Process guards, bounded waits and small file helpers shared by the harness.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// uid/gid of `nobody`: the unprivileged caller in tests.
+pub const NOBODY: u32 = 65534;
+
+/// How often bounded waits poll.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A child process that is killed and reaped when the guard drops, so a
+/// panicking test leaves no dbus-daemon, polkitd, daemon or QEMU behind.
+pub struct ChildGuard {
+    child: Option<Child>,
+    /// Set once reaped: from then on the PID may belong to someone else.
+    status: Option<ExitStatus>,
+    what: String,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child, what: impl Into<String>) -> ChildGuard {
+        ChildGuard {
+            child: Some(child),
+            status: None,
+            what: what.into(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child_ref().id()
+    }
+
+    /// The exit status if the child has exited (reaping it), else `None`.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            let c = self.child.as_mut()?;
+            self.status = c
+                .try_wait()
+                .unwrap_or_else(|e| panic!("try_wait on {}: {e}", self.what));
+        }
+        self.status
+    }
+
+    /// The piped stdout, if any, for the caller to read.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut().and_then(|c| c.stdout.take())
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_some() && self.try_wait().is_none()
+    }
+
+    /// Sends `sig` without waiting; harmless if the child already exited.
+    pub fn signal(&self, sig: libc::c_int) {
+        if let (Some(c), None) = (&self.child, self.status) {
+            // Not reaped yet, so the PID cannot have been reused.
+            unsafe { libc::kill(c.id() as libc::pid_t, sig) };
+        }
+    }
+
+    /// SIGKILL and reap; returns the exit status.
+    pub fn kill_and_wait(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.wait_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("{} survived SIGKILL", self.what))
+    }
+
+    /// Waits up to `timeout` for the child to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(st) = self.try_wait() {
+                return Some(st);
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    fn child_ref(&self) -> &Child {
+        self.child.as_ref().expect("child already released")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Polls `cond` until it is true or `timeout` passes; on timeout panics with
+/// `what` and whatever `diag` reports (e.g. a child's stderr).
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut cond: impl FnMut() -> bool,
+    diag: impl FnOnce() -> String,
+) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() >= timeout {
+            panic!("timed out after {timeout:?} waiting for {what}\n{}", diag());
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Output of a finished helper command.
+#[derive(Debug)]
+pub struct CmdOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CmdOutput {
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+
+    /// Panics with both streams unless the command succeeded; returns stdout.
+    #[track_caller]
+    pub fn expect_success(&self, what: &str) -> &str {
+        assert!(self.success(), "{what} failed: {self:#?}");
+        &self.stdout
+    }
+}
+
+/// Runs `cmd` to completion with stdin closed and captures both streams.
+pub fn run(cmd: &mut Command) -> CmdOutput {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    CmdOutput {
+        status: out.status,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `Command` for `program` run as `uid`/`gid` with no supplementary groups
+/// (`setpriv` execs, so the PID stays that of `program`); root when `None`.
+pub fn command_as(user: Option<(u32, u32)>, program: &str) -> Command {
+    match user {
+        None => Command::new(program),
+        Some((uid, gid)) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={gid}"))
+                .arg("--clear-groups")
+                .arg(program);
+            c
+        }
+    }
+}
+
+pub fn write_file(path: &Path, contents: impl AsRef<[u8]>, mode: u32) {
+    fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+    set_mode(path, mode);
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+}
+
+/// A temp dir that `polkitd`, `nobody` and other users can traverse.
+pub fn public_tempdir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("create temp dir");
+    set_mode(dir.path(), 0o755);
+    dir
+}
+
+/// Best-effort read for diagnostics.
+pub fn read_lossy(path: &Path) -> String {
+    match fs::read(path) {
+        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
