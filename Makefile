@@ -55,7 +55,7 @@ INSTALL_DATA := $(INSTALL) -m 0644
 SOURCE_LIBEXECDIR := /usr/local/libexec
 
 BUS_NAME       := org.example.VmManager
-POLICY_FILE    := dbus/$(BUS_NAME).conf
+BUS_POLICY_FILE := dbus/$(BUS_NAME).conf
 SERVICE_FILE   := dbus/$(BUS_NAME).service
 INTERFACE_XML  := dbus/org.example.VmManager1.xml
 POLKIT_FILE    := polkit/org.example.vmmanager.policy
@@ -76,7 +76,7 @@ check: check-data
 check-data:
 	@if command -v xmllint >/dev/null 2>&1; then \
 	    set -e; \
-	    xmllint --noout $(POLICY_FILE); \
+	    xmllint --noout $(BUS_POLICY_FILE); \
 	    if [ -r /usr/share/polkit-1/policyconfig-1.dtd ]; then \
 	        xmllint --noout --dtdvalid /usr/share/polkit-1/policyconfig-1.dtd $(POLKIT_FILE); \
 	    else \
@@ -109,7 +109,7 @@ install:
 	    $(INSTALL_PROG) $(RELEASE)/vmmanager-notify $(DESTDIR)$(BINDIR)/vmmanager-notify; \
 	fi
 	$(INSTALL_PROG) $(RELEASE)/vmmanagerd $(DESTDIR)$(LIBEXECDIR)/vmmanagerd
-	$(INSTALL_DATA) $(POLICY_FILE) $(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf
+	$(INSTALL_DATA) $(BUS_POLICY_FILE) $(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf
 	sed -e 's|$(SOURCE_LIBEXECDIR)/|$(LIBEXECDIR)/|g' $(SERVICE_FILE) \
 	    > $(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service
 	chmod 0644 $(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service

@@ -27,8 +27,11 @@ pub trait Manager {
     ) -> zbus::Result<Vec<HashMap<String, OwnedVariant>>>;
 
     #[zbus(signal)]
-    fn disk_checked(&self, image: String, report: HashMap<String, OwnedVariant>)
-    -> zbus::Result<()>;
+    fn disk_checked(
+        &self,
+        image: String,
+        report: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()>;
 
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
@@ -99,9 +102,7 @@ pub fn variant_to_json(value: &Variant<'_>) -> serde_json::Value {
 
 /// A whole `a{sv}` dictionary as a JSON object with sorted keys.
 pub fn dict_to_json(dict: &HashMap<String, OwnedVariant>) -> serde_json::Value {
-    let sorted: std::collections::BTreeMap<&String, serde_json::Value> = dict
-        .iter()
-        .map(|(k, v)| (k, variant_to_json(v)))
-        .collect();
+    let sorted: std::collections::BTreeMap<&String, serde_json::Value> =
+        dict.iter().map(|(k, v)| (k, variant_to_json(v))).collect();
     serde_json::to_value(sorted).unwrap_or(serde_json::Value::Null)
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmmanager/vmmanager.toml";
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     pub disk: DiskConfig,
@@ -41,15 +41,6 @@ pub struct SystemConfig {
     pub proc_root: PathBuf,
     /// sysfs mount point (a prepared tree in tests).
     pub sysfs_root: PathBuf,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            disk: DiskConfig::default(),
-            system: SystemConfig::default(),
-        }
-    }
 }
 
 impl Default for DiskConfig {
@@ -147,11 +138,8 @@ impl Config {
             return Err(invalid("disk.timeout-sec must be at least 1".into()));
         }
         for pattern in &self.disk.pidfile_patterns {
-            if !pattern.starts_with('/') && !pattern.starts_with("{image_dir}") {
-                return Err(invalid(format!(
-                    "disk.pidfile-patterns: {pattern:?} must be absolute or start with {{image_dir}}"
-                )));
-            }
+            crate::disk::usage::validate_pattern(pattern)
+                .map_err(|e| invalid(format!("disk.pidfile-patterns: {e}")))?;
         }
         for (key, path) in [
             ("system.proc-root", &self.system.proc_root),
@@ -218,10 +206,15 @@ mod tests {
             Config::parse("[disk]\nqemu-img = \"qemu-img\"\n"),
             Err(ConfigError::Invalid { .. })
         ));
-        assert!(matches!(
-            Config::parse("[disk]\npidfile-patterns = [\"run/*.pid\"]\n"),
-            Err(ConfigError::Invalid { .. })
-        ));
+        for pattern in ["run/*.pid", "/run/*/x.pid", "{image_dir}/"] {
+            assert!(
+                matches!(
+                    Config::parse(&format!("[disk]\npidfile-patterns = [{pattern:?}]\n")),
+                    Err(ConfigError::Invalid { .. })
+                ),
+                "{pattern}"
+            );
+        }
     }
 
     #[test]

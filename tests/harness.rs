@@ -20,7 +20,9 @@ fn qcow2(name: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = util::public_tempdir("vmm-img-");
     let img = dir.path().join(name);
     let mut cmd = Command::new("qemu-img");
-    cmd.args(["create", "-q", "-f", "qcow2"]).arg(&img).arg("16M");
+    cmd.args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M");
     util::run(&mut cmd).expect_success("qemu-img create");
     (dir, img)
 }
@@ -62,7 +64,8 @@ fn bus_starts_and_nobody_can_reach_it() {
 
     let root = bus.busctl(&["list", "--no-legend"]);
     assert!(
-        root.expect_success("busctl list").contains("org.freedesktop.DBus"),
+        root.expect_success("busctl list")
+            .contains("org.freedesktop.DBus"),
         "{root:#?}"
     );
     let nobody = bus.busctl_as_nobody(&["list", "--no-legend"]);
@@ -101,7 +104,11 @@ async fn polkit_answers_for_root_and_denies_nobody_without_rule() {
     let root_name = conn.unique_name().expect("unique name").to_string();
     assert!(polkit.check_bus_name(&root_name, CHECK_DISK).authorized);
     let client = bus.idle_client_as(Some((NOBODY, NOBODY)));
-    assert!(!polkit.check_bus_name(&client.unique_name, CHECK_DISK).authorized);
+    assert!(
+        !polkit
+            .check_bus_name(&client.unique_name, CHECK_DISK)
+            .authorized
+    );
 
     // The bind mounts live only in polkitd's mount namespace.
     let host = fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -119,11 +126,23 @@ fn polkit_rule_grants_nobody() {
         .allow_user(CHECK_DISK, "nobody")
         .start(&bus);
     let nobody = nobody_process();
-    assert!(polkit.check_process(nobody.pid(), NOBODY, CHECK_DISK).authorized);
+    assert!(
+        polkit
+            .check_process(nobody.pid(), NOBODY, CHECK_DISK)
+            .authorized
+    );
     let client = bus.idle_client_as(Some((NOBODY, NOBODY)));
-    assert!(polkit.check_bus_name(&client.unique_name, CHECK_DISK).authorized);
+    assert!(
+        polkit
+            .check_bus_name(&client.unique_name, CHECK_DISK)
+            .authorized
+    );
     // The rule is specific to its action.
-    assert!(!polkit.check_bus_name(&client.unique_name, REPAIR_DISK).authorized);
+    assert!(
+        !polkit
+            .check_bus_name(&client.unique_name, REPAIR_DISK)
+            .authorized
+    );
 }
 
 #[test]
@@ -159,7 +178,10 @@ fn vm_holds_its_image_until_killed() {
     assert!(busy.stderr.contains("lock"), "{busy:#?}");
 
     vm.kill9();
-    assert!(vm.pidfile().exists(), "SIGKILL should leave a stale pidfile");
+    assert!(
+        vm.pidfile().exists(),
+        "SIGKILL should leave a stale pidfile"
+    );
     assert!(!common::vm::is_locked(&img));
     util::run(&mut check).expect_success("qemu-img check after kill");
 }
@@ -198,6 +220,17 @@ async fn daemon_owns_its_name_and_exits_0_on_sigterm() {
     stack.bus.wait_for_name_gone(SERVICE_NAME);
 }
 
+#[test]
+fn nobody_can_introspect_the_daemon() {
+    // The project's bus policy lets anyone call in; polkit decides the rest.
+    let stack = Stack::start(Polkit::builder(), &DaemonConfig::default());
+    let out = stack
+        .bus
+        .busctl_as_nobody(&["introspect", SERVICE_NAME, common::MANAGER_PATH]);
+    let text = out.expect_success("busctl introspect as nobody");
+    assert!(text.contains(common::MANAGER_IFACE), "{text}");
+}
+
 /// Prints how long a full per-test setup takes (`--nocapture` to see it).
 #[test]
 fn setup_time() {
@@ -209,14 +242,13 @@ fn setup_time() {
         .allow_user(CHECK_DISK, "nobody")
         .start(&bus);
     let t_polkit = t0.elapsed();
-    let daemon = common::daemon::DAEMON_BIN
-        .map(|_| common::Daemon::start(&bus, &DaemonConfig::default()));
+    let daemon = common::Daemon::start(&bus, &DaemonConfig::default());
     let t_daemon = t0.elapsed();
     let vm = Vm::start("timing", &img);
     let t_vm = t0.elapsed();
     println!(
-        "harness setup: bus {t_bus:?}, +polkitd {t_polkit:?}, +vmmanagerd {t_daemon:?}{}, +QEMU {t_vm:?}",
-        if daemon.is_some() { "" } else { " (no binary)" }
+        "harness setup (cumulative): bus {t_bus:?}, +polkitd {t_polkit:?}, \
+         +vmmanagerd {t_daemon:?}, +QEMU {t_vm:?}"
     );
     let t1 = Instant::now();
     drop((vm, daemon, polkit, bus));

@@ -111,7 +111,29 @@ enum Repair {
 /// A failure, with the exit status it maps to.
 struct Failure {
     code: u8,
+    /// The D-Bus error name when the service answered with an error.
+    error_name: Option<String>,
     message: String,
+}
+
+impl Failure {
+    fn usage(message: String) -> Self {
+        Failure {
+            code: exit::USAGE,
+            error_name: None,
+            message,
+        }
+    }
+
+    /// `{"image": …, "error": "org.example.VmManager1.Error.InUse",
+    /// "error-message": …}`, the keys of the DiskChecked signal.
+    fn to_json(&self, image: &str) -> serde_json::Value {
+        serde_json::json!({
+            "image": image,
+            "error": self.error_name.as_deref().unwrap_or("org.freedesktop.DBus.Error.Failed"),
+            "error-message": self.message,
+        })
+    }
 }
 
 impl From<zbus::Error> for Failure {
@@ -124,7 +146,11 @@ impl From<zbus::Error> for Failure {
                 _ => exit::ERROR,
             };
             let message = message.clone().unwrap_or_else(|| name.to_string());
-            return Failure { code, message };
+            return Failure {
+                code,
+                error_name: Some(name.to_string()),
+                message,
+            };
         }
         let message = match &e {
             zbus::Error::InputOutput(_) | zbus::Error::Address(_) => format!(
@@ -135,6 +161,7 @@ impl From<zbus::Error> for Failure {
         };
         Failure {
             code: exit::ERROR,
+            error_name: None,
             message,
         }
     }
@@ -179,14 +206,12 @@ async fn connect(cli: &Cli) -> Result<Connection, Failure> {
 /// The service wants absolute paths; a relative one is relative to where
 /// vmctl runs, not where the service runs.
 fn absolute(path: &Path) -> Result<String, Failure> {
-    let absolute = std::path::absolute(path).map_err(|e| Failure {
-        code: exit::USAGE,
-        message: format!("{}: {e}", path.display()),
-    })?;
-    absolute.into_os_string().into_string().map_err(|_| Failure {
-        code: exit::USAGE,
-        message: format!("{}: the path is not valid UTF-8", path.display()),
-    })
+    let absolute = std::path::absolute(path)
+        .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
+    absolute
+        .into_os_string()
+        .into_string()
+        .map_err(|_| Failure::usage(format!("{}: the path is not valid UTF-8", path.display())))
 }
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
@@ -234,8 +259,7 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
                 Err(e) => {
                     let failure = Failure::from(e);
                     if *json {
-                        let doc = serde_json::json!({ "image": image, "error": failure.message });
-                        println!("{doc:#}");
+                        println!("{:#}", failure.to_json(&image));
                     }
                     Err(failure)
                 }
@@ -250,7 +274,16 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             if let Some(pidfile) = pidfile {
                 options.insert("pidfile", Variant::from(absolute(pidfile)?));
             }
-            let users = manager.get_disk_users(&image, options).await?;
+            let users = match manager.get_disk_users(&image, options).await {
+                Ok(users) => users,
+                Err(e) => {
+                    let failure = Failure::from(e);
+                    if *json {
+                        println!("{:#}", failure.to_json(&image));
+                    }
+                    return Err(failure);
+                }
+            };
             if *json {
                 let list: Vec<_> = users.iter().map(dict_to_json).collect();
                 println!("{:#}", serde_json::Value::Array(list));

@@ -41,6 +41,22 @@ pub struct DiskReport {
     pub duration: Duration,
 }
 
+impl DiskReport {
+    /// The report before anything is known but the image itself.
+    pub fn unchecked(image: &ImageFile, run_as_uid: u32) -> Self {
+        DiskReport {
+            image: image.path.clone(),
+            format: image.format,
+            result: None,
+            counts: CheckCounts::default(),
+            consistent: true,
+            usage: DiskUsage::default(),
+            run_as_uid,
+            duration: Duration::ZERO,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckErrorKind {
     #[error("{}", in_use_message(.image, .user))]
@@ -120,15 +136,26 @@ struct Inner {
     running: Mutex<HashSet<(u64, u64)>>,
 }
 
-/// Removes an image from the running set when its check ends, however it ends.
-struct RunningGuard<'a> {
-    running: &'a Mutex<HashSet<(u64, u64)>>,
-    key: (u64, u64),
+/// The right to check one image: while it exists, any other check of the
+/// same image is `Busy`. Dropping it (however the check ends) frees the image.
+pub struct Reservation {
+    checker: DiskChecker,
+    image: Arc<ImageFile>,
 }
 
-impl Drop for RunningGuard<'_> {
+impl Reservation {
+    fn key(&self) -> (u64, u64) {
+        (self.image.dev, self.image.ino)
+    }
+
+    pub fn image(&self) -> &Arc<ImageFile> {
+        &self.image
+    }
+}
+
+impl Drop for Reservation {
     fn drop(&mut self) {
-        lock(self.running).remove(&self.key);
+        lock(&self.checker.inner.running).remove(&self.key());
     }
 }
 
@@ -170,25 +197,30 @@ impl DiskChecker {
             })
     }
 
-    /// Runs one check. `cancel` stops it at any point (qemu-img included).
+    /// Claims `image` for one check, or `Busy` when a check of the same
+    /// file (by device and inode, whatever the path) is running.
+    pub fn reserve(&self, image: Arc<ImageFile>) -> Result<Reservation, CheckErrorKind> {
+        if !lock(&self.inner.running).insert((image.dev, image.ino)) {
+            return Err(CheckErrorKind::Busy(image.path.clone()));
+        }
+        Ok(Reservation {
+            checker: self.clone(),
+            image,
+        })
+    }
+
+    /// Runs one check of a reserved image. `cancel` stops it at any point
+    /// (qemu-img included).
     pub async fn check(
         &self,
-        image: Arc<ImageFile>,
+        reservation: Reservation,
         options: &CheckOptions,
         run_as: RunAs,
         cancel: &CancellationToken,
     ) -> Result<DiskReport, CheckError> {
         let started = Instant::now();
-        let mut report = DiskReport {
-            image: image.path.clone(),
-            format: image.format,
-            result: None,
-            counts: CheckCounts::default(),
-            consistent: true,
-            usage: DiskUsage::default(),
-            run_as_uid: run_as.uid,
-            duration: Duration::ZERO,
-        };
+        let image = reservation.image.clone();
+        let mut report = DiskReport::unchecked(&image, run_as.uid);
         let fail = |kind: CheckErrorKind, mut report: DiskReport| {
             report.duration = started.elapsed();
             CheckError {
@@ -197,14 +229,7 @@ impl DiskChecker {
             }
         };
 
-        let key = (image.dev, image.ino);
-        if !lock(&self.inner.running).insert(key) {
-            return Err(fail(CheckErrorKind::Busy(image.path.clone()), report));
-        }
-        let _running = RunningGuard {
-            running: &self.inner.running,
-            key,
-        };
+        let _reservation = reservation;
 
         // Wait for a slot first, then look at the users: the answer must be
         // fresh when qemu-img starts, not from before a long wait.

@@ -246,7 +246,9 @@ mod tests {
             Err(ImageError::Relative(_))
         ));
         let long = format!("/{}", "a".repeat(MAX_PATH_LEN));
-        assert!(matches!(ImageFile::open(&long), Err(ImageError::TooLong(n)) if n == MAX_PATH_LEN + 1));
+        assert!(
+            matches!(ImageFile::open(&long), Err(ImageError::TooLong(n)) if n == MAX_PATH_LEN + 1)
+        );
         assert!(matches!(
             ImageFile::open("/tmp/a\0b"),
             Err(ImageError::ContainsNul)
@@ -257,15 +259,24 @@ mod tests {
     fn missing_is_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("nope.qcow2");
-        assert!(matches!(ImageFile::open(path_str(&p)), Err(ImageError::NotFound(_))));
+        assert!(matches!(
+            ImageFile::open(path_str(&p)),
+            Err(ImageError::NotFound(_))
+        ));
         // A component that is a file, not a directory.
         std::fs::write(dir.path().join("f"), b"x").unwrap();
         let p = dir.path().join("f/disk");
-        assert!(matches!(ImageFile::open(path_str(&p)), Err(ImageError::NotFound(_))));
+        assert!(matches!(
+            ImageFile::open(path_str(&p)),
+            Err(ImageError::NotFound(_))
+        ));
         // A dangling symlink.
         let link = dir.path().join("dangling");
         std::os::unix::fs::symlink(dir.path().join("gone"), &link).unwrap();
-        assert!(matches!(ImageFile::open(path_str(&link)), Err(ImageError::NotFound(_))));
+        assert!(matches!(
+            ImageFile::open(path_str(&link)),
+            Err(ImageError::NotFound(_))
+        ));
     }
 
     fn assert_not_regular(path: &Path, want: &str) {
@@ -330,10 +341,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let empty = dir.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
-        assert_eq!(ImageFile::open(path_str(&empty)).unwrap().format, ImageFormat::Raw);
+        assert_eq!(
+            ImageFile::open(path_str(&empty)).unwrap().format,
+            ImageFormat::Raw
+        );
         let short = dir.path().join("short");
         std::fs::write(&short, b"QF").unwrap();
-        assert_eq!(ImageFile::open(path_str(&short)).unwrap().format, ImageFormat::Raw);
+        assert_eq!(
+            ImageFile::open(path_str(&short)).unwrap().format,
+            ImageFormat::Raw
+        );
     }
 
     #[test]
@@ -376,7 +393,11 @@ mod tests {
             ("vdi", &[], ImageFormat::Vdi),
             ("vhdx", &[], ImageFormat::Vhdx),
             ("vmdk", &[], ImageFormat::Vmdk),
-            ("vmdk", &["-o", "subformat=monolithicFlat"], ImageFormat::Vmdk),
+            (
+                "vmdk",
+                &["-o", "subformat=monolithicFlat"],
+                ImageFormat::Vmdk,
+            ),
             ("parallels", &[], ImageFormat::Parallels),
             ("raw", &[], ImageFormat::Raw),
         ];
@@ -400,6 +421,9 @@ mod tests {
         }
         // The flat VMDK's data extent itself is plain raw data.
         let flat = dir.path().join("img5-flat.vmdk");
-        assert_eq!(ImageFile::open(path_str(&flat)).unwrap().format, ImageFormat::Raw);
+        assert_eq!(
+            ImageFile::open(path_str(&flat)).unwrap().format,
+            ImageFormat::Raw
+        );
     }
 }

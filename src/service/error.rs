@@ -65,9 +65,7 @@ impl From<ImageError> for VmError {
     fn from(e: ImageError) -> Self {
         match e {
             ImageError::NotFound(_) => VmError::NotFound(e.to_string()),
-            ImageError::Io { ref source, .. }
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
+            ImageError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 VmError::NotFound(e.to_string())
             }
             ImageError::Io { ref source, .. }
@@ -100,14 +98,20 @@ impl From<QemuImgError> for VmError {
     }
 }
 
-impl From<CheckError> for VmError {
-    fn from(e: CheckError) -> Self {
-        match e.kind {
+impl From<CheckErrorKind> for VmError {
+    fn from(kind: CheckErrorKind) -> Self {
+        match kind {
             CheckErrorKind::InUse { .. } | CheckErrorKind::RepairInUse(_) => {
-                VmError::InUse(e.kind.to_string())
+                VmError::InUse(kind.to_string())
             }
-            CheckErrorKind::Busy(_) => VmError::Busy(e.kind.to_string()),
+            CheckErrorKind::Busy(_) => VmError::Busy(kind.to_string()),
             CheckErrorKind::QemuImg(q) => q.into(),
         }
+    }
+}
+
+impl From<CheckError> for VmError {
+    fn from(e: CheckError) -> Self {
+        e.kind.into()
     }
 }

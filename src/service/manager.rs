@@ -137,6 +137,9 @@ impl Manager {
         let started = Instant::now();
         let options = options::parse_check_disk(options)?;
         let (image, caller, run_as) = self.authorize_image(&header, image, &options).await?;
+        // Busy is refused here, before a job or a DiskChecked signal exists:
+        // the check that is running is the one that will report.
+        let reservation = self.state.checker.reserve(image.clone())?;
 
         let state = self.state.clone();
         let connection = connection.clone();
@@ -163,7 +166,7 @@ impl Manager {
             tracing::info!(image = %image.path.display(), caller, uid = run_as.uid, "checking disk");
             let outcome = state
                 .checker
-                .check(image, &options.check, run_as, &cancel)
+                .check(reservation, &options.check, run_as, &cancel)
                 .await;
             let (mut report, error): (DiskReport, Option<VmError>) = match outcome {
                 Ok(report) => (report, None),
@@ -220,8 +223,11 @@ impl Manager {
     /// Emitted after every finished check (the report, plus `error` and
     /// `error-message` when the check ended in an error).
     #[zbus(signal)]
-    async fn disk_checked(emitter: &SignalEmitter<'_>, image: &str, report: Dict)
-    -> zbus::Result<()>;
+    async fn disk_checked(
+        emitter: &SignalEmitter<'_>,
+        image: &str,
+        report: Dict,
+    ) -> zbus::Result<()>;
 
     /// The service's version.
     #[zbus(property(emits_changed_signal = "const"))]
@@ -259,6 +265,8 @@ fn log_outcome(report: &DiskReport, error: Option<&VmError>) {
             corruptions = report.counts.corruptions,
             "check finished"
         ),
-        Some(e) => tracing::info!(%image, error = e.short_name(), message = %e.message(), "check failed"),
+        Some(e) => {
+            tracing::info!(%image, error = e.short_name(), message = %e.message(), "check failed")
+        }
     }
 }

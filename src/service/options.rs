@@ -208,7 +208,10 @@ mod tests {
         .unwrap();
         assert!(!o.interactive && o.check.force_share);
         assert_eq!(o.check.timeout, Some(Duration::from_secs(5)));
-        assert_eq!(o.check.pidfile.as_deref(), Some(std::path::Path::new("/run/vm.pid")));
+        assert_eq!(
+            o.check.pidfile.as_deref(),
+            Some(std::path::Path::new("/run/vm.pid"))
+        );
     }
 
     #[test]
@@ -219,9 +222,13 @@ mod tests {
                 .contains("type 'b'")
         );
         assert!(invalid(parse_check_disk(opts(&[("timeout-sec", variant(5i32))]))).contains("'u'"));
-        assert!(invalid(parse_check_disk(opts(&[("timeout-sec", variant(0u32))]))).contains("between"));
+        assert!(
+            invalid(parse_check_disk(opts(&[("timeout-sec", variant(0u32))]))).contains("between")
+        );
         assert!(invalid(parse_check_disk(opts(&[("repair", variant("some"))]))).contains("leaks"));
-        assert!(invalid(parse_check_disk(opts(&[("pidfile", variant("vm.pid"))]))).contains("absolute"));
+        assert!(
+            invalid(parse_check_disk(opts(&[("pidfile", variant("vm.pid"))]))).contains("absolute")
+        );
         assert!(
             invalid(parse_check_disk(opts(&[
                 ("repair", variant("leaks")),
@@ -230,8 +237,11 @@ mod tests {
             .contains("cannot be combined")
         );
         assert!(
-            invalid(parse_get_disk_users(opts(&[("force-share", variant(true))])))
-                .contains("unknown")
+            invalid(parse_get_disk_users(opts(&[(
+                "force-share",
+                variant(true)
+            )])))
+            .contains("unknown")
         );
     }
 }

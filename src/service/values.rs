@@ -66,9 +66,18 @@ pub fn report_dict(report: &DiskReport, error: Option<&VmError>) -> Dict {
         ("leaks-fixed".to_owned(), variant(c.leaks_fixed)),
         ("image-end-offset".to_owned(), variant(c.image_end_offset)),
         ("total-clusters".to_owned(), variant(c.total_clusters)),
-        ("allocated-clusters".to_owned(), variant(c.allocated_clusters)),
-        ("fragmented-clusters".to_owned(), variant(c.fragmented_clusters)),
-        ("compressed-clusters".to_owned(), variant(c.compressed_clusters)),
+        (
+            "allocated-clusters".to_owned(),
+            variant(c.allocated_clusters),
+        ),
+        (
+            "fragmented-clusters".to_owned(),
+            variant(c.fragmented_clusters),
+        ),
+        (
+            "compressed-clusters".to_owned(),
+            variant(c.compressed_clusters),
+        ),
         ("users".to_owned(), variant(users)),
         ("stale-pidfiles".to_owned(), variant(stale)),
         ("run-as-uid".to_owned(), variant(report.run_as_uid)),
@@ -80,7 +89,10 @@ pub fn report_dict(report: &DiskReport, error: Option<&VmError>) -> Dict {
     if let Some(error) = error {
         dict.insert(
             "error".to_owned(),
-            variant(format!("org.example.VmManager1.Error.{}", error.short_name())),
+            variant(format!(
+                "org.example.VmManager1.Error.{}",
+                error.short_name()
+            )),
         );
         dict.insert("error-message".to_owned(), variant(error.message()));
     }

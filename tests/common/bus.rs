@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -15,24 +15,13 @@ use super::util::{
 };
 
 /// The project's bus policy, used as-is so tests exercise what ships.
-pub const PROJECT_BUS_POLICY: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/dbus/org.example.VmManager.conf");
+pub const PROJECT_BUS_POLICY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/dbus/org.example.VmManager.conf"
+);
 
 /// The host's polkit bus policy (read only).
 const POLKIT_BUS_POLICY: &str = "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf";
-
-/// Stand-in for `dbus/org.example.VmManager.conf` while it does not exist yet.
-const FALLBACK_BUS_POLICY: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <policy user="root">
-    <allow own="org.example.VmManager"/>
-  </policy>
-  <policy context="default">
-    <allow send_destination="org.example.VmManager"/>
-  </policy>
-</busconfig>
-"#;
 
 /// How long to wait for a bus name to appear or vanish.
 pub const NAME_TIMEOUT: Duration = Duration::from_secs(15);
@@ -52,17 +41,13 @@ impl TestBus {
         // 0755: polkitd and nobody must reach the socket.
         let dir = public_tempdir("vmm-bus-");
         let sock = dir.path().join("bus.sock");
-        let project_policy = if Path::new(PROJECT_BUS_POLICY).exists() {
-            PathBuf::from(PROJECT_BUS_POLICY)
-        } else {
-            let p = dir.path().join("org.example.VmManager.conf");
-            write_file(&p, FALLBACK_BUS_POLICY, 0o644);
-            p
-        };
+        // The shipped policy itself, so tests exercise what is installed.
+        let project_policy = Path::new(PROJECT_BUS_POLICY);
+        assert!(project_policy.exists(), "{PROJECT_BUS_POLICY} is missing");
         let conf = dir.path().join("bus.conf");
         write_file(
             &conf,
-            bus_config(&sock, &project_policy, Path::new(POLKIT_BUS_POLICY)),
+            bus_config(&sock, project_policy, Path::new(POLKIT_BUS_POLICY)),
             0o644,
         );
         let stderr_path = dir.path().join("bus.stderr");

@@ -14,9 +14,8 @@ pub const SERVICE_NAME: &str = "org.example.VmManager";
 pub const MANAGER_PATH: &str = "/org/example/VmManager";
 pub const MANAGER_IFACE: &str = "org.example.VmManager1";
 
-/// The daemon binary Cargo built for this test run; `None` until the
-/// `vmmanagerd` target exists.
-pub const DAEMON_BIN: Option<&str> = option_env!("CARGO_BIN_EXE_vmmanagerd");
+/// The daemon binary Cargo built for this test run.
+pub const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vmmanagerd");
 
 /// Contents of the daemon's TOML config. Defaults match the daemon's, except
 /// that no PID-file patterns point at the host's /run.
@@ -109,7 +108,7 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the daemon and returns once it owns `org.example.VmManager`.
     pub fn start(bus: &TestBus, config: &DaemonConfig) -> Daemon {
-        let bin = DAEMON_BIN.expect("the vmmanagerd binary target does not exist yet");
+        let bin = DAEMON_BIN;
         let dir = public_tempdir("vmm-daemon-");
         let config_path = dir.path().join("vmmanager.toml");
         write_file(&config_path, config.to_toml(), 0o644);
@@ -123,6 +122,8 @@ impl Daemon {
             // Belt and braces: nothing in the daemon may reach the host bus.
             .env("DBUS_SYSTEM_BUS_ADDRESS", bus.address())
             .env("RUST_BACKTRACE", "1")
+            // Plain text in the captured log that panic messages quote.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log)

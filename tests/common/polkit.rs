@@ -1,7 +1,6 @@
 //! A real polkitd per test, seeing the project's actions and per-test rules.
 
 use std::fs::{self, File};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -25,34 +24,6 @@ const POLKITD: &str = "/usr/lib/polkit-1/polkitd";
 const POLKITD_SCRIPT: &str = "mount --bind \"$1\" /usr/share/polkit-1/actions \
     && mount --bind \"$2\" /etc/polkit-1/rules.d \
     && exec /usr/lib/polkit-1/polkitd --no-debug";
-
-/// Stand-in for `polkit/org.example.vmmanager.policy` while it does not exist.
-const FALLBACK_POLICY: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
-<!DOCTYPE policyconfig PUBLIC "-//freedesktop//DTD PolicyKit Policy Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/PolicyKit/1/policyconfig.dtd">
-<policyconfig>
-  <action id="org.example.vmmanager.check-disk">
-    <description>Check a VM disk image</description>
-    <message>Authentication is required to check a VM disk image</message>
-    <defaults><allow_any>auth_admin</allow_any><allow_inactive>auth_admin</allow_inactive><allow_active>yes</allow_active></defaults>
-  </action>
-  <action id="org.example.vmmanager.check-disk-other-user">
-    <description>Check another user's VM disk image</description>
-    <message>Authentication is required to check another user's VM disk image</message>
-    <defaults><allow_any>auth_admin_keep</allow_any><allow_inactive>auth_admin_keep</allow_inactive><allow_active>auth_admin_keep</allow_active></defaults>
-  </action>
-  <action id="org.example.vmmanager.repair-disk">
-    <description>Repair a VM disk image</description>
-    <message>Authentication is required to repair a VM disk image</message>
-    <defaults><allow_any>auth_admin</allow_any><allow_inactive>auth_admin</allow_inactive><allow_active>auth_admin_keep</allow_active></defaults>
-  </action>
-  <action id="org.example.vmmanager.manage-devices">
-    <description>Manage PCI passthrough devices</description>
-    <message>Authentication is required to manage PCI passthrough devices</message>
-    <defaults><allow_any>auth_admin_keep</allow_any><allow_inactive>auth_admin_keep</allow_inactive><allow_active>auth_admin_keep</allow_active></defaults>
-  </action>
-</policyconfig>
-"#;
 
 /// polkit's answer to CheckAuthorization.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,12 +63,10 @@ impl PolkitBuilder {
             util::set_mode(d, 0o755);
         }
         let policy = actions.join("org.example.vmmanager.policy");
-        if Path::new(PROJECT_POLKIT_POLICY).exists() {
-            fs::copy(PROJECT_POLKIT_POLICY, &policy).expect("copy polkit policy");
-            util::set_mode(&policy, 0o644);
-        } else {
-            write_file(&policy, FALLBACK_POLICY, 0o644);
-        }
+        fs::copy(PROJECT_POLKIT_POLICY, &policy)
+            .unwrap_or_else(|e| panic!("copy {PROJECT_POLKIT_POLICY}: {e}"));
+        // polkitd runs as the polkitd user and must read it.
+        util::set_mode(&policy, 0o644);
         write_file(
             &rules.join("50-test.rules"),
             self.rules.join("\n") + "\n",

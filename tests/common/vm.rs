@@ -63,8 +63,8 @@ impl VmBuilder {
         self
     }
 
-    /// Starts QEMU and returns once its pidfile names it and it holds a
-    /// lock on every drive.
+    /// Starts QEMU and returns once its pidfile names it, it holds a lock on
+    /// every drive and it has finished initialising (SIGTERM handler set).
     pub fn start(self) -> Vm {
         let pidfile = self.pidfile.unwrap_or_else(|| {
             let dir = self.drives[0].path.parent().expect("image has a parent");
@@ -79,7 +79,11 @@ impl VmBuilder {
             .arg(&pidfile);
         for d in &self.drives {
             // QEMU option values escape ',' by doubling it.
-            let file = d.path.to_str().expect("UTF-8 image path").replace(',', ",,");
+            let file = d
+                .path
+                .to_str()
+                .expect("UTF-8 image path")
+                .replace(',', ",,");
             let ro = if d.readonly { ",readonly=on" } else { "" };
             cmd.arg("-drive")
                 .arg(format!("file={file},if=virtio,format=qcow2{ro}"));
@@ -95,13 +99,19 @@ impl VmBuilder {
         let mut exited = None;
         util::wait_until(
             START_TIMEOUT,
-            &format!("QEMU {} to write {} and lock its images", self.name, pidfile.display()),
+            &format!(
+                "QEMU {} to write {} and lock its images",
+                self.name,
+                pidfile.display()
+            ),
             || {
                 if let Some(st) = child.try_wait() {
                     exited = Some(st);
                     return true;
                 }
-                pidfile_names(&pidfile, pid) && images.iter().all(|i| is_locked(i))
+                pidfile_names(&pidfile, pid)
+                    && images.iter().all(|i| is_locked(i))
+                    && catches_sigterm(pid)
             },
             || read_lossy(&log_path),
         );
@@ -184,6 +194,19 @@ impl Vm {
 
 fn pidfile_names(pidfile: &Path, pid: u32) -> bool {
     fs::read_to_string(pidfile).is_ok_and(|s| s.trim() == pid.to_string())
+}
+
+/// QEMU installs its SIGTERM handler late in init; before that a SIGTERM
+/// kills it outright, without removing the pidfile.
+fn catches_sigterm(pid: u32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (libc::SIGTERM - 1)) != 0)
 }
 
 /// Whether any process holds a lock on `image` (QEMU's OFD locks), per

@@ -170,7 +170,9 @@ fn parse_counts(stdout: &Stdout) -> Result<CheckCounts, String> {
     if stdout.bytes.iter().all(u8::is_ascii_whitespace) {
         return Err("no JSON output".to_owned());
     }
-    serde_json::from_slice::<JsonReport>(&stdout.bytes)
+    // Via a Map: serde would also accept a JSON array for the struct.
+    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&stdout.bytes)
+        .and_then(|map| JsonReport::deserialize(serde_json::Value::Object(map)))
         .map(CheckCounts::from)
         .map_err(|e| format!("invalid JSON: {e}"))
 }

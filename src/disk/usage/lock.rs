@@ -85,7 +85,11 @@ pub(super) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("img");
         std::fs::write(&path, vec![0u8; 1024]).unwrap();
-        let holder = OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let holder = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
         let prober = File::open(&path).unwrap();
         (dir, holder, prober)
     }

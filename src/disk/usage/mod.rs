@@ -189,7 +189,11 @@ impl UsageScanner {
         }
     }
 
-    fn judge_pidfile(&self, cand: &pidfile::Candidate, holders: &BTreeMap<u32, DiskUser>) -> Verdict {
+    fn judge_pidfile(
+        &self,
+        cand: &pidfile::Candidate,
+        holders: &BTreeMap<u32, DiskUser>,
+    ) -> Verdict {
         let (pid, dev, ino) = match pidfile::read(&cand.path) {
             pidfile::PidfileContent::Missing => return Verdict::Ignore,
             pidfile::PidfileContent::Invalid => return Verdict::Stale,
@@ -207,10 +211,10 @@ impl UsageScanner {
         }
         // Proxmox's rule: a QEMU started with -pidfile must name this file.
         let cmdline = procfs::cmdline(&self.proc_root, pid).unwrap_or_default();
-        if let Some(arg) = procfs::pidfile_arg(&cmdline) {
-            if !self.same_file(pid, &arg, dev, ino) {
-                return Verdict::Stale;
-            }
+        if let Some(arg) = procfs::pidfile_arg(&cmdline)
+            && !self.same_file(pid, &arg, dev, ino)
+        {
+            return Verdict::Stale;
         }
         if holders.contains_key(&pid) {
             Verdict::Valid(pid)

@@ -90,7 +90,10 @@ fn split_pattern(pattern: &str, image_dir: &Path) -> Result<(PathBuf, OsString),
     if !bytes.starts_with(b"/") {
         return Err(PatternError::Relative(pattern.to_owned()));
     }
-    let slash = bytes.iter().rposition(|&b| b == b'/').expect("starts with '/'");
+    let slash = bytes
+        .iter()
+        .rposition(|&b| b == b'/')
+        .expect("starts with '/'");
     let (dir, name) = (&bytes[..slash], &bytes[slash + 1..]);
     // The image directory itself may legitimately contain '*'; only the
     // pattern's own text is restricted.
@@ -366,7 +369,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("ok"), b"123\n").unwrap();
-        assert!(matches!(read(&d.join("ok")), PidfileContent::Pid { pid: 123, .. }));
+        assert!(matches!(
+            read(&d.join("ok")),
+            PidfileContent::Pid { pid: 123, .. }
+        ));
         assert_eq!(read(&d.join("missing")), PidfileContent::Missing);
         std::fs::write(d.join("huge"), format!("123{}", " ".repeat(100))).unwrap();
         assert_eq!(read(&d.join("huge")), PidfileContent::Invalid);

@@ -334,7 +334,10 @@ mod tests {
 
     #[test]
     fn fdinfo_flags() {
-        assert_eq!(fdinfo_writable(b"pos:\t0\nflags:\t0100000\nmnt_id:\t1\n"), Some(false));
+        assert_eq!(
+            fdinfo_writable(b"pos:\t0\nflags:\t0100000\nmnt_id:\t1\n"),
+            Some(false)
+        );
         assert_eq!(fdinfo_writable(b"pos:\t0\nflags:\t02100002\n"), Some(true));
         assert_eq!(fdinfo_writable(b"flags:\t01\n"), Some(true));
         assert_eq!(fdinfo_writable(b"flags:\t0104000\n"), Some(false));

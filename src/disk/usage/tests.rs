@@ -234,11 +234,21 @@ fn global_pidfiles_of_other_vms_are_ignored() {
     env.pidfile(&global, "dead.pid", b"4000099");
     env.pidfile(&global, "garbage.pid", b"not a pid");
     env.pidfile(&global, "other.pid", format!("{OTHER}").as_bytes());
-    env.process(OTHER, QEMU, 'S', &["-name", "other"], &[(3, &other_img, RW)]);
+    env.process(
+        OTHER,
+        QEMU,
+        'S',
+        &["-name", "other"],
+        &[(3, &other_img, RW)],
+    );
     let ours = env.pidfile(&global, "ours.pid", format!("{VM}").as_bytes());
     env.process(VM, QEMU, 'S', &["-name", "ours"], &[(3, &img, RO)]);
     let usage = env.scanner().scan(&env.image(), None);
-    assert!(usage.stale_pidfiles.is_empty(), "{:?}", usage.stale_pidfiles);
+    assert!(
+        usage.stale_pidfiles.is_empty(),
+        "{:?}",
+        usage.stale_pidfiles
+    );
     assert_eq!(usage.users.len(), 1);
     let u = &usage.users[0];
     assert_eq!(u.vm_name, "ours");
@@ -300,7 +310,9 @@ fn garbage_pidfiles_are_stale() {
         let usage = env.scanner().scan(&env.image(), Some(p));
         assert_eq!(usage.stale_pidfiles, vec![p.clone()]);
     }
-    let usage = env.scanner().scan(&env.image(), Some(&d.join("missing.pid")));
+    let usage = env
+        .scanner()
+        .scan(&env.image(), Some(&d.join("missing.pid")));
     assert_eq!(usage, DiskUsage::default());
 }
 
@@ -309,11 +321,20 @@ fn writers_and_readers() {
     let env = Env::new();
     let img = env.image_path();
     env.process(VM, "/usr/bin/dd", 'D', &[], &[(1, &img, "01")]);
-    env.process(OTHER, "/usr/bin/restic", 'S', &[], &[(5, &img, RO), (6, &img, RO)]);
+    env.process(
+        OTHER,
+        "/usr/bin/restic",
+        'S',
+        &[],
+        &[(5, &img, RO), (6, &img, RO)],
+    );
     let usage = env.scanner().scan(&env.image(), None);
     assert_eq!(usage.users.len(), 2);
     let writer = usage.blocking_user().unwrap();
-    assert_eq!((writer.pid, writer.writable, writer.is_qemu), (VM, true, false));
+    assert_eq!(
+        (writer.pid, writer.writable, writer.is_qemu),
+        (VM, true, false)
+    );
     assert_eq!(writer.exe, "/usr/bin/dd");
     let reader = &usage.users[1];
     assert_eq!((reader.pid, reader.writable), (OTHER, false));
@@ -397,7 +418,13 @@ fn garbage_proc_entries_are_skipped() {
     std::fs::create_dir_all(root.join("4000012")).unwrap();
     std::fs::write(root.join("4000012/fd"), b"not a dir").unwrap();
     // Dangling fd links, non-numeric fd names, missing and garbage fdinfo.
-    env.process(4_000_013, QEMU, 'S', &[], &[(3, Path::new("/nonexistent/x"), RW)]);
+    env.process(
+        4_000_013,
+        QEMU,
+        'S',
+        &[],
+        &[(3, Path::new("/nonexistent/x"), RW)],
+    );
     let d13 = root.join("4000013");
     symlink(&img, d13.join("fd/notanfd")).unwrap();
     symlink(&img, d13.join("fd/4")).unwrap(); // no fdinfo: closed meanwhile
@@ -429,7 +456,10 @@ fn garbage_proc_entries_are_skipped() {
 #[test]
 fn missing_proc_root_finds_nothing() {
     let env = Env::new();
-    let scanner = UsageScanner::new(env.dir.path().join("nope"), vec!["{image_dir}/*.pid".into()]);
+    let scanner = UsageScanner::new(
+        env.dir.path().join("nope"),
+        vec!["{image_dir}/*.pid".into()],
+    );
     let pf = env.pidfile(&env.vm_dir(), "vm.pid", b"1\n");
     let usage = scanner.scan(&env.image(), None);
     assert!(usage.users.is_empty());
