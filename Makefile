@@ -1,7 +1,7 @@
 # VM Manager -- build, install and test.
 #
 #   make                      build release binaries (cargo build --release --locked)
-#   make check                run the test suite and validate the data files
+#   make check                validate the data files, run the test suite
 #   make install              install (as root, after `make`; never builds)
 #   make uninstall            remove everything `make install` put in place
 #
@@ -68,8 +68,11 @@ all: build
 build:
 	$(CARGO) build --release --locked
 
+# The same tests as scripts/test, without its root check and dependency
+# installation (the end-to-end tests need root and the packages of
+# scripts/install-deps; `sudo scripts/test` sets both up).
 check: check-data
-	$(CARGO) test --locked
+	$(CARGO) test --locked --all-targets
 
 # Well-formedness of the XML files (and the polkit policy against polkit's
 # DTD), and the unit's syntax. Each tool is optional: skipped when missing.

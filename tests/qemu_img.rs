@@ -80,12 +80,10 @@ struct GroupKiller(PathBuf);
 
 impl Drop for GroupKiller {
     fn drop(&mut self) {
-        if let Some(pgid) = read_pid(&self.0) {
-            if pgid > 1 {
-                // SAFETY: plain syscall on a group this test created.
-                unsafe {
-                    libc::killpg(pgid, libc::SIGKILL);
-                }
+        if let Some(pgid) = read_pid(&self.0).filter(|&p| p > 1) {
+            // SAFETY: plain syscall on a group this test created.
+            unsafe {
+                libc::killpg(pgid, libc::SIGKILL);
             }
         }
     }
@@ -523,9 +521,10 @@ echo $$ > "$dir/leader.pid"
 sleep 600
 "#;
 
+/// Fields drop in order: the killer reads its pid file before `dir` goes.
 struct Slow {
-    dir: TempDir,
     _killer: GroupKiller,
+    dir: TempDir,
     req: CheckRequest,
 }
 
@@ -536,8 +535,8 @@ fn slow(test: &str, timeout: Duration) -> Slow {
     let mut req = request(stand_in, "/img.qcow2");
     req.timeout = timeout;
     Slow {
-        dir,
         _killer: killer,
+        dir,
         req,
     }
 }

@@ -266,40 +266,18 @@ fn xml_escape(s: &str) -> String {
 
 /// Debian's system.conf default policy minus the parts that need a real
 /// system (user switch, fork, activation, syslog, pidfile).
+/// The bus configuration template shared with `scripts/run-dev`.
+const BUS_CONFIG_TEMPLATE: &str = include_str!("../data/system-bus.conf.in");
+
 fn bus_config(sock: &Path, project_policy: &Path, polkit_policy: &Path) -> String {
-    format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <auth>EXTERNAL</auth>
-  <listen>unix:path={sock}</listen>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
-    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus" send_member="UpdateActivationEnvironment"/>
-    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Debug.Stats"/>
-  </policy>
-  <policy user="root">
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Monitoring"/>
-  </policy>
-  <include>{project}</include>
-  <include>{polkit}</include>
-</busconfig>
-"#,
-        sock = xml_escape(&sock.display().to_string()),
-        project = xml_escape(&project_policy.display().to_string()),
-        polkit = xml_escape(&polkit_policy.display().to_string()),
-    )
+    BUS_CONFIG_TEMPLATE
+        .replace("@SOCKET@", &xml_escape(&sock.display().to_string()))
+        .replace(
+            "@PROJECT_POLICY@",
+            &xml_escape(&project_policy.display().to_string()),
+        )
+        .replace(
+            "@POLKIT_POLICY@",
+            &xml_escape(&polkit_policy.display().to_string()),
+        )
 }

@@ -141,7 +141,9 @@ impl CredentialSwitch {
     /// Installs the `pre_exec` hook. std runs hooks after its own uid/gid
     /// handling, so the whole switch happens here, in the only safe order:
     /// groups and gid while still root, uid last. The death signal is set after
-    /// setuid because changing credentials clears it.
+    /// setuid because changing credentials clears it. The death signal follows
+    /// the forking *thread*; tokio's workers live as long as the runtime, so it
+    /// is a backstop for a crashed service, not the normal way qemu-img dies.
     pub(super) fn install(self, command: &mut Command) {
         // Prepared before fork: the hook must not allocate.
         let target = self.target.map(|r| {

@@ -11,10 +11,10 @@
 //! on cancel and when the [`run_check`] future is dropped: an orphaned
 //! qemu-img would keep the image lock and stop the VM from starting.
 //!
-//! - [`credentials`]: the passwd/group lookup and the `pre_exec` credential
+//! - `credentials`: the passwd/group lookup and the `pre_exec` credential
 //!   switch;
-//! - [`group`]: the process-group kill guard;
-//! - [`output`]: bounded capture of stdout/stderr and the mapping of exit
+//! - `group`: the process-group kill guard;
+//! - `output`: bounded capture of stdout/stderr and the mapping of exit
 //!   status and JSON to a result.
 
 mod credentials;
