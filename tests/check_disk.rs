@@ -910,3 +910,39 @@ async fn bad_input_gets_exact_errors_and_never_hangs() {
     );
     assert!(w.manager().await.jobs().await.unwrap().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmctl_ctrl_c_cancels_its_check() {
+    let tools = public_tempdir("vmm-tools-");
+    let config = DaemonConfig::default().qemu_img(slow_qemu_img(tools.path()));
+    let w = World::with(Polkit::builder(), config).await;
+    let image = w.path("disk.qcow2");
+    make_clean_qcow2(&image);
+    let mut vmctl = ChildGuard::new(
+        Command::new(VMCTL)
+            .arg("--bus-address")
+            .arg(w.stack.bus.address())
+            .arg("check-disk")
+            .arg(&image)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        "vmctl",
+    );
+    w.wait_for_job().await;
+    let pids = recorded_pids(tools.path());
+    vmctl.signal(libc::SIGINT);
+    let status = tokio::task::block_in_place(|| vmctl.wait_timeout(Duration::from_secs(10)))
+        .expect("vmctl exits after Ctrl-C");
+    assert_eq!(status.code(), Some(130));
+    assert_all_gone(&pids);
+    let manager = w.manager().await;
+    for _ in 0..200 {
+        if manager.jobs().await.unwrap().is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the job outlived vmctl's Ctrl-C");
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vmmanager::client::{ManagerProxy, dict_to_json, variant_to_json};
+use vmmanager::client::{JobProxy, ManagerProxy, dict_to_json, variant_to_json};
 use zbus::{Connection, OwnedVariant, Variant};
 
 /// Exit codes a script can rely on (they follow qemu-img check's where they
@@ -19,6 +19,8 @@ mod exit {
     pub const NOT_AUTHORIZED: u8 = 5;
     pub const NOT_SUPPORTED: u8 = 63;
     pub const USAGE: u8 = 64;
+    /// 128 + SIGINT, as shells report it.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 const EXIT_CODES_HELP: &str = "\
@@ -30,7 +32,8 @@ Exit status:
   4   the image is in use by a running VM or another process
   5   not authorized (polkit said no)
   63  the format cannot be checked (e.g. raw)
-  64  wrong command-line usage";
+  64  wrong command-line usage
+  130 interrupted (Ctrl-C cancels the running check)";
 
 /// Control the VM Manager service (org.example.VmManager).
 ///
@@ -196,11 +199,41 @@ fn main() -> ExitCode {
 }
 
 async fn connect(cli: &Cli) -> Result<Connection, Failure> {
-    let builder = match &cli.bus_address {
-        Some(address) => zbus::connection::Builder::address(address.as_str()),
-        None => zbus::connection::Builder::system(),
+    let (builder, bus) = match &cli.bus_address {
+        Some(address) => (
+            zbus::connection::Builder::address(address.as_str()),
+            address.clone(),
+        ),
+        None => (zbus::connection::Builder::system(), "the system bus".into()),
     };
-    Ok(builder.build().await?)
+    builder.build().await.map_err(|e| Failure {
+        code: exit::ERROR,
+        error_name: None,
+        message: format!("cannot connect to {bus}: {e}"),
+    })
+}
+
+/// Ctrl-C while a check runs: cancel our own job on that image, so qemu-img
+/// stops too, rather than leaving the check running without anyone waiting.
+async fn cancel_own_job(connection: &Connection, manager: &ManagerProxy<'_>, image: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let my_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let canonical = std::fs::canonicalize(image)
+        .ok()
+        .and_then(|p| p.into_os_string().into_string().ok());
+    let Ok(jobs) = manager.jobs().await else {
+        return;
+    };
+    for path in jobs {
+        let Ok(job) = JobProxy::builder(connection).path(path).build().await else {
+            continue;
+        };
+        let target = job.target().await.unwrap_or_default();
+        let ours = Some(job.started_by_uid().await.unwrap_or(u32::MAX)) == my_uid;
+        if ours && (target == image || Some(&target) == canonical.as_ref()) {
+            let _ = job.cancel(HashMap::new()).await;
+        }
+    }
 }
 
 /// The service wants absolute paths; a relative one is relative to where
@@ -247,7 +280,18 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             if let Some(timeout) = timeout {
                 options.insert("timeout-sec", Variant::from(*timeout));
             }
-            match manager.check_disk(&image, options).await {
+            let result = tokio::select! {
+                result = manager.check_disk(&image, options) => result,
+                _ = tokio::signal::ctrl_c() => {
+                    cancel_own_job(&connection, &manager, &image).await;
+                    return Err(Failure {
+                        code: exit::INTERRUPTED,
+                        error_name: None,
+                        message: "interrupted; the check was cancelled".into(),
+                    });
+                }
+            };
+            match result {
                 Ok(report) => {
                     if *json {
                         println!("{:#}", dict_to_json(&report));
