@@ -72,7 +72,7 @@ build:
 # installation (the end-to-end tests need root and the packages of
 # scripts/install-deps; `sudo scripts/test` sets both up).
 check: check-data
-	$(CARGO) test --locked --all-targets
+	$(CARGO) test --locked
 
 # Well-formedness of the XML files (and the polkit policy against polkit's
 # DTD), and the unit's syntax. Each tool is optional: skipped when missing.
