@@ -119,7 +119,8 @@ fn main() {
         let pid = users[0].get("pid").map(|v| format!("{:?}", &**v));
         assert_eq!(users.len(), 1, "GetDiskUsers: {users:?}");
         assert!(
-            pid.as_deref().is_some_and(|p| p.contains(&qemu_pid.to_string())),
+            pid.as_deref()
+                .is_some_and(|p| p.contains(&qemu_pid.to_string())),
             "GetDiskUsers: {users:?}"
         );
     };
@@ -184,7 +185,10 @@ fn main() {
 
     println!("\n**vmmanagerd resident memory (VmRSS, `{profile}` build)**\n");
     println!("| when | VmRSS |\n|---|---:|");
-    println!("| idle after startup | {:.1} MiB |", rss_start as f64 / 1024.0);
+    println!(
+        "| idle after startup | {:.1} MiB |",
+        rss_start as f64 / 1024.0
+    );
     let calls = runs + WARMUP;
     println!(
         "| idle after {} CheckDisk + {calls} GetDiskUsers calls | {:.1} MiB |",

@@ -25,5 +25,6 @@
 pub mod auth;
 pub mod client;
 pub mod config;
+pub mod devices;
 pub mod disk;
 pub mod service;

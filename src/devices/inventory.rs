@@ -1,0 +1,1 @@
+//! The device table. OWNER: helper F. Placeholder.

@@ -1,0 +1,48 @@
+//! PCI devices: a live inventory from sysfs and udev events, passthrough
+//! readiness, and detach/reattach to vfio-pci.
+//!
+//! - [`address`]: PCI addresses (`0000:03:00.0`) and their object paths.
+//! - [`sysfs`]: reading one device or all of them from a (configurable)
+//!   sysfs root; names from the udev database.
+//! - [`inventory`]: the device table, readiness and allow-list, applying
+//!   events and resyncs and reporting exactly what changed.
+//! - [`monitor`]: the udev netlink monitor on its own thread, with a clean
+//!   stop.
+//! - [`vfio`]: detach to / reattach from vfio-pci, and who holds a VFIO group.
+
+pub mod address;
+pub mod inventory;
+pub mod monitor;
+pub mod sysfs;
+pub mod vfio;
+
+/// What happened to a device, as udev or the kernel says it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceAction {
+    Add,
+    Remove,
+    Change,
+    Bind,
+    Unbind,
+    /// Anything else (`move`, `online`, …): re-read the device.
+    Other(String),
+}
+
+/// One uevent about one PCI device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceEvent {
+    pub action: DeviceAction,
+    pub address: address::PciAddress,
+    /// `ID_VENDOR_FROM_DATABASE` / `ID_MODEL_FROM_DATABASE` when the event
+    /// came through udevd (the kernel's own events carry no names).
+    pub vendor_name: Option<String>,
+    pub device_name: Option<String>,
+}
+
+/// What the monitor hands to the inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MonitorMessage {
+    Event(DeviceEvent),
+    /// Events were lost (ENOBUFS or another receive error): re-enumerate.
+    Resync,
+}

@@ -1,0 +1,1 @@
+//! The udev monitor thread. OWNER: helper G. Placeholder.

@@ -1,0 +1,1 @@
+//! Reading PCI devices from sysfs. OWNER: helper F. Placeholder.

@@ -1,0 +1,1 @@
+//! Detach/reattach and VFIO group users. OWNER: helper H. Placeholder.
