@@ -16,6 +16,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmmanager/vmmanager.toml";
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     pub disk: DiskConfig,
+    pub devices: DevicesConfig,
     pub system: SystemConfig,
 }
 
@@ -32,6 +33,59 @@ pub struct DiskConfig {
     /// none. `{image_dir}` is the image's directory; `*` is allowed in the
     /// last component.
     pub pidfile_patterns: Vec<String>,
+}
+
+/// Where device events come from.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EventsSetting {
+    /// The udev group when udevd runs (it adds hwdb names), else the kernel's.
+    #[default]
+    Auto,
+    Udev,
+    Kernel,
+    /// No events: enumerate once at start (e.g. in a container).
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PermittedDevice {
+    /// `vendor:device` in hex (`10de:1eb8`), or `vendor:*`.
+    pub selector: String,
+    /// Reported as the device's `ResourceName` (KubeVirt's idea).
+    pub resource_name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DevicesConfig {
+    pub events: EventsSetting,
+    /// Netlink receive buffer; a burst larger than this loses events (then
+    /// the service re-reads everything).
+    pub receive_buffer_bytes: u32,
+    /// udevd's database, where hwdb names of devices are found.
+    pub udev_data_dir: PathBuf,
+    /// Where `vfio/<group>` device nodes live.
+    pub dev_root: PathBuf,
+    /// Devices allowed for passthrough.
+    pub permitted: Vec<PermittedDevice>,
+    /// Where the original drivers of detached devices are remembered across
+    /// restarts; empty for memory only.
+    pub vfio_state_file: PathBuf,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            events: EventsSetting::Auto,
+            receive_buffer_bytes: 128 * 1024 * 1024,
+            udev_data_dir: PathBuf::from("/run/udev/data"),
+            dev_root: PathBuf::from("/dev"),
+            permitted: Vec::new(),
+            vfio_state_file: PathBuf::from("/run/vmmanager/vfio-drivers"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

@@ -28,6 +28,11 @@ pub enum VmError {
     Timeout(String),
     /// The operation was cancelled.
     Cancelled(String),
+    /// The host cannot do this (e.g. vfio-pci is not available).
+    NotSupported(String),
+    /// An unexpected system failure (e.g. a sysfs write failed); the message
+    /// says which file and why.
+    Failed(String),
 }
 
 impl VmError {
@@ -43,6 +48,8 @@ impl VmError {
             VmError::CheckFailed(_) => "CheckFailed",
             VmError::Timeout(_) => "Timeout",
             VmError::Cancelled(_) => "Cancelled",
+            VmError::NotSupported(_) => "NotSupported",
+            VmError::Failed(_) => "Failed",
         }
     }
 
@@ -56,7 +63,9 @@ impl VmError {
             | VmError::Busy(m)
             | VmError::CheckFailed(m)
             | VmError::Timeout(m)
-            | VmError::Cancelled(m) => m.clone(),
+            | VmError::Cancelled(m)
+            | VmError::NotSupported(m)
+            | VmError::Failed(m) => m.clone(),
         }
     }
 }

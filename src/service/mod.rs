@@ -14,5 +14,7 @@ pub mod values;
 pub const BUS_NAME: &str = "org.example.VmManager";
 /// The manager object and ObjectManager root.
 pub const MANAGER_PATH: &str = "/org/example/VmManager";
+/// Prefix of device objects (`/org/example/VmManager/devices/pci_…`).
+pub const DEVICES_PATH: &str = "/org/example/VmManager/devices";
 /// Prefix of job objects (`/org/example/VmManager/jobs/N`).
 pub const JOBS_PATH: &str = "/org/example/VmManager/jobs";

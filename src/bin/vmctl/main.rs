@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use vmmanager::client::{JobProxy, ManagerProxy, dict_to_json, variant_to_json};
-use zbus::{Connection, OwnedVariant, Variant};
+use zbus::{Connection, Variant};
+
+mod disk;
 
 /// Exit codes a script can rely on (they follow qemu-img check's where they
 /// overlap).
@@ -213,29 +214,6 @@ async fn connect(cli: &Cli) -> Result<Connection, Failure> {
     })
 }
 
-/// Ctrl-C while a check runs: cancel our own job on that image, so qemu-img
-/// stops too, rather than leaving the check running without anyone waiting.
-async fn cancel_own_job(connection: &Connection, manager: &ManagerProxy<'_>, image: &str) {
-    use std::os::unix::fs::MetadataExt;
-    let my_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
-    let canonical = std::fs::canonicalize(image)
-        .ok()
-        .and_then(|p| p.into_os_string().into_string().ok());
-    let Ok(jobs) = manager.jobs().await else {
-        return;
-    };
-    for path in jobs {
-        let Ok(job) = JobProxy::builder(connection).path(path).build().await else {
-            continue;
-        };
-        let target = job.target().await.unwrap_or_default();
-        let ours = Some(job.started_by_uid().await.unwrap_or(u32::MAX)) == my_uid;
-        if ours && (target == image || Some(&target) == canonical.as_ref()) {
-            let _ = job.cancel(HashMap::new()).await;
-        }
-    }
-}
-
 /// The service wants absolute paths; a relative one is relative to where
 /// vmctl runs, not where the service runs.
 fn absolute(path: &Path) -> Result<String, Failure> {
@@ -249,7 +227,6 @@ fn absolute(path: &Path) -> Result<String, Failure> {
 
 async fn run(cli: Cli) -> Result<u8, Failure> {
     let connection = connect(&cli).await?;
-    let manager = ManagerProxy::new(&connection).await?;
     let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
     if cli.no_ask_password {
         options.insert("auth.no-user-interaction", Variant::from(true));
@@ -263,201 +240,20 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             timeout,
             json,
         } => {
-            let image = absolute(path)?;
-            if let Some(pidfile) = pidfile {
-                options.insert("pidfile", Variant::from(absolute(pidfile)?));
-            }
-            if *force_share {
-                options.insert("force-share", Variant::from(true));
-            }
-            if let Some(repair) = repair {
-                let what = match repair {
-                    Repair::Leaks => "leaks",
-                    Repair::All => "all",
-                };
-                options.insert("repair", Variant::from(what));
-            }
-            if let Some(timeout) = timeout {
-                options.insert("timeout-sec", Variant::from(*timeout));
-            }
-            let result = tokio::select! {
-                result = manager.check_disk(&image, options) => result,
-                _ = tokio::signal::ctrl_c() => {
-                    cancel_own_job(&connection, &manager, &image).await;
-                    return Err(Failure {
-                        code: exit::INTERRUPTED,
-                        error_name: None,
-                        message: "interrupted; the check was cancelled".into(),
-                    });
-                }
+            let args = disk::CheckArgs {
+                path,
+                pidfile: pidfile.as_deref(),
+                force_share: *force_share,
+                repair: *repair,
+                timeout: *timeout,
+                json: *json,
             };
-            match result {
-                Ok(report) => {
-                    if *json {
-                        println!("{:#}", dict_to_json(&report));
-                    } else {
-                        print_report(&report);
-                    }
-                    Ok(exit_code_for(&report))
-                }
-                Err(e) => {
-                    let failure = Failure::from(e);
-                    if *json {
-                        println!("{:#}", failure.to_json(&image));
-                    }
-                    Err(failure)
-                }
-            }
+            disk::check_disk(&connection, options, args).await
         }
         Command::DiskUsers {
             path,
             pidfile,
             json,
-        } => {
-            let image = absolute(path)?;
-            if let Some(pidfile) = pidfile {
-                options.insert("pidfile", Variant::from(absolute(pidfile)?));
-            }
-            let users = match manager.get_disk_users(&image, options).await {
-                Ok(users) => users,
-                Err(e) => {
-                    let failure = Failure::from(e);
-                    if *json {
-                        println!("{:#}", failure.to_json(&image));
-                    }
-                    return Err(failure);
-                }
-            };
-            if *json {
-                let list: Vec<_> = users.iter().map(dict_to_json).collect();
-                println!("{:#}", serde_json::Value::Array(list));
-            } else if users.is_empty() {
-                println!("{image}: not in use");
-            } else {
-                println!("{image}: used by");
-                for user in &users {
-                    println!("  {}", describe_user(user));
-                }
-            }
-            Ok(exit::CLEAN)
-        }
-    }
-}
-
-fn get_str<'a>(dict: &'a HashMap<String, OwnedVariant>, key: &str) -> &'a str {
-    match dict.get(key).map(|v| &**v) {
-        Some(Variant::Str(s)) => s.as_str(),
-        _ => "",
-    }
-}
-
-fn get_u64(dict: &HashMap<String, OwnedVariant>, key: &str) -> u64 {
-    match dict.get(key).map(|v| &**v) {
-        Some(Variant::U64(n)) => *n,
-        Some(Variant::U32(n)) => (*n).into(),
-        _ => 0,
-    }
-}
-
-fn get_bool(dict: &HashMap<String, OwnedVariant>, key: &str) -> bool {
-    matches!(dict.get(key).map(|v| &**v), Some(Variant::Bool(true)))
-}
-
-/// `PID 4242 qemu-system-x86_64, VM "win11", writing (found by pidfile, proc, lock)`
-fn describe_user(user: &HashMap<String, OwnedVariant>) -> String {
-    let pid = get_u64(user, "pid");
-    let exe = get_str(user, "exe");
-    let exe = Path::new(exe)
-        .file_name()
-        .map_or(exe.into(), |n| n.to_string_lossy());
-    let mut text = if pid == 0 {
-        "a process in another PID namespace".to_owned()
-    } else {
-        format!("PID {pid} {exe}")
-    };
-    let vm = get_str(user, "vm-name");
-    if !vm.is_empty() {
-        text += &format!(", VM \"{vm}\"");
-    }
-    text += if get_bool(user, "writable") {
-        ", writing"
-    } else {
-        ", read-only"
-    };
-    let found_by = user
-        .get("found-by")
-        .map(|v| variant_to_json(v))
-        .and_then(|j| serde_json::from_value::<Vec<String>>(j).ok())
-        .unwrap_or_default();
-    let pidfile = get_str(user, "pidfile");
-    text += &format!(" (found by {}", found_by.join(", "));
-    if !pidfile.is_empty() {
-        text += &format!("; PID file {pidfile}");
-    }
-    text + ")"
-}
-
-fn print_report(report: &HashMap<String, OwnedVariant>) {
-    let image = get_str(report, "image");
-    let format = get_str(report, "format");
-    let result = get_str(report, "result");
-    let summary = match result {
-        "clean" => "no errors found".to_owned(),
-        "leaks" => format!(
-            "{} leaked cluster(s): wasted space, no data at risk; free it with --repair leaks",
-            get_u64(report, "leaks")
-        ),
-        "corrupt" => format!(
-            "CORRUPT: {} corruption(s), {} leaked cluster(s); back up the image before \
-             --repair all",
-            get_u64(report, "corruptions"),
-            get_u64(report, "leaks")
-        ),
-        "not-supported" => format!("the {format} format has nothing to check"),
-        other => other.to_owned(),
-    };
-    println!("{image} ({format}): {summary}");
-    let (leaks_fixed, corruptions_fixed) = (
-        get_u64(report, "leaks-fixed"),
-        get_u64(report, "corruptions-fixed"),
-    );
-    if leaks_fixed + corruptions_fixed > 0 {
-        println!("  repaired: {leaks_fixed} leak(s), {corruptions_fixed} corruption(s)");
-    }
-    let total = get_u64(report, "total-clusters");
-    if total > 0 {
-        println!(
-            "  clusters: {} of {total} allocated, {} fragmented, {} compressed",
-            get_u64(report, "allocated-clusters"),
-            get_u64(report, "fragmented-clusters"),
-            get_u64(report, "compressed-clusters")
-        );
-    }
-    if !get_bool(report, "consistent") {
-        println!("  note: checked while in use (--force-share); results may not be consistent");
-    }
-    if let Some(Variant::Array(users)) = report.get("users").map(|v| &**v) {
-        for user in users.iter() {
-            if let Ok(user) = HashMap::<String, OwnedVariant>::try_from(user.clone()) {
-                println!("  used by {}", describe_user(&user));
-            }
-        }
-    }
-    if let Some(stale) = report.get("stale-pidfiles").map(|v| variant_to_json(v))
-        && let Some(list) = stale.as_array()
-    {
-        for pidfile in list.iter().filter_map(|p| p.as_str()) {
-            println!("  stale PID file (no such VM running): {pidfile}");
-        }
-    }
-}
-
-fn exit_code_for(report: &HashMap<String, OwnedVariant>) -> u8 {
-    match get_str(report, "result") {
-        "clean" => exit::CLEAN,
-        "leaks" => exit::LEAKS,
-        "corrupt" => exit::CORRUPT,
-        "not-supported" => exit::NOT_SUPPORTED,
-        _ => exit::ERROR,
+        } => disk::disk_users(&connection, options, path, pidfile.as_deref(), *json).await,
     }
 }
