@@ -106,3 +106,40 @@ pub fn dict_to_json(dict: &HashMap<String, OwnedVariant>) -> serde_json::Value {
         dict.iter().map(|(k, v)| (k, variant_to_json(v))).collect();
     serde_json::to_value(sorted).unwrap_or(serde_json::Value::Null)
 }
+
+/// `org.example.VmManager1.PciDevice` on `/org/example/VmManager/devices/pci_…`.
+#[proxy(
+    interface = "org.example.VmManager1.PciDevice",
+    default_service = "org.example.VmManager"
+)]
+pub trait PciDevice {
+    #[zbus(allow_interactive_auth)]
+    fn detach(&self, options: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
+
+    #[zbus(allow_interactive_auth)]
+    fn reattach(&self, options: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    fn uevent(&self, action: String) -> zbus::Result<()>;
+
+    #[zbus(property)]
+    fn address(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn driver(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn passthrough_ready(&self) -> zbus::Result<bool>;
+    #[zbus(property)]
+    fn passthrough_blockers(&self) -> zbus::Result<Vec<String>>;
+}
+
+/// The object path of the device with `address` (`0000:03:00.0` →
+/// `/org/example/VmManager/devices/pci_0000_03_00_0`), or `None` when the
+/// text is not a PCI address.
+pub fn device_path(address: &str) -> Option<OwnedObjectPath> {
+    let parsed: crate::devices::address::PciAddress = address.parse().ok()?;
+    OwnedObjectPath::try_from(format!(
+        "/org/example/VmManager/devices/{}",
+        parsed.object_name()
+    ))
+    .ok()
+}

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use zbus::{Connection, Variant};
 
+mod devices;
 mod disk;
+mod monitor;
 
 /// Exit codes a script can rely on (they follow qemu-img check's where they
 /// overlap).
@@ -39,8 +41,10 @@ Exit status:
 /// Control the VM Manager service (org.example.VmManager).
 ///
 /// vmctl checks VM disk images safely -- never while a running VM uses
-/// them -- and shows who uses an image. Authorization is decided by polkit:
-/// a desktop session may be asked for a password.
+/// them -- and shows who uses an image; it lists the host's PCI devices with
+/// their passthrough readiness, binds them to vfio-pci and back, and follows
+/// the service's events live. Authorization is decided by polkit: a desktop
+/// session may be asked for a password.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about, after_long_help = EXIT_CODES_HELP)]
 struct Cli {
@@ -101,6 +105,46 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         pidfile: Option<PathBuf>,
         /// Print the users as one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the host's PCI devices and whether each can be passed through.
+    ///
+    /// One line per device: address, vendor:device ids, bound driver, IOMMU
+    /// group, passthrough readiness (or the first reason it is not ready),
+    /// which VM holds its VFIO group, and the names from the udev hwdb.
+    Devices {
+        /// Print all properties of every device as one JSON array.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every property of one PCI device.
+    Device {
+        /// The PCI address, e.g. 0000:03:00.0.
+        address: String,
+        /// Print the properties as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bind a PCI device to vfio-pci so a VM can use it.
+    ///
+    /// Writes vfio-pci to its driver_override, unbinds it from its driver and
+    /// lets the kernel probe it again; the original driver is remembered for
+    /// reattach. Refused while a VM holds the device's IOMMU group. Every
+    /// device in the group must be on vfio-pci before QEMU can use any of
+    /// them (see `vmctl device ADDRESS`, PassthroughBlockers).
+    Detach {
+        /// The PCI address, e.g. 0000:03:00.0.
+        address: String,
+    },
+    /// Give a detached PCI device back to its original driver.
+    Reattach {
+        /// The PCI address, e.g. 0000:03:00.0.
+        address: String,
+    },
+    /// Print device and disk-check events as they happen, until Ctrl-C.
+    Monitor {
+        /// One JSON document per line (JSON Lines).
         #[arg(long)]
         json: bool,
     },
@@ -255,5 +299,12 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
             pidfile,
             json,
         } => disk::disk_users(&connection, options, path, pidfile.as_deref(), *json).await,
+        Command::Devices { json } => devices::devices(&connection, *json).await,
+        Command::Device { address, json } => devices::device(&connection, address, *json).await,
+        Command::Detach { address } => devices::rebind(&connection, options, address, true).await,
+        Command::Reattach { address } => {
+            devices::rebind(&connection, options, address, false).await
+        }
+        Command::Monitor { json } => monitor::monitor(&connection, *json).await,
     }
 }
