@@ -195,9 +195,24 @@ impl Config {
             crate::disk::usage::validate_pattern(pattern)
                 .map_err(|e| invalid(format!("disk.pidfile-patterns: {e}")))?;
         }
+        for entry in &self.devices.permitted {
+            crate::devices::inventory::AllowEntry::new(
+                &entry.selector,
+                entry.resource_name.clone(),
+            )
+            .map_err(|e| invalid(format!("devices.permitted: {e}")))?;
+        }
+        let state_file = &self.devices.vfio_state_file;
+        if !state_file.as_os_str().is_empty() && !state_file.is_absolute() {
+            return Err(invalid(
+                "devices.vfio-state-file must be an absolute path or \"\"".into(),
+            ));
+        }
         for (key, path) in [
             ("system.proc-root", &self.system.proc_root),
             ("system.sysfs-root", &self.system.sysfs_root),
+            ("devices.udev-data-dir", &self.devices.udev_data_dir),
+            ("devices.dev-root", &self.devices.dev_root),
         ] {
             if !path.is_absolute() {
                 return Err(invalid(format!("{key} must be an absolute path")));

@@ -16,6 +16,8 @@
 //!     process group, with timeout and cancellation, and parse its JSON;
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
+//! - [`procfs`]: reading a /proc tree: who holds a file or device open, a
+//!   process's exe and QEMU `-name` (for disk users and VFIO group users).
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
 //! - [`client`]: typed proxies for clients (`vmctl`, tests).
 //! - [`service`]: the D-Bus boundary: the manager and job objects, option
@@ -27,4 +29,5 @@ pub mod client;
 pub mod config;
 pub mod devices;
 pub mod disk;
+pub mod procfs;
 pub mod service;

@@ -1,1 +1,658 @@
-//! The device table. OWNER: helper F. Placeholder.
+//! The device table: every PCI device with what the D-Bus `PciDevice`
+//! object exports (except `InUseBy`, computed when read), kept current from
+//! events and resyncs, reporting exactly which properties changed.
+//!
+//! # Passthrough readiness
+//! Follows the kernel's VFIO "viable group" rule, so `PassthroughReady`
+//! means "QEMU could open this group now":
+//! - the device needs an IOMMU group;
+//! - the device itself must be bound to vfio-pci (or a vfio-pci variant
+//!   driver such as `mlx5_vfio_pci`); a bridge is never ready, because
+//!   vfio-pci refuses bridges;
+//! - every *other* device in the group must be bound to a vfio driver, be
+//!   bound to `pci-stub`, have no driver at all, or be a PCI-to-PCI/CardBus
+//!   bridge (any driver, e.g. pcieport). Host bridges are not excepted —
+//!   the kernel does not except them either.
+//!
+//! A group member the kernel lists but that could not be read blocks too:
+//! we cannot tell it is harmless.
+//!
+//! Blockers are in a fixed order: the device's own (group, bridge, driver),
+//! then one per blocking group member in address order.
+//!
+//! # Names
+//! Vendor/device names come from the udev event when it carries them, else
+//! from udevd's database, else the previous names are kept (a kernel-only
+//! event carries none, but the device did not change its name).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use super::address::PciAddress;
+use super::sysfs::{self, PciDeviceInfo, SysfsError};
+use super::{DeviceAction, DeviceEvent, MonitorMessage};
+
+/// The driver passthrough needs.
+pub const VFIO_DRIVER: &str = "vfio-pci";
+/// The stub driver the kernel accepts in a viable group.
+pub const PCI_STUB_DRIVER: &str = "pci-stub";
+pub const NO_IOMMU_GROUP_BLOCKER: &str =
+    "no IOMMU group (is the IOMMU enabled? intel_iommu=on / amd_iommu=on)";
+pub const BRIDGE_BLOCKER: &str = "is a PCI bridge; bridges cannot be passed through";
+pub const NO_DRIVER_BLOCKER: &str = "not bound to any driver, not vfio-pci";
+
+/// vfio-pci itself and its vendor variant drivers (`mlx5_vfio_pci`,
+/// `nvgrace-gpu-vfio-pci`, …), which also give the device to VFIO.
+pub fn is_vfio_driver(driver: &str) -> bool {
+    driver == VFIO_DRIVER || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
+}
+
+/// One allow-list entry: devices that may be passed through, with the
+/// resource name reported for them (KubeVirt's `permittedHostDevices`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowEntry {
+    pub vendor_id: u16,
+    /// `None`: any device of that vendor.
+    pub device_id: Option<u16>,
+    pub resource_name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a device selector (expected vendor:device in hex, e.g. 10de:1eb8, or 10de:*): {0:?}")]
+pub struct SelectorError(pub String);
+
+fn hex4(s: &str) -> Option<u16> {
+    if s.len() != 4 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u16::from_str_radix(s, 16).ok()
+}
+
+impl AllowEntry {
+    /// `selector` is `vvvv:dddd` or `vvvv:*` (4 hex digits each, any case).
+    pub fn new(selector: &str, resource_name: impl Into<String>) -> Result<Self, SelectorError> {
+        let err = || SelectorError(selector.to_owned());
+        let (vendor, device) = selector.split_once(':').ok_or_else(err)?;
+        let vendor_id = hex4(vendor).ok_or_else(err)?;
+        let device_id = match device {
+            "*" => None,
+            d => Some(hex4(d).ok_or_else(err)?),
+        };
+        Ok(AllowEntry {
+            vendor_id,
+            device_id,
+            resource_name: resource_name.into(),
+        })
+    }
+
+    pub fn matches(&self, vendor_id: u16, device_id: u16) -> bool {
+        self.vendor_id == vendor_id && self.device_id.is_none_or(|d| d == device_id)
+    }
+}
+
+/// The entry for a device: an exact `vendor:device` entry wins over a
+/// `vendor:*` one; among equals, the first in the list.
+fn allow_entry(list: &[AllowEntry], vendor_id: u16, device_id: u16) -> Option<&AllowEntry> {
+    list.iter()
+        .find(|e| e.device_id.is_some() && e.matches(vendor_id, device_id))
+        .or_else(|| list.iter().find(|e| e.matches(vendor_id, device_id)))
+}
+
+/// Everything the D-Bus `PciDevice` object exports except `InUseBy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceState {
+    pub info: PciDeviceInfo,
+    /// "" when unknown.
+    pub vendor_name: String,
+    /// "" when unknown.
+    pub device_name: String,
+    /// Addresses of every device in the IOMMU group (this one included),
+    /// sorted; empty without a group.
+    pub iommu_group_devices: Vec<String>,
+    pub permitted: bool,
+    pub resource_name: String,
+    pub passthrough_ready: bool,
+    pub passthrough_blockers: Vec<String>,
+}
+
+/// The exported properties, by their D-Bus names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Property {
+    Address,
+    VendorId,
+    DeviceId,
+    SubsystemVendorId,
+    SubsystemDeviceId,
+    Class,
+    VendorName,
+    DeviceName,
+    Driver,
+    IommuGroup,
+    IommuGroupDevices,
+    NumaNode,
+    SriovTotalVfs,
+    SriovNumVfs,
+    PhysicalFunction,
+    Permitted,
+    ResourceName,
+    PassthroughReady,
+    PassthroughBlockers,
+}
+
+impl Property {
+    pub const ALL: [Property; 19] = [
+        Property::Address,
+        Property::VendorId,
+        Property::DeviceId,
+        Property::SubsystemVendorId,
+        Property::SubsystemDeviceId,
+        Property::Class,
+        Property::VendorName,
+        Property::DeviceName,
+        Property::Driver,
+        Property::IommuGroup,
+        Property::IommuGroupDevices,
+        Property::NumaNode,
+        Property::SriovTotalVfs,
+        Property::SriovNumVfs,
+        Property::PhysicalFunction,
+        Property::Permitted,
+        Property::ResourceName,
+        Property::PassthroughReady,
+        Property::PassthroughBlockers,
+    ];
+
+    pub fn dbus_name(self) -> &'static str {
+        match self {
+            Property::Address => "Address",
+            Property::VendorId => "VendorId",
+            Property::DeviceId => "DeviceId",
+            Property::SubsystemVendorId => "SubsystemVendorId",
+            Property::SubsystemDeviceId => "SubsystemDeviceId",
+            Property::Class => "Class",
+            Property::VendorName => "VendorName",
+            Property::DeviceName => "DeviceName",
+            Property::Driver => "Driver",
+            Property::IommuGroup => "IommuGroup",
+            Property::IommuGroupDevices => "IommuGroupDevices",
+            Property::NumaNode => "NumaNode",
+            Property::SriovTotalVfs => "SriovTotalVfs",
+            Property::SriovNumVfs => "SriovNumVfs",
+            Property::PhysicalFunction => "PhysicalFunction",
+            Property::Permitted => "Permitted",
+            Property::ResourceName => "ResourceName",
+            Property::PassthroughReady => "PassthroughReady",
+            Property::PassthroughBlockers => "PassthroughBlockers",
+        }
+    }
+}
+
+/// A property's value as exported (D-Bus types: `s`, `q`, `u`, `i`, `b`,
+/// `as`), with the API's "none" spellings ("" and -1) already applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PropertyValue {
+    Str(String),
+    U16(u16),
+    U32(u32),
+    I32(i32),
+    Bool(bool),
+    StrList(Vec<String>),
+}
+
+impl DeviceState {
+    pub fn value(&self, property: Property) -> PropertyValue {
+        use PropertyValue::*;
+        let info = &self.info;
+        let opt_addr = |a: Option<PciAddress>| Str(a.map(|a| a.to_string()).unwrap_or_default());
+        match property {
+            Property::Address => Str(info.address.to_string()),
+            Property::VendorId => U16(info.vendor_id),
+            Property::DeviceId => U16(info.device_id),
+            Property::SubsystemVendorId => U16(info.subsystem_vendor_id),
+            Property::SubsystemDeviceId => U16(info.subsystem_device_id),
+            Property::Class => U32(info.class),
+            Property::VendorName => Str(self.vendor_name.clone()),
+            Property::DeviceName => Str(self.device_name.clone()),
+            Property::Driver => Str(info.driver.clone().unwrap_or_default()),
+            Property::IommuGroup => I32(info
+                .iommu_group
+                .and_then(|g| i32::try_from(g).ok())
+                .unwrap_or(-1)),
+            Property::IommuGroupDevices => StrList(self.iommu_group_devices.clone()),
+            Property::NumaNode => I32(info.numa_node),
+            Property::SriovTotalVfs => U32(info.sriov_total_vfs),
+            Property::SriovNumVfs => U32(info.sriov_num_vfs),
+            Property::PhysicalFunction => opt_addr(info.physical_function),
+            Property::Permitted => Bool(self.permitted),
+            Property::ResourceName => Str(self.resource_name.clone()),
+            Property::PassthroughReady => Bool(self.passthrough_ready),
+            Property::PassthroughBlockers => StrList(self.passthrough_blockers.clone()),
+        }
+    }
+
+    /// The exported properties whose values differ between `self` and
+    /// `newer`, in [`Property::ALL`] order. Fields that are not exported
+    /// (`driver_override`, `modalias`) never count.
+    pub fn changed_properties(&self, newer: &DeviceState) -> Vec<Property> {
+        Property::ALL
+            .into_iter()
+            .filter(|&p| self.value(p) != newer.value(p))
+            .collect()
+    }
+}
+
+/// One difference the D-Bus layer has to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InventoryChange {
+    Added(DeviceState),
+    Removed(PciAddress),
+    /// `changed` is never empty and lists exactly the properties whose
+    /// values differ from what was last reported.
+    Changed {
+        state: DeviceState,
+        changed: Vec<Property>,
+    },
+}
+
+/// The device table. Single owner; not shared, so no locking here.
+#[derive(Debug)]
+pub struct Inventory {
+    sysfs_root: PathBuf,
+    udev_data_dir: PathBuf,
+    allow_list: Vec<AllowEntry>,
+    devices: BTreeMap<PciAddress, DeviceState>,
+}
+
+impl Inventory {
+    /// An empty table; call [`resync`](Self::resync) to fill it (after
+    /// subscribing to events, so nothing is missed).
+    pub fn new(
+        sysfs_root: impl Into<PathBuf>,
+        udev_data_dir: impl Into<PathBuf>,
+        allow_list: Vec<AllowEntry>,
+    ) -> Self {
+        Inventory {
+            sysfs_root: sysfs_root.into(),
+            udev_data_dir: udev_data_dir.into(),
+            allow_list,
+            devices: BTreeMap::new(),
+        }
+    }
+
+    pub fn sysfs_root(&self) -> &Path {
+        &self.sysfs_root
+    }
+
+    pub fn get(&self, address: &PciAddress) -> Option<&DeviceState> {
+        self.devices.get(address)
+    }
+
+    /// All devices, in address order.
+    pub fn devices(&self) -> impl ExactSizeIterator<Item = &DeviceState> + '_ {
+        self.devices.values()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// An event or a resync request, whichever the monitor sent.
+    pub fn handle(&mut self, message: &MonitorMessage) -> Vec<InventoryChange> {
+        match message {
+            MonitorMessage::Event(event) => self.apply(event),
+            MonitorMessage::Resync => self.resync(),
+        }
+    }
+
+    /// Re-reads every device and reports the differences (in address
+    /// order). When the PCI device directory cannot be listed at all, the
+    /// table is kept as it is.
+    pub fn resync(&mut self) -> Vec<InventoryChange> {
+        let infos = match sysfs::enumerate(&self.sysfs_root) {
+            Ok(infos) => infos,
+            Err(e) => {
+                tracing::warn!("cannot enumerate PCI devices, keeping the current table: {e}");
+                return Vec::new();
+            }
+        };
+        let old = std::mem::take(&mut self.devices);
+        for info in infos {
+            let previous = old.get(&info.address);
+            let state = self.base_state(info, None, None, previous);
+            self.devices.insert(state.info.address, state);
+        }
+        let groups: BTreeSet<u32> = self
+            .devices
+            .values()
+            .filter_map(|s| s.info.iommu_group)
+            .collect();
+        for group in groups {
+            self.recompute_group(group);
+        }
+        let ungrouped: Vec<PciAddress> = self
+            .devices
+            .values()
+            .filter(|s| s.info.iommu_group.is_none())
+            .map(|s| s.info.address)
+            .collect();
+        for address in ungrouped {
+            self.recompute_alone(&address);
+        }
+
+        let addresses: BTreeSet<PciAddress> =
+            old.keys().chain(self.devices.keys()).copied().collect();
+        addresses
+            .into_iter()
+            .filter_map(|a| diff(a, old.get(&a), self.devices.get(&a)))
+            .collect()
+    }
+
+    /// Applies one event: re-reads the device (a `remove` drops it), then
+    /// recomputes the group-derived properties of every device in its old
+    /// and new IOMMU group. Reports the device's own change first, then
+    /// those of its group mates in address order. Idempotent: the outcome
+    /// depends only on the tree, so a repeated event reports nothing.
+    pub fn apply(&mut self, event: &DeviceEvent) -> Vec<InventoryChange> {
+        let address = event.address;
+        let info = match event.action {
+            DeviceAction::Remove => None,
+            // add (also for a known device), change, bind, unbind, others:
+            // the tree is the truth.
+            _ => match sysfs::read_device(&self.sysfs_root, &address) {
+                Ok(info) => Some(info),
+                Err(SysfsError::Gone(_)) => None,
+                Err(e) => {
+                    // Enumeration skips such a device too; stay consistent.
+                    tracing::warn!("dropping PCI device after {:?}: {e}", event.action);
+                    None
+                }
+            },
+        };
+
+        let old_group = self.devices.get(&address).and_then(|s| s.info.iommu_group);
+        let new_group = info.as_ref().and_then(|i| i.iommu_group);
+        let groups: BTreeSet<u32> = old_group.into_iter().chain(new_group).collect();
+        // Everything that may change, as it was.
+        let before: BTreeMap<PciAddress, DeviceState> = self
+            .devices
+            .iter()
+            .filter(|(a, s)| {
+                **a == address || s.info.iommu_group.is_some_and(|g| groups.contains(&g))
+            })
+            .map(|(a, s)| (*a, s.clone()))
+            .collect();
+
+        match info {
+            None => {
+                self.devices.remove(&address);
+            }
+            Some(info) => {
+                let state = self.base_state(
+                    info,
+                    event.vendor_name.as_deref(),
+                    event.device_name.as_deref(),
+                    before.get(&address),
+                );
+                self.devices.insert(address, state);
+            }
+        }
+        for &group in &groups {
+            self.recompute_group(group);
+        }
+        if self.devices.contains_key(&address) && new_group.is_none() {
+            self.recompute_alone(&address);
+        }
+
+        let mut changes: Vec<InventoryChange> =
+            diff(address, before.get(&address), self.devices.get(&address))
+                .into_iter()
+                .collect();
+        changes.extend(
+            before
+                .iter()
+                .filter(|(a, _)| **a != address)
+                .filter_map(|(a, old)| diff(*a, Some(old), self.devices.get(a))),
+        );
+        changes
+    }
+
+    /// Replaces the allow-list (configuration reload) and reports the
+    /// devices whose `Permitted`/`ResourceName` changed.
+    pub fn set_allow_list(&mut self, allow_list: Vec<AllowEntry>) -> Vec<InventoryChange> {
+        self.allow_list = allow_list;
+        let mut changes = Vec::new();
+        for state in self.devices.values_mut() {
+            let old = state.clone();
+            let (permitted, resource_name) = permission(&self.allow_list, &state.info);
+            state.permitted = permitted;
+            state.resource_name = resource_name;
+            changes.extend(diff(state.info.address, Some(&old), Some(state)));
+        }
+        changes
+    }
+
+    /// A state with everything but the group-derived fields, which
+    /// `recompute_*` fill in.
+    fn base_state(
+        &self,
+        info: PciDeviceInfo,
+        event_vendor: Option<&str>,
+        event_device: Option<&str>,
+        previous: Option<&DeviceState>,
+    ) -> DeviceState {
+        let (db_vendor, db_device) = sysfs::udev_names(&self.udev_data_dir, &info.address);
+        let pick = |event: Option<&str>, db: Option<String>, previous: Option<&String>| {
+            event
+                .filter(|n| !n.is_empty())
+                .map(str::to_owned)
+                .or(db)
+                .or_else(|| previous.cloned())
+                .unwrap_or_default()
+        };
+        let vendor_name = pick(event_vendor, db_vendor, previous.map(|p| &p.vendor_name));
+        let device_name = pick(event_device, db_device, previous.map(|p| &p.device_name));
+        let (permitted, resource_name) = permission(&self.allow_list, &info);
+        DeviceState {
+            info,
+            vendor_name,
+            device_name,
+            iommu_group_devices: Vec::new(),
+            permitted,
+            resource_name,
+            passthrough_ready: false,
+            passthrough_blockers: Vec::new(),
+        }
+    }
+
+    /// Members and readiness of every device in `group`. Members are what
+    /// the kernel lists plus what we know to be in the group (so a damaged
+    /// group directory still shows the device itself).
+    fn recompute_group(&mut self, group: u32) {
+        let mut members: BTreeSet<PciAddress> = sysfs::iommu_group_members(&self.sysfs_root, group)
+            .into_iter()
+            .collect();
+        let known: Vec<PciAddress> = self
+            .devices
+            .values()
+            .filter(|s| s.info.iommu_group == Some(group))
+            .map(|s| s.info.address)
+            .collect();
+        members.extend(known.iter().copied());
+        let members: Vec<PciAddress> = members.into_iter().collect();
+        let names: Vec<String> = members.iter().map(ToString::to_string).collect();
+        let updates: Vec<(PciAddress, bool, Vec<String>)> = known
+            .iter()
+            .map(|a| {
+                let (ready, blockers) = readiness(&self.devices[a].info, &members, &self.devices);
+                (*a, ready, blockers)
+            })
+            .collect();
+        for (address, ready, blockers) in updates {
+            if let Some(state) = self.devices.get_mut(&address) {
+                state.iommu_group_devices = names.clone();
+                state.passthrough_ready = ready;
+                state.passthrough_blockers = blockers;
+            }
+        }
+    }
+
+    /// The group-derived fields of a device without a group.
+    fn recompute_alone(&mut self, address: &PciAddress) {
+        let Some(state) = self.devices.get(address) else {
+            return;
+        };
+        let (ready, blockers) = readiness(&state.info, &[], &self.devices);
+        if let Some(state) = self.devices.get_mut(address) {
+            state.iommu_group_devices = Vec::new();
+            state.passthrough_ready = ready;
+            state.passthrough_blockers = blockers;
+        }
+    }
+}
+
+fn permission(list: &[AllowEntry], info: &PciDeviceInfo) -> (bool, String) {
+    match allow_entry(list, info.vendor_id, info.device_id) {
+        Some(entry) => (true, entry.resource_name.clone()),
+        None => (false, String::new()),
+    }
+}
+
+/// `PassthroughReady` and `PassthroughBlockers` (see the module docs).
+fn readiness(
+    info: &PciDeviceInfo,
+    members: &[PciAddress],
+    devices: &BTreeMap<PciAddress, DeviceState>,
+) -> (bool, Vec<String>) {
+    let mut blockers = Vec::new();
+    if info.iommu_group.is_none() {
+        blockers.push(NO_IOMMU_GROUP_BLOCKER.to_owned());
+    }
+    if info.is_bridge() {
+        blockers.push(BRIDGE_BLOCKER.to_owned());
+    } else {
+        match info.driver.as_deref() {
+            Some(d) if is_vfio_driver(d) => {}
+            Some(d) => blockers.push(format!("bound to {d}, not {VFIO_DRIVER}")),
+            None => blockers.push(NO_DRIVER_BLOCKER.to_owned()),
+        }
+    }
+    for member in members.iter().filter(|m| **m != info.address) {
+        match devices.get(member).map(|s| &s.info) {
+            None => blockers.push(format!(
+                "{member} in the same IOMMU group could not be read"
+            )),
+            Some(m) if m.is_bridge() => {}
+            Some(m) => match m.driver.as_deref() {
+                None => {}
+                Some(d) if is_vfio_driver(d) || d == PCI_STUB_DRIVER => {}
+                Some(d) => {
+                    blockers.push(format!("{member} in the same IOMMU group is bound to {d}"))
+                }
+            },
+        }
+    }
+    (blockers.is_empty(), blockers)
+}
+
+fn diff(
+    address: PciAddress,
+    old: Option<&DeviceState>,
+    new: Option<&DeviceState>,
+) -> Option<InventoryChange> {
+    match (old, new) {
+        (None, None) => None,
+        (None, Some(new)) => Some(InventoryChange::Added(new.clone())),
+        (Some(_), None) => Some(InventoryChange::Removed(address)),
+        (Some(old), Some(new)) => {
+            let changed = old.changed_properties(new);
+            (!changed.is_empty()).then(|| InventoryChange::Changed {
+                state: new.clone(),
+                changed,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors() {
+        let e = AllowEntry::new("10de:1EB8", "nvidia.com/T4").unwrap();
+        assert_eq!(
+            e,
+            AllowEntry {
+                vendor_id: 0x10de,
+                device_id: Some(0x1eb8),
+                resource_name: "nvidia.com/T4".into()
+            }
+        );
+        assert!(e.matches(0x10de, 0x1eb8));
+        assert!(!e.matches(0x10de, 0x1eb9));
+        let any = AllowEntry::new("10de:*", "nvidia.com/any").unwrap();
+        assert_eq!(any.device_id, None);
+        assert!(any.matches(0x10de, 0x1234));
+        assert!(!any.matches(0x8086, 0x1234));
+        for bad in [
+            "",
+            "10de",
+            "10de:",
+            ":1eb8",
+            "10de:1eb",
+            "10de:1eb88",
+            "*:*",
+            "10de:**",
+            "10de:1eb8:0",
+            " 10de:1eb8",
+            "+0de:1eb8",
+            "10de-1eb8",
+            "0x10:1eb8",
+        ] {
+            assert!(AllowEntry::new(bad, "r").is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn exact_entry_wins_over_wildcard() {
+        let list = vec![
+            AllowEntry::new("10de:*", "any").unwrap(),
+            AllowEntry::new("10de:1eb8", "t4").unwrap(),
+            AllowEntry::new("10de:1eb8", "second").unwrap(),
+        ];
+        assert_eq!(
+            allow_entry(&list, 0x10de, 0x1eb8).unwrap().resource_name,
+            "t4"
+        );
+        assert_eq!(
+            allow_entry(&list, 0x10de, 0x0001).unwrap().resource_name,
+            "any"
+        );
+        assert!(allow_entry(&list, 0x8086, 0x1eb8).is_none());
+    }
+
+    #[test]
+    fn vfio_drivers() {
+        assert!(is_vfio_driver("vfio-pci"));
+        assert!(is_vfio_driver("mlx5_vfio_pci"));
+        assert!(is_vfio_driver("nvgrace-gpu-vfio-pci"));
+        assert!(!is_vfio_driver("pci-stub"));
+        assert!(!is_vfio_driver("vfio"));
+    }
+
+    #[test]
+    fn property_names() {
+        let names: Vec<&str> = Property::ALL.iter().map(|p| p.dbus_name()).collect();
+        assert_eq!(names.len(), 19);
+        let unique: BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(unique.len(), 19);
+        assert_eq!(
+            Property::PassthroughBlockers.dbus_name(),
+            "PassthroughBlockers"
+        );
+    }
+}

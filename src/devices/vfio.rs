@@ -1,1 +1,431 @@
-//! Detach/reattach and VFIO group users. OWNER: helper H. Placeholder.
+//! Detach to / reattach from vfio-pci, and who holds a VFIO group.
+//!
+//! Detach is libvirt's `nodedev-detach` sequence, all under the sysfs root:
+//! 1. `vfio-pci` → `bus/pci/devices/ADDR/driver_override`
+//! 2. `ADDR` → `bus/pci/devices/ADDR/driver/unbind` (only when bound)
+//! 3. `ADDR` → `bus/pci/drivers_probe`, then the `driver` link must name
+//!    vfio-pci.
+//!
+//! Reattach gives the device back:
+//! 1. `"\n"` → `driver_override` (an empty write clears it; libvirt writes
+//!    the same)
+//! 2. `ADDR` → `bus/pci/drivers/vfio-pci/unbind` (only when bound to it)
+//! 3. `ADDR` → `bus/pci/drivers/ORIGINAL/bind` when the original driver is
+//!    remembered and still loaded, else `ADDR` → `bus/pci/drivers_probe`.
+//!
+//! The original drivers live in [`VfioBinder`] and, when configured, in a
+//! small state file so a daemon restart does not forget them. Every write goes
+//! through a [`SysfsWriter`], so tests can record the exact sequence and play
+//! the kernel's part in a prepared tree. Whether a VM holds the group is the
+//! caller's check, with [`group_users`] and [`iommu_group_of`].
+
+mod state;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use super::address::PciAddress;
+use crate::procfs::{self, Target};
+
+/// The stub driver devices are detached to.
+pub const VFIO_DRIVER: &str = "vfio-pci";
+
+/// `driver_override` holds one driver name; this bounds a hostile tree.
+const MAX_OVERRIDE: u64 = 4096;
+
+/// A process holding a VFIO group open.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioUser {
+    pub pid: u32,
+    /// Resolved `/proc/PID/exe` ("" when unknown).
+    pub exe: String,
+    /// QEMU `-name`, "" when none.
+    pub vm_name: String,
+}
+
+/// Processes under `proc_root` holding `<dev_root>/vfio/<group>` open, sorted
+/// by PID; empty when the node does not exist. A character device node is
+/// matched by its device number, so a QEMU that opened its own copy of the
+/// node (libvirt's private /dev) counts too; any other file by its inode.
+pub fn group_users(proc_root: &Path, dev_root: &Path, group: u32) -> Vec<VfioUser> {
+    let node = dev_root.join("vfio").join(group.to_string());
+    let Ok(meta) = std::fs::metadata(&node) else {
+        return Vec::new();
+    };
+    // No process has PID 0, so nobody is skipped: the daemon never opens
+    // VFIO groups itself.
+    procfs::holders(proc_root, Target::of(&meta), 0)
+        .into_iter()
+        .map(|h| VfioUser {
+            pid: h.pid,
+            exe: procfs::exe(proc_root, h.pid).unwrap_or_default(),
+            vm_name: procfs::vm_name_of(proc_root, h.pid),
+        })
+        .collect()
+}
+
+/// The IOMMU group of a device: the name of its `iommu_group` link.
+pub fn iommu_group_of(sysfs_root: &Path, address: PciAddress) -> Option<u32> {
+    let link = std::fs::read_link(device_dir(sysfs_root, address).join("iommu_group")).ok()?;
+    let name = link.file_name()?.to_str()?;
+    // Decimal digits only: `from_str` alone would accept a leading `+`.
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    name.parse().ok()
+}
+
+/// Writes one value to one sysfs attribute.
+pub trait SysfsWriter: Send + Sync {
+    /// Writes `value` to the existing file `path` with a single write(2).
+    fn write(&self, path: &Path, value: &[u8]) -> io::Result<()>;
+}
+
+/// The real thing: plain writes to the kernel's sysfs files.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KernelSysfs;
+
+impl SysfsWriter for KernelSysfs {
+    fn write(&self, path: &Path, value: &[u8]) -> io::Result<()> {
+        // No O_CREAT: a missing attribute is an error, never a new file. One
+        // write(2) is one store() in the kernel; a retry would be a second one.
+        let mut file = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOCTTY | libc::O_NOFOLLOW)
+            .open(path)?;
+        let n = file.write(value)?;
+        if n != value.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("short write: {n} of {} bytes", value.len()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One write that was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysfsWrite {
+    pub path: PathBuf,
+    pub value: String,
+}
+
+/// The writes made so far, for error messages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Writes(pub Vec<SysfsWrite>);
+
+impl fmt::Display for Writes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("nothing");
+        }
+        for (i, w) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{:?} to {}", w.value, w.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+/// What a detach or reattach did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The device moved; `writes` lists every write in order.
+    Done {
+        driver: Option<String>,
+        writes: Vec<SysfsWrite>,
+    },
+    /// Already in the requested state: nothing was written.
+    AlreadyDone { driver: Option<String> },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioError {
+    #[error("PCI device {0} not found")]
+    NotFound(PciAddress),
+    #[error(
+        "the vfio-pci driver is not available ({} is missing); load it with `modprobe vfio-pci`",
+        .0.display()
+    )]
+    VfioUnavailable(PathBuf),
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error(
+        "writing {value:?} to {} failed: {source}; already written: {done}",
+        path.display()
+    )]
+    Write {
+        path: PathBuf,
+        value: String,
+        source: io::Error,
+        done: Writes,
+    },
+    #[error(
+        "{address} ended up bound to {} instead of {expected}; written: {done}",
+        actual.as_deref().unwrap_or("no driver")
+    )]
+    WrongDriver {
+        address: PciAddress,
+        /// A driver name, or "a driver other than vfio-pci".
+        expected: String,
+        actual: Option<String>,
+        done: Writes,
+    },
+}
+
+/// Moves devices to and from vfio-pci and remembers where they came from.
+pub struct VfioBinder {
+    sysfs_root: PathBuf,
+    state_file: Option<PathBuf>,
+    writer: Box<dyn SysfsWriter>,
+    /// Original driver (None: was unbound) per device detached by us. The
+    /// lock is held for a whole operation, so they never interleave.
+    originals: Mutex<BTreeMap<PciAddress, Option<String>>>,
+}
+
+impl fmt::Debug for VfioBinder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VfioBinder")
+            .field("sysfs_root", &self.sysfs_root)
+            .field("state_file", &self.state_file)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VfioBinder {
+    /// Writes the real sysfs under `sysfs_root`; loads `state_file` if given.
+    pub fn new(sysfs_root: PathBuf, state_file: Option<PathBuf>) -> Self {
+        Self::with_writer(sysfs_root, state_file, Box::new(KernelSysfs))
+    }
+
+    /// Like [`new`](Self::new) with another writer (tests).
+    pub fn with_writer(
+        sysfs_root: PathBuf,
+        state_file: Option<PathBuf>,
+        writer: Box<dyn SysfsWriter>,
+    ) -> Self {
+        let originals = state_file.as_deref().map(state::load).unwrap_or_default();
+        VfioBinder {
+            sysfs_root,
+            state_file,
+            writer,
+            originals: Mutex::new(originals),
+        }
+    }
+
+    pub fn sysfs_root(&self) -> &Path {
+        &self.sysfs_root
+    }
+
+    /// The remembered original driver: `None` when the device was not
+    /// detached by us, `Some(None)` when it had no driver.
+    pub fn original_driver(&self, address: PciAddress) -> Option<Option<String>> {
+        self.lock().get(&address).cloned()
+    }
+
+    /// Binds the device to vfio-pci. Blocking (an unbind can take seconds).
+    pub fn detach(&self, address: PciAddress) -> Result<Outcome, VfioError> {
+        let mut originals = self.lock();
+        let dev = self.existing_device(address)?;
+        let current = read_driver(&dev)?;
+        if current.as_deref() == Some(VFIO_DRIVER) {
+            return Ok(Outcome::AlreadyDone { driver: current });
+        }
+        let vfio = driver_dir(&self.sysfs_root, VFIO_DRIVER);
+        if !vfio.is_dir() {
+            return Err(VfioError::VfioUnavailable(vfio));
+        }
+        // Remember first, so a failure midway still leaves Reattach a way
+        // back. An unbound device we already know is an earlier detach that
+        // failed after the unbind: keep its real original.
+        if current.is_some() || !originals.contains_key(&address) {
+            originals.insert(address, current.clone());
+            self.save(&originals);
+        }
+
+        let addr = address.to_string();
+        let mut seq = Sequence::new(&*self.writer);
+        seq.write(dev.join("driver_override"), VFIO_DRIVER)?;
+        if current.is_some() {
+            seq.write(dev.join("driver").join("unbind"), &addr)?;
+        }
+        seq.write(self.sysfs_root.join("bus/pci/drivers_probe"), &addr)?;
+
+        let now = read_driver(&dev).unwrap_or(None);
+        if now.as_deref() != Some(VFIO_DRIVER) {
+            return Err(seq.wrong_driver(address, VFIO_DRIVER.to_owned(), now));
+        }
+        Ok(seq.done(now))
+    }
+
+    /// Gives the device back to its original driver (or lets the kernel
+    /// probe one when that is unknown). Blocking.
+    pub fn reattach(&self, address: PciAddress) -> Result<Outcome, VfioError> {
+        let mut originals = self.lock();
+        let dev = self.existing_device(address)?;
+        let current = read_driver(&dev)?;
+        let on_vfio = current.as_deref() == Some(VFIO_DRIVER);
+        let overridden = read_override(&dev).as_deref() == Some(VFIO_DRIVER);
+        let original = originals
+            .get(&address)
+            .cloned()
+            .flatten()
+            .filter(|d| driver_dir(&self.sysfs_root, d).is_dir());
+        // A device still unbound after a failed detach is brought back too.
+        let pending = current.is_none() && original.is_some();
+        if !on_vfio && !overridden && !pending {
+            if originals.remove(&address).is_some() {
+                self.save(&originals);
+            }
+            return Ok(Outcome::AlreadyDone { driver: current });
+        }
+
+        let addr = address.to_string();
+        let mut seq = Sequence::new(&*self.writer);
+        seq.write(dev.join("driver_override"), "\n")?;
+        if on_vfio {
+            let unbind = driver_dir(&self.sysfs_root, VFIO_DRIVER).join("unbind");
+            seq.write(unbind, &addr)?;
+        }
+        // Still on its own driver (a detach failed before the unbind): the
+        // cleared override was all that was left to undo.
+        let rebind = current.is_none() || on_vfio;
+        if rebind {
+            match &original {
+                Some(name) => {
+                    let bind = driver_dir(&self.sysfs_root, name).join("bind");
+                    seq.write(bind, &addr)?;
+                }
+                None => seq.write(self.sysfs_root.join("bus/pci/drivers_probe"), &addr)?,
+            }
+        }
+
+        let now = read_driver(&dev).unwrap_or(None);
+        let wrong = match &original {
+            Some(name) if rebind => (now.as_ref() != Some(name)).then(|| name.clone()),
+            _ => (now.as_deref() == Some(VFIO_DRIVER))
+                .then(|| format!("a driver other than {VFIO_DRIVER}")),
+        };
+        if let Some(expected) = wrong {
+            return Err(seq.wrong_driver(address, expected, now));
+        }
+        originals.remove(&address);
+        self.save(&originals);
+        Ok(seq.done(now))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Option<String>>> {
+        // The map is whole after every statement: a panic elsewhere cannot
+        // leave it half-updated.
+        self.originals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn existing_device(&self, address: PciAddress) -> Result<PathBuf, VfioError> {
+        let dev = device_dir(&self.sysfs_root, address);
+        if dev.is_dir() {
+            Ok(dev)
+        } else {
+            Err(VfioError::NotFound(address))
+        }
+    }
+
+    /// Persistence is best effort: the detach itself has happened.
+    fn save(&self, originals: &BTreeMap<PciAddress, Option<String>>) {
+        if let Some(path) = &self.state_file
+            && let Err(e) = state::save(path, originals)
+        {
+            tracing::warn!("cannot save original drivers to {}: {e}", path.display());
+        }
+    }
+}
+
+/// The writes of one operation, so a failure can say what was already done.
+struct Sequence<'a> {
+    writer: &'a dyn SysfsWriter,
+    done: Vec<SysfsWrite>,
+}
+
+impl<'a> Sequence<'a> {
+    fn new(writer: &'a dyn SysfsWriter) -> Self {
+        Sequence {
+            writer,
+            done: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, path: PathBuf, value: &str) -> Result<(), VfioError> {
+        match self.writer.write(&path, value.as_bytes()) {
+            Ok(()) => {
+                tracing::info!("wrote {value:?} to {}", path.display());
+                self.done.push(SysfsWrite {
+                    path,
+                    value: value.to_owned(),
+                });
+                Ok(())
+            }
+            Err(source) => Err(VfioError::Write {
+                path,
+                value: value.to_owned(),
+                source,
+                done: Writes(std::mem::take(&mut self.done)),
+            }),
+        }
+    }
+
+    fn wrong_driver(
+        self,
+        address: PciAddress,
+        expected: String,
+        actual: Option<String>,
+    ) -> VfioError {
+        VfioError::WrongDriver {
+            address,
+            expected,
+            actual,
+            done: Writes(self.done),
+        }
+    }
+
+    fn done(self, driver: Option<String>) -> Outcome {
+        Outcome::Done {
+            driver,
+            writes: self.done,
+        }
+    }
+}
+
+fn device_dir(root: &Path, address: PciAddress) -> PathBuf {
+    // `PciAddress` prints only hex digits, `:` and `.`: no path traversal.
+    root.join("bus/pci/devices").join(address.to_string())
+}
+
+fn driver_dir(root: &Path, driver: &str) -> PathBuf {
+    root.join("bus/pci/drivers").join(driver)
+}
+
+fn read_driver(dev: &Path) -> Result<Option<String>, VfioError> {
+    let path = dev.join("driver");
+    match std::fs::read_link(&path) {
+        Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(VfioError::Read { path, source }),
+    }
+}
+
+/// The `driver_override` value; `None` when unset (`(null)`) or unreadable.
+fn read_override(dev: &Path) -> Option<String> {
+    let raw = procfs::read_bounded(&dev.join("driver_override"), MAX_OVERRIDE).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let value = text.trim();
+    (!value.is_empty() && value != "(null)").then(|| value.to_owned())
+}

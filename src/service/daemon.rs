@@ -7,10 +7,14 @@ use tokio_util::sync::CancellationToken;
 use zbus::connection::Builder;
 use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
 
+use super::devices::{DeviceService, DeviceSettings, EventSource};
 use super::manager::{Manager, ManagerState};
 use super::{BUS_NAME, MANAGER_PATH};
 use crate::auth::Authority;
-use crate::config::Config;
+use crate::config::{Config, EventsSetting};
+use crate::devices::inventory::AllowEntry;
+use crate::devices::monitor::{self, EventGroup, MonitorOptions};
+use crate::devices::vfio::VfioBinder;
 use crate::disk::checker::DiskChecker;
 use crate::disk::usage::UsageScanner;
 
@@ -63,6 +67,8 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Resul
         .at(MANAGER_PATH, Manager::new(Arc::clone(&state)))
         .await
         .map_err(DaemonError::Export)?;
+    let devices = start_devices(&config, &connection, &state).await;
+
     let reply = connection
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await
@@ -79,11 +85,78 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Resul
     );
 
     shutdown.cancelled().await;
-    tracing::info!("shutting down: stopping running checks");
+    tracing::info!("shutting down: stopping running checks and the device monitor");
     state.shutdown().await;
+    devices.stop().await;
     if let Err(e) = connection.release_name(BUS_NAME).await {
         tracing::warn!("cannot release {BUS_NAME}: {e}");
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The PCI device objects and their event source. A monitor that cannot
+/// start (no netlink here, or udevd forced but absent) is logged and the
+/// devices are enumerated once, rather than the whole service failing.
+async fn start_devices(
+    config: &Config,
+    connection: &zbus::Connection,
+    state: &ManagerState,
+) -> DeviceService {
+    let devices = &config.devices;
+    let settings = DeviceSettings {
+        sysfs_root: config.system.sysfs_root.clone(),
+        udev_data_dir: devices.udev_data_dir.clone(),
+        proc_root: config.system.proc_root.clone(),
+        dev_root: devices.dev_root.clone(),
+        allow_list: config
+            .devices
+            .permitted
+            .iter()
+            .filter_map(|p| AllowEntry::new(&p.selector, p.resource_name.clone()).ok())
+            .collect(),
+    };
+    let state_file =
+        (!devices.vfio_state_file.as_os_str().is_empty()).then(|| devices.vfio_state_file.clone());
+    let binder = || VfioBinder::new(config.system.sysfs_root.clone(), state_file.clone());
+    let group = match devices.events {
+        EventsSetting::Auto => Some(monitor::detect_group()),
+        EventsSetting::Udev => Some(EventGroup::Udev),
+        EventsSetting::Kernel => Some(EventGroup::Kernel),
+        EventsSetting::None => None,
+    };
+    let source = match group {
+        Some(group) => EventSource::Udev(MonitorOptions {
+            group,
+            receive_buffer: devices.receive_buffer_bytes as usize,
+        }),
+        None => EventSource::None,
+    };
+    let authority = state.authority.clone();
+    match DeviceService::start(
+        connection.clone(),
+        settings.clone(),
+        authority.clone(),
+        binder(),
+        source,
+    )
+    .await
+    {
+        Ok(service) => {
+            tracing::info!(events = ?group, "device monitor running");
+            service
+        }
+        Err(e) => {
+            tracing::error!("{e}; devices are listed once and not kept up to date");
+            DeviceService::start(
+                connection.clone(),
+                settings,
+                authority,
+                binder(),
+                EventSource::None,
+            )
+            .await
+            .expect("starting without an event source cannot fail")
+        }
+    }
 }

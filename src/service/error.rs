@@ -3,6 +3,7 @@
 //! a user.
 
 use crate::auth::AuthError;
+use crate::devices::vfio::VfioError;
 use crate::disk::checker::{CheckError, CheckErrorKind};
 use crate::disk::image::ImageError;
 use crate::disk::qemu_img::QemuImgError;
@@ -84,6 +85,16 @@ impl From<ImageError> for VmError {
             }
             ImageError::Io { .. } => VmError::CheckFailed(e.to_string()),
             _ => VmError::InvalidArgument(e.to_string()),
+        }
+    }
+}
+
+impl From<VfioError> for VmError {
+    fn from(e: VfioError) -> Self {
+        match e {
+            VfioError::NotFound(_) => VmError::NotFound(e.to_string()),
+            VfioError::VfioUnavailable(_) => VmError::NotSupported(e.to_string()),
+            _ => VmError::Failed(e.to_string()),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! results back into D-Bus values; it never reads /proc or sysfs itself.
 
 pub mod daemon;
+pub mod devices;
 pub mod error;
 pub mod job;
 pub mod manager;

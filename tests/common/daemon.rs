@@ -27,6 +27,11 @@ pub struct DaemonConfig {
     pub pidfile_patterns: Vec<String>,
     pub proc_root: PathBuf,
     pub sysfs_root: PathBuf,
+    /// `[devices] events`: "kernel" by default, so whether another test
+    /// runs udevd at the moment does not change what this daemon does.
+    pub events: String,
+    /// `[devices] permitted` as (selector, resource name).
+    pub permitted: Vec<(String, String)>,
 }
 
 impl Default for DaemonConfig {
@@ -38,6 +43,8 @@ impl Default for DaemonConfig {
             pidfile_patterns: vec!["{image_dir}/*.pid".into()],
             proc_root: PathBuf::from("/proc"),
             sysfs_root: PathBuf::from("/sys"),
+            events: "kernel".into(),
+            permitted: Vec::new(),
         }
     }
 }
@@ -76,15 +83,40 @@ impl DaemonConfig {
         self
     }
 
+    pub fn events(mut self, events: &str) -> Self {
+        self.events = events.into();
+        self
+    }
+
+    pub fn permit(mut self, selector: &str, resource_name: &str) -> Self {
+        self.permitted.push((selector.into(), resource_name.into()));
+        self
+    }
+
     pub fn to_toml(&self) -> String {
         let patterns: Vec<String> = self.pidfile_patterns.iter().map(|p| toml_str(p)).collect();
+        let permitted: Vec<String> = self
+            .permitted
+            .iter()
+            .map(|(s, r)| {
+                format!(
+                    "{{ selector = {}, resource-name = {} }}",
+                    toml_str(s),
+                    toml_str(r)
+                )
+            })
+            .collect();
+        // The vfio state file stays off: tests never touch the host's /run.
         format!(
             "[disk]\nqemu-img = {}\ntimeout-sec = {}\nmax-concurrent-checks = {}\n\
-             pidfile-patterns = [{}]\n\n[system]\nproc-root = {}\nsysfs-root = {}\n",
+             pidfile-patterns = [{}]\n\n[devices]\nevents = {}\nvfio-state-file = \"\"\n\
+             permitted = [{}]\n\n[system]\nproc-root = {}\nsysfs-root = {}\n",
             toml_path(&self.qemu_img),
             self.timeout_sec,
             self.max_concurrent_checks,
             patterns.join(", "),
+            toml_str(&self.events),
+            permitted.join(", "),
             toml_path(&self.proc_root),
             toml_path(&self.sysfs_root),
         )

@@ -23,6 +23,7 @@ pub mod bus;
 pub mod daemon;
 pub mod images;
 pub mod polkit;
+pub mod sysfs;
 pub mod util;
 pub mod vm;
 

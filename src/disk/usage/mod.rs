@@ -10,12 +10,12 @@
 
 mod lock;
 mod pidfile;
-mod procfs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::image::ImageFile;
+use crate::procfs::{self, Target};
 
 pub use pidfile::{IMAGE_DIR, PatternError, validate_pattern};
 
@@ -114,11 +114,14 @@ impl UsageScanner {
     /// image are the service's own read-only probe descriptors.
     pub fn scan(&self, image: &ImageFile, explicit_pidfile: Option<&Path>) -> DiskUsage {
         let own_pid = std::process::id();
-        let mut users: BTreeMap<u32, DiskUser> =
-            procfs::holders(&self.proc_root, image.dev, image.ino, own_pid)
-                .into_iter()
-                .map(|h| (h.pid, self.describe(h.pid, h.writable)))
-                .collect();
+        let target = Target::Inode {
+            dev: image.dev,
+            ino: image.ino,
+        };
+        let mut users: BTreeMap<u32, DiskUser> = procfs::holders(&self.proc_root, target, own_pid)
+            .into_iter()
+            .map(|h| (h.pid, self.describe(h.pid, h.writable)))
+            .collect();
 
         let mut stale_pidfiles = Vec::new();
         let image_dir = image.path.parent().unwrap_or(Path::new("/"));
@@ -175,9 +178,7 @@ impl UsageScanner {
     fn describe(&self, pid: u32, writable: bool) -> DiskUser {
         let exe = procfs::exe(&self.proc_root, pid).unwrap_or_default();
         let is_qemu = procfs::is_qemu_exe(&exe);
-        let vm_name = procfs::cmdline(&self.proc_root, pid)
-            .map(|c| procfs::vm_name(&c))
-            .unwrap_or_default();
+        let vm_name = procfs::vm_name_of(&self.proc_root, pid);
         DiskUser {
             pid,
             exe,

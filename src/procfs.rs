@@ -1,4 +1,6 @@
-//! Reading a /proc tree: which processes hold an inode open, and what they are.
+//! Reading a /proc tree: which processes hold a file or device open, and what
+//! they are. Used by [`crate::disk::usage`] (who holds an image) and
+//! [`crate::devices::vfio`] (who holds a VFIO group).
 //!
 //! Every read tolerates processes that vanish mid-scan, unreadable entries and
 //! garbage: such a process or fd is skipped, never a panic.
@@ -7,7 +9,7 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// QEMU command lines are a few KiB; this bounds memory for pathological ones.
@@ -17,18 +19,50 @@ const MAX_STAT: u64 = 4096;
 /// `fdinfo` has `pos`, `flags`, `mnt_id`, `ino` and maybe lock lines first.
 const MAX_FDINFO: u64 = 4096;
 
-/// A process holding the inode, as seen through its fds.
+/// What an open fd must refer to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// One inode: (st_dev, st_ino).
+    Inode { dev: u64, ino: u64 },
+    /// A character device by number (st_rdev), through whichever node it was
+    /// opened: a QEMU in its own mount namespace (libvirt's default) opens a
+    /// private copy of `/dev/vfio/N` with another inode.
+    CharDevice { rdev: u64 },
+}
+
+impl Target {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &std::fs::Metadata) -> Target {
+        if meta.file_type().is_char_device() {
+            Target::CharDevice { rdev: meta.rdev() }
+        } else {
+            Target::Inode {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        }
+    }
+
+    fn matches(self, meta: &std::fs::Metadata) -> bool {
+        match self {
+            Target::Inode { dev, ino } => (meta.dev(), meta.ino()) == (dev, ino),
+            Target::CharDevice { rdev } => meta.file_type().is_char_device() && meta.rdev() == rdev,
+        }
+    }
+}
+
+/// A process holding the target, as seen through its fds.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Holder {
+pub struct Holder {
     pub pid: u32,
-    /// Some fd referring to the inode is open for writing.
+    /// Some fd referring to the target is open for writing.
     pub writable: bool,
 }
 
-/// Every process under `proc_root` (except `skip_pid`) with an fd whose
-/// target has identity (`dev`, `ino`), sorted by PID. Matched by `stat()` of
-/// the fd link, never by the link's text.
-pub(super) fn holders(proc_root: &Path, dev: u64, ino: u64, skip_pid: u32) -> Vec<Holder> {
+/// Every process under `proc_root` (except `skip_pid`) with an fd on
+/// `target`, sorted by PID. Matched by `stat()` of the fd link, never by the
+/// link's text.
+pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
@@ -40,7 +74,7 @@ pub(super) fn holders(proc_root: &Path, dev: u64, ino: u64, skip_pid: u32) -> Ve
         if pid == skip_pid {
             continue;
         }
-        if let Some(writable) = holds(&entry.path(), dev, ino) {
+        if let Some(writable) = holds(&entry.path(), target) {
             found.push(Holder { pid, writable });
         }
     }
@@ -48,9 +82,9 @@ pub(super) fn holders(proc_root: &Path, dev: u64, ino: u64, skip_pid: u32) -> Ve
     found
 }
 
-/// Whether the process at `pid_dir` has the inode open: `None` when not,
+/// Whether the process at `pid_dir` has `target` open: `None` when not,
 /// else whether any such fd is writable.
-fn holds(pid_dir: &Path, dev: u64, ino: u64) -> Option<bool> {
+fn holds(pid_dir: &Path, target: Target) -> Option<bool> {
     // EACCES or a vanished process: nothing to see.
     let fds = std::fs::read_dir(pid_dir.join("fd")).ok()?;
     let mut result = None;
@@ -63,7 +97,7 @@ fn holds(pid_dir: &Path, dev: u64, ino: u64) -> Option<bool> {
         let Ok(meta) = std::fs::metadata(fd.path()) else {
             continue;
         };
-        if (meta.dev(), meta.ino()) != (dev, ino) {
+        if !target.matches(&meta) {
             continue;
         }
         let writable = match read_bounded(&pid_dir.join("fdinfo").join(&name), MAX_FDINFO) {
@@ -89,7 +123,7 @@ fn parse_pid_name(name: &OsStr) -> Option<u32> {
 
 /// Whether the `flags:` line of an fdinfo file says O_WRONLY or O_RDWR;
 /// `None` when there is no parsable flags line.
-pub(super) fn fdinfo_writable(info: &[u8]) -> Option<bool> {
+pub fn fdinfo_writable(info: &[u8]) -> Option<bool> {
     let text = String::from_utf8_lossy(info);
     let flags = text
         .lines()
@@ -101,7 +135,7 @@ pub(super) fn fdinfo_writable(info: &[u8]) -> Option<bool> {
 
 /// The process's executable with " (deleted)" stripped; `None` if unreadable
 /// (kernel threads, vanished processes).
-pub(super) fn exe(proc_root: &Path, pid: u32) -> Option<String> {
+pub fn exe(proc_root: &Path, pid: u32) -> Option<String> {
     let target = std::fs::read_link(pid_path(proc_root, pid, "exe")).ok()?;
     let text = String::from_utf8_lossy(target.as_os_str().as_bytes()).into_owned();
     Some(match text.strip_suffix(" (deleted)") {
@@ -111,19 +145,26 @@ pub(super) fn exe(proc_root: &Path, pid: u32) -> Option<String> {
 }
 
 /// The raw NUL-separated command line (bounded), `None` if unreadable.
-pub(super) fn cmdline(proc_root: &Path, pid: u32) -> Option<Vec<u8>> {
+pub fn cmdline(proc_root: &Path, pid: u32) -> Option<Vec<u8>> {
     read_bounded(&pid_path(proc_root, pid, "cmdline"), MAX_CMDLINE).ok()
+}
+
+/// The QEMU `-name` of process `pid` (see [`vm_name`]), "" when unreadable.
+pub fn vm_name_of(proc_root: &Path, pid: u32) -> String {
+    cmdline(proc_root, pid)
+        .map(|c| vm_name(&c))
+        .unwrap_or_default()
 }
 
 /// Process state letter from `/proc/PID/stat`; `None` when the process does
 /// not exist or the file is garbage.
-pub(super) fn state(proc_root: &Path, pid: u32) -> Option<u8> {
+pub fn state(proc_root: &Path, pid: u32) -> Option<u8> {
     let stat = read_bounded(&pid_path(proc_root, pid, "stat"), MAX_STAT).ok()?;
     parse_stat_state(&stat)
 }
 
 /// The state field follows the last `)`: comm may itself contain `)` or spaces.
-pub(super) fn parse_stat_state(stat: &[u8]) -> Option<u8> {
+pub fn parse_stat_state(stat: &[u8]) -> Option<u8> {
     let close = stat.iter().rposition(|&b| b == b')')?;
     stat[close + 1..]
         .iter()
@@ -133,12 +174,12 @@ pub(super) fn parse_stat_state(stat: &[u8]) -> Option<u8> {
 }
 
 /// Alive for our purposes: exists and is neither a zombie nor dead.
-pub(super) fn is_alive(proc_root: &Path, pid: u32) -> bool {
+pub fn is_alive(proc_root: &Path, pid: u32) -> bool {
     matches!(state(proc_root, pid), Some(s) if s != b'Z' && s != b'X' && s != b'x')
 }
 
 /// A QEMU system emulator: `qemu-system-*`, `qemu-kvm` or `kvm`.
-pub(super) fn is_qemu_exe(exe: &str) -> bool {
+pub fn is_qemu_exe(exe: &str) -> bool {
     let base = basename(exe);
     (base.starts_with("qemu-system-") && base.len() > "qemu-system-".len())
         || base == "qemu-kvm"
@@ -147,7 +188,7 @@ pub(super) fn is_qemu_exe(exe: &str) -> bool {
 
 /// Any QEMU tool that takes QEMU's image locks (emulators, qemu-img,
 /// qemu-nbd, qemu-storage-daemon).
-pub(super) fn is_qemu_family_exe(exe: &str) -> bool {
+pub fn is_qemu_family_exe(exe: &str) -> bool {
     is_qemu_exe(exe) || basename(exe).starts_with("qemu-")
 }
 
@@ -186,7 +227,7 @@ fn option_value<'a>(cmdline: &'a [u8], opt: &str) -> Option<&'a [u8]> {
 
 /// The VM name from QEMU's `-name`: `foo`, `guest=foo,debug-threads=on`,
 /// `foo,process=bar` (`,,` is an escaped comma). "" when absent.
-pub(super) fn vm_name(cmdline: &[u8]) -> String {
+pub fn vm_name(cmdline: &[u8]) -> String {
     let Some(value) = option_value(cmdline, "name") else {
         return String::new();
     };
@@ -223,7 +264,7 @@ fn split_qemu_opts(value: &[u8]) -> Vec<Vec<u8>> {
 }
 
 /// QEMU's `-pidfile` argument, if given.
-pub(super) fn pidfile_arg(cmdline: &[u8]) -> Option<PathBuf> {
+pub fn pidfile_arg(cmdline: &[u8]) -> Option<PathBuf> {
     option_value(cmdline, "pidfile")
         .filter(|v| !v.is_empty())
         .map(|v| PathBuf::from(OsStr::from_bytes(v)))
@@ -231,7 +272,7 @@ pub(super) fn pidfile_arg(cmdline: &[u8]) -> Option<PathBuf> {
 
 /// `path` as the process `pid` sees it: through its root (absolute) or cwd
 /// (relative), so mount namespaces and relative paths resolve correctly.
-pub(super) fn path_seen_by(proc_root: &Path, pid: u32, path: &Path) -> PathBuf {
+pub fn path_seen_by(proc_root: &Path, pid: u32, path: &Path) -> PathBuf {
     match path.strip_prefix("/") {
         Ok(rel) => pid_path(proc_root, pid, "root").join(rel),
         Err(_) => pid_path(proc_root, pid, "cwd").join(path),
@@ -246,7 +287,7 @@ fn pid_path(proc_root: &Path, pid: u32, leaf: &str) -> PathBuf {
 
 /// Reads at most `max` bytes. O_NONBLOCK and O_NOFOLLOW so a prepared tree
 /// cannot make the scan hang or wander.
-pub(super) fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     let file: File = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW)

@@ -1,0 +1,733 @@
+//! Detach/reattach against prepared sysfs trees (never the real /sys: an
+//! unbind there could take this machine's disk or network away), and VFIO
+//! group users with real processes holding stand-in group nodes.
+//!
+//! `FakeKernel` records every write and plays the kernel's part in the tree:
+//! it moves the `driver` link on unbind, bind and drivers_probe, so the
+//! binder's own checks see what they would on a real host.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmmanager::devices::address::PciAddress;
+use vmmanager::devices::vfio::{
+    KernelSysfs, Outcome, SysfsWrite, SysfsWriter, VfioBinder, VfioError, group_users,
+    iommu_group_of,
+};
+
+const AUDIO: &str = "0000:00:1f.3";
+const GPU: &str = "0000:01:00.0";
+
+fn addr(s: &str) -> PciAddress {
+    s.parse().unwrap()
+}
+
+/// A minimal sysfs: `bus/pci/{devices,drivers,drivers_probe}` with device
+/// directories under `devices/pci0000:00/` linked from `bus/pci/devices`,
+/// as on a real host.
+struct Tree {
+    dir: tempfile::TempDir,
+}
+
+impl Tree {
+    fn new() -> Tree {
+        let tree = Tree {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        for d in ["bus/pci/devices", "bus/pci/drivers", "devices/pci0000:00"] {
+            fs::create_dir_all(tree.root().join(d)).unwrap();
+        }
+        fs::write(tree.root().join("bus/pci/drivers_probe"), "").unwrap();
+        tree
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn driver(&self, name: &str) -> &Self {
+        let dir = self.root().join("bus/pci/drivers").join(name);
+        fs::create_dir_all(&dir).unwrap();
+        for f in ["bind", "unbind", "new_id"] {
+            fs::write(dir.join(f), "").unwrap();
+        }
+        self
+    }
+
+    fn device(&self, address: &str, driver: Option<&str>, group: Option<u32>) -> &Self {
+        let dir = self.root().join("devices/pci0000:00").join(address);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("driver_override"), "(null)\n").unwrap();
+        symlink(
+            format!("../../../devices/pci0000:00/{address}"),
+            self.root().join("bus/pci/devices").join(address),
+        )
+        .unwrap();
+        if let Some(name) = driver {
+            self.link_driver(address, name);
+        }
+        if let Some(g) = group {
+            let gdir = self.root().join("kernel/iommu_groups").join(g.to_string());
+            fs::create_dir_all(&gdir).unwrap();
+            symlink(&gdir, dir.join("iommu_group")).unwrap();
+        }
+        self
+    }
+
+    fn dev_dir(&self, address: &str) -> PathBuf {
+        self.root().join("bus/pci/devices").join(address)
+    }
+
+    fn link_driver(&self, address: &str, name: &str) {
+        symlink(
+            format!("../../../bus/pci/drivers/{name}"),
+            self.dev_dir(address).join("driver"),
+        )
+        .unwrap();
+    }
+
+    fn driver_of(&self, address: &str) -> Option<String> {
+        fs::read_link(self.dev_dir(address).join("driver"))
+            .ok()
+            .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+    }
+
+    fn override_of(&self, address: &str) -> String {
+        fs::read_to_string(self.dev_dir(address).join("driver_override")).unwrap()
+    }
+
+    /// A tree with snd_hda_intel and vfio-pci loaded and the audio device
+    /// bound to snd_hda_intel.
+    fn audio() -> Tree {
+        let tree = Tree::new();
+        tree.driver("snd_hda_intel").driver("vfio-pci").device(
+            AUDIO,
+            Some("snd_hda_intel"),
+            Some(12),
+        );
+        tree
+    }
+}
+
+#[derive(Default)]
+struct KernelState {
+    log: Vec<(String, String)>,
+    /// Writes to this path (relative to the root) fail with EACCES.
+    fail: Option<String>,
+    /// drivers_probe binds nothing (e.g. vfio-pci refuses the device).
+    probe_binds_nothing: bool,
+    /// What drivers_probe picks for a device without an override.
+    natural: HashMap<String, String>,
+}
+
+/// Records writes (paths relative to the root) and applies their effect.
+#[derive(Clone)]
+struct FakeKernel {
+    root: PathBuf,
+    state: Arc<Mutex<KernelState>>,
+}
+
+impl FakeKernel {
+    fn new(tree: &Tree) -> FakeKernel {
+        FakeKernel {
+            root: tree.root().to_owned(),
+            state: Arc::default(),
+        }
+    }
+
+    fn binder(&self) -> VfioBinder {
+        VfioBinder::with_writer(self.root.clone(), None, Box::new(self.clone()))
+    }
+
+    fn take_log(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.state.lock().unwrap().log)
+    }
+
+    fn set(&self, f: impl FnOnce(&mut KernelState)) {
+        f(&mut self.state.lock().unwrap());
+    }
+
+    fn apply(&self, rel: &str, value: &str) -> io::Result<()> {
+        let err = |code| Err(io::Error::from_raw_os_error(code));
+        let state = self.state.lock().unwrap();
+        let at = |a: &str| self.root.join("bus/pci/devices").join(a);
+        let link = |a: &str, d: &str| {
+            symlink(
+                format!("../../../bus/pci/drivers/{d}"),
+                at(a).join("driver"),
+            )
+        };
+        let bound = |a: &str| fs::read_link(at(a).join("driver")).is_ok();
+        let parts: Vec<&str> = rel.split('/').collect();
+        match parts.as_slice() {
+            ["bus", "pci", "devices", a, "driver_override"] => {
+                let v = value.trim();
+                let shown = if v.is_empty() { "(null)" } else { v };
+                fs::write(at(a).join("driver_override"), format!("{shown}\n"))
+            }
+            ["bus", "pci", "devices", a, "driver", "unbind"] => {
+                if *a != value || !bound(a) {
+                    return err(libc::ENODEV);
+                }
+                fs::remove_file(at(a).join("driver"))
+            }
+            ["bus", "pci", "drivers", d, op @ ("bind" | "unbind")] => {
+                let current = fs::read_link(at(value).join("driver")).ok();
+                let on_d = current.is_some_and(|t| t.ends_with(d));
+                match *op {
+                    "unbind" if on_d => fs::remove_file(at(value).join("driver")),
+                    "bind" if !bound(value) => link(value, d),
+                    "bind" => err(libc::EBUSY),
+                    _ => err(libc::ENODEV),
+                }
+            }
+            ["bus", "pci", "drivers_probe"] => {
+                if bound(value) || state.probe_binds_nothing {
+                    return Ok(());
+                }
+                let over = fs::read_to_string(at(value).join("driver_override")).unwrap();
+                let over = over.trim();
+                let pick = if over != "(null)" {
+                    Some(over.to_owned())
+                } else {
+                    state.natural.get(value).cloned()
+                };
+                match pick {
+                    Some(d) if self.root.join("bus/pci/drivers").join(&d).is_dir() => {
+                        link(value, &d)
+                    }
+                    _ => Ok(()),
+                }
+            }
+            _ => err(libc::ENOENT),
+        }
+    }
+}
+
+impl SysfsWriter for FakeKernel {
+    fn write(&self, path: &Path, value: &[u8]) -> io::Result<()> {
+        let rel = path
+            .strip_prefix(&self.root)
+            .expect("every write stays under the sysfs root")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let value = String::from_utf8(value.to_vec()).unwrap();
+        if self.state.lock().unwrap().fail.as_deref() == Some(rel.as_str()) {
+            return Err(io::Error::from_raw_os_error(libc::EACCES));
+        }
+        self.apply(&rel, &value)?;
+        self.state.lock().unwrap().log.push((rel, value));
+        Ok(())
+    }
+}
+
+fn w(path: &str, value: &str) -> (String, String) {
+    (path.to_owned(), value.to_owned())
+}
+
+fn rel_writes(root: &Path, writes: &[SysfsWrite]) -> Vec<(String, String)> {
+    writes
+        .iter()
+        .map(|x| {
+            let rel = x.path.strip_prefix(root).unwrap().to_str().unwrap();
+            w(rel, &x.value)
+        })
+        .collect()
+}
+
+/// `outcome` is `Done` on `driver`, and it and the kernel saw exactly `want`.
+fn assert_done(
+    kernel: &FakeKernel,
+    outcome: Outcome,
+    want: &[(String, String)],
+    driver: Option<&str>,
+) {
+    assert_eq!(kernel.take_log(), want);
+    let Outcome::Done {
+        driver: now,
+        writes,
+    } = outcome
+    else {
+        panic!("{outcome:?}")
+    };
+    assert_eq!(now.as_deref(), driver);
+    assert_eq!(rel_writes(&kernel.root, &writes), want);
+}
+
+#[test]
+fn detach_then_reattach_bound_device() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    let binder = kernel.binder();
+
+    let outcome = binder.detach(addr(AUDIO)).unwrap();
+    let want = [
+        w("bus/pci/devices/0000:00:1f.3/driver_override", "vfio-pci"),
+        w("bus/pci/devices/0000:00:1f.3/driver/unbind", AUDIO),
+        w("bus/pci/drivers_probe", AUDIO),
+    ];
+    assert_done(&kernel, outcome, &want, Some("vfio-pci"));
+    assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        binder.original_driver(addr(AUDIO)),
+        Some(Some("snd_hda_intel".to_owned()))
+    );
+
+    let outcome = binder.reattach(addr(AUDIO)).unwrap();
+    let want = [
+        w("bus/pci/devices/0000:00:1f.3/driver_override", "\n"),
+        w("bus/pci/drivers/vfio-pci/unbind", AUDIO),
+        w("bus/pci/drivers/snd_hda_intel/bind", AUDIO),
+    ];
+    assert_done(&kernel, outcome, &want, Some("snd_hda_intel"));
+    assert_eq!(tree.override_of(AUDIO), "(null)\n");
+    assert_eq!(binder.original_driver(addr(AUDIO)), None);
+}
+
+#[test]
+fn second_detach_and_needless_reattach_are_no_ops() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    let binder = kernel.binder();
+
+    assert_eq!(
+        binder.reattach(addr(AUDIO)).unwrap(),
+        Outcome::AlreadyDone {
+            driver: Some("snd_hda_intel".to_owned())
+        }
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+
+    binder.detach(addr(AUDIO)).unwrap();
+    kernel.take_log();
+    assert_eq!(
+        binder.detach(addr(AUDIO)).unwrap(),
+        Outcome::AlreadyDone {
+            driver: Some("vfio-pci".to_owned())
+        }
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    // The second detach did not overwrite what the first remembered.
+    assert_eq!(
+        binder.original_driver(addr(AUDIO)),
+        Some(Some("snd_hda_intel".to_owned()))
+    );
+}
+
+#[test]
+fn missing_vfio_pci_is_a_clear_error_without_writes() {
+    let tree = Tree::new();
+    tree.driver("snd_hda_intel")
+        .device(AUDIO, Some("snd_hda_intel"), None);
+    let kernel = FakeKernel::new(&tree);
+    let err = kernel.binder().detach(addr(AUDIO)).unwrap_err();
+    assert!(matches!(err, VfioError::VfioUnavailable(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("modprobe vfio-pci"), "{msg}");
+    assert!(msg.contains("bus/pci/drivers/vfio-pci"), "{msg}");
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+}
+
+#[test]
+fn unknown_device_is_not_found() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    let binder = kernel.binder();
+    for result in [binder.detach(addr(GPU)), binder.reattach(addr(GPU))] {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, VfioError::NotFound(a) if a == addr(GPU)),
+            "{err:?}"
+        );
+        assert_eq!(err.to_string(), "PCI device 0000:01:00.0 not found");
+    }
+    assert_eq!(kernel.take_log(), vec![]);
+}
+
+#[test]
+fn unbound_device_detaches_without_unbind_and_reattaches_by_probe() {
+    let tree = Tree::audio();
+    tree.device(GPU, None, Some(1));
+    let kernel = FakeKernel::new(&tree);
+    let binder = kernel.binder();
+
+    binder.detach(addr(GPU)).unwrap();
+    assert_eq!(
+        kernel.take_log(),
+        vec![
+            w("bus/pci/devices/0000:01:00.0/driver_override", "vfio-pci"),
+            w("bus/pci/drivers_probe", GPU),
+        ]
+    );
+    assert_eq!(binder.original_driver(addr(GPU)), Some(None));
+
+    // Nothing to bind back to: the kernel probes (and here finds nothing).
+    let outcome = binder.reattach(addr(GPU)).unwrap();
+    let want = [
+        w("bus/pci/devices/0000:01:00.0/driver_override", "\n"),
+        w("bus/pci/drivers/vfio-pci/unbind", GPU),
+        w("bus/pci/drivers_probe", GPU),
+    ];
+    assert_done(&kernel, outcome, &want, None);
+    assert_eq!(tree.driver_of(GPU), None);
+}
+
+#[test]
+fn reattach_of_a_device_found_on_vfio_probes() {
+    // Bound to vfio-pci before the daemon ever saw it: nothing remembered.
+    let tree = Tree::audio();
+    tree.device(GPU, Some("vfio-pci"), Some(1))
+        .driver("nouveau");
+    let kernel = FakeKernel::new(&tree);
+    kernel.set(|s| {
+        s.natural.insert(GPU.to_owned(), "nouveau".to_owned());
+    });
+    let outcome = kernel.binder().reattach(addr(GPU)).unwrap();
+    let want = [
+        w("bus/pci/devices/0000:01:00.0/driver_override", "\n"),
+        w("bus/pci/drivers/vfio-pci/unbind", GPU),
+        w("bus/pci/drivers_probe", GPU),
+    ];
+    assert_done(&kernel, outcome, &want, Some("nouveau"));
+}
+
+#[test]
+fn failure_midway_reports_what_was_written_and_can_be_undone() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    let binder = kernel.binder();
+    let unbind = "bus/pci/devices/0000:00:1f.3/driver/unbind";
+    kernel.set(|s| s.fail = Some(unbind.to_owned()));
+
+    let err = binder.detach(addr(AUDIO)).unwrap_err();
+    let VfioError::Write {
+        path,
+        value,
+        source,
+        done,
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(path, &tree.root().join(unbind));
+    assert_eq!(value, AUDIO);
+    assert_eq!(source.raw_os_error(), Some(libc::EACCES));
+    assert_eq!(
+        rel_writes(tree.root(), &done.0),
+        vec![w(
+            "bus/pci/devices/0000:00:1f.3/driver_override",
+            "vfio-pci"
+        )]
+    );
+    let msg = err.to_string();
+    assert!(msg.contains(unbind), "{msg}");
+    assert!(msg.contains("already written: \"vfio-pci\" to "), "{msg}");
+    assert!(msg.contains("driver_override"), "{msg}");
+    // The partial state is visible and remembered...
+    assert_eq!(tree.override_of(AUDIO), "vfio-pci\n");
+    assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+    assert_eq!(
+        binder.original_driver(addr(AUDIO)),
+        Some(Some("snd_hda_intel".to_owned()))
+    );
+    kernel.take_log();
+
+    // ...and Reattach undoes it: only the override needs clearing.
+    kernel.set(|s| s.fail = None);
+    let outcome = binder.reattach(addr(AUDIO)).unwrap();
+    let want = [w("bus/pci/devices/0000:00:1f.3/driver_override", "\n")];
+    assert_done(&kernel, outcome, &want, Some("snd_hda_intel"));
+    assert_eq!(tree.override_of(AUDIO), "(null)\n");
+    assert_eq!(binder.original_driver(addr(AUDIO)), None);
+}
+
+#[test]
+fn failure_after_unbind_reattaches_to_the_original_driver() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    let binder = kernel.binder();
+    kernel.set(|s| s.fail = Some("bus/pci/drivers_probe".to_owned()));
+    let err = binder.detach(addr(AUDIO)).unwrap_err();
+    let VfioError::Write { done, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(done.0.len(), 2, "{err}");
+    assert_eq!(tree.driver_of(AUDIO), None);
+    kernel.take_log();
+
+    // A second detach of the now unbound device keeps the real original.
+    kernel.set(|s| s.fail = None);
+    binder.detach(addr(AUDIO)).unwrap();
+    assert_eq!(
+        kernel.take_log(),
+        vec![
+            w("bus/pci/devices/0000:00:1f.3/driver_override", "vfio-pci"),
+            w("bus/pci/drivers_probe", AUDIO),
+        ]
+    );
+    binder.reattach(addr(AUDIO)).unwrap();
+    assert_eq!(
+        kernel.take_log().last(),
+        Some(&w("bus/pci/drivers/snd_hda_intel/bind", AUDIO))
+    );
+    assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("snd_hda_intel"));
+}
+
+#[test]
+fn device_not_taken_by_vfio_is_an_error_listing_the_writes() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    kernel.set(|s| s.probe_binds_nothing = true);
+    let err = kernel.binder().detach(addr(AUDIO)).unwrap_err();
+    let VfioError::WrongDriver {
+        address,
+        actual,
+        done,
+        ..
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(*address, addr(AUDIO));
+    assert_eq!(*actual, None);
+    assert_eq!(done.0.len(), 3);
+    let msg = err.to_string();
+    assert!(
+        msg.starts_with("0000:00:1f.3 ended up bound to no driver instead of vfio-pci; written: "),
+        "{msg}"
+    );
+    assert!(msg.contains("drivers_probe"), "{msg}");
+}
+
+#[test]
+fn original_driver_gone_falls_back_to_probe() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    let binder = kernel.binder();
+    binder.detach(addr(AUDIO)).unwrap();
+    kernel.take_log();
+    fs::remove_dir_all(tree.root().join("bus/pci/drivers/snd_hda_intel")).unwrap();
+    binder.reattach(addr(AUDIO)).unwrap();
+    assert_eq!(
+        kernel.take_log().last(),
+        Some(&w("bus/pci/drivers_probe", AUDIO))
+    );
+}
+
+#[test]
+fn state_file_survives_a_restart_and_ignores_garbage() {
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(&tree);
+    let state = tree.root().join("run/vmmanager/vfio-drivers");
+    let binder = |k: &FakeKernel| {
+        VfioBinder::with_writer(k.root.clone(), Some(state.clone()), Box::new(k.clone()))
+    };
+
+    binder(&kernel).detach(addr(AUDIO)).unwrap();
+    kernel.take_log();
+    // A new daemon: it still knows where the device came from.
+    let restarted = binder(&kernel);
+    assert_eq!(
+        restarted.original_driver(addr(AUDIO)),
+        Some(Some("snd_hda_intel".to_owned()))
+    );
+    restarted.reattach(addr(AUDIO)).unwrap();
+    assert_eq!(
+        kernel.take_log().last(),
+        Some(&w("bus/pci/drivers/snd_hda_intel/bind", AUDIO))
+    );
+    assert_eq!(binder(&kernel).original_driver(addr(AUDIO)), None);
+
+    // Garbage, traversal attempts and a huge file: skipped, never followed.
+    let mut junk = b"0000:00:1f.3 ../../../../tmp\n\xff\xfe\x00\n../../x snd\n".to_vec();
+    junk.extend(std::iter::repeat_n(b'x', 1 << 20));
+    fs::write(&state, &junk).unwrap();
+    let b = binder(&kernel);
+    assert_eq!(b.original_driver(addr(AUDIO)), None);
+    b.detach(addr(AUDIO)).unwrap();
+    assert_eq!(
+        b.original_driver(addr(AUDIO)),
+        Some(Some("snd_hda_intel".to_owned()))
+    );
+
+    // A symlink in place of the file is not followed.
+    fs::remove_file(&state).unwrap();
+    let elsewhere = tree.root().join("elsewhere");
+    fs::write(&elsewhere, "0000:00:1f.3 nouveau\n").unwrap();
+    symlink(&elsewhere, &state).unwrap();
+    assert_eq!(binder(&kernel).original_driver(addr(AUDIO)), None);
+}
+
+#[test]
+fn addresses_are_parsed_never_paths() {
+    for bad in [
+        "../../../etc",
+        "0000:00:1f.3/../x",
+        "0000:00:1f.3\n",
+        "",
+        "1f.3",
+    ] {
+        assert!(bad.parse::<PciAddress>().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn iommu_groups() {
+    let tree = Tree::audio();
+    tree.device(GPU, None, None);
+    assert_eq!(iommu_group_of(tree.root(), addr(AUDIO)), Some(12));
+    assert_eq!(iommu_group_of(tree.root(), addr(GPU)), None);
+    assert_eq!(iommu_group_of(tree.root(), addr("0000:09:00.0")), None);
+    symlink("../x/+7", tree.dev_dir(GPU).join("iommu_group")).unwrap();
+    assert_eq!(iommu_group_of(tree.root(), addr(GPU)), None);
+}
+
+#[test]
+fn real_writer_writes_once_and_never_creates() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("driver_override");
+    fs::write(&file, "(null)\n").unwrap();
+    KernelSysfs.write(&file, b"vfio-pci").unwrap();
+    // Written in place from offset 0, as a sysfs store expects.
+    assert_eq!(fs::read(&file).unwrap(), b"vfio-pci");
+    let missing = dir.path().join("missing");
+    let err = KernelSysfs.write(&missing, b"x").unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    assert!(!missing.exists());
+}
+
+#[test]
+fn real_writer_in_a_prepared_tree() {
+    // Nothing rebinds in a plain directory tree: detach writes the files and
+    // then says the device did not end up on vfio-pci.
+    let tree = Tree::audio();
+    let binder = VfioBinder::new(tree.root().to_owned(), None);
+    let err = binder.detach(addr(AUDIO)).unwrap_err();
+    assert!(
+        matches!(&err, VfioError::WrongDriver { actual: Some(d), done, .. }
+            if d == "snd_hda_intel" && done.0.len() == 3),
+        "{err:?}"
+    );
+    assert!(tree.override_of(AUDIO).starts_with("vfio-pci"));
+    let unbind = tree.root().join("bus/pci/drivers/snd_hda_intel/unbind");
+    assert_eq!(fs::read_to_string(unbind).unwrap(), AUDIO);
+
+    // A failing write names the file.
+    let probe = tree.root().join("bus/pci/drivers_probe");
+    fs::remove_file(&probe).unwrap();
+    fs::create_dir(&probe).unwrap();
+    let err = binder.detach(addr(AUDIO)).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, VfioError::Write { path, .. } if *path == probe),
+        "{err:?}"
+    );
+    assert!(msg.contains("drivers_probe failed"), "{msg}");
+}
+
+/// A shell holding `file` open on fd 3 until killed, with `args` in its
+/// command line (`-name VM` makes it look like a named QEMU).
+struct Holder(Child);
+
+impl Holder {
+    fn spawn(file: &Path, args: &[&str]) -> Holder {
+        let child = Command::new("/bin/sh")
+            .arg("-c")
+            .arg(r#"exec 3<"$0"; read x"#)
+            .arg(file)
+            .args(args)
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Holder(child)
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls until `pids` all hold group `group` (the shells open it async).
+fn wait_for_users(dev: &Path, group: u32, pids: &[u32]) -> Vec<vmmanager::devices::vfio::VfioUser> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let users = group_users(Path::new("/proc"), dev, group);
+        if pids.iter().all(|p| users.iter().any(|u| u.pid == *p)) {
+            return users;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pids:?} never showed up: {users:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn group_users_of_a_regular_stand_in() {
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/7");
+    fs::write(&node, "").unwrap();
+    assert_eq!(group_users(Path::new("/proc"), dev.path(), 7), vec![]);
+
+    let vm = Holder::spawn(&node, &["-name", "guest=win11,debug-threads=on"]);
+    let other = Holder::spawn(&node, &[]);
+    let users = wait_for_users(dev.path(), 7, &[vm.pid(), other.pid()]);
+    let mut pids = vec![vm.pid(), other.pid()];
+    pids.sort();
+    assert_eq!(users.iter().map(|u| u.pid).collect::<Vec<_>>(), pids);
+    let sh = fs::canonicalize("/bin/sh").unwrap();
+    for u in &users {
+        assert_eq!(Path::new(&u.exe), sh);
+        let want = if u.pid == vm.pid() { "win11" } else { "" };
+        assert_eq!(u.vm_name, want);
+    }
+
+    // Other groups and missing nodes: nobody.
+    assert_eq!(group_users(Path::new("/proc"), dev.path(), 8), vec![]);
+    assert_eq!(
+        group_users(Path::new("/proc"), Path::new("/nonexistent"), 7),
+        vec![]
+    );
+    drop(vm);
+    drop(other);
+    assert_eq!(group_users(Path::new("/proc"), dev.path(), 7), vec![]);
+}
+
+#[test]
+fn group_users_of_a_char_device_match_any_node_of_it() {
+    // A node with /dev/zero's number stands in for /dev/vfio/9; a process
+    // that opened /dev/zero itself is like a QEMU with its own /dev copy.
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/9");
+    let status = Command::new("mknod")
+        .arg(&node)
+        .args(["c", "1", "5"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mknod needs root");
+
+    let here = Holder::spawn(&node, &["-name", "a"]);
+    let private = Holder::spawn(Path::new("/dev/zero"), &["-name", "b"]);
+    let users = wait_for_users(dev.path(), 9, &[here.pid(), private.pid()]);
+    let name = |pid| users.iter().find(|u| u.pid == pid).unwrap().vm_name.clone();
+    assert_eq!(name(here.pid()), "a");
+    assert_eq!(name(private.pid()), "b");
+}
