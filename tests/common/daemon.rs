@@ -32,6 +32,8 @@ pub struct DaemonConfig {
     pub events: String,
     /// `[devices] permitted` as (selector, resource name).
     pub permitted: Vec<(String, String)>,
+    /// `[devices] receive-buffer-bytes`; the daemon's default when None.
+    pub receive_buffer_bytes: Option<u32>,
 }
 
 impl Default for DaemonConfig {
@@ -45,6 +47,7 @@ impl Default for DaemonConfig {
             sysfs_root: PathBuf::from("/sys"),
             events: "kernel".into(),
             permitted: Vec::new(),
+            receive_buffer_bytes: None,
         }
     }
 }
@@ -88,6 +91,11 @@ impl DaemonConfig {
         self
     }
 
+    pub fn receive_buffer_bytes(mut self, bytes: u32) -> Self {
+        self.receive_buffer_bytes = Some(bytes);
+        self
+    }
+
     pub fn permit(mut self, selector: &str, resource_name: &str) -> Self {
         self.permitted.push((selector.into(), resource_name.into()));
         self
@@ -110,13 +118,15 @@ impl DaemonConfig {
         format!(
             "[disk]\nqemu-img = {}\ntimeout-sec = {}\nmax-concurrent-checks = {}\n\
              pidfile-patterns = [{}]\n\n[devices]\nevents = {}\nvfio-state-file = \"\"\n\
-             permitted = [{}]\n\n[system]\nproc-root = {}\nsysfs-root = {}\n",
+             permitted = [{}]\n{}\n[system]\nproc-root = {}\nsysfs-root = {}\n",
             toml_path(&self.qemu_img),
             self.timeout_sec,
             self.max_concurrent_checks,
             patterns.join(", "),
             toml_str(&self.events),
             permitted.join(", "),
+            self.receive_buffer_bytes
+                .map_or_else(String::new, |b| format!("receive-buffer-bytes = {b}\n")),
             toml_path(&self.proc_root),
             toml_path(&self.sysfs_root),
         )

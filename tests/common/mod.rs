@@ -24,6 +24,7 @@ pub mod daemon;
 pub mod images;
 pub mod polkit;
 pub mod sysfs;
+pub mod udevd;
 pub mod util;
 pub mod vm;
 

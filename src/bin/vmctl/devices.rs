@@ -183,20 +183,25 @@ fn parse_address(address: &str) -> Result<zbus::OwnedObjectPath, Failure> {
 
 /// Turns "no such object" into a message about the device.
 fn no_such_device(address: &str, e: zbus::Error) -> Failure {
-    match &e {
-        zbus::Error::MethodError(name, _, _)
-            if name.as_str() == "org.freedesktop.DBus.Error.UnknownObject"
-                || name.as_str() == "org.freedesktop.DBus.Error.UnknownInterface"
-                || name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
-        {
-            Failure {
-                code: exit::ERROR,
-                error_name: Some("org.example.VmManager1.Error.NotFound".into()),
-                message: format!("no PCI device {address} on this host"),
-            }
-        }
-        _ => Failure::from(e),
+    use zbus::DBusError;
+    let name = match &e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(fdo) => fdo.name().to_string(),
+        _ => String::new(),
+    };
+    let unknown = [
+        "org.freedesktop.DBus.Error.UnknownObject",
+        "org.freedesktop.DBus.Error.UnknownInterface",
+        "org.freedesktop.DBus.Error.UnknownMethod",
+    ];
+    if unknown.contains(&name.as_str()) {
+        return Failure {
+            code: exit::ERROR,
+            error_name: Some("org.example.VmManager1.Error.NotFound".into()),
+            message: format!("no PCI device {address} on this host"),
+        };
     }
+    Failure::from(e)
 }
 
 pub async fn device(connection: &Connection, address: &str, json: bool) -> Result<u8, Failure> {
