@@ -2,18 +2,21 @@
 //! unbind there could take this machine's disk or network away), and VFIO
 //! group users with real processes holding stand-in group nodes.
 //!
-//! `FakeKernel` records every write and plays the kernel's part in the tree:
-//! it moves the `driver` link on unbind, bind and drivers_probe, so the
-//! binder's own checks see what they would on a real host.
+//! `FakeKernel` (`common::fake_kernel`) records every write and plays the
+//! kernel's part in the tree: it moves the `driver` link on unbind, bind and
+//! drivers_probe, so the binder's own checks see what they would on a real
+//! host.
 
-use std::collections::HashMap;
+mod common;
+
 use std::fs;
 use std::io;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use common::fake_kernel::FakeKernel;
 
 use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::vfio::{
@@ -115,119 +118,6 @@ impl Tree {
     }
 }
 
-#[derive(Default)]
-struct KernelState {
-    log: Vec<(String, String)>,
-    /// Writes to this path (relative to the root) fail with EACCES.
-    fail: Option<String>,
-    /// drivers_probe binds nothing (e.g. vfio-pci refuses the device).
-    probe_binds_nothing: bool,
-    /// What drivers_probe picks for a device without an override.
-    natural: HashMap<String, String>,
-}
-
-/// Records writes (paths relative to the root) and applies their effect.
-#[derive(Clone)]
-struct FakeKernel {
-    root: PathBuf,
-    state: Arc<Mutex<KernelState>>,
-}
-
-impl FakeKernel {
-    fn new(tree: &Tree) -> FakeKernel {
-        FakeKernel {
-            root: tree.root().to_owned(),
-            state: Arc::default(),
-        }
-    }
-
-    fn binder(&self) -> VfioBinder {
-        VfioBinder::with_writer(self.root.clone(), None, Box::new(self.clone()))
-    }
-
-    fn take_log(&self) -> Vec<(String, String)> {
-        std::mem::take(&mut self.state.lock().unwrap().log)
-    }
-
-    fn set(&self, f: impl FnOnce(&mut KernelState)) {
-        f(&mut self.state.lock().unwrap());
-    }
-
-    fn apply(&self, rel: &str, value: &str) -> io::Result<()> {
-        let err = |code| Err(io::Error::from_raw_os_error(code));
-        let state = self.state.lock().unwrap();
-        let at = |a: &str| self.root.join("bus/pci/devices").join(a);
-        let link = |a: &str, d: &str| {
-            symlink(
-                format!("../../../bus/pci/drivers/{d}"),
-                at(a).join("driver"),
-            )
-        };
-        let bound = |a: &str| fs::read_link(at(a).join("driver")).is_ok();
-        let parts: Vec<&str> = rel.split('/').collect();
-        match parts.as_slice() {
-            ["bus", "pci", "devices", a, "driver_override"] => {
-                let v = value.trim();
-                let shown = if v.is_empty() { "(null)" } else { v };
-                fs::write(at(a).join("driver_override"), format!("{shown}\n"))
-            }
-            ["bus", "pci", "devices", a, "driver", "unbind"] => {
-                if *a != value || !bound(a) {
-                    return err(libc::ENODEV);
-                }
-                fs::remove_file(at(a).join("driver"))
-            }
-            ["bus", "pci", "drivers", d, op @ ("bind" | "unbind")] => {
-                let current = fs::read_link(at(value).join("driver")).ok();
-                let on_d = current.is_some_and(|t| t.ends_with(d));
-                match *op {
-                    "unbind" if on_d => fs::remove_file(at(value).join("driver")),
-                    "bind" if !bound(value) => link(value, d),
-                    "bind" => err(libc::EBUSY),
-                    _ => err(libc::ENODEV),
-                }
-            }
-            ["bus", "pci", "drivers_probe"] => {
-                if bound(value) || state.probe_binds_nothing {
-                    return Ok(());
-                }
-                let over = fs::read_to_string(at(value).join("driver_override")).unwrap();
-                let over = over.trim();
-                let pick = if over != "(null)" {
-                    Some(over.to_owned())
-                } else {
-                    state.natural.get(value).cloned()
-                };
-                match pick {
-                    Some(d) if self.root.join("bus/pci/drivers").join(&d).is_dir() => {
-                        link(value, &d)
-                    }
-                    _ => Ok(()),
-                }
-            }
-            _ => err(libc::ENOENT),
-        }
-    }
-}
-
-impl SysfsWriter for FakeKernel {
-    fn write(&self, path: &Path, value: &[u8]) -> io::Result<()> {
-        let rel = path
-            .strip_prefix(&self.root)
-            .expect("every write stays under the sysfs root")
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let value = String::from_utf8(value.to_vec()).unwrap();
-        if self.state.lock().unwrap().fail.as_deref() == Some(rel.as_str()) {
-            return Err(io::Error::from_raw_os_error(libc::EACCES));
-        }
-        self.apply(&rel, &value)?;
-        self.state.lock().unwrap().log.push((rel, value));
-        Ok(())
-    }
-}
-
 fn w(path: &str, value: &str) -> (String, String) {
     (path.to_owned(), value.to_owned())
 }
@@ -264,7 +154,7 @@ fn assert_done(
 #[test]
 fn detach_then_reattach_bound_device() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let binder = kernel.binder();
 
     let outcome = binder.detach(addr(AUDIO)).unwrap();
@@ -294,7 +184,7 @@ fn detach_then_reattach_bound_device() {
 #[test]
 fn second_detach_and_needless_reattach_are_no_ops() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let binder = kernel.binder();
 
     assert_eq!(
@@ -326,7 +216,7 @@ fn missing_vfio_pci_is_a_clear_error_without_writes() {
     let tree = Tree::new();
     tree.driver("snd_hda_intel")
         .device(AUDIO, Some("snd_hda_intel"), None);
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let err = kernel.binder().detach(addr(AUDIO)).unwrap_err();
     assert!(matches!(err, VfioError::VfioUnavailable(_)), "{err:?}");
     let msg = err.to_string();
@@ -339,7 +229,7 @@ fn missing_vfio_pci_is_a_clear_error_without_writes() {
 #[test]
 fn unknown_device_is_not_found() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let binder = kernel.binder();
     for result in [binder.detach(addr(GPU)), binder.reattach(addr(GPU))] {
         let err = result.unwrap_err();
@@ -356,7 +246,7 @@ fn unknown_device_is_not_found() {
 fn unbound_device_detaches_without_unbind_and_reattaches_by_probe() {
     let tree = Tree::audio();
     tree.device(GPU, None, Some(1));
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let binder = kernel.binder();
 
     binder.detach(addr(GPU)).unwrap();
@@ -386,7 +276,7 @@ fn reattach_of_a_device_found_on_vfio_probes() {
     let tree = Tree::audio();
     tree.device(GPU, Some("vfio-pci"), Some(1))
         .driver("nouveau");
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     kernel.set(|s| {
         s.natural.insert(GPU.to_owned(), "nouveau".to_owned());
     });
@@ -402,7 +292,7 @@ fn reattach_of_a_device_found_on_vfio_probes() {
 #[test]
 fn failure_midway_reports_what_was_written_and_can_be_undone() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let binder = kernel.binder();
     let unbind = "bus/pci/devices/0000:00:1f.3/driver/unbind";
     kernel.set(|s| s.fail = Some(unbind.to_owned()));
@@ -452,7 +342,7 @@ fn failure_midway_reports_what_was_written_and_can_be_undone() {
 #[test]
 fn failure_after_unbind_reattaches_to_the_original_driver() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let binder = kernel.binder();
     kernel.set(|s| s.fail = Some("bus/pci/drivers_probe".to_owned()));
     let err = binder.detach(addr(AUDIO)).unwrap_err();
@@ -484,7 +374,7 @@ fn failure_after_unbind_reattaches_to_the_original_driver() {
 #[test]
 fn device_not_taken_by_vfio_is_an_error_listing_the_writes() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     kernel.set(|s| s.probe_binds_nothing = true);
     let err = kernel.binder().detach(addr(AUDIO)).unwrap_err();
     let VfioError::WrongDriver {
@@ -510,7 +400,7 @@ fn device_not_taken_by_vfio_is_an_error_listing_the_writes() {
 #[test]
 fn original_driver_gone_falls_back_to_probe() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let binder = kernel.binder();
     binder.detach(addr(AUDIO)).unwrap();
     kernel.take_log();
@@ -525,7 +415,7 @@ fn original_driver_gone_falls_back_to_probe() {
 #[test]
 fn state_file_survives_a_restart_and_ignores_garbage() {
     let tree = Tree::audio();
-    let kernel = FakeKernel::new(&tree);
+    let kernel = FakeKernel::new(tree.root());
     let state = tree.root().join("run/vmmanager/vfio-drivers");
     let binder = |k: &FakeKernel| {
         VfioBinder::with_writer(k.root.clone(), Some(state.clone()), Box::new(k.clone()))

@@ -264,7 +264,11 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
                     // Already exported (an add for a known device): update it.
                     Ok(Some(object)) => {
                         let state = object.state.into_inner().unwrap_or_else(|p| p.into_inner());
-                        update(shared, &path, state, &all_properties()).await;
+                        let changed = match server.interface::<_, PciDeviceObject>(&path).await {
+                            Ok(current) => current.get().await.state().changed_properties(&state),
+                            Err(_) => Property::ALL.to_vec(),
+                        };
+                        update(shared, &path, state, &changed).await;
                     }
                     Err(e) => tracing::warn!("cannot export {path}: {e}"),
                 }
@@ -301,10 +305,6 @@ async fn emit_uevent(shared: &Arc<Shared>, event: &DeviceEvent) {
     if let Err(e) = PciDeviceObject::uevent(iface.signal_emitter(), action).await {
         tracing::warn!("cannot emit Uevent for {path}: {e}");
     }
-}
-
-fn all_properties() -> Vec<Property> {
-    Property::ALL.to_vec()
 }
 
 /// Replaces an object's state and emits one PropertiesChanged with exactly

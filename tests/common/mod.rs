@@ -21,7 +21,9 @@
 
 pub mod bus;
 pub mod daemon;
+pub mod fake_kernel;
 pub mod images;
+pub mod inproc;
 pub mod polkit;
 pub mod sysfs;
 pub mod udevd;

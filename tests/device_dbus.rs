@@ -1,0 +1,1426 @@
+//! The PCI device objects end to end: a real private dbus-daemon and a real
+//! polkitd (the harness), the device component running in this process on a
+//! prepared sysfs tree, events injected through `EventSource::Channel`, and
+//! clients on the bus (zbus and `busctl`, as root and as `nobody`).
+//!
+//! The kernel's part is faked (a prepared tree and `FakeKernel`): unbinding
+//! real devices would take this machine's disk or network away.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::bus::busctl_at;
+use common::fake_kernel::FakeKernel;
+use common::inproc::{self, DEVICE_IFACE, InProcService, Sig, Signals, Val, val, vals};
+use common::sysfs::FakeSysfs;
+use common::util::{ChildGuard, CmdOutput, NOBODY};
+use common::{Polkit, PolkitBuilder, TestBus};
+use futures_util::StreamExt;
+use vmmanager::client::{PciDeviceProxy, device_path};
+use vmmanager::devices::inventory::AllowEntry;
+use vmmanager::devices::vfio::VfioBinder;
+use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager::service::{BUS_NAME, MANAGER_PATH};
+use zbus::fdo::ObjectManagerProxy;
+use zbus::proxy::CacheProperties;
+use zbus::{Connection, Variant};
+
+const BRIDGE: &str = "0000:00:01.0";
+const USB: &str = "0000:00:14.0";
+const GPU: &str = "0000:01:00.0";
+const AUDIO: &str = "0000:01:00.1";
+const PF: &str = "0000:02:00.0";
+const VF0: &str = "0000:02:02.0";
+const VF1: &str = "0000:02:02.1";
+const ALL: [&str; 7] = [BRIDGE, USB, GPU, AUDIO, PF, VF0, VF1];
+
+const BRIDGE_BLOCKER: &str = "is a PCI bridge; bridges cannot be passed through";
+const NO_GROUP_BLOCKER: &str =
+    "no IOMMU group (is the IOMMU enabled? intel_iommu=on / amd_iommu=on)";
+const NO_DRIVER_BLOCKER: &str = "not bound to any driver, not vfio-pci";
+
+const ERROR_PREFIX: &str = "org.example.VmManager1.Error.";
+
+/// `/org/example/VmManager/devices/pci_0000_01_00_0` for `0000:01:00.0`.
+fn path(address: &str) -> String {
+    let p = format!(
+        "/org/example/VmManager/devices/pci_{}",
+        address.replace([':', '.'], "_")
+    );
+    assert_eq!(device_path(address).unwrap().as_str(), p);
+    p
+}
+
+fn ev(action: DeviceAction, address: &str) -> MonitorMessage {
+    MonitorMessage::Event(DeviceEvent {
+        action,
+        address: address.parse().unwrap(),
+        vendor_name: None,
+        device_name: None,
+    })
+}
+
+fn s(text: &str) -> Val {
+    Val::S(text.to_owned())
+}
+
+fn strs(items: &[&str]) -> Val {
+    Val::As(items.iter().map(|i| (*i).to_owned()).collect())
+}
+
+fn props(pairs: &[(&str, Val)]) -> BTreeMap<String, Val> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
+}
+
+fn allow_list() -> Vec<AllowEntry> {
+    vec![
+        AllowEntry::new("10de:1eb8", "nvidia.com/TU104GL_TESLA_T4").unwrap(),
+        AllowEntry::new("10de:*", "nvidia.com/any").unwrap(),
+        AllowEntry::new("8086:154c", "intel.com/xl710_vf").unwrap(),
+    ]
+}
+
+/// A root port, a GPU with its audio function (group 1), a USB controller
+/// without a group, an SR-IOV NIC (PF in group 2, VF0 on vfio-pci alone in
+/// group 3, VF1 unbound in group 4).
+fn host() -> FakeSysfs {
+    let fs = FakeSysfs::new();
+    fs.device(BRIDGE, 0x8086, 0x1901, 0x060400)
+        .driver("pcieport")
+        .iommu_group(1);
+    fs.device(USB, 0x8086, 0xa36d, 0x0c0330).driver("xhci_hcd");
+    fs.device(GPU, 0x10de, 0x1eb8, 0x030000)
+        .driver("nvidia")
+        .iommu_group(1)
+        .numa(0)
+        .subsystem(0x10de, 0x12a2)
+        .names("NVIDIA Corporation", "TU104GL [Tesla T4]");
+    fs.device(AUDIO, 0x10de, 0x10f8, 0x040300)
+        .driver("snd_hda_intel")
+        .iommu_group(1)
+        .numa(0);
+    fs.device(PF, 0x8086, 0x1572, 0x020000)
+        .driver("i40e")
+        .iommu_group(2)
+        .numa(1)
+        .sriov(64, 2);
+    fs.device(VF0, 0x8086, 0x154c, 0x020000)
+        .driver("vfio-pci")
+        .iommu_group(3)
+        .numa(1)
+        .physfn(PF);
+    fs.device(VF1, 0x8086, 0x154c, 0x020000)
+        .iommu_group(4)
+        .numa(1)
+        .physfn(PF);
+    fs
+}
+
+/// Every property of `address` in [`host`] with [`allow_list`].
+fn expected(address: &str) -> BTreeMap<String, Val> {
+    let group1 = strs(&[BRIDGE, GPU, AUDIO]);
+    let (vendor, device, sv, sd, class) = match address {
+        BRIDGE => (0x8086, 0x1901, 0, 0, 0x060400),
+        USB => (0x8086, 0xa36d, 0, 0, 0x0c0330),
+        GPU => (0x10de, 0x1eb8, 0x10de, 0x12a2, 0x030000),
+        AUDIO => (0x10de, 0x10f8, 0, 0, 0x040300),
+        PF => (0x8086, 0x1572, 0, 0, 0x020000),
+        VF0 | VF1 => (0x8086, 0x154c, 0, 0, 0x020000),
+        other => panic!("{other} is not in the host tree"),
+    };
+    let (names, driver, group, members, numa) = match address {
+        BRIDGE => (("", ""), "pcieport", 1, group1, -1),
+        USB => (("", ""), "xhci_hcd", -1, strs(&[]), -1),
+        GPU => (
+            ("NVIDIA Corporation", "TU104GL [Tesla T4]"),
+            "nvidia",
+            1,
+            group1,
+            0,
+        ),
+        AUDIO => (("", ""), "snd_hda_intel", 1, group1, 0),
+        PF => (("", ""), "i40e", 2, strs(&[PF]), 1),
+        VF0 => (("", ""), "vfio-pci", 3, strs(&[VF0]), 1),
+        _ => (("", ""), "", 4, strs(&[VF1]), 1),
+    };
+    let (permitted, resource) = match address {
+        GPU => (true, "nvidia.com/TU104GL_TESLA_T4"),
+        AUDIO => (true, "nvidia.com/any"),
+        VF0 | VF1 => (true, "intel.com/xl710_vf"),
+        _ => (false, ""),
+    };
+    let (sriov_total, sriov_num, pf) = match address {
+        PF => (64, 2, ""),
+        VF0 | VF1 => (0, 0, PF),
+        _ => (0, 0, ""),
+    };
+    let blockers: Vec<String> = match address {
+        BRIDGE => vec![
+            BRIDGE_BLOCKER.into(),
+            "0000:01:00.0 in the same IOMMU group is bound to nvidia".into(),
+            "0000:01:00.1 in the same IOMMU group is bound to snd_hda_intel".into(),
+        ],
+        USB => vec![
+            NO_GROUP_BLOCKER.into(),
+            "bound to xhci_hcd, not vfio-pci".into(),
+        ],
+        GPU => vec![
+            "bound to nvidia, not vfio-pci".into(),
+            "0000:01:00.1 in the same IOMMU group is bound to snd_hda_intel".into(),
+        ],
+        AUDIO => vec![
+            "bound to snd_hda_intel, not vfio-pci".into(),
+            "0000:01:00.0 in the same IOMMU group is bound to nvidia".into(),
+        ],
+        PF => vec!["bound to i40e, not vfio-pci".into()],
+        VF0 => vec![],
+        _ => vec![NO_DRIVER_BLOCKER.into()],
+    };
+    props(&[
+        ("Address", s(address)),
+        ("VendorId", Val::Q(vendor)),
+        ("DeviceId", Val::Q(device)),
+        ("SubsystemVendorId", Val::Q(sv)),
+        ("SubsystemDeviceId", Val::Q(sd)),
+        ("Class", Val::U(class)),
+        ("VendorName", s(names.0)),
+        ("DeviceName", s(names.1)),
+        ("Driver", s(driver)),
+        ("IommuGroup", Val::I(group)),
+        ("IommuGroupDevices", members),
+        ("NumaNode", Val::I(numa)),
+        ("SriovTotalVfs", Val::U(sriov_total)),
+        ("SriovNumVfs", Val::U(sriov_num)),
+        ("PhysicalFunction", s(pf)),
+        ("Permitted", Val::B(permitted)),
+        ("ResourceName", s(resource)),
+        ("PassthroughReady", Val::B(blockers.is_empty())),
+        ("PassthroughBlockers", Val::As(blockers)),
+        ("InUseBy", Val::Dicts(vec![])),
+    ])
+}
+
+/// One test's world. Field order is drop order: the service stops first
+/// (also when the test panics), then the client, polkitd, the bus, the tree.
+struct World {
+    svc: InProcService,
+    client: Connection,
+    _polkit: Option<Polkit>,
+    bus: TestBus,
+    fs: FakeSysfs,
+}
+
+impl World {
+    /// Bus (+ polkitd when `polkit` is given) and the service on `fs`
+    /// with [`allow_list`]; writes go to `binder` (default: a FakeKernel
+    /// nobody looks at).
+    async fn start(
+        fs: FakeSysfs,
+        polkit: Option<PolkitBuilder>,
+        binder: Option<VfioBinder>,
+    ) -> World {
+        let (bus, polkit) = tokio::task::spawn_blocking(move || {
+            let bus = TestBus::start();
+            let polkit = polkit.map(|p| p.start(&bus));
+            (bus, polkit)
+        })
+        .await
+        .unwrap();
+        let binder = binder.unwrap_or_else(|| FakeKernel::new(&fs.root()).binder());
+        let svc = InProcService::start(&bus, &fs, allow_list(), binder).await;
+        let client = bus.connect().await;
+        World {
+            svc,
+            client,
+            _polkit: polkit,
+            bus,
+            fs,
+        }
+    }
+
+    async fn signals(&self) -> Signals {
+        Signals::subscribe(&self.client, &self.svc.unique_name()).await
+    }
+
+    async fn managed(&self) -> Managed {
+        let proxy = ObjectManagerProxy::builder(&self.client)
+            .destination(BUS_NAME)
+            .path(MANAGER_PATH)
+            .build()
+            .await
+            .unwrap();
+        proxy
+            .get_managed_objects()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(path, ifaces)| {
+                let ifaces = ifaces
+                    .into_iter()
+                    .map(|(i, p)| (i.to_string(), vals(&p)))
+                    .collect();
+                (path.to_string(), ifaces)
+            })
+            .collect()
+    }
+
+    async fn device(&self, address: &str) -> PciDeviceProxy<'static> {
+        PciDeviceProxy::builder(&self.client)
+            .path(path(address))
+            .cache_properties(CacheProperties::No)
+            .build()
+            .await
+            .unwrap()
+    }
+
+    /// `Properties.Get(PciDevice, name)` on `path` as a [`Val`].
+    async fn get(&self, object: &str, name: &str) -> Result<Val, zbus::Error> {
+        let reply = self
+            .client
+            .call_method(
+                Some(BUS_NAME),
+                object,
+                Some("org.freedesktop.DBus.Properties"),
+                "Get",
+                &(DEVICE_IFACE, name),
+            )
+            .await?;
+        let v: zbus::OwnedVariant = reply.body().deserialize()?;
+        Ok(val(&v))
+    }
+
+    /// `busctl` as root (`None`) or `user`, off the async workers.
+    async fn busctl(&self, user: Option<(u32, u32)>, args: &[&str]) -> CmdOutput {
+        let address = self.bus.address().to_owned();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            busctl_at(&address, user, &args)
+        })
+        .await
+        .unwrap()
+    }
+
+    /// `busctl call SERVICE PATH PciDevice METHOD a{sv} ARGS…`.
+    async fn call(
+        &self,
+        user: Option<(u32, u32)>,
+        address: &str,
+        method: &str,
+        options: &[&str],
+    ) -> CmdOutput {
+        let object = path(address);
+        let mut args = vec![
+            "call",
+            BUS_NAME,
+            object.as_str(),
+            DEVICE_IFACE,
+            method,
+            "a{sv}",
+        ];
+        args.extend_from_slice(options);
+        self.busctl(user, &args).await
+    }
+
+    async fn driver(&self, address: &str) -> String {
+        let out = self
+            .busctl(
+                None,
+                &[
+                    "get-property",
+                    BUS_NAME,
+                    &path(address),
+                    DEVICE_IFACE,
+                    "Driver",
+                ],
+            )
+            .await;
+        let text = out.expect_success("get-property Driver").trim().to_owned();
+        text.strip_prefix("s ")
+            .unwrap_or_else(|| panic!("not a string: {text}"))
+            .trim_matches('"')
+            .to_owned()
+    }
+}
+
+type Managed = BTreeMap<String, BTreeMap<String, BTreeMap<String, Val>>>;
+
+/// The paths of the objects with the device interface.
+fn device_objects(managed: &Managed) -> BTreeSet<String> {
+    managed
+        .iter()
+        .filter(|(_, ifaces)| ifaces.contains_key(DEVICE_IFACE))
+        .map(|(p, _)| p.clone())
+        .collect()
+}
+
+/// `(error name, message)` of a failed zbus call.
+fn method_error(e: zbus::Error) -> (String, String) {
+    match e {
+        zbus::Error::MethodError(name, message, _) => {
+            (name.to_string(), message.unwrap_or_default())
+        }
+        zbus::Error::FDO(e) => {
+            let name = zbus::DBusError::name(&*e).to_string();
+            (
+                name,
+                zbus::DBusError::description(&*e)
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        }
+        other => panic!("not a method error: {other:?}"),
+    }
+}
+
+fn opts<'a>(pairs: &[(&'a str, Variant<'a>)]) -> HashMap<&'a str, Variant<'a>> {
+    pairs.iter().map(|(k, v)| (*k, v.clone())).collect()
+}
+
+fn w(path: &str, value: &str) -> (String, String) {
+    (path.to_owned(), value.to_owned())
+}
+
+fn detach_writes(address: &str) -> Vec<(String, String)> {
+    vec![
+        w(
+            &format!("bus/pci/devices/{address}/driver_override"),
+            "vfio-pci",
+        ),
+        w(&format!("bus/pci/devices/{address}/driver/unbind"), address),
+        w("bus/pci/drivers_probe", address),
+    ]
+}
+
+fn reattach_writes(address: &str, original: &str) -> Vec<(String, String)> {
+    vec![
+        w(&format!("bus/pci/devices/{address}/driver_override"), "\n"),
+        w("bus/pci/drivers/vfio-pci/unbind", address),
+        w(&format!("bus/pci/drivers/{original}/bind"), address),
+    ]
+}
+
+/// `(path, sorted changed names, values)` of a PropertiesChanged of the
+/// device interface with nothing invalidated.
+fn changed(sig: &Sig) -> (String, BTreeMap<String, Val>) {
+    match sig {
+        Sig::Changed {
+            path,
+            interface,
+            changed,
+            invalidated,
+        } => {
+            assert_eq!(interface, DEVICE_IFACE, "{sig:?}");
+            assert!(invalidated.is_empty(), "{sig:?}");
+            (path.clone(), vals(changed))
+        }
+        other => panic!("expected PropertiesChanged, got {other:?}"),
+    }
+}
+
+fn changes(sigs: &[Sig]) -> Vec<(String, BTreeMap<String, Val>)> {
+    sigs.iter().map(changed).collect()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Objects and properties
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_device_is_an_object_with_all_properties() {
+    let world = World::start(host(), None, None).await;
+    let managed = world.managed().await;
+    assert_eq!(
+        device_objects(&managed),
+        ALL.iter().map(|a| path(a)).collect()
+    );
+    // zbus also lists the intermediate node `…/devices`; it must carry no
+    // interface of ours.
+    for (object, ifaces) in &managed {
+        if !object.starts_with("/org/example/VmManager/devices/pci_") {
+            assert_eq!(object, "/org/example/VmManager/devices");
+            assert!(
+                ifaces
+                    .keys()
+                    .all(|i| i.starts_with("org.freedesktop.DBus.")),
+                "{object}: {ifaces:?}"
+            );
+        }
+    }
+    for address in ALL {
+        let ifaces = &managed[&path(address)];
+        let props = ifaces
+            .get(DEVICE_IFACE)
+            .unwrap_or_else(|| panic!("{address}: no {DEVICE_IFACE} in {ifaces:?}"));
+        assert_eq!(props, &expected(address), "{address}");
+    }
+
+    // Typed proxies agree.
+    let audio = world.device(AUDIO).await;
+    assert_eq!(audio.address().await.unwrap(), AUDIO);
+    assert_eq!(audio.driver().await.unwrap(), "snd_hda_intel");
+    assert!(!audio.passthrough_ready().await.unwrap());
+    assert!(world.device(VF0).await.passthrough_ready().await.unwrap());
+
+    // Reading needs no authorization: nobody, with no polkitd at all.
+    let world = &world;
+    let get = |address: &str, name: &str| {
+        let object = path(address);
+        let name = name.to_owned();
+        async move {
+            let out = world
+                .busctl(
+                    Some((NOBODY, NOBODY)),
+                    &["get-property", BUS_NAME, &object, DEVICE_IFACE, &name],
+                )
+                .await;
+            out.expect_success("get-property as nobody")
+                .trim()
+                .to_owned()
+        }
+    };
+    assert_eq!(get(GPU, "Driver").await, "s \"nvidia\"");
+    assert_eq!(get(GPU, "VendorId").await, "q 4318");
+    assert_eq!(get(GPU, "Class").await, "u 196608");
+    assert_eq!(get(USB, "IommuGroup").await, "i -1");
+    assert_eq!(get(VF1, "PhysicalFunction").await, "s \"0000:02:00.0\"");
+    assert_eq!(get(PF, "SriovTotalVfs").await, "u 64");
+    assert_eq!(get(VF0, "PassthroughReady").await, "b true");
+    assert_eq!(get(AUDIO, "ResourceName").await, "s \"nvidia.com/any\"");
+    assert_eq!(get(USB, "InUseBy").await, "aa{sv} 0");
+    assert_eq!(
+        get(GPU, "IommuGroupDevices").await,
+        "as 3 \"0000:00:01.0\" \"0000:01:00.0\" \"0000:01:00.1\""
+    );
+    assert_eq!(
+        get(GPU, "PassthroughBlockers").await,
+        "as 2 \"bound to nvidia, not vfio-pci\" \
+         \"0000:01:00.1 in the same IOMMU group is bound to snd_hda_intel\""
+    );
+    let out = world
+        .busctl(
+            Some((NOBODY, NOBODY)),
+            &[
+                "call",
+                BUS_NAME,
+                MANAGER_PATH,
+                "org.freedesktop.DBus.ObjectManager",
+                "GetManagedObjects",
+            ],
+        )
+        .await;
+    let listing = out.expect_success("GetManagedObjects as nobody");
+    for address in ALL {
+        assert!(
+            listing.contains(&path(address)),
+            "{address} missing: {listing}"
+        );
+    }
+    // Properties cannot be set, by nobody or root.
+    for user in [Some((NOBODY, NOBODY)), None] {
+        let out = world
+            .busctl(
+                user,
+                &[
+                    "set-property",
+                    BUS_NAME,
+                    &path(GPU),
+                    DEVICE_IFACE,
+                    "Driver",
+                    "s",
+                    "vfio-pci",
+                ],
+            )
+            .await;
+        assert!(!out.success(), "{out:#?}");
+    }
+    assert_eq!(world.driver(GPU).await, "nvidia");
+}
+
+// ---------------------------------------------------------------------------
+// 2. Events → signals
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_produce_exactly_the_signals_of_the_changes() {
+    let world = World::start(host(), None, None).await;
+    let fs = &world.fs;
+    let mut signals = world.signals().await;
+
+    // add → InterfacesAdded with the full dict, then Uevent("add").
+    const NEW: &str = "0000:05:00.0";
+    fs.add(NEW, 0x1b36, 0x000d, 0x0c0330)
+        .driver("xhci_hcd")
+        .iommu_group(5)
+        .names("Red Hat, Inc.", "QEMU XHCI Host Controller");
+    world.svc.send(ev(DeviceAction::Add, NEW)).await;
+    let before = signals.until_uevent(&path(NEW), "add").await;
+    let [
+        Sig::Added {
+            path: p,
+            interfaces,
+        },
+    ] = before.as_slice()
+    else {
+        panic!("expected one InterfacesAdded: {before:#?}")
+    };
+    assert_eq!(p, &path(NEW));
+    let want = props(&[
+        ("Address", s(NEW)),
+        ("VendorId", Val::Q(0x1b36)),
+        ("DeviceId", Val::Q(0x000d)),
+        ("SubsystemVendorId", Val::Q(0)),
+        ("SubsystemDeviceId", Val::Q(0)),
+        ("Class", Val::U(0x0c0330)),
+        ("VendorName", s("Red Hat, Inc.")),
+        ("DeviceName", s("QEMU XHCI Host Controller")),
+        ("Driver", s("xhci_hcd")),
+        ("IommuGroup", Val::I(5)),
+        ("IommuGroupDevices", strs(&[NEW])),
+        ("NumaNode", Val::I(-1)),
+        ("SriovTotalVfs", Val::U(0)),
+        ("SriovNumVfs", Val::U(0)),
+        ("PhysicalFunction", s("")),
+        ("Permitted", Val::B(false)),
+        ("ResourceName", s("")),
+        ("PassthroughReady", Val::B(false)),
+        (
+            "PassthroughBlockers",
+            strs(&["bound to xhci_hcd, not vfio-pci"]),
+        ),
+        ("InUseBy", Val::Dicts(vec![])),
+    ]);
+    let device_props = interfaces
+        .get(DEVICE_IFACE)
+        .unwrap_or_else(|| panic!("no {DEVICE_IFACE}: {interfaces:?}"));
+    assert_eq!(vals(device_props), want);
+    assert_eq!(world.managed().await[&path(NEW)][DEVICE_IFACE], want);
+
+    // bind AUDIO to vfio-pci: AUDIO's own change first, then each other
+    // group member (address order) with exactly what changed for it.
+    fs.rebind(AUDIO, "vfio-pci");
+    world.svc.send(ev(DeviceAction::Bind, AUDIO)).await;
+    let got = changes(&signals.until_uevent(&path(AUDIO), "bind").await);
+    let gpu_nvidia = "0000:01:00.0 in the same IOMMU group is bound to nvidia";
+    assert_eq!(
+        got,
+        vec![
+            (
+                path(AUDIO),
+                props(&[
+                    ("Driver", s("vfio-pci")),
+                    ("PassthroughBlockers", strs(&[gpu_nvidia])),
+                ])
+            ),
+            (
+                path(BRIDGE),
+                props(&[("PassthroughBlockers", strs(&[BRIDGE_BLOCKER, gpu_nvidia]))])
+            ),
+            (
+                path(GPU),
+                props(&[(
+                    "PassthroughBlockers",
+                    strs(&["bound to nvidia, not vfio-pci"])
+                )])
+            ),
+        ]
+    );
+
+    // The same event again: only its Uevent, no change.
+    world.svc.send(ev(DeviceAction::Bind, AUDIO)).await;
+    let got = signals.until_uevent(&path(AUDIO), "bind").await;
+    assert!(got.is_empty(), "a repeated event changed things: {got:#?}");
+
+    // bind GPU: the whole group (bridge excepted) is on vfio-pci now.
+    fs.rebind(GPU, "vfio-pci");
+    world.svc.send(ev(DeviceAction::Bind, GPU)).await;
+    let got = changes(&signals.until_uevent(&path(GPU), "bind").await);
+    assert_eq!(
+        got,
+        vec![
+            (
+                path(GPU),
+                props(&[
+                    ("Driver", s("vfio-pci")),
+                    ("PassthroughBlockers", strs(&[])),
+                    ("PassthroughReady", Val::B(true)),
+                ])
+            ),
+            (
+                path(BRIDGE),
+                props(&[("PassthroughBlockers", strs(&[BRIDGE_BLOCKER]))])
+            ),
+            (
+                path(AUDIO),
+                props(&[
+                    ("PassthroughBlockers", strs(&[])),
+                    ("PassthroughReady", Val::B(true)),
+                ])
+            ),
+        ]
+    );
+    assert!(world.device(AUDIO).await.passthrough_ready().await.unwrap());
+
+    // unbind GPU: a member without a driver blocks nobody else, so only
+    // the GPU itself changes.
+    fs.unbind(GPU);
+    world.svc.send(ev(DeviceAction::Unbind, GPU)).await;
+    let got = changes(&signals.until_uevent(&path(GPU), "unbind").await);
+    assert_eq!(
+        got,
+        vec![(
+            path(GPU),
+            props(&[
+                ("Driver", s("")),
+                ("PassthroughBlockers", strs(&[NO_DRIVER_BLOCKER])),
+                ("PassthroughReady", Val::B(false)),
+            ])
+        )]
+    );
+
+    // remove → InterfacesRemoved and no Uevent (a later event is the
+    // barrier: everything before it has been published).
+    fs.remove(NEW);
+    world.svc.send(ev(DeviceAction::Remove, NEW)).await;
+    world.svc.send(ev(DeviceAction::Change, USB)).await;
+    let got = signals.until_uevent(&path(USB), "change").await;
+    let [
+        Sig::Removed {
+            path: p,
+            interfaces,
+        },
+    ] = got.as_slice()
+    else {
+        panic!("expected one InterfacesRemoved: {got:#?}")
+    };
+    assert_eq!(p, &path(NEW));
+    assert!(
+        interfaces.iter().any(|i| i == DEVICE_IFACE),
+        "{interfaces:?}"
+    );
+    assert!(!world.managed().await.contains_key(&path(NEW)));
+
+    // Unannounced changes, then Resync: exactly the differences, in
+    // address order.
+    const NEW2: &str = "0000:06:00.0";
+    fs.rebind(VF1, "vfio-pci");
+    fs.at(USB).numa(0);
+    fs.remove(VF0);
+    fs.at(PF).sriov(64, 1);
+    fs.add(NEW2, 0x1af4, 0x1041, 0x020000);
+    world.svc.send(MonitorMessage::Resync).await;
+    world.svc.send(ev(DeviceAction::Change, USB)).await;
+    let got = signals.until_uevent(&path(USB), "change").await;
+    assert_eq!(got.len(), 5, "{got:#?}");
+    assert_eq!(
+        changed(&got[0]),
+        (path(USB), props(&[("NumaNode", Val::I(0))]))
+    );
+    assert_eq!(
+        changed(&got[1]),
+        (path(PF), props(&[("SriovNumVfs", Val::U(1))]))
+    );
+    assert!(
+        matches!(&got[2], Sig::Removed { path: p, .. } if *p == path(VF0)),
+        "{:?}",
+        got[2]
+    );
+    assert_eq!(
+        changed(&got[3]),
+        (
+            path(VF1),
+            props(&[
+                ("Driver", s("vfio-pci")),
+                ("PassthroughBlockers", strs(&[])),
+                ("PassthroughReady", Val::B(true)),
+            ])
+        )
+    );
+    match &got[4] {
+        Sig::Added {
+            path: p,
+            interfaces,
+        } => {
+            assert_eq!(p, &path(NEW2));
+            let added = vals(&interfaces[DEVICE_IFACE]);
+            assert_eq!(added["Address"], s(NEW2));
+            assert_eq!(added["IommuGroup"], Val::I(-1));
+            assert_eq!(
+                added["PassthroughBlockers"],
+                strs(&[NO_GROUP_BLOCKER, NO_DRIVER_BLOCKER])
+            );
+        }
+        other => panic!("expected InterfacesAdded of {NEW2}: {other:?}"),
+    }
+
+    // A second Resync finds nothing; the Uevent also reaches a typed
+    // proxy's signal stream.
+    let usb = world.device(USB).await;
+    let mut uevents = usb.receive_uevent().await.unwrap();
+    world.svc.send(MonitorMessage::Resync).await;
+    world.svc.send(ev(DeviceAction::Change, USB)).await;
+    let got = signals.until_uevent(&path(USB), "change").await;
+    assert!(got.is_empty(), "{got:#?}");
+    let uevent = tokio::time::timeout(Duration::from_secs(10), uevents.next())
+        .await
+        .expect("Uevent on the proxy")
+        .unwrap();
+    assert_eq!(uevent.args().unwrap().action, "change");
+
+    // Other actions arrive under their own name; nothing else is pending.
+    world
+        .svc
+        .send(ev(DeviceAction::Other("move".into()), PF))
+        .await;
+    let got = signals.until_uevent(&path(PF), "move").await;
+    assert!(got.is_empty(), "{got:#?}");
+    let rest = signals.quiet(Duration::from_millis(300)).await;
+    assert!(rest.is_empty(), "{rest:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// 3. Detach / Reattach
+// ---------------------------------------------------------------------------
+
+/// GPU (nvidia) and its audio function (snd_hda_intel) in group 1;
+/// vfio-pci loaded unless `vfio` is false.
+fn gpu_tree(vfio: bool) -> FakeSysfs {
+    let fs = FakeSysfs::new();
+    fs.device(GPU, 0x10de, 0x1eb8, 0x030000)
+        .driver("nvidia")
+        .iommu_group(1);
+    fs.device(AUDIO, 0x10de, 0x10f8, 0x040300)
+        .driver("snd_hda_intel")
+        .iommu_group(1);
+    if vfio {
+        fs.driver_dir("vfio-pci");
+    }
+    fs
+}
+
+async fn gpu_world(vfio: bool, polkit: PolkitBuilder) -> (World, FakeKernel) {
+    let fs = gpu_tree(vfio);
+    let kernel = FakeKernel::new(&fs.root());
+    let world = World::start(fs, Some(polkit), Some(kernel.binder())).await;
+    (world, kernel)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn detach_and_reattach_as_root() {
+    let (world, kernel) = gpu_world(true, Polkit::builder()).await;
+    let mut signals = world.signals().await;
+
+    let out = world.call(None, AUDIO, "Detach", &["0"]).await;
+    out.expect_success("Detach as root");
+    assert_eq!(out.stdout.trim(), "");
+    // The objects show the result as soon as the call returns.
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+    assert_eq!(
+        world
+            .device(GPU)
+            .await
+            .passthrough_blockers()
+            .await
+            .unwrap(),
+        vec!["bound to nvidia, not vfio-pci".to_owned()]
+    );
+    assert_eq!(kernel.take_log(), detach_writes(AUDIO));
+    assert_eq!(world.fs.read_attr(AUDIO, "driver_override"), "vfio-pci\n");
+    // Published as property changes; a re-read of our own is no uevent.
+    let got = signals.quiet(Duration::from_millis(300)).await;
+    assert_eq!(
+        changes(&got),
+        vec![
+            (
+                path(AUDIO),
+                props(&[
+                    ("Driver", s("vfio-pci")),
+                    (
+                        "PassthroughBlockers",
+                        strs(&["0000:01:00.0 in the same IOMMU group is bound to nvidia"])
+                    ),
+                ])
+            ),
+            (
+                path(GPU),
+                props(&[(
+                    "PassthroughBlockers",
+                    strs(&["bound to nvidia, not vfio-pci"])
+                )])
+            ),
+        ]
+    );
+
+    // Already detached: a no-op without writes.
+    world
+        .call(
+            None,
+            AUDIO,
+            "Detach",
+            &["1", "auth.no-user-interaction", "b", "true"],
+        )
+        .await
+        .expect_success("second Detach");
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+
+    // Reattach restores the original driver.
+    world
+        .call(None, AUDIO, "Reattach", &["0"])
+        .await
+        .expect_success("Reattach");
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    assert_eq!(kernel.take_log(), reattach_writes(AUDIO, "snd_hda_intel"));
+    assert_eq!(world.fs.read_attr(AUDIO, "driver_override"), "(null)\n");
+    let audio = &world.managed().await[&path(AUDIO)][DEVICE_IFACE];
+    assert_eq!(audio["Driver"], s("snd_hda_intel"));
+    assert_eq!(
+        audio["PassthroughBlockers"],
+        strs(&[
+            "bound to snd_hda_intel, not vfio-pci",
+            "0000:01:00.0 in the same IOMMU group is bound to nvidia"
+        ])
+    );
+
+    // Nothing to give back: a no-op without writes.
+    world
+        .call(None, AUDIO, "Reattach", &["0"])
+        .await
+        .expect_success("second Reattach");
+    assert_eq!(kernel.take_log(), vec![]);
+
+    // The same through the typed client.
+    let gpu = world.device(GPU).await;
+    gpu.detach(opts(&[("auth.no-user-interaction", Variant::from(true))]))
+        .await
+        .unwrap();
+    assert_eq!(gpu.driver().await.unwrap(), "vfio-pci");
+    assert_eq!(kernel.take_log(), detach_writes(GPU));
+    gpu.reattach(HashMap::new()).await.unwrap();
+    assert_eq!(gpu.driver().await.unwrap(), "nvidia");
+    assert_eq!(kernel.take_log(), reattach_writes(GPU, "nvidia"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_options_are_invalid_arguments_without_writes() {
+    let (world, kernel) = gpu_world(true, Polkit::builder()).await;
+    let audio = world.device(AUDIO).await;
+    for (options, needle) in [
+        (opts(&[("bogus", Variant::from(true))]), "bogus"),
+        (
+            opts(&[("auth.no-user-interaction", Variant::from("yes"))]),
+            "type 'b'",
+        ),
+        (
+            opts(&[("auth.no-user-interaction", Variant::from(1u32))]),
+            "type 'b'",
+        ),
+    ] {
+        for detach in [true, false] {
+            let result = if detach {
+                audio.detach(options.clone()).await
+            } else {
+                audio.reattach(options.clone()).await
+            };
+            let (name, message) = method_error(result.unwrap_err());
+            assert_eq!(name, format!("{ERROR_PREFIX}InvalidArgument"), "{message}");
+            assert!(message.contains(needle), "{message}");
+        }
+    }
+    // The same from busctl, as root and as nobody (options are checked
+    // before polkit is asked).
+    for user in [None, Some((NOBODY, NOBODY))] {
+        let out = world
+            .call(user, AUDIO, "Detach", &["1", "force", "b", "true"])
+            .await;
+        assert!(!out.success(), "{out:#?}");
+        assert!(out.stderr.contains("unknown option"), "{out:#?}");
+    }
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn detach_without_vfio_pci_is_not_supported() {
+    let (world, kernel) = gpu_world(false, Polkit::builder()).await;
+    let err = world
+        .device(AUDIO)
+        .await
+        .detach(HashMap::new())
+        .await
+        .unwrap_err();
+    let (name, message) = method_error(err);
+    assert_eq!(name, format!("{ERROR_PREFIX}NotSupported"), "{message}");
+    assert!(message.contains("modprobe vfio-pci"), "{message}");
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    let out = world.call(None, AUDIO, "Detach", &["0"]).await;
+    assert!(
+        !out.success() && out.stderr.contains("modprobe"),
+        "{out:#?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn detach_of_a_group_in_use_names_the_process() {
+    let fs = gpu_tree(true);
+    let kernel = FakeKernel::new(&fs.root());
+    let (bus, polkit) = tokio::task::spawn_blocking(|| {
+        let bus = TestBus::start();
+        let polkit = Polkit::builder().start(&bus);
+        (bus, polkit)
+    })
+    .await
+    .unwrap();
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/1");
+    fs::write(&node, "").unwrap();
+    let settings = inproc::settings(&fs, dev.path(), allow_list());
+    let svc = InProcService::start_with(&bus, settings, kernel.binder(), dev).await;
+    let client = bus.connect().await;
+    let world = World {
+        svc,
+        client,
+        _polkit: Some(polkit),
+        bus,
+        fs,
+    };
+
+    // Nobody holds it yet.
+    assert_eq!(
+        world.get(&path(AUDIO), "InUseBy").await.unwrap(),
+        Val::Dicts(vec![])
+    );
+
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 3<"$0"; exec sleep 600"#)
+        .arg(&node)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut holder = ChildGuard::new(child, "vfio holder");
+    let pid = holder.pid();
+    let sleep = fs::canonicalize(
+        std::env::split_paths(&std::env::var_os("PATH").unwrap())
+            .map(|d| d.join("sleep"))
+            .find(|p| p.exists())
+            .unwrap(),
+    )
+    .unwrap();
+    let want = Val::Dicts(vec![BTreeMap::from([
+        ("pid".to_owned(), pid.to_string()),
+        ("exe".to_owned(), sleep.display().to_string()),
+        ("vm-name".to_owned(), String::new()),
+    ])]);
+    // The shell opens the file and execs sleep asynchronously.
+    let mut users = Val::Dicts(vec![]);
+    for _ in 0..500 {
+        users = world.get(&path(AUDIO), "InUseBy").await.unwrap();
+        if users == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(users, want);
+    // Every member of the group shows it.
+    assert_eq!(world.get(&path(GPU), "InUseBy").await.unwrap(), want);
+
+    for method in ["Detach", "Reattach"] {
+        let err = world
+            .client
+            .call_method(
+                Some(BUS_NAME),
+                path(AUDIO).as_str(),
+                Some(DEVICE_IFACE),
+                method,
+                &(HashMap::<&str, Variant<'_>>::new(),),
+            )
+            .await
+            .unwrap_err();
+        let (name, message) = method_error(err);
+        assert_eq!(name, format!("{ERROR_PREFIX}InUse"), "{message}");
+        assert!(message.contains(&format!("PID {pid}")), "{message}");
+        assert!(message.contains("/dev/vfio/1"), "{message}");
+    }
+    let out = world.call(None, GPU, "Detach", &["0"]).await;
+    assert!(!out.success(), "{out:#?}");
+    assert!(out.stderr.contains(&format!("PID {pid}")), "{out:#?}");
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+
+    // Once the holder is gone, the same call goes through.
+    holder.kill_and_wait();
+    assert_eq!(
+        world.get(&path(AUDIO), "InUseBy").await.unwrap(),
+        Val::Dicts(vec![])
+    );
+    world
+        .call(None, AUDIO, "Detach", &["0"])
+        .await
+        .expect_success("Detach after the holder exited");
+    assert_eq!(kernel.take_log(), detach_writes(AUDIO));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nobody_needs_the_manage_devices_action() {
+    let (world, kernel) = gpu_world(true, Polkit::builder()).await;
+    let nobody = Some((NOBODY, NOBODY));
+    for (method, options) in [
+        (
+            "Detach",
+            &["1", "auth.no-user-interaction", "b", "true"][..],
+        ),
+        ("Detach", &["0"][..]),
+        (
+            "Reattach",
+            &["1", "auth.no-user-interaction", "b", "true"][..],
+        ),
+    ] {
+        let out = world.call(nobody, AUDIO, method, options).await;
+        assert!(!out.success(), "{out:#?}");
+        assert!(out.stderr.contains("not authorized"), "{method}: {out:#?}");
+        assert!(
+            out.stderr.contains("org.example.vmmanager.manage-devices"),
+            "{out:#?}"
+        );
+    }
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    // Reading is still fine.
+    let out = world
+        .busctl(
+            nobody,
+            &[
+                "get-property",
+                BUS_NAME,
+                &path(AUDIO),
+                DEVICE_IFACE,
+                "Driver",
+            ],
+        )
+        .await;
+    assert_eq!(
+        out.expect_success("read as nobody").trim(),
+        "s \"snd_hda_intel\""
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nobody_with_a_polkit_rule_may_detach() {
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.manage-devices", "nobody");
+    let (world, kernel) = gpu_world(true, polkit).await;
+    let nobody = Some((NOBODY, NOBODY));
+    world
+        .call(
+            nobody,
+            AUDIO,
+            "Detach",
+            &["1", "auth.no-user-interaction", "b", "true"],
+        )
+        .await
+        .expect_success("Detach as nobody with the rule");
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+    assert_eq!(kernel.take_log(), detach_writes(AUDIO));
+    world
+        .call(nobody, AUDIO, "Reattach", &["0"])
+        .await
+        .expect_success("Reattach as nobody with the rule");
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    assert_eq!(kernel.take_log(), reattach_writes(AUDIO, "snd_hda_intel"));
+}
+
+// ---------------------------------------------------------------------------
+// 4. Bad input
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unknown_and_malformed_device_paths() {
+    let world = World::start(gpu_tree(true), None, None).await;
+    for object in [
+        "/org/example/VmManager/devices/pci_zz",
+        "/org/example/VmManager/devices/pci_0000_09_00_0",
+        "/org/example/VmManager/devices/pci_0000_01_00_0/x",
+        "/org/example/VmManager/devices/pci_0000_01_00_0_",
+    ] {
+        let (name, _) = method_error(world.get(object, "Driver").await.unwrap_err());
+        assert_eq!(name, "org.freedesktop.DBus.Error.UnknownObject", "{object}");
+        let err = world
+            .client
+            .call_method(
+                Some(BUS_NAME),
+                object,
+                Some(DEVICE_IFACE),
+                "Detach",
+                &(HashMap::<&str, Variant<'_>>::new(),),
+            )
+            .await
+            .unwrap_err();
+        let (name, _) = method_error(err);
+        assert_eq!(name, "org.freedesktop.DBus.Error.UnknownObject", "{object}");
+    }
+    // The intermediate node exists, without the device interface.
+    let (name, _) = method_error(
+        world
+            .get("/org/example/VmManager/devices", "Driver")
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(name, "org.freedesktop.DBus.Error.UnknownInterface");
+    let out = world
+        .busctl(
+            Some((NOBODY, NOBODY)),
+            &[
+                "get-property",
+                BUS_NAME,
+                "/org/example/VmManager/devices/pci_zz",
+                DEVICE_IFACE,
+                "Driver",
+            ],
+        )
+        .await;
+    assert!(!out.success(), "{out:#?}");
+    // The service is unharmed.
+    assert_eq!(world.driver(GPU).await, "nvidia");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_sysfs_contents_do_not_break_the_service() {
+    const HUGE_VENDOR: &str = "0000:03:00.0";
+    const BINARY_CLASS: &str = "0000:03:00.1";
+    const PARTIAL: &str = "0000:03:00.2";
+    const DANGLING: &str = "0000:03:00.3";
+    let fs = gpu_tree(true);
+    let huge = vec![b'1'; 1 << 20];
+    fs.device(HUGE_VENDOR, 0x1234, 0x0001, 0x020000);
+    fs.write_attr(HUGE_VENDOR, "vendor", &huge);
+    fs.device(BINARY_CLASS, 0x1234, 0x0002, 0x020000);
+    fs.write_attr(BINARY_CLASS, "class", b"0x\xff\xfe\x00\n");
+    // Readable ids, everything optional hostile.
+    fs.device(PARTIAL, 0x1234, 0x0003, 0x020000).iommu_group(9);
+    fs.write_attr(PARTIAL, "numa_node", &huge);
+    fs.write_attr(PARTIAL, "subsystem_vendor", b"\xff\xff\n");
+    fs.write_attr(PARTIAL, "sriov_totalvfs", b"-7\n");
+    symlink("../not-an-address", fs.device_dir(PARTIAL).join("physfn")).unwrap();
+    // The group directory goes away: a dangling iommu_group link.
+    fs::remove_dir_all(fs.group_dir(9)).unwrap();
+    // hwdb names amid garbage; a huge database file for the GPU.
+    let mut db = b"I:1\nE:\xff\xfe=\x00\nE:ID_VENDOR_FROM_DATABASE=Hostile Inc.\n".to_vec();
+    db.extend_from_slice(b"E:ID_MODEL_FROM_DATABASE=Partial \xff Device\n");
+    fs::write(fs.udev_data_dir().join(format!("+pci:{PARTIAL}")), db).unwrap();
+    let mut big_db = b"E:ID_VENDOR_FROM_DATABASE=Big\n".to_vec();
+    big_db.extend(std::iter::repeat_n(b'x', 1 << 20));
+    fs::write(fs.udev_data_dir().join(format!("+pci:{GPU}")), big_db).unwrap();
+    // A bus link to nothing, and entries that are not addresses.
+    symlink(
+        format!("../../../devices/pci0000:00/{DANGLING}"),
+        fs.bus_link(DANGLING),
+    )
+    .unwrap();
+    symlink("/nonexistent", fs.root().join("bus/pci/devices/garbage")).unwrap();
+    fs::write(fs.root().join("bus/pci/devices/0000:zz:00.0"), "x").unwrap();
+
+    let world = World::start(fs, None, None).await;
+    let managed = world.managed().await;
+    let want: BTreeSet<String> = [GPU, AUDIO, PARTIAL].iter().map(|a| path(a)).collect();
+    assert_eq!(device_objects(&managed), want);
+    let partial = &managed[&path(PARTIAL)][DEVICE_IFACE];
+    assert_eq!(partial["DeviceId"], Val::Q(3));
+    assert_eq!(partial["NumaNode"], Val::I(-1));
+    assert_eq!(partial["SubsystemVendorId"], Val::Q(0));
+    assert_eq!(partial["SriovTotalVfs"], Val::U(0));
+    assert_eq!(partial["PhysicalFunction"], s(""));
+    assert_eq!(partial["IommuGroup"], Val::I(9));
+    assert_eq!(partial["IommuGroupDevices"], strs(&[PARTIAL]));
+    assert_eq!(partial["VendorName"], s("Hostile Inc."));
+    assert_eq!(partial["DeviceName"], s("Partial \u{fffd} Device"));
+    let gpu = &managed[&path(GPU)][DEVICE_IFACE];
+    assert_eq!(gpu["VendorName"], s(""));
+    assert_eq!(gpu["Driver"], s("nvidia"));
+
+    // Events about the unreadable devices publish nothing and break
+    // nothing; the service keeps handling events.
+    let mut signals = world.signals().await;
+    for (action, address) in [
+        (DeviceAction::Add, HUGE_VENDOR),
+        (DeviceAction::Change, BINARY_CLASS),
+        (DeviceAction::Bind, DANGLING),
+        (DeviceAction::Remove, "0000:0f:1f.7"),
+        (DeviceAction::Change, PARTIAL),
+    ] {
+        world.svc.send(ev(action, address)).await;
+    }
+    world.svc.send(MonitorMessage::Resync).await;
+    world.svc.send(ev(DeviceAction::Change, GPU)).await;
+    let got = signals.until_uevent(&path(GPU), "change").await;
+    assert!(
+        got.iter()
+            .all(|s| matches!(s, Sig::Uevent { path: p, .. } if *p == path(PARTIAL))),
+        "{got:#?}"
+    );
+    // Repaired, the device appears.
+    world.fs.write_attr(HUGE_VENDOR, "vendor", "0x1234\n");
+    world.svc.send(ev(DeviceAction::Change, HUGE_VENDOR)).await;
+    let got = signals.until_uevent(&path(HUGE_VENDOR), "change").await;
+    assert!(
+        matches!(got.as_slice(), [Sig::Added { path: p, .. }] if *p == path(HUGE_VENDOR)),
+        "{got:#?}"
+    );
+    assert_eq!(world.driver(HUGE_VENDOR).await, "");
+}
+
+// ---------------------------------------------------------------------------
+// 5. Stop
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_stop_the_objects_are_gone_and_nothing_is_emitted() {
+    let mut world = World::start(host(), None, None).await;
+    let mut signals = world.signals().await;
+    let events = world.svc.sender();
+
+    // Some work in flight when stop is called.
+    world.fs.rebind(AUDIO, "vfio-pci");
+    world.svc.send(ev(DeviceAction::Bind, AUDIO)).await;
+    world.svc.send(ev(DeviceAction::Change, USB)).await;
+    world.svc.stop().await;
+
+    // A marker sent on the service's connection after stop returned: every
+    // signal of the component must come before it (one sender's messages
+    // arrive in order).
+    world
+        .svc
+        .connection
+        .emit_signal(
+            None::<&str>,
+            "/org/example/Test",
+            "org.example.Test",
+            "Marker",
+            &(),
+        )
+        .await
+        .unwrap();
+    let (before, _) = signals
+        .until(|s| matches!(s, Sig::Other { member, .. } if member == "Marker"))
+        .await;
+    let first_removed = before
+        .iter()
+        .position(|s| matches!(s, Sig::Removed { .. }))
+        .unwrap_or_else(|| panic!("no InterfacesRemoved before stop returned: {before:#?}"));
+    let removed: BTreeSet<String> = before[first_removed..]
+        .iter()
+        .map(|s| match s {
+            Sig::Removed { path, interfaces } => {
+                assert_eq!(interfaces, &vec![DEVICE_IFACE.to_owned()]);
+                path.clone()
+            }
+            other => panic!("{other:?} after the objects were being removed"),
+        })
+        .collect();
+    let all: BTreeSet<String> = ALL.iter().map(|a| path(a)).collect();
+    assert_eq!(removed, all);
+    assert_eq!(before[first_removed..].len(), ALL.len());
+    assert_eq!(device_objects(&world.managed().await), BTreeSet::new());
+    let (name, _) = method_error(world.get(&path(GPU), "Driver").await.unwrap_err());
+    assert_eq!(name, "org.freedesktop.DBus.Error.UnknownObject");
+
+    // Nothing listens any more; tree changes and events go nowhere.
+    world.fs.rebind(GPU, "vfio-pci");
+    world.fs.remove(VF1);
+    let sent = events.send(ev(DeviceAction::Bind, GPU)).await;
+    assert!(sent.is_err(), "the event channel is still open after stop");
+    let late = signals.quiet(Duration::from_millis(300)).await;
+    assert!(late.is_empty(), "signals after stop: {late:#?}");
+    assert!(
+        world.managed().await.is_empty(),
+        "{:?}",
+        world.managed().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stop_right_after_start_and_guard_on_panic() {
+    let fs = Arc::new(host());
+    let bus = Arc::new(tokio::task::spawn_blocking(TestBus::start).await.unwrap());
+    let client = bus.connect().await;
+
+    // Start and stop with nothing in flight, repeatedly, on one bus.
+    for _ in 0..5 {
+        let binder = FakeKernel::new(&fs.root()).binder();
+        let mut svc = InProcService::start(&bus, &fs, allow_list(), binder).await;
+        let mut signals = Signals::subscribe(&client, &svc.unique_name()).await;
+        svc.stop().await;
+        svc.connection
+            .emit_signal(
+                None::<&str>,
+                "/org/example/Test",
+                "org.example.Test",
+                "Marker",
+                &(),
+            )
+            .await
+            .unwrap();
+        let (got, _) = signals
+            .until(|s| matches!(s, Sig::Other { member, .. } if member == "Marker"))
+            .await;
+        assert!(
+            got.iter().all(|s| matches!(s, Sig::Removed { .. })),
+            "{got:#?}"
+        );
+        assert_eq!(got.len(), ALL.len(), "{got:#?}");
+        drop(svc);
+        let bus = bus.clone();
+        tokio::task::spawn_blocking(move || bus.wait_for_name_gone(BUS_NAME))
+            .await
+            .unwrap();
+    }
+
+    // A test that panics while its service runs: the guard stops the
+    // service (objects removed, connection closed, name released). Without
+    // it the service task would keep the connection and the name.
+    let (unique_tx, unique_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn({
+        let bus = bus.clone();
+        let fs = fs.clone();
+        async move {
+            let binder = FakeKernel::new(&fs.root()).binder();
+            let svc = InProcService::start(&bus, &fs, allow_list(), binder).await;
+            unique_tx.send(svc.unique_name()).unwrap();
+            let _ = go_rx.await;
+            panic!("deliberate panic with a running service");
+        }
+    });
+    let unique = unique_rx.await.unwrap();
+    let mut signals = Signals::subscribe(&client, &unique).await;
+    go_tx.send(()).unwrap();
+    let err = task.await.unwrap_err();
+    assert!(err.is_panic());
+    let got = signals.quiet(Duration::from_millis(500)).await;
+    let removed = got
+        .iter()
+        .filter(|s| matches!(s, Sig::Removed { .. }))
+        .count();
+    assert_eq!(removed, ALL.len(), "{got:#?}");
+    let bus2 = bus.clone();
+    tokio::task::spawn_blocking(move || bus2.wait_for_name_gone(BUS_NAME))
+        .await
+        .unwrap();
+    let dbus = zbus::fdo::DBusProxy::new(&client).await.unwrap();
+    let owner = dbus
+        .name_has_owner(unique.as_str().try_into().unwrap())
+        .await
+        .unwrap();
+    assert!(!owner, "the panicked service's connection is still open");
+}
