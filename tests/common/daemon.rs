@@ -218,3 +218,15 @@ impl Daemon {
         self.child.is_running()
     }
 }
+
+impl Drop for Daemon {
+    /// SIGTERM first, so the daemon kills qemu-img's process group itself
+    /// (a test that fails mid-check must not leave a stand-in qemu-img
+    /// behind); the guard's SIGKILL only follows if it does not exit.
+    fn drop(&mut self) {
+        if self.child.is_running() {
+            self.child.signal(libc::SIGTERM);
+            let _ = self.child.wait_timeout(Duration::from_secs(10));
+        }
+    }
+}
