@@ -20,8 +20,11 @@
 //!   process's exe and QEMU `-name` (for disk users and VFIO group users).
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
 //! - [`client`]: typed proxies for clients (`vmctl`, tests).
+//! - [`manpage`]: man pages from the binaries' clap definitions.
 //! - [`service`]: the D-Bus boundary: the manager and job objects, option
 //!   parsing, the one D-Bus error enum, and the daemon's run loop.
+//! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
+//!   service on the system bus and shows desktop notifications.
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service) and `vmctl` (CLI).
 
 pub mod auth;
@@ -29,5 +32,7 @@ pub mod client;
 pub mod config;
 pub mod devices;
 pub mod disk;
+pub mod manpage;
+pub mod notify;
 pub mod procfs;
 pub mod service;

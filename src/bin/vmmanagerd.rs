@@ -18,7 +18,13 @@ use vmmanager::service::daemon::{self, Bus};
 /// Logs go to the journal when started by systemd, else to stderr; set
 /// RUST_LOG (e.g. RUST_LOG=debug) to change the level.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about)]
+#[command(
+    name = "vmmanagerd",
+    version,
+    about,
+    long_about,
+    after_long_help = EXIT_STATUS_HELP
+)]
 struct Args {
     /// Serve on this D-Bus address instead of the system bus (development
     /// and tests), e.g. unix:path=/tmp/test-bus.
@@ -29,6 +35,69 @@ struct Args {
     /// if it exists; every setting has a built-in default.
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
+
+    /// Write the man page vmmanagerd.8 into DIR and exit (`make` runs this).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_man: Option<PathBuf>,
+}
+
+const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0   stopped by SIGTERM or SIGINT
+  1   error: e.g. the bus name is taken or the bus is gone
+  2   wrong command-line usage
+  78  the configuration file is invalid (EX_CONFIG)";
+
+/// vmmanagerd(8), from the same clap definitions as `--help`.
+fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
+    use clap::CommandFactory;
+    use vmmanager::manpage::{self, Body, Section};
+    let items = |list: &[(&str, &str)]| {
+        let list = list.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Body::Items(list.collect())
+    };
+    let extra = [
+        Section::new(
+            "FILES",
+            items(&[(
+                DEFAULT_CONFIG_PATH,
+                "Configuration (TOML); every setting has a default, so the file is optional.",
+            )]),
+        ),
+        Section::new(
+            "ENVIRONMENT",
+            items(&[
+                (
+                    "DBUS_SYSTEM_BUS_ADDRESS",
+                    "The system bus to serve on when --bus-address is not given.",
+                ),
+                (
+                    "RUST_LOG",
+                    "Log filter, e.g. debug or vmmanager=trace (default: info).",
+                ),
+                (
+                    "JOURNAL_STREAM",
+                    "Set by systemd: logs go to the journal with structured fields.",
+                ),
+            ]),
+        ),
+        Section::new(
+            "SEE ALSO",
+            Body::SeeAlso(
+                [
+                    ("vmctl", "1"),
+                    ("busctl", "1"),
+                    ("polkit", "8"),
+                    ("qemu-img", "1"),
+                    ("dbus-daemon", "1"),
+                ]
+                .map(|(n, s)| (n.to_string(), s.to_string()))
+                .into(),
+            ),
+        ),
+    ];
+    std::fs::create_dir_all(dir)?;
+    manpage::write(dir, Args::command(), "8", &extra).map(|_| ())
 }
 
 fn init_logging() {
@@ -52,6 +121,15 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(dir) = &args.generate_man {
+        return match generate_man(dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vmmanagerd: {}: {e}", dir.display());
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging();
     let (path, explicit) = match &args.config {
         Some(path) => (path.clone(), true),

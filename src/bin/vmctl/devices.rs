@@ -6,7 +6,7 @@ use vmmanager::client::{PciDeviceProxy, device_path, variant_to_json};
 use zbus::fdo::ObjectManagerProxy;
 use zbus::{Connection, Variant};
 
-use crate::{Failure, exit};
+use crate::{Failure, exit, style};
 
 const DEVICE_INTERFACE: &str = "org.example.VmManager1.PciDevice";
 
@@ -143,6 +143,8 @@ pub async fn devices(connection: &Connection, json: bool) -> Result<u8, Failure>
             ]
         })
         .collect();
+    const PASSTHROUGH_COLUMN: usize = 4;
+    const IN_USE_COLUMN: usize = 5;
     let header = [
         "ADDRESS",
         "ID",
@@ -159,13 +161,20 @@ pub async fn devices(connection: &Connection, json: bool) -> Result<u8, Failure>
             *w = (*w).max(cell.chars().count());
         }
     }
-    for row in std::iter::once(&header).chain(&rows) {
+    for (r, row) in std::iter::once(&header).chain(&rows).enumerate() {
         let mut line = String::new();
         for (i, cell) in row.iter().enumerate() {
-            if i + 1 == row.len() {
-                line += cell;
-            } else {
-                line += &format!("{cell:<width$}  ", width = widths[i]);
+            // Colour the text only, then pad: escape codes have no width.
+            let colour = match (r, i, cell.as_str()) {
+                (0, _, _) => Some(style::BOLD),
+                (_, PASSTHROUGH_COLUMN, "ready") => Some(style::GREEN),
+                (_, IN_USE_COLUMN, used) if used != "-" => Some(style::YELLOW),
+                _ => None,
+            };
+            line += &colour.map_or(cell.into(), |c| style::out(c, cell));
+            if i + 1 < row.len() {
+                let padding = widths[i] - cell.chars().count() + 2;
+                line += &" ".repeat(padding);
             }
         }
         println!("{}", line.trim_end());
@@ -236,6 +245,16 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
                 .join(", "),
             other => other.to_string(),
         };
+        let colour = match (key.as_str(), value) {
+            ("PassthroughReady", serde_json::Value::Bool(true)) => Some(style::GREEN),
+            ("PassthroughBlockers" | "InUseBy", serde_json::Value::Array(items))
+                if !items.is_empty() =>
+            {
+                Some(style::YELLOW)
+            }
+            _ => None,
+        };
+        let shown = colour.map_or(shown.as_str().into(), |c| style::out(c, &shown));
         println!("{key:>width$}: {shown}");
     }
     Ok(exit::CLEAN)
@@ -247,6 +266,7 @@ pub async fn rebind(
     options: HashMap<&str, Variant<'_>>,
     address: &str,
     to_vfio: bool,
+    json: bool,
 ) -> Result<u8, Failure> {
     let path = parse_address(address)?;
     let device = PciDeviceProxy::builder(connection)
@@ -261,6 +281,14 @@ pub async fn rebind(
     };
     result.map_err(|e| no_such_device(address, e))?;
     let driver = device.driver().await.unwrap_or_default();
+    if json {
+        // "" for no driver, as in the Driver property.
+        println!(
+            "{:#}",
+            serde_json::json!({ "address": address, "driver": driver })
+        );
+        return Ok(exit::CLEAN);
+    }
     let driver = if driver.is_empty() {
         "no driver".to_owned()
     } else {

@@ -6,7 +6,7 @@ use std::path::Path;
 use vmmanager::client::{JobProxy, ManagerProxy, dict_to_json, variant_to_json};
 use zbus::{Connection, OwnedVariant, Variant};
 
-use crate::{Failure, Repair, absolute, exit};
+use crate::{Failure, Repair, absolute, exit, style};
 
 pub struct CheckArgs<'a> {
     pub path: &'a Path,
@@ -68,13 +68,8 @@ pub async fn check_disk(
             }
             Ok(exit_code_for(&report))
         }
-        Err(e) => {
-            let failure = Failure::from(e);
-            if json {
-                println!("{:#}", failure.to_json(&image));
-            }
-            Err(failure)
-        }
+        // main prints the JSON error document.
+        Err(e) => Err(Failure::from(e)),
     }
 }
 
@@ -90,23 +85,14 @@ pub async fn disk_users(
     if let Some(pidfile) = pidfile {
         options.insert("pidfile", Variant::from(absolute(pidfile)?));
     }
-    let users = match manager.get_disk_users(&image, options).await {
-        Ok(users) => users,
-        Err(e) => {
-            let failure = Failure::from(e);
-            if json {
-                println!("{:#}", failure.to_json(&image));
-            }
-            return Err(failure);
-        }
-    };
+    let users = manager.get_disk_users(&image, options).await?;
     if json {
         let list: Vec<_> = users.iter().map(dict_to_json).collect();
         println!("{:#}", serde_json::Value::Array(list));
     } else if users.is_empty() {
-        println!("{image}: not in use");
+        println!("{image}: {}", style::out(style::GREEN, "not in use"));
     } else {
-        println!("{image}: used by");
+        println!("{image}: {}", style::out(style::YELLOW, "used by"));
         for user in &users {
             println!("  {}", describe_user(user));
         }
@@ -195,14 +181,18 @@ fn print_report(report: &HashMap<String, OwnedVariant>) {
     let format = get_str(report, "format");
     let result = get_str(report, "result");
     let summary = match result {
-        "clean" => "no errors found".to_owned(),
+        "clean" => style::out(style::GREEN, "no errors found").into_owned(),
         "leaks" => format!(
-            "{} leaked cluster(s): wasted space, no data at risk; free it with --repair leaks",
-            get_u64(report, "leaks")
+            "{}: wasted space, no data at risk; free it with --repair leaks",
+            style::out(
+                style::YELLOW,
+                &format!("{} leaked cluster(s)", get_u64(report, "leaks"))
+            )
         ),
         "corrupt" => format!(
-            "CORRUPT: {} corruption(s), {} leaked cluster(s); back up the image before \
+            "{} {} corruption(s), {} leaked cluster(s); back up the image before \
              --repair all",
+            style::out(style::RED, "CORRUPT:"),
             get_u64(report, "corruptions"),
             get_u64(report, "leaks")
         ),
@@ -227,12 +217,16 @@ fn print_report(report: &HashMap<String, OwnedVariant>) {
         );
     }
     if !get_bool(report, "consistent") {
-        println!("  note: checked while in use (--force-share); results may not be consistent");
+        println!(
+            "  {}: checked while in use (--force-share); results may not be consistent",
+            style::out(style::YELLOW, "note")
+        );
     }
     if let Some(Variant::Array(users)) = report.get("users").map(|v| &**v) {
         for user in users.iter() {
             if let Ok(user) = HashMap::<String, OwnedVariant>::try_from(user.clone()) {
-                println!("  used by {}", describe_user(&user));
+                let used_by = style::out(style::YELLOW, "used by");
+                println!("  {used_by} {}", describe_user(&user));
             }
         }
     }

@@ -9,7 +9,9 @@ use zbus::{Connection, Variant};
 
 mod devices;
 mod disk;
+mod generate;
 mod monitor;
+mod style;
 
 /// Exit codes a script can rely on (they follow qemu-img check's where they
 /// overlap).
@@ -38,6 +40,35 @@ Exit status:
   64  wrong command-line usage
   130 interrupted (Ctrl-C cancels the running check)";
 
+// The other subcommands' exit statuses; `vmctl generate man` turns each of
+// these into the EXIT STATUS section of the subcommand's page.
+const DISK_USERS_EXIT_HELP: &str = "\
+Exit status:
+  0   the users were listed (no users is not an error)
+  1   error: the image could not be examined (message on stderr)
+  5   not authorized (polkit said no)
+  64  wrong command-line usage";
+
+const DEVICES_EXIT_HELP: &str = "\
+Exit status:
+  0   success
+  1   error: no such device, or the service cannot be reached
+  64  wrong command-line usage (e.g. not a PCI address)";
+
+const REBIND_EXIT_HELP: &str = "\
+Exit status:
+  0   done; the device's driver now is printed
+  1   error (message on stderr)
+  4   a running VM holds the device's IOMMU group
+  5   not authorized (polkit said no)
+  64  wrong command-line usage (e.g. not a PCI address)";
+
+const MONITOR_EXIT_HELP: &str = "\
+Exit status:
+  0   stopped with Ctrl-C
+  1   error: the service cannot be reached, or the bus connection closed
+  64  wrong command-line usage";
+
 /// Control the VM Manager service (org.example.VmManager).
 ///
 /// vmctl checks VM disk images safely -- never while a running VM uses
@@ -46,7 +77,7 @@ Exit status:
 /// the service's events live. Authorization is decided by polkit: a desktop
 /// session may be asked for a password.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about, after_long_help = EXIT_CODES_HELP)]
+#[command(name = "vmctl", version, about, long_about, after_long_help = EXIT_CODES_HELP)]
 struct Cli {
     /// Talk to the service on this D-Bus address instead of the system bus
     /// (e.g. unix:path=/run/vmmanager-test/bus).
@@ -98,6 +129,7 @@ enum Command {
         json: bool,
     },
     /// Show which VMs and processes use a disk image, without checking it.
+    #[command(after_long_help = DISK_USERS_EXIT_HELP)]
     DiskUsers {
         /// The image file.
         path: PathBuf,
@@ -113,12 +145,14 @@ enum Command {
     /// One line per device: address, vendor:device ids, bound driver, IOMMU
     /// group, passthrough readiness (or the first reason it is not ready),
     /// which VM holds its VFIO group, and the names from the udev hwdb.
+    #[command(after_long_help = DEVICES_EXIT_HELP)]
     Devices {
         /// Print all properties of every device as one JSON array.
         #[arg(long)]
         json: bool,
     },
     /// Show every property of one PCI device.
+    #[command(after_long_help = DEVICES_EXIT_HELP)]
     Device {
         /// The PCI address, e.g. 0000:03:00.0.
         address: String,
@@ -133,16 +167,25 @@ enum Command {
     /// reattach. Refused while a VM holds the device's IOMMU group. Every
     /// device in the group must be on vfio-pci before QEMU can use any of
     /// them (see `vmctl device ADDRESS`, PassthroughBlockers).
+    #[command(after_long_help = REBIND_EXIT_HELP)]
     Detach {
         /// The PCI address, e.g. 0000:03:00.0.
         address: String,
+        /// Print {"address", "driver"} (or the error) as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Give a detached PCI device back to its original driver.
+    #[command(after_long_help = REBIND_EXIT_HELP)]
     Reattach {
         /// The PCI address, e.g. 0000:03:00.0.
         address: String,
+        /// Print {"address", "driver"} (or the error) as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// Print device and disk-check events as they happen, until Ctrl-C.
+    #[command(after_long_help = MONITOR_EXIT_HELP)]
     Monitor {
         /// One JSON document per line (JSON Lines).
         #[arg(long)]
@@ -168,19 +211,25 @@ impl Failure {
     fn usage(message: String) -> Self {
         Failure {
             code: exit::USAGE,
-            error_name: None,
+            error_name: Some("org.freedesktop.DBus.Error.InvalidArgs".into()),
             message,
         }
     }
 
-    /// `{"image": …, "error": "org.example.VmManager1.Error.InUse",
-    /// "error-message": …}`, the keys of the DiskChecked signal.
-    fn to_json(&self, image: &str) -> serde_json::Value {
-        serde_json::json!({
-            "image": image,
-            "error": self.error_name.as_deref().unwrap_or("org.freedesktop.DBus.Error.Failed"),
-            "error-message": self.message,
-        })
+    /// `subject` plus `"error": "org.example.VmManager1.Error.InUse",
+    /// "error-message": …`, the keys of the DiskChecked signal.
+    fn to_json(&self, subject: Option<(&str, String)>) -> serde_json::Value {
+        let mut doc = serde_json::Map::new();
+        if let Some((key, value)) = subject {
+            doc.insert(key.into(), value.into());
+        }
+        let name = self.error_name.as_deref();
+        doc.insert(
+            "error".into(),
+            name.unwrap_or("org.freedesktop.DBus.Error.Failed").into(),
+        );
+        doc.insert("error-message".into(), self.message.clone().into());
+        serde_json::Value::Object(doc)
     }
 }
 
@@ -216,6 +265,22 @@ impl From<zbus::Error> for Failure {
 }
 
 fn main() -> ExitCode {
+    // `vmctl generate …` is parsed apart from `Cli`, so that it appears in
+    // neither the completions nor the man pages generated from `Cli`.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "generate") {
+        let parsed = generate::Generate::try_parse_from(std::env::args_os().skip(1));
+        return match parsed.map(|g| generate::run(&g.what)) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("{} {e}", style::error_prefix());
+                ExitCode::from(exit::ERROR)
+            }
+            Err(e) => {
+                let _ = e.print();
+                ExitCode::from(if e.use_stderr() { exit::USAGE } else { 0 })
+            }
+        };
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -230,16 +295,56 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("vmctl: {e}");
+            eprintln!("{} {e}", style::error_prefix());
             return ExitCode::from(exit::ERROR);
         }
     };
-    match runtime.block_on(run(cli)) {
+    let json = json_subject(&cli.command);
+    match runtime.block_on(run(&cli)) {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
-            eprintln!("vmctl: {}", failure.message);
+            // With --json, a failure is a JSON document too (one line in
+            // monitor's JSON Lines), so a script parsing stdout always has
+            // something to parse; the message still goes to stderr.
+            match json {
+                Some(subject) if matches!(cli.command, Command::Monitor { .. }) => {
+                    println!("{}", failure.to_json(subject));
+                }
+                Some(subject) => println!("{:#}", failure.to_json(subject)),
+                None => {}
+            }
+            eprintln!("{} {}", style::error_prefix(), failure.message);
             ExitCode::from(failure.code)
         }
+    }
+}
+
+/// `None` without --json; else what a JSON error document names, e.g.
+/// `("image", "/abs/path")` (no key for devices and monitor).
+fn json_subject(command: &Command) -> Option<Option<(&'static str, String)>> {
+    let image =
+        |path: &Path| absolute(path).unwrap_or_else(|_| path.to_string_lossy().into_owned());
+    match command {
+        Command::CheckDisk {
+            path, json: true, ..
+        }
+        | Command::DiskUsers {
+            path, json: true, ..
+        } => Some(Some(("image", image(path)))),
+        Command::Device {
+            address,
+            json: true,
+        }
+        | Command::Detach {
+            address,
+            json: true,
+        }
+        | Command::Reattach {
+            address,
+            json: true,
+        } => Some(Some(("address", address.clone()))),
+        Command::Devices { json: true } | Command::Monitor { json: true } => Some(None),
+        _ => None,
     }
 }
 
@@ -269,8 +374,8 @@ fn absolute(path: &Path) -> Result<String, Failure> {
         .map_err(|_| Failure::usage(format!("{}: the path is not valid UTF-8", path.display())))
 }
 
-async fn run(cli: Cli) -> Result<u8, Failure> {
-    let connection = connect(&cli).await?;
+async fn run(cli: &Cli) -> Result<u8, Failure> {
+    let connection = connect(cli).await?;
     let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
     if cli.no_ask_password {
         options.insert("auth.no-user-interaction", Variant::from(true));
@@ -301,9 +406,11 @@ async fn run(cli: Cli) -> Result<u8, Failure> {
         } => disk::disk_users(&connection, options, path, pidfile.as_deref(), *json).await,
         Command::Devices { json } => devices::devices(&connection, *json).await,
         Command::Device { address, json } => devices::device(&connection, address, *json).await,
-        Command::Detach { address } => devices::rebind(&connection, options, address, true).await,
-        Command::Reattach { address } => {
-            devices::rebind(&connection, options, address, false).await
+        Command::Detach { address, json } => {
+            devices::rebind(&connection, options, address, true, *json).await
+        }
+        Command::Reattach { address, json } => {
+            devices::rebind(&connection, options, address, false, *json).await
         }
         Command::Monitor { json } => monitor::monitor(&connection, *json).await,
     }

@@ -7,7 +7,7 @@ use vmmanager::client::variant_to_json;
 use zbus::message::Type as MessageType;
 use zbus::{Connection, MatchRule, MessageStream, OwnedVariant};
 
-use crate::{Failure, exit};
+use crate::{Failure, exit, style};
 
 const MANAGER_PATH: &str = "/org/example/VmManager";
 
@@ -60,8 +60,21 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
                 body.deserialize().ok()?;
             let report = dict_json(&report);
             let outcome = match report.get("error-message").and_then(|m| m.as_str()) {
-                Some(message) => format!("failed: {message}"),
-                None => report["result"].as_str().unwrap_or("").to_owned(),
+                Some(message) => format!("{} {message}", style::out(style::RED, "failed:")),
+                None => {
+                    let result = report["result"].as_str().unwrap_or("");
+                    let colour = match result {
+                        "clean" => style::GREEN,
+                        "leaks" => style::YELLOW,
+                        "corrupt" => style::RED,
+                        _ => "",
+                    };
+                    if colour.is_empty() {
+                        result.to_owned()
+                    } else {
+                        style::out(colour, result).into_owned()
+                    }
+                }
             };
             json["image"] = image.clone().into();
             json["report"] = report;
@@ -82,9 +95,9 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
                 "device {address} added (driver {}, {})",
                 if driver.is_empty() { "none" } else { &driver },
                 if ready {
-                    "ready for passthrough"
+                    style::out(style::GREEN, "ready for passthrough")
                 } else {
-                    "not ready for passthrough"
+                    "not ready for passthrough".into()
                 }
             )
         }

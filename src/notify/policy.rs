@@ -1,0 +1,700 @@
+//! Which signal becomes which notification: summary, body, urgency, icon
+//! and category. Plain functions on plain values, so every wording and
+//! every urgency is unit-tested without a bus or a notification server.
+//!
+//! Icons are names from the freedesktop icon naming specification, so every
+//! icon theme has them; categories are the notification spec's `device.*`
+//! ones, and `x-vmmanager.*` (the spec's form for vendor categories) for
+//! disk checks.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use zbus::{OwnedVariant, Variant};
+
+/// The application name every notification carries.
+pub const APP_NAME: &str = "VM Manager";
+/// The `desktop-entry` hint: `vmmanager-notify.desktop`.
+pub const DESKTOP_ENTRY: &str = "vmmanager-notify";
+/// The identifier of the "Repair leaks" action.
+pub const REPAIR_LEAKS_ACTION: &str = "repair-leaks";
+
+/// Urgency levels of the notification spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Urgency {
+    Low,
+    Normal,
+    Critical,
+}
+
+/// What a notification is about. A later message on the same topic replaces
+/// the earlier notification instead of stacking beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Topic {
+    /// Checks of one image (by the path the service reported).
+    Disk(String),
+    DevicesAdded,
+    DevicesRemoved,
+    Passthrough,
+}
+
+/// A button on the notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// CheckDisk with `repair=leaks` on this image.
+    RepairLeaks { image: String },
+}
+
+/// One notification to show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: Topic,
+    pub summary: String,
+    /// Body text; may contain the spec's markup, so it is escaped.
+    pub body: String,
+    pub urgency: Urgency,
+    pub icon: &'static str,
+    pub category: &'static str,
+    pub action: Option<Action>,
+}
+
+/// The fields of a `DiskChecked` report the notification needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    pub image: String,
+    pub format: String,
+    /// `clean`, `leaks`, `corrupt`, `not-supported`; "" after an error.
+    pub result: String,
+    pub consistent: bool,
+    pub leaks: u64,
+    pub corruptions: u64,
+    pub leaks_fixed: u64,
+    pub corruptions_fixed: u64,
+    pub check_errors: u64,
+    /// Short D-Bus error name (`InUse`, `CheckFailed`, …) when it failed.
+    pub error: Option<String>,
+    pub error_message: String,
+}
+
+fn get_str(dict: &HashMap<String, OwnedVariant>, key: &str) -> Option<String> {
+    match dict.get(key).map(|v| &**v) {
+        Some(Variant::Str(s)) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+fn get_u64(dict: &HashMap<String, OwnedVariant>, key: &str) -> u64 {
+    match dict.get(key).map(|v| &**v) {
+        Some(Variant::U64(n)) => *n,
+        Some(Variant::U32(n)) => u64::from(*n),
+        _ => 0,
+    }
+}
+
+fn get_bool(dict: &HashMap<String, OwnedVariant>, key: &str) -> Option<bool> {
+    match dict.get(key).map(|v| &**v) {
+        Some(Variant::Bool(b)) => Some(*b),
+        _ => None,
+    }
+}
+
+impl CheckReport {
+    /// Reads a `DiskChecked(image, report)` signal's arguments; missing or
+    /// mistyped keys read as empty/zero (an older or newer service).
+    pub fn from_signal(image: &str, dict: &HashMap<String, OwnedVariant>) -> CheckReport {
+        CheckReport {
+            image: get_str(dict, "image").unwrap_or_else(|| image.to_owned()),
+            format: get_str(dict, "format").unwrap_or_default(),
+            result: get_str(dict, "result").unwrap_or_default(),
+            consistent: get_bool(dict, "consistent").unwrap_or(true),
+            leaks: get_u64(dict, "leaks"),
+            corruptions: get_u64(dict, "corruptions"),
+            leaks_fixed: get_u64(dict, "leaks-fixed"),
+            corruptions_fixed: get_u64(dict, "corruptions-fixed"),
+            check_errors: get_u64(dict, "check-errors"),
+            error: get_str(dict, "error")
+                .filter(|e| !e.is_empty())
+                .map(|e| short_error_name(&e).to_owned()),
+            error_message: get_str(dict, "error-message").unwrap_or_default(),
+        }
+    }
+}
+
+/// `org.example.VmManager1.Error.InUse` → `InUse`.
+pub fn short_error_name(name: &str) -> &str {
+    name.rsplit('.').next().unwrap_or(name)
+}
+
+/// Escapes the three characters the notification spec's body markup gives
+/// meaning to, so a path like `a<b>&c.qcow2` shows as written.
+pub fn escape_markup(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn file_name(image: &str) -> &str {
+    Path::new(image)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or(image)
+}
+
+fn plural(n: u64, one: &str, many: &str) -> String {
+    if n == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// "/vms/disk.qcow2 (qcow2)" or just the path when the format is unknown.
+fn path_and_format(report: &CheckReport) -> String {
+    if report.format.is_empty() {
+        report.image.clone()
+    } else {
+        format!("{} ({})", report.image, report.format)
+    }
+}
+
+/// The notification for one `DiskChecked` signal.
+pub fn disk_checked(report: &CheckReport) -> Message {
+    let name = file_name(&report.image);
+    let topic = Topic::Disk(report.image.clone());
+    let message = |summary: String, body: String, urgency, icon, category| Message {
+        topic: topic.clone(),
+        summary,
+        body: escape_markup(&body),
+        urgency,
+        icon,
+        category,
+        action: None,
+    };
+    let shared_note = if report.consistent {
+        ""
+    } else {
+        " It was checked while in use, so the result may not be exact."
+    };
+
+    if let Some(error) = &report.error {
+        let detail = if report.error_message.is_empty() {
+            error.clone()
+        } else {
+            report.error_message.clone()
+        };
+        return match error.as_str() {
+            // The service's message names the VM and its PID.
+            "InUse" => message(
+                format!("Disk in use: {name}"),
+                format!("Not checked: {detail}"),
+                Urgency::Normal,
+                "dialog-information",
+                "x-vmmanager.disk.in-use",
+            ),
+            "Cancelled" => message(
+                format!("Disk check cancelled: {name}"),
+                detail,
+                Urgency::Low,
+                "drive-harddisk",
+                "x-vmmanager.disk.failed",
+            ),
+            _ => message(
+                format!("Disk check failed: {name}"),
+                detail,
+                Urgency::Normal,
+                "dialog-warning",
+                "x-vmmanager.disk.failed",
+            ),
+        };
+    }
+
+    let where_ = path_and_format(report);
+    match report.result.as_str() {
+        "clean" if report.leaks_fixed > 0 || report.corruptions_fixed > 0 => {
+            let mut fixed = Vec::new();
+            if report.leaks_fixed > 0 {
+                fixed.push(plural(
+                    report.leaks_fixed,
+                    "leaked cluster freed",
+                    "leaked clusters freed",
+                ));
+            }
+            if report.corruptions_fixed > 0 {
+                fixed.push(plural(
+                    report.corruptions_fixed,
+                    "corruption repaired",
+                    "corruptions repaired",
+                ));
+            }
+            message(
+                format!("Disk repaired: {name}"),
+                format!("{}; {where_} has no errors now.", fixed.join(", ")),
+                Urgency::Normal,
+                "drive-harddisk",
+                "x-vmmanager.disk.repaired",
+            )
+        }
+        "clean" => message(
+            format!("Disk check passed: {name}"),
+            format!("{where_} has no errors.{shared_note}"),
+            Urgency::Low,
+            "drive-harddisk",
+            "x-vmmanager.disk.clean",
+        ),
+        "leaks" => {
+            let mut m = message(
+                format!("Disk has leaked clusters: {name}"),
+                format!(
+                    "{} in {where_}. They waste space but do not harm data; \
+                     \"Repair leaks\" frees them.{shared_note}",
+                    plural(report.leaks, "leaked cluster", "leaked clusters")
+                ),
+                Urgency::Normal,
+                "dialog-warning",
+                "x-vmmanager.disk.leaks",
+            );
+            // A repair needs the image to itself: not offered for a check
+            // that ran beside a user (force-share).
+            if report.consistent {
+                m.action = Some(Action::RepairLeaks {
+                    image: report.image.clone(),
+                });
+            }
+            m
+        }
+        "corrupt" => message(
+            format!("Disk is corrupt: {name}"),
+            format!(
+                "{} in {where_}. Do not start the VM; back up the image, then repair \
+                 it with \"vmctl check-disk --repair all\".{shared_note}",
+                plural(report.corruptions, "corruption", "corruptions")
+            ),
+            Urgency::Critical,
+            "dialog-error",
+            "x-vmmanager.disk.corrupt",
+        ),
+        "not-supported" => message(
+            format!("Nothing to check: {name}"),
+            format!("{where_}: this format has no metadata that qemu-img can check."),
+            Urgency::Low,
+            "drive-harddisk",
+            "x-vmmanager.disk.clean",
+        ),
+        other => message(
+            format!("Disk checked: {name}"),
+            format!("{where_}: result \"{other}\"."),
+            Urgency::Normal,
+            "drive-harddisk",
+            "x-vmmanager.disk.failed",
+        ),
+    }
+}
+
+/// The notification for a "Repair leaks" call that failed before or
+/// without a `DiskChecked` (e.g. not authorized, or busy).
+pub fn repair_failed(image: &str, error_name: &str, error_message: &str) -> Message {
+    let detail = if error_message.is_empty() {
+        short_error_name(error_name).to_owned()
+    } else {
+        error_message.to_owned()
+    };
+    Message {
+        topic: Topic::Disk(image.to_owned()),
+        summary: format!("Repair failed: {}", file_name(image)),
+        body: escape_markup(&detail),
+        urgency: Urgency::Normal,
+        icon: "dialog-warning",
+        category: "x-vmmanager.disk.failed",
+        action: None,
+    }
+}
+
+/// What a notification says about one PCI device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// `0000:03:00.0`.
+    pub address: String,
+    pub vendor_name: String,
+    pub device_name: String,
+    /// For a VF, its PF's address.
+    pub physical_function: String,
+    pub passthrough_ready: bool,
+    pub blockers: Vec<String>,
+}
+
+impl DeviceInfo {
+    /// From a `PciDevice` property dictionary (InterfacesAdded,
+    /// GetManagedObjects).
+    pub fn from_properties(props: &HashMap<String, OwnedVariant>) -> DeviceInfo {
+        let mut info = DeviceInfo {
+            address: get_str(props, "Address").unwrap_or_default(),
+            vendor_name: get_str(props, "VendorName").unwrap_or_default(),
+            device_name: get_str(props, "DeviceName").unwrap_or_default(),
+            physical_function: get_str(props, "PhysicalFunction").unwrap_or_default(),
+            ..DeviceInfo::default()
+        };
+        info.update(props);
+        info
+    }
+
+    /// Applies a PropertiesChanged dictionary.
+    pub fn update(&mut self, changed: &HashMap<String, OwnedVariant>) {
+        if let Some(ready) = get_bool(changed, "PassthroughReady") {
+            self.passthrough_ready = ready;
+        }
+        if let Some(Variant::Array(items)) = changed.get("PassthroughBlockers").map(|v| &**v) {
+            self.blockers = items
+                .iter()
+                .filter_map(|v| match v {
+                    Variant::Str(s) => Some(s.as_str().to_owned()),
+                    _ => None,
+                })
+                .collect();
+        }
+    }
+
+    /// "0000:03:00.0 NVIDIA Corporation GA102" (names when udev knew them).
+    pub fn label(&self) -> String {
+        let name = [self.vendor_name.as_str(), self.device_name.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let vf = if self.physical_function.is_empty() {
+            String::new()
+        } else {
+            format!(" (VF of {})", self.physical_function)
+        };
+        match name.is_empty() {
+            true => format!("{}{vf}", self.address),
+            false => format!("{} {name}{vf}", self.address),
+        }
+    }
+}
+
+/// How many devices a body lists by name before "and N more".
+const LISTED: usize = 4;
+
+fn device_list(devices: &[DeviceInfo]) -> String {
+    let mut lines: Vec<String> = devices.iter().take(LISTED).map(DeviceInfo::label).collect();
+    if devices.len() > LISTED {
+        lines.push(format!("and {} more", devices.len() - LISTED));
+    }
+    lines.join("\n")
+}
+
+/// A coalesced batch of device changes, each list sorted by address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceBatch {
+    pub added: Vec<DeviceInfo>,
+    pub removed: Vec<DeviceInfo>,
+    pub became_ready: Vec<DeviceInfo>,
+    pub became_unready: Vec<DeviceInfo>,
+}
+
+fn count_summary(n: usize, one: &str, many: &str) -> String {
+    if n == 1 {
+        one.to_owned()
+    } else {
+        format!("{n} {many}")
+    }
+}
+
+/// The notifications for one batch: at most one per topic.
+pub fn device_batch(batch: &DeviceBatch) -> Vec<Message> {
+    let mut out = Vec::new();
+    let device_message = |topic, summary, body: String, urgency, category| Message {
+        topic,
+        summary,
+        body: escape_markup(&body),
+        urgency,
+        icon: "computer",
+        category,
+        action: None,
+    };
+    if !batch.added.is_empty() {
+        out.push(device_message(
+            Topic::DevicesAdded,
+            count_summary(batch.added.len(), "PCI device added", "PCI devices added"),
+            device_list(&batch.added),
+            Urgency::Low,
+            "device.added",
+        ));
+    }
+    if !batch.removed.is_empty() {
+        out.push(device_message(
+            Topic::DevicesRemoved,
+            count_summary(
+                batch.removed.len(),
+                "PCI device removed",
+                "PCI devices removed",
+            ),
+            device_list(&batch.removed),
+            Urgency::Low,
+            "device.removed",
+        ));
+    }
+    let ready = &batch.became_ready;
+    let unready = &batch.became_unready;
+    if !ready.is_empty() || !unready.is_empty() {
+        let mut parts = Vec::new();
+        if !ready.is_empty() {
+            parts.push(format!("Ready for passthrough:\n{}", device_list(ready)));
+        }
+        if !unready.is_empty() {
+            let mut text = format!("No longer ready for passthrough:\n{}", device_list(unready));
+            // One device: say why, from the service's blockers.
+            if let [only] = unready.as_slice()
+                && !only.blockers.is_empty()
+            {
+                text.push_str(&format!("\n{}", only.blockers.join("; ")));
+            }
+            parts.push(text);
+        }
+        let summary = match (ready.len(), unready.len()) {
+            (1, 0) => format!("{} is ready for passthrough", ready[0].address),
+            (n, 0) => format!("{n} PCI devices ready for passthrough"),
+            (0, 1) => format!("{} is no longer ready for passthrough", unready[0].address),
+            (0, n) => format!("{n} PCI devices no longer ready for passthrough"),
+            (r, u) => format!("Passthrough readiness changed for {} PCI devices", r + u),
+        };
+        out.push(device_message(
+            Topic::Passthrough,
+            summary,
+            parts.join("\n"),
+            Urgency::Normal,
+            "device",
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(result: &str) -> CheckReport {
+        CheckReport {
+            image: "/vms/win11/disk.qcow2".into(),
+            format: "qcow2".into(),
+            result: result.into(),
+            consistent: true,
+            ..CheckReport::default()
+        }
+    }
+
+    fn dict(entries: &[(&str, Variant<'_>)]) -> HashMap<String, OwnedVariant> {
+        entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.try_to_owned().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn reads_a_signal_report() {
+        let d = dict(&[
+            ("image", Variant::from("/a/b.qcow2")),
+            ("format", Variant::from("qcow2")),
+            ("result", Variant::from("leaks")),
+            ("consistent", Variant::from(true)),
+            ("leaks", Variant::from(3u64)),
+            ("error", Variant::from("org.example.VmManager1.Error.InUse")),
+            ("error-message", Variant::from("in use by VM \"w\"")),
+        ]);
+        let r = CheckReport::from_signal("/other", &d);
+        assert_eq!(r.image, "/a/b.qcow2");
+        assert_eq!(r.leaks, 3);
+        assert_eq!(r.error.as_deref(), Some("InUse"));
+        assert_eq!(r.error_message, "in use by VM \"w\"");
+        let empty = CheckReport::from_signal("/x.qcow2", &HashMap::new());
+        assert_eq!(empty.image, "/x.qcow2");
+        assert!(empty.consistent && empty.error.is_none());
+    }
+
+    #[test]
+    fn clean_is_low_urgency() {
+        let m = disk_checked(&report("clean"));
+        assert_eq!(m.summary, "Disk check passed: disk.qcow2");
+        assert_eq!(m.body, "/vms/win11/disk.qcow2 (qcow2) has no errors.");
+        assert_eq!(m.urgency, Urgency::Low);
+        assert_eq!(m.icon, "drive-harddisk");
+        assert_eq!(m.topic, Topic::Disk("/vms/win11/disk.qcow2".into()));
+        assert!(m.action.is_none());
+    }
+
+    #[test]
+    fn leaks_offer_a_repair() {
+        let mut r = report("leaks");
+        r.leaks = 3;
+        let m = disk_checked(&r);
+        assert_eq!(m.summary, "Disk has leaked clusters: disk.qcow2");
+        assert!(
+            m.body
+                .starts_with("3 leaked clusters in /vms/win11/disk.qcow2 (qcow2).")
+        );
+        assert_eq!(m.urgency, Urgency::Normal);
+        assert_eq!(m.icon, "dialog-warning");
+        assert_eq!(
+            m.action,
+            Some(Action::RepairLeaks {
+                image: "/vms/win11/disk.qcow2".into()
+            })
+        );
+        // Checked beside a running VM: no repair button, and a note.
+        r.consistent = false;
+        let m = disk_checked(&r);
+        assert!(m.action.is_none());
+        assert!(m.body.contains("checked while in use"), "{}", m.body);
+    }
+
+    #[test]
+    fn corrupt_is_critical() {
+        let mut r = report("corrupt");
+        r.corruptions = 1;
+        let m = disk_checked(&r);
+        assert_eq!(m.summary, "Disk is corrupt: disk.qcow2");
+        assert!(m.body.starts_with("1 corruption in "), "{}", m.body);
+        assert_eq!(m.urgency, Urgency::Critical);
+        assert_eq!(m.icon, "dialog-error");
+        assert_eq!(m.category, "x-vmmanager.disk.corrupt");
+    }
+
+    #[test]
+    fn a_repair_says_what_it_fixed() {
+        let mut r = report("clean");
+        r.leaks_fixed = 3;
+        let m = disk_checked(&r);
+        assert_eq!(m.summary, "Disk repaired: disk.qcow2");
+        assert_eq!(
+            m.body,
+            "3 leaked clusters freed; /vms/win11/disk.qcow2 (qcow2) has no errors now."
+        );
+    }
+
+    #[test]
+    fn in_use_quotes_the_service_message() {
+        let mut r = report("");
+        r.error = Some("InUse".into());
+        r.error_message = "disk.qcow2 is in use by VM \"win11\" (PID 42)".into();
+        let m = disk_checked(&r);
+        assert_eq!(m.summary, "Disk in use: disk.qcow2");
+        assert_eq!(
+            m.body,
+            "Not checked: disk.qcow2 is in use by VM \"win11\" (PID 42)"
+        );
+        assert_eq!(m.urgency, Urgency::Normal);
+        r.error = Some("CheckFailed".into());
+        r.error_message = "qemu-img: <boom> & more".into();
+        let m = disk_checked(&r);
+        assert_eq!(m.summary, "Disk check failed: disk.qcow2");
+        assert_eq!(m.body, "qemu-img: &lt;boom&gt; &amp; more");
+        assert_eq!(m.urgency, Urgency::Normal);
+    }
+
+    #[test]
+    fn raw_has_nothing_to_check() {
+        let mut r = report("not-supported");
+        r.format = "raw".into();
+        let m = disk_checked(&r);
+        assert_eq!(m.summary, "Nothing to check: disk.qcow2");
+        assert_eq!(m.urgency, Urgency::Low);
+    }
+
+    fn dev(addr: &str) -> DeviceInfo {
+        DeviceInfo {
+            address: addr.into(),
+            ..DeviceInfo::default()
+        }
+    }
+
+    #[test]
+    fn device_labels() {
+        let mut d = dev("0000:03:00.0");
+        assert_eq!(d.label(), "0000:03:00.0");
+        d.vendor_name = "Intel Corporation".into();
+        d.device_name = "Ethernet VF".into();
+        d.physical_function = "0000:03:00.0".into();
+        assert_eq!(
+            d.label(),
+            "0000:03:00.0 Intel Corporation Ethernet VF (VF of 0000:03:00.0)"
+        );
+    }
+
+    #[test]
+    fn a_burst_is_one_notification_per_topic() {
+        let added: Vec<DeviceInfo> = (0..40)
+            .map(|i| dev(&format!("0000:03:{:02x}.{}", i / 8, i % 8)))
+            .collect();
+        let batch = DeviceBatch {
+            added,
+            removed: vec![dev("0000:04:00.0")],
+            ..DeviceBatch::default()
+        };
+        let messages = device_batch(&batch);
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].summary, "40 PCI devices added");
+        assert_eq!(
+            messages[0].body,
+            "0000:03:00.0\n0000:03:00.1\n0000:03:00.2\n0000:03:00.3\nand 36 more"
+        );
+        assert_eq!(messages[0].category, "device.added");
+        assert_eq!(messages[0].urgency, Urgency::Low);
+        assert_eq!(messages[1].summary, "PCI device removed");
+        assert_eq!(messages[1].body, "0000:04:00.0");
+        assert_eq!(messages[1].category, "device.removed");
+    }
+
+    #[test]
+    fn readiness_changes() {
+        let mut gone = dev("0000:05:00.0");
+        gone.blockers =
+            vec!["0000:05:00.1 in the same IOMMU group is bound to snd_hda_intel".into()];
+        let batch = DeviceBatch {
+            became_unready: vec![gone],
+            ..DeviceBatch::default()
+        };
+        let m = &device_batch(&batch)[0];
+        assert_eq!(m.summary, "0000:05:00.0 is no longer ready for passthrough");
+        assert!(m.body.ends_with("bound to snd_hda_intel"), "{}", m.body);
+        assert_eq!(m.topic, Topic::Passthrough);
+        let batch = DeviceBatch {
+            became_ready: vec![dev("0000:05:00.0"), dev("0000:05:00.1")],
+            ..DeviceBatch::default()
+        };
+        assert_eq!(
+            device_batch(&batch)[0].summary,
+            "2 PCI devices ready for passthrough"
+        );
+        assert!(device_batch(&DeviceBatch::default()).is_empty());
+    }
+
+    #[test]
+    fn properties_are_read_and_updated() {
+        let props = dict(&[
+            ("Address", Variant::from("0000:03:00.0")),
+            ("VendorName", Variant::from("NVIDIA Corporation")),
+            ("PassthroughReady", Variant::from(false)),
+            (
+                "PassthroughBlockers",
+                Variant::from(vec!["not bound to vfio-pci"]),
+            ),
+        ]);
+        let mut d = DeviceInfo::from_properties(&props);
+        assert_eq!(d.address, "0000:03:00.0");
+        assert!(!d.passthrough_ready);
+        assert_eq!(d.blockers, ["not bound to vfio-pci"]);
+        d.update(&dict(&[
+            ("PassthroughReady", Variant::from(true)),
+            ("PassthroughBlockers", Variant::from(Vec::<String>::new())),
+        ]));
+        assert!(d.passthrough_ready && d.blockers.is_empty());
+    }
+}
