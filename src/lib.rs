@@ -16,6 +16,9 @@
 //!     process group, with timeout and cancellation, and parse its JSON;
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
+//! - [`devices`]: PCI devices: sysfs inventory with passthrough readiness
+//!   ([`devices::inventory`]), the udev monitor thread
+//!   ([`devices::monitor`]), detach/reattach to vfio-pci ([`devices::vfio`]).
 //! - [`procfs`]: reading a /proc tree: who holds a file or device open, a
 //!   process's exe and QEMU `-name` (for disk users and VFIO group users).
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
@@ -25,7 +28,10 @@
 //!   parsing, the one D-Bus error enum, and the daemon's run loop.
 //! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
 //!   service on the system bus and shows desktop notifications.
-//! - `src/bin/`: thin binaries `vmmanagerd` (the service) and `vmctl` (CLI).
+//! - [`process`]: logging and signal handling shared by the long-running
+//!   binaries.
+//! - `src/bin/`: thin binaries `vmmanagerd` (the service), `vmctl` (CLI) and
+//!   `vmmanager-notify` (session companion).
 
 pub mod auth;
 pub mod client;
@@ -34,5 +40,6 @@ pub mod devices;
 pub mod disk;
 pub mod manpage;
 pub mod notify;
+pub mod process;
 pub mod procfs;
 pub mod service;

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use vmmanager::config::{Config, DEFAULT_CONFIG_PATH};
+use vmmanager::process;
 use vmmanager::service::daemon::{self, Bus};
 
 /// The VM Manager system service (D-Bus name org.example.VmManager).
@@ -100,25 +100,6 @@ fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
     manpage::write(dir, Args::command(), "8", &extra).map(|_| ())
 }
 
-fn init_logging() {
-    use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // systemd sets JOURNAL_STREAM when stderr goes to the journal: then log
-    // structured fields there; otherwise plain text on stderr.
-    let journald = std::env::var_os("JOURNAL_STREAM")
-        .is_some()
-        .then(|| tracing_journald::layer().ok())
-        .flatten();
-    let registry = tracing_subscriber::registry().with(filter);
-    match journald {
-        Some(layer) => registry.with(layer).init(),
-        None => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .init(),
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(dir) = &args.generate_man {
@@ -130,7 +111,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging();
+    process::init_logging();
     let (path, explicit) = match &args.config {
         Some(path) => (path.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
@@ -146,43 +127,5 @@ fn main() -> ExitCode {
         Some(address) => Bus::Address(address),
         None => Bus::System,
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("vmmanagerd: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
-        let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
-        let result = daemon::run(config, bus, shutdown.clone()).await;
-        signals.abort();
-        result
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("vmmanagerd: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// SIGTERM or SIGINT: stop gracefully (jobs cancelled, children killed).
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-    }
-    shutdown.cancel();
+    process::run_until_signal("vmmanagerd", |shutdown| daemon::run(config, bus, shutdown))
 }
