@@ -45,6 +45,14 @@ pub enum AuthError {
     UnknownCaller(String),
 }
 
+/// A D-Bus caller's credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    /// Supplementary groups of the calling process, if the bus knows them.
+    pub groups: Option<Vec<u32>>,
+}
+
 /// Asks polkit on the bus the service is connected to.
 #[derive(Debug, Clone)]
 pub struct Authority {
@@ -115,17 +123,32 @@ impl Authority {
         }
     }
 
-    /// The uid of the connection that sent the message, as the bus daemon
-    /// knows it (not something the caller can claim).
-    pub async fn caller_uid(&self, header: &Header<'_>) -> Result<u32, AuthError> {
+    /// Who sent the message, as the bus daemon knows it (nothing the caller
+    /// can claim): uid, and the process's supplementary groups when the bus
+    /// reports them (dbus-daemon ≥ 1.12 does).
+    pub async fn caller(&self, header: &Header<'_>) -> Result<Caller, AuthError> {
+        let unknown = |e: String| AuthError::UnknownCaller(e);
         let sender = header
             .sender()
-            .ok_or_else(|| AuthError::UnknownCaller("message has no sender".into()))?;
+            .ok_or_else(|| unknown("message has no sender".into()))?;
         let dbus = zbus::fdo::DBusProxy::new(&self.connection)
             .await
-            .map_err(|e| AuthError::UnknownCaller(e.to_string()))?;
-        dbus.get_connection_unix_user(sender.clone().into())
+            .map_err(|e| unknown(e.to_string()))?;
+        let credentials = dbus
+            .get_connection_credentials(sender.clone().into())
             .await
-            .map_err(|e| AuthError::UnknownCaller(e.to_string()))
+            .map_err(|e| unknown(e.to_string()))?;
+        let uid = credentials
+            .unix_user_id()
+            .ok_or_else(|| unknown("the bus does not know the caller's uid".into()))?;
+        Ok(Caller {
+            uid,
+            groups: credentials.unix_group_ids().cloned(),
+        })
+    }
+
+    /// The caller's uid (see [`Authority::caller`]).
+    pub async fn caller_uid(&self, header: &Header<'_>) -> Result<u32, AuthError> {
+        Ok(self.caller(header).await?.uid)
     }
 }

@@ -563,6 +563,15 @@ async fn non_root_callers_are_decided_by_polkit() {
             "{doc}"
         );
     }
+    // Nor may they learn whether a path exists or what it is.
+    for path in ["/root/secret.qcow2", "/nonexistent/disk.qcow2", "/dev/null"] {
+        let out = w.vmctl(nobody, &["--no-ask-password", "check-disk", "--json", path]);
+        let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert_eq!(
+            doc["error"], "org.example.VmManager1.Error.NotAuthorized",
+            "{path}: {doc}"
+        );
+    }
     // busctl as nobody sees the same refusal.
     let out = w.stack.bus.busctl_as_nobody(&[
         "call",

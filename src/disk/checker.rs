@@ -57,6 +57,24 @@ impl DiskReport {
     }
 }
 
+/// Upper bound for finding out who uses an image.
+pub const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the users of an image are unknown.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum ScanError {
+    #[error(
+        "could not find out within {} s who uses the image (a process on this host does not \
+         answer /proc reads, e.g. one stuck on a hung network or FUSE file system)",
+        SCAN_TIMEOUT.as_secs()
+    )]
+    TimedOut,
+    #[error("internal error while finding out who uses the image")]
+    Failed,
+    #[error("cancelled")]
+    Cancelled,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckErrorKind {
     #[error("{}", in_use_message(.image, .user))]
@@ -67,6 +85,8 @@ pub enum CheckErrorKind {
     Busy(PathBuf),
     #[error("{0}")]
     QemuImg(#[from] QemuImgError),
+    #[error("{0}")]
+    Scan(#[from] ScanError),
 }
 
 /// A failed check keeps the partial report (users, stale PID files, …), so
@@ -183,18 +203,31 @@ impl DiskChecker {
         }
     }
 
-    /// Who uses `image` right now (blocking work runs off the async threads).
-    pub async fn users(&self, image: Arc<ImageFile>, pidfile: Option<PathBuf>) -> DiskUsage {
+    /// Who uses `image` right now. The scan reads /proc, where a read can
+    /// hang (a process stuck on FUSE or dead NFS holds its mm lock), so it is
+    /// bounded by [`SCAN_TIMEOUT`] and by `cancel`; an unfinished or failed
+    /// scan is an error, never "nobody uses it".
+    pub async fn users(
+        &self,
+        image: Arc<ImageFile>,
+        pidfile: Option<PathBuf>,
+        cancel: &CancellationToken,
+    ) -> Result<DiskUsage, ScanError> {
         let scanner = self.inner.scanner.clone();
-        tokio::task::spawn_blocking(move || scanner.scan(&image, pidfile.as_deref()))
-            .await
-            .unwrap_or_else(|e| {
-                // A panic in the scanner is a bug; report "nothing found"
-                // would be unsafe, so surface it loudly and treat as empty
-                // only after logging.
-                tracing::error!("usage scan panicked: {e}");
-                DiskUsage::default()
-            })
+        let scan = tokio::task::spawn_blocking(move || scanner.scan(&image, pidfile.as_deref()));
+        tokio::select! {
+            result = tokio::time::timeout(SCAN_TIMEOUT, scan) => match result {
+                Ok(Ok(usage)) => Ok(usage),
+                Ok(Err(e)) => {
+                    tracing::error!("usage scan panicked: {e}");
+                    Err(ScanError::Failed)
+                }
+                // The blocking thread is left to finish on its own; only its
+                // answer is abandoned.
+                Err(_) => Err(ScanError::TimedOut),
+            },
+            () = cancel.cancelled() => Err(ScanError::Cancelled),
+        }
     }
 
     /// Claims `image` for one check, or `Busy` when a check of the same
@@ -240,7 +273,16 @@ impl DiskChecker {
             }
         };
 
-        report.usage = self.users(image.clone(), options.pidfile.clone()).await;
+        report.usage = match self
+            .users(image.clone(), options.pidfile.clone(), cancel)
+            .await
+        {
+            Ok(usage) => usage,
+            Err(ScanError::Cancelled) => {
+                return Err(fail(QemuImgError::Cancelled.into(), report));
+            }
+            Err(e) => return Err(fail(e.into(), report)),
+        };
         if let Some(user) = report.usage.blocking_user() {
             if options.repair.is_some() {
                 return Err(fail(
@@ -278,7 +320,11 @@ impl DiskChecker {
             force_share: options.force_share,
             repair: options.repair,
             run_as,
-            timeout: options.timeout.unwrap_or(self.inner.default_timeout),
+            // The configured limit is the administrator's upper bound; a
+            // caller may only ask for less.
+            timeout: options.timeout.map_or(self.inner.default_timeout, |t| {
+                t.min(self.inner.default_timeout)
+            }),
         };
         match qemu_img::run_check(&request, cancel).await {
             Ok(CheckOutcome { result, counts }) => {

@@ -113,6 +113,20 @@ pub enum ImageError {
     },
 }
 
+impl ImageError {
+    /// Errors found from the text of the path alone, before touching the
+    /// file system.
+    pub fn is_about_the_text(&self) -> bool {
+        matches!(
+            self,
+            ImageError::Empty
+                | ImageError::Relative(_)
+                | ImageError::TooLong(_)
+                | ImageError::ContainsNul
+        )
+    }
+}
+
 impl ImageFile {
     /// Validates `path` (absolute, non-empty, bounded, a regular file reached
     /// without opening anything that could block) and opens it.

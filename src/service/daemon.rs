@@ -69,14 +69,11 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Resul
         .map_err(DaemonError::Export)?;
     let devices = start_devices(&config, &connection, &state).await;
 
-    let reply = connection
-        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
-        .await
-        .map_err(|e| DaemonError::Name(e.to_string()))?;
-    if reply != RequestNameReply::PrimaryOwner {
-        return Err(DaemonError::Name(format!(
-            "another process owns it ({reply:?})"
-        )));
+    if let Err(e) = take_name(&connection).await {
+        // Leave nothing running behind a failed start.
+        devices.stop().await;
+        state.shutdown().await;
+        return Err(e);
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -159,4 +156,18 @@ async fn start_devices(
             .expect("starting without an event source cannot fail")
         }
     }
+}
+
+/// Takes the well-known name, refusing to queue behind another owner.
+async fn take_name(connection: &zbus::Connection) -> Result<(), DaemonError> {
+    let reply = connection
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+        .map_err(|e| DaemonError::Name(e.to_string()))?;
+    if reply != RequestNameReply::PrimaryOwner {
+        return Err(DaemonError::Name(format!(
+            "another process owns it ({reply:?})"
+        )));
+    }
+    Ok(())
 }

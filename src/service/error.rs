@@ -4,7 +4,7 @@
 
 use crate::auth::AuthError;
 use crate::devices::vfio::VfioError;
-use crate::disk::checker::{CheckError, CheckErrorKind};
+use crate::disk::checker::{CheckError, CheckErrorKind, ScanError};
 use crate::disk::image::ImageError;
 use crate::disk::qemu_img::QemuImgError;
 
@@ -126,6 +126,11 @@ impl From<CheckErrorKind> for VmError {
             }
             CheckErrorKind::Busy(_) => VmError::Busy(kind.to_string()),
             CheckErrorKind::QemuImg(q) => q.into(),
+            CheckErrorKind::Scan(ScanError::Cancelled) => {
+                VmError::Cancelled("the check was cancelled".into())
+            }
+            CheckErrorKind::Scan(ScanError::TimedOut) => VmError::Timeout(kind.to_string()),
+            CheckErrorKind::Scan(ScanError::Failed) => VmError::CheckFailed(kind.to_string()),
         }
     }
 }

@@ -16,7 +16,7 @@ use super::job::{Job, JobIds, JobInfo};
 use super::options::{self, DiskOptions};
 use super::values::{Dict, report_dict, users_list};
 use crate::auth::{Action, Authority};
-use crate::disk::checker::{DiskChecker, DiskReport};
+use crate::disk::checker::{CheckErrorKind, DiskChecker, DiskReport};
 use crate::disk::image::ImageFile;
 use crate::disk::qemu_img::RunAs;
 
@@ -46,7 +46,8 @@ impl ManagerState {
     }
 
     /// Cancels every job and returns when all of them (qemu-img included)
-    /// have ended. New calls after this are refused.
+    /// have ended. A check that arrives after this ends at once as
+    /// `Cancelled` (its token is a child of the cancelled one).
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
         self.tasks.close();
@@ -86,14 +87,29 @@ impl Manager {
         options: &DiskOptions,
     ) -> Result<(Arc<ImageFile>, u32, RunAs), VmError> {
         let path = image.to_owned();
-        let image = tokio::task::spawn_blocking(move || ImageFile::open(&path))
+        let opened = tokio::task::spawn_blocking(move || ImageFile::open(&path))
             .await
-            .map_err(|e| VmError::CheckFailed(format!("internal error: {e}")))??;
-        let caller = self.state.authority.caller_uid(header).await?;
+            .map_err(|e| VmError::CheckFailed(format!("internal error: {e}")))?;
+        let image = match opened {
+            Ok(image) => image,
+            Err(e) if e.is_about_the_text() => return Err(e.into()),
+            Err(e) => {
+                // Whether a path exists and what it is tells about
+                // directories the caller may not be able to read: only a
+                // caller polkit lets check disks learn it.
+                let details = HashMap::from([("image", image)]);
+                self.state
+                    .authority
+                    .check(header, Action::CheckDisk, options.interactive, &details)
+                    .await?;
+                return Err(e.into());
+            }
+        };
+        let caller = self.state.authority.caller(header).await?;
         let image_path = image.path.to_string_lossy().into_owned();
         let details = HashMap::from([("image", image_path.as_str())]);
-        let (action, run_as_uid) = if caller == image.uid {
-            (Action::CheckDisk, caller)
+        let (action, run_as_uid) = if caller.uid == image.uid {
+            (Action::CheckDisk, caller.uid)
         } else {
             (Action::CheckDiskOtherUser, image.uid)
         };
@@ -107,11 +123,18 @@ impl Manager {
                 .await?;
         }
         // getpwuid_r may ask NSS (LDAP, …): keep it off the async threads.
-        let run_as = tokio::task::spawn_blocking(move || RunAs::for_user(run_as_uid))
+        let mut run_as = tokio::task::spawn_blocking(move || RunAs::for_user(run_as_uid))
             .await
             .map_err(|e| VmError::CheckFailed(format!("internal error: {e}")))?
             .map_err(|e| VmError::CheckFailed(e.to_string()))?;
-        Ok((Arc::new(image), caller, run_as))
+        // The caller's own groups as the bus saw them, not the group
+        // database's idea of them (newgrp, sg, systemd's SupplementaryGroups).
+        if run_as_uid == caller.uid
+            && let Some(groups) = caller.groups
+        {
+            run_as.groups = groups;
+        }
+        Ok((Arc::new(image), caller.uid, run_as))
     }
 }
 
@@ -215,8 +238,9 @@ impl Manager {
         let usage = self
             .state
             .checker
-            .users(image, options.check.pidfile.clone())
-            .await;
+            .users(image, options.check.pidfile.clone(), &self.state.shutdown)
+            .await
+            .map_err(|e| VmError::from(CheckErrorKind::Scan(e)))?;
         Ok(users_list(&usage.users))
     }
 

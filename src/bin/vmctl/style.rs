@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 use std::io::IsTerminal;
-use std::sync::OnceLock;
 
 pub const GREEN: &str = "32";
 pub const YELLOW: &str = "33";
@@ -15,14 +14,14 @@ fn no_color() -> bool {
     std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty())
 }
 
+// Asked on every use rather than cached in a static: an env lookup and an
+// isatty(3) cost nothing next to a D-Bus round trip, and no global state.
 fn stdout_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| !no_color() && std::io::stdout().is_terminal())
+    !no_color() && std::io::stdout().is_terminal()
 }
 
 fn stderr_enabled() -> bool {
-    static ENABLED: OnceLock<bool> = OnceLock::new();
-    *ENABLED.get_or_init(|| !no_color() && std::io::stderr().is_terminal())
+    !no_color() && std::io::stderr().is_terminal()
 }
 
 fn paint<'a>(enabled: bool, code: &str, text: &'a str) -> Cow<'a, str> {
