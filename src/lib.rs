@@ -28,6 +28,8 @@
 //!   parsing, the one D-Bus error enum, and the daemon's run loop.
 //! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
 //!   service on the system bus and shows desktop notifications.
+//! - [`safe_open`]: opening a file someone else named, never a FIFO, a
+//!   device or a swapped-in symlink.
 //! - [`process`]: logging and signal handling shared by the long-running
 //!   binaries.
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service), `vmctl` (CLI) and
@@ -42,4 +44,5 @@ pub mod manpage;
 pub mod notify;
 pub mod process;
 pub mod procfs;
+pub mod safe_open;
 pub mod service;

@@ -5,10 +5,12 @@
 //! opened, the open never follows a symlink swapped in since, and the opened
 //! file is checked to be the very inode that was stat'ed.
 
-use std::fs::{File, Metadata, OpenOptions};
+use std::fs::File;
 use std::io::ErrorKind;
-use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
+
+use crate::safe_open::{SafeOpenError, open_regular};
 
 /// Longest accepted path in bytes (PATH_MAX minus the terminating NUL).
 pub const MAX_PATH_LEN: usize = 4095;
@@ -134,27 +136,18 @@ impl ImageFile {
         validate_path(path)?;
         let canonical = std::fs::canonicalize(path).map_err(|e| io_error(Path::new(path), e))?;
 
-        // stat before open: FIFOs would block and device nodes must never be
-        // opened on a caller's behalf.
-        let before = std::fs::symlink_metadata(&canonical).map_err(|e| io_error(&canonical, e))?;
-        check_regular(&canonical, &before)?;
-
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
-            .open(&canonical)
-            .map_err(|e| match e.raw_os_error() {
-                // O_NOFOLLOW hit a symlink swapped in after canonicalize.
-                Some(libc::ELOOP) => ImageError::Changed {
-                    path: canonical.clone(),
-                },
-                _ => io_error(&canonical, e),
-            })?;
-        let after = file.metadata().map_err(|e| io_error(&canonical, e))?;
-        check_regular(&canonical, &after)?;
-        if (after.dev(), after.ino()) != (before.dev(), before.ino()) {
-            return Err(ImageError::Changed { path: canonical });
-        }
+        // Never opens a FIFO (would block) or a device node, and never
+        // anything swapped in between looking and opening.
+        let (file, after) = open_regular(&canonical).map_err(|e| match e {
+            SafeOpenError::NotRegular { kind } => ImageError::NotRegular {
+                path: canonical.clone(),
+                kind,
+            },
+            SafeOpenError::Changed => ImageError::Changed {
+                path: canonical.clone(),
+            },
+            SafeOpenError::Io(e) => io_error(&canonical, e),
+        })?;
 
         let header = read_header(&file).map_err(|e| io_error(&canonical, e))?;
         Ok(ImageFile {
@@ -195,31 +188,6 @@ fn io_error(path: &Path, source: std::io::Error) -> ImageError {
             source,
         }
     }
-}
-
-fn check_regular(path: &Path, meta: &Metadata) -> Result<(), ImageError> {
-    let ft = meta.file_type();
-    let kind = if ft.is_file() {
-        return Ok(());
-    } else if ft.is_dir() {
-        "directory"
-    } else if ft.is_symlink() {
-        "symbolic link"
-    } else if ft.is_fifo() {
-        "FIFO"
-    } else if ft.is_socket() {
-        "socket"
-    } else if ft.is_char_device() {
-        "character device"
-    } else if ft.is_block_device() {
-        "block device"
-    } else {
-        "special file"
-    };
-    Err(ImageError::NotRegular {
-        path: path.to_owned(),
-        kind,
-    })
 }
 
 /// Reads up to [`HEADER_LEN`] bytes from offset 0 (short images give less).

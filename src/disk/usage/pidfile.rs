@@ -4,11 +4,12 @@
 //! without following symlinks, without blocking, and read with a small bound.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::OpenOptions;
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use crate::safe_open::{SafeOpenError, open_regular};
 
 /// The placeholder replaced by the image's directory.
 pub const IMAGE_DIR: &str = "{image_dir}";
@@ -189,30 +190,16 @@ pub(super) enum PidfileContent {
     Pid { pid: u32, dev: u64, ino: u64 },
 }
 
-/// Reads a PID file safely: lstat first so FIFOs and devices are never
-/// opened, then open without following symlinks and verify the same inode.
+/// Reads a PID file safely: never a FIFO, a device or a symlink, nor
+/// anything swapped in while it is opened (see [`crate::safe_open`]).
 pub(super) fn read(path: &Path) -> PidfileContent {
-    let before = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return PidfileContent::Missing,
+    let (file, meta) = match open_regular(path) {
+        Ok(opened) => opened,
+        Err(SafeOpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            return PidfileContent::Missing;
+        }
         Err(_) => return PidfileContent::Invalid,
     };
-    if !before.file_type().is_file() {
-        return PidfileContent::Invalid;
-    }
-    let Ok(file) = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-    else {
-        return PidfileContent::Invalid;
-    };
-    let Ok(meta) = file.metadata() else {
-        return PidfileContent::Invalid;
-    };
-    if !meta.file_type().is_file() || (meta.dev(), meta.ino()) != (before.dev(), before.ino()) {
-        return PidfileContent::Invalid;
-    }
     let mut buf = Vec::with_capacity(MAX_PIDFILE as usize + 1);
     if file.take(MAX_PIDFILE + 1).read_to_end(&mut buf).is_err() {
         return PidfileContent::Invalid;
