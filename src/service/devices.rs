@@ -25,7 +25,9 @@ use super::options::parse_interactive_only;
 use super::values::{Dict, variant};
 use crate::auth::{Action, Authority};
 use crate::devices::address::PciAddress;
-use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange, Property};
+use crate::devices::inventory::{
+    AllowEntry, DeviceState, Inventory, InventoryChange, Property, PropertyValue,
+};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
 use crate::devices::vfio::{self, Outcome, VfioBinder};
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
@@ -343,31 +345,13 @@ async fn update(
 }
 
 fn property_value(state: &DeviceState, property: Property) -> OwnedVariant {
-    let info = &state.info;
-    let address = |a: Option<PciAddress>| a.map(|a| a.to_string()).unwrap_or_default();
-    match property {
-        Property::Address => variant(info.address.to_string()),
-        Property::VendorId => variant(info.vendor_id),
-        Property::DeviceId => variant(info.device_id),
-        Property::SubsystemVendorId => variant(info.subsystem_vendor_id),
-        Property::SubsystemDeviceId => variant(info.subsystem_device_id),
-        Property::Class => variant(info.class),
-        Property::VendorName => variant(state.vendor_name.as_str()),
-        Property::DeviceName => variant(state.device_name.as_str()),
-        Property::Driver => variant(info.driver.clone().unwrap_or_default()),
-        Property::IommuGroup => variant(
-            info.iommu_group
-                .map_or(-1, |g| i32::try_from(g).unwrap_or(-1)),
-        ),
-        Property::IommuGroupDevices => variant(state.iommu_group_devices.clone()),
-        Property::NumaNode => variant(info.numa_node),
-        Property::SriovTotalVfs => variant(info.sriov_total_vfs),
-        Property::SriovNumVfs => variant(info.sriov_num_vfs),
-        Property::PhysicalFunction => variant(address(info.physical_function)),
-        Property::Permitted => variant(state.permitted),
-        Property::ResourceName => variant(state.resource_name.as_str()),
-        Property::PassthroughReady => variant(state.passthrough_ready),
-        Property::PassthroughBlockers => variant(state.passthrough_blockers.clone()),
+    match state.value(property) {
+        PropertyValue::Str(s) => variant(s),
+        PropertyValue::U16(n) => variant(n),
+        PropertyValue::U32(n) => variant(n),
+        PropertyValue::I32(n) => variant(n),
+        PropertyValue::Bool(b) => variant(b),
+        PropertyValue::StrList(list) => variant(list),
     }
 }
 
