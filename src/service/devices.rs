@@ -195,18 +195,27 @@ async fn run(
         let (back, changes) = tokio::task::spawn_blocking({
             let message = message.clone();
             move || {
-                let changes = match &message {
+                let update = |inventory: &mut Inventory| match &message {
                     MonitorMessage::Event(event) => inventory.apply(event),
                     MonitorMessage::Resync => {
                         tracing::warn!("device events were lost: re-reading all devices");
                         inventory.resync()
                     }
                 };
+                // A bug triggered by one odd device must not end event
+                // processing: log it and re-read everything instead.
+                let changes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    update(&mut inventory)
+                }))
+                .unwrap_or_else(|_| {
+                    tracing::error!("updating the device inventory failed: re-reading all devices");
+                    inventory.resync()
+                });
                 (inventory, changes)
             }
         })
         .await
-        .expect("inventory updates do not panic");
+        .expect("the update catches its own panics");
         inventory = back;
         publish(&shared, changes).await;
         if let (MonitorMessage::Event(event), true) = (&message, from_kernel) {
