@@ -235,15 +235,26 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
     }
     let width = properties.keys().map(String::len).max().unwrap_or(0);
     for (key, value) in &properties {
-        let shown = match value {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Array(items) if items.is_empty() => "-".into(),
-            serde_json::Value::Array(items) => items
-                .iter()
-                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
-                .collect::<Vec<_>>()
-                .join(", "),
-            other => other.to_string(),
+        let shown = match (key.as_str(), value) {
+            // Ids and classes read as lspci shows them.
+            ("VendorId" | "DeviceId" | "SubsystemVendorId" | "SubsystemDeviceId", v) => v
+                .as_u64()
+                .map_or_else(|| v.to_string(), |n| format!("0x{n:04x}")),
+            ("Class", v) => v
+                .as_u64()
+                .map_or_else(|| v.to_string(), |n| format!("0x{n:06x}")),
+            ("InUseBy", _) => users(&properties),
+            (_, serde_json::Value::String(s)) if s.is_empty() => "-".into(),
+            (_, value) => match value {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(items) if items.is_empty() => "-".into(),
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                other => other.to_string(),
+            },
         };
         let colour = match (key.as_str(), value) {
             ("PassthroughReady", serde_json::Value::Bool(true)) => Some(style::GREEN),
