@@ -143,13 +143,18 @@ impl UsageScanner {
         let mut users: Vec<DiskUser> = users.into_values().collect();
         if lock.locked {
             let mut attributed = false;
+            let mut writer_explained = false;
             for user in users.iter_mut() {
                 if procfs::is_qemu_family_exe(&user.exe) {
                     user.found_by.push(FoundBy::Lock);
                     attributed = true;
+                    writer_explained |= user.writable;
                 }
             }
-            if !attributed {
+            // Nobody visible explains the lock, or only read-only holders are
+            // visible while someone holds the write lock (e.g. a read-only
+            // VM on a backing file next to a container's VM writing it).
+            if !attributed || (lock.writer && !writer_explained) {
                 // A QEMU in another PID namespace: only its lock is visible.
                 users.push(DiskUser {
                     pid: 0,

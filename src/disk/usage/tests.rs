@@ -386,13 +386,25 @@ fn lock_without_visible_qemu() {
     assert_eq!(usage.users[0], invisible);
     assert_eq!(usage.users[1].found_by, vec![FoundBy::Proc]);
 
-    // qemu-img (not an emulator) does explain it.
+    // A read-only qemu-img does not explain a WRITE lock: the invisible
+    // writer is still reported (and blocks).
     env.process(VM, "/usr/bin/qemu-img", 'S', &["check"], &[(3, &img, RO)]);
     let usage = env.scanner().scan(&env.image(), None);
-    assert!(usage.users.iter().all(|u| u.pid != 0));
+    assert!(usage.users.contains(&invisible), "{usage:?}");
     let qi = usage.users.iter().find(|u| u.pid == VM).unwrap();
     assert_eq!(qi.found_by, vec![FoundBy::Proc, FoundBy::Lock]);
     assert!(!qi.blocks_check());
+
+    // qemu-img holding it for writing (a repair) does explain it.
+    env.process(
+        VM + 10,
+        "/usr/bin/qemu-img",
+        'S',
+        &["check", "-r"],
+        &[(3, &img, RW)],
+    );
+    let usage = env.scanner().scan(&env.image(), None);
+    assert!(usage.users.iter().all(|u| u.pid != 0), "{usage:?}");
 }
 
 #[test]
