@@ -384,16 +384,25 @@ impl PciDeviceObject {
         self.state().info.address
     }
 
-    /// Who holds the device's VFIO group open right now.
-    async fn users(&self) -> Vec<vfio::VfioUser> {
+    /// Who holds the device's VFIO group open, computed when asked. Only
+    /// devices whose `/dev/vfio/<group>` exists (bound to vfio-pci) cost a
+    /// /proc scan; it is bounded, because a read of a stuck process's
+    /// /proc files can hang. `None` when the answer is unknown.
+    async fn users(&self) -> Option<Vec<vfio::VfioUser>> {
         let Some(group) = self.state().info.iommu_group else {
-            return Vec::new();
+            return Some(Vec::new());
         };
         let proc_root = self.shared.settings.proc_root.clone();
         let dev_root = self.shared.settings.dev_root.clone();
-        tokio::task::spawn_blocking(move || vfio::group_users(&proc_root, &dev_root, group))
-            .await
-            .unwrap_or_default()
+        let scan =
+            tokio::task::spawn_blocking(move || vfio::group_users(&proc_root, &dev_root, group));
+        match tokio::time::timeout(crate::disk::checker::SCAN_TIMEOUT, scan).await {
+            Ok(Ok(users)) => Some(users),
+            _ => {
+                tracing::warn!(group, "could not find out who holds /dev/vfio/{group}");
+                None
+            }
+        }
     }
 
     /// Shared part of Detach and Reattach: options, polkit, InUse, the
@@ -412,7 +421,13 @@ impl PciDeviceObject {
             .authority
             .check(header, Action::ManageDevices, interactive, &details)
             .await?;
-        if let Some(user) = self.users().await.first() {
+        // An unknown answer refuses: a VM's device must never be pulled from under it.
+        let users = self.users().await.ok_or_else(|| {
+            VmError::Failed(format!(
+                "could not find out whether a VM uses {address}; nothing was changed"
+            ))
+        })?;
+        if let Some(user) = users.first() {
             let who = if user.vm_name.is_empty() {
                 format!("PID {} ({})", user.pid, user.exe)
             } else {
@@ -615,6 +630,7 @@ impl PciDeviceObject {
     async fn in_use_by(&self) -> Vec<Dict> {
         self.users()
             .await
+            .unwrap_or_default()
             .into_iter()
             .map(|u| {
                 HashMap::from([
