@@ -955,3 +955,45 @@ async fn vmctl_ctrl_c_cancels_its_check() {
     }
     panic!("the job outlived vmctl's Ctrl-C");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_img_runs_with_the_callers_uid_gid_and_groups() {
+    // A stand-in qemu-img that records its credentials and reports "clean".
+    let tools = public_tempdir("vmm-tools-");
+    let record = tools.path().join("credentials");
+    std::fs::write(&record, "").unwrap();
+    std::os::unix::fs::chown(&record, Some(NOBODY), Some(NOBODY)).unwrap();
+    let script = tools.path().join("qemu-img");
+    write_file(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$(id -u) $(id -g) $(id -G)\" > {}\necho '{{\"check-errors\": 0}}'\n",
+            record.display()
+        ),
+        0o755,
+    );
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    let w = World::with(polkit, DaemonConfig::default().qemu_img(&script)).await;
+    let image = nobody_image(&w, "own.qcow2");
+    // The caller runs with supplementary groups the group database does not
+    // give nobody: qemu-img must get exactly these, as the bus saw them.
+    let out = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--groups=4242,4343"])
+        .arg(VMCTL)
+        .arg("--bus-address")
+        .arg(w.stack.bus.address())
+        .args(["--no-ask-password", "check-disk", "--json"])
+        .arg(&image));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let recorded = std::fs::read_to_string(&record).unwrap();
+    let fields: Vec<&str> = recorded.split_whitespace().collect();
+    assert_eq!(fields[0], "65534", "uid: {recorded}");
+    assert_eq!(fields[1], "65534", "gid: {recorded}");
+    let mut groups: Vec<&str> = fields[2..].to_vec();
+    groups.sort();
+    assert!(
+        groups.contains(&"4242") && groups.contains(&"4343"),
+        "groups: {recorded}"
+    );
+    assert!(!groups.contains(&"0"), "root's group leaked: {recorded}");
+}
