@@ -95,6 +95,14 @@ impl World {
         run(&mut cmd)
     }
 
+    /// `vmctl --no-ask-password check-disk --json EXTRA… IMAGE` as nobody.
+    fn check_as_nobody(&self, extra: &[&str], image: &Path) -> CmdOutput {
+        let mut args = vec!["--no-ask-password", "check-disk", "--json"];
+        args.extend_from_slice(extra);
+        args.push(image.to_str().unwrap());
+        self.vmctl(Some((NOBODY, NOBODY)), &args)
+    }
+
     /// Image paths of the daemon's current jobs.
     async fn wait_for_job(&self) -> zbus::OwnedObjectPath {
         let manager = self.manager().await;
@@ -540,22 +548,13 @@ fn nobody_image(w: &World, name: &str) -> PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_root_callers_are_decided_by_polkit() {
-    let nobody = Some((NOBODY, NOBODY));
     // Without rules: nobody (no active session) may do nothing.
     let w = World::start().await;
     let own = nobody_image(&w, "own.qcow2");
     let roots = w.path("root.qcow2");
     make_clean_qcow2(&roots);
     for image in [&own, &roots] {
-        let out = w.vmctl(
-            nobody,
-            &[
-                "--no-ask-password",
-                "check-disk",
-                "--json",
-                image.to_str().unwrap(),
-            ],
-        );
+        let out = w.check_as_nobody(&[], image);
         assert_eq!(out.status.code(), Some(5), "{out:?}");
         let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(
@@ -565,7 +564,7 @@ async fn non_root_callers_are_decided_by_polkit() {
     }
     // Nor may they learn whether a path exists or what it is.
     for path in ["/root/secret.qcow2", "/nonexistent/disk.qcow2", "/dev/null"] {
-        let out = w.vmctl(nobody, &["--no-ask-password", "check-disk", "--json", path]);
+        let out = w.check_as_nobody(&[], Path::new(path));
         let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         assert_eq!(
             doc["error"], "org.example.VmManager1.Error.NotAuthorized",
@@ -596,40 +595,14 @@ async fn non_root_callers_are_decided_by_polkit() {
     let own = nobody_image(&w, "own.qcow2");
     let roots = w.path("root.qcow2");
     make_clean_qcow2(&roots);
-    let out = w.vmctl(
-        nobody,
-        &[
-            "--no-ask-password",
-            "check-disk",
-            "--json",
-            own.to_str().unwrap(),
-        ],
-    );
+    let out = w.check_as_nobody(&[], &own);
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(doc["run-as-uid"], NOBODY);
     assert_eq!(doc["result"], "leaks");
-    let out = w.vmctl(
-        nobody,
-        &[
-            "--no-ask-password",
-            "check-disk",
-            "--json",
-            roots.to_str().unwrap(),
-        ],
-    );
+    let out = w.check_as_nobody(&[], &roots);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
-    let out = w.vmctl(
-        nobody,
-        &[
-            "--no-ask-password",
-            "check-disk",
-            "--json",
-            "--repair",
-            "leaks",
-            own.to_str().unwrap(),
-        ],
-    );
+    let out = w.check_as_nobody(&["--repair", "leaks"], &own);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     assert!(out.stdout.contains("repair-disk"), "{out:?}");
     drop(w);
@@ -641,15 +614,7 @@ async fn non_root_callers_are_decided_by_polkit() {
     let w = World::with(polkit, DaemonConfig::default()).await;
     let roots = w.path("root.qcow2");
     make_clean_qcow2(&roots);
-    let out = w.vmctl(
-        nobody,
-        &[
-            "--no-ask-password",
-            "check-disk",
-            "--json",
-            roots.to_str().unwrap(),
-        ],
-    );
+    let out = w.check_as_nobody(&[], &roots);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(doc["run-as-uid"], 0);
