@@ -1,5 +1,5 @@
 //! The system side: follows `org.example.VmManager` through its restarts
-//! and turns its signals into [`Message`]s.
+//! and turns its signals into [`Message`](super::policy::Message)s.
 //!
 //! Subscriptions are made per owner, with the owner's unique name as the
 //! sender: when the service goes, its streams (and match rules) are dropped;

@@ -106,7 +106,7 @@ enum Command {
         /// The image file (qcow2, qed, vdi, vhdx, vmdk, parallels; raw
         /// images have nothing to check).
         path: PathBuf,
-        /// The VM's PID file (e.g. Quickemu's <vm>/<vm>.pid); by default the
+        /// The VM's PID file (e.g. Quickemu's `<vm>/<vm>.pid`); by default the
         /// service looks next to the image and in libvirt's and Proxmox's
         /// run directories.
         #[arg(long, value_name = "FILE")]

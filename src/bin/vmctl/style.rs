@@ -1,5 +1,5 @@
 //! Colour for human output: plain ANSI SGR codes, only when the stream is a
-//! terminal and `NO_COLOR` is unset or empty (https://no-color.org). JSON
+//! terminal and `NO_COLOR` is unset or empty (<https://no-color.org>). JSON
 //! output never goes through here.
 
 use std::borrow::Cow;

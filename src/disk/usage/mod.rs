@@ -1,11 +1,11 @@
 //! Who uses a disk image: PID files, /proc fds, QEMU's lock bytes.
 //!
 //! Three independent sources, merged per PID:
-//! - [`pidfile`]: a PID file counts only when it names a live QEMU that holds
+//! - `pidfile`: a PID file counts only when it names a live QEMU that holds
 //!   the image (and, if QEMU was given `-pidfile`, that very file); a dead
 //!   VM's leftover file or a recycled PID never blocks a check.
 //! - [`procfs`]: every process with an fd on the image's (dev, ino).
-//! - [`lock`]: QEMU's OFD lock bytes, which also reveal a QEMU in another PID
+//! - `lock`: QEMU's OFD lock bytes, which also reveal a QEMU in another PID
 //!   namespace that /proc does not show.
 
 mod lock;

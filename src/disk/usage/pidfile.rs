@@ -78,7 +78,7 @@ pub enum PatternError {
     NoFileName(String),
 }
 
-/// Checks a configured pattern the way [`expand`] will use it (with a
+/// Checks a configured pattern the way `expand` will use it (with a
 /// stand-in image directory).
 pub fn validate_pattern(pattern: &str) -> Result<(), PatternError> {
     split_pattern(pattern, Path::new("/image-dir")).map(|_| ())
