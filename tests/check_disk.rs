@@ -11,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::images::{LEAKED_CLUSTERS, make_clean_qcow2, make_corrupt_qcow2, make_leaky_qcow2};
-use common::util::{ChildGuard, command_as, public_tempdir, run, wait_until, write_file};
+use common::util::{
+    ChildGuard, command_as, hold_open, public_tempdir, run, wait_until, write_file,
+};
 use common::{CmdOutput, DaemonConfig, NOBODY, Polkit, PolkitBuilder, Stack, Vm};
 use tempfile::TempDir;
 use vmmanager::client::{JobProxy, ManagerProxy, dict_to_json};
@@ -455,23 +457,7 @@ async fn symlinks_readers_and_writers() {
     drop(vm);
 
     // Another process holding it open for writing blocks.
-    let mut writer = ChildGuard::new(
-        Command::new("sh")
-            .arg("-c")
-            .arg("exec 3<>\"$1\"; exec sleep 600")
-            .arg("sh")
-            .arg(&image)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-        "writer",
-    );
-    wait_until(
-        Duration::from_secs(5),
-        "writer to open the image",
-        || std::fs::read_link(format!("/proc/{}/fd/3", writer.pid())).is_ok(),
-        String::new,
-    );
+    let mut writer = hold_open(&image, true);
     let (name, message) = w.check(&image, &[]).await.unwrap_err();
     assert_eq!(name, "InUse");
     assert!(
@@ -481,23 +467,7 @@ async fn symlinks_readers_and_writers() {
     writer.kill_and_wait();
 
     // A read-only reader (a backup tool, say) is reported but does not block.
-    let mut reader = ChildGuard::new(
-        Command::new("sh")
-            .arg("-c")
-            .arg("exec 3<\"$1\"; exec sleep 600")
-            .arg("sh")
-            .arg(&image)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-        "reader",
-    );
-    wait_until(
-        Duration::from_secs(5),
-        "reader to open the image",
-        || std::fs::read_link(format!("/proc/{}/fd/3", reader.pid())).is_ok(),
-        String::new,
-    );
+    let mut reader = hold_open(&image, false);
     let r = w.check(&image, &[]).await.unwrap();
     assert_eq!(str_of(&r, "result"), "clean");
     assert!(bool_of(&r, "consistent"));

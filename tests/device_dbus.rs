@@ -11,7 +11,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,7 @@ use common::bus::busctl_at;
 use common::fake_kernel::FakeKernel;
 use common::inproc::{self, DEVICE_IFACE, InProcService, Sig, Signals, Val, val, vals};
 use common::sysfs::FakeSysfs;
-use common::util::{ChildGuard, CmdOutput, NOBODY};
+use common::util::{CmdOutput, NOBODY, hold_open};
 use common::{Polkit, PolkitBuilder, TestBus};
 use futures_util::StreamExt;
 use vmmanager::client::{PciDeviceProxy, device_path};
@@ -1003,14 +1002,7 @@ async fn detach_of_a_group_in_use_names_the_process() {
         Val::Dicts(vec![])
     );
 
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(r#"exec 3<"$0"; exec sleep 600"#)
-        .arg(&node)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut holder = ChildGuard::new(child, "vfio holder");
+    let mut holder = hold_open(&node, false);
     let pid = holder.pid();
     let sleep = fs::canonicalize(
         std::env::split_paths(&std::env::var_os("PATH").unwrap())

@@ -12,7 +12,6 @@ use common::{DaemonConfig, Polkit, Stack};
 use futures_util::StreamExt;
 use vmmanager::client::PciDeviceProxy;
 use vmmanager::devices::address::PciAddress;
-use zbus::fdo::ObjectManagerProxy;
 use zbus::{Connection, OwnedObjectPath};
 
 const VMCTL: &str = env!("CARGO_BIN_EXE_vmctl");
@@ -46,15 +45,7 @@ async fn device_proxy<'a>(connection: &Connection, address: &PciAddress) -> PciD
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_real_device_is_an_object_and_vmctl_lists_them() {
     let (stack, connection) = start(DaemonConfig::default()).await;
-    let objects = ObjectManagerProxy::builder(&connection)
-        .destination("org.example.VmManager")
-        .path("/org/example/VmManager")
-        .build()
-        .await
-        .unwrap()
-        .get_managed_objects()
-        .await
-        .unwrap();
+    let objects = common::bus::managed_objects(&connection).await;
     let mut listed: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -153,15 +153,7 @@ async fn live_introspection_matches_the_shipped_xml() {
     let mut live = shape(&introspect(&stack, "/org/example/VmManager"));
     live.extend(shape(&introspect(&stack, job.as_str())));
     // A device object: every host has PCI devices, and the daemon exports /sys.
-    let objects = zbus::fdo::ObjectManagerProxy::builder(&connection)
-        .destination("org.example.VmManager")
-        .path("/org/example/VmManager")
-        .build()
-        .await
-        .unwrap()
-        .get_managed_objects()
-        .await
-        .unwrap();
+    let objects = common::bus::managed_objects(&connection).await;
     let device = objects
         .keys()
         .find(|p| p.as_str().starts_with("/org/example/VmManager/devices/"))

@@ -281,3 +281,24 @@ fn bus_config(sock: &Path, project_policy: &Path, polkit_policy: &Path) -> Strin
             &xml_escape(&polkit_policy.display().to_string()),
         )
 }
+
+/// `GetManagedObjects` of the service's ObjectManager.
+pub async fn managed_objects(
+    connection: &zbus::Connection,
+) -> std::collections::HashMap<
+    zbus::OwnedObjectPath,
+    std::collections::HashMap<
+        zbus::names::OwnedInterfaceName,
+        std::collections::HashMap<String, zbus::OwnedVariant>,
+    >,
+> {
+    zbus::fdo::ObjectManagerProxy::builder(connection)
+        .destination("org.example.VmManager")
+        .path("/org/example/VmManager")
+        .build()
+        .await
+        .expect("ObjectManager proxy")
+        .get_managed_objects()
+        .await
+        .expect("GetManagedObjects")
+}

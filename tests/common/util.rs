@@ -192,3 +192,31 @@ pub fn read_lossy(path: &Path) -> String {
         Err(e) => format!("<cannot read {}: {e}>", path.display()),
     }
 }
+
+/// A `sleep` holding `path` open on fd 3 (for writing when `writable`), like
+/// a VM or a backup tool would; returns once the fd is open. Killed on drop.
+pub fn hold_open(path: &Path, writable: bool) -> ChildGuard {
+    let script = if writable {
+        r#"exec 3<>"$1"; exec sleep 600"#
+    } else {
+        r#"exec 3<"$1"; exec sleep 600"#
+    };
+    let child = Command::new("sh")
+        .args(["-c", script, "sh"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn sh");
+    let mut guard = ChildGuard::new(child, "holder");
+    let fd = format!("/proc/{}/fd/3", guard.pid());
+    wait_until(
+        Duration::from_secs(5),
+        &format!("a process to open {}", path.display()),
+        || {
+            assert!(guard.is_running(), "the holder exited early");
+            std::fs::read_link(&fd).is_ok()
+        },
+        String::new,
+    );
+    guard
+}
