@@ -119,6 +119,11 @@ async fn every_real_device_is_an_object_and_vmctl_lists_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_kernel_uevent_reaches_a_bus_client() {
+    // No udevd of another test may see this event (it would learn the
+    // device's names before that test's daemon starts).
+    let _lock = tokio::task::spawn_blocking(|| FileLock::exclusive(UDEVD_LOCK))
+        .await
+        .unwrap();
     let (_stack, connection) = start(DaemonConfig::default().events("kernel")).await;
     let address = device();
     let proxy = device_proxy(&connection, &address).await;
@@ -231,4 +236,58 @@ async fn lost_events_resync_and_the_monitor_keeps_going() {
         "{}",
         stack.daemon.output()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmctl_monitor_prints_real_events_as_json_lines() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // The burst of uevents below must not reach a udevd another test runs.
+    let _lock = tokio::task::spawn_blocking(|| FileLock::exclusive(UDEVD_LOCK))
+        .await
+        .unwrap();
+    let (stack, _connection) = start(DaemonConfig::default().events("kernel")).await;
+    let mut monitor = common::util::ChildGuard::new(
+        std::process::Command::new(VMCTL)
+            .arg("--bus-address")
+            .arg(stack.bus.address())
+            .args(["monitor", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+        "vmctl monitor",
+    );
+    let stdout = monitor.take_stdout().unwrap();
+    let address = device();
+    // Keep announcing until the monitor (subscribing asynchronously) sees one.
+    let seen = Arc::new(AtomicBool::new(false));
+    let writer = std::thread::spawn({
+        let seen = seen.clone();
+        move || {
+            for _ in 0..50 {
+                if seen.load(Ordering::Relaxed) {
+                    break;
+                }
+                write_change(&address);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    let line = tokio::task::spawn_blocking(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map(Result::unwrap)
+            .find(|l| l.contains("Uevent"))
+    })
+    .await
+    .unwrap()
+    .expect("a Uevent line");
+    seen.store(true, Ordering::Relaxed);
+    let doc: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(doc["action"], "change", "{line}");
+    assert_eq!(doc["signal"], "org.example.VmManager1.PciDevice.Uevent");
+    assert_eq!(doc["path"], path_of(&address).as_str());
+    monitor.kill_and_wait();
+    writer.join().unwrap();
 }

@@ -1,9 +1,8 @@
 //! `monitor`: the service's signals, live, until interrupted.
 
-use std::collections::BTreeMap;
-
 use futures_util::StreamExt;
-use vmmanager::client::variant_to_json;
+use vmmanager::client::dict_to_json;
+use vmmanager::devices::address::PciAddress;
 use zbus::message::Type as MessageType;
 use zbus::{Connection, MatchRule, MessageStream, OwnedVariant};
 
@@ -27,18 +26,10 @@ fn now() -> String {
 
 /// `/org/example/VmManager/devices/pci_0000_03_00_0` → `0000:03:00.0`.
 fn device_address(path: &str) -> Option<String> {
-    let name = path.strip_prefix("/org/example/VmManager/devices/pci_")?;
-    let parts: Vec<&str> = name.split('_').collect();
-    match parts.as_slice() {
-        [domain, bus, slot, function] => Some(format!("{domain}:{bus}:{slot}.{function}")),
-        _ => None,
-    }
-}
-
-fn dict_json(dict: &std::collections::HashMap<String, OwnedVariant>) -> serde_json::Value {
-    let sorted: BTreeMap<&String, serde_json::Value> =
-        dict.iter().map(|(k, v)| (k, variant_to_json(v))).collect();
-    serde_json::json!(sorted)
+    let name = path.strip_prefix("/org/example/VmManager/devices/")?;
+    PciAddress::from_object_name(name)
+        .ok()
+        .map(|a| a.to_string())
 }
 
 /// One signal as (human line, JSON document); `None` for signals that are
@@ -58,7 +49,7 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
         "DiskChecked" => {
             let (image, report): (String, std::collections::HashMap<String, OwnedVariant>) =
                 body.deserialize().ok()?;
-            let report = dict_json(&report);
+            let report = dict_to_json(&report);
             let outcome = match report.get("error-message").and_then(|m| m.as_str()) {
                 Some(message) => format!("{} {message}", style::out(style::RED, "failed:")),
                 None => {
@@ -85,7 +76,7 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
                 std::collections::HashMap<String, std::collections::HashMap<String, OwnedVariant>>;
             let (object, interfaces): (zbus::OwnedObjectPath, Added) = body.deserialize().ok()?;
             let properties = interfaces.get("org.example.VmManager1.PciDevice")?;
-            let properties = dict_json(properties);
+            let properties = dict_to_json(properties);
             let address = device_address(object.as_str())?;
             let ready = properties["PassthroughReady"].as_bool() == Some(true);
             let driver = properties["Driver"].as_str().unwrap_or("").to_owned();
@@ -113,7 +104,7 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
                 std::collections::HashMap<String, OwnedVariant>,
                 Vec<String>,
             ) = body.deserialize().ok()?;
-            let changed = dict_json(&changed);
+            let changed = dict_to_json(&changed);
             let what = changed
                 .as_object()
                 .map(|m| {
