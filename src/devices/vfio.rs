@@ -404,9 +404,9 @@ impl<'a> Sequence<'a> {
     }
 }
 
+/// `PciAddress` prints only hex digits, `:` and `.`: no path traversal.
 fn device_dir(root: &Path, address: PciAddress) -> PathBuf {
-    // `PciAddress` prints only hex digits, `:` and `.`: no path traversal.
-    root.join("bus/pci/devices").join(address.to_string())
+    super::sysfs::device_dir(root, &address)
 }
 
 fn driver_dir(root: &Path, driver: &str) -> PathBuf {
