@@ -66,6 +66,7 @@ pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
+    let own = OwnDescriptions::of(target);
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = parse_pid_name(&entry.file_name()) else {
@@ -74,7 +75,7 @@ pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
         if pid == skip_pid {
             continue;
         }
-        if let Some(writable) = holds(&entry.path(), target) {
+        if let Some(writable) = holds(&entry.path(), pid, target, &own) {
             found.push(Holder { pid, writable });
         }
     }
@@ -83,21 +84,22 @@ pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
 }
 
 /// Whether the process at `pid_dir` has `target` open: `None` when not,
-/// else whether any such fd is writable.
-fn holds(pid_dir: &Path, target: Target) -> Option<bool> {
+/// else whether any such fd is writable. Fds sharing one of `own`'s open
+/// file descriptions do not count.
+fn holds(pid_dir: &Path, pid: u32, target: Target, own: &OwnDescriptions) -> Option<bool> {
     // EACCES or a vanished process: nothing to see.
     let fds = std::fs::read_dir(pid_dir.join("fd")).ok()?;
     let mut result = None;
     for fd in fds.flatten() {
         let name = fd.file_name();
-        if parse_pid_name(&name).is_none() {
+        let Some(fd_number) = parse_pid_name(&name) else {
             continue;
-        }
+        };
         // stat() follows the magic link to the open file itself.
         let Ok(meta) = std::fs::metadata(fd.path()) else {
             continue;
         };
-        if !target.matches(&meta) {
+        if !target.matches(&meta) || own.shared_with(pid, fd_number) {
             continue;
         }
         let writable = match read_bounded(&pid_dir.join("fdinfo").join(&name), MAX_FDINFO) {
@@ -111,6 +113,56 @@ fn holds(pid_dir: &Path, target: Target) -> Option<bool> {
     }
     result
 }
+
+/// This process's own fds on a target. Their open file descriptions are the
+/// service's read-only probes, not a user's, even in another process: a
+/// child between fork and exec (the service spawning qemu-img for another
+/// check) shares every fd of ours until its exec closes them.
+struct OwnDescriptions {
+    fds: Vec<u32>,
+}
+
+impl OwnDescriptions {
+    fn of(target: Target) -> OwnDescriptions {
+        // Always the real /proc: kcmp(2) compares real processes.
+        let fds = std::fs::read_dir("/proc/self/fd")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|fd| {
+                let number = parse_pid_name(&fd.file_name())?;
+                let meta = std::fs::metadata(fd.path()).ok()?;
+                target.matches(&meta).then_some(number)
+            })
+            .collect();
+        OwnDescriptions { fds }
+    }
+
+    /// Whether `pid`'s fd `fd` is the very open file description of one of
+    /// ours. kcmp failing (no permission, a seccomp filter, a PID that is
+    /// not a real process) means "not shared": the fd then counts, which is
+    /// the fail-closed side.
+    fn shared_with(&self, pid: u32, fd: u32) -> bool {
+        let own_pid = std::process::id();
+        self.fds.iter().any(|&own_fd| {
+            // SAFETY: kcmp only compares kernel objects; no memory is passed.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_kcmp,
+                    own_pid as libc::pid_t,
+                    pid as libc::pid_t,
+                    KCMP_FILE,
+                    own_fd as libc::c_ulong,
+                    fd as libc::c_ulong,
+                )
+            };
+            r == 0
+        })
+    }
+}
+
+/// `KCMP_FILE` from <linux/kcmp.h>.
+const KCMP_FILE: libc::c_int = 0;
 
 /// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).
 fn parse_pid_name(name: &OsStr) -> Option<u32> {

@@ -181,16 +181,14 @@ fn wait(cond: impl Fn() -> bool) {
     }
 }
 
-/// Users other than momentary forks of this test binary (another test thread
-/// spawning a child inherits our image fd until its exec).
-fn users(usage: &DiskUsage) -> Vec<DiskUser> {
-    let me = std::env::current_exe().unwrap();
-    usage
-        .users
-        .iter()
-        .filter(|u| Path::new(&u.exe) != me)
-        .cloned()
-        .collect()
+/// Whether `pid` holds an fd on the file with identity `(dev, ino)` right now.
+fn holds_now(pid: u32, dev: u64, ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino))
 }
 
 /// Runs `f` on another thread and fails if it takes too long (a hang).
@@ -215,7 +213,7 @@ fn vm_found_by_pidfile_proc_and_lock() {
 
     for explicit in [None, Some(pidfile.as_path())] {
         let usage = env.scan(explicit);
-        let found = users(&usage);
+        let found = &usage.users;
         assert_eq!(found.len(), 1, "{found:?}");
         let u = &found[0];
         assert_eq!(u.pid, vm.pid());
@@ -239,7 +237,7 @@ fn vm_with_pidfile_in_a_global_directory() {
     let pidfile = env.run_dir().join("win.pid");
     let vm = env.qemu("win", Some(&pidfile), false);
     let usage = env.scan(None);
-    let found = users(&usage);
+    let found = &usage.users;
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0].pid, vm.pid());
     assert_eq!(found[0].pidfile.as_deref(), Some(pidfile.as_path()));
@@ -254,7 +252,7 @@ fn vm_without_pidfile() {
     let env = Env::new();
     let vm = env.qemu("nopid", None, false);
     let usage = env.scan(None);
-    let found = users(&usage);
+    let found = &usage.users;
     assert_eq!(found.len(), 1, "{found:?}");
     let u = &found[0];
     assert_eq!((u.pid, u.vm_name.as_str()), (vm.pid(), "nopid"));
@@ -272,7 +270,7 @@ fn killed_vm_leaves_a_stale_pidfile() {
     assert!(pidfile.exists(), "SIGKILL leaves QEMU's PID file behind");
     for explicit in [None, Some(pidfile.as_path())] {
         let usage = env.scan(explicit);
-        assert!(users(&usage).is_empty(), "{usage:?}");
+        assert!(usage.users.is_empty(), "{usage:?}");
         assert!(usage.blocking_user().is_none());
         assert_eq!(usage.stale_pidfiles, vec![pidfile.clone()]);
     }
@@ -290,7 +288,7 @@ fn pidfile_naming_a_live_non_qemu_process_is_stale() {
     std::fs::write(&pidfile, format!("{}\n", writer.pid())).unwrap();
     let usage = env.scan(None);
     assert_eq!(usage.stale_pidfiles, vec![pidfile]);
-    let found = users(&usage);
+    let found = &usage.users;
     assert_eq!(found.len(), 1);
     let u = &found[0];
     assert_eq!(u.pid, writer.pid());
@@ -331,7 +329,7 @@ fn fifo_and_symlink_pidfiles_are_stale_without_hanging() {
     assert_eq!(explicit_fifo.stale_pidfiles, vec![fifo]);
     assert_eq!(explicit_link.stale_pidfiles, vec![link]);
     for usage in [usage, explicit_fifo, explicit_link] {
-        let found = users(&usage);
+        let found = &usage.users;
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].pid, vm.pid());
         assert_eq!(found[0].found_by, vec![FoundBy::Proc, FoundBy::Lock]);
@@ -365,7 +363,7 @@ fn garbage_pidfiles_are_stale() {
         "reads are bounded"
     );
     assert_eq!(usage.stale_pidfiles, want);
-    assert!(users(&usage).is_empty());
+    assert!(usage.users.is_empty());
 }
 
 #[test]
@@ -378,8 +376,8 @@ fn image_reached_through_a_symlink() {
     assert_eq!(via.path, std::fs::canonicalize(env.image_path()).unwrap());
     let through_link = env.scanner().scan(&via, None);
     let direct = env.scan(None);
-    assert_eq!(users(&through_link), users(&direct));
-    assert_eq!(users(&direct)[0].pid, vm.pid());
+    assert_eq!(through_link.users, direct.users);
+    assert_eq!(direct.users[0].pid, vm.pid());
 }
 
 #[test]
@@ -388,7 +386,7 @@ fn read_only_vm_is_reported_and_blocks() {
     let pidfile = env.vm_dir().join("ro.pid");
     let vm = env.qemu("ro", Some(&pidfile), true);
     let usage = env.scan(None);
-    let found = users(&usage);
+    let found = &usage.users;
     assert_eq!(found.len(), 1, "{found:?}");
     let u = &found[0];
     assert_eq!(u.pid, vm.pid());
@@ -405,7 +403,7 @@ fn non_qemu_writer_blocks_and_reader_does_not() {
     let env = Env::new();
     let reader = env.holder("<");
     let usage = env.scan(None);
-    let found = users(&usage);
+    let found = &usage.users;
     assert_eq!(found.len(), 1);
     assert_eq!(found[0].pid, reader.pid());
     assert!(found[0].exe.ends_with("/sleep"));
@@ -415,7 +413,7 @@ fn non_qemu_writer_blocks_and_reader_does_not() {
 
     let writer = env.holder("<>");
     let usage = env.scan(None);
-    let found = users(&usage);
+    let found = &usage.users;
     assert_eq!(found.len(), 2);
     let blocker = usage.blocking_user().unwrap();
     assert_eq!(blocker.pid, writer.pid());
@@ -450,7 +448,71 @@ fn lock_only_when_qemu_is_not_in_proc() {
 fn unused_image_has_no_users() {
     let env = Env::new();
     let usage = env.scan(None);
-    assert!(users(&usage).is_empty());
+    assert!(usage.users.is_empty());
     assert!(usage.stale_pidfiles.is_empty());
     assert!(usage.blocking_user().is_none());
+}
+
+/// A child between fork and exec shares the scanner's own probe fd; that is
+/// the scanner's open file description, not a user of the image.
+#[test]
+fn a_fork_sharing_the_scanners_fd_is_not_a_user() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::new();
+    let image = env.image();
+    let meta = std::fs::metadata(env.image_path()).unwrap();
+    let me = std::process::id();
+
+    // The child sleeps before its exec, holding a copy of every fd of ours.
+    let (tx, rx) = mpsc::channel();
+    let spawner = std::thread::spawn(move || {
+        let mut cmd = Command::new("true");
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::sleep(3);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().unwrap();
+        let _ = tx.send(());
+        child.wait().unwrap()
+    });
+    let fork = {
+        let start = Instant::now();
+        loop {
+            let forks: Vec<u32> = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|&pid| parent_of(pid) == Some(me))
+                .filter(|&pid| holds_now(pid, meta.dev(), meta.ino()))
+                .collect();
+            if let Some(&pid) = forks.first() {
+                break pid;
+            }
+            assert!(start.elapsed() < READY_TIMEOUT, "the fork never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    let usage = env.scanner().scan(&image, None);
+    let still_forked = holds_now(fork, meta.dev(), meta.ino());
+    assert!(
+        usage.users.iter().all(|u| u.pid != fork),
+        "fork {fork} reported: {usage:?}"
+    );
+    // The assertion above means something only if the fork was still
+    // sharing our fd during the scan (it sleeps for 3 s).
+    assert!(still_forked, "the fork exec'd before the scan ended");
+    rx.recv().unwrap();
+    assert!(spawner.join().unwrap().success());
+}
+
+/// The parent PID from /proc/PID/stat (after the last `)`).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
 }
