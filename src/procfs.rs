@@ -66,7 +66,6 @@ pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
     let Ok(entries) = std::fs::read_dir(proc_root) else {
         return Vec::new();
     };
-    let own = OwnDescriptions::of(target);
     let mut found = Vec::new();
     for entry in entries.flatten() {
         let Some(pid) = parse_pid_name(&entry.file_name()) else {
@@ -75,31 +74,45 @@ pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
         if pid == skip_pid {
             continue;
         }
-        if let Some(writable) = holds(&entry.path(), pid, target, &own) {
-            found.push(Holder { pid, writable });
+        let Some(mut writable) = holds(&entry.path(), target) else {
+            continue;
+        };
+        if parent_pid(proc_root, pid) == Some(skip_pid) {
+            // A child of ours between fork and exec shares every fd we had at
+            // the fork (the service spawning qemu-img for another check).
+            // Until its exec it runs our executable and is no user. Its
+            // close-on-exec copies vanish at the exec, so looking again
+            // after reading its exe also covers an exec in between.
+            if same_exe_as_self(proc_root, pid) {
+                continue;
+            }
+            match holds(&entry.path(), target) {
+                Some(still) => writable = still,
+                None => continue,
+            }
         }
+        found.push(Holder { pid, writable });
     }
     found.sort_by_key(|h| h.pid);
     found
 }
 
 /// Whether the process at `pid_dir` has `target` open: `None` when not,
-/// else whether any such fd is writable. Fds sharing one of `own`'s open
-/// file descriptions do not count.
-fn holds(pid_dir: &Path, pid: u32, target: Target, own: &OwnDescriptions) -> Option<bool> {
+/// else whether any such fd is writable.
+fn holds(pid_dir: &Path, target: Target) -> Option<bool> {
     // EACCES or a vanished process: nothing to see.
     let fds = std::fs::read_dir(pid_dir.join("fd")).ok()?;
     let mut result = None;
     for fd in fds.flatten() {
         let name = fd.file_name();
-        let Some(fd_number) = parse_pid_name(&name) else {
+        if parse_pid_name(&name).is_none() {
             continue;
-        };
+        }
         // stat() follows the magic link to the open file itself.
         let Ok(meta) = std::fs::metadata(fd.path()) else {
             continue;
         };
-        if !target.matches(&meta) || own.shared_with(pid, fd_number) {
+        if !target.matches(&meta) {
             continue;
         }
         let writable = match read_bounded(&pid_dir.join("fdinfo").join(&name), MAX_FDINFO) {
@@ -113,56 +126,6 @@ fn holds(pid_dir: &Path, pid: u32, target: Target, own: &OwnDescriptions) -> Opt
     }
     result
 }
-
-/// This process's own fds on a target. Their open file descriptions are the
-/// service's read-only probes, not a user's, even in another process: a
-/// child between fork and exec (the service spawning qemu-img for another
-/// check) shares every fd of ours until its exec closes them.
-struct OwnDescriptions {
-    fds: Vec<u32>,
-}
-
-impl OwnDescriptions {
-    fn of(target: Target) -> OwnDescriptions {
-        // Always the real /proc: kcmp(2) compares real processes.
-        let fds = std::fs::read_dir("/proc/self/fd")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|fd| {
-                let number = parse_pid_name(&fd.file_name())?;
-                let meta = std::fs::metadata(fd.path()).ok()?;
-                target.matches(&meta).then_some(number)
-            })
-            .collect();
-        OwnDescriptions { fds }
-    }
-
-    /// Whether `pid`'s fd `fd` is the very open file description of one of
-    /// ours. kcmp failing (no permission, a seccomp filter, a PID that is
-    /// not a real process) means "not shared": the fd then counts, which is
-    /// the fail-closed side.
-    fn shared_with(&self, pid: u32, fd: u32) -> bool {
-        let own_pid = std::process::id();
-        self.fds.iter().any(|&own_fd| {
-            // SAFETY: kcmp only compares kernel objects; no memory is passed.
-            let r = unsafe {
-                libc::syscall(
-                    libc::SYS_kcmp,
-                    own_pid as libc::pid_t,
-                    pid as libc::pid_t,
-                    KCMP_FILE,
-                    own_fd as libc::c_ulong,
-                    fd as libc::c_ulong,
-                )
-            };
-            r == 0
-        })
-    }
-}
-
-/// `KCMP_FILE` from <linux/kcmp.h>.
-const KCMP_FILE: libc::c_int = 0;
 
 /// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).
 fn parse_pid_name(name: &OsStr) -> Option<u32> {
@@ -223,6 +186,28 @@ pub fn parse_stat_state(stat: &[u8]) -> Option<u8> {
         .copied()
         .find(|b| !b.is_ascii_whitespace())
         .filter(u8::is_ascii_alphabetic)
+}
+
+/// The parent PID, the field after the state in `/proc/PID/stat`.
+fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
+    let stat = read_bounded(&pid_path(proc_root, pid, "stat"), MAX_STAT).ok()?;
+    parse_stat_ppid(&stat)
+}
+
+fn parse_stat_ppid(stat: &[u8]) -> Option<u32> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    rest.split_ascii_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` runs the very executable (same inode) this process runs.
+fn same_exe_as_self(proc_root: &Path, pid: u32) -> bool {
+    let theirs = std::fs::metadata(pid_path(proc_root, pid, "exe"));
+    let ours = std::fs::metadata("/proc/self/exe");
+    match (theirs, ours) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// Alive for our purposes: exists and is neither a zombie nor dead.
@@ -423,6 +408,16 @@ mod tests {
         assert_eq!(parse_stat_state(b"42 (qemu)"), None);
         assert_eq!(parse_stat_state(b"42 (qemu) 7"), None);
         assert_eq!(parse_stat_state(b""), None);
+    }
+
+    #[test]
+    fn stat_parents() {
+        assert_eq!(parse_stat_ppid(b"42 (qemu) S 17 2 3"), Some(17));
+        assert_eq!(parse_stat_ppid(b"42 (a) 1 b) S 9 2"), Some(9));
+        assert_eq!(parse_stat_ppid(b"42 (qemu) S"), None);
+        assert_eq!(parse_stat_ppid(b"42 (qemu) S -1 2"), None);
+        assert_eq!(parse_stat_ppid(b"42 (qemu) S 99999999999 2"), None);
+        assert_eq!(parse_stat_ppid(b"42 qemu S 1"), None);
     }
 
     #[test]

@@ -330,7 +330,7 @@ fn fifo_and_symlink_pidfiles_are_stale_without_hanging() {
     assert_eq!(explicit_link.stale_pidfiles, vec![link]);
     for usage in [usage, explicit_fifo, explicit_link] {
         let found = &usage.users;
-        assert_eq!(found.len(), 1);
+        assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].pid, vm.pid());
         assert_eq!(found[0].found_by, vec![FoundBy::Proc, FoundBy::Lock]);
     }
@@ -453,18 +453,18 @@ fn unused_image_has_no_users() {
     assert!(usage.blocking_user().is_none());
 }
 
-/// A child between fork and exec shares the scanner's own probe fd; that is
-/// the scanner's open file description, not a user of the image.
+/// A child between fork and exec shares every fd of ours, even after we
+/// close ours: it runs the scanner's own executable and is not a user.
 #[test]
-fn a_fork_sharing_the_scanners_fd_is_not_a_user() {
+fn a_fork_of_the_scanner_is_not_a_user() {
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::CommandExt;
     let env = Env::new();
-    let image = env.image();
     let meta = std::fs::metadata(env.image_path()).unwrap();
     let me = std::process::id();
 
-    // The child sleeps before its exec, holding a copy of every fd of ours.
+    // Open at the fork, closed before the scan: the child's copy outlives it.
+    let image_at_fork = env.image();
     let (tx, rx) = mpsc::channel();
     let spawner = std::thread::spawn(move || {
         let mut cmd = Command::new("true");
@@ -496,15 +496,16 @@ fn a_fork_sharing_the_scanners_fd_is_not_a_user() {
             std::thread::sleep(Duration::from_millis(10));
         }
     };
+    drop(image_at_fork);
 
-    let usage = env.scanner().scan(&image, None);
+    let usage = env.scan(None);
     let still_forked = holds_now(fork, meta.dev(), meta.ino());
     assert!(
         usage.users.iter().all(|u| u.pid != fork),
         "fork {fork} reported: {usage:?}"
     );
     // The assertion above means something only if the fork was still
-    // sharing our fd during the scan (it sleeps for 3 s).
+    // sharing the image during the scan (it sleeps for 3 s).
     assert!(still_forked, "the fork exec'd before the scan ended");
     rx.recv().unwrap();
     assert!(spawner.join().unwrap().success());

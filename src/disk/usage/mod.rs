@@ -111,7 +111,8 @@ impl UsageScanner {
     /// Blocking: reads /proc. `explicit_pidfile` replaces the patterns.
     ///
     /// The calling process itself is never reported: its only fds on the
-    /// image are the service's own read-only probe descriptors.
+    /// image are the service's own read-only probe descriptors. Nor are its
+    /// children between fork and exec, which share those descriptors.
     pub fn scan(&self, image: &ImageFile, explicit_pidfile: Option<&Path>) -> DiskUsage {
         let own_pid = std::process::id();
         let target = Target::Inode {
