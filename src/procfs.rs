@@ -189,7 +189,7 @@ pub fn parse_stat_state(stat: &[u8]) -> Option<u8> {
 }
 
 /// The parent PID, the field after the state in `/proc/PID/stat`.
-fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
+pub fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
     let stat = read_bounded(&pid_path(proc_root, pid, "stat"), MAX_STAT).ok()?;
     parse_stat_ppid(&stat)
 }

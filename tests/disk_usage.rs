@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use vmmanager::disk::image::ImageFile;
 use vmmanager::disk::usage::{DiskUsage, DiskUser, FoundBy, UsageScanner};
+use vmmanager::procfs::{self, Target};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -179,16 +180,6 @@ fn wait(cond: impl Fn() -> bool) {
         assert!(start.elapsed() < READY_TIMEOUT, "condition never held");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Whether `pid` holds an fd on the file with identity `(dev, ino)` right now.
-fn holds_now(pid: u32, dev: u64, ino: u64) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.flatten()
-        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino))
 }
 
 /// Runs `f` on another thread and fails if it takes too long (a hang).
@@ -457,7 +448,6 @@ fn unused_image_has_no_users() {
 /// close ours: it runs the scanner's own executable and is not a user.
 #[test]
 fn a_fork_of_the_scanner_is_not_a_user() {
-    use std::os::unix::fs::MetadataExt;
     use std::os::unix::process::CommandExt;
     let env = Env::new();
     let meta = std::fs::metadata(env.image_path()).unwrap();
@@ -479,18 +469,16 @@ fn a_fork_of_the_scanner_is_not_a_user() {
         let _ = tx.send(());
         child.wait().unwrap()
     });
+    // Every holder, our own children included (skipping only PID 0).
+    let holders = || procfs::holders(Path::new("/proc"), Target::of(&meta), 0);
     let fork = {
         let start = Instant::now();
         loop {
-            let forks: Vec<u32> = std::fs::read_dir("/proc")
-                .unwrap()
-                .flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-                .filter(|&pid| parent_of(pid) == Some(me))
-                .filter(|&pid| holds_now(pid, meta.dev(), meta.ino()))
-                .collect();
-            if let Some(&pid) = forks.first() {
-                break pid;
+            let fork = holders()
+                .into_iter()
+                .find(|h| procfs::parent_pid(Path::new("/proc"), h.pid) == Some(me));
+            if let Some(fork) = fork {
+                break fork.pid;
             }
             assert!(start.elapsed() < READY_TIMEOUT, "the fork never appeared");
             std::thread::sleep(Duration::from_millis(10));
@@ -499,7 +487,7 @@ fn a_fork_of_the_scanner_is_not_a_user() {
     drop(image_at_fork);
 
     let usage = env.scan(None);
-    let still_forked = holds_now(fork, meta.dev(), meta.ino());
+    let still_forked = holders().iter().any(|h| h.pid == fork);
     assert!(
         usage.users.iter().all(|u| u.pid != fork),
         "fork {fork} reported: {usage:?}"
@@ -509,11 +497,4 @@ fn a_fork_of_the_scanner_is_not_a_user() {
     assert!(still_forked, "the fork exec'd before the scan ended");
     rx.recv().unwrap();
     assert!(spawner.join().unwrap().success());
-}
-
-/// The parent PID from /proc/PID/stat (after the last `)`).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(1)?.parse().ok()
 }
