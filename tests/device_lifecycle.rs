@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::TestBus;
 use common::udevd::{FileLock, UDEVD_LOCK, device, write_change};
+use common::util::threads_named;
 use futures_util::StreamExt;
 use vmmanager::auth::Authority;
 use vmmanager::devices::monitor::{EventGroup, MonitorOptions, THREAD_NAME};
@@ -53,14 +54,6 @@ async fn start(connection: &zbus::Connection) -> DeviceService {
 
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-fn monitor_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim() == THREAD_NAME)
-        .count()
 }
 
 /// Signals from `sender` seen by `client` within `window`.
@@ -167,7 +160,11 @@ async fn parallel_start_stop_cycles_leave_nothing_running() {
         worker.await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(monitor_threads(), 0, "monitor threads left running");
+    assert_eq!(
+        threads_named(THREAD_NAME),
+        0,
+        "monitor threads left running"
+    );
     let fds_after = fd_count();
     println!(
         "{} start/stop cycles: fds before {fds_before}, after {fds_after}; monitor threads after: 0",

@@ -25,6 +25,7 @@ use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 mod common;
 
 use common::udevd::{FileLock, UDEVD_LOCK, Udevd, device, devices, sysfs, write_change};
+use common::util::threads_named;
 
 /// Env var that makes [`lifecycle_child`] run (in its own process).
 const LIFECYCLE_CHILD: &str = "VMMANAGER_MONITOR_LIFECYCLE_CHILD";
@@ -61,15 +62,6 @@ fn kernel_options() -> MonitorOptions {
 fn counts() -> (usize, usize) {
     let n = |dir: &str| std::fs::read_dir(dir).unwrap().count();
     (n("/proc/self/task"), n("/proc/self/fd"))
-}
-
-/// Threads of this process named like the monitor thread.
-fn monitor_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .filter(|comm| comm.trim() == THREAD_NAME)
-        .count()
 }
 
 // ------------------------------------------------------------------ tests
@@ -265,7 +257,7 @@ fn lifecycle_child() {
         // Dropping the monitor without stop also joins.
         let (tx, _rx) = mpsc::channel(1);
         drop(DeviceMonitor::start(kernel_options(), tx).unwrap());
-        assert_eq!(monitor_threads(), 0);
+        assert_eq!(threads_named(THREAD_NAME), 0);
         // Dropping the runtime joins its worker and blocking-pool threads.
     }
     // Exited threads can linger in /proc for a moment after join.

@@ -220,3 +220,12 @@ pub fn hold_open(path: &Path, writable: bool) -> ChildGuard {
     );
     guard
 }
+
+/// How many threads of this process are named `name` (their `comm`).
+pub fn threads_named(name: &str) -> usize {
+    fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
