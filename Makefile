@@ -114,7 +114,7 @@ generate: build
 
 # The same tests as scripts/test, without its root check and dependency
 # installation (the end-to-end tests need root and the packages of
-# scripts/install-deps; `sudo scripts/test` sets both up).
+# scripts/install-deps; `scripts/test`, as root, sets both up).
 check: check-data
 	$(CARGO) test --locked
 
