@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::disk::checker::Limits;
+
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmmanager/vmmanager.toml";
 
@@ -29,6 +31,13 @@ pub struct DiskConfig {
     pub timeout_sec: u32,
     /// How many checks may run at once; 0 means the number of CPUs.
     pub max_concurrent_checks: u32,
+    /// How many checks one user (uid) may run at once; 0 means half of
+    /// `max-concurrent-checks` (at least 1), so one user's hanging checks
+    /// never take every slot.
+    pub max_checks_per_user: u32,
+    /// How many more checks one user may have waiting for a slot; further
+    /// ones are refused as Busy.
+    pub max_queued_checks_per_user: u32,
     /// Where PID files of running VMs are looked for when the caller names
     /// none. `{image_dir}` is the image's directory; `*` is allowed in the
     /// last component.
@@ -103,6 +112,8 @@ impl Default for DiskConfig {
             qemu_img: PathBuf::from("/usr/bin/qemu-img"),
             timeout_sec: 600,
             max_concurrent_checks: 0,
+            max_checks_per_user: 0,
+            max_queued_checks_per_user: 4,
             pidfile_patterns: vec![
                 // Quickemu keeps `<vm>.pid` next to the disk.
                 "{image_dir}/*.pid".into(),
@@ -232,6 +243,21 @@ impl Config {
     pub fn default_timeout(&self) -> Duration {
         Duration::from_secs(self.disk.timeout_sec.into())
     }
+
+    /// The check limits, with 0 ("automatic") values resolved.
+    pub fn check_limits(&self) -> Limits {
+        let concurrent = self.max_concurrent_checks();
+        let per_user = match self.disk.max_checks_per_user {
+            0 => (concurrent / 2).max(1),
+            n => n as usize,
+        };
+        Limits {
+            timeout: self.default_timeout(),
+            concurrent,
+            per_user,
+            queued_per_user: self.disk.max_queued_checks_per_user as usize,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +279,18 @@ mod tests {
         assert_eq!(config.disk.qemu_img, Path::new("/opt/qemu-img"));
         assert_eq!(config.default_timeout(), Duration::from_secs(5));
         assert_eq!(config.max_concurrent_checks(), 3);
+        assert_eq!(config.check_limits().per_user, 1);
+        assert_eq!(config.check_limits().queued_per_user, 4);
+        let custom = Config::parse(
+            "[disk]\nmax-concurrent-checks = 8\nmax-checks-per-user = 3\n\
+             max-queued-checks-per-user = 0\n",
+        )
+        .unwrap();
+        let limits = custom.check_limits();
+        assert_eq!(
+            (limits.concurrent, limits.per_user, limits.queued_per_user),
+            (8, 3, 0)
+        );
         assert_eq!(config.system.proc_root, Path::new("/tmp/proc"));
         assert_eq!(config.system.sysfs_root, Path::new("/sys"));
     }

@@ -8,12 +8,15 @@
 //!
 //! - [`config`]: `/etc/vmmanager/vmmanager.toml`, every key with a default.
 //! - [`disk`]: everything about checking a disk image:
-//!   - [`disk::image`]: validate a caller's path, open it safely, detect the
-//!     format from the header magic;
+//!   - [`disk::image`]: validate a caller's path, open it once, safely, detect
+//!     the format from the header magic;
+//!   - [`disk::view`]: do file-system lookups with a caller's permissions, so
+//!     a caller learns nothing about files it could not see itself;
 //!   - [`disk::usage`]: who uses an image (PID files, /proc fds, QEMU's lock
 //!     bytes);
-//!   - [`disk::qemu_img`]: run `qemu-img check` as a given user in its own
-//!     process group, with timeout and cancellation, and parse its JSON;
+//!   - [`disk::qemu_img`]: run `qemu-img check` on the open image (never its
+//!     name) as a given user in its own process group, with timeout and
+//!     cancellation, and parse its JSON;
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
 //! - [`devices`]: PCI devices: sysfs inventory with passthrough readiness
@@ -28,8 +31,8 @@
 //!   parsing, the one D-Bus error enum, and the daemon's run loop.
 //! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
 //!   service on the system bus and shows desktop notifications.
-//! - [`safe_open`]: opening a file someone else named, never a FIFO, a
-//!   device or a swapped-in symlink.
+//! - [`safe_open`]: opening a file someone else named with one lookup, never
+//!   a FIFO or a device.
 //! - [`process`]: logging and signal handling shared by the long-running
 //!   binaries.
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service), `vmctl` (CLI) and

@@ -1,17 +1,18 @@
 //! Opening a file named by someone else (a D-Bus caller's image, a PID file
 //! in a directory other users can write) without being tricked.
 //!
-//! `O_NOFOLLOW` guards only the last path component: a directory swapped
-//! for a symlink between a `stat` and an `open` could still lead root to a
-//! FIFO (which blocks) or a device node (which may react to being opened).
-//! So: `lstat`, then an `O_PATH` handle (opens nothing), check it is the same
-//! regular file, then reopen exactly that inode through `/proc/self/fd`.
+//! The name is looked up exactly once, into an `O_PATH` handle: that opens
+//! nothing (a FIFO cannot block, a device driver never sees an open), yet
+//! pins the inode. The handle's own `fstat` decides whether it is a regular
+//! file, and only then is exactly that inode opened for reading, through
+//! `/proc/self/fd`. A name swapped at any moment changes nothing: every later
+//! step works on the handle, never on the name.
 
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::Path;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SafeOpenError {
@@ -20,10 +21,16 @@ pub enum SafeOpenError {
     /// Not a regular file; `kind` says what it is.
     #[error("not a regular file (it is a {kind})")]
     NotRegular { kind: &'static str },
-    /// It changed between looking and opening (a symlink or another file
-    /// was swapped in).
-    #[error("the file changed while it was being opened")]
-    Changed,
+}
+
+/// Whether the last path component may be a symlink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Symlinks {
+    /// Follow symlinks everywhere (a caller's image path).
+    Follow,
+    /// A symlink as the last component is refused (PID files: a symlink
+    /// there is never what QEMU wrote).
+    RefuseLast,
 }
 
 /// What a non-regular file is, in words.
@@ -49,79 +56,115 @@ pub fn kind_of(metadata: &Metadata) -> &'static str {
     }
 }
 
-/// Opens `path` read-only (non-blocking, close-on-exec) if, and only if, it
-/// is a regular file reached without a symlink in its last component, and
-/// returns it with its metadata.
-pub fn open_regular(path: &Path) -> Result<(File, Metadata), SafeOpenError> {
-    let before = std::fs::symlink_metadata(path)?;
-    if !before.file_type().is_file() {
-        return Err(SafeOpenError::NotRegular {
-            kind: kind_of(&before),
-        });
+/// A regular file opened read-only (non-blocking, close-on-exec), with its
+/// metadata and the path the kernel knows it by.
+#[derive(Debug)]
+pub struct Opened {
+    pub file: File,
+    pub metadata: Metadata,
+    /// Absolute, symlinks resolved: what `/proc/self/fd/N` says of the
+    /// handle (a deleted file ends in " (deleted)").
+    pub canonical: PathBuf,
+}
+
+/// Opens `path` read-only if, and only if, it is a regular file. Permission
+/// checks are those of the calling *thread* (see [`crate::disk::view`]).
+pub fn open_regular(path: &Path, symlinks: Symlinks) -> Result<Opened, SafeOpenError> {
+    let mut flags = libc::O_PATH | libc::O_CLOEXEC;
+    if symlinks == Symlinks::RefuseLast {
+        // With O_PATH, O_NOFOLLOW opens the symlink itself rather than failing.
+        flags |= libc::O_NOFOLLOW;
     }
     let handle = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => SafeOpenError::Changed,
-            _ => SafeOpenError::Io(e),
-        })?;
-    let same = |m: &Metadata| {
-        m.file_type().is_file() && (m.dev(), m.ino()) == (before.dev(), before.ino())
-    };
-    if !same(&handle.metadata()?) {
-        return Err(SafeOpenError::Changed);
+        .custom_flags(flags)
+        .open(path)?;
+    let metadata = handle.metadata()?;
+    if !metadata.file_type().is_file() {
+        return Err(SafeOpenError::NotRegular {
+            kind: kind_of(&metadata),
+        });
     }
+    // /proc/self, not /proc/thread-self: a thread running with a caller's
+    // credentials may always reach its own process's fds, not its thread's.
+    let handle_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    let canonical = std::fs::read_link(&handle_path)?;
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))?;
-    let metadata = file.metadata()?;
-    if !same(&metadata) {
-        return Err(SafeOpenError::Changed);
-    }
-    Ok((file, metadata))
+        .open(&handle_path)?;
+    Ok(Opened {
+        file,
+        metadata,
+        canonical,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn regular_files_open_everything_else_is_refused_without_opening() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, b"42\n").unwrap();
-        let (opened, meta) = open_regular(&file).unwrap();
-        assert!(meta.is_file());
-        drop(opened);
+        let opened = open_regular(&file, Symlinks::RefuseLast).unwrap();
+        assert!(opened.metadata.is_file());
+        assert_eq!(opened.canonical, std::fs::canonicalize(&file).unwrap());
 
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        assert!(matches!(
-            open_regular(&fifo),
-            Err(SafeOpenError::NotRegular { kind: "FIFO" })
-        ));
-        assert!(matches!(
-            open_regular(Path::new("/dev/null")),
-            Err(SafeOpenError::NotRegular {
-                kind: "character device"
-            })
-        ));
+        for symlinks in [Symlinks::Follow, Symlinks::RefuseLast] {
+            assert!(matches!(
+                open_regular(&fifo, symlinks),
+                Err(SafeOpenError::NotRegular { kind: "FIFO" })
+            ));
+            assert!(matches!(
+                open_regular(Path::new("/dev/null"), symlinks),
+                Err(SafeOpenError::NotRegular {
+                    kind: "character device"
+                })
+            ));
+            assert!(matches!(
+                open_regular(dir.path(), symlinks),
+                Err(SafeOpenError::NotRegular { kind: "directory" })
+            ));
+        }
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&file, &link).unwrap();
         assert!(matches!(
-            open_regular(&link),
+            open_regular(&link, Symlinks::RefuseLast),
             Err(SafeOpenError::NotRegular {
                 kind: "symbolic link"
             })
         ));
+        let followed = open_regular(&link, Symlinks::Follow).unwrap();
+        assert_eq!(followed.canonical, opened.canonical);
+        assert_eq!(followed.metadata.ino(), opened.metadata.ino());
+        // A symlink to a FIFO is still refused without opening the FIFO.
+        let fifo_link = dir.path().join("fifo-link");
+        std::os::unix::fs::symlink(&fifo, &fifo_link).unwrap();
         assert!(matches!(
-            open_regular(dir.path()),
-            Err(SafeOpenError::NotRegular { kind: "directory" })
+            open_regular(&fifo_link, Symlinks::Follow),
+            Err(SafeOpenError::NotRegular { kind: "FIFO" })
         ));
+    }
+
+    #[test]
+    fn the_open_file_is_the_inode_that_was_looked_at() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"first").unwrap();
+        let opened = open_regular(&a, Symlinks::Follow).unwrap();
+        // Replace the name: the opened file must still be the first inode.
+        std::fs::rename(&a, dir.path().join("old")).unwrap();
+        std::fs::write(&a, b"second").unwrap();
+        let mut text = String::new();
+        io::Read::read_to_string(&mut &opened.file, &mut text).unwrap();
+        assert_eq!(text, "first");
     }
 }

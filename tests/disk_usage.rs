@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use vmmanager::disk::image::ImageFile;
 use vmmanager::disk::usage::{DiskUsage, DiskUser, FoundBy, UsageScanner};
+use vmmanager::disk::view::View;
 use vmmanager::procfs::{self, Target};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -97,7 +98,7 @@ impl Env {
         )
     }
     fn scan(&self, explicit: Option<&Path>) -> DiskUsage {
-        self.scanner().scan(&self.image(), explicit)
+        self.scanner().scan(&self.image(), explicit, &View::Service)
     }
 
     /// Starts a QEMU on the image and waits until it holds the image and
@@ -310,9 +311,9 @@ fn fifo_and_symlink_pidfiles_are_stale_without_hanging() {
         let (fifo, link) = (fifo.clone(), link.clone());
         move || {
             (
-                scanner.scan(&image, None),
-                scanner.scan(&image, Some(&fifo)),
-                scanner.scan(&image, Some(&link)),
+                scanner.scan(&image, None, &View::Service),
+                scanner.scan(&image, Some(&fifo), &View::Service),
+                scanner.scan(&image, Some(&link), &View::Service),
             )
         }
     });
@@ -365,7 +366,7 @@ fn image_reached_through_a_symlink() {
     std::os::unix::fs::symlink(env.vm_dir(), &link_dir).unwrap();
     let via = ImageFile::open(link_dir.join("disk.qcow2").to_str().unwrap()).unwrap();
     assert_eq!(via.path, std::fs::canonicalize(env.image_path()).unwrap());
-    let through_link = env.scanner().scan(&via, None);
+    let through_link = env.scanner().scan(&via, None, &View::Service);
     let direct = env.scan(None);
     assert_eq!(through_link.users, direct.users);
     assert_eq!(direct.users[0].pid, vm.pid());
@@ -418,7 +419,7 @@ fn lock_only_when_qemu_is_not_in_proc() {
         let _vm = env.qemu("hidden", None, readonly);
         let empty_proc = tempfile::tempdir().unwrap();
         let scanner = UsageScanner::new(empty_proc.path().to_owned(), vec![]);
-        let usage = scanner.scan(&env.image(), None);
+        let usage = scanner.scan(&env.image(), None, &View::Service);
         assert_eq!(
             usage.users,
             vec![DiskUser {

@@ -6,13 +6,15 @@
 mod images;
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use vmmanager::disk::image::ImageFormat;
+use vmmanager::disk::image::{ImageFile, ImageFormat};
 use vmmanager::disk::qemu_img::{
     CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgError, RepairMode, RunAs,
     run_check,
@@ -172,11 +174,30 @@ fn nobody() -> RunAs {
     }
 }
 
-fn request(qemu_img: impl Into<PathBuf>, image: impl Into<PathBuf>) -> CheckRequest {
+/// A real image, opened the way the service opens it.
+fn opened(path: &Path) -> Arc<ImageFile> {
+    Arc::new(ImageFile::open(path.to_str().unwrap()).unwrap())
+}
+
+/// An image for stand-ins that never read it: a name, a format, and
+/// /dev/null as its descriptor.
+fn pretend(path: &str, format: ImageFormat) -> Arc<ImageFile> {
+    Arc::new(ImageFile {
+        path: PathBuf::from(path),
+        dev: 0,
+        ino: 0,
+        uid: 0,
+        gid: 0,
+        format,
+        other_files: None,
+        file: fs::File::open("/dev/null").unwrap(),
+    })
+}
+
+fn request(qemu_img: impl Into<PathBuf>, image: Arc<ImageFile>) -> CheckRequest {
     CheckRequest {
         qemu_img: qemu_img.into(),
-        image: image.into(),
-        format: ImageFormat::Qcow2,
+        image,
         force_share: false,
         repair: None,
         run_as: me(),
@@ -195,7 +216,7 @@ async fn clean_qcow2() {
     let dir = TempDir::new("clean");
     let image = dir.join("clean.qcow2");
     images::make_clean_qcow2(&image);
-    let outcome = check(&request(QEMU_IMG, &image)).await.unwrap();
+    let outcome = check(&request(QEMU_IMG, opened(&image))).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Clean);
     assert_eq!(
         outcome.counts,
@@ -213,7 +234,7 @@ async fn leaky_qcow2() {
     let dir = TempDir::new("leaky");
     let image = dir.join("leaky.qcow2");
     let leaked = images::make_leaky_qcow2(&image);
-    let outcome = check(&request(QEMU_IMG, &image)).await.unwrap();
+    let outcome = check(&request(QEMU_IMG, opened(&image))).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Leaks);
     assert_eq!(outcome.counts.leaks, leaked);
     assert_eq!(outcome.counts.corruptions, 0);
@@ -225,7 +246,7 @@ async fn corrupt_qcow2() {
     let dir = TempDir::new("corrupt");
     let image = dir.join("corrupt.qcow2");
     images::make_corrupt_qcow2(&image);
-    let outcome = check(&request(QEMU_IMG, &image)).await.unwrap();
+    let outcome = check(&request(QEMU_IMG, opened(&image))).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Corrupt);
     assert_eq!(outcome.counts.corruptions, 1);
 }
@@ -235,7 +256,7 @@ async fn repair_leaks() {
     let dir = TempDir::new("repair-leaks");
     let image = dir.join("leaky.qcow2");
     let leaked = images::make_leaky_qcow2(&image);
-    let mut req = request(QEMU_IMG, &image);
+    let mut req = request(QEMU_IMG, opened(&image));
     req.repair = Some(RepairMode::Leaks);
     // qemu-img re-checks after repairing: exit 0, `leaks` 0, `leaks-fixed` n.
     let outcome = check(&req).await.unwrap();
@@ -243,7 +264,7 @@ async fn repair_leaks() {
     assert_eq!(outcome.counts.leaks_fixed, leaked);
     assert_eq!(outcome.counts.leaks, 0);
     // And it stays repaired.
-    let outcome = check(&request(QEMU_IMG, &image)).await.unwrap();
+    let outcome = check(&request(QEMU_IMG, opened(&image))).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Clean);
     assert_eq!(outcome.counts.leaks_fixed, 0);
 }
@@ -253,13 +274,13 @@ async fn repair_all_fixes_corruption() {
     let dir = TempDir::new("repair-all");
     let image = dir.join("corrupt.qcow2");
     images::make_corrupt_qcow2(&image);
-    let mut req = request(QEMU_IMG, &image);
+    let mut req = request(QEMU_IMG, opened(&image));
     req.repair = Some(RepairMode::All);
     let outcome = check(&req).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Clean, "{outcome:?}");
     assert!(outcome.counts.corruptions_fixed >= 1, "{outcome:?}");
     assert_eq!(outcome.counts.corruptions, 0);
-    let outcome = check(&request(QEMU_IMG, &image)).await.unwrap();
+    let outcome = check(&request(QEMU_IMG, opened(&image))).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Clean);
 }
 
@@ -268,7 +289,7 @@ async fn repair_leaks_cannot_fix_refcount_corruption() {
     let dir = TempDir::new("repair-leaks-corrupt");
     let image = dir.join("corrupt.qcow2");
     images::make_corrupt_qcow2(&image);
-    let mut req = request(QEMU_IMG, &image);
+    let mut req = request(QEMU_IMG, opened(&image));
     req.repair = Some(RepairMode::Leaks);
     match check(&req).await {
         Err(QemuImgError::Failed { code: 1, stderr }) => {
@@ -283,8 +304,11 @@ async fn format_mismatch_fails() {
     let dir = TempDir::new("format-mismatch");
     let image = dir.join("clean.qcow2");
     images::make_clean_qcow2(&image);
-    let mut req = request(QEMU_IMG, &image);
-    req.format = ImageFormat::Vdi;
+    let image = ImageFile {
+        format: ImageFormat::Vdi,
+        ..ImageFile::open(image.to_str().unwrap()).unwrap()
+    };
+    let req = request(QEMU_IMG, Arc::new(image));
     match check(&req).await {
         Err(QemuImgError::Failed { code: 1, stderr }) => {
             assert!(stderr.contains("VDI"), "{stderr}")
@@ -293,14 +317,63 @@ async fn format_mismatch_fails() {
     }
 }
 
+/// qemu-img checks the inode the service opened, whatever the name means
+/// by the time it runs: renamed away, replaced, deleted.
 #[tokio::test]
-async fn missing_image_fails_with_qemu_img_message() {
-    let dir = TempDir::new("missing-image");
-    match check(&request(QEMU_IMG, dir.join("absent.qcow2"))).await {
-        Err(QemuImgError::Failed { code: 1, stderr }) => {
-            assert!(stderr.contains("No such file or directory"), "{stderr}")
-        }
-        other => panic!("unexpected {other:?}"),
+async fn checks_the_opened_inode_not_the_name() {
+    let dir = TempDir::new("opened-inode");
+    let image = dir.join("disk.qcow2");
+    images::make_leaky_qcow2(&image);
+    let req = request(QEMU_IMG, opened(&image));
+    // Another image (clean, another size) now answers to the name.
+    fs::rename(&image, dir.join("moved.qcow2")).unwrap();
+    let out = Command::new(QEMU_IMG)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&image)
+        .arg("1G")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let outcome = check(&req).await.unwrap();
+    assert_eq!(outcome.result, CheckResult::Leaks, "{outcome:?}");
+    assert_eq!(outcome.counts.total_clusters, 1024, "the 64 MiB original");
+    // Deleted altogether: still that inode.
+    fs::remove_file(dir.join("moved.qcow2")).unwrap();
+    fs::remove_file(&image).unwrap();
+    let outcome = check(&req).await.unwrap();
+    assert_eq!(outcome.result, CheckResult::Leaks, "{outcome:?}");
+}
+
+/// The backing chain is never opened: not a missing backing file, not a
+/// FIFO (which would block qemu-img until the timeout).
+#[tokio::test]
+async fn backing_files_are_never_opened() {
+    let dir = TempDir::new("backing");
+    let fifo = dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (name, backing) in [
+        ("fifo-backed.qcow2", fifo.to_str().unwrap()),
+        ("missing-backed.qcow2", "no-such-base.qcow2"),
+        ("json-backed.qcow2", "json:{\"driver\": \"null-co\"}"),
+    ] {
+        let image = dir.join(name);
+        let out = Command::new(QEMU_IMG)
+            .args(["create", "-q", "-f", "qcow2", "-u", "-F", "raw", "-b"])
+            .arg(backing)
+            .arg(&image)
+            .arg("64M")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {out:?}");
+        let mut req = request(QEMU_IMG, opened(&image));
+        req.timeout = Duration::from_secs(20);
+        let outcome = check(&req).await;
+        assert!(
+            matches!(&outcome, Ok(o) if o.result == CheckResult::Clean),
+            "{name}: {outcome:?}"
+        );
     }
 }
 
@@ -339,7 +412,7 @@ async fn lock_conflict_and_force_share() {
     let prompt = rx.recv_timeout(WAIT).expect("qemu-io did not start");
     assert!(prompt.contains("qemu-io>"), "qemu-io failed: {prompt:?}");
 
-    let req = request(QEMU_IMG, &image);
+    let req = request(QEMU_IMG, opened(&image));
     match check(&req).await {
         Err(QemuImgError::LockConflict { stderr }) => {
             assert!(stderr.contains("lock"), "{stderr}")
@@ -364,7 +437,7 @@ async fn nobody_cannot_read_root_only_image() {
     let image = dir.join("private.qcow2");
     images::make_clean_qcow2(&image);
     fs::set_permissions(&image, fs::Permissions::from_mode(0o600)).unwrap();
-    let mut req = request(QEMU_IMG, &image);
+    let mut req = request(QEMU_IMG, opened(&image));
     req.run_as = nobody();
     match check(&req).await {
         Err(QemuImgError::Failed { code: 1, stderr }) => {
@@ -385,7 +458,7 @@ async fn nobody_checks_readable_image() {
     let image = dir.join("public.qcow2");
     images::make_clean_qcow2(&image);
     fs::set_permissions(&image, fs::Permissions::from_mode(0o644)).unwrap();
-    let mut req = request(QEMU_IMG, &image);
+    let mut req = request(QEMU_IMG, opened(&image));
     req.run_as = RunAs::for_user(NOBODY).unwrap();
     let outcome = check(&req).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Clean);
@@ -399,6 +472,7 @@ id -u > "$out/uid"
 id -g > "$out/gid"
 id -G > "$out/groups"
 echo $$ > "$out/pid"
+for fd in /proc/$$/fd/*; do readlink "$fd"; done > "$out/fds"
 cut -d' ' -f5 /proc/$$/stat > "$out/pgid"
 pwd > "$out/cwd"
 env > "$out/env"
@@ -423,7 +497,9 @@ async fn runs_as_nobody_in_own_group_with_clean_environment() {
     let dir = TempDir::new("reporting-nobody");
     let out = dir.open_subdir("out");
     let stand_in = dir.script("qemu-img", REPORTING);
-    let mut req = request(&stand_in, "/var/lib/vms/disk.qcow2");
+    let image = dir.join("disk.qcow2");
+    images::make_clean_qcow2(&image);
+    let mut req = request(&stand_in, opened(&image));
     req.run_as = RunAs::for_user(NOBODY).unwrap();
     let outcome = check(&req).await.unwrap();
     assert_eq!(outcome.result, CheckResult::Clean);
@@ -450,9 +526,19 @@ async fn runs_as_nobody_in_own_group_with_clean_environment() {
             "unexpected variable {name} in {env}"
         );
     }
+    let fd = req.image.file.as_raw_fd();
     assert_eq!(
         read(&out, "argv"),
-        "check\n--output=json\n-f\nqcow2\n--\n/var/lib/vms/disk.qcow2"
+        format!(
+            "check\n--output=json\n--\njson:{{\"backing\":null,\"driver\":\"qcow2\",\
+             \"file\":{{\"driver\":\"file\",\"filename\":\"/proc/self/fd/{fd}\"}}}}"
+        )
+    );
+    // It inherited the image's descriptor, and nothing else of the service's.
+    let fds = read(&out, "fds");
+    assert!(
+        fds.lines().any(|l| Path::new(l) == image),
+        "{image:?} not among {fds}"
     );
 }
 
@@ -465,7 +551,7 @@ async fn sets_supplementary_groups() {
     let dir = TempDir::new("reporting-groups");
     let out = dir.open_subdir("out");
     let stand_in = dir.script("qemu-img", REPORTING);
-    let mut req = request(&stand_in, "/img");
+    let mut req = request(&stand_in, pretend("/img", ImageFormat::Qcow2));
     req.run_as = RunAs {
         uid: 4242,
         gid: 4343,
@@ -487,14 +573,20 @@ async fn argv_with_force_share_and_repair() {
     let dir = TempDir::new("reporting-argv");
     let out = dir.open_subdir("out");
     let stand_in = dir.script("qemu-img", REPORTING);
-    let mut req = request(&stand_in, "/images/-rf disk.vmdk");
-    req.format = ImageFormat::Vmdk;
+    let mut req = request(
+        &stand_in,
+        pretend("/images/-rf disk.vmdk", ImageFormat::Vmdk),
+    );
     req.force_share = true;
     req.repair = Some(RepairMode::Leaks);
     check(&req).await.unwrap();
+    let fd = req.image.file.as_raw_fd();
     assert_eq!(
         read(&out, "argv"),
-        "check\n--output=json\n-f\nvmdk\n-U\n-r\nleaks\n--\n/images/-rf disk.vmdk"
+        format!(
+            "check\n--output=json\n-U\n-r\nleaks\n--\njson:{{\"backing\":null,\"driver\":\"vmdk\",\
+             \"file\":{{\"driver\":\"file\",\"filename\":\"/proc/self/fd/{fd}\"}}}}"
+        )
     );
 }
 
@@ -503,8 +595,7 @@ async fn raw_never_runs_qemu_img() {
     let dir = TempDir::new("raw");
     let out = dir.open_subdir("out");
     let stand_in = dir.script("qemu-img", REPORTING);
-    let mut req = request(&stand_in, "/img.raw");
-    req.format = ImageFormat::Raw;
+    let req = request(&stand_in, pretend("/img.raw", ImageFormat::Raw));
     let outcome = check(&req).await.unwrap();
     assert_eq!(outcome.result, CheckResult::NotSupported);
     assert!(!out.join("argv").exists());
@@ -532,7 +623,7 @@ fn slow(test: &str, timeout: Duration) -> Slow {
     let dir = TempDir::new(test);
     let stand_in = dir.script("qemu-img", SLOW);
     let killer = GroupKiller(dir.join("leader.pid"));
-    let mut req = request(stand_in, "/img.qcow2");
+    let mut req = request(stand_in, pretend("/img.qcow2", ImageFormat::Qcow2));
     req.timeout = timeout;
     Slow {
         _killer: killer,
@@ -635,7 +726,7 @@ async fn many_parallel_timeouts_leave_nothing() {
 async fn stand_in(test: &str, body: &str) -> (TempDir, Result<CheckOutcome, QemuImgError>) {
     let dir = TempDir::new(test);
     let path = dir.script("qemu-img", body);
-    let r = check(&request(path, "/img.qcow2")).await;
+    let r = check(&request(path, pretend("/img.qcow2", ImageFormat::Qcow2))).await;
     (dir, r)
 }
 
@@ -773,7 +864,7 @@ async fn leftover_background_process_is_killed_on_normal_exit() {
         r#"d="$(dirname "$0")"; echo $$ > "$d/leader.pid"; sleep 600 & echo $! > "$d/grandchild.pid"; echo '{}'"#,
     );
     let _killer = GroupKiller(dir.join("leader.pid"));
-    let mut req = request(stand_in, "/img.qcow2");
+    let mut req = request(stand_in, pretend("/img.qcow2", ImageFormat::Qcow2));
     req.timeout = Duration::from_secs(30);
     let started = Instant::now();
     let outcome = check(&req).await.unwrap();
@@ -786,6 +877,10 @@ async fn leftover_background_process_is_killed_on_normal_exit() {
 #[tokio::test]
 async fn missing_program_is_spawn_error() {
     let dir = TempDir::new("missing-program");
-    let r = check(&request(dir.join("no-qemu-img"), "/img.qcow2")).await;
+    let r = check(&request(
+        dir.join("no-qemu-img"),
+        pretend("/img.qcow2", ImageFormat::Qcow2),
+    ))
+    .await;
     assert!(matches!(r, Err(QemuImgError::Spawn { .. })), "{r:?}");
 }

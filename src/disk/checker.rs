@@ -2,12 +2,12 @@
 //! one check per image at a time, a bounded number of checks at once, and
 //! never a check of an image that a VM uses.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::image::{ImageFile, ImageFormat};
@@ -15,6 +15,22 @@ use super::qemu_img::{
     self, CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgError, RepairMode, RunAs,
 };
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
+use super::view::View;
+
+/// How much checking the service does at once, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Upper bound for one check, from the moment it is accepted (waiting
+    /// for a slot included); a caller's `timeout-sec` may only lower it.
+    pub timeout: Duration,
+    /// Checks running at once, all callers together.
+    pub concurrent: usize,
+    /// Checks running at once for one caller (uid): below `concurrent`, so
+    /// one user's hanging checks always leave slots to others.
+    pub per_user: usize,
+    /// Checks one caller may have waiting for a slot; more are `Busy`.
+    pub queued_per_user: usize,
+}
 
 /// What the caller asked for, already validated.
 #[derive(Debug, Clone, Default)]
@@ -83,6 +99,22 @@ pub enum CheckErrorKind {
     RepairInUse(PathBuf),
     #[error("a check of {0} is already running")]
     Busy(PathBuf),
+    #[error(
+        "uid {uid} already has {limit} checks running or waiting; try again when one has \
+         finished"
+    )]
+    TooManyChecks { uid: u32, limit: usize },
+    #[error("no check slot became free within {} s ({running} checks running)", .limit.as_secs())]
+    NoSlot { limit: Duration, running: usize },
+    #[error("the check did not finish within {} s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("{image} cannot be checked: {reason}")]
+    OtherFiles {
+        image: PathBuf,
+        reason: &'static str,
+    },
+    #[error("cancelled before qemu-img started")]
+    CancelledBeforeStart,
     #[error("{0}")]
     QemuImg(#[from] QemuImgError),
     #[error("{0}")]
@@ -149,18 +181,49 @@ pub struct DiskChecker {
 struct Inner {
     scanner: UsageScanner,
     qemu_img: PathBuf,
-    default_timeout: Duration,
+    limits: Limits,
     slots: Semaphore,
+    /// Per caller uid: its own slots, and how many of its checks are running
+    /// or waiting. An entry lives while that uid has checks.
+    users: Mutex<HashMap<u32, UserShare>>,
     /// (st_dev, st_ino) of images being checked: the same image reached
     /// through another path is still the same image.
     running: Mutex<HashSet<(u64, u64)>>,
 }
 
-/// The right to check one image: while it exists, any other check of the
-/// same image is `Busy`. Dropping it (however the check ends) frees the image.
+/// One caller's share of the check slots.
+struct UserShare {
+    slots: Arc<Semaphore>,
+    /// Checks of this uid admitted and not yet finished.
+    admitted: usize,
+}
+
+/// One admitted check of a caller: counts against its limits until dropped.
+struct Admission {
+    checker: DiskChecker,
+    uid: u32,
+    slots: Arc<Semaphore>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut users = lock(&self.checker.inner.users);
+        if let Some(share) = users.get_mut(&self.uid) {
+            share.admitted -= 1;
+            if share.admitted == 0 {
+                users.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// The right to check one image for one caller: while it exists, any other
+/// check of the same image is `Busy`, and it counts against the caller's
+/// limits. Dropping it (however the check ends) frees both.
 pub struct Reservation {
     checker: DiskChecker,
     image: Arc<ImageFile>,
+    admission: Admission,
 }
 
 impl Reservation {
@@ -186,20 +249,78 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl DiskChecker {
-    pub fn new(
-        scanner: UsageScanner,
-        qemu_img: PathBuf,
-        default_timeout: Duration,
-        max_concurrent: usize,
-    ) -> Self {
+    pub fn new(scanner: UsageScanner, qemu_img: PathBuf, limits: Limits) -> Self {
+        let limits = Limits {
+            concurrent: limits.concurrent.max(1),
+            per_user: limits.per_user.max(1),
+            ..limits
+        };
         DiskChecker {
             inner: Arc::new(Inner {
                 scanner,
                 qemu_img,
-                default_timeout,
-                slots: Semaphore::new(max_concurrent.max(1)),
+                limits,
+                slots: Semaphore::new(limits.concurrent),
+                users: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashSet::new()),
             }),
+        }
+    }
+
+    /// Counts one more check for `uid`, or refuses it when that uid already
+    /// has as many running and waiting as it may.
+    fn admit(&self, uid: u32) -> Result<Admission, CheckErrorKind> {
+        let limits = self.inner.limits;
+        let limit = limits.per_user + limits.queued_per_user;
+        let mut users = lock(&self.inner.users);
+        let share = users.entry(uid).or_insert_with(|| UserShare {
+            slots: Arc::new(Semaphore::new(limits.per_user)),
+            admitted: 0,
+        });
+        if share.admitted >= limit {
+            return Err(CheckErrorKind::TooManyChecks { uid, limit });
+        }
+        share.admitted += 1;
+        Ok(Admission {
+            checker: self.clone(),
+            uid,
+            slots: share.slots.clone(),
+        })
+    }
+
+    /// Waits for one of the caller's own slots, then for a shared one. Both
+    /// queues are first come, first served; the wait ends at `deadline`.
+    async fn wait_for_slot(
+        &self,
+        admission: &Admission,
+        deadline: Instant,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<(OwnedSemaphorePermit, tokio::sync::SemaphorePermit<'_>), CheckErrorKind> {
+        let wait = async {
+            let own = admission
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore is never closed");
+            let shared = self
+                .inner
+                .slots
+                .acquire()
+                .await
+                .expect("semaphore is never closed");
+            (own, shared)
+        };
+        tokio::select! {
+            slots = tokio::time::timeout_at(deadline.into(), wait) => slots.map_err(|_| {
+                let free = self.inner.slots.available_permits();
+                CheckErrorKind::NoSlot {
+                    limit,
+                    running: self.inner.limits.concurrent.saturating_sub(free),
+                }
+            }),
+            () = cancel.cancelled() => Err(CheckErrorKind::CancelledBeforeStart),
         }
     }
 
@@ -207,14 +328,19 @@ impl DiskChecker {
     /// hang (a process stuck on FUSE or dead NFS holds its mm lock), so it is
     /// bounded by [`SCAN_TIMEOUT`] and by `cancel`; an unfinished or failed
     /// scan is an error, never "nobody uses it".
+    ///
+    /// PID files the caller names or that sit next to the image are read in
+    /// `view`, so they reveal nothing the caller could not read itself.
     pub async fn users(
         &self,
         image: Arc<ImageFile>,
         pidfile: Option<PathBuf>,
+        view: View,
         cancel: &CancellationToken,
     ) -> Result<DiskUsage, ScanError> {
         let scanner = self.inner.scanner.clone();
-        let scan = tokio::task::spawn_blocking(move || scanner.scan(&image, pidfile.as_deref()));
+        let scan =
+            tokio::task::spawn_blocking(move || scanner.scan(&image, pidfile.as_deref(), &view));
         tokio::select! {
             result = tokio::time::timeout(SCAN_TIMEOUT, scan) => match result {
                 Ok(Ok(usage)) => Ok(usage),
@@ -230,30 +356,35 @@ impl DiskChecker {
         }
     }
 
-    /// Claims `image` for one check, or `Busy` when a check of the same
-    /// file (by device and inode, whatever the path) is running.
-    pub fn reserve(&self, image: Arc<ImageFile>) -> Result<Reservation, CheckErrorKind> {
+    /// Claims `image` for one check by caller `uid`: `Busy` when a check of
+    /// the same file (by device and inode, whatever the path) is running,
+    /// `TooManyChecks` when that caller has as many as it may.
+    pub fn reserve(&self, image: Arc<ImageFile>, uid: u32) -> Result<Reservation, CheckErrorKind> {
+        let admission = self.admit(uid)?;
         if !lock(&self.inner.running).insert((image.dev, image.ino)) {
             return Err(CheckErrorKind::Busy(image.path.clone()));
         }
         Ok(Reservation {
             checker: self.clone(),
             image,
+            admission,
         })
     }
 
-    /// Runs one check of a reserved image. `cancel` stops it at any point
-    /// (qemu-img included).
+    /// Runs one check of a reserved image, as `check_as`.
+    /// `cancel` stops it at any point (qemu-img included). The whole check,
+    /// waiting for a slot included, ends within the caller's `timeout` (at
+    /// most the configured one).
     pub async fn check(
         &self,
         reservation: Reservation,
         options: &CheckOptions,
-        run_as: RunAs,
+        check_as: &CheckAs,
         cancel: &CancellationToken,
     ) -> Result<DiskReport, CheckError> {
         let started = Instant::now();
         let image = reservation.image.clone();
-        let mut report = DiskReport::unchecked(&image, run_as.uid);
+        let mut report = DiskReport::unchecked(&image, check_as.run_as.uid);
         let fail = |kind: CheckErrorKind, mut report: DiskReport| {
             report.duration = started.elapsed();
             CheckError {
@@ -261,25 +392,42 @@ impl DiskChecker {
                 report: Box::new(report),
             }
         };
-
-        let _reservation = reservation;
+        if let Some(reason) = image.other_files {
+            let kind = CheckErrorKind::OtherFiles {
+                image: image.path.clone(),
+                reason,
+            };
+            return Err(fail(kind, report));
+        }
+        // The configured limit is the administrator's upper bound; a caller
+        // may only ask for less.
+        let limit = options.timeout.map_or(self.inner.limits.timeout, |t| {
+            t.min(self.inner.limits.timeout)
+        });
+        let deadline = started + limit;
 
         // Wait for a slot first, then look at the users: the answer must be
         // fresh when qemu-img starts, not from before a long wait.
-        let _slot = tokio::select! {
-            permit = self.inner.slots.acquire() => permit.expect("semaphore is never closed"),
-            () = cancel.cancelled() => {
-                return Err(fail(QemuImgError::Cancelled.into(), report));
-            }
+        let _slots = match self
+            .wait_for_slot(&reservation.admission, deadline, limit, cancel)
+            .await
+        {
+            Ok(slots) => slots,
+            Err(kind) => return Err(fail(kind, report)),
         };
 
         report.usage = match self
-            .users(image.clone(), options.pidfile.clone(), cancel)
+            .users(
+                image.clone(),
+                options.pidfile.clone(),
+                check_as.view.clone(),
+                cancel,
+            )
             .await
         {
             Ok(usage) => usage,
             Err(ScanError::Cancelled) => {
-                return Err(fail(QemuImgError::Cancelled.into(), report));
+                return Err(fail(CheckErrorKind::CancelledBeforeStart, report));
             }
             Err(e) => return Err(fail(e.into(), report)),
         };
@@ -313,18 +461,16 @@ impl DiskChecker {
             return Ok(report);
         }
 
+        let Some(remaining) = deadline.checked_duration_since(Instant::now()) else {
+            return Err(fail(CheckErrorKind::Timeout(limit), report));
+        };
         let request = CheckRequest {
             qemu_img: self.inner.qemu_img.clone(),
-            image: image.path.clone(),
-            format: image.format,
+            image: image.clone(),
             force_share: options.force_share,
             repair: options.repair,
-            run_as,
-            // The configured limit is the administrator's upper bound; a
-            // caller may only ask for less.
-            timeout: options.timeout.map_or(self.inner.default_timeout, |t| {
-                t.min(self.inner.default_timeout)
-            }),
+            run_as: check_as.run_as.clone(),
+            timeout: remaining,
         };
         match qemu_img::run_check(&request, cancel).await {
             Ok(CheckOutcome { result, counts }) => {
@@ -353,7 +499,30 @@ impl DiskChecker {
                 };
                 Err(fail(kind, report))
             }
+            Err(QemuImgError::Timeout(_)) => Err(fail(CheckErrorKind::Timeout(limit), report)),
+            Err(QemuImgError::CancelledBeforeStart) => {
+                Err(fail(CheckErrorKind::CancelledBeforeStart, report))
+            }
             Err(e) => Err(fail(e.into(), report)),
+        }
+    }
+}
+
+/// Whose check it is: the credentials qemu-img runs with, and the view in
+/// which the caller's PID files are read.
+#[derive(Debug, Clone)]
+pub struct CheckAs {
+    pub run_as: RunAs,
+    pub view: View,
+}
+
+impl CheckAs {
+    /// For a caller authorized to act on other users' images: qemu-img runs
+    /// as `run_as` (the owner), files are looked at as the service.
+    pub fn service(run_as: RunAs) -> CheckAs {
+        CheckAs {
+            run_as,
+            view: View::Service,
         }
     }
 }

@@ -1,19 +1,25 @@
 //! A caller-supplied image path, validated and opened once.
 //!
 //! The path comes from an unprivileged D-Bus caller, so nothing here may block
-//! or touch a device: the file type is checked with `stat` before anything is
-//! opened, the open never follows a symlink swapped in since, and the opened
-//! file is checked to be the very inode that was stat'ed.
+//! or touch a device, and the name is looked up exactly once (see
+//! [`crate::safe_open`]): everything the service decides and does afterwards
+//! (authorization, the in-use scan, qemu-img) works on the one open file.
+//! The lookup runs in a [`View`]: with the caller's own permissions unless
+//! polkit authorized it to act on other users' files.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use crate::safe_open::{SafeOpenError, open_regular};
+use super::view::{View, ViewError};
+use crate::safe_open::{SafeOpenError, Symlinks, open_regular};
 
 /// Longest accepted path in bytes (PATH_MAX minus the terminating NUL).
 pub const MAX_PATH_LEN: usize = 4095;
+/// Longest accepted path component in bytes (NAME_MAX on every Linux file
+/// system): a longer one can never name a file, so it is a malformed argument.
+pub const MAX_NAME_LEN: usize = 255;
 
 /// Bytes of header read for format detection; enough for every magic below.
 const HEADER_LEN: usize = 512;
@@ -86,8 +92,12 @@ pub struct ImageFile {
     pub uid: u32,
     pub gid: u32,
     pub format: ImageFormat,
-    /// Opened `O_RDONLY|O_NONBLOCK|O_NOCTTY|O_CLOEXEC|O_NOFOLLOW`; used for
-    /// the lock probe.
+    /// Why qemu-img could not check this file on its own: it names other
+    /// files that the service would have to open by name (see
+    /// [`ImageFile::other_files`]).
+    pub other_files: Option<&'static str>,
+    /// Opened `O_RDONLY|O_NONBLOCK|O_NOCTTY|O_CLOEXEC`; the lock probe reads
+    /// it and qemu-img inherits it.
     pub file: File,
 }
 
@@ -99,14 +109,16 @@ pub enum ImageError {
     Relative(String),
     #[error("image path is too long ({0} bytes)")]
     TooLong(usize),
+    #[error("image path has a component longer than {MAX_NAME_LEN} bytes")]
+    NameTooLong,
     #[error("image path contains a NUL byte")]
     ContainsNul,
     #[error("{0}: no such file")]
     NotFound(PathBuf),
     #[error("{path}: not a regular file (it is a {kind})")]
     NotRegular { path: PathBuf, kind: &'static str },
-    #[error("{path}: the file was replaced while it was being opened")]
-    Changed { path: PathBuf },
+    #[error("{0}")]
+    View(#[from] ViewError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -124,6 +136,7 @@ impl ImageError {
             ImageError::Empty
                 | ImageError::Relative(_)
                 | ImageError::TooLong(_)
+                | ImageError::NameTooLong
                 | ImageError::ContainsNul
         )
     }
@@ -131,38 +144,70 @@ impl ImageError {
 
 impl ImageFile {
     /// Validates `path` (absolute, non-empty, bounded, a regular file reached
-    /// without opening anything that could block) and opens it.
+    /// without opening anything that could block) and opens it with the
+    /// service's own permissions.
     pub fn open(path: &str) -> Result<ImageFile, ImageError> {
-        validate_path(path)?;
-        let canonical = std::fs::canonicalize(path).map_err(|e| io_error(Path::new(path), e))?;
+        Self::open_in(path, &View::Service)
+    }
 
-        // Never opens a FIFO (would block) or a device node, and never
-        // anything swapped in between looking and opening.
-        let (file, after) = open_regular(&canonical).map_err(|e| match e {
+    /// [`ImageFile::open`] with `view`'s permissions: a caller's view fails
+    /// exactly where that caller's own `open` would. Blocking.
+    pub fn open_in(path: &str, view: &View) -> Result<ImageFile, ImageError> {
+        validate_path(path)?;
+        view.run(|| Self::open_validated(Path::new(path)))?
+    }
+
+    fn open_validated(path: &Path) -> Result<ImageFile, ImageError> {
+        let opened = open_regular(path, Symlinks::Follow).map_err(|e| match e {
             SafeOpenError::NotRegular { kind } => ImageError::NotRegular {
-                path: canonical.clone(),
+                path: path.to_owned(),
                 kind,
             },
-            SafeOpenError::Changed => ImageError::Changed {
-                path: canonical.clone(),
-            },
-            SafeOpenError::Io(e) => io_error(&canonical, e),
+            SafeOpenError::Io(e) => io_error(path, e),
         })?;
-
-        let header = read_header(&file).map_err(|e| io_error(&canonical, e))?;
+        let canonical = opened.canonical;
+        let header = read_header(&opened.file).map_err(|e| io_error(&canonical, e))?;
+        let meta = opened.metadata;
         Ok(ImageFile {
             path: canonical,
-            dev: after.dev(),
-            ino: after.ino(),
-            uid: after.uid(),
-            gid: after.gid(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+            uid: meta.uid(),
+            gid: meta.gid(),
             format: ImageFormat::detect(&header),
-            file,
+            other_files: other_files(&header),
+            file: opened.file,
         })
     }
 }
 
-fn validate_path(path: &str) -> Result<(), ImageError> {
+/// Whether an image's header says it depends on files named inside it that
+/// qemu-img would open by name: a VMDK descriptor (its extents) or a qcow2
+/// image with an external data file. Backing files do not count: qemu-img
+/// never opens them here (see [`super::qemu_img`]).
+fn other_files(header: &[u8]) -> Option<&'static str> {
+    const QCOW2_INCOMPAT_OFFSET: usize = 72;
+    const QCOW2_INCOMPAT_DATA_FILE: u64 = 1 << 2;
+    if header.starts_with(b"# Disk DescriptorFile") {
+        return Some("it is a VMDK descriptor file whose data is in other files (its extents)");
+    }
+    if header.starts_with(b"QFI\xfb") {
+        let version = header
+            .get(4..8)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+        let incompatible = header
+            .get(QCOW2_INCOMPAT_OFFSET..QCOW2_INCOMPAT_OFFSET + 8)
+            .map_or(0, |b| u64::from_be_bytes(b.try_into().expect("8 bytes")));
+        if version >= 3 && incompatible & QCOW2_INCOMPAT_DATA_FILE != 0 {
+            return Some("it is a qcow2 image whose data is in an external data file");
+        }
+    }
+    None
+}
+
+/// Checks the text of a caller's path alone, touching no file: what is
+/// wrong here may be said before any authorization.
+pub fn validate_path(path: &str) -> Result<(), ImageError> {
     if path.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -175,6 +220,12 @@ fn validate_path(path: &str) -> Result<(), ImageError> {
     if !path.starts_with('/') {
         return Err(ImageError::Relative(path.to_owned()));
     }
+    if path
+        .split('/')
+        .any(|component| component.len() > MAX_NAME_LEN)
+    {
+        return Err(ImageError::NameTooLong);
+    }
     Ok(())
 }
 
@@ -182,6 +233,8 @@ fn io_error(path: &Path, source: std::io::Error) -> ImageError {
     // ENOTDIR: a path component is a file, so the image cannot exist either.
     if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(libc::ENOTDIR) {
         ImageError::NotFound(path.to_owned())
+    } else if source.raw_os_error() == Some(libc::ENAMETOOLONG) {
+        ImageError::NameTooLong
     } else {
         ImageError::Io {
             path: path.to_owned(),

@@ -4,3 +4,4 @@ pub mod checker;
 pub mod image;
 pub mod qemu_img;
 pub mod usage;
+pub mod view;

@@ -48,13 +48,10 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Resul
         config.system.proc_root.clone(),
         config.disk.pidfile_patterns.clone(),
     );
-    let checker = DiskChecker::new(
-        scanner,
-        config.disk.qemu_img.clone(),
-        config.default_timeout(),
-        config.max_concurrent_checks(),
-    );
-    let state = ManagerState::new(checker, Authority::new(connection.clone()));
+    let checker = DiskChecker::new(scanner, config.disk.qemu_img.clone(), config.check_limits());
+    let state = ManagerState::start(checker, Authority::new(connection.clone()), &connection)
+        .await
+        .map_err(DaemonError::Export)?;
 
     // Serve everything first, then take the name: a client activated by the
     // name must never find an object missing.

@@ -78,12 +78,11 @@ impl From<ImageError> for VmError {
             ImageError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 VmError::NotFound(e.to_string())
             }
-            ImageError::Io { ref source, .. }
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                VmError::NotAuthorized(e.to_string())
+            // The service itself could not open it (a caller's own view never
+            // gets here): a fault of the host, not a polkit refusal.
+            ImageError::Io { .. } | ImageError::View(_) => {
+                VmError::CheckFailed(format!("the service cannot open the image: {e}"))
             }
-            ImageError::Io { .. } => VmError::CheckFailed(e.to_string()),
             _ => VmError::InvalidArgument(e.to_string()),
         }
     }
@@ -112,6 +111,9 @@ impl From<QemuImgError> for VmError {
             QemuImgError::Cancelled => {
                 VmError::Cancelled("the check was cancelled; qemu-img was stopped".into())
             }
+            QemuImgError::CancelledBeforeStart => {
+                VmError::Cancelled("the check was cancelled before qemu-img started".into())
+            }
             QemuImgError::LockConflict { .. } => VmError::InUse(e.to_string()),
             _ => VmError::CheckFailed(e.to_string()),
         }
@@ -124,10 +126,16 @@ impl From<CheckErrorKind> for VmError {
             CheckErrorKind::InUse { .. } | CheckErrorKind::RepairInUse(_) => {
                 VmError::InUse(kind.to_string())
             }
-            CheckErrorKind::Busy(_) => VmError::Busy(kind.to_string()),
+            CheckErrorKind::Busy(_) | CheckErrorKind::TooManyChecks { .. } => {
+                VmError::Busy(kind.to_string())
+            }
+            CheckErrorKind::NoSlot { .. } | CheckErrorKind::Timeout(_) => {
+                VmError::Timeout(kind.to_string())
+            }
+            CheckErrorKind::OtherFiles { .. } => VmError::NotSupported(kind.to_string()),
             CheckErrorKind::QemuImg(q) => q.into(),
-            CheckErrorKind::Scan(ScanError::Cancelled) => {
-                VmError::Cancelled("the check was cancelled".into())
+            CheckErrorKind::CancelledBeforeStart | CheckErrorKind::Scan(ScanError::Cancelled) => {
+                QemuImgError::CancelledBeforeStart.into()
             }
             CheckErrorKind::Scan(ScanError::TimedOut) => VmError::Timeout(kind.to_string()),
             CheckErrorKind::Scan(ScanError::Failed) => VmError::CheckFailed(kind.to_string()),

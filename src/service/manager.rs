@@ -11,14 +11,16 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, interface};
 
 use super::MANAGER_PATH;
+use super::callers::{CallerGuard, Callers};
 use super::error::VmError;
 use super::job::{Job, JobIds, JobInfo};
 use super::options::{self, DiskOptions};
 use super::values::{Dict, report_dict, users_list};
-use crate::auth::{Action, Authority};
-use crate::disk::checker::{CheckErrorKind, DiskChecker, DiskReport};
-use crate::disk::image::ImageFile;
+use crate::auth::{Action, Authority, Caller};
+use crate::disk::checker::{CheckAs, CheckErrorKind, DiskChecker, DiskReport};
+use crate::disk::image::{self, ImageError, ImageFile};
 use crate::disk::qemu_img::RunAs;
+use crate::disk::view::View;
 
 /// State shared by the manager object and the daemon that owns it.
 pub struct ManagerState {
@@ -31,18 +33,32 @@ pub struct ManagerState {
     /// Every check runs in a task of this tracker, so shutdown can wait for
     /// all of them (and their qemu-img children) to be gone.
     tasks: TaskTracker,
+    /// Callers with work in progress; their work stops when they leave.
+    callers: Arc<Callers>,
 }
 
 impl ManagerState {
-    pub fn new(checker: DiskChecker, authority: Authority) -> Arc<Self> {
-        Arc::new(ManagerState {
+    /// The state, with the watch for departing callers already subscribed
+    /// (so it must be created before the objects are served).
+    pub async fn start(
+        checker: DiskChecker,
+        authority: Authority,
+        connection: &Connection,
+    ) -> zbus::Result<Arc<Self>> {
+        let shutdown = CancellationToken::new();
+        let callers = Callers::new(shutdown.clone());
+        let watch = callers.watch(connection).await?;
+        let tasks = TaskTracker::new();
+        tasks.spawn(watch);
+        Ok(Arc::new(ManagerState {
             checker,
             authority: Arc::new(authority),
             job_ids: JobIds::default(),
             jobs: Mutex::new(Vec::new()),
-            shutdown: CancellationToken::new(),
-            tasks: TaskTracker::new(),
-        })
+            shutdown,
+            tasks,
+            callers,
+        }))
     }
 
     /// Cancels every job and returns when all of them (qemu-img included)
@@ -77,65 +93,134 @@ impl Manager {
         Manager { state }
     }
 
-    /// Validates the path and decides, with polkit, whose credentials the
-    /// work runs with: the caller's for their own image, the owner's for
-    /// anyone else's (never root for a non-root user's image).
+    /// A guard for the sender of `header`: its token is cancelled when the
+    /// sender leaves the bus (or the daemon stops).
+    fn guard(&self, header: &Header<'_>) -> Result<CallerGuard, VmError> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| VmError::NotAuthorized("the call has no sender".into()))?;
+        Ok(self.state.callers.track(sender.as_str()))
+    }
+
+    /// Opens the image the caller names and decides, with polkit, whose
+    /// credentials the work runs with — revealing nothing before polkit has
+    /// said yes, and nothing beyond what it said yes to.
+    ///
+    /// The path is first looked up with the caller's own permissions. Only
+    /// if that finds a file the caller owns is `check-disk` asked for; in
+    /// every other case (missing, unreachable for the caller, not a regular
+    /// file, someone else's) it is `check-disk-other-user`. The choice thus
+    /// depends only on what the caller could see itself, and a refusal is
+    /// the same whatever is there. A caller authorized for other users'
+    /// images may then see what the service sees: only then is the path
+    /// looked up as root (when the caller's own lookup failed), and polkit
+    /// is asked again if that lookup lands somewhere other than the path
+    /// the caller named, so a rule that trusts a directory sees where the
+    /// check really goes.
     async fn authorize_image(
         &self,
         header: &Header<'_>,
-        image: &str,
+        path: &str,
         options: &DiskOptions,
-    ) -> Result<(Arc<ImageFile>, u32, RunAs), VmError> {
-        let path = image.to_owned();
-        let opened = tokio::task::spawn_blocking(move || ImageFile::open(&path))
-            .await
-            .map_err(|e| VmError::CheckFailed(format!("internal error: {e}")))?;
-        let image = match opened {
-            Ok(image) => image,
-            Err(e) if e.is_about_the_text() => return Err(e.into()),
-            Err(e) => {
-                // Whether a path exists and what it is tells about
-                // directories the caller may not be able to read: only a
-                // caller polkit lets check disks learn it.
-                let details = HashMap::from([("image", image)]);
-                self.state
-                    .authority
-                    .check(header, Action::CheckDisk, options.interactive, &details)
-                    .await?;
-                return Err(e.into());
+    ) -> Result<Authorized, VmError> {
+        image::validate_path(path)?;
+        let authority = &self.state.authority;
+        let caller = authority.caller(header).await?;
+        let own = run_as_caller(&caller).await?;
+        let own_view = View::User(own.clone());
+
+        let seen = open_in(path, own_view.clone()).await?;
+        let ask = |action: Action, image: String| async move {
+            let details = HashMap::from([("image", image.as_str())]);
+            authority
+                .check(header, action, options.interactive, &details)
+                .await
+        };
+        let (image, check_as) = match seen {
+            Ok(image) if image.uid == caller.uid => {
+                ask(Action::CheckDisk, display(&image)).await?;
+                let check_as = CheckAs {
+                    run_as: own,
+                    view: own_view,
+                };
+                (image, check_as)
+            }
+            Ok(image) => {
+                ask(Action::CheckDiskOtherUser, display(&image)).await?;
+                let run_as = run_as_owner(&caller, own, image.uid).await?;
+                (image, CheckAs::service(run_as))
+            }
+            Err(_) => {
+                ask(Action::CheckDiskOtherUser, path.to_owned()).await?;
+                let image = open_in(path, View::Service).await??;
+                if display(&image) != path {
+                    ask(Action::CheckDiskOtherUser, display(&image)).await?;
+                }
+                let run_as = run_as_owner(&caller, own, image.uid).await?;
+                (image, CheckAs::service(run_as))
             }
         };
-        let caller = self.state.authority.caller(header).await?;
-        let image_path = image.path.to_string_lossy().into_owned();
-        let details = HashMap::from([("image", image_path.as_str())]);
-        let (action, run_as_uid) = if caller.uid == image.uid {
-            (Action::CheckDisk, caller.uid)
-        } else {
-            (Action::CheckDiskOtherUser, image.uid)
-        };
-        let authority = &self.state.authority;
-        authority
-            .check(header, action, options.interactive, &details)
-            .await?;
         if options.check.repair.is_some() {
-            authority
-                .check(header, Action::RepairDisk, options.interactive, &details)
-                .await?;
+            ask(Action::RepairDisk, display(&image)).await?;
         }
-        // getpwuid_r may ask NSS (LDAP, …): keep it off the async threads.
-        let mut run_as = tokio::task::spawn_blocking(move || RunAs::for_user(run_as_uid))
-            .await
-            .map_err(|e| VmError::CheckFailed(format!("internal error: {e}")))?
-            .map_err(|e| VmError::CheckFailed(e.to_string()))?;
-        // The caller's own groups as the bus saw them, not the group
-        // database's idea of them (newgrp, sg, systemd's SupplementaryGroups).
-        if run_as_uid == caller.uid
-            && let Some(groups) = caller.groups
-        {
-            run_as.groups = groups;
-        }
-        Ok((Arc::new(image), caller.uid, run_as))
+        Ok(Authorized {
+            image: Arc::new(image),
+            caller_uid: caller.uid,
+            check_as,
+        })
     }
+}
+
+/// An opened image and whose it is to check.
+struct Authorized {
+    image: Arc<ImageFile>,
+    caller_uid: u32,
+    check_as: CheckAs,
+}
+
+fn display(image: &ImageFile) -> String {
+    image.path.to_string_lossy().into_owned()
+}
+
+fn internal(e: impl std::fmt::Display) -> VmError {
+    VmError::CheckFailed(format!("internal error: {e}"))
+}
+
+/// Opens `path` in `view`, off the async threads (a lookup can block on a
+/// slow file system). The outer error is the service's own failure.
+async fn open_in(path: &str, view: View) -> Result<Result<ImageFile, ImageError>, VmError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || ImageFile::open_in(&path, &view))
+        .await
+        .map_err(internal)
+}
+
+/// The caller's credentials for qemu-img and for looking at files: its
+/// passwd entry, with its actual groups as the bus saw them (newgrp, sg,
+/// systemd's SupplementaryGroups) rather than the group database's idea.
+async fn run_as_caller(caller: &Caller) -> Result<RunAs, VmError> {
+    let uid = caller.uid;
+    // getpwuid_r may ask NSS (LDAP, …): keep it off the async threads.
+    let mut run_as = tokio::task::spawn_blocking(move || RunAs::for_user(uid))
+        .await
+        .map_err(internal)?
+        .map_err(|e| VmError::CheckFailed(e.to_string()))?;
+    if let Some(groups) = &caller.groups {
+        run_as.groups = groups.clone();
+    }
+    Ok(run_as)
+}
+
+/// Who qemu-img runs as for an image owned by `owner`: the owner (never
+/// root for someone else's image), or the caller itself for its own.
+async fn run_as_owner(caller: &Caller, own: RunAs, owner: u32) -> Result<RunAs, VmError> {
+    if owner == caller.uid {
+        return Ok(own);
+    }
+    tokio::task::spawn_blocking(move || RunAs::for_user(owner))
+        .await
+        .map_err(internal)?
+        .map_err(|e| VmError::CheckFailed(e.to_string()))
 }
 
 /// Checks VM disk images without ever fighting a running VM, and (with the
@@ -159,10 +244,15 @@ impl Manager {
     ) -> Result<Dict, VmError> {
         let started = Instant::now();
         let options = options::parse_check_disk(options)?;
-        let (image, caller, run_as) = self.authorize_image(&header, image, &options).await?;
+        let guard = self.guard(&header)?;
+        let Authorized {
+            image,
+            caller_uid: caller,
+            check_as,
+        } = until_gone(&guard, self.authorize_image(&header, image, &options)).await?;
         // Busy is refused here, before a job or a DiskChecked signal exists:
         // the check that is running is the one that will report.
-        let reservation = self.state.checker.reserve(image.clone())?;
+        let reservation = self.state.checker.reserve(image.clone(), caller)?;
 
         let state = self.state.clone();
         let connection = connection.clone();
@@ -172,7 +262,8 @@ impl Manager {
         // for it.
         let job = self.state.tasks.spawn(async move {
             let path = state.job_ids.next_path();
-            let cancel = state.shutdown.child_token();
+            // Cancelled by Job.Cancel, by the caller leaving, or by shutdown.
+            let cancel = guard.token().child_token();
             let info = JobInfo::new(
                 "check-disk",
                 image.path.to_string_lossy().into_owned(),
@@ -186,10 +277,15 @@ impl Manager {
             state.set_job(&path, true);
             emit_jobs_changed(&connection).await;
 
-            tracing::info!(image = %image.path.display(), caller, uid = run_as.uid, "checking disk");
+            tracing::info!(
+                image = %image.path.display(),
+                caller,
+                uid = check_as.run_as.uid,
+                "checking disk"
+            );
             let outcome = state
                 .checker
-                .check(reservation, &options.check, run_as, &cancel)
+                .check(reservation, &options.check, &check_as, &cancel)
                 .await;
             let (mut report, error): (DiskReport, Option<VmError>) = match outcome {
                 Ok(report) => (report, None),
@@ -218,8 +314,7 @@ impl Manager {
                 Some(e) => Err(e),
             }
         });
-        job.await
-            .map_err(|e| VmError::CheckFailed(format!("internal error: {e}")))?
+        job.await.map_err(internal)?
     }
 
     /// Who uses the image now (PID files, /proc, QEMU's lock bytes), without
@@ -234,11 +329,17 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
     ) -> Result<Vec<Dict>, VmError> {
         let options = options::parse_get_disk_users(options)?;
-        let (image, _, _) = self.authorize_image(&header, image, &options).await?;
+        let guard = self.guard(&header)?;
+        let authorized = until_gone(&guard, self.authorize_image(&header, image, &options)).await?;
         let usage = self
             .state
             .checker
-            .users(image, options.check.pidfile.clone(), &self.state.shutdown)
+            .users(
+                authorized.image,
+                options.check.pidfile.clone(),
+                authorized.check_as.view,
+                guard.token(),
+            )
             .await
             .map_err(|e| VmError::from(CheckErrorKind::Scan(e)))?;
         Ok(users_list(&usage.users))
@@ -263,6 +364,19 @@ impl Manager {
     #[zbus(property)]
     fn jobs(&self) -> Vec<OwnedObjectPath> {
         self.state.job_paths()
+    }
+}
+
+/// Runs `work` unless the caller leaves the bus (or the daemon stops) first.
+async fn until_gone<T>(
+    guard: &CallerGuard,
+    work: impl std::future::Future<Output = Result<T, VmError>>,
+) -> Result<T, VmError> {
+    tokio::select! {
+        result = work => result,
+        () = guard.token().cancelled() => {
+            Err(VmError::Cancelled("the caller left the bus, or the service is stopping".into()))
+        }
     }
 }
 

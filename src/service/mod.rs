@@ -3,6 +3,7 @@
 //! This layer turns D-Bus calls into domain calls (`crate::disk`) and domain
 //! results back into D-Bus values; it never reads /proc or sysfs itself.
 
+pub mod callers;
 pub mod daemon;
 pub mod devices;
 pub mod error;

@@ -1,9 +1,22 @@
 //! Running `qemu-img check` as a given user, in its own process group.
 //!
 //! The command is always
-//! `<qemu_img> check --output=json -f <format> [-U] [-r leaks|all] -- <image>`:
-//! the format comes from the header magic (qemu-img never probes it) and `--`
-//! keeps a file name from ever being read as an option.
+//! `<qemu_img> check --output=json [-U] [-r leaks|all] -- 'json:{"driver":
+//! FORMAT, "backing": null, "file": {"driver": "file", "filename":
+//! "/proc/self/fd/N"}}'`:
+//!
+//! - qemu-img never gets the image's *name*. It inherits the descriptor the
+//!   service opened, authorized and scanned (fd N), and reopens exactly that
+//!   inode through `/proc/self/fd/N`, with its own (the caller's or owner's)
+//!   permissions. A name swapped after the service looked cannot redirect it.
+//! - The format comes from the header magic (qemu-img never probes it).
+//! - `"backing": null`: qemu-img does not open the backing chain at all.
+//!   `check` (and `-r`) only reads and fixes the image's own metadata, so
+//!   nothing is lost, and a backing file named in the header (relative,
+//!   absolute, `json:`, missing, a FIFO, root-only, swapped mid-check) can
+//!   neither hang the check nor redirect it. Images whose own data lives in
+//!   other files (VMDK descriptors, qcow2 external data files) are refused
+//!   before qemu-img runs (see [`super::image::ImageFile::other_files`]).
 //!
 //! qemu-img runs with the requested uid/gid/groups, an empty environment
 //! (fixed `PATH`, `LC_ALL=C`), stdin from /dev/null and cwd `/`, as the leader
@@ -23,14 +36,16 @@ mod output;
 
 use std::ffi::OsString;
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::image::ImageFormat;
+use super::image::{ImageFile, ImageFormat};
 
 pub use credentials::UserLookupError;
 
@@ -68,9 +83,8 @@ impl RepairMode {
 #[derive(Debug, Clone)]
 pub struct CheckRequest {
     pub qemu_img: PathBuf,
-    /// Must be absolute (it is the canonical path of the opened image).
-    pub image: PathBuf,
-    pub format: ImageFormat,
+    /// The opened image: qemu-img checks this inode, whatever its name is now.
+    pub image: Arc<ImageFile>,
     /// `-U`: read-only check of an image someone else holds. qemu-img itself
     /// refuses it together with `repair`.
     pub force_share: bool,
@@ -144,6 +158,8 @@ pub enum QemuImgError {
     Timeout(Duration),
     #[error("cancelled")]
     Cancelled,
+    #[error("cancelled before qemu-img started")]
+    CancelledBeforeStart,
 }
 
 /// Why the run was stopped before qemu-img finished.
@@ -160,7 +176,7 @@ pub async fn run_check(
     request: &CheckRequest,
     cancel: &CancellationToken,
 ) -> Result<CheckOutcome, QemuImgError> {
-    if request.format == ImageFormat::Raw {
+    if request.image.format == ImageFormat::Raw {
         // Raw has no metadata to check; qemu-img would exit 63 anyway.
         return Ok(CheckOutcome {
             result: CheckResult::NotSupported,
@@ -171,24 +187,17 @@ pub async fn run_check(
         path: request.qemu_img.clone(),
         source,
     };
-    if !request.image.is_absolute() {
-        // qemu-img reads "json:{…}" or "nbd:…" names as protocol specs; an
-        // absolute path can never be one.
-        return Err(spawn_error(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("image path must be absolute: {:?}", request.image),
-        )));
-    }
     if cancel.is_cancelled() {
-        return Err(QemuImgError::Cancelled);
+        return Err(QemuImgError::CancelledBeforeStart);
     }
 
     let switch = CredentialSwitch::plan(&request.run_as).map_err(spawn_error)?;
     let mut command = build_command(request);
+    inherit_fd(&mut command, request.image.file.as_raw_fd());
     switch.install(&mut command);
     tracing::debug!(
         qemu_img = %request.qemu_img.display(),
-        image = %request.image.display(),
+        image = %request.image.path.display(),
         args = ?check_args(request),
         uid = request.run_as.uid,
         "running qemu-img check"
@@ -222,6 +231,11 @@ pub async fn run_check(
         } => {
             group.disarm();
             let status = status.map_err(spawn_error)?;
+            // qemu-img names the image by its spec; the user knows it by path.
+            let stderr = stderr.replace(
+                &image_spec(request),
+                &request.image.path.display().to_string(),
+            );
             return output::interpret(status, &stdout, &stderr, request.repair.is_some());
         }
         () = tokio::time::sleep(request.timeout) => Stop::Timeout,
@@ -240,14 +254,28 @@ pub async fn run_check(
     })
 }
 
+/// The path through which qemu-img reopens the inherited image descriptor.
+fn fd_path(fd: RawFd) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
+/// The image as qemu-img is told about it: the inherited descriptor, the
+/// format from the header, and no backing chain (see the module docs).
+fn image_spec(request: &CheckRequest) -> String {
+    let spec = serde_json::json!({
+        "driver": request.image.format.as_str(),
+        "backing": null,
+        "file": {
+            "driver": "file",
+            "filename": fd_path(request.image.file.as_raw_fd()),
+        },
+    });
+    format!("json:{spec}")
+}
+
 /// Arguments after the program name.
 fn check_args(request: &CheckRequest) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec![
-        "check".into(),
-        "--output=json".into(),
-        "-f".into(),
-        request.format.as_str().into(),
-    ];
+    let mut args: Vec<OsString> = vec!["check".into(), "--output=json".into()];
     if request.force_share {
         args.push("-U".into());
     }
@@ -256,8 +284,25 @@ fn check_args(request: &CheckRequest) -> Vec<OsString> {
         args.push(mode.as_str().into());
     }
     args.push("--".into());
-    args.push(request.image.clone().into_os_string());
+    args.push(image_spec(request).into());
     args
+}
+
+/// Lets the child keep `fd` across exec (it is close-on-exec in the service,
+/// so no other child ever gets it).
+fn inherit_fd(command: &mut Command, fd: RawFd) {
+    let hook = move || -> io::Result<()> {
+        // SAFETY: fcntl on an fd number is async-signal-safe and touches no
+        // memory; this runs in the forked child only.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: the hook makes one async-signal-safe syscall and does not allocate.
+    unsafe {
+        command.pre_exec(hook);
+    }
 }
 
 /// Everything but the credential switch.
@@ -293,11 +338,24 @@ impl RunAs {
 mod tests {
     use super::*;
 
+    /// An image that only pretends: its descriptor is /dev/null.
+    fn image(format: ImageFormat) -> Arc<ImageFile> {
+        Arc::new(ImageFile {
+            path: PathBuf::from("/var/lib/vms/-x.qcow2"),
+            dev: 0,
+            ino: 0,
+            uid: 0,
+            gid: 0,
+            format,
+            other_files: None,
+            file: std::fs::File::open("/dev/null").unwrap(),
+        })
+    }
+
     fn request(format: ImageFormat) -> CheckRequest {
         CheckRequest {
             qemu_img: PathBuf::from("/nonexistent/qemu-img"),
-            image: PathBuf::from("/var/lib/vms/-x.qcow2"),
-            format,
+            image: image(format),
             force_share: false,
             repair: None,
             run_as: RunAs {
@@ -309,19 +367,35 @@ mod tests {
         }
     }
 
+    /// The spec qemu-img must get for `r`: parsed back, so the test does not
+    /// depend on JSON key order.
+    fn spec_of(arg: &OsString) -> serde_json::Value {
+        let text = arg.to_str().unwrap().strip_prefix("json:").unwrap();
+        serde_json::from_str(text).unwrap()
+    }
+
     #[test]
-    fn args_plain() {
-        let args = check_args(&request(ImageFormat::Qcow2));
+    fn args_plain_name_the_inherited_fd_and_no_backing_chain() {
+        let r = request(ImageFormat::Qcow2);
+        let args = check_args(&r);
+        assert_eq!(args[..3], ["check", "--output=json", "--"]);
+        assert_eq!(args.len(), 4);
         assert_eq!(
-            args,
-            [
-                "check",
-                "--output=json",
-                "-f",
-                "qcow2",
-                "--",
-                "/var/lib/vms/-x.qcow2"
-            ]
+            spec_of(&args[3]),
+            serde_json::json!({
+                "driver": "qcow2",
+                "backing": null,
+                "file": {
+                    "driver": "file",
+                    "filename": format!("/proc/self/fd/{}", r.image.file.as_raw_fd()),
+                },
+            })
+        );
+        // The name itself never reaches qemu-img.
+        assert!(
+            !args
+                .iter()
+                .any(|a| a.to_string_lossy().contains("-x.qcow2"))
         );
     }
 
@@ -332,19 +406,10 @@ mod tests {
         r.repair = Some(RepairMode::All);
         let args = check_args(&r);
         assert_eq!(
-            args,
-            [
-                "check",
-                "--output=json",
-                "-f",
-                "vmdk",
-                "-U",
-                "-r",
-                "all",
-                "--",
-                "/var/lib/vms/-x.qcow2"
-            ]
+            args[..6],
+            ["check", "--output=json", "-U", "-r", "all", "--"]
         );
+        assert_eq!(spec_of(&args[6])["driver"], "vmdk");
     }
 
     #[tokio::test]
@@ -357,23 +422,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn relative_image_is_refused() {
-        let mut r = request(ImageFormat::Qcow2);
-        r.image = PathBuf::from("json:{}");
-        match run_check(&r, &CancellationToken::new()).await {
-            Err(QemuImgError::Spawn { source, .. }) => {
-                assert_eq!(source.kind(), io::ErrorKind::InvalidInput)
-            }
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
-    #[tokio::test]
     async fn cancelled_before_start_does_not_spawn() {
         let cancel = CancellationToken::new();
         cancel.cancel();
         let r = run_check(&request(ImageFormat::Qcow2), &cancel).await;
-        assert!(matches!(r, Err(QemuImgError::Cancelled)), "{r:?}");
+        assert!(
+            matches!(r, Err(QemuImgError::CancelledBeforeStart)),
+            "{r:?}"
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::image::ImageFile;
+use super::view::View;
 use crate::procfs::{self, Target};
 
 pub use pidfile::{IMAGE_DIR, PatternError, validate_pattern};
@@ -109,11 +110,20 @@ impl UsageScanner {
     }
 
     /// Blocking: reads /proc. `explicit_pidfile` replaces the patterns.
+    /// The caller's own PID files (the explicit one, and those next to the
+    /// image) are found and read in `view`; the configured global ones
+    /// (libvirt's, Proxmox's) as the service, and they are never reported
+    /// as stale.
     ///
     /// The calling process itself is never reported: its only fds on the
     /// image are the service's own read-only probe descriptors. Nor are its
     /// children between fork and exec, which share those descriptors.
-    pub fn scan(&self, image: &ImageFile, explicit_pidfile: Option<&Path>) -> DiskUsage {
+    pub fn scan(
+        &self,
+        image: &ImageFile,
+        explicit_pidfile: Option<&Path>,
+        view: &View,
+    ) -> DiskUsage {
         let own_pid = std::process::id();
         let target = Target::Inode {
             dev: image.dev,
@@ -126,8 +136,32 @@ impl UsageScanner {
 
         let mut stale_pidfiles = Vec::new();
         let image_dir = image.path.parent().unwrap_or(Path::new("/"));
-        for cand in pidfile::candidates(&self.pidfile_patterns, image_dir, explicit_pidfile) {
-            match self.judge_pidfile(&cand, &users) {
+        let (local, global): (Vec<String>, Vec<String>) = self
+            .pidfile_patterns
+            .iter()
+            .cloned()
+            .partition(|p| p.contains(pidfile::IMAGE_DIR));
+        let read_all = |patterns: &[String], explicit: Option<&Path>| {
+            pidfile::candidates(patterns, image_dir, explicit)
+                .into_iter()
+                .map(|cand| {
+                    let content = pidfile::read(&cand.path);
+                    (cand, content)
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut found = view
+            .run(|| read_all(&local, explicit_pidfile))
+            .unwrap_or_else(|e| {
+                // /proc and the lock probe still find every VM.
+                tracing::error!("cannot read PID files as the caller: {e}");
+                Vec::new()
+            });
+        if explicit_pidfile.is_none() {
+            found.extend(read_all(&global, None));
+        }
+        for (cand, content) in found {
+            match self.judge_pidfile(&cand, content, &users) {
                 Verdict::Valid(pid) => {
                     let user = users.get_mut(&pid).expect("valid only for holders");
                     user.found_by.push(FoundBy::Pidfile);
@@ -199,9 +233,10 @@ impl UsageScanner {
     fn judge_pidfile(
         &self,
         cand: &pidfile::Candidate,
+        content: pidfile::PidfileContent,
         holders: &BTreeMap<u32, DiskUser>,
     ) -> Verdict {
-        let (pid, dev, ino) = match pidfile::read(&cand.path) {
+        let (pid, dev, ino) = match content {
             pidfile::PidfileContent::Missing => return Verdict::Ignore,
             pidfile::PidfileContent::Invalid => return Verdict::Stale,
             pidfile::PidfileContent::Pid { pid, dev, ino } => (pid, dev, ino),

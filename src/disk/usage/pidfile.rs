@@ -9,7 +9,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::safe_open::{SafeOpenError, open_regular};
+use crate::safe_open::{SafeOpenError, Symlinks, open_regular};
 
 /// The placeholder replaced by the image's directory.
 pub const IMAGE_DIR: &str = "{image_dir}";
@@ -193,9 +193,16 @@ pub(super) enum PidfileContent {
 /// Reads a PID file safely: never a FIFO, a device or a symlink, nor
 /// anything swapped in while it is opened (see [`crate::safe_open`]).
 pub(super) fn read(path: &Path) -> PidfileContent {
-    let (file, meta) = match open_regular(path) {
-        Ok(opened) => opened,
-        Err(SafeOpenError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+    let (file, meta) = match open_regular(path, Symlinks::RefuseLast) {
+        Ok(opened) => (opened.file, opened.metadata),
+        // Missing, or not readable by whoever looks (the caller's view):
+        // the same answer, so the answer tells nothing about the file.
+        Err(SafeOpenError::Io(e))
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+            ) || e.raw_os_error() == Some(libc::ENOTDIR) =>
+        {
             return PidfileContent::Missing;
         }
         Err(_) => return PidfileContent::Invalid,

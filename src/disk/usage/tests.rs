@@ -108,7 +108,10 @@ const OTHER: u32 = 4_000_002;
 #[test]
 fn nothing_uses_the_image() {
     let env = Env::new();
-    assert_eq!(env.scanner().scan(&env.image(), None), DiskUsage::default());
+    assert_eq!(
+        env.scanner().scan(&env.image(), None, &View::Service),
+        DiskUsage::default()
+    );
 }
 
 #[test]
@@ -125,7 +128,7 @@ fn vm_found_by_pidfile_proc_and_lock() {
         &[(3, Path::new("/dev/null"), RW), (17, &img, RW)],
     );
     let _lock = env.lock_like_qemu(true);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(
         usage,
         DiskUsage {
@@ -144,7 +147,7 @@ fn vm_found_by_pidfile_proc_and_lock() {
     assert_eq!(usage.blocking_user().map(|u| u.pid), Some(VM));
 
     // The explicit pidfile gives the same answer.
-    let explicit = env.scanner().scan(&env.image(), Some(&pf));
+    let explicit = env.scanner().scan(&env.image(), Some(&pf), &View::Service);
     assert_eq!(explicit, usage);
 }
 
@@ -162,7 +165,7 @@ fn matched_by_inode_not_by_path_text() {
     env.process(VM, QEMU, 'S', &[], &[(3, &hard, RO)]);
     env.process(OTHER, "/usr/bin/cat", 'R', &[], &[(4, &soft, RO)]);
     env.process(OTHER + 1, "/usr/bin/cp", 'R', &[], &[(5, &lookalike, RW)]);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     let pids: Vec<u32> = usage.users.iter().map(|u| u.pid).collect();
     assert_eq!(pids, vec![VM, OTHER]);
 }
@@ -177,7 +180,7 @@ fn dead_zombie_and_recycled_pidfiles_are_stale() {
     // A recycled PID: a shell that even has the image open.
     let recycled = env.pidfile(&env.vm_dir(), "recycled.pid", format!("{OTHER}").as_bytes());
     env.process(OTHER, "/usr/bin/bash", 'S', &[], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage.stale_pidfiles, vec![dead, recycled, zombie]);
     assert_eq!(usage.users.len(), 1);
     let u = &usage.users[0];
@@ -201,7 +204,7 @@ fn pidfile_rule_of_proxmox() {
         &["-pidfile", elsewhere.to_str().unwrap()],
         &[(9, &img, RW)],
     );
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage.stale_pidfiles, vec![pf.clone()]);
     assert_eq!(usage.users[0].found_by, vec![FoundBy::Proc]);
     assert!(usage.blocking_user().is_some(), "still a running QEMU");
@@ -219,7 +222,7 @@ fn pidfile_rule_of_proxmox() {
         &["--pidfile", via.join("vm.pid").to_str().unwrap()],
         &[(9, &img, RW)],
     );
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert!(usage.stale_pidfiles.is_empty());
     assert_eq!(usage.users[0].pidfile, Some(pf));
 }
@@ -243,7 +246,7 @@ fn global_pidfiles_of_other_vms_are_ignored() {
     );
     let ours = env.pidfile(&global, "ours.pid", format!("{VM}").as_bytes());
     env.process(VM, QEMU, 'S', &["-name", "ours"], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert!(
         usage.stale_pidfiles.is_empty(),
         "{:?}",
@@ -266,10 +269,10 @@ fn other_live_vm_in_the_same_directory() {
     let pf = env.pidfile(&env.vm_dir(), "other.pid", format!("{OTHER}").as_bytes());
     env.process(OTHER, QEMU, 'S', &[], &[(3, &other_img, RW)]);
     // Matched by a pattern: another VM's valid file, not stale.
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage, DiskUsage::default());
     // Named by the caller as this image's VM: it is not, so stale.
-    let usage = env.scanner().scan(&env.image(), Some(&pf));
+    let usage = env.scanner().scan(&env.image(), Some(&pf), &View::Service);
     assert_eq!(usage.stale_pidfiles, vec![pf]);
     assert!(usage.users.is_empty());
 }
@@ -302,17 +305,17 @@ fn garbage_pidfiles_are_stale() {
     want.push(link.clone());
     std::fs::create_dir(d.join("j-dir.pid")).unwrap();
     want.push(d.join("j-dir.pid"));
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage.stale_pidfiles, want);
     assert!(usage.users.is_empty());
     // Explicit ones too; a missing explicit file is simply absent.
     for p in [&fifo, &link] {
-        let usage = env.scanner().scan(&env.image(), Some(p));
+        let usage = env.scanner().scan(&env.image(), Some(p), &View::Service);
         assert_eq!(usage.stale_pidfiles, vec![p.clone()]);
     }
     let usage = env
         .scanner()
-        .scan(&env.image(), Some(&d.join("missing.pid")));
+        .scan(&env.image(), Some(&d.join("missing.pid")), &View::Service);
     assert_eq!(usage, DiskUsage::default());
 }
 
@@ -328,7 +331,7 @@ fn writers_and_readers() {
         &[],
         &[(5, &img, RO), (6, &img, RO)],
     );
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage.users.len(), 2);
     let writer = usage.blocking_user().unwrap();
     assert_eq!(
@@ -348,7 +351,7 @@ fn qemu_is_reported_before_other_blockers() {
     env.process(VM + 10, QEMU, 'S', &["-name", "vm"], &[(3, &img, RO)]);
     env.process(VM, "/usr/bin/dd", 'S', &[], &[(3, &img, RW)]);
     env.process(VM - 1, "/usr/bin/cat", 'S', &[], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     let pids: Vec<u32> = usage.users.iter().map(|u| u.pid).collect();
     assert_eq!(pids, vec![VM + 10, VM, VM - 1]);
     assert_eq!(usage.blocking_user().unwrap().vm_name, "vm");
@@ -359,14 +362,17 @@ fn own_process_is_never_reported() {
     let env = Env::new();
     let img = env.image_path();
     env.process(std::process::id(), QEMU, 'S', &[], &[(3, &img, RW)]);
-    assert_eq!(env.scanner().scan(&env.image(), None), DiskUsage::default());
+    assert_eq!(
+        env.scanner().scan(&env.image(), None, &View::Service),
+        DiskUsage::default()
+    );
 }
 
 #[test]
 fn lock_without_visible_qemu() {
     let env = Env::new();
     let _lock = env.lock_like_qemu(true);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     let invisible = DiskUser {
         pid: 0,
         exe: String::new(),
@@ -381,7 +387,7 @@ fn lock_without_visible_qemu() {
     // A non-QEMU reader does not explain the lock.
     let img = env.image_path();
     env.process(OTHER, "/usr/bin/cat", 'S', &[], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage.users.len(), 2);
     assert_eq!(usage.users[0], invisible);
     assert_eq!(usage.users[1].found_by, vec![FoundBy::Proc]);
@@ -389,7 +395,7 @@ fn lock_without_visible_qemu() {
     // A read-only qemu-img does not explain a WRITE lock: the invisible
     // writer is still reported (and blocks).
     env.process(VM, "/usr/bin/qemu-img", 'S', &["check"], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert!(usage.users.contains(&invisible), "{usage:?}");
     let qi = usage.users.iter().find(|u| u.pid == VM).unwrap();
     assert_eq!(qi.found_by, vec![FoundBy::Proc, FoundBy::Lock]);
@@ -403,7 +409,7 @@ fn lock_without_visible_qemu() {
         &["check", "-r"],
         &[(3, &img, RW)],
     );
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert!(usage.users.iter().all(|u| u.pid != 0), "{usage:?}");
 }
 
@@ -411,7 +417,7 @@ fn lock_without_visible_qemu() {
 fn read_only_lock_without_visible_qemu() {
     let env = Env::new();
     let _lock = env.lock_like_qemu(false);
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage.users.len(), 1);
     assert_eq!((usage.users[0].pid, usage.users[0].writable), (0, false));
     assert!(usage.users[0].blocks_check());
@@ -451,7 +457,7 @@ fn garbage_proc_entries_are_skipped() {
     std::fs::write(d15.join("cmdline"), b"\xff-name\0\xfe\xfd").unwrap();
     let pf = env.pidfile(&env.vm_dir(), "g.pid", b"4000015");
 
-    let usage = env.scanner().scan(&env.image(), None);
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
     let summary: Vec<(u32, &str, bool)> = usage
         .users
         .iter()
@@ -473,7 +479,7 @@ fn missing_proc_root_finds_nothing() {
         vec!["{image_dir}/*.pid".into()],
     );
     let pf = env.pidfile(&env.vm_dir(), "vm.pid", b"1\n");
-    let usage = scanner.scan(&env.image(), None);
+    let usage = scanner.scan(&env.image(), None, &View::Service);
     assert!(usage.users.is_empty());
     assert_eq!(usage.stale_pidfiles, vec![pf]);
 }
