@@ -12,6 +12,8 @@
 //! - [`vm`]: [`Vm`], a QEMU guest holding images.
 //! - [`images`]: test disk images.
 //! - [`util`]: process guards and bounded waits.
+//! - [`world`]: [`world::World`], bus + polkitd + daemon + image dir for
+//!   disk tests, with report helpers.
 //!
 //! Needs root, `dbus-daemon`, `busctl`, `setpriv`, `unshare`, polkitd and
 //! `qemu-system-x86_64` (see `scripts/install-deps`).
@@ -29,6 +31,7 @@ pub mod sysfs;
 pub mod udevd;
 pub mod util;
 pub mod vm;
+pub mod world;
 
 pub use bus::{IdleClient, TestBus};
 pub use daemon::{Daemon, DaemonConfig, MANAGER_IFACE, MANAGER_PATH, SERVICE_NAME};

@@ -1,0 +1,569 @@
+//! A hostile local user against the real daemon: real bus, polkitd, QEMU,
+//! qemu-img and real users (root, `nobody`, `daemon`).
+//!
+//! - Swaps: a name swapped after the service looked (the image, a directory
+//!   on its path, a backing file) never redirects a check or a repair, and
+//!   never gets a check past the in-use refusal. The swap happens while a
+//!   stand-in qemu-img waits at a gate, so the race is won every time.
+//! - Oracles: pairs of paths that differ only in what the caller cannot see
+//!   get the same answers and the same signals.
+//! - Starvation: one user's hanging checks never keep another's from being
+//!   answered in time, and a killed client's checks end.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::images::{LEAKED_CLUSTERS, make_clean_qcow2, make_leaky_qcow2, qemu_img_check};
+use common::util::{ChildGuard, command_as, public_tempdir, run, wait_until, write_file};
+use common::world::{Report, World, json, split_error, str_of, u64_of};
+use common::{CmdOutput, DaemonConfig, NOBODY, Polkit, Vm};
+use futures_util::StreamExt;
+use tempfile::TempDir;
+use zbus::Variant;
+
+const NOBODY_USER: Option<(u32, u32)> = Some((NOBODY, NOBODY));
+/// Clusters of the 64 MiB test images, and of a 1 GiB one: which image was
+/// checked shows in `total-clusters`.
+const SMALL_CLUSTERS: u64 = 1024;
+const BIG_CLUSTERS: u64 = 16384;
+
+/// A qemu-img stand-in that says it started, waits until the test opens
+/// the gate, then becomes the real qemu-img (same arguments, same inherited
+/// descriptors). Between the two, the test changes the file system.
+struct Gate {
+    dir: TempDir,
+}
+
+impl Gate {
+    fn new() -> Gate {
+        let dir = public_tempdir("vmm-gate-");
+        // The stand-in runs as the caller (nobody too) and writes here.
+        common::util::set_mode(dir.path(), 0o777);
+        let d = dir.path().display();
+        write_file(
+            &dir.path().join("qemu-img"),
+            format!(
+                "#!/bin/sh\necho $$ >> {d}/started\n\
+                 while [ ! -e {d}/open ]; do sleep 0.02; done\nexec /usr/bin/qemu-img \"$@\"\n"
+            ),
+            0o755,
+        );
+        Gate { dir }
+    }
+
+    fn qemu_img(&self) -> PathBuf {
+        self.dir.path().join("qemu-img")
+    }
+
+    fn wait_started(&self) {
+        let started = self.dir.path().join("started");
+        wait_until(
+            Duration::from_secs(20),
+            "qemu-img to reach the gate",
+            || started.exists(),
+            String::new,
+        );
+    }
+
+    fn open(&self) {
+        write_file(&self.dir.path().join("open"), "", 0o644);
+    }
+}
+
+/// Runs `script` with `sh -c` as `nobody` (the attacker), `args` as $1….
+fn as_attacker(script: &str, args: &[&Path]) {
+    let mut cmd = command_as(NOBODY_USER, "sh");
+    cmd.arg("-c").arg(script).arg("sh").args(args);
+    run(&mut cmd).expect_success("the attacker's swap");
+}
+
+fn mkdir(path: &Path, mode: u32, owner: Option<u32>) {
+    std::fs::create_dir(path).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    if let Some(uid) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+    }
+}
+
+fn chown(path: &Path, uid: u32, mode: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn make_big_qcow2(path: &Path) {
+    let out = run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg("1G"));
+    out.expect_success("qemu-img create");
+}
+
+fn digest(path: &Path) -> String {
+    run(Command::new("sha256sum").arg(path))
+        .expect_success("sha256sum")
+        .to_owned()
+}
+
+/// CheckDisk as root in the background.
+fn check_in_background(
+    w: &World,
+    image: &Path,
+    options: HashMap<&'static str, Variant<'static>>,
+) -> tokio::task::JoinHandle<Result<Report, (String, String)>> {
+    let connection = w.connection.clone();
+    let image = image.to_str().unwrap().to_owned();
+    tokio::spawn(async move {
+        let manager = vmmanager::client::ManagerProxy::new(&connection)
+            .await
+            .unwrap();
+        manager
+            .check_disk(&image, options)
+            .await
+            .map_err(split_error)
+    })
+}
+
+/// `vmctl --no-ask-password ARGS…` as `user`, in the background.
+fn vmctl_in_background(
+    w: &World,
+    user: Option<(u32, u32)>,
+    args: &[&str],
+) -> tokio::task::JoinHandle<CmdOutput> {
+    let mut cmd = command_as(user, common::world::VMCTL);
+    cmd.arg("--bus-address")
+        .arg(w.stack.bus.address())
+        .arg("--no-ask-password")
+        .args(args);
+    tokio::task::spawn_blocking(move || run(&mut cmd))
+}
+
+/// A directory anyone may rename entries in (mode 0777, not sticky): the
+/// image lives where the attacker can swap names.
+fn shared_dir(w: &World) -> PathBuf {
+    let shared = w.path("shared");
+    mkdir(&shared, 0o777, None);
+    shared
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_image_name_never_redirects_a_repair() {
+    let gate = Gate::new();
+    let config = DaemonConfig::default().qemu_img(gate.qemu_img());
+    let w = World::with(Polkit::builder(), config).await;
+    let shared = shared_dir(&w);
+    let image = shared.join("disk.qcow2");
+    make_leaky_qcow2(&image);
+    // The victim: another user's (daemon, uid 1) 0600 image in a 0700 dir.
+    let private = w.path("private");
+    mkdir(&private, 0o700, Some(1));
+    let victim = private.join("disk.qcow2");
+    make_leaky_qcow2(&victim);
+    chown(&victim, 1, 0o600);
+    let before = digest(&victim);
+
+    let options = HashMap::from([("repair", Variant::from("leaks"))]);
+    let call = check_in_background(&w, &image, options);
+    gate.wait_started();
+    as_attacker(
+        r#"mv "$1" "$1.orig" && ln -s "$2" "$1""#,
+        &[&image, &victim],
+    );
+    gate.open();
+    let report = call.await.unwrap().unwrap();
+
+    assert_eq!(str_of(&report, "result"), "clean", "{:#}", json(&report));
+    assert_eq!(u64_of(&report, "leaks-fixed"), LEAKED_CLUSTERS);
+    assert_eq!(digest(&victim), before, "the victim's image was rewritten");
+    assert_eq!(qemu_img_check(&victim).0, 3, "the victim still leaks");
+    let original = shared.join("disk.qcow2.orig");
+    assert_eq!(
+        qemu_img_check(&original).0,
+        0,
+        "the image asked for was repaired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_directory_never_redirects_a_check() {
+    let gate = Gate::new();
+    let config = DaemonConfig::default().qemu_img(gate.qemu_img());
+    let w = World::with(Polkit::builder(), config).await;
+    let sub = shared_dir(&w).join("vm");
+    mkdir(&sub, 0o777, None);
+    let image = sub.join("disk.qcow2");
+    make_leaky_qcow2(&image);
+    let elsewhere = w.path("elsewhere");
+    mkdir(&elsewhere, 0o755, None);
+    make_big_qcow2(&elsewhere.join("disk.qcow2"));
+
+    let call = check_in_background(&w, &image, HashMap::new());
+    gate.wait_started();
+    as_attacker(
+        r#"mv "$1" "$1.orig" && ln -s "$2" "$1""#,
+        &[&sub, &elsewhere],
+    );
+    gate.open();
+    let report = call.await.unwrap().unwrap();
+    assert_eq!(str_of(&report, "result"), "leaks", "{:#}", json(&report));
+    assert_eq!(u64_of(&report, "total-clusters"), SMALL_CLUSTERS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_name_never_bypasses_the_in_use_refusal() {
+    let gate = Gate::new();
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    let config = DaemonConfig::default().qemu_img(gate.qemu_img());
+    let w = World::with(polkit, config).await;
+    let home = w.path("home");
+    mkdir(&home, 0o755, Some(NOBODY));
+    // nobody's image that a VM holds read-only: a direct check is refused.
+    let held = home.join("held.qcow2");
+    make_clean_qcow2(&held);
+    chown(&held, NOBODY, 0o644);
+    let _vm = Vm::builder("ro-vm", &held).readonly(true).start();
+    let out = w.check_as_nobody(&[], &held);
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    // nobody's own free (and bigger) image, then the swap.
+    let own = home.join("own.qcow2");
+    make_big_qcow2(&own);
+    chown(&own, NOBODY, 0o644);
+
+    let args = ["check-disk", "--json", own.to_str().unwrap()];
+    let call = vmctl_in_background(&w, NOBODY_USER, &args);
+    gate.wait_started();
+    as_attacker(r#"mv "$1" "$1.orig" && ln -s "$2" "$1""#, &[&own, &held]);
+    gate.open();
+    let out = call.await.unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(doc["total-clusters"], BIG_CLUSTERS, "{doc:#}");
+    assert_eq!(doc["users"], serde_json::json!([]), "{doc:#}");
+    assert_eq!(doc["result"], "clean", "{doc:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backing_file_swapped_for_a_fifo_mid_check_cannot_hang_it() {
+    let gate = Gate::new();
+    let config = DaemonConfig::default().qemu_img(gate.qemu_img());
+    let w = World::with(Polkit::builder(), config).await;
+    let shared = shared_dir(&w);
+    let base = shared.join("base.qcow2");
+    make_clean_qcow2(&base);
+    let overlay = shared.join("overlay.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&overlay))
+    .expect_success("qemu-img create overlay");
+
+    let options = HashMap::from([("timeout-sec", Variant::from(15u32))]);
+    let started = Instant::now();
+    let call = check_in_background(&w, &overlay, options);
+    gate.wait_started();
+    as_attacker(r#"rm "$1" && mkfifo "$1""#, &[&base]);
+    gate.open();
+    let report = call.await.unwrap().unwrap();
+    assert_eq!(str_of(&report, "result"), "clean", "{:#}", json(&report));
+    eprintln!(
+        "checked in {:?} with a FIFO as backing file",
+        started.elapsed()
+    );
+}
+
+// --- oracles ------------------------------------------------------------
+
+/// What an oracle test compares: the error name and message, or the report
+/// without its timing.
+fn answer(out: &CmdOutput) -> serde_json::Value {
+    let mut doc: serde_json::Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("vmctl printed no JSON ({e}): {out:?}"));
+    if let Some(map) = doc.as_object_mut() {
+        map.remove("duration-ms");
+        // vmctl echoes the path it was given; the service's answer is the rest.
+        map.remove("image");
+    }
+    doc
+}
+
+/// Paths that differ only in what `nobody` cannot see, inside a directory
+/// only root can enter: a file, a missing name, a directory, a FIFO, and
+/// the same file through a root process's `/proc/PID/cwd` and `fd` links.
+struct Secrets {
+    _dir: TempDir,
+    _holder: ChildGuard,
+    paths: Vec<PathBuf>,
+    /// A PID file nobody cannot read, naming a live process, and one that
+    /// does not exist.
+    pidfiles: [PathBuf; 2],
+}
+
+fn secrets() -> Secrets {
+    let dir = tempfile::Builder::new()
+        .prefix("vmm-secret-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let d = dir.path();
+    let file = d.join("file.qcow2");
+    make_clean_qcow2(&file);
+    std::fs::create_dir(d.join("dir")).unwrap();
+    let fifo = d.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    // A root process that sits in the directory with the file open on fd 3.
+    let holder = Command::new("sh")
+        .arg("-c")
+        .arg(r#"exec 3<"$1"; exec sleep 600"#)
+        .arg("sh")
+        .arg(&file)
+        .current_dir(d)
+        .spawn()
+        .unwrap();
+    let holder = ChildGuard::new(holder, "secret holder");
+    let pid = holder.pid();
+    wait_until(
+        Duration::from_secs(10),
+        "the holder to open the file",
+        || std::fs::read_link(format!("/proc/{pid}/fd/3")).is_ok_and(|t| t == file),
+        String::new,
+    );
+    let pidfile = d.join("vm.pid");
+    write_file(&pidfile, format!("{pid}\n"), 0o600);
+    Secrets {
+        paths: vec![
+            file.clone(),
+            d.join("missing.qcow2"),
+            d.join("dir"),
+            fifo,
+            PathBuf::from(format!("/proc/{pid}/cwd/file.qcow2")),
+            PathBuf::from(format!("/proc/{pid}/fd/3")),
+        ],
+        pidfiles: [pidfile, d.join("missing.pid")],
+        _dir: dir,
+        _holder: holder,
+    }
+}
+
+/// `vmctl check-disk --json` and `disk-users --json` as nobody for every
+/// secret path: one answer each, all alike.
+fn assert_same_answers(w: &World, secrets: &Secrets, who: &str) {
+    for command in ["check-disk", "disk-users"] {
+        let answers: Vec<(PathBuf, serde_json::Value)> = secrets
+            .paths
+            .iter()
+            .map(|p| {
+                let args = ["--no-ask-password", command, "--json", p.to_str().unwrap()];
+                (p.clone(), answer(&w.vmctl(NOBODY_USER, &args)))
+            })
+            .collect();
+        let first = &answers[0].1;
+        assert_eq!(
+            first["error"], "org.example.VmManager1.Error.NotAuthorized",
+            "{who} {command}: {first:#}"
+        );
+        for (path, other) in &answers[1..] {
+            assert_eq!(other, first, "{who} {command}: {path:?} tells itself apart");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_revealed_before_polkit_or_beyond_it() {
+    let secrets = secrets();
+    // No rules: nobody may do nothing, and learns nothing.
+    let w = World::start().await;
+    assert_same_answers(&w, &secrets, "unauthorized");
+    drop(w);
+
+    // Allowed check-disk (its own images): still nothing about root's.
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    let w = World::with(polkit, DaemonConfig::default()).await;
+    assert_same_answers(&w, &secrets, "check-disk");
+
+    // The pidfile option on nobody's own image: a PID file it cannot read
+    // and a missing one give the same report and the same signal.
+    let home = w.path("home");
+    mkdir(&home, 0o755, Some(NOBODY));
+    let own = home.join("own.qcow2");
+    make_clean_qcow2(&own);
+    chown(&own, NOBODY, 0o644);
+    let manager = w.manager().await;
+    let mut signals = manager.receive_disk_checked().await.unwrap();
+    let mut reports = Vec::new();
+    let mut signalled = Vec::new();
+    for pidfile in &secrets.pidfiles {
+        let args = [
+            "--no-ask-password",
+            "check-disk",
+            "--json",
+            "--pidfile",
+            pidfile.to_str().unwrap(),
+            own.to_str().unwrap(),
+        ];
+        let out = w.vmctl(NOBODY_USER, &args);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        reports.push(answer(&out));
+        let signal = tokio::time::timeout(Duration::from_secs(10), signals.next())
+            .await
+            .expect("DiskChecked")
+            .unwrap();
+        let mut report = signal.args().unwrap().report().clone();
+        report.remove("duration-ms");
+        signalled.push(json(&report));
+    }
+    assert_eq!(reports[0], reports[1]);
+    assert_eq!(reports[0]["stale-pidfiles"], serde_json::json!([]));
+    assert_eq!(signalled[0], signalled[1]);
+}
+
+// --- fair share ---------------------------------------------------------
+
+/// A stand-in that hangs for nobody's checks and is the real qemu-img for
+/// everyone else's; it records the PIDs of nobody's hanging runs.
+fn hang_for_nobody(dir: &Path) -> PathBuf {
+    common::util::set_mode(dir, 0o777);
+    let script = dir.join("qemu-img");
+    write_file(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$(id -u)\" = {NOBODY} ]; then echo $$ >> {d}/hanging; \
+             exec sleep 600; fi\nexec /usr/bin/qemu-img \"$@\"\n",
+            d = dir.display()
+        ),
+        0o755,
+    );
+    script
+}
+
+fn hanging_pids(dir: &Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("hanging"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_owned()))
+        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_users_hanging_checks_never_starve_another() {
+    let tools = public_tempdir("vmm-hang-");
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    let config = DaemonConfig::default()
+        .qemu_img(hang_for_nobody(tools.path()))
+        .max_concurrent_checks(2);
+    let w = World::with(polkit, config).await;
+    let home = w.path("home");
+    mkdir(&home, 0o755, Some(NOBODY));
+
+    // nobody starts more checks than it may have (1 running + 4 waiting).
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let image = home.join(format!("own{i}.qcow2"));
+        make_clean_qcow2(&image);
+        chown(&image, NOBODY, 0o644);
+        let mut cmd = command_as(NOBODY_USER, "busctl");
+        cmd.arg(format!("--address={}", w.stack.bus.address()))
+            .args([
+                "--timeout=600",
+                "call",
+                "org.example.VmManager",
+                "/org/example/VmManager",
+                "org.example.VmManager1",
+                "CheckDisk",
+                "sa{sv}",
+            ])
+            .arg(&image)
+            .arg("0")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        clients.push(ChildGuard::new(cmd.spawn().unwrap(), "nobody's busctl"));
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "nobody's first check to hang",
+        || !hanging_pids(tools.path()).is_empty(),
+        String::new,
+    );
+    // One of the six was refused at once.
+    wait_until(
+        Duration::from_secs(20),
+        "nobody's sixth check to be refused",
+        || clients.iter_mut().any(|c| !c.is_running()),
+        String::new,
+    );
+
+    // root's check, with a 5 s limit, is answered (and done) at once.
+    let image = w.path("roots.qcow2");
+    make_clean_qcow2(&image);
+    let started = Instant::now();
+    let report = tokio::time::timeout(
+        Duration::from_secs(20),
+        w.check(&image, &[("timeout-sec", Variant::from(5u32))]),
+    )
+    .await
+    .expect("root's check was starved")
+    .unwrap();
+    assert_eq!(str_of(&report, "result"), "clean");
+    eprintln!(
+        "root's check beside nobody's hanging ones: {:?}",
+        started.elapsed()
+    );
+    // nobody's own waiting check, with a 2 s limit, times out in time.
+    let own = home.join("own0.qcow2");
+    let args = [
+        "check-disk",
+        "--json",
+        "--timeout",
+        "2",
+        own.to_str().unwrap(),
+    ];
+    let started = Instant::now();
+    let out = w.vmctl(NOBODY_USER, &args);
+    let doc = answer(&out);
+    assert!(
+        doc["error"] == "org.example.VmManager1.Error.Timeout"
+            || doc["error"] == "org.example.VmManager1.Error.Busy",
+        "{doc:#}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Killing nobody's clients ends their checks: no job, no qemu-img left.
+    let hanging = hanging_pids(tools.path());
+    for client in &mut clients {
+        client.kill_and_wait();
+    }
+    let started = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the killed clients' qemu-img runs to end",
+        || hanging.iter().all(|p| !alive(*p)),
+        || format!("still hanging: {hanging:?}"),
+    );
+    let manager = w.manager().await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !manager.jobs().await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("jobs left after their clients died");
+    eprintln!(
+        "killed clients' checks ended within {:?}",
+        started.elapsed()
+    );
+}

@@ -1,0 +1,159 @@
+//! One end-to-end world for disk tests: a private bus, polkitd and the
+//! daemon, a temp dir for images, a root zbus connection, and helpers to call
+//! CheckDisk/GetDiskUsers and read their reports.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tempfile::TempDir;
+use vmmanager::client::{ManagerProxy, dict_to_json};
+use zbus::{Connection, OwnedVariant, Variant};
+
+use super::util::{command_as, public_tempdir, run};
+use super::{CmdOutput, DaemonConfig, NOBODY, Polkit, PolkitBuilder, Stack};
+
+pub const VMCTL: &str = env!("CARGO_BIN_EXE_vmctl");
+
+pub type Report = HashMap<String, OwnedVariant>;
+
+/// One test's world: bus + polkitd + daemon, a temp dir for images, and a
+/// root zbus connection.
+pub struct World {
+    pub stack: Stack,
+    pub dir: TempDir,
+    pub connection: Connection,
+}
+
+impl World {
+    pub async fn start() -> World {
+        World::with(Polkit::builder(), DaemonConfig::default()).await
+    }
+
+    pub async fn with(polkit: PolkitBuilder, config: DaemonConfig) -> World {
+        let stack = tokio::task::spawn_blocking({
+            let config = config.clone();
+            move || Stack::start(polkit, &config)
+        })
+        .await
+        .unwrap();
+        let connection = stack.bus.connect().await;
+        World {
+            stack,
+            dir: public_tempdir("vmm-images-"),
+            connection,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub async fn manager(&self) -> ManagerProxy<'static> {
+        ManagerProxy::new(&self.connection).await.unwrap()
+    }
+
+    /// CheckDisk as root through zbus; errors as (short name, message).
+    pub async fn check(
+        &self,
+        image: &Path,
+        options: &[(&str, Variant<'_>)],
+    ) -> Result<Report, (String, String)> {
+        let options: HashMap<&str, Variant<'_>> =
+            options.iter().map(|(k, v)| (*k, v.clone())).collect();
+        self.manager()
+            .await
+            .check_disk(image.to_str().unwrap(), options)
+            .await
+            .map_err(split_error)
+    }
+
+    pub async fn users(
+        &self,
+        image: &Path,
+        options: &[(&str, Variant<'_>)],
+    ) -> Result<Vec<Report>, (String, String)> {
+        let options: HashMap<&str, Variant<'_>> =
+            options.iter().map(|(k, v)| (*k, v.clone())).collect();
+        self.manager()
+            .await
+            .get_disk_users(image.to_str().unwrap(), options)
+            .await
+            .map_err(split_error)
+    }
+
+    /// `vmctl --bus-address … ARGS` as `user` (root when None).
+    pub fn vmctl(&self, user: Option<(u32, u32)>, args: &[&str]) -> CmdOutput {
+        let mut cmd = command_as(user, VMCTL);
+        cmd.arg("--bus-address")
+            .arg(self.stack.bus.address())
+            .args(args);
+        run(&mut cmd)
+    }
+
+    /// `vmctl --no-ask-password check-disk --json EXTRA… IMAGE` as nobody.
+    pub fn check_as_nobody(&self, extra: &[&str], image: &Path) -> CmdOutput {
+        let mut args = vec!["--no-ask-password", "check-disk", "--json"];
+        args.extend_from_slice(extra);
+        args.push(image.to_str().unwrap());
+        self.vmctl(Some((NOBODY, NOBODY)), &args)
+    }
+
+    /// Image paths of the daemon's current jobs.
+    pub async fn wait_for_job(&self) -> zbus::OwnedObjectPath {
+        let manager = self.manager().await;
+        for _ in 0..500 {
+            let jobs = manager.jobs().await.unwrap();
+            if let Some(job) = jobs.into_iter().next() {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "no job appeared; daemon output:\n{}",
+            self.stack.daemon.output()
+        );
+    }
+}
+
+pub fn split_error(e: zbus::Error) -> (String, String) {
+    match e {
+        zbus::Error::MethodError(name, message, _) => {
+            let short = name.as_str().rsplit('.').next().unwrap().to_owned();
+            let prefix = "org.example.VmManager1.Error.";
+            assert!(
+                name.as_str().starts_with(prefix)
+                    || name.as_str().starts_with("org.freedesktop.DBus.Error."),
+                "unexpected error name {name}"
+            );
+            (short, message.unwrap_or_default())
+        }
+        other => panic!("not a method error: {other}"),
+    }
+}
+
+pub fn str_of<'a>(report: &'a Report, key: &str) -> &'a str {
+    match report.get(key).map(|v| &**v) {
+        Some(Variant::Str(s)) => s.as_str(),
+        other => panic!("{key} is not a string: {other:?}"),
+    }
+}
+
+pub fn u64_of(report: &Report, key: &str) -> u64 {
+    match report.get(key).map(|v| &**v) {
+        Some(Variant::U64(n)) => *n,
+        Some(Variant::U32(n)) => (*n).into(),
+        other => panic!("{key} is not a number: {other:?}"),
+    }
+}
+
+pub fn bool_of(report: &Report, key: &str) -> bool {
+    match report.get(key).map(|v| &**v) {
+        Some(Variant::Bool(b)) => *b,
+        other => panic!("{key} is not a bool: {other:?}"),
+    }
+}
+
+pub fn json(report: &Report) -> serde_json::Value {
+    dict_to_json(report)
+}
