@@ -567,3 +567,153 @@ async fn one_users_hanging_checks_never_starve_another() {
         started.elapsed()
     );
 }
+
+// --- load ---------------------------------------------------------------
+
+/// Open descriptors of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Live children of process `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .flat_map(|task| {
+            std::fs::read_to_string(task.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_callers_of_several_users_are_all_answered_and_leave_nothing() {
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    let w = World::with(polkit, DaemonConfig::default().max_concurrent_checks(2)).await;
+    let home = w.path("home");
+    mkdir(&home, 0o755, Some(NOBODY));
+    let roots: Vec<PathBuf> = (0..3).map(|i| w.path(&format!("root{i}.qcow2"))).collect();
+    let owns: Vec<PathBuf> = (0..3).map(|i| home.join(format!("own{i}.qcow2"))).collect();
+    for image in &roots {
+        make_leaky_qcow2(image);
+    }
+    for image in &owns {
+        make_clean_qcow2(image);
+        chown(image, NOBODY, 0o644);
+    }
+    // One call of each kind first, so lazily created state is there.
+    w.check(&roots[0], &[]).await.unwrap();
+    let daemon = w.stack.daemon.pid();
+    let fds_before = fd_count(daemon);
+
+    const DAEMON_USER: Option<(u32, u32)> = Some((1, 1));
+    // A component longer than any file system allows: refused from its text.
+    let too_long = format!("/{}.qcow2", "x".repeat(300));
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    for round in 0..8 {
+        let root_image = &roots[round % roots.len()];
+        let own = &owns[round % owns.len()];
+        let root_image_str = root_image.to_str().unwrap();
+        let own_str = own.to_str().unwrap();
+        // (who, args, acceptable answers)
+        let plan: Vec<(Option<(u32, u32)>, Vec<String>, &[&str])> = vec![
+            (
+                None,
+                vec!["check-disk".into(), root_image_str.into()],
+                &["leaks", "Busy"],
+            ),
+            (
+                None,
+                vec!["disk-users".into(), root_image_str.into()],
+                &["users"],
+            ),
+            (
+                NOBODY_USER,
+                vec!["check-disk".into(), own_str.into()],
+                &["clean", "Busy"],
+            ),
+            (
+                NOBODY_USER,
+                vec!["check-disk".into(), root_image_str.into()],
+                &["NotAuthorized"],
+            ),
+            (
+                DAEMON_USER,
+                vec!["check-disk".into(), own_str.into()],
+                &["NotAuthorized"],
+            ),
+            (
+                NOBODY_USER,
+                vec!["check-disk".into(), too_long.clone()],
+                &["InvalidArgument"],
+            ),
+            (
+                NOBODY_USER,
+                vec![
+                    "check-disk".into(),
+                    "--repair".into(),
+                    "leaks".into(),
+                    own_str.into(),
+                ],
+                &["NotAuthorized"],
+            ),
+            (
+                DAEMON_USER,
+                vec!["disk-users".into(), "/root/x".into()],
+                &["NotAuthorized"],
+            ),
+        ];
+        for (who, mut args, expected) in plan {
+            args.insert(1, "--json".into());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            calls.push((
+                vmctl_in_background(&w, who, &args),
+                expected,
+                args.join(" "),
+            ));
+        }
+    }
+    let total = calls.len();
+    for (call, expected, what) in calls {
+        let out = tokio::time::timeout(Duration::from_secs(120), call)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer"))
+            .unwrap();
+        let doc: serde_json::Value = serde_json::from_str(&out.stdout)
+            .unwrap_or_else(|e| panic!("{what}: no JSON ({e}): {out:?}"));
+        let got = if doc.is_array() {
+            "users".to_owned()
+        } else if let Some(error) = doc["error"].as_str() {
+            error.rsplit('.').next().unwrap().to_owned()
+        } else {
+            doc["result"].as_str().unwrap_or_default().to_owned()
+        };
+        assert!(expected.contains(&got.as_str()), "{what}: {got} ({doc:#})");
+    }
+    eprintln!(
+        "{total} calls of 3 users answered in {:?}",
+        started.elapsed()
+    );
+
+    // Nothing left: no job, no child, no descriptor.
+    let manager = w.manager().await;
+    assert!(manager.jobs().await.unwrap().is_empty());
+    assert_eq!(children(daemon), Vec::<u32>::new());
+    wait_until(
+        Duration::from_secs(5),
+        "the daemon's descriptors to return to their count",
+        || fd_count(daemon) <= fds_before,
+        || format!("{} fds now, {fds_before} before", fd_count(daemon)),
+    );
+    eprintln!(
+        "daemon fds: {fds_before} before, {} after",
+        fd_count(daemon)
+    );
+}
