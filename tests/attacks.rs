@@ -592,6 +592,10 @@ fn children(pid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Who calls (root when None), vmctl's arguments, and the answers allowed
+/// (a result, "users", or an error's short name).
+type PlannedCall = (Option<(u32, u32)>, Vec<String>, &'static [&'static str]);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_callers_of_several_users_are_all_answered_and_leave_nothing() {
     let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
@@ -622,8 +626,7 @@ async fn many_callers_of_several_users_are_all_answered_and_leave_nothing() {
         let own = &owns[round % owns.len()];
         let root_image_str = root_image.to_str().unwrap();
         let own_str = own.to_str().unwrap();
-        // (who, args, acceptable answers)
-        let plan: Vec<(Option<(u32, u32)>, Vec<String>, &[&str])> = vec![
+        let plan: Vec<PlannedCall> = vec![
             (
                 None,
                 vec!["check-disk".into(), root_image_str.into()],
