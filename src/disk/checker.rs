@@ -104,9 +104,9 @@ pub enum CheckErrorKind {
          finished"
     )]
     TooManyChecks { uid: u32, limit: usize },
-    #[error("no check slot became free within {} s ({running} checks running)", .limit.as_secs())]
+    #[error("no check slot became free within {} ({running} checks running)", seconds(*.limit))]
     NoSlot { limit: Duration, running: usize },
-    #[error("the check did not finish within {} s", .0.as_secs())]
+    #[error("the check did not finish within {}", seconds(*.0))]
     Timeout(Duration),
     #[error("{image} cannot be checked: {reason}")]
     OtherFiles {
@@ -119,6 +119,15 @@ pub enum CheckErrorKind {
     QemuImg(#[from] QemuImgError),
     #[error("{0}")]
     Scan(#[from] ScanError),
+}
+
+/// "5 s", or "0.3 s" for limits below a second.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
 }
 
 /// A failed check keeps the partial report (users, stale PID files, …), so
@@ -556,5 +565,116 @@ mod tests {
         assert!(msg.contains("another process (PID 7"), "{msg}");
         let msg = in_use_message(image, &user(0, true, ""));
         assert!(msg.contains("cannot see"), "{msg}");
+    }
+
+    /// A checker whose qemu-img is a stand-in that hangs, with one slot in
+    /// all and one per user, and one waiting check per user.
+    struct Hanging {
+        dir: tempfile::TempDir,
+        checker: DiskChecker,
+    }
+
+    impl Hanging {
+        fn new() -> Hanging {
+            let dir = tempfile::tempdir().unwrap();
+            let script = dir.path().join("qemu-img");
+            std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let limits = Limits {
+                timeout: Duration::from_secs(600),
+                concurrent: 1,
+                per_user: 1,
+                queued_per_user: 1,
+            };
+            let scanner = UsageScanner::new("/proc".into(), Vec::new());
+            let checker = DiskChecker::new(scanner, script, limits);
+            Hanging { dir, checker }
+        }
+
+        fn image(&self, name: &str) -> Arc<ImageFile> {
+            let path = self.dir.path().join(name);
+            let mut header = b"QFI\xfb\0\0\0\x03".to_vec();
+            header.resize(4096, 0);
+            std::fs::write(&path, header).unwrap();
+            Arc::new(ImageFile::open(path.to_str().unwrap()).unwrap())
+        }
+
+        fn check_as(&self) -> CheckAs {
+            // SAFETY: plain getters.
+            let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+            CheckAs::service(RunAs {
+                uid,
+                gid,
+                groups: vec![],
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn limits_per_user_waiting_and_cancelling_before_start() {
+        let h = Hanging::new();
+        let hang = CancellationToken::new();
+        let first = h.checker.reserve(h.image("a"), 1000).unwrap();
+        let running = {
+            let (checker, check_as, hang) = (h.checker.clone(), h.check_as(), hang.clone());
+            tokio::spawn(async move {
+                checker
+                    .check(first, &CheckOptions::default(), &check_as, &hang)
+                    .await
+            })
+        };
+        while h.checker.inner.slots.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        // The same image, whatever the caller: Busy.
+        assert!(matches!(
+            h.checker.reserve(h.image("a"), 2000),
+            Err(CheckErrorKind::Busy(_))
+        ));
+        // uid 1000 may have one more waiting, not two.
+        let waiting = h.checker.reserve(h.image("b"), 1000).unwrap();
+        assert!(matches!(
+            h.checker.reserve(h.image("c"), 1000),
+            Err(CheckErrorKind::TooManyChecks {
+                uid: 1000,
+                limit: 2
+            })
+        ));
+        // The waiting check gives up at its deadline: no slot came free.
+        let options = CheckOptions {
+            timeout: Some(Duration::from_millis(300)),
+            ..CheckOptions::default()
+        };
+        let never = CancellationToken::new();
+        let e = h
+            .checker
+            .check(waiting, &options, &h.check_as(), &never)
+            .await
+            .unwrap_err();
+        assert!(matches!(e.kind, CheckErrorKind::NoSlot { .. }), "{e}");
+        // Cancelled while waiting: says qemu-img never started.
+        let waiting = h.checker.reserve(h.image("d"), 3000).unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let e = h
+            .checker
+            .check(waiting, &CheckOptions::default(), &h.check_as(), &cancel)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e.kind, CheckErrorKind::CancelledBeforeStart),
+            "{e}"
+        );
+        // The hanging one is stopped; then every limit is free again.
+        hang.cancel();
+        let e = running.await.unwrap().unwrap_err();
+        assert!(
+            matches!(e.kind, CheckErrorKind::QemuImg(QemuImgError::Cancelled)),
+            "{e}"
+        );
+        assert!(lock(&h.checker.inner.users).is_empty());
+        assert!(lock(&h.checker.inner.running).is_empty());
+        assert_eq!(h.checker.inner.slots.available_permits(), 1);
     }
 }
