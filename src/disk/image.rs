@@ -17,9 +17,17 @@ use crate::safe_open::{SafeOpenError, Symlinks, open_regular};
 
 /// Longest accepted path in bytes (PATH_MAX minus the terminating NUL).
 pub const MAX_PATH_LEN: usize = 4095;
-/// Longest accepted path component in bytes (NAME_MAX on every Linux file
-/// system): a longer one can never name a file, so it is a malformed argument.
+
+/// Longest file name (path component) in bytes: Linux's NAME_MAX. A longer
+/// one is the caller's mistake, not a failed check (ENAMETOOLONG).
 pub const MAX_NAME_LEN: usize = 255;
+
+/// The length of the first component of `path` longer than [`MAX_NAME_LEN`].
+pub fn over_long_name(path: &str) -> Option<usize> {
+    path.split('/')
+        .map(str::len)
+        .find(|&len| len > MAX_NAME_LEN)
+}
 
 /// Bytes of header read for format detection; enough for every magic below.
 const HEADER_LEN: usize = 512;
@@ -109,8 +117,8 @@ pub enum ImageError {
     Relative(String),
     #[error("image path is too long ({0} bytes)")]
     TooLong(usize),
-    #[error("image path has a component longer than {MAX_NAME_LEN} bytes")]
-    NameTooLong,
+    #[error("image path has a name of {0} bytes (at most {MAX_NAME_LEN})")]
+    NameTooLong(usize),
     #[error("image path contains a NUL byte")]
     ContainsNul,
     #[error("{0}: no such file")]
@@ -136,7 +144,7 @@ impl ImageError {
             ImageError::Empty
                 | ImageError::Relative(_)
                 | ImageError::TooLong(_)
-                | ImageError::NameTooLong
+                | ImageError::NameTooLong(_)
                 | ImageError::ContainsNul
         )
     }
@@ -220,11 +228,8 @@ pub fn validate_path(path: &str) -> Result<(), ImageError> {
     if !path.starts_with('/') {
         return Err(ImageError::Relative(path.to_owned()));
     }
-    if path
-        .split('/')
-        .any(|component| component.len() > MAX_NAME_LEN)
-    {
-        return Err(ImageError::NameTooLong);
+    if let Some(len) = over_long_name(path) {
+        return Err(ImageError::NameTooLong(len));
     }
     Ok(())
 }
@@ -233,8 +238,6 @@ fn io_error(path: &Path, source: std::io::Error) -> ImageError {
     // ENOTDIR: a path component is a file, so the image cannot exist either.
     if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(libc::ENOTDIR) {
         ImageError::NotFound(path.to_owned())
-    } else if source.raw_os_error() == Some(libc::ENAMETOOLONG) {
-        ImageError::NameTooLong
     } else {
         ImageError::Io {
             path: path.to_owned(),
@@ -287,6 +290,28 @@ mod tests {
         assert!(matches!(
             ImageFile::open("/tmp/a\0b"),
             Err(ImageError::ContainsNul)
+        ));
+    }
+
+    #[test]
+    fn names_longer_than_name_max_are_about_the_text() {
+        let name = |n: usize| "n".repeat(n);
+        let long = format!("/tmp/{}/disk.qcow2", name(MAX_NAME_LEN + 1));
+        match ImageFile::open(&long) {
+            Err(e @ ImageError::NameTooLong(n)) => {
+                assert_eq!(n, MAX_NAME_LEN + 1);
+                assert!(e.is_about_the_text());
+            }
+            other => panic!("expected NameTooLong, got {other:?}"),
+        }
+        assert_eq!(over_long_name(&format!("/{}", name(300))), Some(300));
+        assert_eq!(over_long_name(&format!("/a/{}", name(MAX_NAME_LEN))), None);
+        // A name of exactly NAME_MAX bytes is a name: not found, not refused.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(name(MAX_NAME_LEN));
+        assert!(matches!(
+            ImageFile::open(path_str(&p)),
+            Err(ImageError::NotFound(_))
         ));
     }
 

@@ -78,6 +78,13 @@ impl From<ImageError> for VmError {
             ImageError::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
                 VmError::NotFound(e.to_string())
             }
+            // A name or resolved path too long for the kernel is a bad
+            // argument however it was reached (e.g. through a symlink).
+            ImageError::Io { ref source, .. }
+                if source.raw_os_error() == Some(libc::ENAMETOOLONG) =>
+            {
+                VmError::InvalidArgument(e.to_string())
+            }
             // The service itself could not open it (a caller's own view never
             // gets here): a fault of the host, not a polkit refusal.
             ImageError::Io { .. } | ImageError::View(_) => {
@@ -146,5 +153,29 @@ impl From<CheckErrorKind> for VmError {
 impl From<CheckError> for VmError {
     fn from(e: CheckError) -> Self {
         e.kind.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn io(errno: i32) -> ImageError {
+        ImageError::Io {
+            path: PathBuf::from("/x"),
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[test]
+    fn names_too_long_are_invalid_arguments() {
+        for e in [ImageError::NameTooLong(300), io(libc::ENAMETOOLONG)] {
+            assert!(matches!(VmError::from(e), VmError::InvalidArgument(_)));
+        }
+        assert!(matches!(
+            VmError::from(io(libc::EIO)),
+            VmError::CheckFailed(_)
+        ));
     }
 }

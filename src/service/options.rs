@@ -9,6 +9,7 @@ use zbus::{OwnedVariant, Variant};
 
 use super::error::VmError;
 use crate::disk::checker::CheckOptions;
+use crate::disk::image::{MAX_NAME_LEN, MAX_PATH_LEN, over_long_name};
 use crate::disk::qemu_img::RepairMode;
 
 /// Option shared by every method: do not let polkit prompt.
@@ -17,6 +18,34 @@ pub const NO_USER_INTERACTION: &str = "auth.no-user-interaction";
 /// The longest `timeout-sec` a caller may ask for (a day).
 const MAX_TIMEOUT_SEC: u32 = 86_400;
 
+/// Most keys an options dictionary may have. No method knows more than five;
+/// anything far beyond that is refused whole, before authorization, so a
+/// caller cannot make the service build (and send back) a huge answer.
+pub const MAX_OPTION_KEYS: usize = 16;
+
+/// Longest option key in bytes (the longest real one has 24).
+pub const MAX_OPTION_KEY_LEN: usize = 64;
+
+/// Most bytes of a caller's text an error message quotes, so an answer stays
+/// short however long the text was.
+const MAX_QUOTED_LEN: usize = 40;
+
+/// `text` quoted and escaped for an error message, cut after about
+/// [`MAX_QUOTED_LEN`] bytes (marked with `…`).
+fn quote(text: &str) -> String {
+    let mut out = String::from("\"");
+    for c in text.chars() {
+        let escaped = c.escape_debug().to_string();
+        if out.len() + escaped.len() > MAX_QUOTED_LEN {
+            out.push_str("\"…");
+            return out;
+        }
+        out.push_str(&escaped);
+    }
+    out.push('"');
+    out
+}
+
 /// Reads options one key at a time and refuses whatever is left over.
 pub struct OptionReader {
     method: &'static str,
@@ -24,15 +53,31 @@ pub struct OptionReader {
 }
 
 impl OptionReader {
-    pub fn new(method: &'static str, options: HashMap<String, OwnedVariant>) -> Self {
-        OptionReader { method, options }
+    /// Refuses a dictionary with too many or too long keys before anything
+    /// else looks at it; the message names neither keys nor values.
+    pub fn new(
+        method: &'static str,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<Self, VmError> {
+        if options.len() > MAX_OPTION_KEYS {
+            return Err(VmError::InvalidArgument(format!(
+                "{method}: too many options ({}; at most {MAX_OPTION_KEYS})",
+                options.len()
+            )));
+        }
+        if options.keys().any(|k| k.len() > MAX_OPTION_KEY_LEN) {
+            return Err(VmError::InvalidArgument(format!(
+                "{method}: an option name is longer than {MAX_OPTION_KEY_LEN} bytes"
+            )));
+        }
+        Ok(OptionReader { method, options })
     }
 
     fn wrong_type(&self, key: &str, expected: &str, got: &Variant<'_>) -> VmError {
         VmError::InvalidArgument(format!(
-            "{}: option {key:?} must be of type '{expected}', not '{}'",
+            "{}: option {key:?} must be of type '{expected}', not {}",
             self.method,
-            got.value_signature()
+            quote(got.value_signature().to_string().as_str())
         ))
     }
 
@@ -68,7 +113,8 @@ impl OptionReader {
 
     /// Call after reading every known key.
     pub fn finish(self) -> Result<(), VmError> {
-        let mut unknown: Vec<&str> = self.options.keys().map(String::as_str).collect();
+        // Few and short (see `new`), so they may be named.
+        let mut unknown: Vec<String> = self.options.keys().map(|k| quote(k)).collect();
         if unknown.is_empty() {
             return Ok(());
         }
@@ -92,21 +138,28 @@ fn parse_pidfile(reader: &mut OptionReader) -> Result<Option<PathBuf>, VmError> 
     let Some(pidfile) = reader.string("pidfile")? else {
         return Ok(None);
     };
-    if !pidfile.starts_with('/') {
+    if pidfile.len() > MAX_PATH_LEN {
         return Err(VmError::InvalidArgument(format!(
-            "option \"pidfile\" must be an absolute path, not {pidfile:?}"
+            "option \"pidfile\" is too long ({} bytes; at most {MAX_PATH_LEN})",
+            pidfile.len()
         )));
     }
-    if pidfile.len() > 4095 {
-        return Err(VmError::InvalidArgument(
-            "option \"pidfile\" is too long".into(),
-        ));
+    if let Some(len) = over_long_name(&pidfile) {
+        return Err(VmError::InvalidArgument(format!(
+            "option \"pidfile\" has a name of {len} bytes (at most {MAX_NAME_LEN})"
+        )));
+    }
+    if !pidfile.starts_with('/') {
+        return Err(VmError::InvalidArgument(format!(
+            "option \"pidfile\" must be an absolute path, not {}",
+            quote(&pidfile)
+        )));
     }
     Ok(Some(PathBuf::from(pidfile)))
 }
 
 pub fn parse_check_disk(options: HashMap<String, OwnedVariant>) -> Result<DiskOptions, VmError> {
-    let mut reader = OptionReader::new("CheckDisk", options);
+    let mut reader = OptionReader::new("CheckDisk", options)?;
     let interactive = !reader.bool(NO_USER_INTERACTION)?.unwrap_or(false);
     let pidfile = parse_pidfile(&mut reader)?;
     let force_share = reader.bool("force-share")?.unwrap_or(false);
@@ -116,7 +169,8 @@ pub fn parse_check_disk(options: HashMap<String, OwnedVariant>) -> Result<DiskOp
         Some("all") => Some(RepairMode::All),
         Some(other) => {
             return Err(VmError::InvalidArgument(format!(
-                "option \"repair\" must be \"leaks\" or \"all\", not {other:?}"
+                "option \"repair\" must be \"leaks\" or \"all\", not {}",
+                quote(other)
             )));
         }
     };
@@ -151,7 +205,7 @@ pub fn parse_check_disk(options: HashMap<String, OwnedVariant>) -> Result<DiskOp
 pub fn parse_get_disk_users(
     options: HashMap<String, OwnedVariant>,
 ) -> Result<DiskOptions, VmError> {
-    let mut reader = OptionReader::new("GetDiskUsers", options);
+    let mut reader = OptionReader::new("GetDiskUsers", options)?;
     let interactive = !reader.bool(NO_USER_INTERACTION)?.unwrap_or(false);
     let pidfile = parse_pidfile(&mut reader)?;
     reader.finish()?;
@@ -170,7 +224,7 @@ pub fn parse_interactive_only(
     method: &'static str,
     options: HashMap<String, OwnedVariant>,
 ) -> Result<bool, VmError> {
-    let mut reader = OptionReader::new(method, options);
+    let mut reader = OptionReader::new(method, options)?;
     let interactive = !reader.bool(NO_USER_INTERACTION)?.unwrap_or(false);
     reader.finish()?;
     Ok(interactive)
@@ -243,5 +297,79 @@ mod tests {
             )])))
             .contains("unknown")
         );
+    }
+
+    fn many(n: usize, key_len: usize) -> HashMap<String, OwnedVariant> {
+        (0..n)
+            .map(|i| (format!("{i:0key_len$}"), variant(true)))
+            .collect()
+    }
+
+    #[test]
+    fn absurd_dictionaries_are_refused_without_echo() {
+        let too_many = invalid(parse_check_disk(many(MAX_OPTION_KEYS + 1, 8)));
+        assert!(
+            too_many.contains("too many options (17; at most 16)"),
+            "{too_many}"
+        );
+        let flood = invalid(parse_get_disk_users(many(20_000, 12)));
+        assert!(flood.len() < 100 && !flood.contains("000000"), "{flood}");
+        let long_key = invalid(parse_check_disk(many(1, MAX_OPTION_KEY_LEN + 1)));
+        assert!(long_key.contains("longer than 64 bytes"), "{long_key}");
+        assert!(!long_key.contains("000000"), "{long_key}");
+        // The limits come before any other check, for every method.
+        let mut mixed = many(MAX_OPTION_KEYS, 8);
+        mixed.insert(NO_USER_INTERACTION.into(), variant("not a bool"));
+        assert!(invalid(parse_check_disk(mixed)).contains("too many"));
+        match parse_interactive_only("Cancel", many(MAX_OPTION_KEYS + 1, 8)) {
+            Err(VmError::InvalidArgument(m)) => assert!(m.starts_with("Cancel: too many")),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
+        // Up to the limits, unknown keys are still named, escaped.
+        let named = invalid(parse_check_disk(many(MAX_OPTION_KEYS, MAX_OPTION_KEY_LEN)));
+        assert!(named.contains("unknown option(s)"), "{named}");
+        let odd = invalid(parse_check_disk(opts(&[("a\"b\nc", variant(true))])));
+        assert!(odd.ends_with(r#"unknown option(s): "a\"b\nc""#), "{odd}");
+    }
+
+    #[test]
+    fn echoed_values_are_bounded_and_escaped() {
+        // The relative pidfile is quoted; the huge one only measured.
+        for n in [300, 10_000] {
+            let long = "\u{1b}[31m".repeat(n);
+            for key in ["repair", "pidfile"] {
+                let m = invalid(parse_check_disk(opts(&[(key, variant(long.as_str()))])));
+                assert!(m.len() < 150, "{key}: {m}");
+                assert!(!m.contains('\u{1b}'), "{key}: {m}");
+            }
+        }
+        assert_eq!(quote("leaks"), "\"leaks\"");
+        assert_eq!(quote("a\"\n"), r#""a\"\n""#);
+        let cut = quote(&"é".repeat(100));
+        assert!(
+            cut.ends_with("\"…") && cut.len() <= MAX_QUOTED_LEN + 4,
+            "{cut}"
+        );
+    }
+
+    #[test]
+    fn pidfile_names_longer_than_name_max_are_refused() {
+        let pidfile = |name_len: usize| format!("/run/{}", "p".repeat(name_len));
+        let m = invalid(parse_check_disk(opts(&[(
+            "pidfile",
+            variant(pidfile(MAX_NAME_LEN + 1).as_str()),
+        )])));
+        assert!(m.contains("name of 256 bytes (at most 255)"), "{m}");
+        let ok = parse_get_disk_users(opts(&[(
+            "pidfile",
+            variant(pidfile(MAX_NAME_LEN).as_str()),
+        )]))
+        .unwrap();
+        assert_eq!(ok.check.pidfile, Some(PathBuf::from(pidfile(MAX_NAME_LEN))));
+        let m = invalid(parse_check_disk(opts(&[(
+            "pidfile",
+            variant(format!("/{}", "a/".repeat(2100)).as_str()),
+        )])));
+        assert!(m.contains("too long (4201 bytes; at most 4095)"), "{m}");
     }
 }

@@ -171,6 +171,37 @@ impl TestBus {
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.address))
     }
 
+    /// A zbus connection as `uid`/`gid`: the bus (SO_PEERCRED) and polkit
+    /// see that user. The socket is connected on a short-lived thread that
+    /// changes only its own credentials (raw `setresuid`, not glibc's
+    /// process-wide one), so the rest of the test stays root.
+    pub async fn connect_as(&self, uid: u32, gid: u32) -> zbus::Connection {
+        let sock = self.dir.path().join("bus.sock");
+        let stream = thread::spawn(move || {
+            // SAFETY: plain syscalls on this thread's credentials; the thread
+            // ends right after connecting, taking the changed ids with it.
+            let ok = unsafe {
+                libc::syscall(libc::SYS_setresgid, -1i64, i64::from(gid), -1i64) == 0
+                    && libc::syscall(libc::SYS_setgroups, 0usize, std::ptr::null::<u32>()) == 0
+                    && libc::syscall(libc::SYS_setresuid, -1i64, i64::from(uid), -1i64) == 0
+            };
+            assert!(
+                ok,
+                "setresuid/setresgid: {}",
+                std::io::Error::last_os_error()
+            );
+            std::os::unix::net::UnixStream::connect(&sock)
+                .unwrap_or_else(|e| panic!("connect to {} as uid {uid}: {e}", sock.display()))
+        })
+        .join()
+        .expect("connecting thread panicked");
+        zbus::connection::Builder::unix_stream(stream)
+            .user_id(uid)
+            .build()
+            .await
+            .unwrap_or_else(|e| panic!("connect to {} as uid {uid}: {e}", self.address))
+    }
+
     /// A connection held open by another process running as `user`, whose
     /// unique name can serve as a polkit `system-bus-name` subject.
     pub fn idle_client_as(&self, user: Option<(u32, u32)>) -> IdleClient {

@@ -20,6 +20,11 @@ use crate::procfs::{self, Target};
 
 pub use pidfile::{IMAGE_DIR, PatternError, validate_pattern};
 
+/// Most stale PID files one scan reports; the rest are left out. A directory
+/// anyone can fill must not turn every report and `DiskChecked` signal into
+/// thousands of paths.
+pub const MAX_STALE_PIDFILES: usize = 32;
+
 /// How a user of the image was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FoundBy {
@@ -161,15 +166,17 @@ impl UsageScanner {
             found.extend(read_all(&global, None));
         }
         for (cand, content) in found {
-            match self.judge_pidfile(&cand, content, &users) {
+            // Global files are never reported stale; past the cap neither is
+            // any other. Every file is still judged: a valid one may come last.
+            let report_stale =
+                cand.origin != pidfile::Origin::Global && stale_pidfiles.len() < MAX_STALE_PIDFILES;
+            match self.judge_pidfile(&cand, content, &users, report_stale) {
                 Verdict::Valid(pid) => {
                     let user = users.get_mut(&pid).expect("valid only for holders");
                     user.found_by.push(FoundBy::Pidfile);
                     user.pidfile.get_or_insert(cand.path);
                 }
-                Verdict::Stale if cand.origin != pidfile::Origin::Global => {
-                    stale_pidfiles.push(cand.path);
-                }
+                Verdict::Stale if report_stale => stale_pidfiles.push(cand.path),
                 Verdict::Stale | Verdict::Ignore => {}
             }
         }
@@ -230,17 +237,23 @@ impl UsageScanner {
         }
     }
 
+    /// With `report_stale` false, Stale and Ignore mean the same, so a file
+    /// whose PID holds nothing is not looked up in /proc at all.
     fn judge_pidfile(
         &self,
         cand: &pidfile::Candidate,
         content: pidfile::PidfileContent,
         holders: &BTreeMap<u32, DiskUser>,
+        report_stale: bool,
     ) -> Verdict {
         let (pid, dev, ino) = match content {
             pidfile::PidfileContent::Missing => return Verdict::Ignore,
             pidfile::PidfileContent::Invalid => return Verdict::Stale,
             pidfile::PidfileContent::Pid { pid, dev, ino } => (pid, dev, ino),
         };
+        if !report_stale && !holders.contains_key(&pid) {
+            return Verdict::Ignore;
+        }
         if !procfs::is_alive(&self.proc_root, pid) {
             return Verdict::Stale;
         }

@@ -3,6 +3,7 @@
 //! PID files come from places other users can write to, so they are opened
 //! without following symlinks, without blocking, and read with a small bound.
 
+use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -18,8 +19,10 @@ const MAX_PIDFILE: u64 = 64;
 /// Linux's PID_MAX_LIMIT: no PID is larger.
 const PID_MAX_LIMIT: u32 = 4_194_304;
 /// Bound on directory entries read for one pattern, so a huge directory
-/// cannot make a scan slow.
-const MAX_DIR_ENTRIES: usize = 4096;
+/// cannot make a scan slow. The pass is linear, so this is also about its
+/// cost: twice the 4,096 PID files a crowded directory was seen with, so
+/// that a VM's own file among those is still read.
+const MAX_DIR_ENTRIES: usize = 8192;
 
 /// Where a candidate PID file came from; decides whether a non-matching one
 /// is reported as stale.
@@ -52,6 +55,9 @@ pub(super) fn candidates(
         }];
     }
     let mut out: Vec<Candidate> = Vec::new();
+    // A set, not a search of `out`: a directory of thousands of files must
+    // not cost thousands squared comparisons.
+    let mut seen: HashSet<PathBuf> = HashSet::new();
     for pattern in patterns {
         let origin = if pattern.contains(IMAGE_DIR) {
             Origin::ImageDir
@@ -59,7 +65,7 @@ pub(super) fn candidates(
             Origin::Global
         };
         for path in expand(pattern, image_dir) {
-            if !out.iter().any(|c| c.path == path) {
+            if seen.insert(path.clone()) {
                 out.push(Candidate { path, origin });
             }
         }
@@ -356,6 +362,24 @@ mod tests {
                 origin: Origin::Explicit
             }]
         );
+    }
+
+    #[test]
+    fn many_files_are_candidates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for i in 0..300 {
+            std::fs::write(d.join(format!("{i:03}.pid")), b"1").unwrap();
+        }
+        // Two patterns over the same files: each once, with the first origin.
+        let c = candidates(
+            &["{image_dir}/*.pid".into(), format!("{}/*.pid", d.display())],
+            d,
+            None,
+        );
+        assert_eq!(c.len(), 300);
+        assert!(c.iter().all(|c| c.origin == Origin::ImageDir));
+        assert!(c.windows(2).all(|w| w[0].path < w[1].path));
     }
 
     #[test]

@@ -191,6 +191,43 @@ fn dead_zombie_and_recycled_pidfiles_are_stale() {
 }
 
 #[test]
+fn stale_pidfiles_are_capped_and_valid_ones_after_them_still_count() {
+    let env = Env::new();
+    let img = env.image_path();
+    // Named to sort before the VMs' own files, so the cap is reached first.
+    let stale: Vec<PathBuf> = (0..MAX_STALE_PIDFILES + 100)
+        .map(|i| {
+            let content: &[u8] = if i % 2 == 0 { b"garbage" } else { b"4000099\n" };
+            env.pidfile(&env.vm_dir(), &format!("a{i:04}.pid"), content)
+        })
+        .collect();
+    for i in 0..100 {
+        env.pidfile(&env.global_dir(), &format!("a{i:04}.pid"), b"4000099\n");
+    }
+    let own = env.pidfile(&env.vm_dir(), "zz.pid", format!("{VM}\n").as_bytes());
+    let global = env.pidfile(&env.global_dir(), "zz.pid", format!("{OTHER}\n").as_bytes());
+    for (pid, pf) in [(VM, &own), (OTHER, &global)] {
+        let args = ["-pidfile", pf.to_str().unwrap()];
+        env.process(pid, QEMU, 'S', &args, &[(17, &img, RO)]);
+    }
+    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    assert_eq!(usage.stale_pidfiles, stale[..MAX_STALE_PIDFILES]);
+    let found: Vec<(u32, &[FoundBy], Option<&Path>)> = usage
+        .users
+        .iter()
+        .map(|u| (u.pid, u.found_by.as_slice(), u.pidfile.as_deref()))
+        .collect();
+    let by = &[FoundBy::Pidfile, FoundBy::Proc][..];
+    assert_eq!(
+        found,
+        vec![
+            (VM, by, Some(own.as_path())),
+            (OTHER, by, Some(global.as_path()))
+        ]
+    );
+}
+
+#[test]
 fn pidfile_rule_of_proxmox() {
     let env = Env::new();
     let img = env.image_path();
