@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::images::{LEAKED_CLUSTERS, make_clean_qcow2, make_leaky_qcow2, qemu_img_check};
-use common::util::{ChildGuard, command_as, public_tempdir, run, wait_until, write_file};
+use common::util::{ChildGuard, alive, command_as, public_tempdir, run, wait_until, write_file};
 use common::world::{Report, World, json, split_error, str_of, u64_of};
 use common::{CmdOutput, DaemonConfig, NOBODY, Polkit, Vm};
 use futures_util::StreamExt;
@@ -446,13 +446,6 @@ fn hanging_pids(dir: &Path) -> Vec<u32> {
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect()
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_owned()))
-        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::images::{LEAKED_CLUSTERS, make_clean_qcow2, make_corrupt_qcow2, make_leaky_qcow2};
-use common::util::{ChildGuard, hold_open, public_tempdir, run, wait_until, write_file};
+use common::util::{ChildGuard, alive, hold_open, public_tempdir, run, wait_until, write_file};
 use common::world::{Report, VMCTL, World, bool_of, json, split_error, str_of, u64_of};
 use common::{DaemonConfig, NOBODY, Polkit, Vm};
 use vmmanager::client::JobProxy;
@@ -486,17 +486,6 @@ fn recorded_pids(dir: &Path) -> Vec<u32> {
                 .unwrap()
         })
         .collect()
-}
-
-/// Alive and not a zombie.
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().to_owned())
-        })
-        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
 }
 
 fn assert_all_gone(pids: &[u32]) {
