@@ -99,7 +99,8 @@ fn device_path(address: &str) -> String {
 
 /// A qemu-img for the daemon: images whose name contains "slow" hang until
 /// the daemon kills the process group (a check that stays visible as a Job);
-/// everything else is the real qemu-img.
+/// everything else is the real qemu-img. qemu-img gets the image as an
+/// inherited descriptor, never by name, so the name is read from its fds.
 ///
 /// The wrapper records the process group of every slow check. Dropping this
 /// kills whatever is left of those groups: when a test fails mid-check, the
@@ -114,8 +115,8 @@ impl QemuImgWrapper {
         write_file(
             &dir.path().join("qemu-img"),
             format!(
-                "#!/bin/sh\ncase \"$*\" in *slow*) echo $$ >> {}; {SLOW_SLEEP} & wait; exit 1;; esac\n\
-                 exec /usr/bin/qemu-img \"$@\"\n",
+                "#!/bin/sh\ncase \"$(ls -l /proc/$$/fd/)\" in *slow*) echo $$ >> {}; \
+                 {SLOW_SLEEP} & wait; exit 1;; esac\nexec /usr/bin/qemu-img \"$@\"\n",
                 dir.path().join("pgids").display()
             ),
             0o755,
