@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::image::{ImageFile, ImageFormat};
 use super::qemu_img::{
-    self, CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgError, RepairMode, RunAs,
+    self, CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgChildren, QemuImgError,
+    RepairMode, RunAs,
 };
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
 
@@ -154,6 +155,8 @@ struct Inner {
     /// (st_dev, st_ino) of images being checked: the same image reached
     /// through another path is still the same image.
     running: Mutex<HashSet<(u64, u64)>>,
+    /// Every qemu-img this checker runs, and what they leave behind.
+    children: QemuImgChildren,
 }
 
 /// The right to check one image: while it exists, any other check of the
@@ -199,6 +202,7 @@ impl DiskChecker {
                 default_timeout,
                 slots: Semaphore::new(max_concurrent.max(1)),
                 running: Mutex::new(HashSet::new()),
+                children: QemuImgChildren::new(),
             }),
         }
     }
@@ -326,7 +330,7 @@ impl DiskChecker {
                 t.min(self.inner.default_timeout)
             }),
         };
-        match qemu_img::run_check(&request, cancel).await {
+        match qemu_img::run_check(&request, &self.inner.children, cancel).await {
             Ok(CheckOutcome { result, counts }) => {
                 report.result = Some(result);
                 report.counts = counts;
