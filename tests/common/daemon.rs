@@ -213,6 +213,17 @@ impl Daemon {
             })
     }
 
+    /// Waits up to `timeout` for the daemon to exit on its own; its status,
+    /// or `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.child.wait_timeout(timeout)
+    }
+
+    /// Sends `sig` to the daemon without waiting.
+    pub fn signal(&self, sig: libc::c_int) {
+        self.child.signal(sig);
+    }
+
     /// Whether the process is still alive (reaps it if not).
     pub fn is_running(&mut self) -> bool {
         self.child.is_running()
