@@ -15,7 +15,7 @@ use common::util::{public_tempdir, wait_until, write_file};
 use common::{DaemonConfig, Polkit, Stack};
 use tempfile::TempDir;
 use tokio::task::{JoinHandle, block_in_place};
-use vmmanager::client::ManagerProxy;
+use vmmanager::client::{JobProxy, ManagerProxy};
 use zbus::{Connection, OwnedVariant, Variant};
 
 type Report = HashMap<String, OwnedVariant>;
@@ -45,10 +45,25 @@ echo $$ > @DIR@/qemu-img.pid
 exec sleep 4242
 ";
 
-/// The same grandchild, then the real qemu-img, which ends normally.
+/// The same grandchild, and a double-forked one that becomes the service's
+/// child at once and exits on its own (a zombie until reaped); then the
+/// real qemu-img, which ends normally.
 const ESCAPES_THEN_CHECKS: &str = "setsid sh -c 'echo $$ > @DIR@/grandchild.pid; exec sleep 4242' &
-while [ ! -s @DIR@/grandchild.pid ]; do sleep 0.01; done
+(setsid sh -c 'echo $$ > @DIR@/quitter.pid' &)
+while [ ! -s @DIR@/grandchild.pid ] || [ ! -s @DIR@/quitter.pid ]; do sleep 0.01; done
+sleep 0.2
 echo $$ > @DIR@/qemu-img.pid
+exec /usr/bin/qemu-img \"$@\"
+";
+
+/// The first run hangs; every later one leaves a `setsid` grandchild and
+/// then is the real qemu-img.
+const FIRST_HANGS: &str = "if mkdir @DIR@/first.lock 2>/dev/null; then
+    echo $$ > @DIR@/hanger.pid
+    exec sleep 4242
+fi
+setsid sh -c 'echo $$ > @DIR@/grandchild.pid; exec sleep 4242' &
+while [ ! -s @DIR@/grandchild.pid ]; do sleep 0.01; done
 exec /usr/bin/qemu-img \"$@\"
 ";
 
@@ -86,22 +101,37 @@ impl World {
         self.dir.path().join("disk.qcow2")
     }
 
+    /// CheckDisk of `image` as root, in a task.
+    async fn spawn_check_of(
+        &self,
+        image: PathBuf,
+        options: &[(&'static str, Variant<'static>)],
+    ) -> JoinHandle<zbus::Result<Report>> {
+        let manager = ManagerProxy::new(&self.connection).await.unwrap();
+        let options: HashMap<&str, Variant<'_>> = options.iter().cloned().collect();
+        tokio::spawn(async move { manager.check_disk(image.to_str().unwrap(), options).await })
+    }
+
     /// CheckDisk of the image as root, in a task.
     async fn spawn_check(
         &self,
         options: &[(&'static str, Variant<'static>)],
     ) -> JoinHandle<zbus::Result<Report>> {
-        let manager = ManagerProxy::new(&self.connection).await.unwrap();
-        let image = self.image();
-        let options: HashMap<&str, Variant<'_>> = options.iter().cloned().collect();
-        tokio::spawn(async move { manager.check_disk(image.to_str().unwrap(), options).await })
+        self.spawn_check_of(self.image(), options).await
     }
 
-    async fn check(&self, options: &[(&'static str, Variant<'static>)]) -> zbus::Result<Report> {
-        tokio::time::timeout(Duration::from_secs(60), self.spawn_check(options).await)
-            .await
-            .expect("CheckDisk hung")
-            .unwrap()
+    async fn check_of(&self, image: PathBuf) -> zbus::Result<Report> {
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            self.spawn_check_of(image, &[]).await,
+        )
+        .await
+        .expect("CheckDisk hung")
+        .unwrap()
+    }
+
+    async fn check(&self) -> zbus::Result<Report> {
+        self.check_of(self.image()).await
     }
 
     /// The PID the stand-in wrote to `name`.
@@ -277,7 +307,7 @@ async fn sighup_is_logged_and_changes_nothing() {
         });
     assert_eq!(result_of(&report), "clean");
     assert!(w.stack.daemon.is_running(), "{}", w.stack.daemon.output());
-    let again = w.check(&[]).await.expect("a check after SIGHUP");
+    let again = w.check().await.expect("a check after SIGHUP");
     assert_eq!(result_of(&again), "clean");
     assert!(w.stack.daemon.is_running());
 }
@@ -327,7 +357,7 @@ async fn a_grandchild_outside_the_group_dies_when_the_check_ends_normally() {
     let config = DaemonConfig::default().timeout_sec(20);
     let w = World::start(ESCAPES_THEN_CHECKS, config).await;
     let started = Instant::now();
-    let report = w.check(&[]).await.unwrap_or_else(|e| {
+    let report = w.check().await.unwrap_or_else(|e| {
         panic!(
             "the check failed after {:?}: {e}\n{}",
             started.elapsed(),
@@ -338,5 +368,48 @@ async fn a_grandchild_outside_the_group_dies_when_the_check_ends_normally() {
     assert_eq!(result_of(&report), "clean");
     assert!(took < Duration::from_secs(10), "took {took:?}");
     let grandchild = w.pid("grandchild.pid");
+    let quitter = w.pid("quitter.pid");
+    assert!(!alive(quitter));
     assert_grandchild_gone(&w, grandchild);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_spares_the_qemu_img_of_a_check_still_running() {
+    let w = World::start(FIRST_HANGS, DaemonConfig::default()).await;
+    let hanging = w.spawn_check(&[]).await;
+    let hanger = w.pid("hanger.pid");
+    let other = w.dir.path().join("other.qcow2");
+    make_clean_qcow2(&other);
+
+    // This check's end sweeps strays: its own grandchild goes, the first
+    // check's qemu-img (a child of the daemon too) stays.
+    let report = w.check_of(other).await.expect("the second check");
+    assert_eq!(result_of(&report), "clean");
+    let grandchild = w.pid("grandchild.pid");
+    wait_until(
+        Duration::from_secs(3),
+        "the second check's grandchild to be killed",
+        || !alive(grandchild),
+        || w.stack.daemon.output(),
+    );
+    assert!(alive(hanger), "the running check's qemu-img was killed");
+    assert!(!hanging.is_finished(), "{}", w.stack.daemon.output());
+
+    let manager = ManagerProxy::new(&w.connection).await.unwrap();
+    let job = manager.jobs().await.unwrap().pop().expect("the first job");
+    JobProxy::builder(&w.connection)
+        .path(job)
+        .build()
+        .await
+        .unwrap()
+        .cancel(HashMap::new())
+        .await
+        .expect("Cancel");
+    let err = tokio::time::timeout(Duration::from_secs(30), hanging)
+        .await
+        .expect("the cancelled check hung")
+        .unwrap()
+        .expect_err("a cancelled check cannot succeed");
+    assert!(method_error_name(&err).ends_with(".Cancelled"), "{err}");
+    assert_grandchild_gone(&w, hanger);
 }
