@@ -375,7 +375,8 @@ async fn a_grandchild_outside_the_group_dies_when_the_check_ends_normally() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_spares_the_qemu_img_of_a_check_still_running() {
-    let w = World::start(FIRST_HANGS, DaemonConfig::default()).await;
+    // Without a sweep the second check would end only at this timeout.
+    let w = World::start(FIRST_HANGS, DaemonConfig::default().timeout_sec(20)).await;
     let hanging = w.spawn_check(&[]).await;
     let hanger = w.pid("hanger.pid");
     let other = w.dir.path().join("other.qcow2");
