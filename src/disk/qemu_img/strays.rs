@@ -174,7 +174,7 @@ fn reap(pid: u32) -> bool {
 }
 
 fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
-    // Every update is a single insert or remove: a poisoned lock is intact.
+    // Updates only insert or remove whole PIDs: a poisoned lock is intact.
     registry.lock().unwrap_or_else(|p| p.into_inner())
 }
 
