@@ -16,7 +16,8 @@
 //!     bytes);
 //!   - [`disk::qemu_img`]: run `qemu-img check` on the open image (never its
 //!     name) as a given user in its own process group, with timeout and
-//!     cancellation, and parse its JSON;
+//!     cancellation, and parse its JSON; as the service's child subreaper,
+//!     kill whatever leaves that group;
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
 //! - [`devices`]: PCI devices: sysfs inventory with passthrough readiness
@@ -34,7 +35,7 @@
 //! - [`safe_open`]: opening a file someone else named with one lookup, never
 //!   a FIFO or a device.
 //! - [`process`]: logging and signal handling shared by the long-running
-//!   binaries.
+//!   binaries (SIGTERM/SIGINT stop, SIGHUP is logged and ignored).
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service), `vmctl` (CLI) and
 //!   `vmmanager-notify` (session companion).
 

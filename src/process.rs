@@ -1,5 +1,6 @@
 //! What the long-running binaries (`vmmanagerd`, `vmmanager-notify`) share:
-//! logging to the journal or stderr, and running until SIGTERM/SIGINT.
+//! logging to the journal or stderr, and running until SIGTERM/SIGINT, with
+//! SIGHUP logged and ignored rather than a silent death.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -27,15 +28,29 @@ pub fn init_logging() {
     }
 }
 
+/// Ignores SIGHUP until [`run_until_signal`] installs its handler. Call it
+/// first thing in `main`: SIGHUP's default action is a silent exit, and a
+/// hangup during start-up must not be one.
+pub fn ignore_hangup() {
+    // SAFETY: SIG_IGN runs no code in signal context. Nothing is spawned
+    // while it is in place (an exec would keep it); the runtime's handler
+    // replaces it before any child exists.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
 /// Runs `body` on a multi-threaded runtime. SIGTERM or SIGINT cancel the
-/// token it gets, so it can stop cleanly; its error is logged and printed as
-/// `name: error`, and becomes exit status 1.
-pub fn run_until_signal<F, Fut, E>(name: &str, body: F) -> ExitCode
+/// token it gets, so it can stop cleanly; SIGHUP is logged as
+/// "SIGHUP received: {on_hangup}" and otherwise ignored. `body`'s error is
+/// logged and printed as `name: error`, and becomes exit status 1.
+pub fn run_until_signal<F, Fut, E>(name: &str, on_hangup: &'static str, body: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), E>>,
     E: Display,
 {
+    ignore_hangup();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -45,9 +60,19 @@ where
     };
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+        // Installed here, before `body` runs, not inside the spawned task:
+        // a task may start late, and until then SIGTERM would kill outright.
+        let signals = match Signals::install() {
+            Ok(signals) => Some(tokio::spawn(signals.run(on_hangup, shutdown.clone()))),
+            Err(e) => {
+                tracing::error!("cannot install signal handlers: {e}");
+                None
+            }
+        };
         let result = body(shutdown).await;
-        signals.abort();
+        if let Some(signals) = signals {
+            signals.abort();
+        }
         result
     });
     match result {
@@ -63,19 +88,40 @@ where
     }
 }
 
-/// Cancels `shutdown` on SIGTERM or SIGINT.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// The signals a long-running binary listens to.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
     }
-    shutdown.cancel();
+
+    /// Cancels `shutdown` on SIGTERM or SIGINT; logs every SIGHUP.
+    async fn run(mut self, on_hangup: &'static str, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                Some(()) = self.term.recv() => {
+                    tracing::info!("SIGTERM received");
+                    break;
+                }
+                Some(()) = self.int.recv() => {
+                    tracing::info!("SIGINT received");
+                    break;
+                }
+                Some(()) = self.hup.recv() => tracing::warn!("SIGHUP received: {on_hangup}"),
+                // The runtime is going away: nothing left to listen to.
+                else => return,
+            }
+        }
+        shutdown.cancel();
+    }
 }

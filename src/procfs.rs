@@ -200,8 +200,23 @@ fn parse_stat_ppid(stat: &[u8]) -> Option<u32> {
     rest.split_ascii_whitespace().nth(1)?.parse().ok()
 }
 
-/// Whether `pid` runs the very executable (same inode) this process runs.
-fn same_exe_as_self(proc_root: &Path, pid: u32) -> bool {
+/// Every process under `proc_root` whose parent is `parent`, zombies
+/// included. (`/proc/PID/task/TID/children` would be cheaper, but kernels
+/// without CONFIG_PROC_CHILDREN, like these hosts', lack it.)
+pub fn children(proc_root: &Path, parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir(proc_root) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| parse_pid_name(&entry.file_name()))
+        .filter(|&pid| parent_pid(proc_root, pid) == Some(parent))
+        .collect()
+}
+
+/// Whether `pid` runs the very executable (same inode) this process runs:
+/// for a child of ours, that it is between fork and exec.
+pub fn same_exe_as_self(proc_root: &Path, pid: u32) -> bool {
     let theirs = std::fs::metadata(pid_path(proc_root, pid, "exe"));
     let ours = std::fs::metadata("/proc/self/exe");
     match (theirs, ours) {

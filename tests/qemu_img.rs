@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use vmmanager::disk::image::{ImageFile, ImageFormat};
 use vmmanager::disk::qemu_img::{
-    CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgError, RepairMode, RunAs,
-    run_check,
+    CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgChildren, QemuImgError,
+    RepairMode, RunAs, run_check,
 };
 
 const QEMU_IMG: &str = "/usr/bin/qemu-img";
@@ -206,7 +206,7 @@ fn request(qemu_img: impl Into<PathBuf>, image: Arc<ImageFile>) -> CheckRequest 
 }
 
 async fn check(req: &CheckRequest) -> Result<CheckOutcome, QemuImgError> {
-    run_check(req, &CancellationToken::new()).await
+    run_check(req, &QemuImgChildren::new(), &CancellationToken::new()).await
 }
 
 // --- the real qemu-img -----------------------------------------------------
@@ -669,7 +669,8 @@ async fn timeout_kills_the_whole_group() {
 async fn cancel_kills_the_whole_group() {
     let s = slow("cancel", Duration::from_secs(600));
     let cancel = CancellationToken::new();
-    let run = run_check(&s.req, &cancel);
+    let children = QemuImgChildren::new();
+    let run = run_check(&s.req, &children, &cancel);
     let cancel_later = async {
         let pids = s.pids().await;
         assert!(alive(pids.0) && alive(pids.1), "stand-in not running");
@@ -685,8 +686,9 @@ async fn cancel_kills_the_whole_group() {
 async fn dropping_the_future_kills_the_whole_group() {
     let s = slow("drop", Duration::from_secs(600));
     let cancel = CancellationToken::new();
+    let children = QemuImgChildren::new();
     {
-        let run = run_check(&s.req, &cancel);
+        let run = run_check(&s.req, &children, &cancel);
         tokio::pin!(run);
         tokio::select! {
             r = &mut run => panic!("finished early: {r:?}"),
@@ -710,7 +712,9 @@ async fn many_parallel_timeouts_leave_nothing() {
         .iter()
         .map(|s| {
             let req = s.req.clone();
-            tokio::spawn(async move { run_check(&req, &CancellationToken::new()).await })
+            tokio::spawn(async move {
+                run_check(&req, &QemuImgChildren::new(), &CancellationToken::new()).await
+            })
         })
         .collect();
     for (s, task) in runs.iter().zip(tasks) {

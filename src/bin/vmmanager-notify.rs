@@ -19,6 +19,9 @@ use vmmanager::process;
 ///
 /// Logs go to the journal under systemd, else to stderr; set RUST_LOG (e.g.
 /// RUST_LOG=debug) to change the level.
+///
+/// SIGTERM or SIGINT stop it. SIGHUP (a closing terminal) is logged and
+/// ignored: it keeps running.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Args {
@@ -28,14 +31,18 @@ struct Args {
     system_bus_address: Option<String>,
 }
 
+/// What a SIGHUP (e.g. the terminal it was started from closing) does.
+const ON_HANGUP: &str = "ignored; vmmanager-notify keeps running";
+
 fn main() -> ExitCode {
+    process::ignore_hangup();
     let args = Args::parse();
     process::init_logging();
     let options = Options {
         system_bus_address: args.system_bus_address,
         ..Options::default()
     };
-    process::run_until_signal("vmmanager-notify", |shutdown| {
+    process::run_until_signal("vmmanager-notify", ON_HANGUP, |shutdown| {
         notify::run(options, shutdown)
     })
 }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmmanager::config::{Config, DEFAULT_CONFIG_PATH};
+use vmmanager::disk::qemu_img;
 use vmmanager::process;
 use vmmanager::service::daemon::{self, Bus};
 
@@ -17,6 +18,13 @@ use vmmanager::service::daemon::{self, Bus};
 ///
 /// Logs go to the journal when started by systemd, else to stderr; set
 /// RUST_LOG (e.g. RUST_LOG=debug) to change the level.
+///
+/// SIGTERM or SIGINT stop it: running checks are cancelled and their
+/// qemu-img killed first. SIGHUP is logged and ignored: the configuration is
+/// read only at start; restart the service to apply changes. When the
+/// connection to the bus is lost (dbus-daemon stopped or crashed), it kills
+/// every qemu-img it started and exits with status 1, so that systemd
+/// (Restart=on-failure) starts it again.
 #[derive(Debug, Parser)]
 #[command(
     name = "vmmanagerd",
@@ -44,9 +52,15 @@ struct Args {
 const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0   stopped by SIGTERM or SIGINT
-  1   error: e.g. the bus name is taken or the bus is gone
+  1   error: the bus cannot be reached, the bus name is taken, or the
+      connection to the bus was lost while serving (running checks are
+      stopped first; systemd restarts the service)
   2   wrong command-line usage
   78  the configuration file is invalid (EX_CONFIG)";
+
+/// What SIGHUP does (see the long help).
+const ON_HANGUP: &str =
+    "the configuration is read only at start; restart the service to apply changes";
 
 /// vmmanagerd(8), from the same clap definitions as `--help`.
 fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
@@ -101,6 +115,7 @@ fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
 }
 
 fn main() -> ExitCode {
+    process::ignore_hangup();
     let args = Args::parse();
     if let Some(dir) = &args.generate_man {
         return match generate_man(dir) {
@@ -112,6 +127,11 @@ fn main() -> ExitCode {
         };
     }
     process::init_logging();
+    // Before anything is spawned: descendants of qemu-img that leave its
+    // process group must become our children, so a check can kill them.
+    if let Err(e) = qemu_img::become_subreaper() {
+        tracing::warn!("cannot become a child subreaper ({e}); strays of qemu-img go to init");
+    }
     let (path, explicit) = match &args.config {
         Some(path) => (path.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
@@ -127,5 +147,7 @@ fn main() -> ExitCode {
         Some(address) => Bus::Address(address),
         None => Bus::System,
     };
-    process::run_until_signal("vmmanagerd", |shutdown| daemon::run(config, bus, shutdown))
+    process::run_until_signal("vmmanagerd", ON_HANGUP, |shutdown| {
+        daemon::run(config, bus, shutdown)
+    })
 }

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::image::{ImageFile, ImageFormat};
 use super::qemu_img::{
-    self, CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgError, RepairMode, RunAs,
+    self, CheckCounts, CheckOutcome, CheckRequest, CheckResult, QemuImgChildren, QemuImgError,
+    RepairMode, RunAs,
 };
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
 use super::view::View;
@@ -198,6 +199,8 @@ struct Inner {
     /// (st_dev, st_ino) of images being checked: the same image reached
     /// through another path is still the same image.
     running: Mutex<HashSet<(u64, u64)>>,
+    /// Every qemu-img this checker runs, and what they leave behind.
+    children: QemuImgChildren,
 }
 
 /// One caller's share of the check slots.
@@ -272,6 +275,7 @@ impl DiskChecker {
                 slots: Semaphore::new(limits.concurrent),
                 users: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashSet::new()),
+                children: QemuImgChildren::new(),
             }),
         }
     }
@@ -481,7 +485,7 @@ impl DiskChecker {
             run_as: check_as.run_as.clone(),
             timeout: remaining,
         };
-        match qemu_img::run_check(&request, cancel).await {
+        match qemu_img::run_check(&request, &self.inner.children, cancel).await {
             Ok(CheckOutcome { result, counts }) => {
                 report.result = Some(result);
                 report.counts = counts;

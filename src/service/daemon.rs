@@ -1,5 +1,6 @@
 //! The daemon's life: export objects, take the name, serve until told to
-//! stop, then stop every job and release the name.
+//! stop or until the bus connection is lost, then stop every job (and every
+//! qemu-img with it) and, when the bus is still there, release the name.
 
 use std::sync::Arc;
 
@@ -26,6 +27,11 @@ pub enum DaemonError {
     Export(#[source] zbus::Error),
     #[error("cannot own the name {BUS_NAME}: {0}")]
     Name(String),
+    /// The bus daemon went away (or the socket failed). Nothing can reach
+    /// the service any more, so it stops with an error and lets systemd
+    /// (`Restart=on-failure`) start it again on a working bus.
+    #[error("lost the connection to the bus")]
+    BusLost,
 }
 
 /// Which bus to serve on.
@@ -35,8 +41,9 @@ pub enum Bus {
     Address(String),
 }
 
-/// Runs the service until `shutdown` is cancelled. Returns after every job
-/// has ended and the name is released.
+/// Runs the service until `shutdown` is cancelled (then `Ok`) or the bus
+/// connection is closed (then [`DaemonError::BusLost`]). Returns after every
+/// job has ended and, on a normal stop, the name is released.
 pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let builder = match &bus {
         Bus::System => Builder::system(),
@@ -78,10 +85,26 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Resul
         "serving {BUS_NAME}"
     );
 
-    shutdown.cancelled().await;
-    tracing::info!("shutting down: stopping running checks and the device monitor");
+    // zbus reports no reason for a close; the socket simply ended.
+    let bus_lost = tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = connection.closed() => true,
+    };
+    if bus_lost {
+        tracing::error!(
+            ?bus,
+            "lost the connection to the bus: the bus daemon closed it or the socket failed; \
+             stopping"
+        );
+    } else {
+        tracing::info!("shutting down: stopping running checks and the device monitor");
+    }
     state.shutdown().await;
     devices.stop().await;
+    if bus_lost {
+        // No bus, no name to release.
+        return Err(DaemonError::BusLost);
+    }
     if let Err(e) = connection.release_name(BUS_NAME).await {
         tracing::warn!("cannot release {BUS_NAME}: {e}");
     }

@@ -100,6 +100,12 @@ impl TestBus {
         self.child.pid()
     }
 
+    /// SIGKILLs and reaps dbus-daemon: every connection to it ends at once,
+    /// as when the system bus crashes.
+    pub fn kill(&mut self) {
+        self.child.kill_and_wait();
+    }
+
     /// dbus-daemon's stderr so far (policy errors show up here).
     pub fn stderr(&self) -> String {
         read_lossy(&self.dir.path().join("bus.stderr"))

@@ -24,6 +24,8 @@ pub struct DaemonConfig {
     pub qemu_img: PathBuf,
     pub timeout_sec: u32,
     pub max_concurrent_checks: u32,
+    /// `[disk] max-checks-per-user`; 0 = the daemon's default.
+    pub max_checks_per_user: u32,
     pub pidfile_patterns: Vec<String>,
     pub proc_root: PathBuf,
     pub sysfs_root: PathBuf,
@@ -42,6 +44,7 @@ impl Default for DaemonConfig {
             qemu_img: PathBuf::from("/usr/bin/qemu-img"),
             timeout_sec: 600,
             max_concurrent_checks: 0,
+            max_checks_per_user: 0,
             pidfile_patterns: vec!["{image_dir}/*.pid".into()],
             proc_root: PathBuf::from("/proc"),
             sysfs_root: PathBuf::from("/sys"),
@@ -65,6 +68,11 @@ impl DaemonConfig {
 
     pub fn max_concurrent_checks(mut self, n: u32) -> Self {
         self.max_concurrent_checks = n;
+        self
+    }
+
+    pub fn max_checks_per_user(mut self, n: u32) -> Self {
+        self.max_checks_per_user = n;
         self
     }
 
@@ -117,11 +125,13 @@ impl DaemonConfig {
         // The vfio state file stays off: tests never touch the host's /run.
         format!(
             "[disk]\nqemu-img = {}\ntimeout-sec = {}\nmax-concurrent-checks = {}\n\
+             max-checks-per-user = {}\n\
              pidfile-patterns = [{}]\n\n[devices]\nevents = {}\nvfio-state-file = \"\"\n\
              permitted = [{}]\n{}\n[system]\nproc-root = {}\nsysfs-root = {}\n",
             toml_path(&self.qemu_img),
             self.timeout_sec,
             self.max_concurrent_checks,
+            self.max_checks_per_user,
             patterns.join(", "),
             toml_str(&self.events),
             permitted.join(", "),
@@ -211,6 +221,17 @@ impl Daemon {
                     self.output()
                 )
             })
+    }
+
+    /// Waits up to `timeout` for the daemon to exit on its own; its status,
+    /// or `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.child.wait_timeout(timeout)
+    }
+
+    /// Sends `sig` to the daemon without waiting.
+    pub fn signal(&self, sig: libc::c_int) {
+        self.child.signal(sig);
     }
 
     /// Whether the process is still alive (reaps it if not).

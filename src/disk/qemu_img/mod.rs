@@ -27,12 +27,15 @@
 //! - `credentials`: the passwd/group lookup and the `pre_exec` credential
 //!   switch;
 //! - `group`: the process-group kill guard;
+//! - `strays`: descendants that left the group: the service is their
+//!   subreaper and kills them when the check ends;
 //! - `output`: bounded capture of stdout/stderr and the mapping of exit
 //!   status and JSON to a result.
 
 mod credentials;
 mod group;
 mod output;
+mod strays;
 
 use std::ffi::OsString;
 use std::io;
@@ -48,6 +51,7 @@ use tokio_util::sync::CancellationToken;
 use super::image::{ImageFile, ImageFormat};
 
 pub use credentials::UserLookupError;
+pub use strays::{QemuImgChildren, become_subreaper};
 
 use credentials::CredentialSwitch;
 use group::ProcessGroup;
@@ -171,9 +175,11 @@ enum Stop {
 /// Runs the check; kills qemu-img's whole process group on timeout, on
 /// `cancel`, and when this future is dropped. On timeout and cancel it returns
 /// only after qemu-img has been reaped and no live process of its group is
-/// left.
+/// left. qemu-img is spawned through `children`, which kills and reaps its
+/// strays (descendants outside the group) whenever it ends.
 pub async fn run_check(
     request: &CheckRequest,
+    children: &QemuImgChildren,
     cancel: &CancellationToken,
 ) -> Result<CheckOutcome, QemuImgError> {
     if request.image.format == ImageFormat::Raw {
@@ -203,13 +209,10 @@ pub async fn run_check(
         "running qemu-img check"
     );
 
-    let mut child = command.spawn().map_err(spawn_error)?;
+    let (mut child, mut leader) = children.spawn(&mut command).map_err(spawn_error)?;
     // Declared after `child` so it drops first: the group is killed while the
     // leader is still unreaped and its pgid cannot have been reused.
-    let mut group = match child.id() {
-        Some(pid) => ProcessGroup::new(pid),
-        None => return Err(spawn_error(io::Error::other("qemu-img vanished at start"))),
-    };
+    let mut group = ProcessGroup::new(leader.pid());
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(spawn_error(io::Error::other("qemu-img pipes missing")));
     };
@@ -223,8 +226,10 @@ pub async fn run_check(
                 async {
                     let status = child.wait().await;
                     // Anything qemu-img left behind (it forks nothing, a
-                    // stand-in might) would hold the pipes open: kill it now.
+                    // stand-in might) would hold the pipes open: kill it now,
+                    // in its group or not.
                     group.kill();
+                    leader.reaped().await;
                     status
                 },
             )
@@ -247,6 +252,7 @@ pub async fn run_check(
         tracing::warn!(error = %e, "could not reap qemu-img");
     }
     group.wait_gone().await;
+    leader.reaped().await;
     group.disarm();
     Err(match stop {
         Stop::Timeout => QemuImgError::Timeout(request.timeout),
@@ -414,9 +420,13 @@ mod tests {
 
     #[tokio::test]
     async fn raw_is_not_supported_without_running() {
-        let outcome = run_check(&request(ImageFormat::Raw), &CancellationToken::new())
-            .await
-            .unwrap();
+        let outcome = run_check(
+            &request(ImageFormat::Raw),
+            &QemuImgChildren::new(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
         assert_eq!(outcome.result, CheckResult::NotSupported);
         assert_eq!(outcome.counts, CheckCounts::default());
     }
@@ -425,7 +435,12 @@ mod tests {
     async fn cancelled_before_start_does_not_spawn() {
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let r = run_check(&request(ImageFormat::Qcow2), &cancel).await;
+        let r = run_check(
+            &request(ImageFormat::Qcow2),
+            &QemuImgChildren::new(),
+            &cancel,
+        )
+        .await;
         assert!(
             matches!(r, Err(QemuImgError::CancelledBeforeStart)),
             "{r:?}"
@@ -436,7 +451,7 @@ mod tests {
     async fn missing_binary_is_a_spawn_error() {
         let mut r = request(ImageFormat::Qcow2);
         r.run_as = credentials::tests::current();
-        match run_check(&r, &CancellationToken::new()).await {
+        match run_check(&r, &QemuImgChildren::new(), &CancellationToken::new()).await {
             Err(QemuImgError::Spawn { path, source }) => {
                 assert_eq!(path, PathBuf::from("/nonexistent/qemu-img"));
                 assert_eq!(source.kind(), io::ErrorKind::NotFound);
