@@ -7,10 +7,17 @@
 //! file, and only then is exactly that inode opened for reading, through
 //! `/proc/self/fd`. A name swapped at any moment changes nothing: every later
 //! step works on the handle, never on the name.
+//!
+//! A lookup for a caller refuses `/proc` magic links (`/proc/PID/fd/N`,
+//! `cwd`, `root`, `exe`): even in a thread with the caller's credentials,
+//! `/proc/self` is the *service*, and its descriptors (other callers'
+//! images among them) must never be reachable by name.
 
+use std::ffi::CString;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +38,15 @@ pub enum Symlinks {
     /// A symlink as the last component is refused (PID files: a symlink
     /// there is never what QEMU wrote).
     RefuseLast,
+}
+
+/// Whether `/proc` magic links may be followed on the way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MagicLinks {
+    /// The service's own lookups (configured paths, an administrator's).
+    Follow,
+    /// A caller's lookups: ELOOP at the first magic link.
+    Refuse,
 }
 
 /// What a non-regular file is, in words.
@@ -69,16 +85,23 @@ pub struct Opened {
 
 /// Opens `path` read-only if, and only if, it is a regular file. Permission
 /// checks are those of the calling *thread* (see [`crate::disk::view`]).
-pub fn open_regular(path: &Path, symlinks: Symlinks) -> Result<Opened, SafeOpenError> {
+pub fn open_regular(
+    path: &Path,
+    symlinks: Symlinks,
+    magic_links: MagicLinks,
+) -> Result<Opened, SafeOpenError> {
     let mut flags = libc::O_PATH | libc::O_CLOEXEC;
     if symlinks == Symlinks::RefuseLast {
         // With O_PATH, O_NOFOLLOW opens the symlink itself rather than failing.
         flags |= libc::O_NOFOLLOW;
     }
-    let handle = OpenOptions::new()
-        .read(true)
-        .custom_flags(flags)
-        .open(path)?;
+    let handle = match magic_links {
+        MagicLinks::Refuse => open_without_magic_links(path, flags)?,
+        MagicLinks::Follow => OpenOptions::new()
+            .read(true)
+            .custom_flags(flags)
+            .open(path)?,
+    };
     let metadata = handle.metadata()?;
     if !metadata.file_type().is_file() {
         return Err(SafeOpenError::NotRegular {
@@ -100,6 +123,35 @@ pub fn open_regular(path: &Path, symlinks: Symlinks) -> Result<Opened, SafeOpenE
     })
 }
 
+/// `openat2(RESOLVE_NO_MAGICLINKS)`: like `open`, but ELOOP at any `/proc`
+/// magic link on the way.
+fn open_without_magic_links(path: &Path, flags: libc::c_int) -> io::Result<File> {
+    let path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain integers; all-zero is its "nothing asked" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = u64::try_from(flags).unwrap_or(0);
+    how.resolve = libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: `path` is NUL-terminated and `how` is a valid open_how of the
+    // size passed; the kernel writes nothing back.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        // No openat2 (before Linux 5.6, or a seccomp filter): fail closed.
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    // SAFETY: openat2 returned a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,7 +162,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, b"42\n").unwrap();
-        let opened = open_regular(&file, Symlinks::RefuseLast).unwrap();
+        let opened = open_regular(&file, Symlinks::RefuseLast, MagicLinks::Follow).unwrap();
         assert!(opened.metadata.is_file());
         assert_eq!(opened.canonical, std::fs::canonicalize(&file).unwrap());
 
@@ -120,38 +172,64 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         for symlinks in [Symlinks::Follow, Symlinks::RefuseLast] {
             assert!(matches!(
-                open_regular(&fifo, symlinks),
+                open_regular(&fifo, symlinks, MagicLinks::Follow),
                 Err(SafeOpenError::NotRegular { kind: "FIFO" })
             ));
             assert!(matches!(
-                open_regular(Path::new("/dev/null"), symlinks),
+                open_regular(Path::new("/dev/null"), symlinks, MagicLinks::Follow),
                 Err(SafeOpenError::NotRegular {
                     kind: "character device"
                 })
             ));
             assert!(matches!(
-                open_regular(dir.path(), symlinks),
+                open_regular(dir.path(), symlinks, MagicLinks::Follow),
                 Err(SafeOpenError::NotRegular { kind: "directory" })
             ));
         }
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&file, &link).unwrap();
         assert!(matches!(
-            open_regular(&link, Symlinks::RefuseLast),
+            open_regular(&link, Symlinks::RefuseLast, MagicLinks::Follow),
             Err(SafeOpenError::NotRegular {
                 kind: "symbolic link"
             })
         ));
-        let followed = open_regular(&link, Symlinks::Follow).unwrap();
+        let followed = open_regular(&link, Symlinks::Follow, MagicLinks::Follow).unwrap();
         assert_eq!(followed.canonical, opened.canonical);
         assert_eq!(followed.metadata.ino(), opened.metadata.ino());
         // A symlink to a FIFO is still refused without opening the FIFO.
         let fifo_link = dir.path().join("fifo-link");
         std::os::unix::fs::symlink(&fifo, &fifo_link).unwrap();
         assert!(matches!(
-            open_regular(&fifo_link, Symlinks::Follow),
+            open_regular(&fifo_link, Symlinks::Follow, MagicLinks::Follow),
             Err(SafeOpenError::NotRegular { kind: "FIFO" })
         ));
+    }
+
+    #[test]
+    fn a_callers_lookup_never_follows_proc_magic_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let held = File::open(&file).unwrap();
+        let via_fd = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
+        let via_cwd = PathBuf::from(format!(
+            "/proc/self/root{}",
+            std::fs::canonicalize(&file).unwrap().display()
+        ));
+        for path in [&via_fd, &via_cwd] {
+            assert!(open_regular(path, Symlinks::Follow, MagicLinks::Follow).is_ok());
+            match open_regular(path, Symlinks::Follow, MagicLinks::Refuse) {
+                Err(SafeOpenError::Io(e)) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{path:?}")
+                }
+                other => panic!("{path:?}: {other:?}"),
+            }
+        }
+        // Ordinary symlinks are still followed.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert!(open_regular(&link, Symlinks::Follow, MagicLinks::Refuse).is_ok());
     }
 
     #[test]
@@ -159,7 +237,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("a");
         std::fs::write(&a, b"first").unwrap();
-        let opened = open_regular(&a, Symlinks::Follow).unwrap();
+        let opened = open_regular(&a, Symlinks::Follow, MagicLinks::Follow).unwrap();
         // Replace the name: the opened file must still be the first inode.
         std::fs::rename(&a, dir.path().join("old")).unwrap();
         std::fs::write(&a, b"second").unwrap();

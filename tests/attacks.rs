@@ -713,3 +713,35 @@ async fn many_callers_of_several_users_are_all_answered_and_leave_nothing() {
         fd_count(daemon)
     );
 }
+
+/// A lookup as the caller still runs inside the service's process, where
+/// `/proc/self` is the service: its descriptors (another check's image in a
+/// directory the caller cannot enter) must not be reachable by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_services_own_descriptors_are_not_reachable_through_proc_self() {
+    let gate = Gate::new();
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    let config = DaemonConfig::default().qemu_img(gate.qemu_img());
+    let w = World::with(polkit, config).await;
+    // nobody's image, kept by root in a directory nobody cannot enter.
+    let vault = w.path("vault");
+    mkdir(&vault, 0o700, None);
+    let hidden = vault.join("hidden-name.qcow2");
+    make_clean_qcow2(&hidden);
+    chown(&hidden, NOBODY, 0o644);
+    let call = check_in_background(&w, &hidden, HashMap::new());
+    gate.wait_started();
+
+    let missing = answer(&w.check_as_nobody(&[], &w.path("missing.qcow2")));
+    for fd in 0..64 {
+        for path in [
+            format!("/proc/self/fd/{fd}"),
+            format!("/proc/thread-self/fd/{fd}"),
+        ] {
+            let got = answer(&w.check_as_nobody(&[], Path::new(&path)));
+            assert_eq!(got, missing, "{path} reached {got:#}");
+        }
+    }
+    gate.open();
+    assert_eq!(str_of(&call.await.unwrap().unwrap(), "result"), "clean");
+}

@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::view::{View, ViewError};
-use crate::safe_open::{SafeOpenError, Symlinks, open_regular};
+use crate::safe_open::{MagicLinks, SafeOpenError, Symlinks, open_regular};
 
 /// Longest accepted path in bytes (PATH_MAX minus the terminating NUL).
 pub const MAX_PATH_LEN: usize = 4095;
@@ -162,11 +162,12 @@ impl ImageFile {
     /// exactly where that caller's own `open` would. Blocking.
     pub fn open_in(path: &str, view: &View) -> Result<ImageFile, ImageError> {
         validate_path(path)?;
-        view.run(|| Self::open_validated(Path::new(path)))?
+        let magic_links = view.magic_links();
+        view.run(|| Self::open_validated(Path::new(path), magic_links))?
     }
 
-    fn open_validated(path: &Path) -> Result<ImageFile, ImageError> {
-        let opened = open_regular(path, Symlinks::Follow).map_err(|e| match e {
+    fn open_validated(path: &Path, magic_links: MagicLinks) -> Result<ImageFile, ImageError> {
+        let opened = open_regular(path, Symlinks::Follow, magic_links).map_err(|e| match e {
             SafeOpenError::NotRegular { kind } => ImageError::NotRegular {
                 path: path.to_owned(),
                 kind,

@@ -14,6 +14,7 @@
 use std::io;
 
 use super::qemu_img::RunAs;
+use crate::safe_open::MagicLinks;
 
 /// Whose permissions a file-system lookup uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +39,15 @@ pub enum ViewError {
 }
 
 impl View {
+    /// How lookups in this view treat `/proc` magic links: a caller's never
+    /// follow them (`/proc/self` would be the service itself).
+    pub fn magic_links(&self) -> MagicLinks {
+        match self {
+            View::Service => MagicLinks::Follow,
+            View::User(_) => MagicLinks::Refuse,
+        }
+    }
+
     /// Runs `work` with this view's permissions. Blocking: call it from
     /// `spawn_blocking` or a blocking context.
     pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T, ViewError> {

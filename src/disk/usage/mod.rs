@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use super::image::ImageFile;
 use super::view::View;
 use crate::procfs::{self, Target};
+use crate::safe_open::MagicLinks;
 
 pub use pidfile::{IMAGE_DIR, PatternError, validate_pattern};
 
@@ -146,24 +147,24 @@ impl UsageScanner {
             .iter()
             .cloned()
             .partition(|p| p.contains(pidfile::IMAGE_DIR));
-        let read_all = |patterns: &[String], explicit: Option<&Path>| {
+        let read_all = |patterns: &[String], explicit: Option<&Path>, magic_links| {
             pidfile::candidates(patterns, image_dir, explicit)
                 .into_iter()
                 .map(|cand| {
-                    let content = pidfile::read(&cand.path);
+                    let content = pidfile::read(&cand.path, magic_links);
                     (cand, content)
                 })
                 .collect::<Vec<_>>()
         };
         let mut found = view
-            .run(|| read_all(&local, explicit_pidfile))
+            .run(|| read_all(&local, explicit_pidfile, view.magic_links()))
             .unwrap_or_else(|e| {
                 // /proc and the lock probe still find every VM.
                 tracing::error!("cannot read PID files as the caller: {e}");
                 Vec::new()
             });
         if explicit_pidfile.is_none() {
-            found.extend(read_all(&global, None));
+            found.extend(read_all(&global, None, MagicLinks::Follow));
         }
         for (cand, content) in found {
             // Global files are never reported stale; past the cap neither is

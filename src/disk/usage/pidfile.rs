@@ -10,7 +10,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::safe_open::{SafeOpenError, Symlinks, open_regular};
+use crate::safe_open::{MagicLinks, SafeOpenError, Symlinks, open_regular};
 
 /// The placeholder replaced by the image's directory.
 pub const IMAGE_DIR: &str = "{image_dir}";
@@ -198,16 +198,17 @@ pub(super) enum PidfileContent {
 
 /// Reads a PID file safely: never a FIFO, a device or a symlink, nor
 /// anything swapped in while it is opened (see [`crate::safe_open`]).
-pub(super) fn read(path: &Path) -> PidfileContent {
-    let (file, meta) = match open_regular(path, Symlinks::RefuseLast) {
+pub(super) fn read(path: &Path, magic_links: MagicLinks) -> PidfileContent {
+    let (file, meta) = match open_regular(path, Symlinks::RefuseLast, magic_links) {
         Ok(opened) => (opened.file, opened.metadata),
-        // Missing, or not readable by whoever looks (the caller's view):
-        // the same answer, so the answer tells nothing about the file.
+        // Missing, or not readable by whoever looks (the caller's view), or
+        // reached through a /proc magic link a caller may not follow: the
+        // same answer, so the answer tells nothing about the file.
         Err(SafeOpenError::Io(e))
             if matches!(
                 e.kind(),
                 std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
-            ) || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            ) || matches!(e.raw_os_error(), Some(libc::ENOTDIR | libc::ELOOP)) =>
         {
             return PidfileContent::Missing;
         }
@@ -382,29 +383,33 @@ mod tests {
         assert!(c.windows(2).all(|w| w[0].path < w[1].path));
     }
 
+    fn read_here(path: &Path) -> PidfileContent {
+        read(path, MagicLinks::Follow)
+    }
+
     #[test]
     fn reading() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::write(d.join("ok"), b"123\n").unwrap();
         assert!(matches!(
-            read(&d.join("ok")),
+            read_here(&d.join("ok")),
             PidfileContent::Pid { pid: 123, .. }
         ));
-        assert_eq!(read(&d.join("missing")), PidfileContent::Missing);
+        assert_eq!(read_here(&d.join("missing")), PidfileContent::Missing);
         std::fs::write(d.join("huge"), format!("123{}", " ".repeat(100))).unwrap();
-        assert_eq!(read(&d.join("huge")), PidfileContent::Invalid);
+        assert_eq!(read_here(&d.join("huge")), PidfileContent::Invalid);
         std::fs::write(d.join("bytes"), b"\xff\xfe\xfd").unwrap();
-        assert_eq!(read(&d.join("bytes")), PidfileContent::Invalid);
+        assert_eq!(read_here(&d.join("bytes")), PidfileContent::Invalid);
         std::os::unix::fs::symlink(d.join("ok"), d.join("link")).unwrap();
-        assert_eq!(read(&d.join("link")), PidfileContent::Invalid);
+        assert_eq!(read_here(&d.join("link")), PidfileContent::Invalid);
         let status = std::process::Command::new("mkfifo")
             .arg(d.join("fifo"))
             .status()
             .unwrap();
         assert!(status.success());
-        assert_eq!(read(&d.join("fifo")), PidfileContent::Invalid);
-        assert_eq!(read(d), PidfileContent::Invalid);
-        assert_eq!(read(Path::new("/dev/null")), PidfileContent::Invalid);
+        assert_eq!(read_here(&d.join("fifo")), PidfileContent::Invalid);
+        assert_eq!(read_here(d), PidfileContent::Invalid);
+        assert_eq!(read_here(Path::new("/dev/null")), PidfileContent::Invalid);
     }
 }
