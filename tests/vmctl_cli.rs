@@ -384,3 +384,39 @@ fn json_documents_from_a_running_service() {
     let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert!(doc.is_array(), "{doc}");
 }
+
+/// `vmctl … | head -c 10`: the closed pipe ends vmctl as it ends coreutils
+/// (SIGPIPE, no message), never with a panic (exit 101).
+#[test]
+fn a_closed_pipe_ends_vmctl_quietly() {
+    let stack = Stack::start(Polkit::builder(), &DaemonConfig::default());
+    let images = public_tempdir("vmm-images-");
+    let image = images.path().join("disk.qcow2");
+    make_clean_qcow2(&image);
+    let script = r#"set -o pipefail; "$@" | head -c 10 >/dev/null; echo "status=$?""#;
+    for args in [
+        vec!["devices"],
+        vec!["devices", "--json"],
+        vec!["check-disk", "--json", image.to_str().unwrap()],
+    ] {
+        for _ in 0..5 {
+            let out = run(Command::new("bash")
+                .arg("-c")
+                .arg(script)
+                .arg("bash")
+                .arg(VMCTL)
+                .arg("--bus-address")
+                .arg(stack.bus.address())
+                .args(&args));
+            let status = out.stdout.trim();
+            // 141: killed by SIGPIPE; 0: vmctl wrote everything before head
+            // closed the pipe.
+            assert!(
+                status == "status=141" || status == "status=0",
+                "{args:?}: {out:?}"
+            );
+            assert!(!out.stderr.contains("panicked"), "{args:?}: {out:?}");
+            assert_eq!(out.stderr, "", "{args:?}: {out:?}");
+        }
+    }
+}

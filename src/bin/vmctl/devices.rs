@@ -117,7 +117,7 @@ fn name(properties: &Properties) -> String {
 pub async fn devices(connection: &Connection, json: bool) -> Result<u8, Failure> {
     let devices = all_devices(connection).await?;
     if json {
-        println!("{:#}", serde_json::json!(devices));
+        outln!("{:#}", serde_json::json!(devices));
         return Ok(exit::CLEAN);
     }
     let rows: Vec<[String; 7]> = devices
@@ -177,7 +177,7 @@ pub async fn devices(connection: &Connection, json: bool) -> Result<u8, Failure>
                 line += &" ".repeat(padding);
             }
         }
-        println!("{}", line.trim_end());
+        outln!("{}", line.trim_end());
     }
     Ok(exit::CLEAN)
 }
@@ -230,7 +230,7 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
         .map(|(k, v)| (k.to_string(), variant_to_json(v)))
         .collect();
     if json {
-        println!("{:#}", serde_json::json!(properties));
+        outln!("{:#}", serde_json::json!(properties));
         return Ok(exit::CLEAN);
     }
     let width = properties.keys().map(String::len).max().unwrap_or(0);
@@ -266,7 +266,7 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
             _ => None,
         };
         let shown = colour.map_or(shown.as_str().into(), |c| style::out(c, &shown));
-        println!("{key:>width$}: {shown}");
+        outln!("{key:>width$}: {shown}");
     }
     Ok(exit::CLEAN)
 }
@@ -294,7 +294,7 @@ pub async fn rebind(
     let driver = device.driver().await.unwrap_or_default();
     if json {
         // "" for no driver, as in the Driver property.
-        println!(
+        outln!(
             "{:#}",
             serde_json::json!({ "address": address, "driver": driver })
         );
@@ -305,6 +305,6 @@ pub async fn rebind(
     } else {
         driver
     };
-    println!("{address}: {driver}");
+    outln!("{address}: {driver}");
     Ok(exit::CLEAN)
 }

@@ -62,7 +62,7 @@ pub async fn check_disk(
     match result {
         Ok(report) => {
             if json {
-                println!("{:#}", dict_to_json(&report));
+                outln!("{:#}", dict_to_json(&report));
             } else {
                 print_report(&report);
             }
@@ -88,13 +88,13 @@ pub async fn disk_users(
     let users = manager.get_disk_users(&image, options).await?;
     if json {
         let list: Vec<_> = users.iter().map(dict_to_json).collect();
-        println!("{:#}", serde_json::Value::Array(list));
+        outln!("{:#}", serde_json::Value::Array(list));
     } else if users.is_empty() {
-        println!("{image}: {}", style::out(style::GREEN, "not in use"));
+        outln!("{image}: {}", style::out(style::GREEN, "not in use"));
     } else {
-        println!("{image}: {}", style::out(style::YELLOW, "used by"));
+        outln!("{image}: {}", style::out(style::YELLOW, "used by"));
         for user in &users {
-            println!("  {}", describe_user(user));
+            outln!("  {}", describe_user(user));
         }
     }
     Ok(exit::CLEAN)
@@ -199,17 +199,17 @@ fn print_report(report: &HashMap<String, OwnedVariant>) {
         "not-supported" => format!("the {format} format has nothing to check"),
         other => other.to_owned(),
     };
-    println!("{image} ({format}): {summary}");
+    outln!("{image} ({format}): {summary}");
     let (leaks_fixed, corruptions_fixed) = (
         get_u64(report, "leaks-fixed"),
         get_u64(report, "corruptions-fixed"),
     );
     if leaks_fixed + corruptions_fixed > 0 {
-        println!("  repaired: {leaks_fixed} leak(s), {corruptions_fixed} corruption(s)");
+        outln!("  repaired: {leaks_fixed} leak(s), {corruptions_fixed} corruption(s)");
     }
     let total = get_u64(report, "total-clusters");
     if total > 0 {
-        println!(
+        outln!(
             "  clusters: {} of {total} allocated, {} fragmented, {} compressed",
             get_u64(report, "allocated-clusters"),
             get_u64(report, "fragmented-clusters"),
@@ -217,7 +217,7 @@ fn print_report(report: &HashMap<String, OwnedVariant>) {
         );
     }
     if !get_bool(report, "consistent") {
-        println!(
+        outln!(
             "  {}: checked while in use (--force-share); results may not be consistent",
             style::out(style::YELLOW, "note")
         );
@@ -226,7 +226,7 @@ fn print_report(report: &HashMap<String, OwnedVariant>) {
         for user in users.iter() {
             if let Ok(user) = HashMap::<String, OwnedVariant>::try_from(user.clone()) {
                 let used_by = style::out(style::YELLOW, "used by");
-                println!("  {used_by} {}", describe_user(&user));
+                outln!("  {used_by} {}", describe_user(&user));
             }
         }
     }
@@ -234,7 +234,7 @@ fn print_report(report: &HashMap<String, OwnedVariant>) {
         && let Some(list) = stale.as_array()
     {
         for pidfile in list.iter().filter_map(|p| p.as_str()) {
-            println!("  stale PID file (no such VM running): {pidfile}");
+            outln!("  stale PID file (no such VM running): {pidfile}");
         }
     }
 }

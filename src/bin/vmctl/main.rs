@@ -7,6 +7,39 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use zbus::{Connection, Variant};
 
+/// `println!` for stdout that a closed pipe (`vmctl … | head`) ends quietly,
+/// as it ends coreutils: by SIGPIPE, exit status 141, no message.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line to stdout; see [`outln!`].
+fn write_stdout(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"));
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            // Rust ignores SIGPIPE; die of it now, as `cat` would have.
+            // SAFETY: restoring a default disposition and raising a signal.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+            std::process::exit(141);
+        }
+        Err(e) => {
+            eprintln!("vmctl: cannot write to stdout: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 mod devices;
 mod disk;
 mod generate;
@@ -308,9 +341,9 @@ fn main() -> ExitCode {
             // something to parse; the message still goes to stderr.
             match json {
                 Some(subject) if matches!(cli.command, Command::Monitor { .. }) => {
-                    println!("{}", failure.to_json(subject));
+                    outln!("{}", failure.to_json(subject));
                 }
-                Some(subject) => println!("{:#}", failure.to_json(subject)),
+                Some(subject) => outln!("{:#}", failure.to_json(subject)),
                 None => {}
             }
             eprintln!("{} {}", style::error_prefix(), failure.message);

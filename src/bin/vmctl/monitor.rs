@@ -151,9 +151,9 @@ pub async fn monitor(connection: &Connection, json: bool) -> Result<u8, Failure>
                 };
                 if let Some((line, doc)) = describe(&message) {
                     if json {
-                        println!("{doc}");
+                        outln!("{doc}");
                     } else {
-                        println!("{line}");
+                        outln!("{line}");
                     }
                 }
             }
