@@ -774,3 +774,26 @@ async fn qemu_img_runs_with_the_callers_uid_gid_and_groups() {
     );
     assert!(!groups.contains(&"0"), "root's group leaked: {recorded}");
 }
+
+/// Two VMs on one image (libvirt's `<shareable/>`, or two read-only
+/// guests): InUse names both, not only the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_use_names_every_vm_sharing_the_image() {
+    let w = World::start().await;
+    let image = w.path("shared.qcow2");
+    make_clean_qcow2(&image);
+    let first = Vm::builder("first", &image).readonly(true).start();
+    let second = Vm::builder("second", &image).readonly(true).start();
+    let (name, message) = w.check(&image, &[]).await.unwrap_err();
+    assert_eq!(name, "InUse");
+    for vm in [&first, &second] {
+        assert!(
+            message.contains(&format!("VM \"{}\" (PID {}", vm.name(), vm.pid())),
+            "{message}"
+        );
+    }
+    assert!(
+        message.ends_with("stop the VMs or pass force-share"),
+        "{message}"
+    );
+}

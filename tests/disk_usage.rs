@@ -263,7 +263,7 @@ fn killed_vm_leaves_a_stale_pidfile() {
     for explicit in [None, Some(pidfile.as_path())] {
         let usage = env.scan(explicit);
         assert!(usage.users.is_empty(), "{usage:?}");
-        assert!(usage.blocking_user().is_none());
+        assert!(usage.blocking_users().is_empty());
         assert_eq!(usage.stale_pidfiles, vec![pidfile.clone()]);
     }
     // A dead VM's file in a global directory is someone else's business.
@@ -401,7 +401,7 @@ fn non_qemu_writer_blocks_and_reader_does_not() {
     assert!(found[0].exe.ends_with("/sleep"));
     assert!(!found[0].writable && !found[0].is_qemu);
     assert_eq!(found[0].found_by, vec![FoundBy::Proc]);
-    assert!(usage.blocking_user().is_none());
+    assert!(usage.blocking_users().is_empty());
 
     let writer = env.holder("<>");
     let usage = env.scan(None);
@@ -432,7 +432,7 @@ fn lock_only_when_qemu_is_not_in_proc() {
                 is_qemu: true,
             }]
         );
-        assert!(usage.blocking_user().is_some());
+        assert!(!usage.blocking_users().is_empty());
     }
 }
 
@@ -442,7 +442,7 @@ fn unused_image_has_no_users() {
     let usage = env.scan(None);
     assert!(usage.users.is_empty());
     assert!(usage.stale_pidfiles.is_empty());
-    assert!(usage.blocking_user().is_none());
+    assert!(usage.blocking_users().is_empty());
 }
 
 /// A child between fork and exec shares every fd of ours, even after we

@@ -94,8 +94,20 @@ pub enum ScanError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckErrorKind {
-    #[error("{}", in_use_message(.image, .user))]
-    InUse { image: PathBuf, user: Box<DiskUser> },
+    /// `users`: every user that blocks the check, never empty.
+    #[error("{}", in_use_message(.image, .users))]
+    InUse {
+        image: PathBuf,
+        users: Vec<DiskUser>,
+    },
+    /// qemu-img itself found the image locked: something took the lock
+    /// after the service looked (a VM starting just then).
+    #[error(
+        "{} was locked by another program just as the check started (a VM starting?); \
+         try again, or pass force-share ({stderr})",
+        file_name(.image)
+    )]
+    LockedMeanwhile { image: PathBuf, stderr: String },
     #[error("{0} is in use: repair is refused while anything uses the image")]
     RepairInUse(PathBuf),
     #[error("a check of {0} is already running")]
@@ -147,10 +159,37 @@ fn file_name(image: &std::path::Path) -> String {
     )
 }
 
+/// How many users an InUse message names before "and N more".
+const NAMED_USERS: usize = 3;
+
 /// `disk.qcow2 is in use by VM "win11" (PID 4242, qemu-system-x86_64, found
-/// by pidfile); stop the VM or pass force-share`
-fn in_use_message(image: &std::path::Path, user: &DiskUser) -> String {
+/// by pidfile); stop the VM or pass force-share` — every blocking user, up
+/// to [`NAMED_USERS`].
+fn in_use_message(image: &std::path::Path, users: &[DiskUser]) -> String {
     let name = file_name(image);
+    let mut named: Vec<String> = users.iter().take(NAMED_USERS).map(describe).collect();
+    if users.len() > NAMED_USERS {
+        named.push(format!("{} more", users.len() - NAMED_USERS));
+    }
+    let list = match named.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+        None => "something".to_owned(),
+    };
+    let vms = users.iter().filter(|u| u.is_qemu).count();
+    let action = match (vms, users.len()) {
+        (0, 1) => "close it",
+        (0, _) => "close them",
+        (1, 1) => "stop the VM",
+        (_, _) if vms == users.len() => "stop the VMs",
+        _ => "stop them",
+    };
+    format!("{name} is in use by {list}; {action} or pass force-share")
+}
+
+/// One user as InUse names it: `VM "win11" (PID 4242, qemu-system-x86_64,
+/// found by pidfile, proc, lock)`.
+fn describe(user: &DiskUser) -> String {
     let found_by = user
         .found_by
         .iter()
@@ -158,12 +197,11 @@ fn in_use_message(image: &std::path::Path, user: &DiskUser) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     if user.pid == 0 {
-        let mode = if user.writable { "for writing" } else { "" };
+        let mode = if user.writable { ", writing" } else { "" };
         return format!(
-            "{name} is locked {mode} by a QEMU process this service cannot see (another PID \
-             namespace, e.g. a container; found by {found_by}); stop the VM or pass force-share"
-        )
-        .replace("  ", " ");
+            "a QEMU process this service cannot see (another PID namespace, e.g. a container{mode}; \
+             found by {found_by})"
+        );
     }
     let exe = file_name(std::path::Path::new(&user.exe));
     let who = match (user.is_qemu, user.vm_name.is_empty()) {
@@ -171,15 +209,7 @@ fn in_use_message(image: &std::path::Path, user: &DiskUser) -> String {
         (true, true) => "a VM".to_owned(),
         (false, _) => "another process".to_owned(),
     };
-    let action = if user.is_qemu {
-        "stop the VM"
-    } else {
-        "close it"
-    };
-    format!(
-        "{name} is in use by {who} (PID {}, {exe}, found by {found_by}); {action} or pass force-share",
-        user.pid
-    )
+    format!("{who} (PID {}, {exe}, found by {found_by})", user.pid)
 }
 
 /// Shared state of all checks. Cheap to clone.
@@ -444,7 +474,8 @@ impl DiskChecker {
             }
             Err(e) => return Err(fail(e.into(), report)),
         };
-        if let Some(user) = report.usage.blocking_user() {
+        let blocking = report.usage.blocking_users();
+        if !blocking.is_empty() {
             if options.repair.is_some() {
                 return Err(fail(
                     CheckErrorKind::RepairInUse(image.path.clone()),
@@ -454,7 +485,7 @@ impl DiskChecker {
             if !options.force_share {
                 let kind = CheckErrorKind::InUse {
                     image: image.path.clone(),
-                    user: Box::new(user.clone()),
+                    users: blocking,
                 };
                 return Err(fail(kind, report));
             }
@@ -493,22 +524,13 @@ impl DiskChecker {
                 Ok(report)
             }
             Err(QemuImgError::LockConflict { stderr }) => {
-                // Something we could not see took the lock between our scan
-                // and qemu-img's open: still "in use", never a plain failure.
-                let user = DiskUser {
-                    pid: 0,
-                    exe: String::new(),
-                    vm_name: String::new(),
-                    writable: true,
-                    found_by: vec![super::usage::FoundBy::Lock],
-                    pidfile: None,
-                    is_qemu: true,
-                };
+                // Something took the lock between the scan and qemu-img's
+                // open: still "in use", never a plain failure — but who it
+                // is, the scan did not see.
                 tracing::info!(image = %image.path.display(), %stderr, "qemu-img hit a lock conflict");
-                report.usage.users.push(user.clone());
-                let kind = CheckErrorKind::InUse {
+                let kind = CheckErrorKind::LockedMeanwhile {
                     image: image.path.clone(),
-                    user: Box::new(user),
+                    stderr,
                 };
                 Err(fail(kind, report))
             }
@@ -561,14 +583,32 @@ mod tests {
     fn in_use_message_names_vm_pid_and_how_it_was_found() {
         let image = std::path::Path::new("/var/lib/vms/win11/disk.qcow2");
         assert_eq!(
-            in_use_message(image, &user(4242, true, "win11")),
+            in_use_message(image, &[user(4242, true, "win11")]),
             "disk.qcow2 is in use by VM \"win11\" (PID 4242, qemu-system-x86_64, found by \
              pidfile, proc, lock); stop the VM or pass force-share"
         );
-        let msg = in_use_message(image, &user(7, false, ""));
+        let msg = in_use_message(image, &[user(7, false, "")]);
         assert!(msg.contains("another process (PID 7"), "{msg}");
-        let msg = in_use_message(image, &user(0, true, ""));
+        assert!(msg.ends_with("close it or pass force-share"), "{msg}");
+        let msg = in_use_message(image, &[user(0, true, "")]);
         assert!(msg.contains("cannot see"), "{msg}");
+    }
+
+    #[test]
+    fn in_use_message_names_every_vm_up_to_three() {
+        let image = std::path::Path::new("/srv/shared.qcow2");
+        let msg = in_use_message(image, &[user(10, true, "a"), user(11, true, "b")]);
+        assert_eq!(
+            msg,
+            "shared.qcow2 is in use by VM \"a\" (PID 10, qemu-system-x86_64, found by pidfile, \
+             proc, lock) and VM \"b\" (PID 11, qemu-system-x86_64, found by pidfile, proc, \
+             lock); stop the VMs or pass force-share"
+        );
+        let five: Vec<DiskUser> = (0..5).map(|i| user(20 + i, true, "v")).collect();
+        let msg = in_use_message(image, &five);
+        assert!(msg.contains("PID 22") && !msg.contains("PID 23"), "{msg}");
+        assert!(msg.contains(", VM \"v\" (PID 21"), "{msg}");
+        assert!(msg.contains(" and 2 more; stop the VMs"), "{msg}");
     }
 
     /// A checker whose qemu-img is a stand-in that hangs, with one slot in

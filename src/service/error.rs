@@ -130,9 +130,9 @@ impl From<QemuImgError> for VmError {
 impl From<CheckErrorKind> for VmError {
     fn from(kind: CheckErrorKind) -> Self {
         match kind {
-            CheckErrorKind::InUse { .. } | CheckErrorKind::RepairInUse(_) => {
-                VmError::InUse(kind.to_string())
-            }
+            CheckErrorKind::InUse { .. }
+            | CheckErrorKind::RepairInUse(_)
+            | CheckErrorKind::LockedMeanwhile { .. } => VmError::InUse(kind.to_string()),
             CheckErrorKind::Busy(_) | CheckErrorKind::TooManyChecks { .. } => {
                 VmError::Busy(kind.to_string())
             }

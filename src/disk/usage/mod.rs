@@ -86,6 +86,15 @@ impl DiskUsage {
     pub fn blocking_user(&self) -> Option<&DiskUser> {
         self.users.iter().find(|u| u.blocks_check())
     }
+
+    /// The users that make the image "in use" (QEMU first), if any.
+    pub fn blocking_users(&self) -> Vec<DiskUser> {
+        self.users
+            .iter()
+            .filter(|u| u.blocks_check())
+            .cloned()
+            .collect()
+    }
 }
 
 /// Scans PID files, /proc and lock bytes. Cheap to clone into a blocking task.

@@ -144,7 +144,7 @@ fn vm_found_by_pidfile_proc_and_lock() {
             stale_pidfiles: vec![],
         }
     );
-    assert_eq!(usage.blocking_user().map(|u| u.pid), Some(VM));
+    assert_eq!(usage.blocking_users().first().map(|u| u.pid), Some(VM));
 
     // The explicit pidfile gives the same answer.
     let explicit = env.scanner().scan(&env.image(), Some(&pf), &View::Service);
@@ -187,7 +187,7 @@ fn dead_zombie_and_recycled_pidfiles_are_stale() {
     assert_eq!((u.pid, u.is_qemu, u.writable), (OTHER, false, false));
     assert_eq!(u.found_by, vec![FoundBy::Proc]);
     assert_eq!(u.pidfile, None);
-    assert!(usage.blocking_user().is_none(), "a reader does not block");
+    assert!(usage.blocking_users().is_empty(), "a reader does not block");
 }
 
 #[test]
@@ -244,7 +244,7 @@ fn pidfile_rule_of_proxmox() {
     let usage = env.scanner().scan(&env.image(), None, &View::Service);
     assert_eq!(usage.stale_pidfiles, vec![pf.clone()]);
     assert_eq!(usage.users[0].found_by, vec![FoundBy::Proc]);
-    assert!(usage.blocking_user().is_some(), "still a running QEMU");
+    assert!(!usage.blocking_users().is_empty(), "still a running QEMU");
 
     // The same file reached through a symlinked directory still matches.
     let env = Env::new();
