@@ -180,7 +180,7 @@ impl UsageScanner {
             // any other. Every file is still judged: a valid one may come last.
             let report_stale =
                 cand.origin != pidfile::Origin::Global && stale_pidfiles.len() < MAX_STALE_PIDFILES;
-            match self.judge_pidfile(&cand, content, &users, report_stale) {
+            match self.judge_pidfile(content, &users, report_stale) {
                 Verdict::Valid(pid) => {
                     let user = users.get_mut(&pid).expect("valid only for holders");
                     user.found_by.push(FoundBy::Pidfile);
@@ -247,48 +247,61 @@ impl UsageScanner {
         }
     }
 
+    /// A PID file is the image's VM's when the live process holding its
+    /// lock (QEMU locks its `-pidfile` for life) is a QEMU using the image;
+    /// someone else's while anyone else holds it; and stale only when no
+    /// live process holds it — unless its number names a QEMU using the
+    /// image that was started without `-pidfile` (a launcher wrote the file).
+    ///
     /// With `report_stale` false, Stale and Ignore mean the same, so a file
     /// whose PID holds nothing is not looked up in /proc at all.
     fn judge_pidfile(
         &self,
-        cand: &pidfile::Candidate,
         content: pidfile::PidfileContent,
         holders: &BTreeMap<u32, DiskUser>,
         report_stale: bool,
     ) -> Verdict {
+        use pidfile::{LockHolder, PidfileContent};
         let (pid, dev, ino) = match content {
-            pidfile::PidfileContent::Missing => return Verdict::Ignore,
-            pidfile::PidfileContent::Invalid => return Verdict::Stale,
-            pidfile::PidfileContent::Pid { pid, dev, ino } => (pid, dev, ino),
+            PidfileContent::Missing => return Verdict::Ignore,
+            PidfileContent::Invalid => return Verdict::Stale,
+            PidfileContent::File {
+                holder: LockHolder::Pid(holder),
+                ..
+            } => {
+                return match holders.get(&holder) {
+                    Some(user) if user.is_qemu => Verdict::Valid(holder),
+                    // A live VM's (or program's) own file: not ours, not stale.
+                    _ => Verdict::Ignore,
+                };
+            }
+            PidfileContent::File {
+                holder: LockHolder::Unnamed,
+                ..
+            } => return Verdict::Ignore,
+            PidfileContent::File { pid: None, .. } => return Verdict::Stale,
+            PidfileContent::File {
+                pid: Some(pid),
+                dev,
+                ino,
+                ..
+            } => (pid, dev, ino),
         };
+        // Nobody holds it: stale, unless a launcher wrote it for a QEMU that
+        // uses the image (QEMU's own -pidfile would be locked).
         if !report_stale && !holders.contains_key(&pid) {
             return Verdict::Ignore;
         }
-        if !procfs::is_alive(&self.proc_root, pid) {
+        let Some(user) = holders.get(&pid).filter(|u| u.is_qemu) else {
             return Verdict::Stale;
-        }
-        let exe = match holders.get(&pid) {
-            Some(user) => user.exe.clone(),
-            None => procfs::exe(&self.proc_root, pid).unwrap_or_default(),
         };
-        if !procfs::is_qemu_exe(&exe) {
-            return Verdict::Stale;
-        }
-        // Proxmox's rule: a QEMU started with -pidfile must name this file.
         let cmdline = procfs::cmdline(&self.proc_root, pid).unwrap_or_default();
-        if let Some(arg) = procfs::pidfile_arg(&cmdline)
-            && !self.same_file(pid, &arg, dev, ino)
-        {
-            return Verdict::Stale;
-        }
-        if holders.contains_key(&pid) {
-            Verdict::Valid(pid)
-        } else if cand.origin == pidfile::Origin::Explicit {
-            // The caller said this is the image's VM, but it is not using it.
-            Verdict::Stale
-        } else {
-            // A live QEMU with its own PID file: another VM in the same place.
-            Verdict::Ignore
+        match procfs::pidfile_arg(&cmdline) {
+            None => Verdict::Valid(user.pid),
+            // Proxmox's rule, for a QEMU whose lock could not be seen (a
+            // file system without POSIX locks): it must name this very file.
+            Some(arg) if self.same_file(pid, &arg, dev, ino) => Verdict::Valid(user.pid),
+            Some(_) => Verdict::Stale,
         }
     }
 

@@ -190,10 +190,52 @@ pub(super) fn glob_match(pattern: &[u8], name: &[u8]) -> bool {
 pub(super) enum PidfileContent {
     /// Does not exist: nothing to report.
     Missing,
-    /// Exists but is not a regular file or does not hold exactly one PID.
+    /// Exists but is not a regular file (or cannot be read).
     Invalid,
-    /// A PID, and the file's identity (to compare with QEMU's `-pidfile`).
-    Pid { pid: u32, dev: u64, ino: u64 },
+    /// A regular file: its PID (None unless it holds exactly one), who holds
+    /// a lock on it, and its identity (to compare with QEMU's `-pidfile`).
+    File {
+        pid: Option<u32>,
+        holder: LockHolder,
+        dev: u64,
+        ino: u64,
+    },
+}
+
+/// Who holds a lock on a PID file. QEMU locks its `-pidfile` for its whole
+/// life (libvirt relies on it), so the holder *is* the VM — whatever the
+/// file says, wherever its relative name pointed, and in whatever PID
+/// namespace it wrote its number: the kernel reports the holder's PID as
+/// this service sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LockHolder {
+    /// Nobody holds a lock: whoever wrote the file may be gone.
+    Nobody,
+    /// A process this service can see.
+    Pid(u32),
+    /// Locked, but not by a process that can be named (an OFD lock, or a
+    /// holder in a PID namespace this service cannot see).
+    Unnamed,
+}
+
+/// Asks the kernel who holds a lock on `file` (`F_GETLK`; takes none).
+fn lock_holder(file: &std::fs::File) -> LockHolder {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero is a valid `flock`; fields are set below.
+    let mut query: libc::flock = unsafe { std::mem::zeroed() };
+    query.l_type = libc::F_WRLCK as libc::c_short;
+    query.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_GETLK reads and writes exactly one `flock`.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut query) } != 0 {
+        return LockHolder::Nobody;
+    }
+    if query.l_type == libc::F_UNLCK as libc::c_short {
+        return LockHolder::Nobody;
+    }
+    match u32::try_from(query.l_pid) {
+        Ok(pid) if pid > 0 => LockHolder::Pid(pid),
+        _ => LockHolder::Unnamed,
+    }
 }
 
 /// Reads a PID file safely: never a FIFO, a device or a symlink, nor
@@ -214,20 +256,17 @@ pub(super) fn read(path: &Path, magic_links: MagicLinks) -> PidfileContent {
         }
         Err(_) => return PidfileContent::Invalid,
     };
+    let holder = lock_holder(&file);
     let mut buf = Vec::with_capacity(MAX_PIDFILE as usize + 1);
-    if file.take(MAX_PIDFILE + 1).read_to_end(&mut buf).is_err() {
-        return PidfileContent::Invalid;
-    }
-    if buf.len() as u64 > MAX_PIDFILE {
-        return PidfileContent::Invalid;
-    }
-    match parse_pid(&buf) {
-        Some(pid) => PidfileContent::Pid {
-            pid,
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-        None => PidfileContent::Invalid,
+    let pid = match file.take(MAX_PIDFILE + 1).read_to_end(&mut buf) {
+        Ok(_) if buf.len() as u64 <= MAX_PIDFILE => parse_pid(&buf),
+        _ => None,
+    };
+    PidfileContent::File {
+        pid,
+        holder,
+        dev: meta.dev(),
+        ino: meta.ino(),
     }
 }
 
@@ -394,13 +433,27 @@ mod tests {
         std::fs::write(d.join("ok"), b"123\n").unwrap();
         assert!(matches!(
             read_here(&d.join("ok")),
-            PidfileContent::Pid { pid: 123, .. }
+            PidfileContent::File {
+                pid: Some(123),
+                holder: LockHolder::Nobody,
+                ..
+            }
         ));
         assert_eq!(read_here(&d.join("missing")), PidfileContent::Missing);
         std::fs::write(d.join("huge"), format!("123{}", " ".repeat(100))).unwrap();
-        assert_eq!(read_here(&d.join("huge")), PidfileContent::Invalid);
+        let garbage = |path: &Path| {
+            matches!(
+                read_here(path),
+                PidfileContent::File {
+                    pid: None,
+                    holder: LockHolder::Nobody,
+                    ..
+                }
+            )
+        };
+        assert!(garbage(&d.join("huge")));
         std::fs::write(d.join("bytes"), b"\xff\xfe\xfd").unwrap();
-        assert_eq!(read_here(&d.join("bytes")), PidfileContent::Invalid);
+        assert!(garbage(&d.join("bytes")));
         std::os::unix::fs::symlink(d.join("ok"), d.join("link")).unwrap();
         assert_eq!(read_here(&d.join("link")), PidfileContent::Invalid);
         let status = std::process::Command::new("mkfifo")

@@ -1,0 +1,219 @@
+//! The ways real VM managers launch QEMU, against the real daemon: Quickemu's
+//! daemonized QEMU with a relative `-pidfile`, a QEMU in its own PID
+//! namespace, and a PID file whose number was recycled by another VM.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::images::make_clean_qcow2;
+use common::util::{ChildGuard, alive, run, wait_until};
+use common::world::{World, json};
+use zbus::Variant;
+
+const QEMU_ARGS: &[&str] = &[
+    "-accel",
+    "kvm",
+    "-accel",
+    "tcg",
+    "-m",
+    "64",
+    "-nodefaults",
+    "-display",
+    "none",
+];
+
+/// A QEMU that is not our child (it daemonized): SIGKILLed on drop.
+struct Daemonized(u32);
+
+impl Drop for Daemonized {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of a PID we read from QEMU's own PID file.
+        unsafe { libc::kill(self.0 as libc::pid_t, libc::SIGKILL) };
+        wait_until(
+            Duration::from_secs(10),
+            "the daemonized QEMU to die",
+            || !alive(self.0),
+            String::new,
+        );
+    }
+}
+
+fn read_pid(path: &Path) -> u32 {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits until QEMU `pid` holds `image` open (it is up).
+fn wait_holding(pid: u32, image: &Path) {
+    let image = std::fs::canonicalize(image).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "QEMU to open its image",
+        || {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .map(|fds| {
+                    fds.flatten()
+                        .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == image))
+                })
+                .unwrap_or(false)
+        },
+        String::new,
+    );
+}
+
+async fn only_user(w: &World, image: &Path) -> serde_json::Value {
+    let users = w.users(image, &[]).await.unwrap();
+    assert_eq!(users.len(), 1, "{users:?}");
+    json(&users[0])
+}
+
+async fn stale_pidfiles(w: &World, image: &Path) -> serde_json::Value {
+    let report = w
+        .check(image, &[("force-share", Variant::from(true))])
+        .await
+        .unwrap();
+    json(&report)["stale-pidfiles"].clone()
+}
+
+/// Quickemu's way: `cd` into the VM directory, `-daemonize`, relative
+/// `-pidfile` and drive. A daemonized QEMU's cwd is `/`, so the relative name
+/// no longer resolves through /proc; the lock QEMU holds on it still says
+/// whose file it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonized_qemu_with_a_relative_pidfile_is_found_by_it() {
+    let w = World::start().await;
+    let vm_dir = w.path("quick");
+    std::fs::create_dir(&vm_dir).unwrap();
+    let image = vm_dir.join("disk.qcow2");
+    make_clean_qcow2(&image);
+    let out = run(Command::new("sh")
+        .arg("-c")
+        .arg(r#"cd "$1" && shift && exec "$@""#)
+        .arg("sh")
+        .arg(&vm_dir)
+        .arg(common::vm::QEMU)
+        .args(QEMU_ARGS)
+        .args(["-name", "quick", "-daemonize", "-pidfile", "quick.pid"])
+        .args(["-drive", "file=disk.qcow2,if=virtio,format=qcow2"]));
+    out.expect_success("qemu -daemonize");
+    let pidfile = vm_dir.join("quick.pid");
+    let vm = Daemonized(read_pid(&pidfile));
+    wait_holding(vm.0, &image);
+
+    let user = only_user(&w, &image).await;
+    assert_eq!(user["pid"], vm.0);
+    assert_eq!(user["vm-name"], "quick");
+    assert_eq!(
+        user["found-by"],
+        serde_json::json!(["pidfile", "proc", "lock"])
+    );
+    assert_eq!(user["pidfile"], pidfile.to_str().unwrap());
+    assert_eq!(stale_pidfiles(&w, &image).await, serde_json::json!([]));
+}
+
+/// A QEMU in its own PID namespace writes its namespace PID (1) into the PID
+/// file next to the image; the lock's holder is its PID as the service sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_namespaced_qemu_owns_its_pidfile() {
+    let w = World::start().await;
+    let image = w.path("disk.qcow2");
+    make_clean_qcow2(&image);
+    let pidfile = w.path("ns.pid");
+    let child = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(common::vm::QEMU)
+        .args(QEMU_ARGS)
+        .args(["-name", "contained", "-pidfile"])
+        .arg(&pidfile)
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", image.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _unshare = ChildGuard::new(child, "unshare qemu");
+    wait_until(
+        Duration::from_secs(30),
+        "the namespaced QEMU to write its PID file",
+        || std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim() == "1"),
+        String::new,
+    );
+    let qemu = qemu_holding(&image);
+
+    let user = only_user(&w, &image).await;
+    assert_eq!(user["pid"], qemu);
+    assert_eq!(
+        user["found-by"],
+        serde_json::json!(["pidfile", "proc", "lock"])
+    );
+    assert_eq!(user["pidfile"], pidfile.to_str().unwrap());
+    assert_eq!(stale_pidfiles(&w, &image).await, serde_json::json!([]));
+}
+
+/// The PID of the process (as this test sees it) that holds `image` open.
+fn qemu_holding(image: &Path) -> u32 {
+    let image = std::fs::canonicalize(image).unwrap();
+    let mut found = None;
+    wait_until(
+        Duration::from_secs(30),
+        "a QEMU to hold the image",
+        || {
+            found = std::fs::read_dir("/proc").unwrap().flatten().find_map(|p| {
+                let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+                let exe = std::fs::read_link(p.path().join("exe")).ok()?;
+                if !exe.to_string_lossy().contains("qemu-system") {
+                    return None;
+                }
+                std::fs::read_dir(p.path().join("fd"))
+                    .ok()?
+                    .flatten()
+                    .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == image))
+                    .then_some(pid)
+            });
+            found.is_some()
+        },
+        String::new,
+    );
+    found.unwrap()
+}
+
+/// A VM died and left its PID file; its number now belongs to another VM
+/// (started without `-pidfile`, as some launchers do). Nobody holds the file:
+/// stale, and listed as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recycled_number_does_not_make_a_dead_vms_pidfile_valid() {
+    let w = World::start().await;
+    let image = w.path("disk.qcow2");
+    make_clean_qcow2(&image);
+    let elsewhere = common::util::public_tempdir("vmm-other-");
+    let other_image = elsewhere.path().join("other.qcow2");
+    make_clean_qcow2(&other_image);
+    let child = Command::new(common::vm::QEMU)
+        .args(QEMU_ARGS)
+        .args(["-name", "other", "-drive"])
+        .arg(format!(
+            "file={},if=virtio,format=qcow2",
+            other_image.display()
+        ))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let other = ChildGuard::new(child, "other qemu");
+    wait_holding(other.pid(), &other_image);
+    let leftover: PathBuf = w.path("dead.pid");
+    std::fs::write(&leftover, format!("{}\n", other.pid())).unwrap();
+
+    assert_eq!(
+        stale_pidfiles(&w, &image).await,
+        serde_json::json!([leftover.to_str().unwrap()])
+    );
+}
