@@ -217,3 +217,36 @@ async fn a_recycled_number_does_not_make_a_dead_vms_pidfile_valid() {
         serde_json::json!([leftover.to_str().unwrap()])
     );
 }
+
+/// A VM starting while the service looks: the lock may appear after /proc
+/// was read. The service looks again before it blames an invisible holder,
+/// so a QEMU it can see is never reported as one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_starting_during_a_scan_is_never_an_anonymous_holder() {
+    let w = World::start().await;
+    let image = w.path("disk.qcow2");
+    make_clean_qcow2(&image);
+    let (mut answers, mut anonymous) = (0, Vec::new());
+    for round in 0..25 {
+        let starting = {
+            let image = image.clone();
+            tokio::task::spawn_blocking(move || {
+                common::Vm::builder(&format!("starting{round}"), &image).start()
+            })
+        };
+        while !starting.is_finished() {
+            let users = w.users(&image, &[]).await.unwrap();
+            answers += 1;
+            anonymous.extend(
+                users
+                    .iter()
+                    .map(json)
+                    .filter(|u| u["pid"] == 0)
+                    .map(|u| format!("round {round}: {u}")),
+            );
+        }
+        drop(starting.await.unwrap());
+    }
+    eprintln!("{answers} answers during 25 VM starts");
+    assert!(anonymous.is_empty(), "{anonymous:#?}");
+}

@@ -192,6 +192,16 @@ impl UsageScanner {
         }
 
         let lock = lock::probe(&image.file);
+        if lock.locked && !explains(&users, lock) {
+            // A QEMU that opened the image after /proc was read (a VM
+            // starting now) holds a lock nobody seen explains: look once
+            // more before calling it invisible.
+            for h in procfs::holders(&self.proc_root, target, own_pid) {
+                users
+                    .entry(h.pid)
+                    .or_insert_with(|| self.describe(h.pid, h.writable));
+            }
+        }
         let mut users: Vec<DiskUser> = users.into_values().collect();
         if lock.locked {
             let mut attributed = false;
@@ -318,6 +328,17 @@ impl UsageScanner {
             .filter_map(|p| std::fs::metadata(p).ok())
             .any(|m| (m.dev(), m.ino()) == (dev, ino))
     }
+}
+
+/// Whether the visible holders account for `lock`: some QEMU-family
+/// process holds the image, and a writer among them if the lock says one.
+fn explains(users: &BTreeMap<u32, DiskUser>, lock: lock::LockState) -> bool {
+    let qemus = || {
+        users
+            .values()
+            .filter(|u| procfs::is_qemu_family_exe(&u.exe))
+    };
+    qemus().next().is_some() && (!lock.writer || qemus().any(|u| u.writable))
 }
 
 #[cfg(test)]
