@@ -39,8 +39,8 @@ pub struct DiskConfig {
     /// ones are refused as Busy.
     pub max_queued_checks_per_user: u32,
     /// Where PID files of running VMs are looked for when the caller names
-    /// none. `{image_dir}` is the image's directory; `*` is allowed in the
-    /// last component.
+    /// none. `{image_dir}` is the image's directory, `{owner_uid}` the
+    /// image owner's uid; `*` is allowed in the last component.
     pub pidfile_patterns: Vec<String>,
 }
 
@@ -118,6 +118,8 @@ impl Default for DiskConfig {
                 // Quickemu keeps `<vm>.pid` next to the disk.
                 "{image_dir}/*.pid".into(),
                 "/run/libvirt/qemu/*.pid".into(),
+                // libvirt's session mode (GNOME Boxes, qemu:///session).
+                "/run/user/{owner_uid}/libvirt/qemu/run/*.pid".into(),
                 // Proxmox VE.
                 "/run/qemu-server/*.pid".into(),
             ],

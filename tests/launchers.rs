@@ -250,3 +250,37 @@ async fn a_vm_starting_during_a_scan_is_never_an_anonymous_holder() {
     eprintln!("{answers} answers during 25 VM starts");
     assert!(anonymous.is_empty(), "{anonymous:#?}");
 }
+
+/// libvirt's session mode (GNOME Boxes) keeps PID files in the VM owner's
+/// runtime directory: `{owner_uid}` in a pattern is the image owner's uid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_pidfiles_are_found_in_the_owners_runtime_dir() {
+    let runtime = common::util::public_tempdir("vmm-run-user-");
+    let pattern = format!(
+        "{}/{{owner_uid}}/libvirt/qemu/run/*.pid",
+        runtime.path().display()
+    );
+    let config = common::DaemonConfig::default().pidfile_patterns([pattern]);
+    let w = World::with(common::Polkit::builder(), config).await;
+    let run_dir = runtime
+        .path()
+        .join(common::NOBODY.to_string())
+        .join("libvirt/qemu/run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::os::unix::fs::chown(&run_dir, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    let image = w.path("boxes.qcow2");
+    make_clean_qcow2(&image);
+    std::os::unix::fs::chown(&image, Some(common::NOBODY), Some(common::NOBODY)).unwrap();
+    let pidfile = run_dir.join("boxes.pid");
+    let vm = common::Vm::builder("boxes", &image)
+        .user(common::NOBODY, common::NOBODY)
+        .pidfile(&pidfile)
+        .start();
+    let user = only_user(&w, &image).await;
+    assert_eq!(user["pid"], vm.pid());
+    assert_eq!(
+        user["found-by"],
+        serde_json::json!(["pidfile", "proc", "lock"])
+    );
+    assert_eq!(user["pidfile"], pidfile.to_str().unwrap());
+}

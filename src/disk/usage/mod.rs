@@ -19,7 +19,7 @@ use super::view::View;
 use crate::procfs::{self, Target};
 use crate::safe_open::MagicLinks;
 
-pub use pidfile::{IMAGE_DIR, PatternError, validate_pattern};
+pub use pidfile::{IMAGE_DIR, OWNER_UID, PatternError, validate_pattern};
 
 /// Most stale PID files one scan reports; the rest are left out. A directory
 /// anyone can fill must not turn every report and `DiskChecked` signal into
@@ -155,6 +155,7 @@ impl UsageScanner {
             .pidfile_patterns
             .iter()
             .cloned()
+            .map(|p| p.replace(pidfile::OWNER_UID, &image.uid.to_string()))
             .partition(|p| p.contains(pidfile::IMAGE_DIR));
         let read_all = |patterns: &[String], explicit: Option<&Path>, magic_links| {
             pidfile::candidates(patterns, image_dir, explicit)

@@ -14,6 +14,10 @@ use crate::safe_open::{MagicLinks, SafeOpenError, Symlinks, open_regular};
 
 /// The placeholder replaced by the image's directory.
 pub const IMAGE_DIR: &str = "{image_dir}";
+/// The placeholder replaced by the image owner's uid: libvirt's session mode
+/// (GNOME Boxes, `qemu:///session`) keeps PID files in the owner's
+/// `$XDG_RUNTIME_DIR`, `/run/user/UID/libvirt/qemu/run/`.
+pub const OWNER_UID: &str = "{owner_uid}";
 /// A PID file longer than this is garbage.
 const MAX_PIDFILE: u64 = 64;
 /// Linux's PID_MAX_LIMIT: no PID is larger.
