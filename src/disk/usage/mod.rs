@@ -154,7 +154,6 @@ impl UsageScanner {
         let (local, global): (Vec<String>, Vec<String>) = self
             .pidfile_patterns
             .iter()
-            .cloned()
             .map(|p| p.replace(pidfile::OWNER_UID, &image.uid.to_string()))
             .partition(|p| p.contains(pidfile::IMAGE_DIR));
         let read_all = |patterns: &[String], explicit: Option<&Path>, magic_links| {
