@@ -745,3 +745,50 @@ async fn the_services_own_descriptors_are_not_reachable_through_proc_self() {
     gate.open();
     assert_eq!(str_of(&call.await.unwrap().unwrap(), "result"), "clean");
 }
+
+/// A sparse VMDK (magic `KDMV`) with no capacity of its own and an embedded
+/// descriptor: QEMU reads it as a descriptor and opens the extents it names,
+/// by name. Such an image is refused before qemu-img runs, so an extent
+/// that is a FIFO (or another user's image a VM holds) is never opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmdk_whose_embedded_descriptor_names_files_is_refused() {
+    let w = World::start().await;
+    let fifo = w.path("extent.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let descriptor = format!(
+        "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n\
+         createType=\"monolithicFlat\"\n\nRW 32768 FLAT \"{}\" 0\n",
+        fifo.display()
+    );
+    // Header: magic, version 1, flags 3, capacity 0, grain 128 sectors,
+    // descriptor at sector 1 for 20 sectors, 512 grain table entries.
+    let mut image = b"KDMV".to_vec();
+    for v in [1u32, 3] {
+        image.extend_from_slice(&v.to_le_bytes());
+    }
+    for v in [0u64, 128, 1, 20] {
+        image.extend_from_slice(&v.to_le_bytes());
+    }
+    image.extend_from_slice(&512u32.to_le_bytes());
+    image.resize(512, 0);
+    let mut text = descriptor.into_bytes();
+    text.resize(20 * 512, 0);
+    image.extend_from_slice(&text);
+    let path = w.path("wrapper.vmdk");
+    write_file(&path, image, 0o644);
+
+    let started = Instant::now();
+    let (name, message) = w
+        .check(&path, &[("timeout-sec", Variant::from(20u32))])
+        .await
+        .unwrap_err();
+    assert_eq!(name, "NotSupported", "{message}");
+    assert!(message.contains("extents"), "{message}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

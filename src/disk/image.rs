@@ -136,6 +136,20 @@ pub enum ImageError {
 }
 
 impl ImageError {
+    /// The service's own trouble (out of descriptors or memory, credentials
+    /// it could not take): it says nothing about the path, so it may be
+    /// told to anyone — and must not pass for a refusal.
+    pub fn is_service_fault(&self) -> bool {
+        match self {
+            ImageError::View(_) => true,
+            ImageError::Io { source, .. } => matches!(
+                source.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+            ),
+            _ => false,
+        }
+    }
+
     /// Errors found from the text of the path alone, before touching the
     /// file system.
     pub fn is_about_the_text(&self) -> bool {
@@ -199,6 +213,19 @@ fn other_files(header: &[u8]) -> Option<&'static str> {
     const QCOW2_INCOMPAT_DATA_FILE: u64 = 1 << 2;
     if header.starts_with(b"# Disk DescriptorFile") {
         return Some("it is a VMDK descriptor file whose data is in other files (its extents)");
+    }
+    // A sparse VMDK with no capacity of its own but an embedded descriptor
+    // is read by QEMU as a descriptor too: its extents are opened by name.
+    const KDMV_CAPACITY: usize = 12;
+    const KDMV_DESCRIPTOR_OFFSET: usize = 28;
+    let le64 = |at: usize| {
+        header
+            .get(at..at + 8)
+            .map_or(0, |b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
+    if header.starts_with(b"KDMV") && le64(KDMV_CAPACITY) == 0 && le64(KDMV_DESCRIPTOR_OFFSET) != 0
+    {
+        return Some("it is a VMDK whose embedded descriptor names other files (its extents)");
     }
     if header.starts_with(b"QFI\xfb") {
         let version = header
@@ -415,6 +442,26 @@ mod tests {
     }
 
     #[test]
+    fn images_that_name_other_files_are_recognised() {
+        let kdmv = |capacity: u64, descriptor: u64| {
+            let mut h = vec![0u8; 64];
+            h[..4].copy_from_slice(b"KDMV");
+            h[12..20].copy_from_slice(&capacity.to_le_bytes());
+            h[28..36].copy_from_slice(&descriptor.to_le_bytes());
+            h
+        };
+        assert!(other_files(&kdmv(0, 1)).is_some());
+        assert!(other_files(&kdmv(2048, 1)).is_none());
+        assert!(other_files(&kdmv(0, 0)).is_none());
+        assert!(other_files(b"# Disk DescriptorFile\nversion=1\n").is_some());
+        let mut qcow2 = vec![0u8; 104];
+        qcow2[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+        assert!(other_files(&qcow2).is_none());
+        qcow2[79] = 4; // incompatible feature bit 2: external data file
+        assert!(other_files(&qcow2).is_some());
+    }
+
+    #[test]
     fn detect_magics() {
         let mut vdi = vec![0u8; 0x48];
         vdi[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
@@ -478,6 +525,8 @@ mod tests {
             );
             let image = ImageFile::open(path_str(&img)).unwrap();
             assert_eq!(image.format, *want, "{fmt} {extra:?}");
+            let descriptor = extra.contains(&"subformat=monolithicFlat");
+            assert_eq!(image.other_files.is_some(), descriptor, "{fmt} {extra:?}");
             assert_eq!(image.format.as_str(), want.as_str());
         }
         // The flat VMDK's data extent itself is plain raw data.

@@ -129,7 +129,10 @@ impl Manager {
         let own = run_as_caller(&caller).await?;
         let own_view = View::User(own.clone());
 
-        let seen = open_in(path, own_view.clone()).await?;
+        let seen = match open_in(path, own_view.clone()).await? {
+            Err(e) if e.is_service_fault() => return Err(e.into()),
+            seen => seen,
+        };
         let ask = |action: Action, image: String| async move {
             let details = HashMap::from([("image", image.as_str())]);
             authority
