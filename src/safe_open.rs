@@ -111,7 +111,7 @@ pub fn open_regular(
     // /proc/self, not /proc/thread-self: a thread running with a caller's
     // credentials may always reach its own process's fds, not its thread's.
     let handle_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
-    let canonical = std::fs::read_link(&handle_path)?;
+    let canonical = canonical_name(path, &handle_path, &metadata)?;
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
@@ -121,6 +121,19 @@ pub fn open_regular(
         metadata,
         canonical,
     })
+}
+
+/// The name the kernel knows the handle by — if that name, looked up here,
+/// leads back to the same file. A file opened through another mount
+/// namespace (a user namespace's bind mount over `/root`, reached through
+/// `/proc/PID/root`) has a name that means something else here; then the
+/// path as given is the honest name.
+fn canonical_name(given: &Path, handle_path: &str, metadata: &Metadata) -> io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let name = std::fs::read_link(handle_path)?;
+    let same = std::fs::metadata(&name)
+        .is_ok_and(|m| (m.dev(), m.ino()) == (metadata.dev(), metadata.ino()));
+    Ok(if same { name } else { given.to_owned() })
 }
 
 /// `openat2(RESOLVE_NO_MAGICLINKS)`: like `open`, but ELOOP at any `/proc`

@@ -45,6 +45,16 @@ echo $$ > @DIR@/qemu-img.pid
 exec sleep 4242
 ";
 
+/// A grandchild in its own session that runs the service's own binary
+/// (blocked reading a FIFO as its configuration): it looks like the
+/// service's fork before exec, yet is a stray and must be swept.
+const ESCAPES_AS_THE_SERVICE: &str = "mkfifo @DIR@/config.fifo
+setsid sh -c 'echo $$ > @DIR@/grandchild.pid; exec @DAEMON@ --config @DIR@/config.fifo' &
+while [ ! -s @DIR@/grandchild.pid ]; do sleep 0.01; done
+echo $$ > @DIR@/qemu-img.pid
+exec sleep 4242
+";
+
 /// The same grandchild, and a double-forked one that becomes the service's
 /// child at once and exits on its own (a zombie until reaped); then the
 /// real qemu-img, which ends normally.
@@ -344,6 +354,17 @@ async fn a_grandchild_outside_the_group_dies_with_a_timed_out_check() {
     let (_, _, pgrp) = stat(grandchild).expect("grandchild running");
     assert_ne!(pgrp, leader, "the grandchild did not leave the group");
 
+    let error = failure(call).await;
+    assert!(error.ends_with(".Timeout"), "{error}");
+    assert_grandchild_gone(&w, grandchild);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grandchild_running_the_services_own_binary_is_swept_too() {
+    let stand_in = ESCAPES_AS_THE_SERVICE.replace("@DAEMON@", common::daemon::DAEMON_BIN);
+    let w = World::start(&stand_in, DaemonConfig::default()).await;
+    let call = w.spawn_check(&[("timeout-sec", Variant::from(1u32))]).await;
+    let grandchild = w.pid("grandchild.pid");
     let error = failure(call).await;
     assert!(error.ends_with(".Timeout"), "{error}");
     assert_grandchild_gone(&w, grandchild);

@@ -82,16 +82,19 @@ struct Registry {
 }
 
 impl Registry {
-    /// Children of `me` under `proc_root` that are neither registered
-    /// leaders nor our own forks before their exec. Forgets abandoned
+    /// Children of `me` under `proc_root` that are not registered leaders.
+    /// Forgets abandoned
     /// leaders that tokio has reaped meanwhile.
     fn strays(&mut self, proc_root: &Path, me: u32) -> Vec<u32> {
         let children = procfs::children(proc_root, me);
         self.abandoned.retain(|pid| children.contains(pid));
         children
             .into_iter()
+            // No exemption for "our own fork before its exec" (same exe):
+            // spawns hold the registry lock, which the sweep holds too, so
+            // none is in flight now — and a stray that exec'd the service's
+            // own binary must not survive by looking like one.
             .filter(|pid| !self.running.contains(pid) && !self.abandoned.contains(pid))
-            .filter(|&pid| !procfs::same_exe_as_self(proc_root, pid))
             .collect()
     }
 }
