@@ -423,15 +423,15 @@ async fn nothing_is_revealed_before_polkit_or_beyond_it() {
 
 // --- fair share ---------------------------------------------------------
 
-/// A stand-in that hangs for nobody's checks and is the real qemu-img for
-/// everyone else's; it records the PIDs of nobody's hanging runs.
-fn hang_for_nobody(dir: &Path) -> PathBuf {
+/// A stand-in that hangs for the checks of any non-root user and is the
+/// real qemu-img for root's; it records the PIDs of the hanging runs.
+fn hang_for_users(dir: &Path) -> PathBuf {
     common::util::set_mode(dir, 0o777);
     let script = dir.join("qemu-img");
     write_file(
         &script,
         format!(
-            "#!/bin/sh\nif [ \"$(id -u)\" = {NOBODY} ]; then echo $$ >> {d}/hanging; \
+            "#!/bin/sh\nif [ \"$(id -u)\" != 0 ]; then echo $$ >> {d}/hanging; \
              exec sleep 600; fi\nexec /usr/bin/qemu-img \"$@\"\n",
             d = dir.display()
         ),
@@ -453,7 +453,7 @@ async fn one_users_hanging_checks_never_starve_another() {
     let tools = public_tempdir("vmm-hang-");
     let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
     let config = DaemonConfig::default()
-        .qemu_img(hang_for_nobody(tools.path()))
+        .qemu_img(hang_for_users(tools.path()))
         .max_concurrent_checks(2);
     let w = World::with(polkit, config).await;
     let home = w.path("home");
@@ -559,6 +559,60 @@ async fn one_users_hanging_checks_never_starve_another() {
         "killed clients' checks ended within {:?}",
         started.elapsed()
     );
+}
+
+/// Two users, one hanging check each, on the default two slots: one slot is
+/// always kept for root (and administrators), so root is still answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_users_hanging_checks_never_starve_root() {
+    let tools = public_tempdir("vmm-hang-");
+    let polkit = Polkit::builder()
+        .allow_user("org.example.vmmanager.check-disk", "nobody")
+        .allow_user("org.example.vmmanager.check-disk", "daemon");
+    let config = DaemonConfig::default()
+        .qemu_img(hang_for_users(tools.path()))
+        .max_concurrent_checks(2);
+    let w = World::with(polkit, config).await;
+    let mut clients = Vec::new();
+    for uid in [NOBODY, 1] {
+        let home = w.path(&format!("home{uid}"));
+        mkdir(&home, 0o755, Some(uid));
+        let image = home.join("own.qcow2");
+        make_clean_qcow2(&image);
+        chown(&image, uid, 0o644);
+        // Their own limit ends them after root's check was answered.
+        let args = [
+            "check-disk",
+            "--json",
+            "--timeout",
+            "8",
+            image.to_str().unwrap(),
+        ];
+        clients.push(vmctl_in_background(&w, Some((uid, uid)), &args));
+    }
+    wait_until(
+        Duration::from_secs(20),
+        "a user's check to hang",
+        || !hanging_pids(tools.path()).is_empty(),
+        String::new,
+    );
+    let image = w.path("roots.qcow2");
+    make_clean_qcow2(&image);
+    let report = tokio::time::timeout(
+        Duration::from_secs(20),
+        w.check(&image, &[("timeout-sec", Variant::from(5u32))]),
+    )
+    .await
+    .expect("root's check was starved")
+    .unwrap_or_else(|e| panic!("root's check: {e:?}"));
+    assert_eq!(str_of(&report, "result"), "clean");
+    for client in clients {
+        let doc = answer(&client.await.unwrap());
+        assert_eq!(
+            doc["error"], "org.example.VmManager1.Error.Timeout",
+            "{doc:#}"
+        );
+    }
 }
 
 // --- load ---------------------------------------------------------------

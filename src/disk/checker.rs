@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 use super::image::{ImageFile, ImageFormat};
@@ -223,6 +223,10 @@ struct Inner {
     qemu_img: PathBuf,
     limits: Limits,
     slots: Semaphore,
+    /// The shared slots ordinary users may take: all but one (when there
+    /// are two or more), so that users, however many, never keep root or an
+    /// administrator from checking.
+    user_slots: Semaphore,
     /// Per caller uid: its own slots, and how many of its checks are running
     /// or waiting. An entry lives while that uid has checks.
     users: Mutex<HashMap<u32, UserShare>>,
@@ -238,6 +242,13 @@ struct UserShare {
     slots: Arc<Semaphore>,
     /// Checks of this uid admitted and not yet finished.
     admitted: usize,
+}
+
+/// The slots one running check holds, released when it ends.
+struct Slots<'a> {
+    _own: OwnedSemaphorePermit,
+    _users: Option<SemaphorePermit<'a>>,
+    _shared: SemaphorePermit<'a>,
 }
 
 /// One admitted check of a caller: counts against its limits until dropped.
@@ -303,6 +314,7 @@ impl DiskChecker {
                 qemu_img,
                 limits,
                 slots: Semaphore::new(limits.concurrent),
+                user_slots: Semaphore::new(limits.concurrent.saturating_sub(1).max(1)),
                 users: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashSet::new()),
                 children: QemuImgChildren::new(),
@@ -331,29 +343,35 @@ impl DiskChecker {
         })
     }
 
-    /// Waits for one of the caller's own slots, then for a shared one. Both
-    /// queues are first come, first served; the wait ends at `deadline`.
+    /// Waits for one of the caller's own slots, then (for an ordinary user)
+    /// for one of the users' share, then for a shared one. Every queue is
+    /// first come, first served; the wait ends at `deadline`.
     async fn wait_for_slot(
         &self,
         admission: &Admission,
+        administrator: bool,
         deadline: Instant,
         limit: Duration,
         cancel: &CancellationToken,
-    ) -> Result<(OwnedSemaphorePermit, tokio::sync::SemaphorePermit<'_>), CheckErrorKind> {
+    ) -> Result<Slots<'_>, CheckErrorKind> {
+        let never_closed = "semaphore is never closed";
         let wait = async {
             let own = admission
                 .slots
                 .clone()
                 .acquire_owned()
                 .await
-                .expect("semaphore is never closed");
-            let shared = self
-                .inner
-                .slots
-                .acquire()
-                .await
-                .expect("semaphore is never closed");
-            (own, shared)
+                .expect(never_closed);
+            let users = match administrator {
+                true => None,
+                false => Some(self.inner.user_slots.acquire().await.expect(never_closed)),
+            };
+            let shared = self.inner.slots.acquire().await.expect(never_closed);
+            Slots {
+                _own: own,
+                _users: users,
+                _shared: shared,
+            }
         };
         tokio::select! {
             slots = tokio::time::timeout_at(deadline.into(), wait) => slots.map_err(|_| {
@@ -452,7 +470,13 @@ impl DiskChecker {
         // Wait for a slot first, then look at the users: the answer must be
         // fresh when qemu-img starts, not from before a long wait.
         let _slots = match self
-            .wait_for_slot(&reservation.admission, deadline, limit, cancel)
+            .wait_for_slot(
+                &reservation.admission,
+                check_as.administrator,
+                deadline,
+                limit,
+                cancel,
+            )
             .await
         {
             Ok(slots) => slots,
@@ -543,12 +567,15 @@ impl DiskChecker {
     }
 }
 
-/// Whose check it is: the credentials qemu-img runs with, and the view in
-/// which the caller's PID files are read.
+/// Whose check it is: the credentials qemu-img runs with, the view in
+/// which the caller's PID files are read, and whether the caller is an
+/// administrator (root, or authorized for other users' images), for whom
+/// a check slot is kept free.
 #[derive(Debug, Clone)]
 pub struct CheckAs {
     pub run_as: RunAs,
     pub view: View,
+    pub administrator: bool,
 }
 
 impl CheckAs {
@@ -558,6 +585,7 @@ impl CheckAs {
         CheckAs {
             run_as,
             view: View::Service,
+            administrator: true,
         }
     }
 }

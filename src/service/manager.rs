@@ -145,6 +145,7 @@ impl Manager {
                 let check_as = CheckAs {
                     run_as: own,
                     view: own_view,
+                    administrator: caller.uid == 0,
                 };
                 (image, check_as)
             }
