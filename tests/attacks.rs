@@ -846,3 +846,47 @@ async fn a_vmdk_whose_embedded_descriptor_names_files_is_refused() {
         started.elapsed()
     );
 }
+
+/// `{image_dir}` is looked up by name when the PID files are read, after
+/// the wait for a slot. A directory swapped meanwhile (here: to a root-only
+/// directory) must not have its PID files listed in root's public report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_image_directory_lends_no_pidfiles() {
+    let gate = Gate::new();
+    let config = DaemonConfig::default()
+        .qemu_img(gate.qemu_img())
+        .max_concurrent_checks(1);
+    let w = World::with(Polkit::builder(), config).await;
+    // The first check holds the only slot at the gate.
+    let first = w.path("first.qcow2");
+    make_clean_qcow2(&first);
+    let holding = check_in_background(&w, &first, HashMap::new());
+    gate.wait_started();
+    // Root's image in a directory the attacker may rename entries of.
+    let vm = shared_dir(&w).join("vm");
+    mkdir(&vm, 0o755, None);
+    let image = vm.join("disk.qcow2");
+    make_clean_qcow2(&image);
+    let secret = w.path("secret");
+    mkdir(&secret, 0o700, None);
+    write_file(&secret.join("root-only-secret-name.pid"), "garbage", 0o600);
+    let waiting = check_in_background(&w, &image, HashMap::new());
+    let manager = w.manager().await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while manager.jobs().await.unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the second check to wait");
+    as_attacker(r#"mv "$1" "$1.orig" && ln -s "$2" "$1""#, &[&vm, &secret]);
+    gate.open();
+    holding.await.unwrap().unwrap();
+    let report = waiting.await.unwrap().unwrap();
+    assert_eq!(
+        json(&report)["stale-pidfiles"],
+        serde_json::json!([]),
+        "{:#}",
+        json(&report)
+    );
+}

@@ -165,13 +165,34 @@ impl UsageScanner {
                 })
                 .collect::<Vec<_>>()
         };
-        let mut found = view
-            .run(|| read_all(&local, explicit_pidfile, view.magic_links()))
-            .unwrap_or_else(|e| {
-                // /proc and the lock probe still find every VM.
-                tracing::error!("cannot read PID files as the caller: {e}");
-                Vec::new()
-            });
+        // `{image_dir}` is a name, looked up again here: it counts only if it
+        // still holds the image, before and after its files are read, so a
+        // directory swapped meanwhile (to list another one's PID files in a
+        // public report) yields nothing.
+        let image_is_in_its_dir = || {
+            use std::os::unix::fs::MetadataExt;
+            image.path.file_name().is_some_and(|name| {
+                std::fs::symlink_metadata(image_dir.join(name))
+                    .is_ok_and(|m| (m.dev(), m.ino()) == (image.dev, image.ino))
+            })
+        };
+        let read_local = || {
+            let uses_image_dir = explicit_pidfile.is_none() && !local.is_empty();
+            if uses_image_dir && !image_is_in_its_dir() {
+                return Vec::new();
+            }
+            let found = read_all(&local, explicit_pidfile, view.magic_links());
+            if uses_image_dir && !image_is_in_its_dir() {
+                tracing::warn!(dir = %image_dir.display(), "the image's directory changed during the scan");
+                return Vec::new();
+            }
+            found
+        };
+        let mut found = view.run(read_local).unwrap_or_else(|e| {
+            // /proc and the lock probe still find every VM.
+            tracing::error!("cannot read PID files as the caller: {e}");
+            Vec::new()
+        });
         if explicit_pidfile.is_none() {
             found.extend(read_all(&global, None, MagicLinks::Follow));
         }
