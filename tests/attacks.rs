@@ -890,3 +890,54 @@ async fn a_swapped_image_directory_lends_no_pidfiles() {
         json(&report)
     );
 }
+
+/// The `pidfile` option is read when the scan runs, as the caller: a
+/// directory on its path swapped during the wait for a slot (to a root-only
+/// one) reveals nothing of what is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_pidfile_directory_reveals_nothing() {
+    let gate = Gate::new();
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    let config = DaemonConfig::default()
+        .qemu_img(gate.qemu_img())
+        .max_concurrent_checks(1);
+    let w = World::with(polkit, config).await;
+    let first = w.path("first.qcow2");
+    make_clean_qcow2(&first);
+    let holding = check_in_background(&w, &first, HashMap::new());
+    gate.wait_started();
+
+    let home = w.path("home");
+    mkdir(&home, 0o755, Some(NOBODY));
+    let image = home.join("own.qcow2");
+    make_clean_qcow2(&image);
+    chown(&image, NOBODY, 0o644);
+    let run = home.join("run");
+    mkdir(&run, 0o755, Some(NOBODY));
+    let secret = w.path("secret");
+    mkdir(&secret, 0o700, None);
+    write_file(&secret.join("vm.pid"), "garbage", 0o644);
+    let pidfile = run.join("vm.pid");
+    let args = [
+        "check-disk",
+        "--json",
+        "--pidfile",
+        pidfile.to_str().unwrap(),
+        image.to_str().unwrap(),
+    ];
+    let call = vmctl_in_background(&w, NOBODY_USER, &args);
+    let manager = w.manager().await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while manager.jobs().await.unwrap().len() < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("nobody's check to wait");
+    as_attacker(r#"mv "$1" "$1.orig" && ln -s "$2" "$1""#, &[&run, &secret]);
+    gate.open();
+    holding.await.unwrap().unwrap();
+    let doc = answer(&call.await.unwrap());
+    assert_eq!(doc["result"], "clean", "{doc:#}");
+    assert_eq!(doc["stale-pidfiles"], serde_json::json!([]), "{doc:#}");
+}
