@@ -17,6 +17,7 @@ use super::qemu_img::{
 };
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
 use super::view::View;
+use crate::procfs::HoldersError;
 
 /// How much checking the service does at once, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +87,10 @@ pub enum ScanError {
         SCAN_TIMEOUT.as_secs()
     )]
     TimedOut,
-    #[error("internal error while finding out who uses the image")]
+    #[error(
+        "could not find out who uses the image (the service is out of resources, or an \
+         internal error; see its log)"
+    )]
     Failed,
     #[error("cancelled")]
     Cancelled,
@@ -367,10 +371,8 @@ impl DiskChecker {
         }
     }
 
-    /// Who uses `image` right now. The scan reads /proc, where a read can
-    /// hang (a process stuck on FUSE or dead NFS holds its mm lock), so it is
-    /// bounded by [`SCAN_TIMEOUT`] and by `cancel`; an unfinished or failed
-    /// scan is an error, never "nobody uses it".
+    /// Who uses `image` right now, for GetDiskUsers, bounded by
+    /// [`SCAN_TIMEOUT`] and `cancel`.
     ///
     /// PID files the caller names or that sit next to the image are read in
     /// `view`, so they reveal nothing the caller could not read itself.
@@ -381,18 +383,43 @@ impl DiskChecker {
         view: View,
         cancel: &CancellationToken,
     ) -> Result<DiskUsage, ScanError> {
+        self.scan(image, pidfile, view, SCAN_TIMEOUT, cancel).await
+    }
+
+    /// Who uses `image`, found in a blocking thread. The scan reads /proc,
+    /// where a read can hang (a process stuck on FUSE or dead NFS holds its
+    /// mm lock), so it is bounded by `limit` and by `cancel`; an unfinished
+    /// or failed scan is an error, never "nobody uses it". When its answer
+    /// is abandoned (timeout, `cancel`, or this future dropped), the
+    /// blocking scan is told to stop as well, so it does not go on holding
+    /// a thread, the image and /proc descriptors.
+    async fn scan(
+        &self,
+        image: Arc<ImageFile>,
+        pidfile: Option<PathBuf>,
+        view: View,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<DiskUsage, ScanError> {
         let scanner = self.inner.scanner.clone();
-        let scan =
-            tokio::task::spawn_blocking(move || scanner.scan(&image, pidfile.as_deref(), &view));
+        let stop = cancel.child_token();
+        let _stop_when_abandoned = stop.clone().drop_guard();
+        let path = image.path.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            scanner.scan(&image, pidfile.as_deref(), &view, &stop)
+        });
         tokio::select! {
-            result = tokio::time::timeout(SCAN_TIMEOUT, scan) => match result {
-                Ok(Ok(usage)) => Ok(usage),
+            result = tokio::time::timeout(limit, scan) => match result {
+                Ok(Ok(Ok(usage))) => Ok(usage),
+                Ok(Ok(Err(HoldersError::Cancelled))) => Err(ScanError::Cancelled),
+                Ok(Ok(Err(e))) => {
+                    tracing::error!(image = %path.display(), "cannot find out who uses the image: {e}");
+                    Err(ScanError::Failed)
+                }
                 Ok(Err(e)) => {
                     tracing::error!("usage scan panicked: {e}");
                     Err(ScanError::Failed)
                 }
-                // The blocking thread is left to finish on its own; only its
-                // answer is abandoned.
                 Err(_) => Err(ScanError::TimedOut),
             },
             () = cancel.cancelled() => Err(ScanError::Cancelled),
@@ -459,11 +486,16 @@ impl DiskChecker {
             Err(kind) => return Err(fail(kind, report)),
         };
 
+        // The scan, too, ends by the check's deadline.
+        let scan_limit = deadline
+            .saturating_duration_since(Instant::now())
+            .min(SCAN_TIMEOUT);
         report.usage = match self
-            .users(
+            .scan(
                 image.clone(),
                 options.pidfile.clone(),
                 check_as.view.clone(),
+                scan_limit,
                 cancel,
             )
             .await
@@ -471,6 +503,9 @@ impl DiskChecker {
             Ok(usage) => usage,
             Err(ScanError::Cancelled) => {
                 return Err(fail(CheckErrorKind::CancelledBeforeStart, report));
+            }
+            Err(ScanError::TimedOut) if scan_limit < SCAN_TIMEOUT => {
+                return Err(fail(CheckErrorKind::Timeout(limit), report));
             }
             Err(e) => return Err(fail(e.into(), report)),
         };
