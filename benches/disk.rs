@@ -129,7 +129,9 @@ fn main() {
     let scanner = UsageScanner::new("/proc".into(), vec!["{image_dir}/*.pid".into()]);
     let library = || {
         let file = ImageFile::open(image_str).expect("open image");
-        let usage = scanner.scan(&file, None, &vmmanager::disk::view::View::Service);
+        let never = tokio_util::sync::CancellationToken::new();
+        let usage = scanner.scan(&file, None, &vmmanager::disk::view::View::Service, &never);
+        let usage = usage.expect("scan");
         assert_eq!(usage.users.len(), 1, "scan: {usage:?}");
         assert_eq!(usage.users[0].pid, qemu_pid, "scan: {usage:?}");
     };

@@ -23,8 +23,9 @@
 //! - [`devices`]: PCI devices: sysfs inventory with passthrough readiness
 //!   ([`devices::inventory`]), the udev monitor thread
 //!   ([`devices::monitor`]), detach/reattach to vfio-pci ([`devices::vfio`]).
-//! - [`procfs`]: reading a /proc tree: who holds a file or device open, a
-//!   process's exe and QEMU `-name` (for disk users and VFIO group users).
+//! - [`procfs`]: reading a /proc tree: who holds a file or device open (an
+//!   error, never "nobody", when it cannot look; cancellable), a process's
+//!   exe and QEMU `-name` (for disk users and VFIO group users).
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
 //! - [`client`]: typed proxies for clients (`vmctl`, tests).
 //! - [`manpage`]: man pages from the binaries' clap definitions.

@@ -3,14 +3,19 @@
 //! [`crate::devices::vfio`] (who holds a VFIO group).
 //!
 //! Every read tolerates processes that vanish mid-scan, unreadable entries and
-//! garbage: such a process or fd is skipped, never a panic.
+//! garbage: such a process or fd is skipped, never a panic. What it does not
+//! tolerate is being unable to look: an unreadable /proc root, or the service
+//! itself out of descriptors or memory, makes [`holders`] an error, never
+//! "nobody holds it".
 
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+use tokio_util::sync::CancellationToken;
 
 /// QEMU command lines are a few KiB; this bounds memory for pathological ones.
 const MAX_CMDLINE: u64 = 256 * 1024;
@@ -59,22 +64,65 @@ pub struct Holder {
     pub writable: bool,
 }
 
+/// Why [`holders`] could not tell who holds a file.
+#[derive(Debug, thiserror::Error)]
+pub enum HoldersError {
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable { path: PathBuf, source: io::Error },
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Whether `e` says the service itself ran out of something (descriptors,
+/// memory), rather than something about the one process or file it read.
+///
+/// Only these fail a scan. A process that vanished or is hidden (ENOENT,
+/// ESRCH, EACCES), garbage in a prepared tree (ENOTDIR), or a dead FUSE or
+/// NFS mount behind one fd (ENOTCONN, ESTALE, EIO) says nothing about the
+/// target; failing on them would let any user with a dead FUSE mount stop
+/// every check on the host.
+fn out_of_resources(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
+}
+
+fn unreadable(path: &Path, source: io::Error) -> HoldersError {
+    HoldersError::Unreadable {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// Every process under `proc_root` (except `skip_pid`) with an fd on
 /// `target`, sorted by PID. Matched by `stat()` of the fd link, never by the
 /// link's text.
-pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
-    };
+///
+/// An error when `proc_root` cannot be read or the service runs out of
+/// descriptors or memory on the way (see [`out_of_resources`]), and as soon
+/// as `cancel` is cancelled (looked at before every process and fd): an
+/// unfinished scan never reads as "nobody".
+pub fn holders(
+    proc_root: &Path,
+    target: Target,
+    skip_pid: u32,
+    cancel: &CancellationToken,
+) -> Result<Vec<Holder>, HoldersError> {
+    let entries = std::fs::read_dir(proc_root).map_err(|e| unreadable(proc_root, e))?;
     let mut found = Vec::new();
-    for entry in entries.flatten() {
+    for entry in entries {
+        if cancel.is_cancelled() {
+            return Err(HoldersError::Cancelled);
+        }
+        let entry = entry.map_err(|e| unreadable(proc_root, e))?;
         let Some(pid) = parse_pid_name(&entry.file_name()) else {
             continue;
         };
         if pid == skip_pid {
             continue;
         }
-        let Some(mut writable) = holds(&entry.path(), target) else {
+        let Some(mut writable) = holds(&entry.path(), target, cancel)? else {
             continue;
         };
         if parent_pid(proc_root, pid) == Some(skip_pid) {
@@ -86,7 +134,7 @@ pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
             if same_exe_as_self(proc_root, pid) {
                 continue;
             }
-            match holds(&entry.path(), target) {
+            match holds(&entry.path(), target, cancel)? {
                 Some(still) => writable = still,
                 None => continue,
             }
@@ -94,37 +142,59 @@ pub fn holders(proc_root: &Path, target: Target, skip_pid: u32) -> Vec<Holder> {
         found.push(Holder { pid, writable });
     }
     found.sort_by_key(|h| h.pid);
-    found
+    Ok(found)
 }
 
 /// Whether the process at `pid_dir` has `target` open: `None` when not,
-/// else whether any such fd is writable.
-fn holds(pid_dir: &Path, target: Target) -> Option<bool> {
-    // EACCES or a vanished process: nothing to see.
-    let fds = std::fs::read_dir(pid_dir.join("fd")).ok()?;
+/// else whether any such fd is writable. Errors only as [`holders`] does.
+fn holds(
+    pid_dir: &Path,
+    target: Target,
+    cancel: &CancellationToken,
+) -> Result<Option<bool>, HoldersError> {
+    let fd_dir = pid_dir.join("fd");
+    let fds = match std::fs::read_dir(&fd_dir) {
+        Ok(fds) => fds,
+        Err(e) if out_of_resources(&e) => return Err(unreadable(&fd_dir, e)),
+        // EACCES or a vanished process: nothing to see.
+        Err(_) => return Ok(None),
+    };
     let mut result = None;
-    for fd in fds.flatten() {
+    for fd in fds {
+        // A process can hold a million fds: stop within one of them.
+        if cancel.is_cancelled() {
+            return Err(HoldersError::Cancelled);
+        }
+        let fd = match fd {
+            Ok(fd) => fd,
+            Err(e) if out_of_resources(&e) => return Err(unreadable(&fd_dir, e)),
+            Err(_) => continue,
+        };
         let name = fd.file_name();
         if parse_pid_name(&name).is_none() {
             continue;
         }
         // stat() follows the magic link to the open file itself.
-        let Ok(meta) = std::fs::metadata(fd.path()) else {
-            continue;
+        let meta = match std::fs::metadata(fd.path()) {
+            Ok(meta) => meta,
+            Err(e) if out_of_resources(&e) => return Err(unreadable(&fd.path(), e)),
+            Err(_) => continue,
         };
         if !target.matches(&meta) {
             continue;
         }
-        let writable = match read_bounded(&pid_dir.join("fdinfo").join(&name), MAX_FDINFO) {
+        let info = pid_dir.join("fdinfo").join(&name);
+        let writable = match read_bounded(&info, MAX_FDINFO) {
             Ok(info) => fdinfo_writable(&info).unwrap_or(true),
             // The fd was closed in between: it no longer counts.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) if out_of_resources(&e) => return Err(unreadable(&info, e)),
             // Cannot tell: fail closed and treat it as a writer.
             Err(_) => true,
         };
         result = Some(result.unwrap_or(false) || writable);
     }
-    result
+    Ok(result)
 }
 
 /// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).
@@ -484,6 +554,116 @@ mod tests {
         assert_eq!(parse_pid_name(OsStr::new("+1")), None);
         assert_eq!(parse_pid_name(OsStr::new("")), None);
         assert_eq!(parse_pid_name(OsStr::new("99999999999")), None);
+    }
+
+    /// Set for the child process of `holders_fail_closed_without_descriptors`.
+    const EXHAUSTED_CHILD: &str = "VMMANAGER_TEST_EXHAUSTED_CHILD";
+
+    /// setrlimit is process-wide: only a child process of our own (this
+    /// test binary, running just `exhausted_child`) lowers it.
+    #[test]
+    fn holders_fail_closed_without_descriptors() {
+        let module = module_path!().split_once("::").expect("crate::module").1;
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", &format!("{module}::exhausted_child")])
+            .args(["--include-ignored", "--nocapture", "--test-threads=1"])
+            .env(EXHAUSTED_CHILD, "1")
+            .output()
+            .expect("run the child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}\n{stdout}\n{stderr}", out.status);
+        assert!(
+            stdout.contains("1 passed"),
+            "the child did not run: {stdout}"
+        );
+    }
+
+    #[test]
+    #[ignore = "run by holders_fail_closed_without_descriptors in its own process"]
+    fn exhausted_child() {
+        if std::env::var_os(EXHAUSTED_CHILD).is_none() {
+            return;
+        }
+        let null = File::open("/dev/null").unwrap();
+        let target = Target::of(&null.metadata().unwrap());
+        let never = CancellationToken::new();
+        let me = std::process::id();
+        let found = holders(Path::new("/proc"), target, 0, &never).unwrap();
+        assert!(found.iter().any(|h| h.pid == me), "{found:?}");
+
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a local struct.
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| parse_pid_name(&e.ok()?.file_name()))
+            .max()
+            .unwrap();
+        // 0 spare: /proc itself cannot be opened; 1 spare: /proc can, no
+        // process's fd directory can.
+        for spare in [0, 1] {
+            let lowered = libc::rlimit {
+                rlim_cur: libc::rlim_t::from(highest) + 1,
+                ..limit
+            };
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+            // Every number below the limit taken (the gaps too).
+            let mut filled = Vec::new();
+            loop {
+                match null.try_clone() {
+                    Ok(fd) => filled.push(fd),
+                    Err(e) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "{e}");
+                        break;
+                    }
+                }
+            }
+            let with_spare = libc::rlimit {
+                rlim_cur: lowered.rlim_cur + spare,
+                ..limit
+            };
+            // SAFETY: as above.
+            assert_eq!(
+                unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &with_spare) },
+                0
+            );
+            let result = holders(Path::new("/proc"), target, 0, &never);
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+            drop(filled);
+            match result {
+                Err(HoldersError::Unreadable { source, .. })
+                    if source.raw_os_error() == Some(libc::EMFILE) => {}
+                other => panic!("{spare} spare descriptors: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn holders_of_an_unreadable_root_or_when_cancelled_are_errors() {
+        let target = Target::Inode { dev: 0, ino: 0 };
+        let never = CancellationToken::new();
+        let missing = holders(Path::new("/nonexistent/proc"), target, 0, &never);
+        assert!(
+            matches!(missing, Err(HoldersError::Unreadable { .. })),
+            "{missing:?}"
+        );
+        let cancelled = CancellationToken::new();
+        cancelled.cancel();
+        let result = holders(Path::new("/proc"), target, 0, &cancelled);
+        assert!(matches!(result, Err(HoldersError::Cancelled)), "{result:?}");
+        assert_eq!(
+            holders(Path::new("/proc"), target, 0, &never).unwrap(),
+            vec![]
+        );
     }
 
     #[test]

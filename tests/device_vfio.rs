@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::fake_kernel::FakeKernel;
+use tokio_util::sync::CancellationToken;
 
 use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::vfio::{
@@ -552,11 +553,16 @@ impl Drop for Holder {
     }
 }
 
+/// Who holds `<dev>/vfio/<group>` in the real /proc.
+fn users_of(dev: &Path, group: u32) -> Vec<vmmanager::devices::vfio::VfioUser> {
+    group_users(Path::new("/proc"), dev, group, &CancellationToken::new()).unwrap()
+}
+
 /// Polls until `pids` all hold group `group` (the shells open it async).
 fn wait_for_users(dev: &Path, group: u32, pids: &[u32]) -> Vec<vmmanager::devices::vfio::VfioUser> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let users = group_users(Path::new("/proc"), dev, group);
+        let users = users_of(dev, group);
         if pids.iter().all(|p| users.iter().any(|u| u.pid == *p)) {
             return users;
         }
@@ -574,7 +580,7 @@ fn group_users_of_a_regular_stand_in() {
     fs::create_dir(dev.path().join("vfio")).unwrap();
     let node = dev.path().join("vfio/7");
     fs::write(&node, "").unwrap();
-    assert_eq!(group_users(Path::new("/proc"), dev.path(), 7), vec![]);
+    assert_eq!(users_of(dev.path(), 7), vec![]);
 
     let vm = Holder::spawn(&node, &["-name", "guest=win11,debug-threads=on"]);
     let other = Holder::spawn(&node, &[]);
@@ -590,14 +596,11 @@ fn group_users_of_a_regular_stand_in() {
     }
 
     // Other groups and missing nodes: nobody.
-    assert_eq!(group_users(Path::new("/proc"), dev.path(), 8), vec![]);
-    assert_eq!(
-        group_users(Path::new("/proc"), Path::new("/nonexistent"), 7),
-        vec![]
-    );
+    assert_eq!(users_of(dev.path(), 8), vec![]);
+    assert_eq!(users_of(Path::new("/nonexistent"), 7), vec![]);
     drop(vm);
     drop(other);
-    assert_eq!(group_users(Path::new("/proc"), dev.path(), 7), vec![]);
+    assert_eq!(users_of(dev.path(), 7), vec![]);
 }
 
 #[test]

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
 use vmmanager::disk::image::ImageFile;
 use vmmanager::disk::usage::{DiskUsage, DiskUser, FoundBy, UsageScanner};
 use vmmanager::disk::view::View;
@@ -98,7 +99,7 @@ impl Env {
         )
     }
     fn scan(&self, explicit: Option<&Path>) -> DiskUsage {
-        self.scanner().scan(&self.image(), explicit, &View::Service)
+        scan(&self.scanner(), &self.image(), explicit)
     }
 
     /// Starts a QEMU on the image and waits until it holds the image and
@@ -173,6 +174,13 @@ impl Env {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// A scan nobody cancels, of an image /proc can be read for.
+fn scan(scanner: &UsageScanner, image: &ImageFile, explicit: Option<&Path>) -> DiskUsage {
+    let never = CancellationToken::new();
+    let usage = scanner.scan(image, explicit, &View::Service, &never);
+    usage.unwrap()
 }
 
 fn wait(cond: impl Fn() -> bool) {
@@ -311,9 +319,9 @@ fn fifo_and_symlink_pidfiles_are_stale_without_hanging() {
         let (fifo, link) = (fifo.clone(), link.clone());
         move || {
             (
-                scanner.scan(&image, None, &View::Service),
-                scanner.scan(&image, Some(&fifo), &View::Service),
-                scanner.scan(&image, Some(&link), &View::Service),
+                scan(&scanner, &image, None),
+                scan(&scanner, &image, Some(&fifo)),
+                scan(&scanner, &image, Some(&link)),
             )
         }
     });
@@ -366,7 +374,7 @@ fn image_reached_through_a_symlink() {
     std::os::unix::fs::symlink(env.vm_dir(), &link_dir).unwrap();
     let via = ImageFile::open(link_dir.join("disk.qcow2").to_str().unwrap()).unwrap();
     assert_eq!(via.path, std::fs::canonicalize(env.image_path()).unwrap());
-    let through_link = env.scanner().scan(&via, None, &View::Service);
+    let through_link = scan(&env.scanner(), &via, None);
     let direct = env.scan(None);
     assert_eq!(through_link.users, direct.users);
     assert_eq!(direct.users[0].pid, vm.pid());
@@ -419,7 +427,7 @@ fn lock_only_when_qemu_is_not_in_proc() {
         let _vm = env.qemu("hidden", None, readonly);
         let empty_proc = tempfile::tempdir().unwrap();
         let scanner = UsageScanner::new(empty_proc.path().to_owned(), vec![]);
-        let usage = scanner.scan(&env.image(), None, &View::Service);
+        let usage = scan(&scanner, &env.image(), None);
         assert_eq!(
             usage.users,
             vec![DiskUser {
@@ -471,7 +479,8 @@ fn a_fork_of_the_scanner_is_not_a_user() {
         child.wait().unwrap()
     });
     // Every holder, our own children included (skipping only PID 0).
-    let holders = || procfs::holders(Path::new("/proc"), Target::of(&meta), 0);
+    let never = CancellationToken::new();
+    let holders = || procfs::holders(Path::new("/proc"), Target::of(&meta), 0, &never).unwrap();
     let fork = {
         let start = Instant::now();
         loop {

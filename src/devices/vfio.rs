@@ -29,8 +29,10 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use tokio_util::sync::CancellationToken;
+
 use super::address::PciAddress;
-use crate::procfs::{self, Target};
+use crate::procfs::{self, HoldersError, Target};
 
 /// The stub driver devices are detached to.
 pub const VFIO_DRIVER: &str = "vfio-pci";
@@ -52,21 +54,32 @@ pub struct VfioUser {
 /// by PID; empty when the node does not exist. A character device node is
 /// matched by its device number, so a QEMU that opened its own copy of the
 /// node (libvirt's private /dev) counts too; any other file by its inode.
-pub fn group_users(proc_root: &Path, dev_root: &Path, group: u32) -> Vec<VfioUser> {
+///
+/// An error means it is unknown who holds it (/proc unreadable, the service
+/// out of descriptors, `cancel` cancelled), never "nobody".
+pub fn group_users(
+    proc_root: &Path,
+    dev_root: &Path,
+    group: u32,
+    cancel: &CancellationToken,
+) -> Result<Vec<VfioUser>, HoldersError> {
     let node = dev_root.join("vfio").join(group.to_string());
-    let Ok(meta) = std::fs::metadata(&node) else {
-        return Vec::new();
+    let meta = match std::fs::metadata(&node) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(HoldersError::Unreadable { path: node, source }),
     };
     // No process has PID 0, so nobody is skipped: the daemon never opens
     // VFIO groups itself.
-    procfs::holders(proc_root, Target::of(&meta), 0)
+    let users = procfs::holders(proc_root, Target::of(&meta), 0, cancel)?
         .into_iter()
         .map(|h| VfioUser {
             pid: h.pid,
             exe: procfs::exe(proc_root, h.pid).unwrap_or_default(),
             vm_name: procfs::vm_name_of(proc_root, h.pid),
         })
-        .collect()
+        .collect();
+    Ok(users)
 }
 
 /// The IOMMU group of a device: the name of its `iommu_group` link.

@@ -17,6 +17,7 @@ use super::qemu_img::{
 };
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
 use super::view::View;
+use crate::procfs::HoldersError;
 
 /// How much checking the service does at once, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +78,14 @@ impl DiskReport {
 /// Upper bound for finding out who uses an image.
 pub const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// GetDiskUsers calls one uid may have scanning at once; more are
+/// [`ScanError::TooMany`] (`Busy`). A count of its own rather than the
+/// checks' admission: a query is a short read of /proc that must not be
+/// refused because the same user's checks wait for slots or run qemu-img
+/// for minutes, nor use up their queue. More than an applet or vmctl asks
+/// at once; a flood gets `Busy` and at most this many scanning threads.
+pub const SCANS_PER_USER: usize = 8;
+
 /// Why the users of an image are unknown.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 pub enum ScanError {
@@ -86,10 +95,37 @@ pub enum ScanError {
         SCAN_TIMEOUT.as_secs()
     )]
     TimedOut,
-    #[error("internal error while finding out who uses the image")]
+    #[error(
+        "could not find out who uses the image (the service is out of resources, or an \
+         internal error; see its log)"
+    )]
     Failed,
     #[error("cancelled")]
     Cancelled,
+    #[error(
+        "uid {uid} already has {limit} GetDiskUsers calls running; try again when one has \
+         finished"
+    )]
+    TooMany { uid: u32, limit: usize },
+}
+
+/// One GetDiskUsers scan of a caller: counts against [`SCANS_PER_USER`]
+/// until dropped.
+struct ScanAdmission {
+    checker: DiskChecker,
+    uid: u32,
+}
+
+impl Drop for ScanAdmission {
+    fn drop(&mut self) {
+        let mut scans = lock(&self.checker.inner.scans);
+        if let Some(n) = scans.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                scans.remove(&self.uid);
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +271,9 @@ struct Inner {
     running: Mutex<HashSet<(u64, u64)>>,
     /// Every qemu-img this checker runs, and what they leave behind.
     children: QemuImgChildren,
+    /// GetDiskUsers scans per caller uid; an entry lives while that uid
+    /// has some.
+    scans: Mutex<HashMap<u32, usize>>,
 }
 
 /// One caller's share of the check slots.
@@ -318,6 +357,7 @@ impl DiskChecker {
                 users: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashSet::new()),
                 children: QemuImgChildren::new(),
+                scans: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -385,32 +425,74 @@ impl DiskChecker {
         }
     }
 
-    /// Who uses `image` right now. The scan reads /proc, where a read can
-    /// hang (a process stuck on FUSE or dead NFS holds its mm lock), so it is
-    /// bounded by [`SCAN_TIMEOUT`] and by `cancel`; an unfinished or failed
-    /// scan is an error, never "nobody uses it".
+    /// Who uses `image` right now, for GetDiskUsers by caller `uid`: at most
+    /// [`SCANS_PER_USER`] of these per uid at once, each bounded by
+    /// [`SCAN_TIMEOUT`] and `cancel`.
     ///
     /// PID files the caller names or that sit next to the image are read in
     /// `view`, so they reveal nothing the caller could not read itself.
     pub async fn users(
         &self,
+        uid: u32,
         image: Arc<ImageFile>,
         pidfile: Option<PathBuf>,
         view: View,
         cancel: &CancellationToken,
     ) -> Result<DiskUsage, ScanError> {
+        let _admission = self.admit_scan(uid)?;
+        self.scan(image, pidfile, view, SCAN_TIMEOUT, cancel).await
+    }
+
+    fn admit_scan(&self, uid: u32) -> Result<ScanAdmission, ScanError> {
+        let mut scans = lock(&self.inner.scans);
+        let running = scans.entry(uid).or_insert(0);
+        if *running >= SCANS_PER_USER {
+            return Err(ScanError::TooMany {
+                uid,
+                limit: SCANS_PER_USER,
+            });
+        }
+        *running += 1;
+        Ok(ScanAdmission {
+            checker: self.clone(),
+            uid,
+        })
+    }
+
+    /// Who uses `image`, found in a blocking thread. The scan reads /proc,
+    /// where a read can hang (a process stuck on FUSE or dead NFS holds its
+    /// mm lock), so it is bounded by `limit` and by `cancel`; an unfinished
+    /// or failed scan is an error, never "nobody uses it". When its answer
+    /// is abandoned (timeout, `cancel`, or this future dropped), the
+    /// blocking scan is told to stop as well, so it does not go on holding
+    /// a thread, the image and /proc descriptors.
+    async fn scan(
+        &self,
+        image: Arc<ImageFile>,
+        pidfile: Option<PathBuf>,
+        view: View,
+        limit: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<DiskUsage, ScanError> {
         let scanner = self.inner.scanner.clone();
-        let scan =
-            tokio::task::spawn_blocking(move || scanner.scan(&image, pidfile.as_deref(), &view));
+        let stop = cancel.child_token();
+        let _stop_when_abandoned = stop.clone().drop_guard();
+        let path = image.path.clone();
+        let scan = tokio::task::spawn_blocking(move || {
+            scanner.scan(&image, pidfile.as_deref(), &view, &stop)
+        });
         tokio::select! {
-            result = tokio::time::timeout(SCAN_TIMEOUT, scan) => match result {
-                Ok(Ok(usage)) => Ok(usage),
+            result = tokio::time::timeout(limit, scan) => match result {
+                Ok(Ok(Ok(usage))) => Ok(usage),
+                Ok(Ok(Err(HoldersError::Cancelled))) => Err(ScanError::Cancelled),
+                Ok(Ok(Err(e))) => {
+                    tracing::error!(image = %path.display(), "cannot find out who uses the image: {e}");
+                    Err(ScanError::Failed)
+                }
                 Ok(Err(e)) => {
                     tracing::error!("usage scan panicked: {e}");
                     Err(ScanError::Failed)
                 }
-                // The blocking thread is left to finish on its own; only its
-                // answer is abandoned.
                 Err(_) => Err(ScanError::TimedOut),
             },
             () = cancel.cancelled() => Err(ScanError::Cancelled),
@@ -483,11 +565,16 @@ impl DiskChecker {
             Err(kind) => return Err(fail(kind, report)),
         };
 
+        // The scan, too, ends by the check's deadline.
+        let scan_limit = deadline
+            .saturating_duration_since(Instant::now())
+            .min(SCAN_TIMEOUT);
         report.usage = match self
-            .users(
+            .scan(
                 image.clone(),
                 options.pidfile.clone(),
                 check_as.view.clone(),
+                scan_limit,
                 cancel,
             )
             .await
@@ -495,6 +582,9 @@ impl DiskChecker {
             Ok(usage) => usage,
             Err(ScanError::Cancelled) => {
                 return Err(fail(CheckErrorKind::CancelledBeforeStart, report));
+            }
+            Err(ScanError::TimedOut) if scan_limit < SCAN_TIMEOUT => {
+                return Err(fail(CheckErrorKind::Timeout(limit), report));
             }
             Err(e) => return Err(fail(e.into(), report)),
         };
@@ -681,6 +771,32 @@ mod tests {
                 groups: vec![],
             })
         }
+    }
+
+    #[tokio::test]
+    async fn get_disk_users_scans_are_limited_per_user_apart_from_checks() {
+        let h = Hanging::new();
+        let held: Vec<ScanAdmission> = (0..SCANS_PER_USER)
+            .map(|_| h.checker.admit_scan(1000).unwrap())
+            .collect();
+        let never = CancellationToken::new();
+        let users = |uid| {
+            let view = h.check_as().view;
+            h.checker.users(uid, h.image("a"), None, view, &never)
+        };
+        assert!(matches!(
+            users(1000).await,
+            Err(ScanError::TooMany {
+                uid: 1000,
+                limit: SCANS_PER_USER
+            })
+        ));
+        // Another user, and the same user's checks, are not affected.
+        assert!(users(2000).await.unwrap().users.is_empty());
+        drop(h.checker.reserve(h.image("b"), 1000).unwrap());
+        drop(held);
+        assert!(users(1000).await.is_ok());
+        assert!(lock(&h.checker.inner.scans).is_empty());
     }
 
     #[tokio::test]

@@ -387,17 +387,26 @@ impl PciDeviceObject {
     /// Who holds the device's VFIO group open, computed when asked. Only
     /// devices whose `/dev/vfio/<group>` exists (bound to vfio-pci) cost a
     /// /proc scan; it is bounded, because a read of a stuck process's
-    /// /proc files can hang. `None` when the answer is unknown.
+    /// /proc files can hang. `None` when the answer is unknown: the scan
+    /// failed (e.g. out of descriptors) or timed out. A scan whose answer is
+    /// abandoned (timeout, or this call dropped) is told to stop.
     async fn users(&self) -> Option<Vec<vfio::VfioUser>> {
         let Some(group) = self.state().info.iommu_group else {
             return Some(Vec::new());
         };
         let proc_root = self.shared.settings.proc_root.clone();
         let dev_root = self.shared.settings.dev_root.clone();
-        let scan =
-            tokio::task::spawn_blocking(move || vfio::group_users(&proc_root, &dev_root, group));
+        let stop = CancellationToken::new();
+        let _stop_when_abandoned = stop.clone().drop_guard();
+        let scan = tokio::task::spawn_blocking(move || {
+            vfio::group_users(&proc_root, &dev_root, group, &stop)
+        });
         match tokio::time::timeout(crate::disk::checker::SCAN_TIMEOUT, scan).await {
-            Ok(Ok(users)) => Some(users),
+            Ok(Ok(Ok(users))) => Some(users),
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(group, "could not find out who holds /dev/vfio/{group}: {e}");
+                None
+            }
             _ => {
                 tracing::warn!(group, "could not find out who holds /dev/vfio/{group}");
                 None

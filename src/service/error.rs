@@ -21,7 +21,8 @@ pub enum VmError {
     InvalidArgument(String),
     /// polkit said no, or could not be asked.
     NotAuthorized(String),
-    /// A check of the same image is already running.
+    /// A check of the same image is already running, or the caller (uid) has
+    /// as many checks or GetDiskUsers calls in progress as it may.
     Busy(String),
     /// qemu-img could not complete the check.
     CheckFailed(String),
@@ -133,9 +134,9 @@ impl From<CheckErrorKind> for VmError {
             CheckErrorKind::InUse { .. }
             | CheckErrorKind::RepairInUse(_)
             | CheckErrorKind::LockedMeanwhile { .. } => VmError::InUse(kind.to_string()),
-            CheckErrorKind::Busy(_) | CheckErrorKind::TooManyChecks { .. } => {
-                VmError::Busy(kind.to_string())
-            }
+            CheckErrorKind::Busy(_)
+            | CheckErrorKind::TooManyChecks { .. }
+            | CheckErrorKind::Scan(ScanError::TooMany { .. }) => VmError::Busy(kind.to_string()),
             CheckErrorKind::NoSlot { .. } | CheckErrorKind::Timeout(_) => {
                 VmError::Timeout(kind.to_string())
             }

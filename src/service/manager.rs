@@ -324,7 +324,8 @@ impl Manager {
     /// Who uses the image now (PID files, /proc, QEMU's lock bytes), without
     /// running qemu-img. Options: `pidfile` (s), `auth.no-user-interaction`
     /// (b). Each entry: `pid` (u), `exe` (s), `vm-name` (s), `writable` (b),
-    /// `found-by` (as), `pidfile` (s).
+    /// `found-by` (as), `pidfile` (s). `Busy` when the caller's uid already
+    /// has `SCANS_PER_USER` of these running.
     #[zbus(out_args("users"))]
     async fn get_disk_users(
         &self,
@@ -339,6 +340,7 @@ impl Manager {
             .state
             .checker
             .users(
+                authorized.caller_uid,
                 authorized.image,
                 options.check.pidfile.clone(),
                 authorized.check_as.view,

@@ -14,9 +14,11 @@ mod pidfile;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use tokio_util::sync::CancellationToken;
+
 use super::image::ImageFile;
 use super::view::View;
-use crate::procfs::{self, Target};
+use crate::procfs::{self, HoldersError, Target};
 use crate::safe_open::MagicLinks;
 
 pub use pidfile::{IMAGE_DIR, OWNER_UID, PatternError, validate_pattern};
@@ -133,21 +135,27 @@ impl UsageScanner {
     /// The calling process itself is never reported: its only fds on the
     /// image are the service's own read-only probe descriptors. Nor are its
     /// children between fork and exec, which share those descriptors.
+    ///
+    /// Fails when /proc cannot be read (see [`procfs::holders`]), and stops
+    /// with [`HoldersError::Cancelled`] soon after `cancel` is cancelled: it
+    /// is looked at between processes, fds and PID files.
     pub fn scan(
         &self,
         image: &ImageFile,
         explicit_pidfile: Option<&Path>,
         view: &View,
-    ) -> DiskUsage {
+        cancel: &CancellationToken,
+    ) -> Result<DiskUsage, HoldersError> {
         let own_pid = std::process::id();
         let target = Target::Inode {
             dev: image.dev,
             ino: image.ino,
         };
-        let mut users: BTreeMap<u32, DiskUser> = procfs::holders(&self.proc_root, target, own_pid)
-            .into_iter()
-            .map(|h| (h.pid, self.describe(h.pid, h.writable)))
-            .collect();
+        let mut users: BTreeMap<u32, DiskUser> =
+            procfs::holders(&self.proc_root, target, own_pid, cancel)?
+                .into_iter()
+                .map(|h| (h.pid, self.describe(h.pid, h.writable)))
+                .collect();
 
         let mut stale_pidfiles = Vec::new();
         let image_dir = image.path.parent().unwrap_or(Path::new("/"));
@@ -159,6 +167,7 @@ impl UsageScanner {
         let read_all = |patterns: &[String], explicit: Option<&Path>, magic_links| {
             pidfile::candidates(patterns, image_dir, explicit)
                 .into_iter()
+                .take_while(|_| !cancel.is_cancelled())
                 .map(|cand| {
                     let content = pidfile::read(&cand.path, magic_links);
                     (cand, content)
@@ -196,6 +205,9 @@ impl UsageScanner {
         if explicit_pidfile.is_none() {
             found.extend(read_all(&global, None, MagicLinks::Follow));
         }
+        if cancel.is_cancelled() {
+            return Err(HoldersError::Cancelled);
+        }
         for (cand, content) in found {
             // Global files are never reported stale; past the cap neither is
             // any other. Every file is still judged: a valid one may come last.
@@ -217,7 +229,7 @@ impl UsageScanner {
             // A QEMU that opened the image after /proc was read (a VM
             // starting now) holds a lock nobody seen explains: look once
             // more before calling it invisible.
-            for h in procfs::holders(&self.proc_root, target, own_pid) {
+            for h in procfs::holders(&self.proc_root, target, own_pid, cancel)? {
                 users
                     .entry(h.pid)
                     .or_insert_with(|| self.describe(h.pid, h.writable));
@@ -256,10 +268,10 @@ impl UsageScanner {
             user.found_by.dedup();
         }
         users.sort_by_key(|u| (!u.blocks_check(), !u.is_qemu, u.pidfile.is_none(), u.pid));
-        DiskUsage {
+        Ok(DiskUsage {
             users,
             stale_pidfiles,
-        }
+        })
     }
 
     /// A /proc holder with its exe, VM name and QEMU-ness.

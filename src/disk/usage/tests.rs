@@ -44,6 +44,14 @@ impl Env {
     fn image(&self) -> ImageFile {
         ImageFile::open(self.image_path().to_str().unwrap()).unwrap()
     }
+    /// A scan nobody cancels, of an image /proc can be read for.
+    fn scan(&self, explicit: Option<&Path>) -> DiskUsage {
+        let never = CancellationToken::new();
+        let usage = self
+            .scanner()
+            .scan(&self.image(), explicit, &View::Service, &never);
+        usage.unwrap()
+    }
     fn scanner(&self) -> UsageScanner {
         UsageScanner::new(
             self.proc_root(),
@@ -108,10 +116,7 @@ const OTHER: u32 = 4_000_002;
 #[test]
 fn nothing_uses_the_image() {
     let env = Env::new();
-    assert_eq!(
-        env.scanner().scan(&env.image(), None, &View::Service),
-        DiskUsage::default()
-    );
+    assert_eq!(env.scan(None), DiskUsage::default());
 }
 
 #[test]
@@ -128,7 +133,7 @@ fn vm_found_by_pidfile_proc_and_lock() {
         &[(3, Path::new("/dev/null"), RW), (17, &img, RW)],
     );
     let _lock = env.lock_like_qemu(true);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(
         usage,
         DiskUsage {
@@ -147,7 +152,7 @@ fn vm_found_by_pidfile_proc_and_lock() {
     assert_eq!(usage.blocking_users().first().map(|u| u.pid), Some(VM));
 
     // The explicit pidfile gives the same answer.
-    let explicit = env.scanner().scan(&env.image(), Some(&pf), &View::Service);
+    let explicit = env.scan(Some(&pf));
     assert_eq!(explicit, usage);
 }
 
@@ -165,7 +170,7 @@ fn matched_by_inode_not_by_path_text() {
     env.process(VM, QEMU, 'S', &[], &[(3, &hard, RO)]);
     env.process(OTHER, "/usr/bin/cat", 'R', &[], &[(4, &soft, RO)]);
     env.process(OTHER + 1, "/usr/bin/cp", 'R', &[], &[(5, &lookalike, RW)]);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     let pids: Vec<u32> = usage.users.iter().map(|u| u.pid).collect();
     assert_eq!(pids, vec![VM, OTHER]);
 }
@@ -180,7 +185,7 @@ fn dead_zombie_and_recycled_pidfiles_are_stale() {
     // A recycled PID: a shell that even has the image open.
     let recycled = env.pidfile(&env.vm_dir(), "recycled.pid", format!("{OTHER}").as_bytes());
     env.process(OTHER, "/usr/bin/bash", 'S', &[], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.stale_pidfiles, vec![dead, recycled, zombie]);
     assert_eq!(usage.users.len(), 1);
     let u = &usage.users[0];
@@ -210,7 +215,7 @@ fn stale_pidfiles_are_capped_and_valid_ones_after_them_still_count() {
         let args = ["-pidfile", pf.to_str().unwrap()];
         env.process(pid, QEMU, 'S', &args, &[(17, &img, RO)]);
     }
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.stale_pidfiles, stale[..MAX_STALE_PIDFILES]);
     let found: Vec<(u32, &[FoundBy], Option<&Path>)> = usage
         .users
@@ -241,7 +246,7 @@ fn pidfile_rule_of_proxmox() {
         &["-pidfile", elsewhere.to_str().unwrap()],
         &[(9, &img, RW)],
     );
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.stale_pidfiles, vec![pf.clone()]);
     assert_eq!(usage.users[0].found_by, vec![FoundBy::Proc]);
     assert!(!usage.blocking_users().is_empty(), "still a running QEMU");
@@ -259,7 +264,7 @@ fn pidfile_rule_of_proxmox() {
         &["--pidfile", via.join("vm.pid").to_str().unwrap()],
         &[(9, &img, RW)],
     );
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert!(usage.stale_pidfiles.is_empty());
     assert_eq!(usage.users[0].pidfile, Some(pf));
 }
@@ -283,7 +288,7 @@ fn global_pidfiles_of_other_vms_are_ignored() {
     );
     let ours = env.pidfile(&global, "ours.pid", format!("{VM}").as_bytes());
     env.process(VM, QEMU, 'S', &["-name", "ours"], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert!(
         usage.stale_pidfiles.is_empty(),
         "{:?}",
@@ -308,10 +313,10 @@ fn unlocked_file_whose_number_is_another_vm_is_stale() {
     std::fs::write(&other_img, b"x").unwrap();
     let pf = env.pidfile(&env.vm_dir(), "other.pid", format!("{OTHER}").as_bytes());
     env.process(OTHER, QEMU, 'S', &[], &[(3, &other_img, RW)]);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.stale_pidfiles, vec![pf.clone()]);
     assert!(usage.users.is_empty());
-    let usage = env.scanner().scan(&env.image(), Some(&pf), &View::Service);
+    let usage = env.scan(Some(&pf));
     assert_eq!(usage.stale_pidfiles, vec![pf]);
     assert!(usage.users.is_empty());
 }
@@ -344,17 +349,15 @@ fn garbage_pidfiles_are_stale() {
     want.push(link.clone());
     std::fs::create_dir(d.join("j-dir.pid")).unwrap();
     want.push(d.join("j-dir.pid"));
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.stale_pidfiles, want);
     assert!(usage.users.is_empty());
     // Explicit ones too; a missing explicit file is simply absent.
     for p in [&fifo, &link] {
-        let usage = env.scanner().scan(&env.image(), Some(p), &View::Service);
+        let usage = env.scan(Some(p));
         assert_eq!(usage.stale_pidfiles, vec![p.clone()]);
     }
-    let usage = env
-        .scanner()
-        .scan(&env.image(), Some(&d.join("missing.pid")), &View::Service);
+    let usage = env.scan(Some(&d.join("missing.pid")));
     assert_eq!(usage, DiskUsage::default());
 }
 
@@ -370,7 +373,7 @@ fn writers_and_readers() {
         &[],
         &[(5, &img, RO), (6, &img, RO)],
     );
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.users.len(), 2);
     let writer = usage.blocking_user().unwrap();
     assert_eq!(
@@ -390,7 +393,7 @@ fn qemu_is_reported_before_other_blockers() {
     env.process(VM + 10, QEMU, 'S', &["-name", "vm"], &[(3, &img, RO)]);
     env.process(VM, "/usr/bin/dd", 'S', &[], &[(3, &img, RW)]);
     env.process(VM - 1, "/usr/bin/cat", 'S', &[], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     let pids: Vec<u32> = usage.users.iter().map(|u| u.pid).collect();
     assert_eq!(pids, vec![VM + 10, VM, VM - 1]);
     assert_eq!(usage.blocking_user().unwrap().vm_name, "vm");
@@ -401,17 +404,14 @@ fn own_process_is_never_reported() {
     let env = Env::new();
     let img = env.image_path();
     env.process(std::process::id(), QEMU, 'S', &[], &[(3, &img, RW)]);
-    assert_eq!(
-        env.scanner().scan(&env.image(), None, &View::Service),
-        DiskUsage::default()
-    );
+    assert_eq!(env.scan(None), DiskUsage::default());
 }
 
 #[test]
 fn lock_without_visible_qemu() {
     let env = Env::new();
     let _lock = env.lock_like_qemu(true);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     let invisible = DiskUser {
         pid: 0,
         exe: String::new(),
@@ -426,7 +426,7 @@ fn lock_without_visible_qemu() {
     // A non-QEMU reader does not explain the lock.
     let img = env.image_path();
     env.process(OTHER, "/usr/bin/cat", 'S', &[], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.users.len(), 2);
     assert_eq!(usage.users[0], invisible);
     assert_eq!(usage.users[1].found_by, vec![FoundBy::Proc]);
@@ -434,7 +434,7 @@ fn lock_without_visible_qemu() {
     // A read-only qemu-img does not explain a WRITE lock: the invisible
     // writer is still reported (and blocks).
     env.process(VM, "/usr/bin/qemu-img", 'S', &["check"], &[(3, &img, RO)]);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert!(usage.users.contains(&invisible), "{usage:?}");
     let qi = usage.users.iter().find(|u| u.pid == VM).unwrap();
     assert_eq!(qi.found_by, vec![FoundBy::Proc, FoundBy::Lock]);
@@ -448,7 +448,7 @@ fn lock_without_visible_qemu() {
         &["check", "-r"],
         &[(3, &img, RW)],
     );
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert!(usage.users.iter().all(|u| u.pid != 0), "{usage:?}");
 }
 
@@ -456,7 +456,7 @@ fn lock_without_visible_qemu() {
 fn read_only_lock_without_visible_qemu() {
     let env = Env::new();
     let _lock = env.lock_like_qemu(false);
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     assert_eq!(usage.users.len(), 1);
     assert_eq!((usage.users[0].pid, usage.users[0].writable), (0, false));
     assert!(usage.users[0].blocks_check());
@@ -496,7 +496,7 @@ fn garbage_proc_entries_are_skipped() {
     std::fs::write(d15.join("cmdline"), b"\xff-name\0\xfe\xfd").unwrap();
     let pf = env.pidfile(&env.vm_dir(), "g.pid", b"4000015");
 
-    let usage = env.scanner().scan(&env.image(), None, &View::Service);
+    let usage = env.scan(None);
     let summary: Vec<(u32, &str, bool)> = usage
         .users
         .iter()
@@ -510,17 +510,33 @@ fn garbage_proc_entries_are_skipped() {
     assert_eq!(usage.stale_pidfiles, vec![pf]);
 }
 
+/// Not being able to look is never "nobody uses it".
 #[test]
-fn missing_proc_root_finds_nothing() {
+fn an_unreadable_proc_root_fails_the_scan() {
     let env = Env::new();
     let scanner = UsageScanner::new(
         env.dir.path().join("nope"),
         vec!["{image_dir}/*.pid".into()],
     );
-    let pf = env.pidfile(&env.vm_dir(), "vm.pid", b"1\n");
-    let usage = scanner.scan(&env.image(), None, &View::Service);
-    assert!(usage.users.is_empty());
-    assert_eq!(usage.stale_pidfiles, vec![pf]);
+    env.pidfile(&env.vm_dir(), "vm.pid", b"1\n");
+    let never = CancellationToken::new();
+    let result = scanner.scan(&env.image(), None, &View::Service, &never);
+    assert!(
+        matches!(result, Err(HoldersError::Unreadable { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn a_cancelled_scan_stops() {
+    let env = Env::new();
+    env.process(4_000_001, QEMU, 'S', &[], &[(3, &env.image_path(), RW)]);
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let result = env
+        .scanner()
+        .scan(&env.image(), None, &View::Service, &cancel);
+    assert!(matches!(result, Err(HoldersError::Cancelled)), "{result:?}");
 }
 
 #[test]
