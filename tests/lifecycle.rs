@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::images::make_clean_qcow2;
-use common::util::{public_tempdir, wait_until, write_file};
+use common::util::{alive, public_tempdir, wait_until, write_file};
 use common::{DaemonConfig, Polkit, Stack};
 use tempfile::TempDir;
 use tokio::task::{JoinHandle, block_in_place};
@@ -199,10 +199,6 @@ fn stat(pid: u32) -> Option<(char, u32, u32)> {
     ))
 }
 
-/// Alive and not a zombie.
-fn alive(pid: u32) -> bool {
-    stat(pid).is_some_and(|(state, _, _)| !matches!(state, 'Z' | 'X'))
-}
 
 fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
