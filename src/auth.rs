@@ -4,13 +4,40 @@
 //! never a PID (racy) and never the daemon's own process (always root).
 //! Everything that is not a clear "yes" from polkit is a refusal: polkit
 //! missing, erroring or not answering in time all fail closed.
+//!
+//! Every check is one method call on the service's single bus connection,
+//! and dbus-daemon lets a connection wait for at most 128 replies
+//! (`max_replies_per_connection`): beyond that, *every* check fails with
+//! `LimitsExceeded`, root's included. An interactive check waits for a
+//! human (or for an agent that never answers), so a caller could park
+//! enough of them at polkit to lock everyone out. Hence checks waiting for
+//! polkit are bounded per uid and in all, with a reserve for root (see
+//! [`MAX_PENDING_PER_UID`] and below), and a check counts until polkit has
+//! answered it — not until its caller stops waiting — because that is when
+//! the bus stops counting it.
+//!
+//! Abandoned checks are not cancelled with `CancelCheckAuthorization`: with
+//! polkit 122 and GLib 2.74 (Debian 12) a cancellation that meets the
+//! agent's reply to the same check deadlocks polkitd for good (its main
+//! thread emits "cancelled" and waits for the connection lock, which GDBus's
+//! worker holds while it waits for that emission to end), and the agent's
+//! owner chooses when that reply comes. A cancelled check also leaves
+//! polkitd's own call to an agent that never answers pending at the bus,
+//! uncounted. polkitd cancels the agent's dialog itself when the subject
+//! (the caller's bus name) leaves, and an agent that answers then frees the
+//! check at once; one that never answers keeps only its own user's checks.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use zbus::Connection;
 use zbus::message::Header;
-use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
+use zbus_polkit::policykit1::{
+    AuthorityProxy, AuthorizationResult, CheckAuthorizationFlags, Subject,
+};
 
 /// The polkit actions of `polkit/org.example.vmmanager.policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +70,171 @@ pub enum AuthError {
     },
     #[error("cannot identify the caller: {0}")]
     UnknownCaller(String),
+    /// Refused before polkit was asked: a limit of [`TooManyPending`].
+    #[error(transparent)]
+    TooManyPending(#[from] TooManyPending),
+}
+
+/// Which limit on checks waiting for polkit a new check would exceed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TooManyPending {
+    #[error(
+        "uid {uid} has {limit} authorization requests waiting for polkit; answer or cancel \
+         them first"
+    )]
+    Caller { uid: u32, limit: usize },
+    #[error(
+        "{limit} authorization requests of users other than root are waiting for polkit; try \
+         again when some are answered"
+    )]
+    NonRoot { limit: usize },
+    #[error(
+        "{limit} interactive authorization requests of users other than root are waiting for \
+         polkit; try again when some are answered, or without user interaction"
+    )]
+    Interactive { limit: usize },
+}
+
+/// Checks one non-root uid may have waiting for polkit at once. A person
+/// answers one password dialog at a time; a few more cover a client asking
+/// in parallel. More are `Busy`, so one user's stalled checks (an agent
+/// that never answers) take only this much of the service's connection.
+pub const MAX_PENDING_PER_UID: usize = 4;
+/// Checks of all non-root callers together. With [`MAX_PENDING_ROOT`] this
+/// stays well below dbus-daemon's 128 pending replies per connection, which
+/// leaves the service's other calls room, however many uids an attacker
+/// has.
+pub const MAX_PENDING_NON_ROOT: usize = 64;
+/// Interactive checks of non-root callers, within [`MAX_PENDING_NON_ROOT`]:
+/// the rest is kept for non-interactive checks, which polkit answers at
+/// once from its rules, so they still get through when stalled interactive
+/// checks fill up.
+pub const MAX_PENDING_INTERACTIVE_NON_ROOT: usize = 48;
+/// root's own reserve, outside the non-root limits: polkit always answers
+/// root at once, so non-root callers can never crowd root out; the bound
+/// only keeps a root flood from filling the connection too.
+pub const MAX_PENDING_ROOT: usize = 16;
+
+/// The checks waiting for polkit now, by whom.
+#[derive(Debug, Default)]
+struct InFlight {
+    by_uid: HashMap<u32, usize>,
+    non_root: usize,
+    interactive_non_root: usize,
+}
+
+impl InFlight {
+    /// Counts a new check of `uid`, or says which limit it would exceed.
+    fn admit(&mut self, uid: u32, interactive: bool) -> Result<(), TooManyPending> {
+        let root = uid == 0;
+        let own_limit = if root {
+            MAX_PENDING_ROOT
+        } else {
+            MAX_PENDING_PER_UID
+        };
+        let own = self.by_uid.get(&uid).copied().unwrap_or(0);
+        if own >= own_limit {
+            return Err(TooManyPending::Caller {
+                uid,
+                limit: own_limit,
+            });
+        }
+        if !root {
+            if self.non_root >= MAX_PENDING_NON_ROOT {
+                return Err(TooManyPending::NonRoot {
+                    limit: MAX_PENDING_NON_ROOT,
+                });
+            }
+            if interactive && self.interactive_non_root >= MAX_PENDING_INTERACTIVE_NON_ROOT {
+                return Err(TooManyPending::Interactive {
+                    limit: MAX_PENDING_INTERACTIVE_NON_ROOT,
+                });
+            }
+            self.non_root += 1;
+            self.interactive_non_root += usize::from(interactive);
+        }
+        *self.by_uid.entry(uid).or_default() += 1;
+        Ok(())
+    }
+
+    fn release(&mut self, uid: u32, interactive: bool) {
+        if let Some(own) = self.by_uid.get_mut(&uid) {
+            *own -= 1;
+            if *own == 0 {
+                self.by_uid.remove(&uid);
+            }
+        }
+        if uid != 0 {
+            self.non_root -= 1;
+            self.interactive_non_root -= usize::from(interactive);
+        }
+    }
+}
+
+/// One admitted check's place in [`InFlight`], given back on drop.
+struct Slot {
+    in_flight: Arc<Mutex<InFlight>>,
+    uid: u32,
+    interactive: bool,
+}
+
+impl Slot {
+    fn take(
+        in_flight: &Arc<Mutex<InFlight>>,
+        uid: u32,
+        interactive: bool,
+    ) -> Result<Slot, TooManyPending> {
+        lock(in_flight).admit(uid, interactive)?;
+        Ok(Slot {
+            in_flight: in_flight.clone(),
+            uid,
+            interactive,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.in_flight).release(self.uid, self.interactive);
+    }
+}
+
+fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
+    // Every critical section leaves the counts consistent.
+    in_flight.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One CheckAuthorization, run to polkit's answer even when nobody waits
+/// for it any more (the caller left, the timeout fired): until then the bus
+/// counts it against the service's connection, so `slot` stays taken.
+async fn ask_polkit(
+    connection: Connection,
+    subject: Subject,
+    action: Action,
+    details: HashMap<String, String>,
+    flags: CheckAuthorizationFlags,
+    stop: CancellationToken,
+    slot: Slot,
+) -> zbus::Result<AuthorizationResult> {
+    let call = async {
+        let proxy = AuthorityProxy::builder(&connection)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await?;
+        let details: HashMap<&str, &str> = details
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        proxy
+            .check_authorization(&subject, action.id(), &details, flags, "")
+            .await
+    };
+    let result = tokio::select! {
+        result = call => result,
+        () = stop.cancelled() => Err(zbus::Error::Failure("the service is stopping".into())),
+    };
+    drop(slot);
+    result
 }
 
 /// A D-Bus caller's credentials.
@@ -53,27 +245,55 @@ pub struct Caller {
     pub groups: Option<Vec<u32>>,
 }
 
-/// Asks polkit on the bus the service is connected to.
-#[derive(Debug, Clone)]
+/// Asks polkit on the bus the service is connected to, within the limits
+/// above. Owned by the manager state, shared behind an `Arc`.
+#[derive(Debug)]
 pub struct Authority {
     connection: Connection,
+    in_flight: Arc<Mutex<InFlight>>,
+    /// The CheckAuthorization calls polkit has not answered yet, whether or
+    /// not their callers still wait.
+    calls: TaskTracker,
+    /// Ends those calls when the service stops.
+    stop: CancellationToken,
 }
 
-/// A non-interactive answer should come back at once; an interactive one
-/// waits for a human typing a password.
+/// A non-interactive answer should come back at once.
 const NON_INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(25);
+/// An interactive one waits for a human typing a password. Not shortened:
+/// a check keeps its slot until polkit answers, however long the caller
+/// waits, so a shorter wait would free nothing and only leave more
+/// password dialogs whose answer nobody reads.
 const INTERACTIVE_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Authority {
     pub fn new(connection: Connection) -> Self {
-        Authority { connection }
+        Authority {
+            connection,
+            in_flight: Arc::default(),
+            calls: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        }
     }
 
-    /// Checks `action` for the sender of the message with `header`.
-    /// `details` are shown to polkit rules (`action.lookup(key)`).
+    /// Stops waiting for polkit's answers (the service is stopping, and its
+    /// connection with it) and returns when no call is left.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        self.calls.close();
+        self.calls.wait().await;
+    }
+
+    /// Checks `action` for the sender of the message with `header`, who is
+    /// `caller` (see [`Authority::caller`]). `details` are shown to polkit
+    /// rules (`action.lookup(key)`). Refused as [`AuthError::TooManyPending`]
+    /// without asking polkit when the caller (or everyone) has as many
+    /// checks waiting as the limits allow. The check counts until polkit
+    /// answers it, even when this future is dropped or times out first.
     pub async fn check(
         &self,
         header: &Header<'_>,
+        caller: &Caller,
         action: Action,
         interactive: bool,
         details: &HashMap<&str, &str>,
@@ -94,18 +314,24 @@ impl Authority {
         } else {
             NON_INTERACTIVE_TIMEOUT
         };
-        let ask = async {
-            let proxy = AuthorityProxy::builder(&self.connection)
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await?;
-            proxy
-                .check_authorization(&subject, action.id(), details, flags, "")
-                .await
-        };
-        let result = tokio::time::timeout(limit, ask)
+        let slot = Slot::take(&self.in_flight, caller.uid, interactive)?;
+        let details = details
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let call = self.calls.spawn(ask_polkit(
+            self.connection.clone(),
+            subject,
+            action,
+            details,
+            flags,
+            self.stop.clone(),
+            slot,
+        ));
+        let result = tokio::time::timeout(limit, call)
             .await
             .map_err(|_| unavailable("polkit did not answer in time".into()))?
+            .map_err(|e| unavailable(format!("internal error: {e}")))?
             .map_err(|e| unavailable(e.to_string()))?;
         tracing::debug!(
             action = action.id(),
@@ -146,9 +372,81 @@ impl Authority {
             groups: credentials.unix_group_ids().cloned(),
         })
     }
+}
 
-    /// The caller's uid (see [`Authority::caller`]).
-    pub async fn caller_uid(&self, header: &Header<'_>) -> Result<u32, AuthError> {
-        Ok(self.caller(header).await?.uid)
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(in_flight: &Arc<Mutex<InFlight>>, uid: u32, interactive: bool) -> Slot {
+        Slot::take(in_flight, uid, interactive).expect("within the limits")
+    }
+
+    #[test]
+    fn one_uid_gets_its_share_and_a_slot_comes_back_on_drop() {
+        let in_flight = Arc::default();
+        let mine: Vec<Slot> = (0..MAX_PENDING_PER_UID)
+            .map(|_| take(&in_flight, 1000, true))
+            .collect();
+        let refused = Slot::take(&in_flight, 1000, false).err();
+        assert_eq!(
+            refused,
+            Some(TooManyPending::Caller {
+                uid: 1000,
+                limit: MAX_PENDING_PER_UID
+            })
+        );
+        assert_eq!(
+            refused.unwrap().to_string(),
+            "uid 1000 has 4 authorization requests waiting for polkit; answer or cancel them \
+             first"
+        );
+        let _other = take(&in_flight, 1001, true);
+        drop(mine);
+        let _again = take(&in_flight, 1000, true);
+        assert_eq!(lock(&in_flight).by_uid.get(&1000), Some(&1));
+    }
+
+    #[test]
+    fn many_uids_leave_room_for_non_interactive_checks_and_root() {
+        let in_flight = Arc::default();
+        let uids = (MAX_PENDING_INTERACTIVE_NON_ROOT / MAX_PENDING_PER_UID) as u32;
+        let _stalled: Vec<Slot> = (0..uids)
+            .flat_map(|uid| (0..MAX_PENDING_PER_UID).map(move |_| 1000 + uid))
+            .map(|uid| take(&in_flight, uid, true))
+            .collect();
+        assert_eq!(
+            Slot::take(&in_flight, 5000, true).err(),
+            Some(TooManyPending::Interactive {
+                limit: MAX_PENDING_INTERACTIVE_NON_ROOT
+            })
+        );
+        let quiet = MAX_PENDING_NON_ROOT - MAX_PENDING_INTERACTIVE_NON_ROOT;
+        let _quick: Vec<Slot> = (0..quiet as u32)
+            .map(|i| take(&in_flight, 6000 + i, false))
+            .collect();
+        assert_eq!(
+            Slot::take(&in_flight, 7000, false).err(),
+            Some(TooManyPending::NonRoot {
+                limit: MAX_PENDING_NON_ROOT
+            })
+        );
+        // root's reserve is untouched by all of that, and bounded itself.
+        let _root: Vec<Slot> = (0..MAX_PENDING_ROOT)
+            .map(|_| take(&in_flight, 0, true))
+            .collect();
+        assert_eq!(
+            Slot::take(&in_flight, 0, false).err(),
+            Some(TooManyPending::Caller {
+                uid: 0,
+                limit: MAX_PENDING_ROOT
+            })
+        );
+    }
+
+    #[test]
+    fn the_limits_stay_well_below_the_buses_128_pending_replies() {
+        const { assert!(MAX_PENDING_NON_ROOT + MAX_PENDING_ROOT <= 128 - 32) };
+        const { assert!(MAX_PENDING_INTERACTIVE_NON_ROOT < MAX_PENDING_NON_ROOT) };
     }
 }
