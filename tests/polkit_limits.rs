@@ -129,6 +129,11 @@ impl Agent {
         self.log.borrow().begun.len()
     }
 
+    #[track_caller]
+    fn assert_asked(&self, n: usize) {
+        assert_eq!(self.asked(), n, "checks polkitd asked the agent about");
+    }
+
     /// Waits until the agent has been asked `n` times in all.
     async fn wait_asked(&mut self, n: usize, what: &str) {
         let waited = tokio::time::timeout(PROMPTLY, self.log.wait_for(|l| l.begun.len() >= n));
@@ -262,6 +267,12 @@ async fn leave(connections: Vec<zbus::Connection>, calls: Vec<JoinHandle<Answer>
     }
 }
 
+/// root's CheckDisk and the second user's are answered, and in time.
+async fn others_are_answered(w: &World) {
+    root_checks(w, &w.path("root.qcow2")).await;
+    second_user_checks(w, &w.path("daemon.qcow2"));
+}
+
 /// The second user's `vmctl check-disk` of its own image, from its own
 /// process: answered, clean, and in time.
 fn second_user_checks(w: &World, image: &Path) {
@@ -309,7 +320,6 @@ async fn world(obeys_cancel: bool) -> (World, Agent) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_polkit_agent_locks_nobody_out() {
     let (w, mut agent) = world(false).await;
-    let (roots, seconds) = (w.path("root.qcow2"), w.path("daemon.qcow2"));
 
     // The flood: PER_UID checks wait at polkit, every other call is Busy at
     // once and never reaches polkit.
@@ -326,15 +336,10 @@ async fn a_stalled_polkit_agent_locks_nobody_out() {
         assert_busy_for_attacker(answer, "the flood");
     }
     assert_eq!(waiting.len(), PER_UID, "calls still waiting");
-    assert_eq!(
-        agent.asked(),
-        PER_UID,
-        "checks polkitd asked the agent about"
-    );
+    agent.assert_asked(PER_UID);
 
     // Meanwhile root and another user are answered, and in time.
-    root_checks(&w, &roots).await;
-    second_user_checks(&w, &seconds);
+    others_are_answered(&w).await;
 
     // The attacker leaves and comes back, again and again: polkit still
     // holds its checks (its agent ignores polkitd's cancellations), so they
@@ -345,13 +350,8 @@ async fn a_stalled_polkit_agent_locks_nobody_out() {
         let (connection, held) = attack(&w, &mut agent, PER_UID, 0, &what).await;
         leave(vec![connection], held).await;
     }
-    assert_eq!(
-        agent.asked(),
-        PER_UID,
-        "checks polkitd asked the agent about"
-    );
-    root_checks(&w, &roots).await;
-    second_user_checks(&w, &seconds);
+    agent.assert_asked(PER_UID);
+    others_are_answered(&w).await;
 
     // The agent leaves the bus: polkitd's calls to it fail, polkit answers
     // the checks, and their slots are free again. With no agent left,
@@ -393,9 +393,8 @@ async fn an_abandoned_check_is_freed_when_polkit_drops_it() {
         leave(vec![connection], held).await;
     }
     let rounds = started.elapsed();
-    assert_eq!(agent.asked(), ROUNDS * PER_UID);
-    root_checks(&w, &w.path("root.qcow2")).await;
-    second_user_checks(&w, &w.path("daemon.qcow2"));
+    agent.assert_asked(ROUNDS * PER_UID);
+    others_are_answered(&w).await;
     eprintln!(
         "{} abandoned checks, all dropped by polkitd, in {ROUNDS} rounds of {rounds:?}",
         ROUNDS * PER_UID
