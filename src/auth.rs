@@ -31,6 +31,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zbus::Connection;
@@ -114,13 +115,26 @@ pub const MAX_PENDING_INTERACTIVE_NON_ROOT: usize = 48;
 /// root at once, so non-root callers can never crowd root out; the bound
 /// only keeps a root flood from filling the connection too.
 pub const MAX_PENDING_ROOT: usize = 16;
+/// How long a call that finds no free slot waits for one before it is
+/// `Busy`. polkit answers a check that needs no password in milliseconds,
+/// so a burst of parallel calls (vmctl in a shell loop) gets through; a slot
+/// held by a password dialog is not freed that soon, so a flood's excess
+/// is refused after this.
+const SLOT_WAIT: Duration = Duration::from_secs(2);
+/// Calls of one uid that may wait for a slot at once; more are `Busy` at
+/// once, so a flood keeps no more than this waiting in the service. Room
+/// for a client that starts dozens of checks at once (the attack tests
+/// start 40 of one user).
+const MAX_WAITING_PER_UID: usize = 64;
 
-/// The checks waiting for polkit now, by whom.
+/// The checks waiting for polkit now, by whom, and the calls waiting for
+/// a slot to ask.
 #[derive(Debug, Default)]
 struct InFlight {
     by_uid: HashMap<u32, usize>,
     non_root: usize,
     interactive_non_root: usize,
+    waiting_by_uid: HashMap<u32, usize>,
 }
 
 impl InFlight {
@@ -158,50 +172,117 @@ impl InFlight {
     }
 
     fn release(&mut self, uid: u32, interactive: bool) {
-        if let Some(own) = self.by_uid.get_mut(&uid) {
-            *own -= 1;
-            if *own == 0 {
-                self.by_uid.remove(&uid);
-            }
-        }
+        decrement(&mut self.by_uid, uid);
         if uid != 0 {
             self.non_root -= 1;
             self.interactive_non_root -= usize::from(interactive);
         }
     }
+
+    /// Counts a call of `uid` that waits for a slot, unless too many do.
+    fn enqueue(&mut self, uid: u32) -> bool {
+        let waiting = self.waiting_by_uid.entry(uid).or_default();
+        *waiting += 1;
+        if *waiting > MAX_WAITING_PER_UID {
+            decrement(&mut self.waiting_by_uid, uid);
+            return false;
+        }
+        true
+    }
+}
+
+/// `map[key] -= 1`, forgetting keys that reach 0.
+fn decrement(map: &mut HashMap<u32, usize>, key: u32) {
+    if let Some(n) = map.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            map.remove(&key);
+        }
+    }
+}
+
+/// The counts, and a wake-up for calls waiting for a slot.
+#[derive(Debug, Default)]
+struct Limits {
+    in_flight: Mutex<InFlight>,
+    freed: Notify,
+}
+
+impl Limits {
+    fn lock(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        // Every critical section leaves the counts consistent.
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A call's place among those waiting for a slot, given back on drop (the
+/// caller may leave while it waits).
+struct Waiting<'a> {
+    limits: &'a Limits,
+    uid: u32,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        decrement(&mut self.limits.lock().waiting_by_uid, self.uid);
+    }
 }
 
 /// One admitted check's place in [`InFlight`], given back on drop.
 struct Slot {
-    in_flight: Arc<Mutex<InFlight>>,
+    limits: Arc<Limits>,
     uid: u32,
     interactive: bool,
 }
 
 impl Slot {
-    fn take(
-        in_flight: &Arc<Mutex<InFlight>>,
-        uid: u32,
-        interactive: bool,
-    ) -> Result<Slot, TooManyPending> {
-        lock(in_flight).admit(uid, interactive)?;
+    /// A slot for a check of `uid` if one is free now.
+    fn try_take(limits: &Arc<Limits>, uid: u32, interactive: bool) -> Result<Slot, TooManyPending> {
+        limits.lock().admit(uid, interactive)?;
         Ok(Slot {
-            in_flight: in_flight.clone(),
+            limits: limits.clone(),
             uid,
             interactive,
         })
+    }
+
+    /// A slot for a check of `uid`, waiting up to `wait` for one to be
+    /// freed (unless too many calls of `uid` wait already).
+    async fn take(
+        limits: &Arc<Limits>,
+        uid: u32,
+        interactive: bool,
+        wait: Duration,
+    ) -> Result<Slot, TooManyPending> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut waiting = None;
+        loop {
+            // Listening before trying, so a slot freed in between is seen.
+            let freed = limits.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            let refused = match Slot::try_take(limits, uid, interactive) {
+                Ok(slot) => return Ok(slot),
+                Err(refused) => refused,
+            };
+            if waiting.is_none() {
+                if !limits.lock().enqueue(uid) {
+                    return Err(refused);
+                }
+                waiting = Some(Waiting { limits, uid });
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(refused);
+            }
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        lock(&self.in_flight).release(self.uid, self.interactive);
+        self.limits.lock().release(self.uid, self.interactive);
+        self.limits.freed.notify_waiters();
     }
-}
-
-fn lock(in_flight: &Mutex<InFlight>) -> std::sync::MutexGuard<'_, InFlight> {
-    // Every critical section leaves the counts consistent.
-    in_flight.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// One CheckAuthorization, run to polkit's answer even when nobody waits
@@ -250,7 +331,7 @@ pub struct Caller {
 #[derive(Debug)]
 pub struct Authority {
     connection: Connection,
-    in_flight: Arc<Mutex<InFlight>>,
+    limits: Arc<Limits>,
     /// The CheckAuthorization calls polkit has not answered yet, whether or
     /// not their callers still wait.
     calls: TaskTracker,
@@ -270,7 +351,7 @@ impl Authority {
     pub fn new(connection: Connection) -> Self {
         Authority {
             connection,
-            in_flight: Arc::default(),
+            limits: Arc::default(),
             calls: TaskTracker::new(),
             stop: CancellationToken::new(),
         }
@@ -288,8 +369,9 @@ impl Authority {
     /// `caller` (see [`Authority::caller`]). `details` are shown to polkit
     /// rules (`action.lookup(key)`). Refused as [`AuthError::TooManyPending`]
     /// without asking polkit when the caller (or everyone) has as many
-    /// checks waiting as the limits allow. The check counts until polkit
-    /// answers it, even when this future is dropped or times out first.
+    /// checks waiting as the limits allow and none is freed within
+    /// `SLOT_WAIT`. The check counts until polkit answers it, even when this
+    /// future is dropped or times out first.
     pub async fn check(
         &self,
         header: &Header<'_>,
@@ -314,7 +396,7 @@ impl Authority {
         } else {
             NON_INTERACTIVE_TIMEOUT
         };
-        let slot = Slot::take(&self.in_flight, caller.uid, interactive)?;
+        let slot = Slot::take(&self.limits, caller.uid, interactive, SLOT_WAIT).await?;
         let details = details
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -378,17 +460,17 @@ impl Authority {
 mod tests {
     use super::*;
 
-    fn take(in_flight: &Arc<Mutex<InFlight>>, uid: u32, interactive: bool) -> Slot {
-        Slot::take(in_flight, uid, interactive).expect("within the limits")
+    fn take(limits: &Arc<Limits>, uid: u32, interactive: bool) -> Slot {
+        Slot::try_take(limits, uid, interactive).expect("within the limits")
     }
 
     #[test]
     fn one_uid_gets_its_share_and_a_slot_comes_back_on_drop() {
-        let in_flight = Arc::default();
+        let limits = Arc::default();
         let mine: Vec<Slot> = (0..MAX_PENDING_PER_UID)
-            .map(|_| take(&in_flight, 1000, true))
+            .map(|_| take(&limits, 1000, true))
             .collect();
-        let refused = Slot::take(&in_flight, 1000, false).err();
+        let refused = Slot::try_take(&limits, 1000, false).err();
         assert_eq!(
             refused,
             Some(TooManyPending::Caller {
@@ -401,47 +483,102 @@ mod tests {
             "uid 1000 has 4 authorization requests waiting for polkit; answer or cancel them \
              first"
         );
-        let _other = take(&in_flight, 1001, true);
+        let _other = take(&limits, 1001, true);
         drop(mine);
-        let _again = take(&in_flight, 1000, true);
-        assert_eq!(lock(&in_flight).by_uid.get(&1000), Some(&1));
+        let _again = take(&limits, 1000, true);
+        assert_eq!(limits.lock().by_uid.get(&1000), Some(&1));
     }
 
     #[test]
     fn many_uids_leave_room_for_non_interactive_checks_and_root() {
-        let in_flight = Arc::default();
+        let limits = Arc::default();
         let uids = (MAX_PENDING_INTERACTIVE_NON_ROOT / MAX_PENDING_PER_UID) as u32;
         let _stalled: Vec<Slot> = (0..uids)
             .flat_map(|uid| (0..MAX_PENDING_PER_UID).map(move |_| 1000 + uid))
-            .map(|uid| take(&in_flight, uid, true))
+            .map(|uid| take(&limits, uid, true))
             .collect();
         assert_eq!(
-            Slot::take(&in_flight, 5000, true).err(),
+            Slot::try_take(&limits, 5000, true).err(),
             Some(TooManyPending::Interactive {
                 limit: MAX_PENDING_INTERACTIVE_NON_ROOT
             })
         );
         let quiet = MAX_PENDING_NON_ROOT - MAX_PENDING_INTERACTIVE_NON_ROOT;
         let _quick: Vec<Slot> = (0..quiet as u32)
-            .map(|i| take(&in_flight, 6000 + i, false))
+            .map(|i| take(&limits, 6000 + i, false))
             .collect();
         assert_eq!(
-            Slot::take(&in_flight, 7000, false).err(),
+            Slot::try_take(&limits, 7000, false).err(),
             Some(TooManyPending::NonRoot {
                 limit: MAX_PENDING_NON_ROOT
             })
         );
         // root's reserve is untouched by all of that, and bounded itself.
         let _root: Vec<Slot> = (0..MAX_PENDING_ROOT)
-            .map(|_| take(&in_flight, 0, true))
+            .map(|_| take(&limits, 0, true))
             .collect();
         assert_eq!(
-            Slot::take(&in_flight, 0, false).err(),
+            Slot::try_take(&limits, 0, false).err(),
             Some(TooManyPending::Caller {
                 uid: 0,
                 limit: MAX_PENDING_ROOT
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_waits_briefly_for_a_freed_slot_and_few_wait() {
+        let limits: Arc<Limits> = Arc::default();
+        let wait = Duration::from_millis(200);
+        let mut held: Vec<Slot> = (0..MAX_PENDING_PER_UID)
+            .map(|_| take(&limits, 1000, true))
+            .collect();
+        // Nothing freed: Busy once the wait is over.
+        let started = std::time::Instant::now();
+        assert!(Slot::take(&limits, 1000, true, wait).await.is_err());
+        assert!(started.elapsed() >= wait);
+        // Freed while it waits: it gets the slot at once.
+        let waiter = tokio::spawn({
+            let limits = limits.clone();
+            async move { Slot::take(&limits, 1000, true, Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        held.pop();
+        let slot = waiter.await.unwrap().expect("the freed slot");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Only so many wait; the next is Busy at once.
+        let waiters: Vec<_> = (0..MAX_WAITING_PER_UID)
+            .map(|_| {
+                let limits = limits.clone();
+                tokio::spawn(async move {
+                    Slot::take(&limits, 1000, true, Duration::from_secs(30))
+                        .await
+                        .is_ok()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            limits.lock().waiting_by_uid.get(&1000),
+            Some(&MAX_WAITING_PER_UID)
+        );
+        let started = std::time::Instant::now();
+        assert!(
+            Slot::take(&limits, 1000, true, Duration::from_secs(30))
+                .await
+                .is_err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        for waiter in &waiters {
+            waiter.abort();
+        }
+        for waiter in waiters {
+            let _ = waiter.await;
+        }
+        assert!(limits.lock().waiting_by_uid.is_empty());
+        drop((slot, held));
+        assert!(limits.lock().by_uid.is_empty());
     }
 
     #[test]

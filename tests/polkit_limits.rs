@@ -45,6 +45,9 @@ const FLOOD_CONNECTIONS: usize = 2;
 /// Connect, leave `PER_UID` checks at polkit, disconnect: this many rounds
 /// are more than 128 abandoned checks, had any of them stayed at the bus.
 const ROUNDS: usize = 33;
+/// How often the attacker comes back while polkit holds its checks. Each
+/// time its calls wait for a slot (up to 2 s) before they are Busy.
+const COMEBACKS: usize = 2;
 /// How long anything that should happen "at once" may take.
 const PROMPTLY: Duration = Duration::from_secs(5);
 const AGENT_PATH: &str = "/org/example/StalledAgent";
@@ -206,51 +209,37 @@ async fn settle(
     (answers, waiting)
 }
 
-/// The attacker's `n` checks over a fresh connection, of which `waiting`
-/// are to reach the agent and the rest to be Busy at once. A call that is
-/// Busy while it should reach polkit (the last connection's checks are
-/// freed a moment after polkit answered them) is tried again, within
+/// The attacker's `PER_UID` checks over a fresh connection, each to reach
+/// the agent. A call that is Busy all the same (the last connection's checks
+/// are freed a moment after polkit answered them) is tried again, within
 /// `PROMPTLY`. Returns the connection and the waiting calls.
-async fn attack(
+async fn fill_share(
     w: &World,
     agent: &mut Agent,
-    n: usize,
-    waiting: usize,
     what: &str,
 ) -> (zbus::Connection, Vec<JoinHandle<Answer>>) {
     let connection = w.stack.bus.connect_as(ATTACKER, ATTACKER).await;
     let started = Instant::now();
     let mut held = Vec::new();
-    for _ in 0..n {
-        loop {
-            let asked = agent.asked();
-            let mut call = check_in_background(&connection, NO_IMAGE);
-            let reached = tokio::time::timeout(PROMPTLY, async {
-                tokio::select! {
-                    answer = &mut call => Some(answer.unwrap()),
-                    _ = agent.log.wait_for(|l| l.begun.len() > asked) => None,
-                }
-            });
-            match reached.await {
-                Err(_) => panic!("{what}: a check neither reached polkit nor was answered"),
-                Ok(None) if held.len() < waiting => {
-                    held.push(call);
-                    break;
-                }
-                Ok(None) => panic!("{what}: the attacker got more than {waiting} checks to polkit"),
-                Ok(Some(answer)) if held.len() == waiting => {
-                    assert_busy_for_attacker(&answer, what);
-                    break;
-                }
-                Ok(Some(answer)) => {
-                    assert_busy_for_attacker(&answer, what);
-                    assert!(
-                        started.elapsed() < PROMPTLY,
-                        "{what}: only {} checks reached polkit within {PROMPTLY:?}",
-                        held.len()
-                    );
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+    while held.len() < PER_UID {
+        let asked = agent.asked();
+        let mut call = check_in_background(&connection, NO_IMAGE);
+        let reached = tokio::time::timeout(PROMPTLY, async {
+            tokio::select! {
+                answer = &mut call => Some(answer.unwrap()),
+                _ = agent.log.wait_for(|l| l.begun.len() > asked) => None,
+            }
+        });
+        match reached.await {
+            Err(_) => panic!("{what}: a check neither reached polkit nor was answered"),
+            Ok(None) => held.push(call),
+            Ok(Some(answer)) => {
+                assert_busy_for_attacker(&answer, what);
+                assert!(
+                    started.elapsed() < PROMPTLY,
+                    "{what}: only {} checks reached polkit within {PROMPTLY:?}",
+                    held.len()
+                );
             }
         }
     }
@@ -345,10 +334,17 @@ async fn a_stalled_polkit_agent_locks_nobody_out() {
     // holds its checks (its agent ignores polkitd's cancellations), so they
     // still count, and nothing more reaches polkit.
     leave(flood, waiting).await;
-    for round in 1..=ROUNDS {
-        let what = format!("round {round}");
-        let (connection, held) = attack(&w, &mut agent, PER_UID, 0, &what).await;
-        leave(vec![connection], held).await;
+    for round in 1..=COMEBACKS {
+        let what = format!("comeback {round}");
+        let connection = w.stack.bus.connect_as(ATTACKER, ATTACKER).await;
+        let calls = (0..PER_UID)
+            .map(|_| check_in_background(&connection, NO_IMAGE))
+            .collect();
+        let (answers, _) = settle(calls, PER_UID, &what).await;
+        for answer in &answers {
+            assert_busy_for_attacker(answer, &what);
+        }
+        leave(vec![connection], Vec::new()).await;
     }
     agent.assert_asked(PER_UID);
     others_are_answered(&w).await;
@@ -388,8 +384,7 @@ async fn an_abandoned_check_is_freed_when_polkit_drops_it() {
     let started = Instant::now();
     for round in 1..=ROUNDS {
         let what = format!("round {round}");
-        // One more than the share: that one is Busy at once.
-        let (connection, held) = attack(&w, &mut agent, PER_UID + 1, PER_UID, &what).await;
+        let (connection, held) = fill_share(&w, &mut agent, &what).await;
         leave(vec![connection], held).await;
     }
     let rounds = started.elapsed();
