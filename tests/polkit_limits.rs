@@ -340,6 +340,10 @@ async fn a_stalled_polkit_agent_locks_nobody_out() {
         let calls = (0..PER_UID)
             .map(|_| check_in_background(&connection, NO_IMAGE))
             .collect();
+        // Given time to reach polkit, had the abandoned checks stopped
+        // counting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        agent.assert_asked(PER_UID);
         let (answers, _) = settle(calls, PER_UID, &what).await;
         for answer in &answers {
             assert_busy_for_attacker(answer, &what);
