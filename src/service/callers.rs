@@ -60,13 +60,17 @@ impl CallerGuard {
     }
 
     /// Runs `work` unless the caller leaves the bus (or the daemon stops)
-    /// first; then `work` is dropped (a polkit check in it is cancelled).
-    pub async fn until_gone<T>(
+    /// first; then `work` is dropped (a polkit check in it is no longer
+    /// waited for, though it counts until polkit answers it).
+    pub async fn until_gone<T, E>(
         &self,
-        work: impl std::future::Future<Output = Result<T, VmError>>,
-    ) -> Result<T, VmError> {
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, VmError>
+    where
+        VmError: From<E>,
+    {
         tokio::select! {
-            result = work => result,
+            result = work => Ok(result?),
             () = self.token.cancelled() => {
                 Err(VmError::Cancelled("the caller left the bus, or the service is stopping".into()))
             }

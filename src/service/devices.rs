@@ -432,7 +432,7 @@ impl PciDeviceObject {
             interactive,
             &details,
         );
-        guard.until_gone(async { Ok(check.await?) }).await?;
+        guard.until_gone(check).await?;
         // An unknown answer refuses: a VM's device must never be pulled from under it.
         let users = self.users().await.ok_or_else(|| {
             VmError::Failed(format!(

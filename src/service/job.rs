@@ -57,7 +57,7 @@ pub struct Job {
     info: JobInfo,
     cancel: CancellationToken,
     authority: Arc<Authority>,
-    /// So that a Cancel caller who leaves stops its polkit check.
+    /// So that a Cancel caller who leaves is no longer waited for.
     callers: Arc<Callers>,
 }
 
@@ -128,7 +128,7 @@ impl Job {
             let check = self
                 .authority
                 .check(&header, &caller, action, interactive, &details);
-            guard.until_gone(async { Ok(check.await?) }).await?;
+            guard.until_gone(check).await?;
         }
         tracing::info!(target = %self.info.target, caller = caller.uid, "job cancelled");
         self.cancel.cancel();
