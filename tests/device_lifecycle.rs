@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use vmmanager::auth::Authority;
 use vmmanager::devices::monitor::{EventGroup, MonitorOptions, THREAD_NAME};
 use vmmanager::devices::vfio::VfioBinder;
+use vmmanager::service::callers::Callers;
 use vmmanager::service::devices::{DeviceService, DeviceSettings, EventSource};
 use zbus::{MatchRule, MessageStream};
 
@@ -45,6 +46,7 @@ async fn start(connection: &zbus::Connection) -> DeviceService {
         connection.clone(),
         settings(),
         authority,
+        Callers::new(tokio_util::sync::CancellationToken::new()),
         VfioBinder::new("/sys".into(), None),
         EventSource::Udev(options),
     )

@@ -199,7 +199,6 @@ fn stat(pid: u32) -> Option<(char, u32, u32)> {
     ))
 }
 
-
 fn all_pids() -> Vec<u32> {
     std::fs::read_dir("/proc")
         .unwrap()

@@ -18,6 +18,9 @@ use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use zbus::Connection;
 use zbus::fdo::DBusProxy;
+use zbus::message::Header;
+
+use super::error::VmError;
 
 /// How many departed names are remembered for late guards. A guard is taken
 /// right after the call arrives, so only disconnects in between count.
@@ -55,6 +58,24 @@ impl CallerGuard {
     pub fn token(&self) -> &CancellationToken {
         &self.token
     }
+
+    /// Runs `work` unless the caller leaves the bus (or the daemon stops)
+    /// first; then `work` is dropped (a polkit check in it is no longer
+    /// waited for, though it counts until polkit answers it).
+    pub async fn until_gone<T, E>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, VmError>
+    where
+        VmError: From<E>,
+    {
+        tokio::select! {
+            result = work => Ok(result?),
+            () = self.token.cancelled() => {
+                Err(VmError::Cancelled("the caller left the bus, or the service is stopping".into()))
+            }
+        }
+    }
 }
 
 impl Drop for CallerGuard {
@@ -80,6 +101,15 @@ impl Callers {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // Every critical section leaves the maps consistent.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A guard for the sender of `header`: its token is cancelled when the
+    /// sender leaves the bus (or the daemon stops).
+    pub fn guard(self: &Arc<Self>, header: &Header<'_>) -> Result<CallerGuard, VmError> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| VmError::NotAuthorized("the call has no sender".into()))?;
+        Ok(self.track(sender.as_str()))
     }
 
     /// A guard for the caller with unique name `name`.

@@ -150,10 +150,12 @@ async fn start_devices(
         None => EventSource::None,
     };
     let authority = state.authority.clone();
+    let callers = state.callers.clone();
     match DeviceService::start(
         connection.clone(),
         settings.clone(),
         authority.clone(),
+        callers.clone(),
         binder(),
         source,
     )
@@ -169,6 +171,7 @@ async fn start_devices(
                 connection.clone(),
                 settings,
                 authority,
+                callers,
                 binder(),
                 EventSource::None,
             )

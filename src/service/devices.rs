@@ -20,6 +20,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
 
 use super::DEVICES_PATH;
+use super::callers::Callers;
 use super::error::VmError;
 use super::options::parse_interactive_only;
 use super::values::{Dict, variant};
@@ -80,11 +81,13 @@ impl DeviceService {
     /// Subscribes (udev), enumerates, exports the objects, and returns once
     /// all devices present now are on the bus.
     /// `binder` does the sysfs writes of Detach/Reattach (tests give it a
-    /// writer that plays the kernel's part on a prepared tree).
+    /// writer that plays the kernel's part on a prepared tree); `callers`
+    /// stops a polkit check whose caller left the bus.
     pub async fn start(
         connection: Connection,
         settings: DeviceSettings,
         authority: Arc<Authority>,
+        callers: Arc<Callers>,
         binder: VfioBinder,
         source: EventSource,
     ) -> Result<DeviceService, DeviceServiceError> {
@@ -103,6 +106,7 @@ impl DeviceService {
         let shared = Arc::new(Shared {
             connection: connection.clone(),
             authority,
+            callers,
             binder,
             settings: settings.clone(),
             rereads: reread_sender,
@@ -154,6 +158,7 @@ impl DeviceService {
 struct Shared {
     connection: Connection,
     authority: Arc<Authority>,
+    callers: Arc<Callers>,
     binder: VfioBinder,
     settings: DeviceSettings,
     rereads: mpsc::Sender<Reread>,
@@ -426,10 +431,17 @@ impl PciDeviceObject {
         let interactive = parse_interactive_only(method, options)?;
         let address = self.pci_address().to_string();
         let details = HashMap::from([("device", address.as_str())]);
-        self.shared
-            .authority
-            .check(header, Action::ManageDevices, interactive, &details)
-            .await?;
+        let guard = self.shared.callers.guard(header)?;
+        let authority = &self.shared.authority;
+        let caller = authority.caller(header).await?;
+        let check = authority.check(
+            header,
+            &caller,
+            Action::ManageDevices,
+            interactive,
+            &details,
+        );
+        guard.until_gone(check).await?;
         // An unknown answer refuses: a VM's device must never be pulled from under it.
         let users = self.users().await.ok_or_else(|| {
             VmError::Failed(format!(

@@ -21,8 +21,9 @@ pub enum VmError {
     InvalidArgument(String),
     /// polkit said no, or could not be asked.
     NotAuthorized(String),
-    /// A check of the same image is already running, or the caller (uid) has
-    /// as many checks or GetDiskUsers calls in progress as it may.
+    /// A check of the same image is already running, the caller (uid) has
+    /// as many checks or GetDiskUsers calls in progress as it may, or too
+    /// many of its authorizations wait for polkit.
     Busy(String),
     /// qemu-img could not complete the check.
     CheckFailed(String),
@@ -108,7 +109,13 @@ impl From<VfioError> for VmError {
 
 impl From<AuthError> for VmError {
     fn from(e: AuthError) -> Self {
-        VmError::NotAuthorized(e.to_string())
+        match e {
+            // Not a refusal: polkit was not asked, and asking later may work.
+            AuthError::TooManyPending(_) => VmError::Busy(e.to_string()),
+            AuthError::Denied { .. }
+            | AuthError::Unavailable { .. }
+            | AuthError::UnknownCaller(_) => VmError::NotAuthorized(e.to_string()),
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{OwnedObjectPath, OwnedVariant, interface};
 
 use super::JOBS_PATH;
+use super::callers::Callers;
 use super::error::VmError;
 use super::options::parse_interactive_only;
 use crate::auth::{Action, Authority};
@@ -56,14 +57,22 @@ pub struct Job {
     info: JobInfo,
     cancel: CancellationToken,
     authority: Arc<Authority>,
+    /// So that a Cancel caller who leaves is no longer waited for.
+    callers: Arc<Callers>,
 }
 
 impl Job {
-    pub fn new(info: JobInfo, cancel: CancellationToken, authority: Arc<Authority>) -> Self {
+    pub fn new(
+        info: JobInfo,
+        cancel: CancellationToken,
+        authority: Arc<Authority>,
+        callers: Arc<Callers>,
+    ) -> Self {
         Job {
             info,
             cancel,
             authority,
+            callers,
         }
     }
 }
@@ -111,14 +120,17 @@ impl Job {
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(), VmError> {
         let interactive = parse_interactive_only("Cancel", options)?;
-        let caller = self.authority.caller_uid(&header).await?;
-        if caller != self.info.started_by_uid {
+        let guard = self.callers.guard(&header)?;
+        let caller = self.authority.caller(&header).await?;
+        if caller.uid != self.info.started_by_uid {
             let details = HashMap::from([("image", self.info.target.as_str())]);
-            self.authority
-                .check(&header, Action::CheckDiskOtherUser, interactive, &details)
-                .await?;
+            let action = Action::CheckDiskOtherUser;
+            let check = self
+                .authority
+                .check(&header, &caller, action, interactive, &details);
+            guard.until_gone(check).await?;
         }
-        tracing::info!(target = %self.info.target, caller, "job cancelled");
+        tracing::info!(target = %self.info.target, caller = caller.uid, "job cancelled");
         self.cancel.cancel();
         Ok(())
     }

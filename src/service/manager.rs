@@ -11,7 +11,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, interface};
 
 use super::MANAGER_PATH;
-use super::callers::{CallerGuard, Callers};
+use super::callers::Callers;
 use super::error::VmError;
 use super::job::{Job, JobIds, JobInfo};
 use super::options::{self, DiskOptions};
@@ -34,7 +34,7 @@ pub struct ManagerState {
     /// all of them (and their qemu-img children) to be gone.
     tasks: TaskTracker,
     /// Callers with work in progress; their work stops when they leave.
-    callers: Arc<Callers>,
+    pub callers: Arc<Callers>,
 }
 
 impl ManagerState {
@@ -68,6 +68,7 @@ impl ManagerState {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.authority.stop().await;
     }
 
     fn job_paths(&self) -> Vec<OwnedObjectPath> {
@@ -91,15 +92,6 @@ pub struct Manager {
 impl Manager {
     pub fn new(state: Arc<ManagerState>) -> Self {
         Manager { state }
-    }
-
-    /// A guard for the sender of `header`: its token is cancelled when the
-    /// sender leaves the bus (or the daemon stops).
-    fn guard(&self, header: &Header<'_>) -> Result<CallerGuard, VmError> {
-        let sender = header
-            .sender()
-            .ok_or_else(|| VmError::NotAuthorized("the call has no sender".into()))?;
-        Ok(self.state.callers.track(sender.as_str()))
     }
 
     /// Opens the image the caller names and decides, with polkit, whose
@@ -133,11 +125,14 @@ impl Manager {
             Err(e) if e.is_service_fault() => return Err(e.into()),
             seen => seen,
         };
-        let ask = |action: Action, image: String| async move {
-            let details = HashMap::from([("image", image.as_str())]);
-            authority
-                .check(header, action, options.interactive, &details)
-                .await
+        let ask = |action: Action, image: String| {
+            let caller = &caller;
+            async move {
+                let details = HashMap::from([("image", image.as_str())]);
+                authority
+                    .check(header, caller, action, options.interactive, &details)
+                    .await
+            }
         };
         let (image, check_as) = match seen {
             Ok(image) if image.uid == caller.uid => {
@@ -248,12 +243,14 @@ impl Manager {
     ) -> Result<Dict, VmError> {
         let started = Instant::now();
         let options = options::parse_check_disk(options)?;
-        let guard = self.guard(&header)?;
+        let guard = self.state.callers.guard(&header)?;
         let Authorized {
             image,
             caller_uid: caller,
             check_as,
-        } = until_gone(&guard, self.authorize_image(&header, image, &options)).await?;
+        } = guard
+            .until_gone(self.authorize_image(&header, image, &options))
+            .await?;
         // Busy is refused here, before a job or a DiskChecked signal exists:
         // the check that is running is the one that will report.
         let reservation = self.state.checker.reserve(image.clone(), caller)?;
@@ -274,7 +271,12 @@ impl Manager {
                 caller,
             );
             let server = connection.object_server();
-            let job = Job::new(info, cancel.clone(), state.authority.clone());
+            let job = Job::new(
+                info,
+                cancel.clone(),
+                state.authority.clone(),
+                state.callers.clone(),
+            );
             if let Err(e) = server.at(&path, job).await {
                 tracing::warn!("cannot export job {path}: {e}");
             }
@@ -334,8 +336,10 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
     ) -> Result<Vec<Dict>, VmError> {
         let options = options::parse_get_disk_users(options)?;
-        let guard = self.guard(&header)?;
-        let authorized = until_gone(&guard, self.authorize_image(&header, image, &options)).await?;
+        let guard = self.state.callers.guard(&header)?;
+        let authorized = guard
+            .until_gone(self.authorize_image(&header, image, &options))
+            .await?;
         let usage = self
             .state
             .checker
@@ -370,19 +374,6 @@ impl Manager {
     #[zbus(property)]
     fn jobs(&self) -> Vec<OwnedObjectPath> {
         self.state.job_paths()
-    }
-}
-
-/// Runs `work` unless the caller leaves the bus (or the daemon stops) first.
-async fn until_gone<T>(
-    guard: &CallerGuard,
-    work: impl std::future::Future<Output = Result<T, VmError>>,
-) -> Result<T, VmError> {
-    tokio::select! {
-        result = work => result,
-        () = guard.token().cancelled() => {
-            Err(VmError::Cancelled("the caller left the bus, or the service is stopping".into()))
-        }
     }
 }
 

@@ -23,6 +23,7 @@ use vmmanager::auth::Authority;
 use vmmanager::devices::MonitorMessage;
 use vmmanager::devices::inventory::AllowEntry;
 use vmmanager::devices::vfio::VfioBinder;
+use vmmanager::service::callers::Callers;
 use vmmanager::service::devices::{DeviceService, DeviceSettings, EventSource};
 use vmmanager::service::{BUS_NAME, MANAGER_PATH};
 
@@ -93,6 +94,8 @@ impl InProcService {
             connection.clone(),
             settings,
             Arc::new(Authority::new(connection.clone())),
+            // Departures are not watched here: no test leaves mid-call.
+            Callers::new(tokio_util::sync::CancellationToken::new()),
             binder,
             EventSource::Channel(receiver),
         )
