@@ -231,19 +231,34 @@ async fn fill_share(
             }
         });
         match reached.await {
-            Err(_) => panic!("{what}: a check neither reached polkit nor was answered"),
+            Err(_) => panic!(
+                "{what}: a check neither reached polkit nor was answered\n{}",
+                diagnostics(w)
+            ),
             Ok(None) => held.push(call),
             Ok(Some(answer)) => {
                 assert_busy_for_attacker(&answer, what);
                 assert!(
                     started.elapsed() < PROMPTLY,
-                    "{what}: only {} checks reached polkit within {PROMPTLY:?}",
-                    held.len()
+                    "{what}: only {} checks reached polkit within {PROMPTLY:?}\n{}",
+                    held.len(),
+                    diagnostics(w)
                 );
             }
         }
     }
     (connection, held)
+}
+
+/// The daemon's last log lines and polkitd's output, for failures.
+fn diagnostics(w: &World) -> String {
+    let log = w.stack.daemon.output();
+    let lines: Vec<&str> = log.lines().collect();
+    format!(
+        "vmmanagerd's last lines:\n{}\npolkitd:\n{}",
+        lines[lines.len().saturating_sub(30)..].join("\n"),
+        w.stack.polkit.stderr()
+    )
 }
 
 /// Closes the attacker's connections, as a killed client's close.
