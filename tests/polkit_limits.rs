@@ -325,8 +325,8 @@ async fn world(obeys_cancel: bool) -> (World, Agent) {
 async fn a_stalled_polkit_agent_locks_nobody_out() {
     let (w, mut agent) = world(false).await;
 
-    // The flood: PER_UID checks wait at polkit, every other call is Busy at
-    // once and never reaches polkit.
+    // The flood: PER_UID checks wait at polkit; every other call is Busy
+    // (at once, or after waiting 2 s for a slot) and never reaches polkit.
     let mut flood = Vec::new();
     for _ in 0..FLOOD_CONNECTIONS {
         flood.push(w.stack.bus.connect_as(ATTACKER, ATTACKER).await);
