@@ -231,19 +231,34 @@ async fn fill_share(
             }
         });
         match reached.await {
-            Err(_) => panic!("{what}: a check neither reached polkit nor was answered"),
+            Err(_) => panic!(
+                "{what}: a check neither reached polkit nor was answered\n{}",
+                diagnostics(w)
+            ),
             Ok(None) => held.push(call),
             Ok(Some(answer)) => {
                 assert_busy_for_attacker(&answer, what);
                 assert!(
                     started.elapsed() < PROMPTLY,
-                    "{what}: only {} checks reached polkit within {PROMPTLY:?}",
-                    held.len()
+                    "{what}: only {} checks reached polkit within {PROMPTLY:?}\n{}",
+                    held.len(),
+                    diagnostics(w)
                 );
             }
         }
     }
     (connection, held)
+}
+
+/// The daemon's last log lines and polkitd's output, for failures.
+fn diagnostics(w: &World) -> String {
+    let log = w.stack.daemon.output();
+    let lines: Vec<&str> = log.lines().collect();
+    format!(
+        "vmmanagerd's last lines:\n{}\npolkitd:\n{}",
+        lines[lines.len().saturating_sub(30)..].join("\n"),
+        w.stack.polkit.stderr()
+    )
 }
 
 /// Closes the attacker's connections, as a killed client's close.
@@ -310,8 +325,8 @@ async fn world(obeys_cancel: bool) -> (World, Agent) {
 async fn a_stalled_polkit_agent_locks_nobody_out() {
     let (w, mut agent) = world(false).await;
 
-    // The flood: PER_UID checks wait at polkit, every other call is Busy at
-    // once and never reaches polkit.
+    // The flood: PER_UID checks wait at polkit; every other call is Busy
+    // (at once, or after waiting 2 s for a slot) and never reaches polkit.
     let mut flood = Vec::new();
     for _ in 0..FLOOD_CONNECTIONS {
         flood.push(w.stack.bus.connect_as(ATTACKER, ATTACKER).await);
