@@ -284,3 +284,113 @@ async fn session_pidfiles_are_found_in_the_owners_runtime_dir() {
     );
     assert_eq!(user["pidfile"], pidfile.to_str().unwrap());
 }
+
+/// Proxmox's launch: the binary is called `kvm`, `-name vm100,debug-threads=on`,
+/// `-pidfile` in a directory of its own (here a temp dir standing in for
+/// `/run/qemu-server`, configured as a global pattern).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxmox_style_launch_is_named_by_its_vm_id() {
+    let run = common::util::public_tempdir("vmm-qemu-server-");
+    let pattern = format!("{}/*.pid", run.path().display());
+    let config = common::DaemonConfig::default().pidfile_patterns([pattern]);
+    let w = World::with(common::Polkit::builder(), config).await;
+    let image = w.path("vm-100-disk-0.qcow2");
+    make_clean_qcow2(&image);
+    let kvm = run.path().join("kvm");
+    std::os::unix::fs::symlink(
+        run_output("sh", &["-c", "command -v qemu-system-x86_64"]),
+        &kvm,
+    )
+    .unwrap();
+    let pidfile = run.path().join("100.pid");
+    let child = Command::new(&kvm)
+        .args(QEMU_ARGS)
+        .args(["-name", "vm100,debug-threads=on", "-pidfile"])
+        .arg(&pidfile)
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", image.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let vm = ChildGuard::new(child, "kvm vm100");
+    wait_holding(vm.pid(), &image);
+    wait_until(
+        Duration::from_secs(30),
+        "kvm to write its PID file",
+        || std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim() == vm.pid().to_string()),
+        String::new,
+    );
+    let user = only_user(&w, &image).await;
+    assert_eq!(user["pid"], vm.pid());
+    assert_eq!(user["vm-name"], "vm100");
+    assert_eq!(
+        user["found-by"],
+        serde_json::json!(["pidfile", "proc", "lock"])
+    );
+    assert_eq!(user["pidfile"], pidfile.to_str().unwrap());
+    let (name, message) = w.check(&image, &[]).await.unwrap_err();
+    assert_eq!(name, "InUse");
+    assert!(message.contains("VM \"vm100\""), "{message}");
+}
+
+/// Images exported by `qemu-nbd` or `qemu-storage-daemon` are in use (they
+/// hold them for writing): named, and never checked underneath them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_and_storage_daemon_exports_block_the_check() {
+    let w = World::start().await;
+    let sockets = common::util::public_tempdir("vmm-nbd-");
+    for (tool, args) in [
+        (
+            "qemu-nbd",
+            vec!["--persistent", "--shared=1", "-f", "qcow2", "-k"],
+        ),
+        ("qemu-storage-daemon", vec![]),
+    ] {
+        let image = w.path(&format!("{tool}.qcow2"));
+        make_clean_qcow2(&image);
+        let socket = sockets.path().join(format!("{tool}.sock"));
+        let mut cmd = Command::new(tool);
+        if tool == "qemu-nbd" {
+            cmd.args(&args).arg(&socket).arg(&image);
+        } else {
+            cmd.arg("--blockdev")
+                .arg(format!(
+                    "driver=file,node-name=file0,filename={}",
+                    image.display()
+                ))
+                .arg("--blockdev")
+                .arg("driver=qcow2,node-name=disk0,file=file0")
+                .arg("--nbd-server")
+                .arg(format!("addr.type=unix,addr.path={}", socket.display()))
+                .arg("--export")
+                .arg("type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on");
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let exporter = ChildGuard::new(child, tool);
+        wait_holding(exporter.pid(), &image);
+        let user = only_user(&w, &image).await;
+        assert_eq!(user["pid"], exporter.pid(), "{tool}");
+        assert_eq!(user["writable"], true, "{tool}");
+        let (name, message) = w.check(&image, &[]).await.unwrap_err();
+        assert_eq!(name, "InUse", "{tool}: {message}");
+        assert!(
+            message.contains(&format!("PID {}", exporter.pid())),
+            "{tool}: {message}"
+        );
+    }
+}
+
+fn run_output(program: &str, args: &[&str]) -> PathBuf {
+    PathBuf::from(
+        run(Command::new(program).args(args))
+            .expect_success(program)
+            .trim(),
+    )
+}

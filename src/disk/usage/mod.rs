@@ -224,16 +224,21 @@ impl UsageScanner {
             }
         }
 
-        let lock = lock::probe(&image.file);
-        if lock.locked && !explains(&users, lock) {
-            // A QEMU that opened the image after /proc was read (a VM
-            // starting now) holds a lock nobody seen explains: look once
-            // more before calling it invisible.
+        let mut lock = lock::probe(&image.file);
+        // A QEMU that opened the image after /proc was read (a VM starting
+        // now) holds a lock nobody seen explains; while it starts it may
+        // also move the lock to a new descriptor as a scan passes. Look a
+        // few more times before calling the holder invisible.
+        for _ in 0..LOOKS_AGAIN {
+            if !lock.locked || explains(&users, lock) {
+                break;
+            }
             for h in procfs::holders(&self.proc_root, target, own_pid, cancel)? {
                 users
                     .entry(h.pid)
                     .or_insert_with(|| self.describe(h.pid, h.writable));
             }
+            lock = lock::probe(&image.file);
         }
         let mut users: Vec<DiskUser> = users.into_values().collect();
         if lock.locked {
@@ -362,6 +367,9 @@ impl UsageScanner {
             .any(|m| (m.dev(), m.ino()) == (dev, ino))
     }
 }
+
+/// How many more /proc scans an unexplained lock gets (see `scan`).
+const LOOKS_AGAIN: usize = 3;
 
 /// Whether the visible holders account for `lock`: some QEMU-family
 /// process holds the image, and a writer among them if the lock says one.
