@@ -429,10 +429,7 @@ async fn lock_conflict_and_force_share() {
 
 #[tokio::test]
 async fn nobody_cannot_read_root_only_image() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(is_root(), "needs root: the test suite runs as root");
     let dir = TempDir::new("nobody-unreadable");
     let image = dir.join("private.qcow2");
     images::make_clean_qcow2(&image);
@@ -450,10 +447,7 @@ async fn nobody_cannot_read_root_only_image() {
 
 #[tokio::test]
 async fn nobody_checks_readable_image() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(is_root(), "needs root: the test suite runs as root");
     let dir = TempDir::new("nobody-readable");
     let image = dir.join("public.qcow2");
     images::make_clean_qcow2(&image);
@@ -490,10 +484,7 @@ fn read(dir: &Path, name: &str) -> String {
 
 #[tokio::test]
 async fn runs_as_nobody_in_own_group_with_clean_environment() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(is_root(), "needs root: the test suite runs as root");
     let dir = TempDir::new("reporting-nobody");
     let out = dir.open_subdir("out");
     let stand_in = dir.script("qemu-img", REPORTING);
@@ -544,10 +535,7 @@ async fn runs_as_nobody_in_own_group_with_clean_environment() {
 
 #[tokio::test]
 async fn sets_supplementary_groups() {
-    if !is_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
+    assert!(is_root(), "needs root: the test suite runs as root");
     let dir = TempDir::new("reporting-groups");
     let out = dir.open_subdir("out");
     let stand_in = dir.script("qemu-img", REPORTING);
