@@ -19,7 +19,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::images::{LEAKED_CLUSTERS, make_clean_qcow2, make_leaky_qcow2, qemu_img_check};
-use common::util::{ChildGuard, alive, command_as, public_tempdir, run, wait_until, write_file};
+use common::util::{
+    ChildGuard, alive, busctl_call_in_background, command_as, fd_count, give, make_dir,
+    public_tempdir, run, wait_until, write_file,
+};
 use common::world::{Report, World, json, split_error, str_of, u64_of};
 use common::{CmdOutput, DaemonConfig, NOBODY, Polkit, Vm};
 use futures_util::StreamExt;
@@ -82,19 +85,6 @@ fn as_attacker(script: &str, args: &[&Path]) {
     run(&mut cmd).expect_success("the attacker's swap");
 }
 
-fn mkdir(path: &Path, mode: u32, owner: Option<u32>) {
-    std::fs::create_dir(path).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-    if let Some(uid) = owner {
-        std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
-    }
-}
-
-fn chown(path: &Path, uid: u32, mode: u32) {
-    std::os::unix::fs::chown(path, Some(uid), Some(uid)).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
-}
-
 fn make_big_qcow2(path: &Path) {
     let out = run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -146,7 +136,7 @@ fn vmctl_in_background(
 /// image lives where the attacker can swap names.
 fn shared_dir(w: &World) -> PathBuf {
     let shared = w.path("shared");
-    mkdir(&shared, 0o777, None);
+    make_dir(&shared, 0o777, None);
     shared
 }
 
@@ -160,10 +150,10 @@ async fn a_swapped_image_name_never_redirects_a_repair() {
     make_leaky_qcow2(&image);
     // The victim: another user's (daemon, uid 1) 0600 image in a 0700 dir.
     let private = w.path("private");
-    mkdir(&private, 0o700, Some(1));
+    make_dir(&private, 0o700, Some(1));
     let victim = private.join("disk.qcow2");
     make_leaky_qcow2(&victim);
-    chown(&victim, 1, 0o600);
+    give(&victim, 1, 0o600);
     let before = digest(&victim);
 
     let options = HashMap::from([("repair", Variant::from("leaks"))]);
@@ -194,11 +184,11 @@ async fn a_swapped_directory_never_redirects_a_check() {
     let config = DaemonConfig::default().qemu_img(gate.qemu_img());
     let w = World::with(Polkit::builder(), config).await;
     let sub = shared_dir(&w).join("vm");
-    mkdir(&sub, 0o777, None);
+    make_dir(&sub, 0o777, None);
     let image = sub.join("disk.qcow2");
     make_leaky_qcow2(&image);
     let elsewhere = w.path("elsewhere");
-    mkdir(&elsewhere, 0o755, None);
+    make_dir(&elsewhere, 0o755, None);
     make_big_qcow2(&elsewhere.join("disk.qcow2"));
 
     let call = check_in_background(&w, &image, HashMap::new());
@@ -220,18 +210,18 @@ async fn a_swapped_name_never_bypasses_the_in_use_refusal() {
     let config = DaemonConfig::default().qemu_img(gate.qemu_img());
     let w = World::with(polkit, config).await;
     let home = w.path("home");
-    mkdir(&home, 0o755, Some(NOBODY));
+    make_dir(&home, 0o755, Some(NOBODY));
     // nobody's image that a VM holds read-only: a direct check is refused.
     let held = home.join("held.qcow2");
     make_clean_qcow2(&held);
-    chown(&held, NOBODY, 0o644);
+    give(&held, NOBODY, 0o644);
     let _vm = Vm::builder("ro-vm", &held).readonly(true).start();
     let out = w.check_as_nobody(&[], &held);
     assert_eq!(out.status.code(), Some(4), "{out:?}");
     // nobody's own free (and bigger) image, then the swap.
     let own = home.join("own.qcow2");
     make_big_qcow2(&own);
-    chown(&own, NOBODY, 0o644);
+    give(&own, NOBODY, 0o644);
 
     let args = ["check-disk", "--json", own.to_str().unwrap()];
     let call = vmctl_in_background(&w, NOBODY_USER, &args);
@@ -388,10 +378,10 @@ async fn nothing_is_revealed_before_polkit_or_beyond_it() {
     // The pidfile option on nobody's own image: a PID file it cannot read
     // and a missing one give the same report and the same signal.
     let home = w.path("home");
-    mkdir(&home, 0o755, Some(NOBODY));
+    make_dir(&home, 0o755, Some(NOBODY));
     let own = home.join("own.qcow2");
     make_clean_qcow2(&own);
-    chown(&own, NOBODY, 0o644);
+    give(&own, NOBODY, 0o644);
     let manager = w.manager().await;
     let mut signals = manager.receive_disk_checked().await.unwrap();
     let mut reports = Vec::new();
@@ -457,30 +447,21 @@ async fn one_users_hanging_checks_never_starve_another() {
         .max_concurrent_checks(2);
     let w = World::with(polkit, config).await;
     let home = w.path("home");
-    mkdir(&home, 0o755, Some(NOBODY));
+    make_dir(&home, 0o755, Some(NOBODY));
 
     // nobody starts more checks than it may have (1 running + 4 waiting).
     let mut clients = Vec::new();
     for i in 0..6 {
         let image = home.join(format!("own{i}.qcow2"));
         make_clean_qcow2(&image);
-        chown(&image, NOBODY, 0o644);
-        let mut cmd = command_as(NOBODY_USER, "busctl");
-        cmd.arg(format!("--address={}", w.stack.bus.address()))
-            .args([
-                "--timeout=600",
-                "call",
-                "org.example.VmManager",
-                "/org/example/VmManager",
-                "org.example.VmManager1",
-                "CheckDisk",
-                "sa{sv}",
-            ])
-            .arg(&image)
-            .arg("0")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        clients.push(ChildGuard::new(cmd.spawn().unwrap(), "nobody's busctl"));
+        give(&image, NOBODY, 0o644);
+        clients.push(busctl_call_in_background(
+            w.stack.bus.address(),
+            NOBODY_USER,
+            "CheckDisk",
+            &image,
+            std::process::Stdio::null(),
+        ));
     }
     wait_until(
         Duration::from_secs(20),
@@ -576,10 +557,10 @@ async fn two_users_hanging_checks_never_starve_root() {
     let mut clients = Vec::new();
     for uid in [NOBODY, 1] {
         let home = w.path(&format!("home{uid}"));
-        mkdir(&home, 0o755, Some(uid));
+        make_dir(&home, 0o755, Some(uid));
         let image = home.join("own.qcow2");
         make_clean_qcow2(&image);
-        chown(&image, uid, 0o644);
+        give(&image, uid, 0o644);
         // Their own limit ends them after root's check was answered.
         let args = [
             "check-disk",
@@ -617,28 +598,6 @@ async fn two_users_hanging_checks_never_starve_root() {
 
 // --- load ---------------------------------------------------------------
 
-/// Open descriptors of process `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-/// Live children of process `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .flatten()
-        .flat_map(|task| {
-            std::fs::read_to_string(task.path().join("children"))
-                .unwrap_or_default()
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
 /// Who calls (root when None), vmctl's arguments, and the answers allowed
 /// (a result, "users", or an error's short name).
 type PlannedCall = (Option<(u32, u32)>, Vec<String>, &'static [&'static str]);
@@ -648,7 +607,7 @@ async fn many_callers_of_several_users_are_all_answered_and_leave_nothing() {
     let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
     let w = World::with(polkit, DaemonConfig::default().max_concurrent_checks(2)).await;
     let home = w.path("home");
-    mkdir(&home, 0o755, Some(NOBODY));
+    make_dir(&home, 0o755, Some(NOBODY));
     let roots: Vec<PathBuf> = (0..3).map(|i| w.path(&format!("root{i}.qcow2"))).collect();
     let owns: Vec<PathBuf> = (0..3).map(|i| home.join(format!("own{i}.qcow2"))).collect();
     for image in &roots {
@@ -656,7 +615,7 @@ async fn many_callers_of_several_users_are_all_answered_and_leave_nothing() {
     }
     for image in &owns {
         make_clean_qcow2(image);
-        chown(image, NOBODY, 0o644);
+        give(image, NOBODY, 0o644);
     }
     // One call of each kind first, so lazily created state is there.
     w.check(&roots[0], &[]).await.unwrap();
@@ -755,7 +714,10 @@ async fn many_callers_of_several_users_are_all_answered_and_leave_nothing() {
     // Nothing left: no job, no child, no descriptor.
     let manager = w.manager().await;
     assert!(manager.jobs().await.unwrap().is_empty());
-    assert_eq!(children(daemon), Vec::<u32>::new());
+    assert_eq!(
+        vmmanager::procfs::children(Path::new("/proc"), daemon),
+        Vec::<u32>::new()
+    );
     wait_until(
         Duration::from_secs(5),
         "the daemon's descriptors to return to their count",
@@ -779,10 +741,10 @@ async fn the_services_own_descriptors_are_not_reachable_through_proc_self() {
     let w = World::with(polkit, config).await;
     // nobody's image, kept by root in a directory nobody cannot enter.
     let vault = w.path("vault");
-    mkdir(&vault, 0o700, None);
+    make_dir(&vault, 0o700, None);
     let hidden = vault.join("hidden-name.qcow2");
     make_clean_qcow2(&hidden);
-    chown(&hidden, NOBODY, 0o644);
+    give(&hidden, NOBODY, 0o644);
     let call = check_in_background(&w, &hidden, HashMap::new());
     gate.wait_started();
 
@@ -864,11 +826,11 @@ async fn a_swapped_image_directory_lends_no_pidfiles() {
     gate.wait_started();
     // Root's image in a directory the attacker may rename entries of.
     let vm = shared_dir(&w).join("vm");
-    mkdir(&vm, 0o755, None);
+    make_dir(&vm, 0o755, None);
     let image = vm.join("disk.qcow2");
     make_clean_qcow2(&image);
     let secret = w.path("secret");
-    mkdir(&secret, 0o700, None);
+    make_dir(&secret, 0o700, None);
     write_file(&secret.join("root-only-secret-name.pid"), "garbage", 0o600);
     let waiting = check_in_background(&w, &image, HashMap::new());
     let manager = w.manager().await;
@@ -908,14 +870,14 @@ async fn a_swapped_pidfile_directory_reveals_nothing() {
     gate.wait_started();
 
     let home = w.path("home");
-    mkdir(&home, 0o755, Some(NOBODY));
+    make_dir(&home, 0o755, Some(NOBODY));
     let image = home.join("own.qcow2");
     make_clean_qcow2(&image);
-    chown(&image, NOBODY, 0o644);
+    give(&image, NOBODY, 0o644);
     let run = home.join("run");
-    mkdir(&run, 0o755, Some(NOBODY));
+    make_dir(&run, 0o755, Some(NOBODY));
     let secret = w.path("secret");
-    mkdir(&secret, 0o700, None);
+    make_dir(&secret, 0o700, None);
     write_file(&secret.join("vm.pid"), "garbage", 0o644);
     let pidfile = run.join("vm.pid");
     let args = [

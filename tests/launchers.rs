@@ -25,6 +25,32 @@ const QEMU_ARGS: &[&str] = &[
     "none",
 ];
 
+/// Starts `program` (QEMU, or a wrapper that execs it: `unshare …`, a `kvm`
+/// symlink) with `args` then QEMU's options for a VM `name` on `image`,
+/// with `-pidfile` when given; killed on drop.
+fn start_qemu(
+    program: &Path,
+    args: &[&str],
+    name: &str,
+    pidfile: Option<&Path>,
+    image: &Path,
+) -> ChildGuard {
+    let mut cmd = Command::new(program);
+    cmd.args(args).args(QEMU_ARGS).args(["-name", name]);
+    if let Some(pidfile) = pidfile {
+        cmd.arg("-pidfile").arg(pidfile);
+    }
+    let child = cmd
+        .arg("-drive")
+        .arg(format!("file={},if=virtio,format=qcow2", image.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    ChildGuard::new(child, format!("QEMU {name}"))
+}
+
 /// A QEMU that is not our child (it daemonized): SIGKILLed on drop.
 struct Daemonized(u32);
 
@@ -125,20 +151,19 @@ async fn pid_namespaced_qemu_owns_its_pidfile() {
     let image = w.path("disk.qcow2");
     make_clean_qcow2(&image);
     let pidfile = w.path("ns.pid");
-    let child = Command::new("unshare")
-        .args(["--pid", "--fork", "--mount-proc", "--kill-child"])
-        .arg(common::vm::QEMU)
-        .args(QEMU_ARGS)
-        .args(["-name", "contained", "-pidfile"])
-        .arg(&pidfile)
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", image.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _unshare = ChildGuard::new(child, "unshare qemu");
+    let _unshare = start_qemu(
+        Path::new("unshare"),
+        &[
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            "--kill-child",
+            common::vm::QEMU,
+        ],
+        "contained",
+        Some(&pidfile),
+        &image,
+    );
     wait_until(
         Duration::from_secs(30),
         "the namespaced QEMU to write its PID file",
@@ -195,19 +220,13 @@ async fn a_recycled_number_does_not_make_a_dead_vms_pidfile_valid() {
     let elsewhere = common::util::public_tempdir("vmm-other-");
     let other_image = elsewhere.path().join("other.qcow2");
     make_clean_qcow2(&other_image);
-    let child = Command::new(common::vm::QEMU)
-        .args(QEMU_ARGS)
-        .args(["-name", "other", "-drive"])
-        .arg(format!(
-            "file={},if=virtio,format=qcow2",
-            other_image.display()
-        ))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let other = ChildGuard::new(child, "other qemu");
+    let other = start_qemu(
+        Path::new(common::vm::QEMU),
+        &[],
+        "other",
+        None,
+        &other_image,
+    );
     wait_holding(other.pid(), &other_image);
     let leftover: PathBuf = w.path("dead.pid");
     std::fs::write(&leftover, format!("{}\n", other.pid())).unwrap();
@@ -303,18 +322,7 @@ async fn a_proxmox_style_launch_is_named_by_its_vm_id() {
     )
     .unwrap();
     let pidfile = run.path().join("100.pid");
-    let child = Command::new(&kvm)
-        .args(QEMU_ARGS)
-        .args(["-name", "vm100,debug-threads=on", "-pidfile"])
-        .arg(&pidfile)
-        .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", image.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let vm = ChildGuard::new(child, "kvm vm100");
+    let vm = start_qemu(&kvm, &[], "vm100,debug-threads=on", Some(&pidfile), &image);
     wait_holding(vm.pid(), &image);
     wait_until(
         Duration::from_secs(30),

@@ -9,14 +9,15 @@
 mod common;
 
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::images::make_clean_qcow2;
-use common::util::{ChildGuard, command_as, public_tempdir, wait_until};
+use common::util::{
+    ChildGuard, busctl_call_in_background, fd_count, give, make_dir, public_tempdir, wait_until,
+};
 use common::world::{World, split_error, str_of};
 use common::{DaemonConfig, NOBODY, Polkit};
 use futures_util::future::join_all;
@@ -65,12 +66,6 @@ impl FdHolders {
     }
 }
 
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
 fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
@@ -93,12 +88,10 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// `nobody`'s own image in a directory of its own.
 fn nobodys_image(w: &World) -> PathBuf {
     let home = w.path("home");
-    std::fs::create_dir(&home).unwrap();
-    std::os::unix::fs::chown(&home, Some(NOBODY), Some(NOBODY)).unwrap();
+    make_dir(&home, 0o755, Some(NOBODY));
     let image = home.join("own.qcow2");
     make_clean_qcow2(&image);
-    std::os::unix::fs::chown(&image, Some(NOBODY), Some(NOBODY)).unwrap();
-    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o644)).unwrap();
+    give(&image, NOBODY, 0o644);
     image
 }
 
@@ -225,23 +218,13 @@ fn get_disk_users_in_background(
     image: &Path,
     stderr: &Path,
 ) -> ChildGuard {
-    let mut cmd = command_as(user, "busctl");
-    cmd.arg(format!("--address={}", w.stack.bus.address()))
-        .args([
-            "--timeout=600",
-            "call",
-            "org.example.VmManager",
-            "/org/example/VmManager",
-            "org.example.VmManager1",
-            "GetDiskUsers",
-            "sa{sv}",
-        ])
-        .arg(image)
-        .arg("0")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(stderr).unwrap());
-    ChildGuard::new(cmd.spawn().unwrap(), "busctl GetDiskUsers")
+    busctl_call_in_background(
+        w.stack.bus.address(),
+        user,
+        "GetDiskUsers",
+        image,
+        std::fs::File::create(stderr).unwrap().into(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -183,6 +183,60 @@ pub fn alive(pid: u32) -> bool {
         .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
 }
 
+/// Open descriptors of process `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// Creates directory `path` with `mode`, owned by `owner` (uid = gid) when given.
+pub fn make_dir(path: &Path, mode: u32, owner: Option<u32>) {
+    fs::create_dir(path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+    set_mode(path, mode);
+    if let Some(uid) = owner {
+        give(path, uid, mode);
+    }
+}
+
+/// Hands `path` to `uid` (uid = gid) with `mode`.
+pub fn give(path: &Path, uid: u32, mode: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(uid))
+        .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+    set_mode(path, mode);
+}
+
+/// A `busctl call` of `method` (`image`, no options) as `user`, left
+/// running: for floods and for clients killed mid-call.
+pub fn busctl_call_in_background(
+    address: &str,
+    user: Option<(u32, u32)>,
+    method: &str,
+    image: &Path,
+    stderr: Stdio,
+) -> ChildGuard {
+    let mut cmd = command_as(user, "busctl");
+    cmd.arg(format!("--address={address}"))
+        .args([
+            "--timeout=600",
+            "call",
+            "org.example.VmManager",
+            "/org/example/VmManager",
+            "org.example.VmManager1",
+            method,
+            "sa{sv}",
+        ])
+        .arg(image)
+        .arg("0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    ChildGuard::new(
+        cmd.spawn().expect("spawn busctl"),
+        format!("busctl {method}"),
+    )
+}
+
 /// A temp dir that `polkitd`, `nobody` and other users can traverse.
 pub fn public_tempdir(prefix: &str) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
