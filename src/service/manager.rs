@@ -198,12 +198,7 @@ async fn open_in(path: &str, view: View) -> Result<Result<ImageFile, ImageError>
 /// passwd entry, with its actual groups as the bus saw them (newgrp, sg,
 /// systemd's SupplementaryGroups) rather than the group database's idea.
 async fn run_as_caller(caller: &Caller) -> Result<RunAs, VmError> {
-    let uid = caller.uid;
-    // getpwuid_r may ask NSS (LDAP, …): keep it off the async threads.
-    let mut run_as = tokio::task::spawn_blocking(move || RunAs::for_user(uid))
-        .await
-        .map_err(internal)?
-        .map_err(|e| VmError::CheckFailed(e.to_string()))?;
+    let mut run_as = lookup_user(caller.uid).await?;
     if let Some(groups) = &caller.groups {
         run_as.groups = groups.clone();
     }
@@ -216,7 +211,13 @@ async fn run_as_owner(caller: &Caller, own: RunAs, owner: u32) -> Result<RunAs, 
     if owner == caller.uid {
         return Ok(own);
     }
-    tokio::task::spawn_blocking(move || RunAs::for_user(owner))
+    lookup_user(owner).await
+}
+
+/// `uid`'s passwd credentials. getpwuid_r may ask NSS (LDAP, …): it runs
+/// off the async threads.
+async fn lookup_user(uid: u32) -> Result<RunAs, VmError> {
+    tokio::task::spawn_blocking(move || RunAs::for_user(uid))
         .await
         .map_err(internal)?
         .map_err(|e| VmError::CheckFailed(e.to_string()))
