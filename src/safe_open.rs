@@ -13,7 +13,7 @@
 //! `/proc/self` is the *service*, and its descriptors (other callers'
 //! images among them) must never be reachable by name.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -102,6 +102,45 @@ pub fn open_regular(
             .custom_flags(flags)
             .open(path)?,
     };
+    open_handle(&handle, path)
+}
+
+/// Opens the entry `name` of the directory `dir` read-only if, and only if,
+/// it is a regular file — never a symlink. `shown_as` is the path the
+/// caller gave for it (the fallback name, see [`canonical_name`]). The
+/// entry is looked up with the calling thread's permissions.
+pub fn open_regular_in(dir: &File, name: &OsStr, shown_as: &Path) -> Result<Opened, SafeOpenError> {
+    let name =
+        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `name` is NUL-terminated; openat only reads it.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error().into());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    let handle = unsafe { File::from_raw_fd(fd) };
+    open_handle(&handle, shown_as)
+}
+
+/// A directory, looked up once into an `O_PATH` handle (symlinks on the way
+/// followed), for deciding by its owner and opening entries in it.
+pub fn open_directory(path: &Path, magic_links: MagicLinks) -> io::Result<File> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    match magic_links {
+        MagicLinks::Refuse => open_without_magic_links(path, flags),
+        MagicLinks::Follow => OpenOptions::new().read(true).custom_flags(flags).open(path),
+    }
+}
+
+/// The shared second half: the handle's own `fstat` decides, then exactly
+/// that inode is opened for reading.
+fn open_handle(handle: &File, path: &Path) -> Result<Opened, SafeOpenError> {
     let metadata = handle.metadata()?;
     if !metadata.file_type().is_file() {
         return Err(SafeOpenError::NotRegular {
@@ -169,6 +208,30 @@ fn open_without_magic_links(path: &Path, flags: libc::c_int) -> io::Result<File>
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn entries_of_a_directory_open_only_as_regular_files_never_through_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"42\n").unwrap();
+        std::os::unix::fs::symlink(&file, dir.path().join("link")).unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let handle = open_directory(dir.path(), MagicLinks::Refuse).unwrap();
+        let shown = Path::new("/shown");
+        let opened = open_regular_in(&handle, OsStr::new("f"), shown).unwrap();
+        assert_eq!(opened.canonical, std::fs::canonicalize(&file).unwrap());
+        assert!(matches!(
+            open_regular_in(&handle, OsStr::new("link"), shown),
+            Err(SafeOpenError::NotRegular {
+                kind: "symbolic link"
+            })
+        ));
+        assert!(matches!(
+            open_regular_in(&handle, OsStr::new("sub"), shown),
+            Err(SafeOpenError::NotRegular { kind: "directory" })
+        ));
+        assert!(open_directory(&file, MagicLinks::Follow).is_err());
+    }
 
     #[test]
     fn regular_files_open_everything_else_is_refused_without_opening() {

@@ -903,3 +903,89 @@ async fn a_swapped_pidfile_directory_reveals_nothing() {
     assert_eq!(doc["result"], "clean", "{doc:#}");
     assert_eq!(doc["stale-pidfiles"], serde_json::json!([]), "{doc:#}");
 }
+
+/// libvirt's dynamic ownership, reproduced: nobody's image in nobody's own
+/// directory, chowned to another user (as libvirt chowns it to
+/// `libvirt-qemu`) and held by that user's QEMU. The directory's owner is
+/// told which VM uses it; no one else learns anything, and nothing the
+/// owner of the directory could not open itself is ever checked for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_owner_of_an_images_directory_is_told_which_vm_uses_it() {
+    const QEMU_USER: u32 = 1; // `daemon`, standing in for libvirt-qemu
+    const STRANGER: Option<(u32, u32)> = Some((2, 2)); // `bin`
+    // Both may check their own images: what they are refused below is the
+    // other-user action.
+    let polkit = Polkit::builder()
+        .allow_user("org.example.vmmanager.check-disk", "nobody")
+        .allow_user("org.example.vmmanager.check-disk", "bin");
+    let w = World::with(polkit, DaemonConfig::default()).await;
+    let other_user = "not authorized for org.example.vmmanager.check-disk-other-user";
+    let home = w.path("home");
+    make_dir(&home, 0o755, Some(NOBODY));
+    let image = home.join("disk.qcow2");
+    make_clean_qcow2(&image);
+    give(&image, QEMU_USER, 0o600);
+    let link = home.join("link.qcow2");
+    std::os::unix::fs::symlink(&image, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    let run = w.path("run");
+    make_dir(&run, 0o755, Some(QEMU_USER));
+    let vm = Vm::builder("lvhome", &image)
+        .user(QEMU_USER, QEMU_USER)
+        .pidfile(run.join("lvhome.pid"))
+        .start();
+
+    let owner = answer(&w.check_as_nobody(&[], &image));
+    assert_eq!(
+        owner["error"], "org.example.VmManager1.Error.InUse",
+        "{owner:#}"
+    );
+    let message = owner["error-message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("VM \"lvhome\" (PID {}", vm.pid())),
+        "{message}"
+    );
+
+    let image_arg = image.to_str().unwrap();
+    let check = ["--no-ask-password", "check-disk", "--json", image_arg];
+    let stranger = answer(&w.vmctl(STRANGER, &check));
+    assert_eq!(stranger["error-message"], other_user, "{stranger:#}");
+    // A directory others may write to, one its owner may not write to
+    // (like /proc's), or a symlink in the caller's own directory, makes no
+    // one the image's owner.
+    for mode in [0o775, 0o757, 0o1777, 0o555] {
+        common::util::set_mode(&home, mode);
+        let shared = answer(&w.check_as_nobody(&[], &image));
+        assert_eq!(
+            shared["error-message"], other_user,
+            "directory mode {mode:o}: {shared:#}"
+        );
+    }
+    common::util::set_mode(&home, 0o755);
+    let through_link = answer(&w.check_as_nobody(&[], &link));
+    assert_eq!(
+        through_link["error-message"], other_user,
+        "{through_link:#}"
+    );
+
+    // Once the VM is gone, qemu-img runs as the directory's owner and
+    // reopens the image with its permissions: a file it cannot read is not
+    // checked for it, one it can read is.
+    drop(vm);
+    let unreadable = answer(&w.check_as_nobody(&[], &image));
+    assert_eq!(
+        unreadable["error"], "org.example.VmManager1.Error.CheckFailed",
+        "{unreadable:#}"
+    );
+    assert!(
+        unreadable["error-message"]
+            .as_str()
+            .unwrap()
+            .contains("Permission denied"),
+        "{unreadable:#}"
+    );
+    assert_eq!(unreadable.get("result"), None, "{unreadable:#}");
+    give(&image, QEMU_USER, 0o644);
+    let readable = answer(&w.check_as_nobody(&[], &image));
+    assert_eq!(readable["result"], "clean", "{readable:#}");
+}

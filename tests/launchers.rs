@@ -1,6 +1,9 @@
 //! The ways real VM managers launch QEMU, against the real daemon: Quickemu's
 //! daemonized QEMU with a relative `-pidfile`, a QEMU in its own PID
-//! namespace, and a PID file whose number was recycled by another VM.
+//! namespace, a PID file whose number was recycled by another VM, a VM
+//! starting during a scan, libvirt session PID files, Proxmox's `kvm`,
+//! qemu-nbd and qemu-storage-daemon exports, and `file.locking=off`.
+//! (The real libvirt: `tests/libvirt.rs`.)
 
 mod common;
 
@@ -26,14 +29,16 @@ const QEMU_ARGS: &[&str] = &[
 ];
 
 /// Starts `program` (QEMU, or a wrapper that execs it: `unshare …`, a `kvm`
-/// symlink) with `args` then QEMU's options for a VM `name` on `image`,
-/// with `-pidfile` when given; killed on drop.
+/// symlink) with `args` then QEMU's options for a VM `name` on `image`
+/// (with `drive_options` appended to its `-drive`), with `-pidfile` when
+/// given; killed on drop.
 fn start_qemu(
     program: &Path,
     args: &[&str],
     name: &str,
     pidfile: Option<&Path>,
     image: &Path,
+    drive_options: &str,
 ) -> ChildGuard {
     let mut cmd = Command::new(program);
     cmd.args(args).args(QEMU_ARGS).args(["-name", name]);
@@ -42,7 +47,10 @@ fn start_qemu(
     }
     let child = cmd
         .arg("-drive")
-        .arg(format!("file={},if=virtio,format=qcow2", image.display()))
+        .arg(format!(
+            "file={},if=virtio,format=qcow2{drive_options}",
+            image.display()
+        ))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -89,6 +97,17 @@ fn wait_holding(pid: u32, image: &Path) {
                 })
                 .unwrap_or(false)
         },
+        String::new,
+    );
+}
+
+/// Waits until QEMU `pid` holds `image` and has written `pidfile`.
+fn wait_up(pid: u32, image: &Path, pidfile: &Path) {
+    wait_holding(pid, image);
+    wait_until(
+        Duration::from_secs(30),
+        "QEMU to write its PID file",
+        || std::fs::read_to_string(pidfile).is_ok_and(|s| s.trim() == pid.to_string()),
         String::new,
     );
 }
@@ -163,6 +182,7 @@ async fn pid_namespaced_qemu_owns_its_pidfile() {
         "contained",
         Some(&pidfile),
         &image,
+        "",
     );
     wait_until(
         Duration::from_secs(30),
@@ -226,6 +246,7 @@ async fn a_recycled_number_does_not_make_a_dead_vms_pidfile_valid() {
         "other",
         None,
         &other_image,
+        "",
     );
     wait_holding(other.pid(), &other_image);
     let leftover: PathBuf = w.path("dead.pid");
@@ -322,14 +343,15 @@ async fn a_proxmox_style_launch_is_named_by_its_vm_id() {
     )
     .unwrap();
     let pidfile = run.path().join("100.pid");
-    let vm = start_qemu(&kvm, &[], "vm100,debug-threads=on", Some(&pidfile), &image);
-    wait_holding(vm.pid(), &image);
-    wait_until(
-        Duration::from_secs(30),
-        "kvm to write its PID file",
-        || std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim() == vm.pid().to_string()),
-        String::new,
+    let vm = start_qemu(
+        &kvm,
+        &[],
+        "vm100,debug-threads=on",
+        Some(&pidfile),
+        &image,
+        "",
     );
+    wait_up(vm.pid(), &image, &pidfile);
     let user = only_user(&w, &image).await;
     assert_eq!(user["pid"], vm.pid());
     assert_eq!(user["vm-name"], "vm100");
@@ -393,6 +415,34 @@ async fn nbd_and_storage_daemon_exports_block_the_check() {
             "{tool}: {message}"
         );
     }
+}
+
+/// `file.locking=off` (some launchers set it for NFS or shared storage):
+/// QEMU takes no image lock at all, so its PID file and /proc find it, and
+/// the check is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qemu_that_takes_no_image_lock_still_blocks_the_check() {
+    let w = World::start().await;
+    let image = w.path("unlocked.qcow2");
+    make_clean_qcow2(&image);
+    let pidfile = w.path("unlocked.pid");
+    let vm = start_qemu(
+        Path::new(common::vm::QEMU),
+        &[],
+        "unlocked",
+        Some(&pidfile),
+        &image,
+        ",file.locking=off",
+    );
+    wait_up(vm.pid(), &image, &pidfile);
+    let user = only_user(&w, &image).await;
+    assert_eq!(user["pid"], vm.pid());
+    assert_eq!(user["vm-name"], "unlocked");
+    assert_eq!(user["writable"], true);
+    assert_eq!(user["found-by"], serde_json::json!(["pidfile", "proc"]));
+    let (name, message) = w.check(&image, &[]).await.unwrap_err();
+    assert_eq!(name, "InUse");
+    assert!(message.contains("VM \"unlocked\""), "{message}");
 }
 
 fn run_output(program: &str, args: &[&str]) -> PathBuf {

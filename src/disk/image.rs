@@ -7,13 +7,16 @@
 //! The lookup runs in a [`View`]: with the caller's own permissions unless
 //! polkit authorized it to act on other users' files.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::view::{View, ViewError};
-use crate::safe_open::{MagicLinks, SafeOpenError, Symlinks, open_regular};
+use crate::safe_open::{
+    MagicLinks, Opened, SafeOpenError, Symlinks, open_directory, open_regular, open_regular_in,
+};
 
 /// Longest accepted path in bytes (PATH_MAX minus the terminating NUL).
 pub const MAX_PATH_LEN: usize = 4095;
@@ -180,14 +183,59 @@ impl ImageFile {
         view.run(|| Self::open_validated(Path::new(path), magic_links))?
     }
 
+    /// The image `path` names in a directory that belongs to the caller
+    /// `uid` — or `None` when it does not. Blocking.
+    ///
+    /// The rule (README, "Security"): a non-root caller who owns the
+    /// directory an image is in, may write to it, and shares that with no
+    /// one (no group or other write bit), decides what that name means: it
+    /// can rename, replace or delete the file whoever owns it. So the image
+    /// "belongs" to that caller for the in-use question even when libvirt's
+    /// dynamic ownership has chowned it to `libvirt-qemu` (0600 or 0644)
+    /// while a VM runs. The file is opened with the service's permissions
+    /// (the caller may no longer read it), but only as an entry of exactly
+    /// the directory whose owner was checked, and never through a symlink
+    /// (the directory's owner does not decide what a symlink points at).
+    /// qemu-img still runs as the caller, and reopens the file with the
+    /// caller's own permissions.
+    pub fn open_in_callers_directory(
+        path: &str,
+        caller: &View,
+        uid: u32,
+    ) -> Result<Option<ImageFile>, ImageError> {
+        validate_path(path)?;
+        let Some((dir, name)) = split_entry(path).filter(|_| uid != 0) else {
+            return Ok(None);
+        };
+        let magic_links = caller.magic_links();
+        let dir_handle = match caller.run(|| open_directory(dir, magic_links))? {
+            Ok(handle) => handle,
+            Err(e) => return none_unless_service_fault(io_error(dir, e)),
+        };
+        let meta = match dir_handle.metadata() {
+            Ok(meta) => meta,
+            Err(e) => return none_unless_service_fault(io_error(dir, e)),
+        };
+        // Writable by its owner, by no one else: a directory the caller
+        // really decides. (This also leaves out /proc: a thread's own
+        // `/proc/thread-self/fd` is "owned" by the caller whose credentials
+        // the thread has, but is 0500.)
+        if meta.uid() != uid || meta.mode() & 0o222 != 0o200 {
+            return Ok(None);
+        }
+        match open_regular_in(&dir_handle, name, Path::new(path)) {
+            Ok(opened) => Self::from_opened(opened).map(Some),
+            Err(e) => none_unless_service_fault(safe_open_error(Path::new(path), e)),
+        }
+    }
+
     fn open_validated(path: &Path, magic_links: MagicLinks) -> Result<ImageFile, ImageError> {
-        let opened = open_regular(path, Symlinks::Follow, magic_links).map_err(|e| match e {
-            SafeOpenError::NotRegular { kind } => ImageError::NotRegular {
-                path: path.to_owned(),
-                kind,
-            },
-            SafeOpenError::Io(e) => io_error(path, e),
-        })?;
+        let opened = open_regular(path, Symlinks::Follow, magic_links)
+            .map_err(|e| safe_open_error(path, e))?;
+        Self::from_opened(opened)
+    }
+
+    fn from_opened(opened: Opened) -> Result<ImageFile, ImageError> {
         let canonical = opened.canonical;
         let header = read_header(&opened.file).map_err(|e| io_error(&canonical, e))?;
         let meta = opened.metadata;
@@ -262,6 +310,38 @@ pub fn validate_path(path: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// `path` as (directory, last name), when the last name is a real entry
+/// (not empty, `.` or `..`).
+fn split_entry(path: &str) -> Option<(&Path, &OsStr)> {
+    let (dir, name) = path.rsplit_once('/')?;
+    if name.is_empty() || name == "." || name == ".." {
+        return None;
+    }
+    let dir = if dir.is_empty() { "/" } else { dir };
+    Some((Path::new(dir), OsStr::new(name)))
+}
+
+/// For a rule that only widens what a caller may do: anything it cannot
+/// look at is simply not covered by it, but the service's own trouble is
+/// still an error.
+fn none_unless_service_fault<T>(e: ImageError) -> Result<Option<T>, ImageError> {
+    if e.is_service_fault() {
+        Err(e)
+    } else {
+        Ok(None)
+    }
+}
+
+fn safe_open_error(path: &Path, e: SafeOpenError) -> ImageError {
+    match e {
+        SafeOpenError::NotRegular { kind } => ImageError::NotRegular {
+            path: path.to_owned(),
+            kind,
+        },
+        SafeOpenError::Io(e) => io_error(path, e),
+    }
+}
+
 fn io_error(path: &Path, source: std::io::Error) -> ImageError {
     // ENOTDIR: a path component is a file, so the image cannot exist either.
     if source.kind() == ErrorKind::NotFound || source.raw_os_error() == Some(libc::ENOTDIR) {
@@ -292,6 +372,17 @@ fn read_header(file: &File) -> std::io::Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_entry_is_a_real_name_in_its_directory() {
+        use super::split_entry;
+        let entry = |p| split_entry(p).map(|(d, n)| (d.to_str().unwrap(), n.to_str().unwrap()));
+        assert_eq!(entry("/home/u/disk.qcow2"), Some(("/home/u", "disk.qcow2")));
+        assert_eq!(entry("/disk.qcow2"), Some(("/", "disk.qcow2")));
+        for no in ["/home/u/", "/home/u/.", "/home/u/..", "/"] {
+            assert_eq!(entry(no), None, "{no}");
+        }
+    }
+
     use super::*;
     use std::os::unix::net::UnixListener;
     use std::process::Command;

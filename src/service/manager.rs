@@ -144,6 +144,18 @@ impl Manager {
                 };
                 (image, check_as)
             }
+            // libvirt's dynamic ownership: the image in the caller's own
+            // directory now belongs to libvirt-qemu (see the rule at
+            // `ImageFile::open_in_callers_directory`).
+            _ if let Some(image) = in_callers_directory(path, &own_view, caller.uid).await? => {
+                ask(Action::CheckDisk, display(&image)).await?;
+                let check_as = CheckAs {
+                    run_as: own,
+                    view: own_view,
+                    administrator: false,
+                };
+                (image, check_as)
+            }
             Ok(image) => {
                 ask(Action::CheckDiskOtherUser, display(&image)).await?;
                 let run_as = run_as_owner(&caller, own, image.uid).await?;
@@ -192,6 +204,20 @@ async fn open_in(path: &str, view: View) -> Result<Result<ImageFile, ImageError>
     tokio::task::spawn_blocking(move || ImageFile::open_in(&path, &view))
         .await
         .map_err(internal)
+}
+
+/// [`ImageFile::open_in_callers_directory`], off the async threads.
+async fn in_callers_directory(
+    path: &str,
+    view: &View,
+    uid: u32,
+) -> Result<Option<ImageFile>, VmError> {
+    let path = path.to_owned();
+    let view = view.clone();
+    tokio::task::spawn_blocking(move || ImageFile::open_in_callers_directory(&path, &view, uid))
+        .await
+        .map_err(internal)?
+        .map_err(VmError::from)
 }
 
 /// The caller's credentials for qemu-img and for looking at files: its
