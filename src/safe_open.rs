@@ -13,7 +13,7 @@
 //! `/proc/self` is the *service*, and its descriptors (other callers'
 //! images among them) must never be reachable by name.
 
-use std::ffi::{CString, OsStr};
+use std::ffi::CString;
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -28,6 +28,41 @@ pub enum SafeOpenError {
     /// Not a regular file; `kind` says what it is.
     #[error("not a regular file (it is a {kind})")]
     NotRegular { kind: &'static str },
+    /// A regular file the calling thread found but may not read: the
+    /// pinned handle, for someone who may (see [`Pinned::open`]).
+    #[error("{source}")]
+    Unreadable {
+        pinned: Box<Pinned>,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A regular file found by one lookup but not opened yet: the `O_PATH`
+/// handle, its metadata and the kernel's name for it.
+#[derive(Debug)]
+pub struct Pinned {
+    handle: File,
+    metadata: Metadata,
+    canonical: PathBuf,
+}
+
+impl Pinned {
+    /// The kernel's name for the file (see [`Opened::canonical`]).
+    pub fn canonical(&self) -> &Path {
+        &self.canonical
+    }
+
+    /// Opens exactly the pinned inode for reading, with the calling
+    /// thread's permissions — no name is looked up again.
+    pub fn open(self) -> io::Result<Opened> {
+        let file = reopen(&self.handle)?;
+        Ok(Opened {
+            file,
+            metadata: self.metadata,
+            canonical: self.canonical,
+        })
+    }
 }
 
 /// Whether the last path component may be a symlink.
@@ -102,45 +137,6 @@ pub fn open_regular(
             .custom_flags(flags)
             .open(path)?,
     };
-    open_handle(&handle, path)
-}
-
-/// Opens the entry `name` of the directory `dir` read-only if, and only if,
-/// it is a regular file — never a symlink. `shown_as` is the path the
-/// caller gave for it (the fallback name, see [`canonical_name`]). The
-/// entry is looked up with the calling thread's permissions.
-pub fn open_regular_in(dir: &File, name: &OsStr, shown_as: &Path) -> Result<Opened, SafeOpenError> {
-    let name =
-        CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: `name` is NUL-terminated; openat only reads it.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error().into());
-    }
-    // SAFETY: openat returned a new descriptor that nothing else owns.
-    let handle = unsafe { File::from_raw_fd(fd) };
-    open_handle(&handle, shown_as)
-}
-
-/// A directory, looked up once into an `O_PATH` handle (symlinks on the way
-/// followed), for deciding by its owner and opening entries in it.
-pub fn open_directory(path: &Path, magic_links: MagicLinks) -> io::Result<File> {
-    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-    match magic_links {
-        MagicLinks::Refuse => open_without_magic_links(path, flags),
-        MagicLinks::Follow => OpenOptions::new().read(true).custom_flags(flags).open(path),
-    }
-}
-
-/// The shared second half: the handle's own `fstat` decides, then exactly
-/// that inode is opened for reading.
-fn open_handle(handle: &File, path: &Path) -> Result<Opened, SafeOpenError> {
     let metadata = handle.metadata()?;
     if !metadata.file_type().is_file() {
         return Err(SafeOpenError::NotRegular {
@@ -151,15 +147,33 @@ fn open_handle(handle: &File, path: &Path) -> Result<Opened, SafeOpenError> {
     // credentials may always reach its own process's fds, not its thread's.
     let handle_path = format!("/proc/self/fd/{}", handle.as_raw_fd());
     let canonical = canonical_name(path, &handle_path, &metadata)?;
-    let file = OpenOptions::new()
+    match reopen(&handle) {
+        Ok(file) => Ok(Opened {
+            file,
+            metadata,
+            canonical,
+        }),
+        Err(source) if source.kind() == io::ErrorKind::PermissionDenied => {
+            Err(SafeOpenError::Unreadable {
+                pinned: Box::new(Pinned {
+                    handle,
+                    metadata,
+                    canonical,
+                }),
+                source,
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The handle's inode, opened read-only (non-blocking, close-on-exec)
+/// through `/proc/self/fd`.
+fn reopen(handle: &File) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(&handle_path)?;
-    Ok(Opened {
-        file,
-        metadata,
-        canonical,
-    })
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
 }
 
 /// The name the kernel knows the handle by — if that name, looked up here,
@@ -208,30 +222,6 @@ fn open_without_magic_links(path: &Path, flags: libc::c_int) -> io::Result<File>
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn entries_of_a_directory_open_only_as_regular_files_never_through_symlinks() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("f");
-        std::fs::write(&file, b"42\n").unwrap();
-        std::os::unix::fs::symlink(&file, dir.path().join("link")).unwrap();
-        std::fs::create_dir(dir.path().join("sub")).unwrap();
-        let handle = open_directory(dir.path(), MagicLinks::Refuse).unwrap();
-        let shown = Path::new("/shown");
-        let opened = open_regular_in(&handle, OsStr::new("f"), shown).unwrap();
-        assert_eq!(opened.canonical, std::fs::canonicalize(&file).unwrap());
-        assert!(matches!(
-            open_regular_in(&handle, OsStr::new("link"), shown),
-            Err(SafeOpenError::NotRegular {
-                kind: "symbolic link"
-            })
-        ));
-        assert!(matches!(
-            open_regular_in(&handle, OsStr::new("sub"), shown),
-            Err(SafeOpenError::NotRegular { kind: "directory" })
-        ));
-        assert!(open_directory(&file, MagicLinks::Follow).is_err());
-    }
 
     #[test]
     fn regular_files_open_everything_else_is_refused_without_opening() {

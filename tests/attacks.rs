@@ -904,15 +904,18 @@ async fn a_swapped_pidfile_directory_reveals_nothing() {
     assert_eq!(doc["stale-pidfiles"], serde_json::json!([]), "{doc:#}");
 }
 
-/// libvirt's dynamic ownership, reproduced: nobody's image in nobody's own
-/// directory, chowned to another user (as libvirt chowns it to
-/// `libvirt-qemu`) and held by that user's QEMU. The directory's owner is
-/// told which VM uses it; no one else learns anything, and nothing the
-/// owner of the directory could not open itself is ever checked for it.
+/// libvirt's dynamic ownership, reproduced: nobody's image, chowned to
+/// another user (as libvirt chowns it to `libvirt-qemu`), carrying
+/// libvirt's record of its owner (`trusted.libvirt.security.dac`, which
+/// only root can write), and held by that user's QEMU. The remembered owner
+/// is told which VM uses it; a file in the caller's own directory without
+/// that record (renamed in, say), or remembering someone else, tells the
+/// caller nothing; and nothing the caller could not open itself is ever
+/// checked for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_owner_of_an_images_directory_is_told_which_vm_uses_it() {
+async fn libvirts_remembered_owner_is_told_which_vm_uses_its_image() {
     const QEMU_USER: u32 = 1; // `daemon`, standing in for libvirt-qemu
-    const STRANGER: Option<(u32, u32)> = Some((2, 2)); // `bin`
+    const BIN: u32 = 2;
     // Both may check their own images: what they are refused below is the
     // other-user action.
     let polkit = Polkit::builder()
@@ -922,53 +925,54 @@ async fn the_owner_of_an_images_directory_is_told_which_vm_uses_it() {
     let other_user = "not authorized for org.example.vmmanager.check-disk-other-user";
     let home = w.path("home");
     make_dir(&home, 0o755, Some(NOBODY));
+    // 0600: nobody cannot even read it any more.
     let image = home.join("disk.qcow2");
     make_clean_qcow2(&image);
     give(&image, QEMU_USER, 0o600);
-    let link = home.join("link.qcow2");
-    std::os::unix::fs::symlink(&image, &link).unwrap();
-    std::os::unix::fs::lchown(&link, Some(NOBODY), Some(NOBODY)).unwrap();
+    remember_libvirt_owner(&image, NOBODY);
+    let renamed_in = home.join("renamed-in.qcow2");
+    make_clean_qcow2(&renamed_in);
+    give(&renamed_in, QEMU_USER, 0o644);
+    let bins = home.join("bins.qcow2");
+    make_clean_qcow2(&bins);
+    give(&bins, QEMU_USER, 0o644);
+    remember_libvirt_owner(&bins, BIN);
     let run = w.path("run");
     make_dir(&run, 0o755, Some(QEMU_USER));
     let vm = Vm::builder("lvhome", &image)
+        .drive(&renamed_in, false)
+        .drive(&bins, false)
         .user(QEMU_USER, QEMU_USER)
         .pidfile(run.join("lvhome.pid"))
         .start();
-
-    let owner = answer(&w.check_as_nobody(&[], &image));
-    assert_eq!(
-        owner["error"], "org.example.VmManager1.Error.InUse",
-        "{owner:#}"
-    );
-    let message = owner["error-message"].as_str().unwrap();
-    assert!(
-        message.contains(&format!("VM \"lvhome\" (PID {}", vm.pid())),
-        "{message}"
-    );
-
-    let image_arg = image.to_str().unwrap();
-    let check = ["--no-ask-password", "check-disk", "--json", image_arg];
-    let stranger = answer(&w.vmctl(STRANGER, &check));
-    assert_eq!(stranger["error-message"], other_user, "{stranger:#}");
-    // A directory others may write to, one its owner may not write to
-    // (like /proc's), or a symlink in the caller's own directory, makes no
-    // one the image's owner.
-    for mode in [0o775, 0o757, 0o1777, 0o555] {
-        common::util::set_mode(&home, mode);
-        let shared = answer(&w.check_as_nobody(&[], &image));
+    let in_use_by_lvhome = |answer: &serde_json::Value| {
         assert_eq!(
-            shared["error-message"], other_user,
-            "directory mode {mode:o}: {shared:#}"
+            answer["error"], "org.example.VmManager1.Error.InUse",
+            "{answer:#}"
+        );
+        let message = answer["error-message"].as_str().unwrap();
+        let named = format!("VM \"lvhome\" (PID {}", vm.pid());
+        assert!(message.contains(&named), "{message}");
+    };
+
+    in_use_by_lvhome(&answer(&w.check_as_nobody(&[], &image)));
+    let check = |uid: u32, image: &Path| {
+        let image = image.to_str().unwrap();
+        let args = ["--no-ask-password", "check-disk", "--json", image];
+        answer(&w.vmctl(Some((uid, uid)), &args))
+    };
+    in_use_by_lvhome(&check(BIN, &bins));
+    for (uid, path) in [(BIN, &image), (NOBODY, &bins), (NOBODY, &renamed_in)] {
+        let refused = check(uid, path);
+        assert_eq!(
+            refused["error-message"],
+            other_user,
+            "uid {uid}, {}: {refused:#}",
+            path.display()
         );
     }
-    common::util::set_mode(&home, 0o755);
-    let through_link = answer(&w.check_as_nobody(&[], &link));
-    assert_eq!(
-        through_link["error-message"], other_user,
-        "{through_link:#}"
-    );
 
-    // Once the VM is gone, qemu-img runs as the directory's owner and
+    // Once the VM is gone, qemu-img runs as the remembered owner and
     // reopens the image with its permissions: a file it cannot read is not
     // checked for it, one it can read is.
     drop(vm);
@@ -988,4 +992,29 @@ async fn the_owner_of_an_images_directory_is_told_which_vm_uses_it() {
     give(&image, QEMU_USER, 0o644);
     let readable = answer(&w.check_as_nobody(&[], &image));
     assert_eq!(readable["result"], "clean", "{readable:#}");
+}
+
+/// What libvirt's dynamic ownership writes when it chowns an image to
+/// `libvirt-qemu` (`remember_owner`): the owner to give it back to.
+fn remember_libvirt_owner(path: &Path, uid: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let value = format!("+{uid}:+{uid}");
+    // SAFETY: NUL-terminated path and name; `value` is readable for its length.
+    let rc = unsafe {
+        libc::setxattr(
+            c_path.as_ptr(),
+            c"trusted.libvirt.security.dac".as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "setxattr {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }

@@ -7,16 +7,13 @@
 //! The lookup runs in a [`View`]: with the caller's own permissions unless
 //! polkit authorized it to act on other users' files.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::view::{View, ViewError};
-use crate::safe_open::{
-    MagicLinks, Opened, SafeOpenError, Symlinks, open_directory, open_regular, open_regular_in,
-};
+use crate::safe_open::{MagicLinks, Opened, Pinned, SafeOpenError, Symlinks, open_regular};
 
 /// Longest accepted path in bytes (PATH_MAX minus the terminating NUL).
 pub const MAX_PATH_LEN: usize = 4095;
@@ -130,6 +127,14 @@ pub enum ImageError {
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("{0}")]
     View(#[from] ViewError),
+    /// A regular file the caller's lookup found but the caller may not
+    /// read, pinned for [`ImageFile::open_pinned`].
+    #[error("{}: {source}", pinned.canonical().display())]
+    Unreadable {
+        pinned: Box<Pinned>,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -183,56 +188,40 @@ impl ImageFile {
         view.run(|| Self::open_validated(Path::new(path), magic_links))?
     }
 
-    /// The image `path` names in a directory that belongs to the caller
-    /// `uid` — or `None` when it does not. Blocking.
-    ///
-    /// The rule (README, "Security"): a non-root caller who owns the
-    /// directory an image is in, may write to it, and shares that with no
-    /// one (no group or other write bit), decides what that name means: it
-    /// can rename, replace or delete the file whoever owns it. So the image
-    /// "belongs" to that caller for the in-use question even when libvirt's
-    /// dynamic ownership has chowned it to `libvirt-qemu` (0600 or 0644)
-    /// while a VM runs. The file is opened with the service's permissions
-    /// (the caller may no longer read it), but only as an entry of exactly
-    /// the directory whose owner was checked, and never through a symlink
-    /// (the directory's owner does not decide what a symlink points at).
-    /// qemu-img still runs as the caller, and reopens the file with the
-    /// caller's own permissions.
-    pub fn open_in_callers_directory(
-        path: &str,
-        caller: &View,
-        uid: u32,
-    ) -> Result<Option<ImageFile>, ImageError> {
-        validate_path(path)?;
-        let Some((dir, name)) = split_entry(path).filter(|_| uid != 0) else {
-            return Ok(None);
-        };
-        let magic_links = caller.magic_links();
-        let dir_handle = match caller.run(|| open_directory(dir, magic_links))? {
-            Ok(handle) => handle,
-            Err(e) => return none_unless_service_fault(io_error(dir, e)),
-        };
-        let meta = match dir_handle.metadata() {
-            Ok(meta) => meta,
-            Err(e) => return none_unless_service_fault(io_error(dir, e)),
-        };
-        // Writable by its owner, by no one else: a directory the caller
-        // really decides. (This also leaves out /proc: a thread's own
-        // `/proc/thread-self/fd` is "owned" by the caller whose credentials
-        // the thread has, but is 0500.)
-        if meta.uid() != uid || meta.mode() & 0o222 != 0o200 {
-            return Ok(None);
-        }
-        match open_regular_in(&dir_handle, name, Path::new(path)) {
-            Ok(opened) => Self::from_opened(opened).map(Some),
-            Err(e) => none_unless_service_fault(safe_open_error(Path::new(path), e)),
-        }
+    fn open_validated(path: &Path, magic_links: MagicLinks) -> Result<ImageFile, ImageError> {
+        let opened = open_regular(path, Symlinks::Follow, magic_links).map_err(|e| match e {
+            SafeOpenError::NotRegular { kind } => ImageError::NotRegular {
+                path: path.to_owned(),
+                kind,
+            },
+            SafeOpenError::Unreadable { pinned, source } => {
+                ImageError::Unreadable { pinned, source }
+            }
+            SafeOpenError::Io(e) => io_error(path, e),
+        })?;
+        Self::from_opened(opened)
     }
 
-    fn open_validated(path: &Path, magic_links: MagicLinks) -> Result<ImageFile, ImageError> {
-        let opened = open_regular(path, Symlinks::Follow, magic_links)
-            .map_err(|e| safe_open_error(path, e))?;
-        Self::from_opened(opened)
+    /// Opens, with the service's permissions, the image a caller's lookup
+    /// found but could not read ([`ImageError::Unreadable`]): exactly that
+    /// inode, no name looked up again. Blocking.
+    pub fn open_pinned(pinned: Pinned) -> Result<ImageFile, ImageError> {
+        let path = pinned.canonical().to_owned();
+        Self::from_opened(pinned.open().map_err(|e| io_error(&path, e))?)
+    }
+
+    /// The user libvirt remembers as the image's owner: with
+    /// `remember_owner` (its default), libvirt's dynamic ownership records
+    /// the owner it found in the `trusted.libvirt.security.dac` attribute
+    /// (`+UID:+GID`) when it chowns an image to `libvirt-qemu` for a
+    /// running VM, and removes it when it gives the file back. Only root
+    /// can write `trusted.*` attributes, so no user can forge one; only a
+    /// thread with CAP_SYS_ADMIN can read them (call this as the service).
+    pub fn libvirt_owner(&self) -> Option<u32> {
+        let value = read_xattr(&self.file, c"trusted.libvirt.security.dac")?;
+        let value = std::str::from_utf8(&value).ok()?;
+        let (uid, _gid) = value.split_once(':')?;
+        uid.strip_prefix('+')?.parse().ok()
     }
 
     fn from_opened(opened: Opened) -> Result<ImageFile, ImageError> {
@@ -310,36 +299,21 @@ pub fn validate_path(path: &str) -> Result<(), ImageError> {
     Ok(())
 }
 
-/// `path` as (directory, last name), when the last name is a real entry
-/// (not empty, `.` or `..`).
-fn split_entry(path: &str) -> Option<(&Path, &OsStr)> {
-    let (dir, name) = path.rsplit_once('/')?;
-    if name.is_empty() || name == "." || name == ".." {
-        return None;
-    }
-    let dir = if dir.is_empty() { "/" } else { dir };
-    Some((Path::new(dir), OsStr::new(name)))
-}
-
-/// For a rule that only widens what a caller may do: anything it cannot
-/// look at is simply not covered by it, but the service's own trouble is
-/// still an error.
-fn none_unless_service_fault<T>(e: ImageError) -> Result<Option<T>, ImageError> {
-    if e.is_service_fault() {
-        Err(e)
-    } else {
-        Ok(None)
-    }
-}
-
-fn safe_open_error(path: &Path, e: SafeOpenError) -> ImageError {
-    match e {
-        SafeOpenError::NotRegular { kind } => ImageError::NotRegular {
-            path: path.to_owned(),
-            kind,
-        },
-        SafeOpenError::Io(e) => io_error(path, e),
-    }
+/// An extended attribute of an open file, if it has one of at most 64 bytes.
+fn read_xattr(file: &File, name: &std::ffi::CStr) -> Option<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 64];
+    // SAFETY: `name` is NUL-terminated and `buf` is writable for its length.
+    let len = unsafe {
+        libc::fgetxattr(
+            file.as_raw_fd(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    let len = usize::try_from(len).ok()?;
+    Some(buf[..len].to_vec())
 }
 
 fn io_error(path: &Path, source: std::io::Error) -> ImageError {
@@ -372,23 +346,44 @@ fn read_header(file: &File) -> std::io::Result<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn an_entry_is_a_real_name_in_its_directory() {
-        use super::split_entry;
-        let entry = |p| split_entry(p).map(|(d, n)| (d.to_str().unwrap(), n.to_str().unwrap()));
-        assert_eq!(entry("/home/u/disk.qcow2"), Some(("/home/u", "disk.qcow2")));
-        assert_eq!(entry("/disk.qcow2"), Some(("/", "disk.qcow2")));
-        for no in ["/home/u/", "/home/u/.", "/home/u/..", "/"] {
-            assert_eq!(entry(no), None, "{no}");
-        }
-    }
-
     use super::*;
     use std::os::unix::net::UnixListener;
     use std::process::Command;
 
     fn path_str(p: &Path) -> &str {
         p.to_str().expect("temp paths are UTF-8")
+    }
+
+    #[test]
+    fn libvirts_record_of_the_owner_is_read_only_when_well_formed() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.qcow2");
+        std::fs::write(&path, b"QFI\xfb").unwrap();
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        let record = |value: &str| {
+            // SAFETY: NUL-terminated path and name; `value` is readable.
+            let rc = unsafe {
+                libc::setxattr(
+                    c_path.as_ptr(),
+                    c"trusted.libvirt.security.dac".as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            };
+            // trusted.* needs CAP_SYS_ADMIN: the tests run as root.
+            assert_eq!(rc, 0, "setxattr: {}", std::io::Error::last_os_error());
+            ImageFile::open(path_str(&path)).unwrap().libvirt_owner()
+        };
+        assert_eq!(
+            ImageFile::open(path_str(&path)).unwrap().libvirt_owner(),
+            None
+        );
+        assert_eq!(record("+1000:+1000"), Some(1000));
+        for bad in ["1000:1000", "+1000", "+x:+1", "", &"9".repeat(80)] {
+            assert_eq!(record(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

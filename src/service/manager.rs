@@ -134,8 +134,11 @@ impl Manager {
                     .await
             }
         };
-        let (image, check_as) = match seen {
-            Ok(image) if image.uid == caller.uid => {
+        // libvirt's dynamic ownership: while a system VM runs, the caller's
+        // image belongs to libvirt-qemu, and libvirt remembers the caller.
+        let libvirt_owned = |owner: Option<u32>| caller.uid != 0 && owner == Some(caller.uid);
+        let (image, check_as) = match look_as_service(seen).await? {
+            Seen::Readable(image, _) if image.uid == caller.uid => {
                 ask(Action::CheckDisk, display(&image)).await?;
                 let check_as = CheckAs {
                     run_as: own,
@@ -144,11 +147,12 @@ impl Manager {
                 };
                 (image, check_as)
             }
-            // libvirt's dynamic ownership: the image in the caller's own
-            // directory now belongs to libvirt-qemu (see the rule at
-            // `ImageFile::open_in_callers_directory`).
-            _ if let Some(image) = in_callers_directory(path, &own_view, caller.uid).await? => {
+            Seen::Readable(image, owner) | Seen::Unreadable(image, owner)
+                if libvirt_owned(owner) =>
+            {
                 ask(Action::CheckDisk, display(&image)).await?;
+                // qemu-img reopens the image with the caller's own
+                // permissions: a file it may not read is not checked for it.
                 let check_as = CheckAs {
                     run_as: own,
                     view: own_view,
@@ -156,12 +160,12 @@ impl Manager {
                 };
                 (image, check_as)
             }
-            Ok(image) => {
+            Seen::Readable(image, _) | Seen::Unreadable(image, _) => {
                 ask(Action::CheckDiskOtherUser, display(&image)).await?;
                 let run_as = run_as_owner(&caller, own, image.uid).await?;
                 (image, CheckAs::service(run_as))
             }
-            Err(_) => {
+            Seen::Unreachable => {
                 ask(Action::CheckDiskOtherUser, path.to_owned()).await?;
                 let image = open_in(path, View::Service).await??;
                 if display(&image) != path {
@@ -206,18 +210,42 @@ async fn open_in(path: &str, view: View) -> Result<Result<ImageFile, ImageError>
         .map_err(internal)
 }
 
-/// [`ImageFile::open_in_callers_directory`], off the async threads.
-async fn in_callers_directory(
-    path: &str,
-    view: &View,
-    uid: u32,
-) -> Result<Option<ImageFile>, VmError> {
-    let path = path.to_owned();
-    let view = view.clone();
-    tokio::task::spawn_blocking(move || ImageFile::open_in_callers_directory(&path, &view, uid))
-        .await
-        .map_err(internal)?
-        .map_err(VmError::from)
+/// What a caller's own lookup of an image found, as the service sees it:
+/// with the owner libvirt remembers for it ([`ImageFile::libvirt_owner`]).
+enum Seen {
+    /// A regular file the caller may read.
+    Readable(ImageFile, Option<u32>),
+    /// A regular file the caller found but may not read, opened by the
+    /// service through the caller's own lookup.
+    Unreadable(ImageFile, Option<u32>),
+    /// Nothing the caller can reach: missing, forbidden, not a regular file.
+    Unreachable,
+}
+
+/// Turns the caller's lookup into [`Seen`], off the async threads (reading
+/// an attribute can wait on a slow file system). Only the service's own
+/// trouble is an error.
+async fn look_as_service(seen: Result<ImageFile, ImageError>) -> Result<Seen, VmError> {
+    tokio::task::spawn_blocking(move || {
+        let seen = match seen {
+            Ok(image) => {
+                let owner = image.libvirt_owner();
+                Seen::Readable(image, owner)
+            }
+            Err(ImageError::Unreadable { pinned, .. }) => match ImageFile::open_pinned(*pinned) {
+                Ok(image) => {
+                    let owner = image.libvirt_owner();
+                    Seen::Unreadable(image, owner)
+                }
+                Err(e) if e.is_service_fault() => return Err(e.into()),
+                Err(_) => Seen::Unreachable,
+            },
+            Err(_) => Seen::Unreachable,
+        };
+        Ok(seen)
+    })
+    .await
+    .map_err(internal)?
 }
 
 /// The caller's credentials for qemu-img and for looking at files: its

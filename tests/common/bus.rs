@@ -23,8 +23,10 @@ pub const PROJECT_BUS_POLICY: &str = concat!(
 /// The host's polkit bus policy (read only).
 const POLKIT_BUS_POLICY: &str = "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf";
 
-/// How long to wait for a bus name to appear or vanish.
-pub const NAME_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long to wait for a bus name to appear or vanish: generous, since
+/// polkitd alone took over 15 s to take its name once, on 2 cores busy
+/// with builds and TCG guests.
+pub const NAME_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// `dbus-daemon` with a system-bus policy (deny own and method calls by
 /// default) plus the project's and polkit's policy files, on

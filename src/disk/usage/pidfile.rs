@@ -258,6 +258,7 @@ pub(super) fn read(path: &Path, magic_links: MagicLinks) -> PidfileContent {
         {
             return PidfileContent::Missing;
         }
+        Err(SafeOpenError::Unreadable { .. }) => return PidfileContent::Missing,
         Err(_) => return PidfileContent::Invalid,
     };
     let holder = lock_holder(&file);
