@@ -797,3 +797,40 @@ async fn in_use_names_every_vm_sharing_the_image() {
         "{message}"
     );
 }
+
+/// Root checking an image a libvirt pool left behind: the overlay belongs to
+/// `libvirt-qemu` (here `daemon`), its backing file is root's and 0600, in a
+/// directory like `/var/lib/libvirt/images` (0711). qemu-img runs as the
+/// overlay's owner, never as root, and never opens the backing file, so the
+/// check succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roots_check_of_a_pool_overlay_with_a_root_only_backing_file() {
+    const QEMU_USER: u32 = 1;
+    let w = World::start().await;
+    let pool = w.path("images");
+    common::util::make_dir(&pool, 0o711, None);
+    let base = pool.join("base.qcow2");
+    make_clean_qcow2(&base);
+    common::util::give(&base, 0, 0o600);
+    let overlay = pool.join("vm.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&overlay))
+    .expect_success("qemu-img create");
+    common::util::give(&overlay, QEMU_USER, 0o600);
+    // What qemu-img would say if it opened the chain as the owner.
+    let as_owner = run(
+        common::util::command_as(Some((QEMU_USER, QEMU_USER)), "qemu-img")
+            .args(["check", "--output=json"])
+            .arg(&overlay),
+    );
+    assert!(
+        as_owner.stderr.contains("Permission denied"),
+        "{as_owner:?}"
+    );
+
+    let r = w.check(&overlay, &[]).await.unwrap();
+    assert_eq!(str_of(&r, "result"), "clean");
+    assert_eq!(u64_of(&r, "run-as-uid"), u64::from(QEMU_USER));
+}
