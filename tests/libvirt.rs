@@ -332,7 +332,7 @@ async fn a_killed_qemu_leaves_a_stale_pidfile_that_blocks_nothing() {
 /// uses it (the rule "the owner of the image's directory is told who uses
 /// it"). Another user, owning neither, learns nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_owner_of_the_images_directory_is_told_which_vm_uses_it() {
+async fn a_home_image_chowned_by_libvirt_is_named_to_the_directorys_owner() {
     let polkit = Polkit::builder()
         .allow_user(CHECK_DISK_ACTION, "nobody")
         .allow_user(CHECK_DISK_ACTION, "daemon");
