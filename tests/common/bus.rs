@@ -296,7 +296,8 @@ fn child_stdout(child: &mut ChildGuard) -> std::process::ChildStdout {
     child.take_stdout().expect("dbus-daemon stdout is piped")
 }
 
-fn xml_escape(s: &str) -> String {
+/// `s` as XML character data or a double-quoted attribute value.
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -17,8 +17,8 @@ pub const MANAGER_IFACE: &str = "org.example.VmManager1";
 /// The daemon binary Cargo built for this test run.
 pub const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vmmanagerd");
 
-/// Contents of the daemon's TOML config. Defaults match the daemon's, except
-/// that no PID-file patterns point at the host's /run.
+/// Contents of the daemon's TOML config, and where it runs. Defaults match
+/// the daemon's, except that no PID-file patterns point at the host's /run.
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
     pub qemu_img: PathBuf,
@@ -36,6 +36,9 @@ pub struct DaemonConfig {
     pub permitted: Vec<(String, String)>,
     /// `[devices] receive-buffer-bytes`; the daemon's default when None.
     pub receive_buffer_bytes: Option<u32>,
+    /// Not part of the TOML: a mount namespace (`/proc/PID/ns/mnt`) to start
+    /// the daemon in, e.g. a test libvirt's, so that it sees that /run.
+    pub mount_namespace: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -51,6 +54,7 @@ impl Default for DaemonConfig {
             events: "kernel".into(),
             permitted: Vec::new(),
             receive_buffer_bytes: None,
+            mount_namespace: None,
         }
     }
 }
@@ -101,6 +105,11 @@ impl DaemonConfig {
 
     pub fn receive_buffer_bytes(mut self, bytes: u32) -> Self {
         self.receive_buffer_bytes = Some(bytes);
+        self
+    }
+
+    pub fn in_mount_namespace(mut self, ns: impl Into<PathBuf>) -> Self {
+        self.mount_namespace = Some(ns.into());
         self
     }
 
@@ -166,7 +175,18 @@ impl Daemon {
         write_file(&config_path, config.to_toml(), 0o644);
         let stderr_path = dir.path().join("vmmanagerd.stderr");
         let log = File::create(&stderr_path).expect("create vmmanagerd.stderr");
-        let child = Command::new(bin)
+        let mut cmd = match &config.mount_namespace {
+            // nsenter without --fork execs: the child's PID is the daemon's.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--mount={}", ns.display()))
+                    .arg("--")
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = cmd
             .arg("--bus-address")
             .arg(bus.address())
             .arg("--config")

@@ -10,13 +10,17 @@
 //!   per-test JavaScript rules.
 //! - [`daemon`]: [`Daemon`] and its [`DaemonConfig`].
 //! - [`vm`]: [`Vm`], a QEMU guest holding images.
+//! - [`libvirt`]: [`libvirt::Libvirt`], a real libvirtd (system or session
+//!   mode) in a private mount namespace, its domains, and the daemon
+//!   configuration that runs `vmmanagerd` in that namespace.
 //! - [`images`]: test disk images.
 //! - [`util`]: process guards and bounded waits.
 //! - [`world`]: [`world::World`], bus + polkitd + daemon + image dir for
 //!   disk tests, with report helpers.
 //!
-//! Needs root, `dbus-daemon`, `busctl`, `setpriv`, `unshare`, polkitd and
-//! `qemu-system-x86_64` (see `scripts/install-deps`).
+//! Needs root, `dbus-daemon`, `busctl`, `setpriv`, `unshare`, `nsenter`,
+//! polkitd, `qemu-system-x86_64` and libvirt's daemons and `virsh` (see
+//! `scripts/install-deps`).
 
 // Each test binary uses a different subset of the harness.
 #![allow(dead_code, unused_imports)]
@@ -26,6 +30,7 @@ pub mod daemon;
 pub mod fake_kernel;
 pub mod images;
 pub mod inproc;
+pub mod libvirt;
 pub mod polkit;
 pub mod sysfs;
 pub mod udevd;

@@ -156,13 +156,20 @@ pub fn command_as(user: Option<(u32, u32)>, program: &str) -> Command {
         None => Command::new(program),
         Some((uid, gid)) => {
             let mut c = Command::new("setpriv");
-            c.arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={gid}"))
-                .arg("--clear-groups")
-                .arg(program);
+            c.args(setpriv_args(uid, gid)).arg(program);
             c
         }
     }
+}
+
+/// `setpriv`'s options for running as `uid`/`gid` with no supplementary
+/// groups (for a command line that must put something before `setpriv`).
+pub fn setpriv_args(uid: u32, gid: u32) -> [String; 3] {
+    [
+        format!("--reuid={uid}"),
+        format!("--regid={gid}"),
+        "--clear-groups".to_owned(),
+    ]
 }
 
 pub fn write_file(path: &Path, contents: impl AsRef<[u8]>, mode: u32) {
