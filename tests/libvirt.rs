@@ -28,6 +28,21 @@ const CHECK_DISK_ACTION: &str = "org.example.vmmanager.check-disk";
 /// `daemon`: a second non-root user, owning neither image nor directory.
 const DAEMON_USER: u32 = 1;
 
+/// Both files of a chain are VM `name`'s: the top one written, its backing
+/// file read-only.
+async fn assert_chain_in_use(
+    w: &World,
+    lv: &Libvirt,
+    [top, backing]: [&Path; 2],
+    name: &str,
+    pid: u32,
+) {
+    for (image, writable) in [(top, true), (backing, false)] {
+        assert_in_use(w, image, &[(name, pid)]).await;
+        assert_libvirt_user(w, lv, image, name, pid, writable).await;
+    }
+}
+
 /// The system libvirt, and the daemon's world in its namespace.
 async fn system(polkit: PolkitBuilder) -> (Libvirt, World) {
     let lv = tokio::task::spawn_blocking(Libvirt::system).await.unwrap();
@@ -174,10 +189,7 @@ async fn an_overlay_and_its_backing_file_are_both_in_use() {
     qemu_img_create(&overlay, &backing, None);
     let pid = lv.create("lvchain", &[Disk::qcow2(&overlay)]);
 
-    assert_in_use(&w, &overlay, &[("lvchain", pid)]).await;
-    assert_in_use(&w, &base, &[("lvchain", pid)]).await;
-    assert_libvirt_user(&w, &lv, &overlay, "lvchain", pid, true).await;
-    assert_libvirt_user(&w, &lv, &base, "lvchain", pid, false).await;
+    assert_chain_in_use(&w, &lv, [&overlay, &base], "lvchain", pid).await;
 }
 
 /// `<shareable/>`: two domains on one raw disk; both are named.
@@ -242,10 +254,7 @@ async fn an_external_snapshot_keeps_both_images_in_use() {
     assert!(out.success(), "{out:#?}\n{}", lv.logs());
     assert_eq!(lv.qemu_pid("lvsnap"), pid, "the same QEMU");
 
-    assert_in_use(&w, &overlay, &[("lvsnap", pid)]).await;
-    assert_in_use(&w, &image, &[("lvsnap", pid)]).await;
-    assert_libvirt_user(&w, &lv, &overlay, "lvsnap", pid, true).await;
-    assert_libvirt_user(&w, &lv, &image, "lvsnap", pid, false).await;
+    assert_chain_in_use(&w, &lv, [&overlay, &image], "lvsnap", pid).await;
 }
 
 /// After `virsh destroy` the image is its owner's again and free: checked
@@ -328,11 +337,11 @@ async fn a_killed_qemu_leaves_a_stale_pidfile_that_blocks_nothing() {
 }
 
 /// A user's image in their home directory, used by a system domain: libvirt
-/// chowns it to libvirt-qemu, yet the directory's owner is told which VM
-/// uses it (the rule "the owner of the image's directory is told who uses
-/// it"). Another user, owning neither, learns nothing.
+/// chowns it to libvirt-qemu (keeping its mode: 0600 makes it unreadable to
+/// the user) and remembers the user as its owner, so the user is still told
+/// which VM uses it. Another user learns nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_home_image_chowned_by_libvirt_is_named_to_the_directorys_owner() {
+async fn a_home_image_chowned_by_libvirt_is_named_to_its_remembered_owner() {
     let polkit = Polkit::builder()
         .allow_user(CHECK_DISK_ACTION, "nobody")
         .allow_user(CHECK_DISK_ACTION, "daemon");
@@ -341,9 +350,9 @@ async fn a_home_image_chowned_by_libvirt_is_named_to_the_directorys_owner() {
     make_dir(&home, 0o755, Some(NOBODY));
     let image = home.join("disk.qcow2");
     make_clean_qcow2(&image);
-    give(&image, NOBODY, 0o644);
+    give(&image, NOBODY, 0o600);
     let pid = lv.create("lvhome", &[Disk::qcow2(&image)]);
-    assert_eq!(owner(&image), (LIBVIRT_QEMU, LIBVIRT_QEMU, 0o644));
+    assert_eq!(owner(&image), (LIBVIRT_QEMU, LIBVIRT_QEMU, 0o600));
 
     let out = w.vmctl(
         Some((DAEMON_USER, DAEMON_USER)),
