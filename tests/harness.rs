@@ -7,7 +7,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use common::util::{self, ChildGuard, command_as};
 use common::{DaemonConfig, NOBODY, Polkit, SERVICE_NAME, Stack, TestBus, Vm};
@@ -229,28 +228,4 @@ fn nobody_can_introspect_the_daemon() {
         .busctl_as_nobody(&["introspect", SERVICE_NAME, common::MANAGER_PATH]);
     let text = out.expect_success("busctl introspect as nobody");
     assert!(text.contains(common::MANAGER_IFACE), "{text}");
-}
-
-/// Prints how long a full per-test setup takes (`--nocapture` to see it).
-#[test]
-fn setup_time() {
-    let (_dir, img) = qcow2("t.qcow2");
-    let t0 = Instant::now();
-    let bus = TestBus::start();
-    let t_bus = t0.elapsed();
-    let polkit = Polkit::builder()
-        .allow_user(CHECK_DISK, "nobody")
-        .start(&bus);
-    let t_polkit = t0.elapsed();
-    let daemon = common::Daemon::start(&bus, &DaemonConfig::default());
-    let t_daemon = t0.elapsed();
-    let vm = Vm::start("timing", &img);
-    let t_vm = t0.elapsed();
-    println!(
-        "harness setup (cumulative): bus {t_bus:?}, +polkitd {t_polkit:?}, \
-         +vmmanagerd {t_daemon:?}, +QEMU {t_vm:?}"
-    );
-    let t1 = Instant::now();
-    drop((vm, daemon, polkit, bus));
-    println!("harness teardown: {:?}", t1.elapsed());
 }

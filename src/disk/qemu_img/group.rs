@@ -31,15 +31,15 @@ impl ProcessGroup {
         }
     }
 
-    /// SIGKILL to every member. Missing group (ESRCH) is fine.
-    pub(super) fn kill(&self) {
-        if self.pgid > 1 {
-            // SAFETY: plain syscall; pgid > 1 so it never means "every process"
-            // (-1) or our own group (0).
-            unsafe {
-                libc::killpg(self.pgid, libc::SIGKILL);
-            }
+    /// SIGKILL to every member; whether a signal was sent. Missing group
+    /// (ESRCH) is fine.
+    pub(super) fn kill(&self) -> bool {
+        if self.pgid <= 1 {
+            return false;
         }
+        // SAFETY: plain syscall; pgid > 1 so it never means "every process"
+        // (-1) or our own group (0).
+        unsafe { libc::killpg(self.pgid, libc::SIGKILL) == 0 }
     }
 
     /// Nothing left to kill: the drop becomes a no-op.
@@ -75,7 +75,7 @@ impl ProcessGroup {
 impl Drop for ProcessGroup {
     fn drop(&mut self) {
         if self.armed {
-            self.kill();
+            let _ = self.kill();
         }
     }
 }
@@ -170,11 +170,23 @@ mod tests {
     }
 
     #[test]
-    fn tiny_pgids_are_never_signalled() {
+    fn a_group_is_killed_whole_but_tiny_pgids_are_never_signalled() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
         // 0 and 1 would mean "our own group" and "init's group".
         assert!(!group_exists(0));
         assert!(!group_exists(1));
-        ProcessGroup::new(0).kill();
-        ProcessGroup::new(1).kill();
+        assert!(!ProcessGroup::new(0).kill());
+        assert!(!ProcessGroup::new(1).kill());
+
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let group = ProcessGroup::new(child.id());
+        assert!(group_exists(group.pgid));
+        assert!(group.kill());
+        let status = child.wait().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
     }
 }
