@@ -10,7 +10,7 @@
 //! - Starvation: one user's hanging checks never keep another's from being
 //!   answered in time, and a killed client's checks end.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;

@@ -2,7 +2,7 @@
 //! PID files and over-long path components get short, exact answers and
 //! leave the daemon healthy. Real dbus-daemon, polkitd, vmmanagerd and QEMU.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

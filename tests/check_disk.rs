@@ -2,7 +2,7 @@
 //! system-like bus with a real polkitd, real qemu-img, real QEMU guests
 //! holding real images, and `busctl`/`vmctl` as real clients.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::os::unix::fs::{PermissionsExt, symlink};

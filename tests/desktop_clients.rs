@@ -23,7 +23,7 @@
 //! Needs root, python3-gi, gjs, libglib2.0-bin (gdbus) and qdbus-qt5 (see
 //! `scripts/install-deps`).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;

@@ -6,7 +6,7 @@
 //! The kernel's part is faked (a prepared tree and `FakeKernel`): unbinding
 //! real devices would take this machine's disk or network away.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;

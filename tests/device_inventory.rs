@@ -3,7 +3,7 @@
 //! hostile contents, and a property test that any event sequence ends where
 //! a fresh enumeration of the final tree starts.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::fs;

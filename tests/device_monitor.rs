@@ -22,7 +22,7 @@ use vmmanager::devices::monitor::{
 };
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 
-mod common;
+use crate::common;
 
 use common::udevd::{FileLock, UDEVD_LOCK, Udevd, device, devices, sysfs, write_change};
 use common::util::threads_named;
@@ -162,35 +162,11 @@ async fn udev_group_with_real_udevd_carries_hwdb_names() {
     );
 }
 
-/// Runs [`lifecycle_child`] in a fresh process (only that test, one test
-/// thread), so its thread and fd counts are not disturbed by the other
-/// tests of this binary running in parallel.
+/// Runs [`lifecycle_child`] in a fresh process, so its thread and fd counts
+/// are not disturbed by the other tests of this binary running in parallel.
 #[test]
 fn lifecycle_parallel_start_stop_leaks_nothing() {
-    let out = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "lifecycle_child",
-            "--include-ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(LIFECYCLE_CHILD, "1")
-        .output()
-        .expect("run the lifecycle child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("{stdout}");
-    eprintln!("{stderr}");
-    assert!(
-        out.status.success(),
-        "lifecycle child failed: {}",
-        out.status
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "the child did not run the test"
-    );
+    common::util::run_test_alone("device_monitor::lifecycle_child", LIFECYCLE_CHILD);
 }
 
 const WORKERS: usize = 8;

@@ -7,7 +7,7 @@
 //! drivers_probe, so the binder's own checks see what they would on a real
 //! host.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::io;

@@ -3,7 +3,7 @@
 //! real clients (zbus, `vmctl`). The only thing done to real devices is
 //! writing `change` to their `uevent` file.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

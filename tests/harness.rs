@@ -1,7 +1,7 @@
 //! Smoke tests for the end-to-end harness in `tests/common`: each component
 //! starts for real, is isolated from the host, and cleans up after itself.
 
-mod common;
+use crate::common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

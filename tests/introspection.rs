@@ -2,7 +2,7 @@
 //! test fails when the live service and the file disagree about any method,
 //! argument, signal, property or annotation of our interfaces.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! qemu-nbd and qemu-storage-daemon exports, and `file.locking=off`.
 //! (The real libvirt: `tests/libvirt.rs`.)
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

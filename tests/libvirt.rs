@@ -8,7 +8,7 @@
 //! What is asserted is what a user sees: CheckDisk's error name and message,
 //! GetDiskUsers' entries, CheckDisk's report, `vmctl`'s answer.
 
-mod common;
+use crate::common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! running check, SIGHUP arrives during a check, and qemu-img leaves a
 //! descendant outside its process group (`setsid`).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;

@@ -7,7 +7,7 @@
 //! Set `VMM_NOTIFY_SCREENSHOT=path.png` to save a screenshot of the "leaked
 //! clusters" notification (with its button) as dunst draws it.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::fs::File;

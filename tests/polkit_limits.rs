@@ -16,7 +16,7 @@
 //! root's checks never need an agent, and the second user (`daemon`, uid 1)
 //! calls from its own process (`vmctl`), allowed by a polkit rule.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

@@ -2,8 +2,8 @@
 //! stand-ins (slow, lying, crashing). Every test has its own temp dir and kills
 //! whatever it started on drop, panics included, so they run in parallel.
 
-#[path = "common/images.rs"]
-mod images;
+use crate::common::NOBODY;
+use crate::common::images;
 
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -21,24 +21,21 @@ use vmmanager::disk::qemu_img::{
 };
 
 const QEMU_IMG: &str = "/usr/bin/qemu-img";
-const NOBODY: u32 = 65534;
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A fresh directory under /tmp, removed on drop. Mode 0755 so `nobody` can
-/// reach images and stand-ins in it.
-struct TempDir(PathBuf);
+/// A test's scratch directory (the harness's temp dir, 0755 so `nobody`
+/// can reach images and stand-ins in it), with stand-in helpers.
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new(test: &str) -> TempDir {
-        let path = std::env::temp_dir().join(format!("vmm-qemu-img-{}-{test}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir(&path).unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
-        TempDir(path)
+        TempDir(crate::common::util::public_tempdir(&format!(
+            "vmm-qemu-img-{test}-"
+        )))
     }
 
     fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
+        self.0.path().join(name)
     }
 
     /// A subdirectory anyone may write (for stand-ins running as nobody).
@@ -67,12 +64,6 @@ impl TempDir {
         }
         assert!(child.wait().unwrap().success());
         path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
     }
 }
 

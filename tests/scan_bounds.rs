@@ -6,7 +6,7 @@
 //! Scans are made slow the way a busy host makes them slow: processes that
 //! hold thousands of descriptors, each of which a scan must `stat()`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::os::unix::process::CommandExt;

@@ -3,7 +3,7 @@
 //! documents, and colour only on a terminal (a real pty from util-linux
 //! `script`) and never with NO_COLOR, against a real daemon.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

@@ -298,3 +298,29 @@ pub fn threads_named(name: &str) -> usize {
         .filter(|comm| comm.trim() == name)
         .count()
 }
+
+/// Runs the ignored test `name` (its path in this binary, e.g.
+/// `device_monitor::lifecycle_child`) alone in a fresh process of this test
+/// binary, on one test thread, with the env var `flag` set (the test runs
+/// only then): for tests that count the process's own threads or fds, which
+/// the other tests of this binary would disturb. Panics, with the child's
+/// output, unless it ran and passed.
+pub fn run_test_alone(name: &str, flag: &str) {
+    let out = Command::new(std::env::current_exe().expect("the test binary"))
+        .args([
+            "--exact",
+            name,
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(flag, "1")
+        .output()
+        .expect("run the test in a process of its own");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("{stdout}");
+    eprintln!("{stderr}");
+    assert!(out.status.success(), "{name} failed: {}", out.status);
+    assert!(stdout.contains("1 passed"), "{name} did not run");
+}
