@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::images::make_clean_qcow2;
-use common::util::{public_tempdir, write_file};
-use common::{DaemonConfig, NOBODY, Polkit, Stack, Vm};
-use tempfile::TempDir;
+use common::util::write_file;
+use common::world::World;
+use common::{NOBODY, Vm};
 use vmmanager::client::{ManagerProxy, dict_to_json};
 use vmmanager::disk::usage::MAX_STALE_PIDFILES;
 use zbus::{Connection, Variant};
@@ -22,34 +22,6 @@ const NOT_AUTHORIZED: &str = "org.example.VmManager1.Error.NotAuthorized";
 const SHORT_MESSAGE: usize = 200;
 /// No call here may take longer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Bus, polkitd without rules (so `nobody` may do nothing), the daemon, and
-/// a temp dir for images.
-struct World {
-    stack: Stack,
-    dir: TempDir,
-    root: Connection,
-}
-
-impl World {
-    async fn start() -> World {
-        let stack = tokio::task::spawn_blocking(|| {
-            Stack::start(Polkit::builder(), &DaemonConfig::default())
-        })
-        .await
-        .unwrap();
-        let root = stack.bus.connect().await;
-        World {
-            stack,
-            dir: public_tempdir("vmm-bounds-"),
-            root,
-        }
-    }
-
-    async fn nobody(&self) -> Connection {
-        self.stack.bus.connect_as(NOBODY, NOBODY).await
-    }
-}
 
 type Options<'a> = HashMap<&'a str, Variant<'a>>;
 type Report = HashMap<String, zbus::OwnedVariant>;
@@ -127,10 +99,10 @@ async fn option_floods_get_a_short_invalid_argument_and_the_daemon_survives() {
     let image = w.dir.path().join("disk.qcow2");
     make_clean_qcow2(&image);
     let image = image.to_str().unwrap();
-    let nobody = w.nobody().await;
+    let nobody = w.stack.bus.connect_as(NOBODY, NOBODY).await;
 
     // The connection really is nobody's, and polkit refuses it a real call.
-    let dbus = zbus::fdo::DBusProxy::new(&w.root).await.unwrap();
+    let dbus = zbus::fdo::DBusProxy::new(&w.connection).await.unwrap();
     let uid = dbus
         .get_connection_unix_user(nobody.unique_name().unwrap().clone().into())
         .await
@@ -179,7 +151,7 @@ async fn option_floods_get_a_short_invalid_argument_and_the_daemon_survives() {
     let rss_before = rss_kib(w.stack.daemon.pid());
     let mut floods = Vec::new();
     for _ in 0..12 {
-        let connection = w.nobody().await;
+        let connection = w.stack.bus.connect_as(NOBODY, NOBODY).await;
         let flood = flood_options();
         let image = image.to_owned();
         floods.push(tokio::spawn(async move {
@@ -197,7 +169,7 @@ async fn option_floods_get_a_short_invalid_argument_and_the_daemon_survives() {
         "the daemon died: {}",
         w.stack.daemon.output()
     );
-    let report = check_disk(&w.root, image, Options::new()).await.unwrap();
+    let report = check_disk(&w.connection, image, Options::new()).await.unwrap();
     assert_eq!(dict_to_json(&report)["result"], "clean");
 }
 
@@ -206,7 +178,7 @@ async fn median_users_time(w: &World, image: &Path, runs: usize) -> Duration {
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs {
         let start = Instant::now();
-        get_disk_users(&w.root, image.to_str().unwrap(), Options::new())
+        get_disk_users(&w.connection, image.to_str().unwrap(), Options::new())
             .await
             .unwrap();
         times.push(start.elapsed());
@@ -256,7 +228,7 @@ async fn thousands_of_stale_pidfiles_are_capped_and_a_valid_one_still_counts() {
          {without:?} in an empty directory"
     );
 
-    let report = check_disk(&w.root, image.to_str().unwrap(), Options::new())
+    let report = check_disk(&w.connection, image.to_str().unwrap(), Options::new())
         .await
         .unwrap();
     let stale = stale_list(&report);
@@ -265,7 +237,7 @@ async fn thousands_of_stale_pidfiles_are_capped_and_a_valid_one_still_counts() {
 
     // A valid PID file among them still names the VM.
     let vm = Vm::start("crowded", &image);
-    let users = get_disk_users(&w.root, image.to_str().unwrap(), Options::new())
+    let users = get_disk_users(&w.connection, image.to_str().unwrap(), Options::new())
         .await
         .unwrap();
     let user = dict_to_json(&users[0]);
@@ -277,7 +249,7 @@ async fn thousands_of_stale_pidfiles_are_capped_and_a_valid_one_still_counts() {
     );
     assert_eq!(user["pidfile"], vm.pidfile().to_str().unwrap());
     let report = check_disk(
-        &w.root,
+        &w.connection,
         image.to_str().unwrap(),
         Options::from([("force-share", Variant::from(true))]),
     )
@@ -292,11 +264,11 @@ async fn thousands_of_stale_pidfiles_are_capped_and_a_valid_one_still_counts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_name_longer_than_255_bytes_is_an_invalid_argument() {
     let w = World::start().await;
-    let nobody = w.nobody().await;
+    let nobody = w.stack.bus.connect_as(NOBODY, NOBODY).await;
     let long_name = "n".repeat(256);
     let in_long_dir = w.dir.path().join(&long_name).join("disk.qcow2");
     let in_long_dir = in_long_dir.to_str().unwrap();
-    for (who, c) in [("root", &w.root), ("nobody", &nobody)] {
+    for (who, c) in [("root", &w.connection), ("nobody", &nobody)] {
         assert_short_invalid_argument(
             &format!("CheckDisk as {who}"),
             check_disk(c, in_long_dir, Options::new()).await,
@@ -311,7 +283,7 @@ async fn a_name_longer_than_255_bytes_is_an_invalid_argument() {
     let link = w.dir.path().join("link.qcow2");
     std::os::unix::fs::symlink(in_long_dir, &link).unwrap();
     let (name, message) =
-        error_of(check_disk(&w.root, link.to_str().unwrap(), Options::new()).await);
+        error_of(check_disk(&w.connection, link.to_str().unwrap(), Options::new()).await);
     assert_eq!(name, INVALID_ARGUMENT, "{message}");
 
     // So does a pidfile option with such a name.
@@ -321,7 +293,7 @@ async fn a_name_longer_than_255_bytes_is_an_invalid_argument() {
     assert_short_invalid_argument(
         "pidfile",
         check_disk(
-            &w.root,
+            &w.connection,
             image.to_str().unwrap(),
             Options::from([("pidfile", Variant::from(pidfile.to_str().unwrap()))]),
         )
@@ -333,7 +305,7 @@ async fn a_name_longer_than_255_bytes_is_an_invalid_argument() {
     std::fs::create_dir(&dir).unwrap();
     let image = dir.join("disk.qcow2");
     make_clean_qcow2(&image);
-    let report = check_disk(&w.root, image.to_str().unwrap(), Options::new())
+    let report = check_disk(&w.connection, image.to_str().unwrap(), Options::new())
         .await
         .unwrap();
     assert_eq!(dict_to_json(&report)["result"], "clean");
