@@ -25,6 +25,7 @@ use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, writ
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
 use vmmanager::client::ManagerProxy;
+use vmmanager::config::EventsSetting;
 use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::vfio::VfioBinder;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
@@ -545,7 +546,9 @@ async fn devices_that_change_while_the_service_restarts_are_one_notification() {
     fs.device("0000:3b:00.0", 0x8086, 0x1572, 0x020000)
         .sriov(64, 0)
         .driver("i40e");
-    let config = DaemonConfig::default().sysfs_root(fs.root()).events("none");
+    let config = DaemonConfig::default()
+        .sysfs_root(fs.root())
+        .events(EventsSetting::None);
     let mut stack = start_stack(config.clone()).await;
     let mut companion = Companion::start(stack.bus.address(), &desktop);
     companion.wait_for_log("following org.example.VmManager");
