@@ -27,7 +27,7 @@ use tempfile::TempDir;
 use vmmanager::client::ManagerProxy;
 use vmmanager::config::EventsSetting;
 use vmmanager::devices::address::PciAddress;
-use vmmanager::devices::vfio::VfioBinder;
+use vmmanager::devices::vfio::KernelSysfs;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use zbus::Variant;
 
@@ -602,8 +602,7 @@ async fn live_device_events_are_coalesced() {
     fs.device("0000:01:00.0", 0x10de, 0x2204, 0x030000)
         .driver("nvidia")
         .iommu_group(7);
-    let service =
-        InProcService::start(&bus, &fs, Vec::new(), VfioBinder::new(fs.root(), None)).await;
+    let service = InProcService::start(&bus, &fs, &[], KernelSysfs).await;
     let mut companion = Companion::start(bus.address(), &desktop);
     companion.wait_for_log("following org.example.VmManager");
 
