@@ -7,14 +7,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::disk::checker::Limits;
 
 /// Where the daemon looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vmmanager/vmmanager.toml";
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     pub disk: DiskConfig,
@@ -22,7 +22,7 @@ pub struct Config {
     pub system: SystemConfig,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DiskConfig {
     /// The `qemu-img` binary.
@@ -45,7 +45,7 @@ pub struct DiskConfig {
 }
 
 /// Where device events come from.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum EventsSetting {
     /// The udev group when udevd runs (it adds hwdb names), else the kernel's.
@@ -57,7 +57,7 @@ pub enum EventsSetting {
     None,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PermittedDevice {
     /// `vendor:device` in hex (`10de:1eb8`), or `vendor:*`.
@@ -66,7 +66,7 @@ pub struct PermittedDevice {
     pub resource_name: String,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct DevicesConfig {
     pub events: EventsSetting,
@@ -97,7 +97,7 @@ impl Default for DevicesConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SystemConfig {
     /// procfs mount point (a prepared tree in tests).
@@ -181,6 +181,12 @@ impl Config {
             },
             other => other,
         })
+    }
+
+    /// The configuration as TOML text that [`Config::parse`] reads back
+    /// (tests write the daemon's file with it).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("every config value has a TOML form")
     }
 
     /// Parses and validates TOML text.
@@ -324,6 +330,20 @@ mod tests {
                 "{pattern}"
             );
         }
+    }
+
+    #[test]
+    fn written_toml_reads_back_the_same() {
+        let mut config = Config::default();
+        assert_eq!(Config::parse(&config.to_toml()).unwrap(), config);
+        config.devices.permitted.push(PermittedDevice {
+            selector: "10de:*".into(),
+            resource_name: "nvidia.com/any \"quoted\"".into(),
+        });
+        config.devices.events = EventsSetting::None;
+        config.devices.vfio_state_file = PathBuf::new();
+        config.system.proc_root = PathBuf::from("/tmp/a b/proc");
+        assert_eq!(Config::parse(&config.to_toml()).unwrap(), config);
     }
 
     #[test]

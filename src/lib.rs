@@ -30,15 +30,20 @@
 //! - [`client`]: typed proxies for clients (`vmctl`, tests).
 //! - [`manpage`]: man pages from the binaries' clap definitions.
 //! - [`service`]: the D-Bus boundary: the manager and job objects, option
-//!   parsing, the one D-Bus error enum, and the daemon's run loop.
+//!   parsing, the one D-Bus error enum, and the daemon's two entry points:
+//!   [`service::daemon::build`] (the service's parts from the config and the
+//!   host's roots; nothing runs yet) and [`service::daemon::serve`] (export,
+//!   take the name, run until shutdown or bus loss, stop and wait for every
+//!   task). `vmmanagerd` and the in-process tests both call these two.
 //! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
 //!   service on the system bus and shows desktop notifications.
 //! - [`safe_open`]: opening a file someone else named with one lookup, never
 //!   a FIFO or a device.
 //! - [`process`]: logging and signal handling shared by the long-running
 //!   binaries (SIGTERM/SIGINT stop, SIGHUP is logged and ignored).
-//! - `src/bin/`: thin binaries `vmmanagerd` (the service), `vmctl` (CLI) and
-//!   `vmmanager-notify` (session companion).
+//! - `src/bin/`: thin binaries `vmmanagerd` (the service: arguments, config,
+//!   bus connection, then `build` + `serve` with signal-driven shutdown),
+//!   `vmctl` (CLI) and `vmmanager-notify` (session companion).
 
 pub mod auth;
 pub mod client;

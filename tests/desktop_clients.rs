@@ -42,6 +42,7 @@ use common::util::{ChildGuard, command_as, public_tempdir, read_lossy, run, writ
 use common::{CmdOutput, Daemon, DaemonConfig, NOBODY, Polkit, Stack};
 use serde_json::Value;
 use tempfile::TempDir;
+use vmmanager::config::EventsSetting;
 
 const PYTHON: &str = "/usr/bin/python3";
 const QDBUS: &str = "/usr/lib/qt5/bin/qdbus";
@@ -270,7 +271,7 @@ fn glib_object_manager_client_follows_devices_jobs_and_restarts() {
     let wrapper = QemuImgWrapper::new();
     let config = DaemonConfig::default()
         .sysfs_root(tree.root())
-        .events("kernel")
+        .events(EventsSetting::Kernel)
         .permit("10de:2204", "gpu")
         .qemu_img(wrapper.path());
     let mut stack = Stack::start(Polkit::builder(), &config);

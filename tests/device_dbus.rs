@@ -22,8 +22,6 @@ use common::util::{CmdOutput, NOBODY, hold_open};
 use common::{Polkit, PolkitBuilder, TestBus};
 use futures_util::StreamExt;
 use vmmanager::client::{PciDeviceProxy, device_path};
-use vmmanager::devices::inventory::AllowEntry;
-use vmmanager::devices::vfio::VfioBinder;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager::service::{BUS_NAME, MANAGER_PATH};
 use zbus::fdo::ObjectManagerProxy;
@@ -80,13 +78,11 @@ fn props(pairs: &[(&str, Val)]) -> BTreeMap<String, Val> {
         .collect()
 }
 
-fn allow_list() -> Vec<AllowEntry> {
-    vec![
-        AllowEntry::new("10de:1eb8", "nvidia.com/TU104GL_TESLA_T4").unwrap(),
-        AllowEntry::new("10de:*", "nvidia.com/any").unwrap(),
-        AllowEntry::new("8086:154c", "intel.com/xl710_vf").unwrap(),
-    ]
-}
+const PERMITTED: &[(&str, &str)] = &[
+    ("10de:1eb8", "nvidia.com/TU104GL_TESLA_T4"),
+    ("10de:*", "nvidia.com/any"),
+    ("8086:154c", "intel.com/xl710_vf"),
+];
 
 /// A root port, a GPU with its audio function (group 1), a USB controller
 /// without a group, an SR-IOV NIC (PF in group 2, VF0 on vfio-pci alone in
@@ -124,7 +120,7 @@ fn host() -> FakeSysfs {
     fs
 }
 
-/// Every property of `address` in [`host`] with [`allow_list`].
+/// Every property of `address` in [`host`] with [`PERMITTED`].
 fn expected(address: &str) -> BTreeMap<String, Val> {
     let group1 = strs(&[BRIDGE, GPU, AUDIO]);
     let (vendor, device, sv, sd, class) = match address {
@@ -220,12 +216,12 @@ struct World {
 
 impl World {
     /// Bus (+ polkitd when `polkit` is given) and the service on `fs`
-    /// with [`allow_list`]; writes go to `binder` (default: a FakeKernel
+    /// with [`PERMITTED`]; writes go to `kernel` (default: a FakeKernel
     /// nobody looks at).
     async fn start(
         fs: FakeSysfs,
         polkit: Option<PolkitBuilder>,
-        binder: Option<VfioBinder>,
+        kernel: Option<FakeKernel>,
     ) -> World {
         let (bus, polkit) = tokio::task::spawn_blocking(move || {
             let bus = TestBus::start();
@@ -234,8 +230,8 @@ impl World {
         })
         .await
         .unwrap();
-        let binder = binder.unwrap_or_else(|| FakeKernel::new(&fs.root()).binder());
-        let svc = InProcService::start(&bus, &fs, allow_list(), binder).await;
+        let kernel = kernel.unwrap_or_else(|| FakeKernel::new(&fs.root()));
+        let svc = InProcService::start(&bus, &fs, PERMITTED, kernel).await;
         let client = bus.connect().await;
         World {
             svc,
@@ -809,7 +805,7 @@ fn gpu_tree(vfio: bool) -> FakeSysfs {
 async fn gpu_world(vfio: bool, polkit: PolkitBuilder) -> (World, FakeKernel) {
     let fs = gpu_tree(vfio);
     let kernel = FakeKernel::new(&fs.root());
-    let world = World::start(fs, Some(polkit), Some(kernel.binder())).await;
+    let world = World::start(fs, Some(polkit), Some(kernel.clone())).await;
     (world, kernel)
 }
 
@@ -974,19 +970,13 @@ async fn detach_without_vfio_pci_is_not_supported() {
 async fn detach_of_a_group_in_use_names_the_process() {
     let fs = gpu_tree(true);
     let kernel = FakeKernel::new(&fs.root());
-    let (bus, polkit) = tokio::task::spawn_blocking(|| {
-        let bus = TestBus::start();
-        let polkit = Polkit::builder().start(&bus);
-        (bus, polkit)
-    })
-    .await
-    .unwrap();
+    let (bus, polkit) = Polkit::builder().start_with_bus().await;
     let dev = tempfile::tempdir().unwrap();
     fs::create_dir(dev.path().join("vfio")).unwrap();
     let node = dev.path().join("vfio/1");
     fs::write(&node, "").unwrap();
-    let settings = inproc::settings(&fs, dev.path(), allow_list());
-    let svc = InProcService::start_with(&bus, settings, kernel.binder(), dev).await;
+    let config = inproc::config(&fs, dev.path(), PERMITTED);
+    let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
     let client = bus.connect().await;
     let world = World {
         svc,
@@ -1287,6 +1277,9 @@ async fn after_stop_the_objects_are_gone_and_nothing_is_emitted() {
     world.svc.send(ev(DeviceAction::Bind, AUDIO)).await;
     world.svc.send(ev(DeviceAction::Change, USB)).await;
     world.svc.stop().await;
+    let dbus = zbus::fdo::DBusProxy::new(&world.client).await.unwrap();
+    let owned = dbus.name_has_owner(BUS_NAME.try_into().unwrap()).await;
+    assert!(!owned.unwrap(), "{BUS_NAME} is still owned after stop");
 
     // A marker sent on the service's connection after stop returned: every
     // signal of the component must come before it (one sender's messages
@@ -1323,6 +1316,10 @@ async fn after_stop_the_objects_are_gone_and_nothing_is_emitted() {
     let all: BTreeSet<String> = ALL.iter().map(|a| path(a)).collect();
     assert_eq!(removed, all);
     assert_eq!(before[first_removed..].len(), ALL.len());
+    // The service released its name; the connection is still open. Take
+    // the name back on it (only the name can be called, by the bus policy)
+    // to see what is left there: no device objects.
+    world.svc.connection.request_name(BUS_NAME).await.unwrap();
     assert_eq!(device_objects(&world.managed().await), BTreeSet::new());
     let (name, _) = method_error(world.get(&path(GPU), "Driver").await.unwrap_err());
     assert_eq!(name, "org.freedesktop.DBus.Error.UnknownObject");
@@ -1349,8 +1346,8 @@ async fn stop_right_after_start_and_guard_on_panic() {
 
     // Start and stop with nothing in flight, repeatedly, on one bus.
     for _ in 0..5 {
-        let binder = FakeKernel::new(&fs.root()).binder();
-        let mut svc = InProcService::start(&bus, &fs, allow_list(), binder).await;
+        let kernel = FakeKernel::new(&fs.root());
+        let mut svc = InProcService::start(&bus, &fs, PERMITTED, kernel).await;
         let mut signals = Signals::subscribe(&client, &svc.unique_name()).await;
         svc.stop().await;
         svc.connection
@@ -1387,8 +1384,8 @@ async fn stop_right_after_start_and_guard_on_panic() {
         let bus = bus.clone();
         let fs = fs.clone();
         async move {
-            let binder = FakeKernel::new(&fs.root()).binder();
-            let svc = InProcService::start(&bus, &fs, allow_list(), binder).await;
+            let kernel = FakeKernel::new(&fs.root());
+            let svc = InProcService::start(&bus, &fs, PERMITTED, kernel).await;
             unique_tx.send(svc.unique_name()).unwrap();
             let _ = go_rx.await;
             panic!("deliberate panic with a running service");

@@ -11,6 +11,7 @@ use common::udevd::{FileLock, UDEVD_LOCK, Udevd, device, devices, write_change};
 use common::{DaemonConfig, Polkit, Stack};
 use futures_util::StreamExt;
 use vmmanager::client::PciDeviceProxy;
+use vmmanager::config::EventsSetting;
 use vmmanager::devices::address::PciAddress;
 use zbus::{Connection, OwnedObjectPath};
 
@@ -128,7 +129,7 @@ async fn a_real_kernel_uevent_reaches_a_bus_client() {
     let _lock = tokio::task::spawn_blocking(|| FileLock::exclusive(UDEVD_LOCK))
         .await
         .unwrap();
-    let (_stack, connection) = start(DaemonConfig::default().events("kernel")).await;
+    let (_stack, connection) = start(DaemonConfig::default().events(EventsSetting::Kernel)).await;
     let address = device();
     let proxy = device_proxy(&connection, &address).await;
     let mut events = proxy.receive_uevent().await.unwrap();
@@ -143,7 +144,7 @@ async fn a_real_kernel_uevent_reaches_a_bus_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_real_udevd_names_come_from_the_hwdb() {
     let _udevd = tokio::task::spawn_blocking(Udevd::start).await.unwrap();
-    let (_stack, connection) = start(DaemonConfig::default().events("udev")).await;
+    let (_stack, connection) = start(DaemonConfig::default().events(EventsSetting::Udev)).await;
     let address = device();
     let proxy = device_proxy(&connection, &address).await;
     let properties = zbus::fdo::PropertiesProxy::builder(&connection)
@@ -203,7 +204,7 @@ async fn lost_events_resync_and_the_monitor_keeps_going() {
         .unwrap();
     let (stack, connection) = start(
         DaemonConfig::default()
-            .events("kernel")
+            .events(EventsSetting::Kernel)
             .receive_buffer_bytes(1),
     )
     .await;
@@ -251,7 +252,7 @@ async fn vmctl_monitor_prints_real_events_as_json_lines() {
     let _lock = tokio::task::spawn_blocking(|| FileLock::exclusive(UDEVD_LOCK))
         .await
         .unwrap();
-    let (stack, _connection) = start(DaemonConfig::default().events("kernel")).await;
+    let (stack, _connection) = start(DaemonConfig::default().events(EventsSetting::Kernel)).await;
     let mut monitor = common::util::ChildGuard::new(
         std::process::Command::new(VMCTL)
             .arg("--bus-address")

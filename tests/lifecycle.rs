@@ -7,15 +7,18 @@ use crate::common;
 
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::images::make_clean_qcow2;
+use common::inproc::{self, InProcService};
+use common::sysfs::FakeSysfs;
 use common::util::{alive, public_tempdir, wait_until, write_file};
 use common::{DaemonConfig, Polkit, Stack};
 use tempfile::TempDir;
 use tokio::task::{JoinHandle, block_in_place};
 use vmmanager::client::{JobProxy, ManagerProxy};
+use vmmanager::devices::vfio::KernelSysfs;
 use zbus::{Connection, OwnedVariant, Variant};
 
 type Report = HashMap<String, OwnedVariant>;
@@ -90,11 +93,7 @@ struct World {
 impl World {
     async fn start(stand_in: &str, config: DaemonConfig) -> World {
         let dir = public_tempdir("vmm-lifecycle-");
-        let script = dir.path().join("qemu-img");
-        let body = stand_in.replace("@DIR@", dir.path().to_str().unwrap());
-        write_file(&script, format!("#!/bin/sh\n{body}"), 0o755);
-        make_clean_qcow2(&dir.path().join("disk.qcow2"));
-        let config = config.qemu_img(&script);
+        let config = config.qemu_img(write_stand_in(dir.path(), stand_in));
         let stack = tokio::task::spawn_blocking(move || Stack::start(Polkit::builder(), &config))
             .await
             .unwrap();
@@ -150,6 +149,16 @@ impl World {
         );
         read().unwrap()
     }
+}
+
+/// Writes `stand_in` as `DIR/qemu-img` and a clean `DIR/disk.qcow2`;
+/// returns the script's path.
+fn write_stand_in(dir: &Path, stand_in: &str) -> PathBuf {
+    let script = dir.join("qemu-img");
+    let body = stand_in.replace("@DIR@", dir.to_str().unwrap());
+    write_file(&script, format!("#!/bin/sh\n{body}"), 0o755);
+    make_clean_qcow2(&dir.join("disk.qcow2"));
+    script
 }
 
 /// Kills whatever the stand-ins left running (only processes that still
@@ -429,4 +438,66 @@ async fn the_sweep_spares_the_qemu_img_of_a_check_still_running() {
     let error = failure(hanging).await;
     assert!(error.ends_with(".Cancelled"), "{error}");
     assert_grandchild_gone(&w, hanger);
+}
+
+/// The composed daemon (`daemon::build` + `daemon::serve`, in this process)
+/// with a check whose qemu-img hangs: `serve` returns only after that
+/// check's whole process group is gone and the call has its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_returns_only_after_the_qemu_img_of_a_running_check_is_gone() {
+    let dir = public_tempdir("vmm-serve-");
+    let _leftovers = Leftovers(dir.path().to_owned());
+    let (bus, _polkit) = Polkit::builder().start_with_bus().await;
+    let fs = FakeSysfs::new();
+    let dev_root = tempfile::tempdir().unwrap();
+    let mut config = inproc::config(&fs, dev_root.path(), &[]);
+    config.disk.qemu_img = write_stand_in(dir.path(), HANGS);
+    config.disk.pidfile_patterns = vec!["{image_dir}/*.pid".into()];
+    let mut service = InProcService::start_with(&bus, &config, KernelSysfs, dev_root).await;
+
+    let client = bus.connect().await;
+    let manager = ManagerProxy::new(&client).await.unwrap();
+    let image = dir.path().join("disk.qcow2");
+    let call = tokio::spawn(async move {
+        let options = HashMap::<&str, Variant<'_>>::new();
+        manager.check_disk(image.to_str().unwrap(), options).await
+    });
+    let read_pid = |name: &str| {
+        let path = dir.path().join(name);
+        wait_until(
+            Duration::from_secs(15),
+            &format!("the stand-in to write {name}"),
+            || std::fs::read_to_string(&path).is_ok_and(|s| s.ends_with('\n')),
+            String::new,
+        );
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let (leader, member) = (read_pid("qemu-img.pid"), read_pid("member.pid"));
+    assert!(
+        alive(leader) && alive(member),
+        "the stand-in is not running"
+    );
+
+    // Fires the shutdown and waits for `serve` to return.
+    tokio::time::timeout(Duration::from_secs(15), service.stop())
+        .await
+        .expect("serve did not return within 15 s of the shutdown");
+    // No wait here: by the time `serve` returned, everything was gone.
+    assert!(
+        !alive(leader) && !alive(member),
+        "qemu-img outlived serve: leader alive {}, member alive {}",
+        alive(leader),
+        alive(member)
+    );
+    assert_eq!(live_group_members(leader), Vec::<u32>::new());
+    // Reaped as well: the leader was this process's child.
+    assert_eq!(stat(leader), None, "qemu-img is left as a zombie");
+    assert_eq!(
+        failure(call).await,
+        "org.example.VmManager1.Error.Cancelled"
+    );
 }

@@ -25,8 +25,9 @@ use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, writ
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
 use vmmanager::client::ManagerProxy;
+use vmmanager::config::EventsSetting;
 use vmmanager::devices::address::PciAddress;
-use vmmanager::devices::vfio::VfioBinder;
+use vmmanager::devices::vfio::KernelSysfs;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use zbus::Variant;
 
@@ -545,7 +546,9 @@ async fn devices_that_change_while_the_service_restarts_are_one_notification() {
     fs.device("0000:3b:00.0", 0x8086, 0x1572, 0x020000)
         .sriov(64, 0)
         .driver("i40e");
-    let config = DaemonConfig::default().sysfs_root(fs.root()).events("none");
+    let config = DaemonConfig::default()
+        .sysfs_root(fs.root())
+        .events(EventsSetting::None);
     let mut stack = start_stack(config.clone()).await;
     let mut companion = Companion::start(stack.bus.address(), &desktop);
     companion.wait_for_log("following org.example.VmManager");
@@ -599,8 +602,7 @@ async fn live_device_events_are_coalesced() {
     fs.device("0000:01:00.0", 0x10de, 0x2204, 0x030000)
         .driver("nvidia")
         .iommu_group(7);
-    let service =
-        InProcService::start(&bus, &fs, Vec::new(), VfioBinder::new(fs.root(), None)).await;
+    let service = InProcService::start(&bus, &fs, &[], KernelSysfs).await;
     let mut companion = Companion::start(bus.address(), &desktop);
     companion.wait_for_log("following org.example.VmManager");
 

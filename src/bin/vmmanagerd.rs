@@ -7,7 +7,8 @@ use clap::Parser;
 use vmmanager::config::{Config, DEFAULT_CONFIG_PATH};
 use vmmanager::disk::qemu_img;
 use vmmanager::process;
-use vmmanager::service::daemon::{self, Bus};
+use vmmanager::service::daemon::{self, DaemonError, Roots};
+use zbus::connection::Builder;
 
 /// The VM Manager system service (D-Bus name org.example.VmManager).
 ///
@@ -143,11 +144,14 @@ fn main() -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG
         }
     };
-    let bus = match args.bus_address {
-        Some(address) => Bus::Address(address),
-        None => Bus::System,
-    };
-    process::run_until_signal("vmmanagerd", ON_HANGUP, |shutdown| {
-        daemon::run(config, bus, shutdown)
+    process::run_until_signal("vmmanagerd", ON_HANGUP, |shutdown| async move {
+        let builder = match &args.bus_address {
+            Some(address) => Builder::address(address.as_str()),
+            None => Builder::system(),
+        };
+        let connection = builder.build().await.map_err(DaemonError::Connect)?;
+        tracing::debug!(bus = ?args.bus_address.as_deref().unwrap_or("system"), "connected");
+        let parts = daemon::build(&config, Roots::host());
+        daemon::serve(connection, parts, shutdown.cancelled_owned()).await
     })
 }

@@ -1,11 +1,20 @@
-//! The daemon's life: export objects, take the name, serve until told to
-//! stop or until the bus connection is lost, then stop every job (and every
-//! qemu-img with it) and, when the bus is still there, release the name.
+//! The daemon's life, in two steps (as mini-redis's `server::run(listener,
+//! shutdown)`), so that `vmmanagerd` and the in-process tests run the same
+//! wiring:
+//!
+//! - [`build`]: everything the service owns, from the configuration and the
+//!   host's [`Roots`]; no connection, and nothing running yet.
+//! - [`serve`]: on a connection the caller made, export every object, then
+//!   take the name; serve until `shutdown` fires or the bus is lost; then
+//!   stop every job (and every qemu-img with it) and the device monitor,
+//!   and return only when all of them are gone.
 
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-use zbus::connection::Builder;
+use tokio::sync::mpsc;
+use zbus::Connection;
 use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
 
 use super::devices::{DeviceService, DeviceSettings, EventSource};
@@ -13,14 +22,16 @@ use super::manager::{Manager, ManagerState};
 use super::{BUS_NAME, MANAGER_PATH};
 use crate::auth::Authority;
 use crate::config::{Config, EventsSetting};
+use crate::devices::MonitorMessage;
 use crate::devices::inventory::AllowEntry;
 use crate::devices::monitor::{self, EventGroup, MonitorOptions};
-use crate::devices::vfio::VfioBinder;
+use crate::devices::vfio::{KernelSysfs, SysfsWriter, VfioBinder};
 use crate::disk::checker::DiskChecker;
 use crate::disk::usage::UsageScanner;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// Only `vmmanagerd` connects; [`serve`] is given a connection.
     #[error("cannot connect to the bus: {0}")]
     Connect(#[source] zbus::Error),
     #[error("cannot export objects: {0}")]
@@ -34,73 +45,144 @@ pub enum DaemonError {
     BusLost,
 }
 
-/// Which bus to serve on.
-#[derive(Debug, Clone)]
-pub enum Bus {
-    System,
-    Address(String),
+/// Where the service meets the kernel, beyond the paths the configuration
+/// names: device events, sysfs writes, udevd's control socket. The daemon
+/// uses [`Roots::host`]; in-process tests feed events through a channel and
+/// let a fake kernel answer the writes on a prepared tree.
+pub struct Roots {
+    /// Replaces the netlink monitor (and `devices.events`) when given.
+    pub device_events: Option<mpsc::Receiver<MonitorMessage>>,
+    /// Does the sysfs writes of Detach and Reattach.
+    pub sysfs_writer: Arc<dyn SysfsWriter>,
+    /// With `devices.events = "auto"`, the udev group is used when this
+    /// socket exists (libudev's own test for a running udevd).
+    pub udev_control_socket: PathBuf,
 }
 
-/// Runs the service until `shutdown` is cancelled (then `Ok`) or the bus
-/// connection is closed (then [`DaemonError::BusLost`]). Returns after every
-/// job has ended and, on a normal stop, the name is released.
-pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let builder = match &bus {
-        Bus::System => Builder::system(),
-        Bus::Address(address) => Builder::address(address.as_str()),
-    };
-    let connection = builder.build().await.map_err(DaemonError::Connect)?;
+impl Roots {
+    /// The real kernel: netlink events, plain sysfs writes.
+    pub fn host() -> Roots {
+        Roots {
+            device_events: None,
+            sysfs_writer: Arc::new(KernelSysfs),
+            udev_control_socket: PathBuf::from(monitor::UDEVD_CONTROL_SOCKET),
+        }
+    }
+}
 
+/// Everything the service owns before it is served: built by [`build`],
+/// consumed by [`serve`]. Nothing in it runs: a `Parts` dropped unserved
+/// leaves nothing behind.
+pub struct Parts {
+    checker: DiskChecker,
+    devices: DeviceParts,
+}
+
+/// The device component's settings and event source, started by `serve`.
+struct DeviceParts {
+    settings: DeviceSettings,
+    source: EventSource,
+    /// Where the original drivers of detached devices are remembered.
+    vfio_state_file: Option<PathBuf>,
+    sysfs_writer: Arc<dyn SysfsWriter>,
+}
+
+/// The service's parts for `config` (already validated by
+/// [`Config::parse`]) on `roots`.
+pub fn build(config: &Config, roots: Roots) -> Parts {
     let scanner = UsageScanner::new(
         config.system.proc_root.clone(),
         config.disk.pidfile_patterns.clone(),
     );
     let checker = DiskChecker::new(scanner, config.disk.qemu_img.clone(), config.check_limits());
+
+    let devices = &config.devices;
+    let settings = DeviceSettings {
+        sysfs_root: config.system.sysfs_root.clone(),
+        udev_data_dir: devices.udev_data_dir.clone(),
+        proc_root: config.system.proc_root.clone(),
+        dev_root: devices.dev_root.clone(),
+        allow_list: devices
+            .permitted
+            .iter()
+            .filter_map(|p| AllowEntry::new(&p.selector, p.resource_name.clone()).ok())
+            .collect(),
+    };
+    let group = |socket: &Path| match devices.events {
+        EventsSetting::Auto => Some(monitor::detect_group_at(socket)),
+        EventsSetting::Udev => Some(EventGroup::Udev),
+        EventsSetting::Kernel => Some(EventGroup::Kernel),
+        EventsSetting::None => None,
+    };
+    let source = match (roots.device_events, group(&roots.udev_control_socket)) {
+        (Some(receiver), _) => EventSource::Channel(receiver),
+        (None, Some(group)) => EventSource::Udev(MonitorOptions {
+            group,
+            receive_buffer: devices.receive_buffer_bytes as usize,
+        }),
+        (None, None) => EventSource::None,
+    };
+    let state_file = &devices.vfio_state_file;
+    Parts {
+        checker,
+        devices: DeviceParts {
+            settings,
+            source,
+            vfio_state_file: (!state_file.as_os_str().is_empty()).then(|| state_file.clone()),
+            sysfs_writer: roots.sysfs_writer,
+        },
+    }
+}
+
+/// Serves `parts` on `connection` until `shutdown` completes (then `Ok`) or
+/// the connection is closed (then [`DaemonError::BusLost`]).
+///
+/// Every object is exported before the name is taken, so a client activated
+/// by the name never finds one missing. Returns only after every task it
+/// started has ended: checks cancelled and their qemu-img groups killed,
+/// polkit calls given up, the device monitor thread joined, the objects
+/// removed and, on a normal stop, the name released. The connection is left
+/// open for the caller.
+pub async fn serve(
+    connection: Connection,
+    parts: Parts,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
+    let Parts { checker, devices } = parts;
     let state = ManagerState::start(checker, Authority::new(connection.clone()), &connection)
         .await
         .map_err(DaemonError::Export)?;
-
-    // Serve everything first, then take the name: a client activated by the
-    // name must never find an object missing.
-    let server = connection.object_server();
-    server
-        .at(MANAGER_PATH, ObjectManager)
-        .await
-        .map_err(DaemonError::Export)?;
-    server
-        .at(MANAGER_PATH, Manager::new(Arc::clone(&state)))
-        .await
-        .map_err(DaemonError::Export)?;
-    let devices = start_devices(&config, &connection, &state).await;
+    if let Err(e) = export_manager(&connection, &state).await {
+        stop(&connection, &state, None).await;
+        return Err(e);
+    }
+    let devices = start_devices(devices, &connection, &state).await;
 
     if let Err(e) = take_name(&connection).await {
         // Leave nothing running behind a failed start.
-        devices.stop().await;
-        state.shutdown().await;
+        stop(&connection, &state, Some(devices)).await;
         return Err(e);
     }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        ?bus,
+        unique_name = ?connection.unique_name().map(|n| n.as_str()),
         "serving {BUS_NAME}"
     );
 
     // zbus reports no reason for a close; the socket simply ended.
     let bus_lost = tokio::select! {
-        () = shutdown.cancelled() => false,
+        () = shutdown => false,
         () = connection.closed() => true,
     };
     if bus_lost {
         tracing::error!(
-            ?bus,
             "lost the connection to the bus: the bus daemon closed it or the socket failed; \
              stopping"
         );
     } else {
         tracing::info!("shutting down: stopping running checks and the device monitor");
     }
-    state.shutdown().await;
-    devices.stop().await;
+    stop(&connection, &state, Some(devices)).await;
     if bus_lost {
         // No bus, no name to release.
         return Err(DaemonError::BusLost);
@@ -108,81 +190,106 @@ pub async fn run(config: Config, bus: Bus, shutdown: CancellationToken) -> Resul
     if let Err(e) = connection.release_name(BUS_NAME).await {
         tracing::warn!("cannot release {BUS_NAME}: {e}");
     }
-    tracing::info!("stopped");
     Ok(())
+}
+
+/// The ObjectManager and the manager object, both at [`MANAGER_PATH`].
+async fn export_manager(
+    connection: &Connection,
+    state: &Arc<ManagerState>,
+) -> Result<(), DaemonError> {
+    let server = connection.object_server();
+    server
+        .at(MANAGER_PATH, ObjectManager)
+        .await
+        .map_err(DaemonError::Export)?;
+    server
+        .at(MANAGER_PATH, Manager::new(Arc::clone(state)))
+        .await
+        .map_err(DaemonError::Export)?;
+    Ok(())
+}
+
+/// Ends every job (qemu-img included), polkit call and device task, then
+/// unexports the manager: the object server is the connection's and the
+/// manager holds the connection (through its authority), so leaving it there
+/// would keep open a connection its owner dropped. The ObjectManager stays
+/// (it holds nothing) and answers "no objects" until the connection closes.
+/// The devices stop while it is still there, so their InterfacesRemoved go
+/// out; the manager's removal emits nothing (no ObjectManager above it).
+async fn stop(connection: &Connection, state: &ManagerState, devices: Option<DeviceService>) {
+    state.shutdown().await;
+    if let Some(devices) = devices {
+        devices.stop().await;
+    }
+    let _ = connection
+        .object_server()
+        .remove::<Manager, _>(MANAGER_PATH)
+        .await;
 }
 
 /// The PCI device objects and their event source. A monitor that cannot
 /// start (no netlink here, or udevd forced but absent) is logged and the
 /// devices are enumerated once, rather than the whole service failing.
 async fn start_devices(
-    config: &Config,
-    connection: &zbus::Connection,
+    parts: DeviceParts,
+    connection: &Connection,
     state: &ManagerState,
 ) -> DeviceService {
-    let devices = &config.devices;
-    let settings = DeviceSettings {
-        sysfs_root: config.system.sysfs_root.clone(),
-        udev_data_dir: devices.udev_data_dir.clone(),
-        proc_root: config.system.proc_root.clone(),
-        dev_root: devices.dev_root.clone(),
-        allow_list: config
-            .devices
-            .permitted
-            .iter()
-            .filter_map(|p| AllowEntry::new(&p.selector, p.resource_name.clone()).ok())
-            .collect(),
-    };
-    let state_file =
-        (!devices.vfio_state_file.as_os_str().is_empty()).then(|| devices.vfio_state_file.clone());
-    let binder = || VfioBinder::new(config.system.sysfs_root.clone(), state_file.clone());
-    let group = match devices.events {
-        EventsSetting::Auto => Some(monitor::detect_group()),
-        EventsSetting::Udev => Some(EventGroup::Udev),
-        EventsSetting::Kernel => Some(EventGroup::Kernel),
-        EventsSetting::None => None,
-    };
-    let source = match group {
-        Some(group) => EventSource::Udev(MonitorOptions {
-            group,
-            receive_buffer: devices.receive_buffer_bytes as usize,
-        }),
-        None => EventSource::None,
-    };
-    let authority = state.authority.clone();
-    let callers = state.callers.clone();
-    match DeviceService::start(
-        connection.clone(),
-        settings.clone(),
-        authority.clone(),
-        callers.clone(),
-        binder(),
+    let DeviceParts {
+        settings,
         source,
-    )
-    .await
-    {
+        vfio_state_file,
+        sysfs_writer,
+    } = parts;
+    let group = match &source {
+        EventSource::Udev(options) => Some(options.group),
+        _ => None,
+    };
+    // A second binder is needed when the first start fails; both write
+    // through the one writer.
+    let binder = || {
+        VfioBinder::with_writer(
+            settings.sysfs_root.clone(),
+            vfio_state_file.clone(),
+            Box::new(SharedWriter(Arc::clone(&sysfs_writer))),
+        )
+    };
+    let start = |source| {
+        DeviceService::start(
+            connection.clone(),
+            settings.clone(),
+            state.authority.clone(),
+            state.callers.clone(),
+            binder(),
+            source,
+        )
+    };
+    match start(source).await {
         Ok(service) => {
             tracing::info!(events = ?group, "device monitor running");
             service
         }
         Err(e) => {
             tracing::error!("{e}; devices are listed once and not kept up to date");
-            DeviceService::start(
-                connection.clone(),
-                settings,
-                authority,
-                callers,
-                binder(),
-                EventSource::None,
-            )
-            .await
-            .expect("starting without an event source cannot fail")
+            start(EventSource::None)
+                .await
+                .expect("starting without an event source cannot fail")
         }
     }
 }
 
+/// One [`SysfsWriter`] behind a `Box` for each [`VfioBinder`].
+struct SharedWriter(Arc<dyn SysfsWriter>);
+
+impl SysfsWriter for SharedWriter {
+    fn write(&self, path: &Path, value: &[u8]) -> std::io::Result<()> {
+        self.0.write(path, value)
+    }
+}
+
 /// Takes the well-known name, refusing to queue behind another owner.
-async fn take_name(connection: &zbus::Connection) -> Result<(), DaemonError> {
+async fn take_name(connection: &Connection) -> Result<(), DaemonError> {
     let reply = connection
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await

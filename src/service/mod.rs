@@ -1,7 +1,20 @@
-//! The D-Bus boundary: objects, options, errors, and the daemon's run loop.
+//! The D-Bus boundary: objects, options, errors, and the daemon's entry
+//! points.
 //!
 //! This layer turns D-Bus calls into domain calls (`crate::disk`) and domain
 //! results back into D-Bus values; it never reads /proc or sysfs itself.
+//!
+//! # Layout
+//! - [`daemon`]: [`daemon::build`] makes everything the service owns from
+//!   the config and [`daemon::Roots`]; [`daemon::serve`] runs it on a
+//!   connection until a shutdown future fires or the bus is lost, and
+//!   returns when every task has stopped.
+//! - [`manager`]: the manager object and the state its jobs share;
+//!   [`job`]: one object per running check; [`callers`]: work stops when its
+//!   caller leaves the bus.
+//! - [`devices`]: one object per PCI device, kept in step with the inventory.
+//! - [`options`], [`values`], [`error`]: a{sv} options in, report
+//!   dictionaries out, the one D-Bus error enum.
 
 pub mod callers;
 pub mod daemon;

@@ -1,11 +1,12 @@
 //! `vmmanagerd` under test, on a [`TestBus`].
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
+use vmmanager::config::{Config, EventsSetting, PermittedDevice};
 
 use super::bus::TestBus;
 use super::util::{ChildGuard, public_tempdir, read_lossy, write_file};
@@ -17,43 +18,27 @@ pub const MANAGER_IFACE: &str = "org.example.VmManager1";
 /// The daemon binary Cargo built for this test run.
 pub const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vmmanagerd");
 
-/// Contents of the daemon's TOML config, and where it runs. Defaults match
-/// the daemon's, except that no PID-file patterns point at the host's /run.
+/// The daemon's configuration (the real [`Config`], written as its TOML
+/// file) and how it is started. Defaults are the daemon's, except that
+/// nothing points at the host: no PID-file patterns in the host's /run, no
+/// vfio state file, and kernel events (so whether another test runs udevd
+/// at the moment does not change what this daemon does).
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
-    pub qemu_img: PathBuf,
-    pub timeout_sec: u32,
-    pub max_concurrent_checks: u32,
-    /// `[disk] max-checks-per-user`; 0 = the daemon's default.
-    pub max_checks_per_user: u32,
-    pub pidfile_patterns: Vec<String>,
-    pub proc_root: PathBuf,
-    pub sysfs_root: PathBuf,
-    /// `[devices] events`: "kernel" by default, so whether another test
-    /// runs udevd at the moment does not change what this daemon does.
-    pub events: String,
-    /// `[devices] permitted` as (selector, resource name).
-    pub permitted: Vec<(String, String)>,
-    /// `[devices] receive-buffer-bytes`; the daemon's default when None.
-    pub receive_buffer_bytes: Option<u32>,
-    /// Not part of the TOML: a mount namespace (`/proc/PID/ns/mnt`) to start
+    pub config: Config,
+    /// Not part of the file: a mount namespace (`/proc/PID/ns/mnt`) to start
     /// the daemon in, e.g. a test libvirt's, so that it sees that /run.
     pub mount_namespace: Option<PathBuf>,
 }
 
 impl Default for DaemonConfig {
     fn default() -> Self {
+        let mut config = Config::default();
+        config.disk.pidfile_patterns = vec!["{image_dir}/*.pid".into()];
+        config.devices.events = EventsSetting::Kernel;
+        config.devices.vfio_state_file = PathBuf::new();
         DaemonConfig {
-            qemu_img: PathBuf::from("/usr/bin/qemu-img"),
-            timeout_sec: 600,
-            max_concurrent_checks: 0,
-            max_checks_per_user: 0,
-            pidfile_patterns: vec!["{image_dir}/*.pid".into()],
-            proc_root: PathBuf::from("/proc"),
-            sysfs_root: PathBuf::from("/sys"),
-            events: "kernel".into(),
-            permitted: Vec::new(),
-            receive_buffer_bytes: None,
+            config,
             mount_namespace: None,
         }
     }
@@ -61,22 +46,22 @@ impl Default for DaemonConfig {
 
 impl DaemonConfig {
     pub fn qemu_img(mut self, path: impl Into<PathBuf>) -> Self {
-        self.qemu_img = path.into();
+        self.config.disk.qemu_img = path.into();
         self
     }
 
     pub fn timeout_sec(mut self, secs: u32) -> Self {
-        self.timeout_sec = secs;
+        self.config.disk.timeout_sec = secs;
         self
     }
 
     pub fn max_concurrent_checks(mut self, n: u32) -> Self {
-        self.max_concurrent_checks = n;
+        self.config.disk.max_concurrent_checks = n;
         self
     }
 
     pub fn max_checks_per_user(mut self, n: u32) -> Self {
-        self.max_checks_per_user = n;
+        self.config.disk.max_checks_per_user = n;
         self
     }
 
@@ -84,27 +69,27 @@ impl DaemonConfig {
         mut self,
         patterns: impl IntoIterator<Item = S>,
     ) -> Self {
-        self.pidfile_patterns = patterns.into_iter().map(Into::into).collect();
+        self.config.disk.pidfile_patterns = patterns.into_iter().map(Into::into).collect();
         self
     }
 
     pub fn proc_root(mut self, path: impl Into<PathBuf>) -> Self {
-        self.proc_root = path.into();
+        self.config.system.proc_root = path.into();
         self
     }
 
     pub fn sysfs_root(mut self, path: impl Into<PathBuf>) -> Self {
-        self.sysfs_root = path.into();
+        self.config.system.sysfs_root = path.into();
         self
     }
 
-    pub fn events(mut self, events: &str) -> Self {
-        self.events = events.into();
+    pub fn events(mut self, events: EventsSetting) -> Self {
+        self.config.devices.events = events;
         self
     }
 
     pub fn receive_buffer_bytes(mut self, bytes: u32) -> Self {
-        self.receive_buffer_bytes = Some(bytes);
+        self.config.devices.receive_buffer_bytes = bytes;
         self
     }
 
@@ -114,50 +99,12 @@ impl DaemonConfig {
     }
 
     pub fn permit(mut self, selector: &str, resource_name: &str) -> Self {
-        self.permitted.push((selector.into(), resource_name.into()));
+        self.config.devices.permitted.push(PermittedDevice {
+            selector: selector.into(),
+            resource_name: resource_name.into(),
+        });
         self
     }
-
-    pub fn to_toml(&self) -> String {
-        let patterns: Vec<String> = self.pidfile_patterns.iter().map(|p| toml_str(p)).collect();
-        let permitted: Vec<String> = self
-            .permitted
-            .iter()
-            .map(|(s, r)| {
-                format!(
-                    "{{ selector = {}, resource-name = {} }}",
-                    toml_str(s),
-                    toml_str(r)
-                )
-            })
-            .collect();
-        // The vfio state file stays off: tests never touch the host's /run.
-        format!(
-            "[disk]\nqemu-img = {}\ntimeout-sec = {}\nmax-concurrent-checks = {}\n\
-             max-checks-per-user = {}\n\
-             pidfile-patterns = [{}]\n\n[devices]\nevents = {}\nvfio-state-file = \"\"\n\
-             permitted = [{}]\n{}\n[system]\nproc-root = {}\nsysfs-root = {}\n",
-            toml_path(&self.qemu_img),
-            self.timeout_sec,
-            self.max_concurrent_checks,
-            self.max_checks_per_user,
-            patterns.join(", "),
-            toml_str(&self.events),
-            permitted.join(", "),
-            self.receive_buffer_bytes
-                .map_or_else(String::new, |b| format!("receive-buffer-bytes = {b}\n")),
-            toml_path(&self.proc_root),
-            toml_path(&self.sysfs_root),
-        )
-    }
-}
-
-fn toml_str(s: &str) -> String {
-    toml::Value::String(s.to_owned()).to_string()
-}
-
-fn toml_path(p: &Path) -> String {
-    toml_str(p.to_str().expect("test paths are UTF-8"))
 }
 
 /// A running `vmmanagerd --bus-address ADDR --config PATH`; killed on drop.
@@ -172,7 +119,7 @@ impl Daemon {
         let bin = DAEMON_BIN;
         let dir = public_tempdir("vmm-daemon-");
         let config_path = dir.path().join("vmmanager.toml");
-        write_file(&config_path, config.to_toml(), 0o644);
+        write_file(&config_path, config.config.to_toml(), 0o644);
         let stderr_path = dir.path().join("vmmanagerd.stderr");
         let log = File::create(&stderr_path).expect("create vmmanagerd.stderr");
         let mut cmd = match &config.mount_namespace {
@@ -208,7 +155,7 @@ impl Daemon {
             || {
                 format!(
                     "vmmanagerd config:\n{}\nvmmanagerd output:\n{}\ndbus-daemon stderr:\n{}",
-                    config.to_toml(),
+                    config.config.to_toml(),
                     read_lossy(&stderr_path),
                     bus.stderr()
                 )

@@ -1,6 +1,7 @@
-//! The device component (`DeviceService`) running inside the test process on
-//! a [`TestBus`], on a prepared sysfs tree, with events fed through a
-//! channel; and a collector of the signals it emits, as a client sees them.
+//! The whole service inside the test process, as `vmmanagerd` wires it
+//! ([`daemon::build`] and [`daemon::serve`]) on a [`TestBus`], on a prepared
+//! sysfs tree, with device events fed through a channel; and a collector of
+//! the signals it emits, as a client sees them.
 //!
 //! The service is stopped by [`InProcService::stop`], or by the guard's
 //! `Drop` when a test panics (needs a multi-thread runtime:
@@ -15,17 +16,16 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tempfile::TempDir;
 use tokio::sync::mpsc;
-use zbus::fdo::{ObjectManager, RequestNameFlags, RequestNameReply};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use zbus::message::Type;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
 
-use vmmanager::auth::Authority;
+use vmmanager::config::{Config, EventsSetting, PermittedDevice};
 use vmmanager::devices::MonitorMessage;
-use vmmanager::devices::inventory::AllowEntry;
-use vmmanager::devices::vfio::VfioBinder;
-use vmmanager::service::callers::Callers;
-use vmmanager::service::devices::{DeviceService, DeviceSettings, EventSource};
-use vmmanager::service::{BUS_NAME, MANAGER_PATH};
+use vmmanager::devices::vfio::SysfsWriter;
+use vmmanager::service::BUS_NAME;
+use vmmanager::service::daemon::{self, DaemonError, Roots};
 
 use super::bus::TestBus;
 use super::sysfs::FakeSysfs;
@@ -35,9 +35,12 @@ pub const DEVICE_IFACE: &str = "org.example.VmManager1.PciDevice";
 /// How long a test waits for an expected signal.
 pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The device component on its own connection, owning the service name.
+/// The service on its own connection, owning the service name.
 pub struct InProcService {
-    service: Option<DeviceService>,
+    /// Fires `serve`'s shutdown.
+    shutdown: CancellationToken,
+    /// The task running `serve`; `None` once stopped.
+    serving: Option<JoinHandle<Result<(), DaemonError>>>,
     pub connection: Connection,
     events: mpsc::Sender<MonitorMessage>,
     /// Stands in for `/dev` (`vfio/<group>` nodes); empty unless a test
@@ -45,76 +48,101 @@ pub struct InProcService {
     dev_root: TempDir,
 }
 
-/// Settings for a service on `fs`: its sysfs and udev database, the real
-/// /proc, and `dev_root` for /dev.
-pub fn settings(fs: &FakeSysfs, dev_root: &Path, allow_list: Vec<AllowEntry>) -> DeviceSettings {
-    DeviceSettings {
-        sysfs_root: fs.root(),
-        udev_data_dir: fs.udev_data_dir(),
-        proc_root: PathBuf::from("/proc"),
-        dev_root: dev_root.to_owned(),
-        allow_list,
-    }
+/// The daemon's default configuration pointed at `fs` (sysfs and udev
+/// database) and `dev_root` (for /dev), with `permitted` devices; the real
+/// /proc, no vfio state file.
+pub fn config(fs: &FakeSysfs, dev_root: &Path, permitted: &[(&str, &str)]) -> Config {
+    let mut config = Config::default();
+    config.system.sysfs_root = fs.root();
+    config.devices.udev_data_dir = fs.udev_data_dir();
+    config.devices.dev_root = dev_root.to_owned();
+    config.devices.vfio_state_file = PathBuf::new();
+    // Events come from the test's channel (see `InProcService::start_with`).
+    config.devices.events = EventsSetting::None;
+    config.devices.permitted = permitted
+        .iter()
+        .map(|(selector, resource_name)| PermittedDevice {
+            selector: (*selector).to_owned(),
+            resource_name: (*resource_name).to_owned(),
+        })
+        .collect();
+    config
 }
 
 impl InProcService {
-    /// Serves the ObjectManager, starts the device component on `fs` with
-    /// `binder`, then takes the well-known name (all devices are on the bus
-    /// by then).
+    /// The service on `fs` with `permitted` devices; Detach and Reattach
+    /// write through `writer`.
     pub async fn start(
         bus: &TestBus,
         fs: &FakeSysfs,
-        allow_list: Vec<AllowEntry>,
-        binder: VfioBinder,
+        permitted: &[(&str, &str)],
+        writer: impl SysfsWriter + 'static,
     ) -> InProcService {
         let dev_root = tempfile::tempdir().expect("dev_root temp dir");
-        let settings = settings(fs, dev_root.path(), allow_list);
-        Self::start_with(bus, settings, binder, dev_root).await
+        let config = config(fs, dev_root.path(), permitted);
+        Self::start_with(bus, &config, writer, dev_root).await
     }
 
-    /// Like [`start`](Self::start) with explicit settings; `dev_root` is
-    /// kept alive with the service (settings.dev_root usually points in it).
+    /// `daemon::build(config)` with events from a channel and sysfs writes
+    /// through `writer`, served on a new connection to `bus`; returns once
+    /// the service owns its name (all objects are on the bus by then).
+    /// `dev_root` is kept alive with the service (the config's dev-root
+    /// usually points in it).
     pub async fn start_with(
         bus: &TestBus,
-        settings: DeviceSettings,
-        binder: VfioBinder,
+        config: &Config,
+        writer: impl SysfsWriter + 'static,
         dev_root: TempDir,
     ) -> InProcService {
-        let connection = zbus::connection::Builder::address(bus.address())
-            .build()
-            .await
-            .expect("connect the in-process service");
-        connection
-            .object_server()
-            .at(MANAGER_PATH, ObjectManager)
-            .await
-            .expect("serve the ObjectManager");
+        let connection = bus.connect().await;
         let (events, receiver) = mpsc::channel(1024);
-        let service = DeviceService::start(
+        let roots = Roots {
+            device_events: Some(receiver),
+            sysfs_writer: Arc::new(writer),
+            // Unused: events come from the channel.
+            udev_control_socket: dev_root.path().join("udev-control"),
+        };
+        let parts = daemon::build(config, roots);
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(daemon::serve(
             connection.clone(),
-            settings,
-            Arc::new(Authority::new(connection.clone())),
-            // Departures are not watched here: no test leaves mid-call.
-            Callers::new(tokio_util::sync::CancellationToken::new()),
-            binder,
-            EventSource::Channel(receiver),
-        )
-        .await
-        .expect("start the device service");
+            parts,
+            shutdown.clone().cancelled_owned(),
+        ));
         // The guard exists from here on, so a failure below still stops it.
-        let guard = InProcService {
-            service: Some(service),
+        let mut guard = InProcService {
+            shutdown,
+            serving: Some(serving),
             connection,
             events,
             dev_root,
         };
-        let reply = guard
-            .connection
-            .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
-            .await
-            .expect("request the service name");
-        assert_eq!(reply, RequestNameReply::PrimaryOwner);
+        guard.wait_for_name().await;
         guard
+    }
+
+    /// Waits (bounded) until this service's connection owns [`BUS_NAME`].
+    async fn wait_for_name(&mut self) {
+        let dbus = zbus::fdo::DBusProxy::new(&self.connection)
+            .await
+            .expect("a DBus proxy");
+        let me = self.unique_name();
+        let deadline = tokio::time::Instant::now() + SIGNAL_TIMEOUT;
+        loop {
+            if let Ok(owner) = dbus.get_name_owner(BUS_NAME.try_into().unwrap()).await
+                && owner.as_str() == me
+            {
+                return;
+            }
+            if let Some(serving) = self.serving.take_if(|s| s.is_finished()) {
+                panic!("serve ended before taking the name: {:?}", serving.await);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the service did not take {BUS_NAME} within {SIGNAL_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     pub fn dev_root(&self) -> &Path {
@@ -142,28 +170,30 @@ impl InProcService {
         self.events.clone()
     }
 
-    /// `DeviceService::stop().await`; the connection stays open.
+    /// Fires the shutdown and waits for `serve` to return, which it does
+    /// only when every task of the service has ended; the connection stays
+    /// open.
     pub async fn stop(&mut self) {
-        if let Some(service) = self.service.take() {
-            service.stop().await;
+        self.shutdown.cancel();
+        if let Some(serving) = self.serving.take() {
+            let result = serving.await.expect("serve does not panic");
+            assert!(result.is_ok(), "serve failed: {result:?}");
         }
     }
 }
 
 impl Drop for InProcService {
     fn drop(&mut self) {
-        let Some(service) = self.service.take() else {
+        self.shutdown.cancel();
+        let Some(serving) = self.serving.take() else {
             return;
         };
-        // A panicking test: stop the component anyway (never panic here).
+        // A panicking test: wait for the service anyway (never panic here).
         if let Ok(handle) = tokio::runtime::Handle::try_current()
             && handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
         {
             tokio::task::block_in_place(|| {
-                let _ = handle.block_on(tokio::time::timeout(
-                    Duration::from_secs(10),
-                    service.stop(),
-                ));
+                let _ = handle.block_on(tokio::time::timeout(Duration::from_secs(10), serving));
             });
         }
     }

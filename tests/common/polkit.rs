@@ -54,6 +54,18 @@ impl PolkitBuilder {
         ))
     }
 
+    /// A new [`TestBus`] and this polkitd on it, started off the async
+    /// workers (both block while they come up).
+    pub async fn start_with_bus(self) -> (TestBus, Polkit) {
+        tokio::task::spawn_blocking(move || {
+            let bus = TestBus::start();
+            let polkit = self.start(&bus);
+            (bus, polkit)
+        })
+        .await
+        .expect("start the bus and polkitd")
+    }
+
     pub fn start(self, bus: &TestBus) -> Polkit {
         let dir = public_tempdir("vmm-polkit-");
         let actions = dir.path().join("actions");
