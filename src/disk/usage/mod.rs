@@ -234,9 +234,12 @@ impl UsageScanner {
                 break;
             }
             for h in procfs::holders(&self.proc_root, target, own_pid, cancel)? {
+                // A starting QEMU first opens the image read-only, then
+                // again for writing: what a later look sees counts too.
                 users
                     .entry(h.pid)
-                    .or_insert_with(|| self.describe(h.pid, h.writable));
+                    .or_insert_with(|| self.describe(h.pid, h.writable))
+                    .writable |= h.writable;
             }
             lock = lock::probe(&image.file);
         }
