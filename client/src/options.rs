@@ -33,6 +33,9 @@ pub enum Repair {
 }
 
 impl Repair {
+    /// Every value, mildest first.
+    pub const ALL: [Repair; 2] = [Repair::Leaks, Repair::All];
+
     /// The option's value: `"leaks"` or `"all"`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -52,10 +55,7 @@ impl FromStr for Repair {
     type Err = ();
 
     fn from_str(s: &str) -> Result<Self, ()> {
-        [Repair::Leaks, Repair::All]
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or(())
+        Repair::ALL.into_iter().find(|r| r.as_str() == s).ok_or(())
     }
 }
 
