@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::util::public_tempdir;
 use common::{DaemonConfig, Polkit, Stack, Vm};
-use vmmanager::client::ManagerProxy;
+use vmmanager_client::ManagerProxy;
 use vmmanager::disk::image::ImageFile;
 use vmmanager::disk::usage::UsageScanner;
 use zbus::Variant;

@@ -12,8 +12,9 @@ use common::images::make_clean_qcow2;
 use common::util::{public_tempdir, write_file};
 use common::{DaemonConfig, NOBODY, Polkit, Stack, Vm};
 use tempfile::TempDir;
-use vmmanager::client::{ManagerProxy, dict_to_json};
 use vmmanager::disk::usage::MAX_STALE_PIDFILES;
+use vmmanager_client::ManagerProxy;
+use vmmanager_client::json::dict_to_json;
 use zbus::{Connection, Variant};
 
 const INVALID_ARGUMENT: &str = "org.example.VmManager1.Error.InvalidArgument";

@@ -90,11 +90,8 @@ fn keys(v: &Value) -> BTreeSet<String> {
 }
 
 fn device_path(address: &str) -> String {
-    let object_name: String = address
-        .chars()
-        .map(|c| if c == ':' || c == '.' { '_' } else { c })
-        .collect();
-    format!("{MANAGER_PATH}/devices/pci_{object_name}")
+    let address: vmmanager_client::PciAddress = address.parse().unwrap();
+    address.object_path().to_string()
 }
 
 /// A qemu-img for the daemon: images whose name contains "slow" hang until

@@ -24,10 +24,10 @@ use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, write_file};
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
-use vmmanager::client::ManagerProxy;
 use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::vfio::VfioBinder;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager_client::ManagerProxy;
 use zbus::Variant;
 
 const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");

@@ -21,8 +21,8 @@ use common::util::{
 use common::world::{World, split_error, str_of};
 use common::{DaemonConfig, NOBODY, Polkit};
 use futures_util::future::join_all;
-use vmmanager::client::ManagerProxy;
 use vmmanager::disk::checker::SCANS_PER_USER;
+use vmmanager_client::ManagerProxy;
 
 const CHECK_DISK: &str = "org.example.vmmanager.check-disk";
 const NOBODY_USER: Option<(u32, u32)> = Some((NOBODY, NOBODY));
