@@ -45,8 +45,7 @@ use tempfile::TempDir;
 
 const PYTHON: &str = "/usr/bin/python3";
 const QDBUS: &str = "/usr/lib/qt5/bin/qdbus";
-const DEVICE_IFACE: &str = "org.example.VmManager1.PciDevice";
-const JOB_IFACE: &str = "org.example.VmManager1.Job";
+use vmmanager_client::names::{DEVICE_INTERFACE as DEVICE_IFACE, JOB_INTERFACE as JOB_IFACE};
 const JOBS_PREFIX: &str = "/org/example/VmManager/jobs/";
 const XML: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

@@ -24,7 +24,7 @@ use futures_util::future::join_all;
 use vmmanager::disk::checker::SCANS_PER_USER;
 use vmmanager_client::ManagerProxy;
 
-const CHECK_DISK: &str = "org.example.vmmanager.check-disk";
+use vmmanager_client::names::action::CHECK_DISK;
 const NOBODY_USER: Option<(u32, u32)> = Some((NOBODY, NOBODY));
 
 /// Processes holding many descriptors (dups of /dev/null), killed on drop.

@@ -25,7 +25,7 @@ use vmmanager::devices::inventory::AllowEntry;
 use vmmanager::devices::vfio::VfioBinder;
 use vmmanager::service::callers::Callers;
 use vmmanager::service::devices::{DeviceService, DeviceSettings, EventSource};
-use vmmanager_client::names::{BUS_NAME, MANAGER_PATH};
+use vmmanager::service::{BUS_NAME, MANAGER_PATH};
 
 use super::bus::TestBus;
 use super::sysfs::FakeSysfs;

@@ -375,7 +375,7 @@ fn json_subject(command: &Command) -> Option<Option<(&'static str, String)>> {
         }
         | Command::DiskUsers {
             path, json: true, ..
-        } => Some(Some(("image", image(path)))),
+        } => Some(Some((report::IMAGE, image(path)))),
         Command::Device {
             address,
             json: true,
