@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use common::util::public_tempdir;
 use common::{DaemonConfig, Polkit, Stack, Vm};
-use vmmanager::client::ManagerProxy;
 use vmmanager::disk::image::ImageFile;
 use vmmanager::disk::usage::UsageScanner;
+use vmmanager_client::ManagerProxy;
 use zbus::Variant;
 
 const VMCTL: &str = env!("CARGO_BIN_EXE_vmctl");

@@ -30,6 +30,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use vmmanager_client::names::action;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -52,10 +53,10 @@ pub enum Action {
 impl Action {
     pub fn id(self) -> &'static str {
         match self {
-            Action::CheckDisk => "org.example.vmmanager.check-disk",
-            Action::CheckDiskOtherUser => "org.example.vmmanager.check-disk-other-user",
-            Action::RepairDisk => "org.example.vmmanager.repair-disk",
-            Action::ManageDevices => "org.example.vmmanager.manage-devices",
+            Action::CheckDisk => action::CHECK_DISK,
+            Action::CheckDiskOtherUser => action::CHECK_DISK_OTHER_USER,
+            Action::RepairDisk => action::REPAIR_DISK,
+            Action::ManageDevices => action::MANAGE_DEVICES,
         }
     }
 }

@@ -27,7 +27,10 @@
 //!   error, never "nobody", when it cannot look; cancellable), a process's
 //!   exe and QEMU `-name` (for disk users and VFIO group users).
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
-//! - [`client`]: typed proxies for clients (`vmctl`, tests).
+//! - The D-Bus contract (names, proxies, error enum, report and device
+//!   property codecs, the PCI address ↔ object path codec) is the workspace
+//!   crate [`vmmanager_client`] (`client/`), shared with `vmctl`, the
+//!   companion and the tests.
 //! - [`manpage`]: man pages from the binaries' clap definitions.
 //! - [`service`]: the D-Bus boundary: the manager and job objects, option
 //!   parsing, the one D-Bus error enum, and the daemon's two entry points:
@@ -46,7 +49,6 @@
 //!   `vmctl` (CLI) and `vmmanager-notify` (session companion).
 
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod devices;
 pub mod disk;

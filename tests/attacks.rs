@@ -108,7 +108,7 @@ fn check_in_background(
     let connection = w.connection.clone();
     let image = image.to_str().unwrap().to_owned();
     tokio::spawn(async move {
-        let manager = vmmanager::client::ManagerProxy::new(&connection)
+        let manager = vmmanager_client::ManagerProxy::new(&connection)
             .await
             .unwrap();
         manager

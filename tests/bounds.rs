@@ -12,8 +12,9 @@ use common::images::make_clean_qcow2;
 use common::util::write_file;
 use common::world::World;
 use common::{NOBODY, Vm};
-use vmmanager::client::{ManagerProxy, dict_to_json};
 use vmmanager::disk::usage::MAX_STALE_PIDFILES;
+use vmmanager_client::ManagerProxy;
+use vmmanager_client::json::dict_to_json;
 use zbus::{Connection, Variant};
 
 const INVALID_ARGUMENT: &str = "org.example.VmManager1.Error.InvalidArgument";
@@ -169,7 +170,9 @@ async fn option_floods_get_a_short_invalid_argument_and_the_daemon_survives() {
         "the daemon died: {}",
         w.stack.daemon.output()
     );
-    let report = check_disk(&w.connection, image, Options::new()).await.unwrap();
+    let report = check_disk(&w.connection, image, Options::new())
+        .await
+        .unwrap();
     assert_eq!(dict_to_json(&report)["result"], "clean");
 }
 

@@ -14,7 +14,7 @@ use common::images::{LEAKED_CLUSTERS, make_clean_qcow2, make_corrupt_qcow2, make
 use common::util::{ChildGuard, alive, hold_open, public_tempdir, run, wait_until, write_file};
 use common::world::{Report, VMCTL, World, bool_of, json, split_error, str_of, u64_of};
 use common::{DaemonConfig, NOBODY, Polkit, Vm};
-use vmmanager::client::JobProxy;
+use vmmanager_client::JobProxy;
 use zbus::Variant;
 
 const ALL_REPORT_KEYS: &[&str] = &[

@@ -46,8 +46,7 @@ use vmmanager::config::EventsSetting;
 
 const PYTHON: &str = "/usr/bin/python3";
 const QDBUS: &str = "/usr/lib/qt5/bin/qdbus";
-const DEVICE_IFACE: &str = "org.example.VmManager1.PciDevice";
-const JOB_IFACE: &str = "org.example.VmManager1.Job";
+use vmmanager_client::names::{DEVICE_INTERFACE as DEVICE_IFACE, JOB_INTERFACE as JOB_IFACE};
 const JOBS_PREFIX: &str = "/org/example/VmManager/jobs/";
 const XML: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -91,11 +90,8 @@ fn keys(v: &Value) -> BTreeSet<String> {
 }
 
 fn device_path(address: &str) -> String {
-    let object_name: String = address
-        .chars()
-        .map(|c| if c == ':' || c == '.' { '_' } else { c })
-        .collect();
-    format!("{MANAGER_PATH}/devices/pci_{object_name}")
+    let address: vmmanager_client::PciAddress = address.parse().unwrap();
+    address.object_path().to_string()
 }
 
 /// A qemu-img for the daemon: images whose name contains "slow" hang until

@@ -21,9 +21,9 @@ use common::sysfs::FakeSysfs;
 use common::util::{CmdOutput, NOBODY, hold_open};
 use common::{Polkit, PolkitBuilder, TestBus};
 use futures_util::StreamExt;
-use vmmanager::client::{PciDeviceProxy, device_path};
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
-use vmmanager::service::{BUS_NAME, MANAGER_PATH};
+use vmmanager_client::names::{BUS_NAME, MANAGER_PATH};
+use vmmanager_client::{PciAddress, PciDeviceProxy};
 use zbus::fdo::ObjectManagerProxy;
 use zbus::proxy::CacheProperties;
 use zbus::{Connection, Variant};
@@ -44,13 +44,15 @@ const NO_DRIVER_BLOCKER: &str = "not bound to any driver, not vfio-pci";
 
 const ERROR_PREFIX: &str = "org.example.VmManager1.Error.";
 
-/// `/org/example/VmManager/devices/pci_0000_01_00_0` for `0000:01:00.0`.
+/// `/org/example/VmManager/devices/pci_0000_01_00_0` for `0000:01:00.0`
+/// (spelled out, to check the client crate's codec against).
 fn path(address: &str) -> String {
     let p = format!(
         "/org/example/VmManager/devices/pci_{}",
         address.replace([':', '.'], "_")
     );
-    assert_eq!(device_path(address).unwrap().as_str(), p);
+    let address: PciAddress = address.parse().unwrap();
+    assert_eq!(address.object_path().as_str(), p);
     p
 }
 

@@ -10,9 +10,9 @@ use std::time::Duration;
 use common::udevd::{FileLock, UDEVD_LOCK, Udevd, device, devices, write_change};
 use common::{DaemonConfig, Polkit, Stack};
 use futures_util::StreamExt;
-use vmmanager::client::PciDeviceProxy;
 use vmmanager::config::EventsSetting;
 use vmmanager::devices::address::PciAddress;
+use vmmanager_client::PciDeviceProxy;
 use zbus::{Connection, OwnedObjectPath};
 
 const VMCTL: &str = env!("CARGO_BIN_EXE_vmctl");

@@ -11,8 +11,7 @@ use std::process::{Command, Stdio};
 use common::util::{self, ChildGuard, command_as};
 use common::{DaemonConfig, NOBODY, Polkit, SERVICE_NAME, Stack, TestBus, Vm};
 
-const CHECK_DISK: &str = "org.example.vmmanager.check-disk";
-const REPAIR_DISK: &str = "org.example.vmmanager.repair-disk";
+use vmmanager_client::names::action::{CHECK_DISK, REPAIR_DISK};
 
 /// A small qcow2 in a fresh temp dir (kept alive by the returned guard).
 fn qcow2(name: &str) -> (tempfile::TempDir, PathBuf) {

@@ -132,7 +132,7 @@ async fn live_introspection_matches_the_shipped_xml() {
     common::images::make_clean_qcow2(&image);
 
     let connection = stack.bus.connect().await;
-    let manager = vmmanager::client::ManagerProxy::new(&connection)
+    let manager = vmmanager_client::ManagerProxy::new(&connection)
         .await
         .unwrap();
     let call = {

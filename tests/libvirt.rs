@@ -24,7 +24,7 @@ use serde_json::json;
 use zbus::Variant;
 
 const IN_USE: &str = "org.example.VmManager1.Error.InUse";
-const CHECK_DISK_ACTION: &str = "org.example.vmmanager.check-disk";
+use vmmanager_client::names::action::CHECK_DISK as CHECK_DISK_ACTION;
 /// `daemon`: a second non-root user, owning neither image nor directory.
 const DAEMON_USER: u32 = 1;
 

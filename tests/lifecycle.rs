@@ -17,8 +17,8 @@ use common::util::{alive, public_tempdir, wait_until, write_file};
 use common::{DaemonConfig, Polkit, Stack};
 use tempfile::TempDir;
 use tokio::task::{JoinHandle, block_in_place};
-use vmmanager::client::{JobProxy, ManagerProxy};
 use vmmanager::devices::vfio::KernelSysfs;
+use vmmanager_client::{JobProxy, ManagerProxy};
 use zbus::{Connection, OwnedVariant, Variant};
 
 type Report = HashMap<String, OwnedVariant>;

@@ -24,11 +24,11 @@ use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, write_file};
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
-use vmmanager::client::ManagerProxy;
 use vmmanager::config::EventsSetting;
 use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::vfio::KernelSysfs;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager_client::ManagerProxy;
 use zbus::Variant;
 
 const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");

@@ -27,7 +27,7 @@ use common::world::{World, split_error, str_of};
 use common::{DaemonConfig, NOBODY, Polkit, TestBus};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vmmanager::client::ManagerProxy;
+use vmmanager_client::ManagerProxy;
 use zbus::OwnedVariant;
 use zbus_polkit::policykit1::{AuthorityProxy, Subject};
 

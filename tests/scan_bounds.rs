@@ -21,10 +21,10 @@ use common::util::{
 use common::world::{World, split_error, str_of};
 use common::{DaemonConfig, NOBODY, Polkit};
 use futures_util::future::join_all;
-use vmmanager::client::ManagerProxy;
 use vmmanager::disk::checker::SCANS_PER_USER;
+use vmmanager_client::ManagerProxy;
 
-const CHECK_DISK: &str = "org.example.vmmanager.check-disk";
+use vmmanager_client::names::action::CHECK_DISK;
 const NOBODY_USER: Option<(u32, u32)> = Some((NOBODY, NOBODY));
 
 /// Processes holding many descriptors (dups of /dev/null), killed on drop.

@@ -373,8 +373,9 @@ fn json_documents_from_a_running_service() {
         let out = vmctl(&["--bus-address", bus, sub, "--json", "nonsense"]);
         assert_eq!(out.status.code(), Some(64), "{sub}: {out:?}");
         let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        // Named as the service names a malformed argument.
         assert_eq!(
-            doc["error"], "org.freedesktop.DBus.Error.InvalidArgs",
+            doc["error"], "org.example.VmManager1.Error.InvalidArgument",
             "{doc}"
         );
     }

@@ -5,16 +5,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use super::policy::{DeviceBatch, DeviceInfo};
+use super::policy::{DeviceBatch, DeviceProperties};
 
 /// One change of one device, as the service reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceChange {
-    Added(DeviceInfo),
-    Removed(DeviceInfo),
+    Added(DeviceProperties),
+    Removed(DeviceProperties),
     /// `PassthroughReady` changed; `device` holds the new state.
     Readiness {
-        device: DeviceInfo,
+        device: DeviceProperties,
         was: bool,
     },
 }
@@ -25,9 +25,9 @@ pub enum DeviceChange {
 struct Net {
     /// `Some(ready)` when it existed before the window.
     before: Option<bool>,
-    now: Option<DeviceInfo>,
+    now: Option<DeviceProperties>,
     /// The latest view of it, to name it when it is gone.
-    seen: DeviceInfo,
+    seen: DeviceProperties,
 }
 
 /// Collects changes until the bus has been quiet for `quiet`, or `max` has
@@ -66,7 +66,7 @@ impl Coalescer {
         let net = self.pending.entry(seen.address.clone()).or_insert(Net {
             before,
             now: None,
-            seen: DeviceInfo::default(),
+            seen: DeviceProperties::default(),
         });
         net.now = after;
         net.seen = seen;
@@ -106,8 +106,8 @@ impl Coalescer {
 /// after the service restarted: devices that came, went, or changed
 /// readiness while it was away.
 pub fn diff(
-    old: &HashMap<String, DeviceInfo>,
-    new: &HashMap<String, DeviceInfo>,
+    old: &HashMap<String, DeviceProperties>,
+    new: &HashMap<String, DeviceProperties>,
 ) -> Vec<DeviceChange> {
     let mut changes = Vec::new();
     for (path, device) in new {
@@ -137,11 +137,11 @@ mod tests {
     const QUIET: Duration = Duration::from_millis(500);
     const MAX: Duration = Duration::from_secs(2);
 
-    fn dev(addr: &str, ready: bool) -> DeviceInfo {
-        DeviceInfo {
+    fn dev(addr: &str, ready: bool) -> DeviceProperties {
+        DeviceProperties {
             address: addr.into(),
             passthrough_ready: ready,
-            ..DeviceInfo::default()
+            ..DeviceProperties::default()
         }
     }
 
@@ -219,7 +219,7 @@ mod tests {
 
     #[test]
     fn diff_of_two_views() {
-        let view = |devices: &[(&str, bool)]| -> HashMap<String, DeviceInfo> {
+        let view = |devices: &[(&str, bool)]| -> HashMap<String, DeviceProperties> {
             devices
                 .iter()
                 .map(|(a, r)| (format!("/p/{a}"), dev(a, *r)))

@@ -15,13 +15,14 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use zbus::{Connection, Variant};
+use zbus::Connection;
 
 use super::policy::{
     self, APP_NAME, Action, CheckReport, DESKTOP_ENTRY, Message, REPAIR_LEAKS_ACTION, Topic,
     Urgency,
 };
-use crate::client::ManagerProxy;
+use vmmanager_client::options::{CheckDiskOptions, Repair};
+use vmmanager_client::{Error, ManagerProxy};
 
 /// How long one Notify call may take before it counts as failed (a wedged
 /// session bus must not stall the queue forever).
@@ -260,22 +261,18 @@ async fn wait_for_action(handle: NotificationHandle, action: Action, to: mpsc::S
 async fn repair_leaks(system: Connection, image: String) -> Option<Message> {
     let manager = match ManagerProxy::new(&system).await {
         Ok(m) => m,
-        Err(e) => return Some(policy::repair_failed(&image, "", &e.to_string())),
+        Err(e) => return Some(policy::repair_failed(&image, &Error::from(e))),
     };
-    let options = HashMap::from([("repair", Variant::from("leaks"))]);
+    let options = CheckDiskOptions::new().repair(Repair::Leaks).build();
     match manager.check_disk(&image, options).await {
         Ok(report) => Some(policy::disk_checked(&CheckReport::from_signal(
             &image, &report,
         ))),
-        Err(zbus::Error::MethodError(name, text, _)) => {
-            tracing::warn!(image, "repair failed: {name}: {text:?}");
-            Some(policy::repair_failed(
-                &image,
-                name.as_str(),
-                text.as_deref().unwrap_or(""),
-            ))
+        Err(e) => {
+            let error = Error::from(e);
+            tracing::warn!(image, "repair failed: {error}");
+            Some(policy::repair_failed(&image, &error))
         }
-        Err(e) => Some(policy::repair_failed(&image, "", &e.to_string())),
     }
 }
 

@@ -7,10 +7,10 @@
 //! ones, and `x-vmmanager.*` (the spec's form for vendor categories) for
 //! disk checks.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use zbus::{OwnedVariant, Variant};
+use vmmanager_client::Error;
+pub use vmmanager_client::{CheckReport, DeviceProperties};
 
 /// The application name every notification carries.
 pub const APP_NAME: &str = "VM Manager";
@@ -56,73 +56,6 @@ pub struct Message {
     pub icon: &'static str,
     pub category: &'static str,
     pub action: Option<Action>,
-}
-
-/// The fields of a `DiskChecked` report the notification needs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CheckReport {
-    pub image: String,
-    pub format: String,
-    /// `clean`, `leaks`, `corrupt`, `not-supported`; "" after an error.
-    pub result: String,
-    pub consistent: bool,
-    pub leaks: u64,
-    pub corruptions: u64,
-    pub leaks_fixed: u64,
-    pub corruptions_fixed: u64,
-    pub check_errors: u64,
-    /// Short D-Bus error name (`InUse`, `CheckFailed`, …) when it failed.
-    pub error: Option<String>,
-    pub error_message: String,
-}
-
-fn get_str(dict: &HashMap<String, OwnedVariant>, key: &str) -> Option<String> {
-    match dict.get(key).map(|v| &**v) {
-        Some(Variant::Str(s)) => Some(s.as_str().to_owned()),
-        _ => None,
-    }
-}
-
-fn get_u64(dict: &HashMap<String, OwnedVariant>, key: &str) -> u64 {
-    match dict.get(key).map(|v| &**v) {
-        Some(Variant::U64(n)) => *n,
-        Some(Variant::U32(n)) => u64::from(*n),
-        _ => 0,
-    }
-}
-
-fn get_bool(dict: &HashMap<String, OwnedVariant>, key: &str) -> Option<bool> {
-    match dict.get(key).map(|v| &**v) {
-        Some(Variant::Bool(b)) => Some(*b),
-        _ => None,
-    }
-}
-
-impl CheckReport {
-    /// Reads a `DiskChecked(image, report)` signal's arguments; missing or
-    /// mistyped keys read as empty/zero (an older or newer service).
-    pub fn from_signal(image: &str, dict: &HashMap<String, OwnedVariant>) -> CheckReport {
-        CheckReport {
-            image: get_str(dict, "image").unwrap_or_else(|| image.to_owned()),
-            format: get_str(dict, "format").unwrap_or_default(),
-            result: get_str(dict, "result").unwrap_or_default(),
-            consistent: get_bool(dict, "consistent").unwrap_or(true),
-            leaks: get_u64(dict, "leaks"),
-            corruptions: get_u64(dict, "corruptions"),
-            leaks_fixed: get_u64(dict, "leaks-fixed"),
-            corruptions_fixed: get_u64(dict, "corruptions-fixed"),
-            check_errors: get_u64(dict, "check-errors"),
-            error: get_str(dict, "error")
-                .filter(|e| !e.is_empty())
-                .map(|e| short_error_name(&e).to_owned()),
-            error_message: get_str(dict, "error-message").unwrap_or_default(),
-        }
-    }
-}
-
-/// `org.example.VmManager1.Error.InUse` → `InUse`.
-pub fn short_error_name(name: &str) -> &str {
-    name.rsplit('.').next().unwrap_or(name)
 }
 
 /// Escapes the three characters the notification spec's body markup gives
@@ -184,21 +117,21 @@ pub fn disk_checked(report: &CheckReport) -> Message {
     };
 
     if let Some(error) = &report.error {
-        let detail = if report.error_message.is_empty() {
-            error.clone()
+        let detail = if error.message.is_empty() {
+            error.name.clone()
         } else {
-            report.error_message.clone()
+            error.message.clone()
         };
-        return match error.as_str() {
+        return match error.to_error() {
             // The service's message names the VM and its PID.
-            "InUse" => message(
+            Error::InUse(_) => message(
                 format!("Disk in use: {name}"),
                 format!("Not checked: {detail}"),
                 Urgency::Normal,
                 "dialog-information",
                 "x-vmmanager.disk.in-use",
             ),
-            "Cancelled" => message(
+            Error::Cancelled(_) => message(
                 format!("Disk check cancelled: {name}"),
                 detail,
                 Urgency::Low,
@@ -299,11 +232,15 @@ pub fn disk_checked(report: &CheckReport) -> Message {
 
 /// The notification for a "Repair leaks" call that failed before or
 /// without a `DiskChecked` (e.g. not authorized, or busy).
-pub fn repair_failed(image: &str, error_name: &str, error_message: &str) -> Message {
-    let detail = if error_message.is_empty() {
-        short_error_name(error_name).to_owned()
-    } else {
-        error_message.to_owned()
+pub fn repair_failed(image: &str, error: &Error) -> Message {
+    let detail = match error {
+        Error::ZBus(zbus::Error::MethodError(name, text, _)) => {
+            text.clone().unwrap_or_else(|| name.to_string())
+        }
+        Error::ZBus(e) => e.to_string(),
+        service => zbus::DBusError::description(service)
+            .unwrap_or_default()
+            .to_owned(),
     };
     Message {
         topic: Topic::Disk(image.to_owned()),
@@ -316,75 +253,31 @@ pub fn repair_failed(image: &str, error_name: &str, error_message: &str) -> Mess
     }
 }
 
-/// What a notification says about one PCI device.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceInfo {
-    /// `0000:03:00.0`.
-    pub address: String,
-    pub vendor_name: String,
-    pub device_name: String,
-    /// For a VF, its PF's address.
-    pub physical_function: String,
-    pub passthrough_ready: bool,
-    pub blockers: Vec<String>,
-}
-
-impl DeviceInfo {
-    /// From a `PciDevice` property dictionary (InterfacesAdded,
-    /// GetManagedObjects).
-    pub fn from_properties(props: &HashMap<String, OwnedVariant>) -> DeviceInfo {
-        let mut info = DeviceInfo {
-            address: get_str(props, "Address").unwrap_or_default(),
-            vendor_name: get_str(props, "VendorName").unwrap_or_default(),
-            device_name: get_str(props, "DeviceName").unwrap_or_default(),
-            physical_function: get_str(props, "PhysicalFunction").unwrap_or_default(),
-            ..DeviceInfo::default()
-        };
-        info.update(props);
-        info
-    }
-
-    /// Applies a PropertiesChanged dictionary.
-    pub fn update(&mut self, changed: &HashMap<String, OwnedVariant>) {
-        if let Some(ready) = get_bool(changed, "PassthroughReady") {
-            self.passthrough_ready = ready;
-        }
-        if let Some(Variant::Array(items)) = changed.get("PassthroughBlockers").map(|v| &**v) {
-            self.blockers = items
-                .iter()
-                .filter_map(|v| match v {
-                    Variant::Str(s) => Some(s.as_str().to_owned()),
-                    _ => None,
-                })
-                .collect();
-        }
-    }
-
-    /// "0000:03:00.0 NVIDIA Corporation GA102" (names when udev knew them).
-    pub fn label(&self) -> String {
-        let name = [self.vendor_name.as_str(), self.device_name.as_str()]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join(" ");
-        let vf = if self.physical_function.is_empty() {
-            String::new()
-        } else {
-            format!(" (VF of {})", self.physical_function)
-        };
-        match name.is_empty() {
-            true => format!("{}{vf}", self.address),
-            false => format!("{} {name}{vf}", self.address),
-        }
+/// "0000:03:00.0 NVIDIA Corporation GA102" (names when udev knew them),
+/// "(VF of …)" for a virtual function.
+pub fn device_label(device: &DeviceProperties) -> String {
+    let name = [device.vendor_name.as_str(), device.device_name.as_str()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let vf = if device.physical_function.is_empty() {
+        String::new()
+    } else {
+        format!(" (VF of {})", device.physical_function)
+    };
+    match name.is_empty() {
+        true => format!("{}{vf}", device.address),
+        false => format!("{} {name}{vf}", device.address),
     }
 }
 
 /// How many devices a body lists by name before "and N more".
 const LISTED: usize = 4;
 
-fn device_list(devices: &[DeviceInfo]) -> String {
-    let mut lines: Vec<String> = devices.iter().take(LISTED).map(DeviceInfo::label).collect();
+fn device_list(devices: &[DeviceProperties]) -> String {
+    let mut lines: Vec<String> = devices.iter().take(LISTED).map(device_label).collect();
     if devices.len() > LISTED {
         lines.push(format!("and {} more", devices.len() - LISTED));
     }
@@ -394,10 +287,10 @@ fn device_list(devices: &[DeviceInfo]) -> String {
 /// A coalesced batch of device changes, each list sorted by address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceBatch {
-    pub added: Vec<DeviceInfo>,
-    pub removed: Vec<DeviceInfo>,
-    pub became_ready: Vec<DeviceInfo>,
-    pub became_unready: Vec<DeviceInfo>,
+    pub added: Vec<DeviceProperties>,
+    pub removed: Vec<DeviceProperties>,
+    pub became_ready: Vec<DeviceProperties>,
+    pub became_unready: Vec<DeviceProperties>,
 }
 
 fn count_summary(n: usize, one: &str, many: &str) -> String {
@@ -453,9 +346,9 @@ pub fn device_batch(batch: &DeviceBatch) -> Vec<Message> {
             let mut text = format!("No longer ready for passthrough:\n{}", device_list(unready));
             // One device: say why, from the service's blockers.
             if let [only] = unready.as_slice()
-                && !only.blockers.is_empty()
+                && !only.passthrough_blockers.is_empty()
             {
-                text.push_str(&format!("\n{}", only.blockers.join("; ")));
+                text.push_str(&format!("\n{}", only.passthrough_blockers.join("; ")));
             }
             parts.push(text);
         }
@@ -480,6 +373,7 @@ pub fn device_batch(batch: &DeviceBatch) -> Vec<Message> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmmanager_client::ReportError;
 
     fn report(result: &str) -> CheckReport {
         CheckReport {
@@ -489,34 +383,6 @@ mod tests {
             consistent: true,
             ..CheckReport::default()
         }
-    }
-
-    fn dict(entries: &[(&str, Variant<'_>)]) -> HashMap<String, OwnedVariant> {
-        entries
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.try_to_owned().unwrap()))
-            .collect()
-    }
-
-    #[test]
-    fn reads_a_signal_report() {
-        let d = dict(&[
-            ("image", Variant::from("/a/b.qcow2")),
-            ("format", Variant::from("qcow2")),
-            ("result", Variant::from("leaks")),
-            ("consistent", Variant::from(true)),
-            ("leaks", Variant::from(3u64)),
-            ("error", Variant::from("org.example.VmManager1.Error.InUse")),
-            ("error-message", Variant::from("in use by VM \"w\"")),
-        ]);
-        let r = CheckReport::from_signal("/other", &d);
-        assert_eq!(r.image, "/a/b.qcow2");
-        assert_eq!(r.leaks, 3);
-        assert_eq!(r.error.as_deref(), Some("InUse"));
-        assert_eq!(r.error_message, "in use by VM \"w\"");
-        let empty = CheckReport::from_signal("/x.qcow2", &HashMap::new());
-        assert_eq!(empty.image, "/x.qcow2");
-        assert!(empty.consistent && empty.error.is_none());
     }
 
     #[test]
@@ -582,8 +448,9 @@ mod tests {
     #[test]
     fn in_use_quotes_the_service_message() {
         let mut r = report("");
-        r.error = Some("InUse".into());
-        r.error_message = "disk.qcow2 is in use by VM \"win11\" (PID 42)".into();
+        r.error = Some(ReportError::from(&Error::InUse(
+            "disk.qcow2 is in use by VM \"win11\" (PID 42)".into(),
+        )));
         let m = disk_checked(&r);
         assert_eq!(m.summary, "Disk in use: disk.qcow2");
         assert_eq!(
@@ -591,8 +458,9 @@ mod tests {
             "Not checked: disk.qcow2 is in use by VM \"win11\" (PID 42)"
         );
         assert_eq!(m.urgency, Urgency::Normal);
-        r.error = Some("CheckFailed".into());
-        r.error_message = "qemu-img: <boom> & more".into();
+        r.error = Some(ReportError::from(&Error::CheckFailed(
+            "qemu-img: <boom> & more".into(),
+        )));
         let m = disk_checked(&r);
         assert_eq!(m.summary, "Disk check failed: disk.qcow2");
         assert_eq!(m.body, "qemu-img: &lt;boom&gt; &amp; more");
@@ -608,29 +476,29 @@ mod tests {
         assert_eq!(m.urgency, Urgency::Low);
     }
 
-    fn dev(addr: &str) -> DeviceInfo {
-        DeviceInfo {
+    fn dev(addr: &str) -> DeviceProperties {
+        DeviceProperties {
             address: addr.into(),
-            ..DeviceInfo::default()
+            ..DeviceProperties::default()
         }
     }
 
     #[test]
     fn device_labels() {
         let mut d = dev("0000:03:00.0");
-        assert_eq!(d.label(), "0000:03:00.0");
+        assert_eq!(device_label(&d), "0000:03:00.0");
         d.vendor_name = "Intel Corporation".into();
         d.device_name = "Ethernet VF".into();
         d.physical_function = "0000:03:00.0".into();
         assert_eq!(
-            d.label(),
+            device_label(&d),
             "0000:03:00.0 Intel Corporation Ethernet VF (VF of 0000:03:00.0)"
         );
     }
 
     #[test]
     fn a_burst_is_one_notification_per_topic() {
-        let added: Vec<DeviceInfo> = (0..40)
+        let added: Vec<DeviceProperties> = (0..40)
             .map(|i| dev(&format!("0000:03:{:02x}.{}", i / 8, i % 8)))
             .collect();
         let batch = DeviceBatch {
@@ -655,7 +523,7 @@ mod tests {
     #[test]
     fn readiness_changes() {
         let mut gone = dev("0000:05:00.0");
-        gone.blockers =
+        gone.passthrough_blockers =
             vec!["0000:05:00.1 in the same IOMMU group is bound to snd_hda_intel".into()];
         let batch = DeviceBatch {
             became_unready: vec![gone],
@@ -674,27 +542,5 @@ mod tests {
             "2 PCI devices ready for passthrough"
         );
         assert!(device_batch(&DeviceBatch::default()).is_empty());
-    }
-
-    #[test]
-    fn properties_are_read_and_updated() {
-        let props = dict(&[
-            ("Address", Variant::from("0000:03:00.0")),
-            ("VendorName", Variant::from("NVIDIA Corporation")),
-            ("PassthroughReady", Variant::from(false)),
-            (
-                "PassthroughBlockers",
-                Variant::from(vec!["not bound to vfio-pci"]),
-            ),
-        ]);
-        let mut d = DeviceInfo::from_properties(&props);
-        assert_eq!(d.address, "0000:03:00.0");
-        assert!(!d.passthrough_ready);
-        assert_eq!(d.blockers, ["not bound to vfio-pci"]);
-        d.update(&dict(&[
-            ("PassthroughReady", Variant::from(true)),
-            ("PassthroughBlockers", Variant::from(Vec::<String>::new())),
-        ]));
-        assert!(d.passthrough_ready && d.blockers.is_empty());
     }
 }

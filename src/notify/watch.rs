@@ -18,25 +18,25 @@ use tokio_util::sync::CancellationToken;
 use zbus::fdo::{DBusProxy, ObjectManagerProxy};
 use zbus::message::Type as MessageType;
 use zbus::names::{BusName, UniqueName};
-use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
+use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath};
 
 use super::NotifyError;
 use super::coalesce::{Coalescer, DeviceChange, diff};
 use super::desktop::Notifier;
-use super::policy::{self, CheckReport, DeviceInfo};
+use super::policy::{self, CheckReport, DeviceProperties};
 
-pub const SERVICE_NAME: &str = "org.example.VmManager";
-pub const MANAGER_PATH: &str = "/org/example/VmManager";
-pub const MANAGER_INTERFACE: &str = "org.example.VmManager1";
-pub const DEVICES_PATH: &str = "/org/example/VmManager/devices";
-pub const DEVICE_INTERFACE: &str = "org.example.VmManager1.PciDevice";
+use vmmanager_client::PciAddress;
+use vmmanager_client::dict::Dict;
+use vmmanager_client::names::{
+    BUS_NAME as SERVICE_NAME, DEVICE_INTERFACE, DEVICES_PATH, MANAGER_INTERFACE, MANAGER_PATH,
+};
 
 /// Signals are queued up to this many per stream while a notification is
 /// being shown.
 const QUEUE: usize = 1024;
 
 /// Device objects by path, as the service last showed them.
-type DeviceView = HashMap<String, DeviceInfo>;
+type DeviceView = HashMap<String, DeviceProperties>;
 
 /// What the watcher knows across service restarts.
 struct Watcher<'a> {
@@ -212,7 +212,7 @@ impl Watcher<'_> {
                     .iter()
                     .find(|(name, _)| name.as_str() == DEVICE_INTERFACE)?
                     .1;
-                Some((path.to_string(), DeviceInfo::from_properties(props)))
+                Some((path.to_string(), DeviceProperties::from_properties(props)))
             })
             .collect();
         Ok((signals, view))
@@ -225,8 +225,8 @@ impl Watcher<'_> {
         let mut batch = self.coalescer.take();
         if let Some(view) = &mut self.devices {
             for device in batch.removed.drain(..) {
-                if let Some(path) = crate::client::device_path(&device.address) {
-                    view.insert(path.to_string(), device);
+                if let Ok(address) = device.address.parse::<PciAddress>() {
+                    view.insert(address.object_path().to_string(), device);
                 }
             }
         }
@@ -255,9 +255,7 @@ impl Watcher<'_> {
         let now = std::time::Instant::now();
         match member.as_str() {
             "DiskChecked" => {
-                let Ok((image, report)) =
-                    body.deserialize::<(String, HashMap<String, OwnedVariant>)>()
-                else {
+                let Ok((image, report)) = body.deserialize::<(String, Dict)>() else {
                     return;
                 };
                 let report = CheckReport::from_signal(&image, &report);
@@ -266,7 +264,7 @@ impl Watcher<'_> {
                 self.notifier.show(message).await;
             }
             "InterfacesAdded" => {
-                type Added = HashMap<String, HashMap<String, OwnedVariant>>;
+                type Added = HashMap<String, Dict>;
                 let Ok((object, interfaces)) = body.deserialize::<(OwnedObjectPath, Added)>()
                 else {
                     return;
@@ -274,7 +272,7 @@ impl Watcher<'_> {
                 let Some(props) = interfaces.get(DEVICE_INTERFACE) else {
                     return;
                 };
-                let info = DeviceInfo::from_properties(props);
+                let info = DeviceProperties::from_properties(props);
                 if let Some(view) = &mut self.devices {
                     view.insert(object.to_string(), info.clone());
                 }
@@ -292,16 +290,14 @@ impl Watcher<'_> {
                     .devices
                     .as_mut()
                     .and_then(|view| view.remove(object.as_str()));
-                let info = known.unwrap_or_else(|| DeviceInfo {
+                let info = known.unwrap_or_else(|| DeviceProperties {
                     address: address_of(object.as_str()),
-                    ..DeviceInfo::default()
+                    ..DeviceProperties::default()
                 });
                 self.coalescer.push(DeviceChange::Removed(info), now);
             }
             "PropertiesChanged" => {
-                let Ok((_, changed, _)) =
-                    body.deserialize::<(String, HashMap<String, OwnedVariant>, Vec<String>)>()
-                else {
+                let Ok((_, changed, _)) = body.deserialize::<(String, Dict, Vec<String>)>() else {
                     return;
                 };
                 let Some(device) = self.devices.as_mut().and_then(|v| v.get_mut(&path)) else {
@@ -323,14 +319,13 @@ impl Watcher<'_> {
 }
 
 /// `/org/example/VmManager/devices/pci_0000_03_00_0` → `0000:03:00.0`
-/// (for a removal the companion had not seen added).
+/// (for a removal the companion had not seen added); else the path's last
+/// element.
 fn address_of(path: &str) -> String {
-    let name = path.rsplit('/').next().unwrap_or(path);
-    let parts: Vec<&str> = name.trim_start_matches("pci_").split('_').collect();
-    match parts.as_slice() {
-        [domain, bus, slot, function] => format!("{domain}:{bus}:{slot}.{function}"),
-        _ => name.to_owned(),
-    }
+    PciAddress::from_object_path(path).map_or_else(
+        |_| path.rsplit('/').next().unwrap_or(path).to_owned(),
+        |a| a.to_string(),
+    )
 }
 
 #[cfg(test)]

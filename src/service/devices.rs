@@ -19,7 +19,6 @@ use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
 
-use super::DEVICES_PATH;
 use super::callers::Callers;
 use super::error::VmError;
 use super::options::parse_interactive_only;
@@ -34,7 +33,7 @@ use crate::devices::vfio::{self, Outcome, VfioBinder};
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 
 /// The D-Bus name of the device interface.
-pub const DEVICE_INTERFACE: &str = "org.example.VmManager1.PciDevice";
+pub use vmmanager_client::names::DEVICE_INTERFACE;
 
 /// Where device events come from.
 pub enum EventSource {
@@ -261,8 +260,7 @@ async fn recv_optional(
 }
 
 pub fn object_path(address: &PciAddress) -> OwnedObjectPath {
-    OwnedObjectPath::try_from(format!("{DEVICES_PATH}/{}", address.object_name()))
-        .expect("PCI object names are valid path elements")
+    address.object_path()
 }
 
 async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {

@@ -1,6 +1,7 @@
 //! The one D-Bus error enum: every domain error is mapped here, once, to a
 //! precise `org.example.VmManager1.Error.*` name with a message fit to show
-//! a user.
+//! a user. The enum itself is the client crate's, so the service and its
+//! clients agree on the names by construction.
 
 use crate::auth::AuthError;
 use crate::devices::vfio::VfioError;
@@ -8,70 +9,12 @@ use crate::disk::checker::{CheckError, CheckErrorKind, ScanError};
 use crate::disk::image::ImageError;
 use crate::disk::qemu_img::QemuImgError;
 
-#[derive(Debug, zbus::DBusError)]
-#[zbus(prefix = "org.example.VmManager1.Error")]
-pub enum VmError {
-    #[zbus(error)]
-    ZBus(zbus::Error),
-    /// The image (or device) is used by a VM or another process.
-    InUse(String),
-    /// The image or object does not exist.
-    NotFound(String),
-    /// An argument or option is malformed, unknown, or of the wrong type.
-    InvalidArgument(String),
-    /// polkit said no, or could not be asked.
-    NotAuthorized(String),
-    /// A check of the same image is already running, the caller (uid) has
-    /// as many checks or GetDiskUsers calls in progress as it may, or too
-    /// many of its authorizations wait for polkit.
-    Busy(String),
-    /// qemu-img could not complete the check.
-    CheckFailed(String),
-    /// The operation took longer than allowed.
-    Timeout(String),
-    /// The operation was cancelled.
-    Cancelled(String),
-    /// The host cannot do this (e.g. vfio-pci is not available).
-    NotSupported(String),
-    /// An unexpected system failure (e.g. a sysfs write failed); the message
-    /// says which file and why.
-    Failed(String),
-}
-
-impl VmError {
-    /// The short error name (`InUse`, …) as it appears in reports.
-    pub fn short_name(&self) -> &'static str {
-        match self {
-            VmError::ZBus(_) => "Failed",
-            VmError::InUse(_) => "InUse",
-            VmError::NotFound(_) => "NotFound",
-            VmError::InvalidArgument(_) => "InvalidArgument",
-            VmError::NotAuthorized(_) => "NotAuthorized",
-            VmError::Busy(_) => "Busy",
-            VmError::CheckFailed(_) => "CheckFailed",
-            VmError::Timeout(_) => "Timeout",
-            VmError::Cancelled(_) => "Cancelled",
-            VmError::NotSupported(_) => "NotSupported",
-            VmError::Failed(_) => "Failed",
-        }
-    }
-
-    pub fn message(&self) -> String {
-        match self {
-            VmError::ZBus(e) => e.to_string(),
-            VmError::InUse(m)
-            | VmError::NotFound(m)
-            | VmError::InvalidArgument(m)
-            | VmError::NotAuthorized(m)
-            | VmError::Busy(m)
-            | VmError::CheckFailed(m)
-            | VmError::Timeout(m)
-            | VmError::Cancelled(m)
-            | VmError::NotSupported(m)
-            | VmError::Failed(m) => m.clone(),
-        }
-    }
-}
+/// The client crate's [`Error`](vmmanager_client::Error): its
+/// `#[derive(zbus::DBusError)]` gives every variant its
+/// `org.example.VmManager1.Error.*` name, for the service's replies and for
+/// the clients that decode them. The `From` impls below are the one place a
+/// domain error becomes one of them.
+pub use vmmanager_client::Error as VmError;
 
 impl From<ImageError> for VmError {
     fn from(e: ImageError) -> Self {

@@ -21,6 +21,7 @@ use crate::disk::checker::{CheckAs, CheckErrorKind, DiskChecker, DiskReport};
 use crate::disk::image::{self, ImageError, ImageFile};
 use crate::disk::qemu_img::RunAs;
 use crate::disk::view::View;
+use zbus::DBusError;
 
 /// State shared by the manager object and the daemon that owns it.
 pub struct ManagerState {
@@ -364,8 +365,11 @@ impl Manager {
                 tracing::warn!("cannot emit DiskChecked: {e}");
             }
             if let Ok(job_emitter) = SignalEmitter::new(&connection, &path) {
-                let message = error.as_ref().map_or_else(String::new, VmError::message);
-                let _ = Job::completed(&job_emitter, error.is_none(), &message).await;
+                let message = error
+                    .as_ref()
+                    .and_then(|e| e.description())
+                    .unwrap_or_default();
+                let _ = Job::completed(&job_emitter, error.is_none(), message).await;
             }
             let _ = server.remove::<Job, _>(&path).await;
             state.set_job(&path, false);
@@ -456,7 +460,7 @@ fn log_outcome(report: &DiskReport, error: Option<&VmError>) {
             "check finished"
         ),
         Some(e) => {
-            tracing::info!(%image, error = e.short_name(), message = %e.message(), "check failed")
+            tracing::info!(%image, error = %e.name(), message = e.description().unwrap_or_default(), "check failed")
         }
     }
 }

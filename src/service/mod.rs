@@ -25,11 +25,5 @@ pub mod manager;
 pub mod options;
 pub mod values;
 
-/// The well-known bus name.
-pub const BUS_NAME: &str = "org.example.VmManager";
-/// The manager object and ObjectManager root.
-pub const MANAGER_PATH: &str = "/org/example/VmManager";
-/// Prefix of device objects (`/org/example/VmManager/devices/pci_…`).
-pub const DEVICES_PATH: &str = "/org/example/VmManager/devices";
-/// Prefix of job objects (`/org/example/VmManager/jobs/N`).
-pub const JOBS_PATH: &str = "/org/example/VmManager/jobs";
+// The contract's names live in the client crate, shared with every client.
+pub use vmmanager_client::names::{BUS_NAME, DEVICES_PATH, JOBS_PATH, MANAGER_PATH};

@@ -12,8 +12,10 @@ use crate::disk::checker::CheckOptions;
 use crate::disk::image::{MAX_NAME_LEN, MAX_PATH_LEN, over_long_name};
 use crate::disk::qemu_img::RepairMode;
 
-/// Option shared by every method: do not let polkit prompt.
-pub const NO_USER_INTERACTION: &str = "auth.no-user-interaction";
+use vmmanager_client::names::option::{
+    FORCE_SHARE, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
+};
+use vmmanager_client::options::Repair;
 
 /// The longest `timeout-sec` a caller may ask for (a day).
 const MAX_TIMEOUT_SEC: u32 = 86_400;
@@ -135,7 +137,7 @@ pub struct DiskOptions {
 }
 
 fn parse_pidfile(reader: &mut OptionReader) -> Result<Option<PathBuf>, VmError> {
-    let Some(pidfile) = reader.string("pidfile")? else {
+    let Some(pidfile) = reader.string(PIDFILE)? else {
         return Ok(None);
     };
     if pidfile.len() > MAX_PATH_LEN {
@@ -162,19 +164,21 @@ pub fn parse_check_disk(options: HashMap<String, OwnedVariant>) -> Result<DiskOp
     let mut reader = OptionReader::new("CheckDisk", options)?;
     let interactive = !reader.bool(NO_USER_INTERACTION)?.unwrap_or(false);
     let pidfile = parse_pidfile(&mut reader)?;
-    let force_share = reader.bool("force-share")?.unwrap_or(false);
-    let repair = match reader.string("repair")?.as_deref() {
+    let force_share = reader.bool(FORCE_SHARE)?.unwrap_or(false);
+    let repair = match reader.string(REPAIR)? {
         None => None,
-        Some("leaks") => Some(RepairMode::Leaks),
-        Some("all") => Some(RepairMode::All),
-        Some(other) => {
-            return Err(VmError::InvalidArgument(format!(
-                "option \"repair\" must be \"leaks\" or \"all\", not {}",
-                quote(other)
-            )));
-        }
+        Some(text) => match text.parse() {
+            Ok(Repair::Leaks) => Some(RepairMode::Leaks),
+            Ok(Repair::All) => Some(RepairMode::All),
+            Err(()) => {
+                return Err(VmError::InvalidArgument(format!(
+                    "option \"repair\" must be \"leaks\" or \"all\", not {}",
+                    quote(&text)
+                )));
+            }
+        },
     };
-    let timeout = match reader.u32("timeout-sec")? {
+    let timeout = match reader.u32(TIMEOUT_SEC)? {
         None => None,
         Some(n @ 1..=MAX_TIMEOUT_SEC) => Some(Duration::from_secs(n.into())),
         Some(n) => {

@@ -1,100 +1,70 @@
-//! Domain results as D-Bus dictionaries (`a{sv}`), with the exact keys of
-//! API.md.
+//! Domain results as D-Bus dictionaries (`a{sv}`): the domain values become
+//! the client crate's [`CheckReport`] and [`DiskUser`], whose `to_dict` is
+//! the one encoder of the keys in `dbus/org.example.VmManager1.xml` (and
+//! whose `from_dict` is what clients decode with).
 
-use std::collections::HashMap;
-
-use zbus::{OwnedVariant, Variant};
+use vmmanager_client::{CheckReport, ReportError};
 
 use super::error::VmError;
 use crate::disk::checker::DiskReport;
 use crate::disk::usage::DiskUser;
 
-/// A D-Bus dictionary `a{sv}`.
-pub type Dict = HashMap<String, OwnedVariant>;
+pub use vmmanager_client::dict::{Dict, variant};
 
-/// Wraps a plain value (never a file descriptor) as an owned variant.
-pub fn variant<'a>(value: impl Into<Variant<'a>>) -> OwnedVariant {
-    OwnedVariant::try_from(value.into()).expect("only fd variants can fail to be owned")
+fn path_text(path: &std::path::Path) -> String {
+    path.to_string_lossy().into_owned()
 }
 
-/// One entry of `users` / GetDiskUsers.
-pub fn user_dict(user: &DiskUser) -> Dict {
-    let found_by: Vec<&str> = user.found_by.iter().map(|f| f.as_str()).collect();
-    let pidfile = user
-        .pidfile
-        .as_ref()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    HashMap::from([
-        ("pid".to_owned(), variant(user.pid)),
-        ("exe".to_owned(), variant(user.exe.as_str())),
-        ("vm-name".to_owned(), variant(user.vm_name.as_str())),
-        ("writable".to_owned(), variant(user.writable)),
-        ("found-by".to_owned(), variant(found_by)),
-        ("pidfile".to_owned(), variant(pidfile.as_str())),
-    ])
+/// One disk user as the contract has it.
+fn contract_user(user: &DiskUser) -> vmmanager_client::DiskUser {
+    vmmanager_client::DiskUser {
+        pid: user.pid,
+        exe: user.exe.clone(),
+        vm_name: user.vm_name.clone(),
+        writable: user.writable,
+        found_by: user
+            .found_by
+            .iter()
+            .map(|f| f.as_str().to_owned())
+            .collect(),
+        pidfile: user.pidfile.as_deref().map(path_text).unwrap_or_default(),
+    }
 }
 
+/// GetDiskUsers' answer.
 pub fn users_list(users: &[DiskUser]) -> Vec<Dict> {
-    users.iter().map(user_dict).collect()
+    users.iter().map(|u| contract_user(u).to_dict()).collect()
 }
 
 /// The CheckDisk report; with `error` set, also the `error` and
 /// `error-message` keys of the `DiskChecked` signal.
 pub fn report_dict(report: &DiskReport, error: Option<&VmError>) -> Dict {
     let c = &report.counts;
-    let stale: Vec<String> = report
-        .usage
-        .stale_pidfiles
-        .iter()
-        .map(|p| p.to_string_lossy().into_owned())
-        .collect();
-    let result = report.result.map_or("", |r| r.as_str());
-    let users = users_list(&report.usage.users);
-    let mut dict = HashMap::from([
-        (
-            "image".to_owned(),
-            variant(report.image.to_string_lossy().as_ref()),
-        ),
-        ("format".to_owned(), variant(report.format.as_str())),
-        ("result".to_owned(), variant(result)),
-        ("consistent".to_owned(), variant(report.consistent)),
-        ("check-errors".to_owned(), variant(c.check_errors)),
-        ("corruptions".to_owned(), variant(c.corruptions)),
-        ("leaks".to_owned(), variant(c.leaks)),
-        ("corruptions-fixed".to_owned(), variant(c.corruptions_fixed)),
-        ("leaks-fixed".to_owned(), variant(c.leaks_fixed)),
-        ("image-end-offset".to_owned(), variant(c.image_end_offset)),
-        ("total-clusters".to_owned(), variant(c.total_clusters)),
-        (
-            "allocated-clusters".to_owned(),
-            variant(c.allocated_clusters),
-        ),
-        (
-            "fragmented-clusters".to_owned(),
-            variant(c.fragmented_clusters),
-        ),
-        (
-            "compressed-clusters".to_owned(),
-            variant(c.compressed_clusters),
-        ),
-        ("users".to_owned(), variant(users)),
-        ("stale-pidfiles".to_owned(), variant(stale)),
-        ("run-as-uid".to_owned(), variant(report.run_as_uid)),
-        (
-            "duration-ms".to_owned(),
-            variant(u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX)),
-        ),
-    ]);
-    if let Some(error) = error {
-        dict.insert(
-            "error".to_owned(),
-            variant(format!(
-                "org.example.VmManager1.Error.{}",
-                error.short_name()
-            )),
-        );
-        dict.insert("error-message".to_owned(), variant(error.message()));
+    CheckReport {
+        image: path_text(&report.image),
+        format: report.format.as_str().to_owned(),
+        result: report.result.map_or("", |r| r.as_str()).to_owned(),
+        consistent: report.consistent,
+        check_errors: c.check_errors,
+        corruptions: c.corruptions,
+        leaks: c.leaks,
+        corruptions_fixed: c.corruptions_fixed,
+        leaks_fixed: c.leaks_fixed,
+        image_end_offset: c.image_end_offset,
+        total_clusters: c.total_clusters,
+        allocated_clusters: c.allocated_clusters,
+        fragmented_clusters: c.fragmented_clusters,
+        compressed_clusters: c.compressed_clusters,
+        users: report.usage.users.iter().map(contract_user).collect(),
+        stale_pidfiles: report
+            .usage
+            .stale_pidfiles
+            .iter()
+            .map(|p| path_text(p))
+            .collect(),
+        run_as_uid: report.run_as_uid,
+        duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
+        error: error.map(ReportError::from),
     }
-    dict
+    .to_dict()
 }

@@ -11,9 +11,9 @@ use vmmanager::config::{Config, EventsSetting, PermittedDevice};
 use super::bus::TestBus;
 use super::util::{ChildGuard, public_tempdir, read_lossy, write_file};
 
-pub const SERVICE_NAME: &str = "org.example.VmManager";
-pub const MANAGER_PATH: &str = "/org/example/VmManager";
-pub const MANAGER_IFACE: &str = "org.example.VmManager1";
+pub use vmmanager_client::names::{
+    BUS_NAME as SERVICE_NAME, MANAGER_INTERFACE as MANAGER_IFACE, MANAGER_PATH,
+};
 
 /// The daemon binary Cargo built for this test run.
 pub const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vmmanagerd");

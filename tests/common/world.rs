@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tempfile::TempDir;
-use vmmanager::client::{ManagerProxy, dict_to_json};
+use vmmanager_client::ManagerProxy;
+use vmmanager_client::json::dict_to_json;
 use zbus::{Connection, OwnedVariant, Variant};
 
 use super::util::{command_as, public_tempdir, run};
@@ -116,20 +117,28 @@ impl World {
     }
 }
 
+/// A failed call as (`InUse`, message): the service's errors by the client
+/// crate's decoding, the bus's (`org.freedesktop.DBus.Error.*`) as sent.
 pub fn split_error(e: zbus::Error) -> (String, String) {
-    match e {
-        zbus::Error::MethodError(name, message, _) => {
-            let short = name.as_str().rsplit('.').next().unwrap().to_owned();
-            let prefix = "org.example.VmManager1.Error.";
-            assert!(
-                name.as_str().starts_with(prefix)
-                    || name.as_str().starts_with("org.freedesktop.DBus.Error."),
-                "unexpected error name {name}"
-            );
-            (short, message.unwrap_or_default())
+    use zbus::DBusError;
+    let error = vmmanager_client::Error::from(e);
+    let name = error
+        .reply_name()
+        .unwrap_or_else(|| panic!("not an error reply: {error}"));
+    let message = match &error {
+        vmmanager_client::Error::ZBus(zbus::Error::MethodError(_, message, _)) => {
+            message.clone().unwrap_or_default()
         }
-        other => panic!("not a method error: {other}"),
-    }
+        other => other.description().unwrap_or_default().to_owned(),
+    };
+    let short = [
+        "org.example.VmManager1.Error.",
+        "org.freedesktop.DBus.Error.",
+    ]
+    .iter()
+    .find_map(|prefix| name.strip_prefix(prefix))
+    .unwrap_or_else(|| panic!("unexpected error name {name}"));
+    (short.to_owned(), message)
 }
 
 pub fn str_of<'a>(report: &'a Report, key: &str) -> &'a str {

@@ -1,101 +1,76 @@
 //! `devices`, `device`, `detach`, `reattach`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
-use vmmanager::client::{PciDeviceProxy, device_path, variant_to_json};
-use zbus::fdo::ObjectManagerProxy;
-use zbus::{Connection, Variant};
+use vmmanager_client::dict::Dict;
+use vmmanager_client::json::variant_to_json;
+use vmmanager_client::names::{DEVICE_INTERFACE, property};
+use vmmanager_client::options::AuthOptions;
+use vmmanager_client::{DeviceProperties, Error, PciAddress, PciDeviceProxy, object_manager};
+use zbus::Connection;
 
 use crate::{Failure, exit, style};
 
-const DEVICE_INTERFACE: &str = "org.example.VmManager1.PciDevice";
+/// One device's properties as JSON values by D-Bus property name (what
+/// `--json` prints), and decoded.
+struct Device {
+    json: BTreeMap<String, serde_json::Value>,
+    properties: DeviceProperties,
+}
 
-/// One device's properties, as JSON values by D-Bus property name.
-type Properties = BTreeMap<String, serde_json::Value>;
+impl Device {
+    fn new(properties: &Dict) -> Device {
+        Device {
+            json: properties
+                .iter()
+                .map(|(k, v)| (k.clone(), variant_to_json(v)))
+                .collect(),
+            properties: DeviceProperties::from_properties(properties),
+        }
+    }
+}
 
 /// Every device object and its properties, sorted by address.
-async fn all_devices(connection: &Connection) -> Result<Vec<Properties>, Failure> {
-    let manager = ObjectManagerProxy::builder(connection)
-        .destination("org.example.VmManager")
-        .path("/org/example/VmManager")
-        .build()
-        .await?;
-    let objects = manager
+async fn all_devices(connection: &Connection) -> Result<Vec<Device>, Failure> {
+    let objects = object_manager(connection)
+        .await?
         .get_managed_objects()
         .await
         .map_err(zbus::Error::from)?;
-    let mut devices: Vec<Properties> = objects
+    let mut devices: Vec<Device> = objects
         .values()
         .filter_map(|interfaces| {
             interfaces
                 .iter()
                 .find(|(name, _)| name.as_str() == DEVICE_INTERFACE)
         })
-        .map(|(_, properties)| {
-            properties
-                .iter()
-                .map(|(k, v)| (k.clone(), variant_to_json(v)))
-                .collect()
-        })
+        .map(|(_, properties)| Device::new(properties))
         .collect();
-    devices.sort_by_key(|d| text(d, "Address"));
+    devices.sort_by(|a, b| a.properties.address.cmp(&b.properties.address));
     Ok(devices)
 }
 
-fn text(properties: &Properties, key: &str) -> String {
-    match properties.get(key) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-        None => String::new(),
-    }
-}
-
-fn list(properties: &Properties, key: &str) -> Vec<String> {
-    properties
-        .get(key)
-        .and_then(|v| v.as_array())
-        .map(|items| {
-            items
-                .iter()
-                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn hex4(properties: &Properties, key: &str) -> String {
-    properties
-        .get(key)
-        .and_then(|v| v.as_u64())
-        .map_or_else(|| "????".into(), |n| format!("{n:04x}"))
-}
-
 /// `VM "win11" (PID 4242)` for each process holding the VFIO group.
-fn users(properties: &Properties) -> String {
-    let Some(users) = properties.get("InUseBy").and_then(|v| v.as_array()) else {
-        return "-".into();
-    };
-    if users.is_empty() {
+fn users(device: &DeviceProperties) -> String {
+    if device.in_use_by.is_empty() {
         return "-".into();
     }
-    users
+    device
+        .in_use_by
         .iter()
-        .map(|u| {
-            let pid = u["pid"].as_u64().unwrap_or(0);
-            match u["vm-name"].as_str() {
-                Some(name) if !name.is_empty() => format!("VM \"{name}\" (PID {pid})"),
-                _ => format!("PID {pid}"),
-            }
+        .map(|u| match u.vm_name.as_str() {
+            "" => format!("PID {}", u.pid),
+            name => format!("VM \"{name}\" (PID {})", u.pid),
         })
         .collect::<Vec<_>>()
         .join(", ")
 }
 
-fn readiness(properties: &Properties) -> String {
-    if properties.get("PassthroughReady") == Some(&serde_json::Value::Bool(true)) {
+fn readiness(device: &DeviceProperties) -> String {
+    if device.passthrough_ready {
         return "ready".into();
     }
-    let blockers = list(properties, "PassthroughBlockers");
+    let blockers = &device.passthrough_blockers;
     match blockers.first() {
         Some(first) if blockers.len() > 1 => format!("no: {first} (+{} more)", blockers.len() - 1),
         Some(first) => format!("no: {first}"),
@@ -103,38 +78,35 @@ fn readiness(properties: &Properties) -> String {
     }
 }
 
-fn name(properties: &Properties) -> String {
-    let vendor = text(properties, "VendorName");
-    let device = text(properties, "DeviceName");
-    match (vendor.is_empty(), device.is_empty()) {
-        (true, true) => String::new(),
-        (false, true) => vendor,
-        (true, false) => device,
-        (false, false) => format!("{vendor} {device}"),
-    }
+fn name(device: &DeviceProperties) -> String {
+    [device.vendor_name.as_str(), device.device_name.as_str()]
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub async fn devices(connection: &Connection, json: bool) -> Result<u8, Failure> {
     let devices = all_devices(connection).await?;
     if json {
-        outln!("{:#}", serde_json::json!(devices));
+        let json: Vec<_> = devices.iter().map(|d| &d.json).collect();
+        outln!("{:#}", serde_json::json!(json));
         return Ok(exit::CLEAN);
     }
     let rows: Vec<[String; 7]> = devices
         .iter()
-        .map(|d| {
-            let group = match d.get("IommuGroup").and_then(|v| v.as_i64()) {
-                Some(g) if g >= 0 => g.to_string(),
+        .map(|Device { properties: d, .. }| {
+            let group = match d.iommu_group {
+                g if g >= 0 => g.to_string(),
                 _ => "-".into(),
             };
-            let driver = text(d, "Driver");
             [
-                text(d, "Address"),
-                format!("{}:{}", hex4(d, "VendorId"), hex4(d, "DeviceId")),
-                if driver.is_empty() {
+                d.address.clone(),
+                format!("{:04x}:{:04x}", d.vendor_id, d.device_id),
+                if d.driver.is_empty() {
                     "-".into()
                 } else {
-                    driver
+                    d.driver.clone()
                 },
                 group,
                 readiness(d),
@@ -183,40 +155,33 @@ pub async fn devices(connection: &Connection, json: bool) -> Result<u8, Failure>
 }
 
 fn parse_address(address: &str) -> Result<zbus::OwnedObjectPath, Failure> {
-    device_path(address).ok_or_else(|| {
-        Failure::usage(format!(
-            "{address:?} is not a PCI address (expected DDDD:BB:SS.F, e.g. 0000:03:00.0)"
-        ))
-    })
+    address
+        .parse::<PciAddress>()
+        .map(|a| a.object_path())
+        .map_err(|_| {
+            Failure::usage(format!(
+                "{address:?} is not a PCI address (expected DDDD:BB:SS.F, e.g. 0000:03:00.0)"
+            ))
+        })
 }
 
-/// Turns "no such object" into a message about the device.
+/// Turns the bus's "no such object" into the service's NotFound, about the
+/// device.
 fn no_such_device(address: &str, e: zbus::Error) -> Failure {
-    use zbus::DBusError;
-    let name = match &e {
-        zbus::Error::MethodError(name, _, _) => name.to_string(),
-        zbus::Error::FDO(fdo) => fdo.name().to_string(),
-        _ => String::new(),
-    };
-    let unknown = [
-        "org.freedesktop.DBus.Error.UnknownObject",
-        "org.freedesktop.DBus.Error.UnknownInterface",
-        "org.freedesktop.DBus.Error.UnknownMethod",
-    ];
-    if unknown.contains(&name.as_str()) {
-        return Failure {
-            code: exit::ERROR,
-            error_name: Some("org.example.VmManager1.Error.NotFound".into()),
-            message: format!("no PCI device {address} on this host"),
-        };
+    use zbus::fdo::Error as Fdo;
+    match Fdo::from(e.clone()) {
+        Fdo::UnknownObject(_) | Fdo::UnknownInterface(_) | Fdo::UnknownMethod(_) => Failure::local(
+            exit::ERROR,
+            Error::NotFound(format!("no PCI device {address} on this host")),
+        ),
+        _ => Failure::from(e),
     }
-    Failure::from(e)
 }
 
 pub async fn device(connection: &Connection, address: &str, json: bool) -> Result<u8, Failure> {
     let path = parse_address(address)?;
     let properties = zbus::fdo::PropertiesProxy::builder(connection)
-        .destination("org.example.VmManager")
+        .destination(vmmanager_client::names::BUS_NAME)
         .path(path)
         .build()
         .await?
@@ -225,10 +190,14 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
         ))
         .await
         .map_err(|e| no_such_device(address, e.into()))?;
-    let properties: Properties = properties
-        .iter()
-        .map(|(k, v)| (k.to_string(), variant_to_json(v)))
+    let properties: Dict = properties
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
         .collect();
+    let Device {
+        json: properties,
+        properties: device,
+    } = Device::new(&properties);
     if json {
         outln!("{:#}", serde_json::json!(properties));
         return Ok(exit::CLEAN);
@@ -237,13 +206,19 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
     for (key, value) in &properties {
         let shown = match (key.as_str(), value) {
             // Ids and classes read as lspci shows them.
-            ("VendorId" | "DeviceId" | "SubsystemVendorId" | "SubsystemDeviceId", v) => v
+            (
+                property::VENDOR_ID
+                | property::DEVICE_ID
+                | property::SUBSYSTEM_VENDOR_ID
+                | property::SUBSYSTEM_DEVICE_ID,
+                v,
+            ) => v
                 .as_u64()
                 .map_or_else(|| v.to_string(), |n| format!("0x{n:04x}")),
-            ("Class", v) => v
+            (property::CLASS, v) => v
                 .as_u64()
                 .map_or_else(|| v.to_string(), |n| format!("0x{n:06x}")),
-            ("InUseBy", _) => users(&properties),
+            (property::IN_USE_BY, _) => users(&device),
             (_, serde_json::Value::String(s)) if s.is_empty() => "-".into(),
             (_, value) => match value {
                 serde_json::Value::String(s) => s.clone(),
@@ -257,12 +232,11 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
             },
         };
         let colour = match (key.as_str(), value) {
-            ("PassthroughReady", serde_json::Value::Bool(true)) => Some(style::GREEN),
-            ("PassthroughBlockers" | "InUseBy", serde_json::Value::Array(items))
-                if !items.is_empty() =>
-            {
-                Some(style::YELLOW)
-            }
+            (property::PASSTHROUGH_READY, serde_json::Value::Bool(true)) => Some(style::GREEN),
+            (
+                property::PASSTHROUGH_BLOCKERS | property::IN_USE_BY,
+                serde_json::Value::Array(items),
+            ) if !items.is_empty() => Some(style::YELLOW),
             _ => None,
         };
         let shown = colour.map_or(shown.as_str().into(), |c| style::out(c, &shown));
@@ -274,7 +248,7 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
 /// Detach (`to_vfio`) or Reattach, then say where the device is now.
 pub async fn rebind(
     connection: &Connection,
-    options: HashMap<&str, Variant<'_>>,
+    ask: bool,
     address: &str,
     to_vfio: bool,
     json: bool,
@@ -285,6 +259,7 @@ pub async fn rebind(
         .cache_properties(zbus::proxy::CacheProperties::No)
         .build()
         .await?;
+    let options = AuthOptions::new().no_user_interaction(!ask).build();
     let result = if to_vfio {
         device.detach(options).await
     } else {

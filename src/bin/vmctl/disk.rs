@@ -1,12 +1,13 @@
 //! `check-disk` and `disk-users`.
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use vmmanager::client::{JobProxy, ManagerProxy, dict_to_json, variant_to_json};
-use zbus::{Connection, OwnedVariant, Variant};
+use vmmanager_client::json::dict_to_json;
+use vmmanager_client::options::{AuthOptions, CheckDiskOptions, GetDiskUsersOptions, Repair};
+use vmmanager_client::{CheckReport, DiskUser, JobProxy, ManagerProxy};
+use zbus::Connection;
 
-use crate::{Failure, Repair, absolute, exit, style};
+use crate::{Failure, absolute, exit, style};
 
 pub struct CheckArgs<'a> {
     pub path: &'a Path,
@@ -17,9 +18,10 @@ pub struct CheckArgs<'a> {
     pub json: bool,
 }
 
+/// `ask`: polkit may prompt for a password.
 pub async fn check_disk(
     connection: &Connection,
-    mut options: HashMap<&str, Variant<'_>>,
+    ask: bool,
     args: CheckArgs<'_>,
 ) -> Result<u8, Failure> {
     let manager = ManagerProxy::new(connection).await?;
@@ -32,24 +34,20 @@ pub async fn check_disk(
         json,
     } = args;
     let image = absolute(path)?;
+    let mut options = CheckDiskOptions::new()
+        .force_share(force_share)
+        .no_user_interaction(!ask);
     if let Some(pidfile) = pidfile {
-        options.insert("pidfile", Variant::from(absolute(pidfile)?));
-    }
-    if force_share {
-        options.insert("force-share", Variant::from(true));
+        options = options.pidfile(absolute(pidfile)?);
     }
     if let Some(repair) = repair {
-        let what = match repair {
-            Repair::Leaks => "leaks",
-            Repair::All => "all",
-        };
-        options.insert("repair", Variant::from(what));
+        options = options.repair(repair);
     }
     if let Some(timeout) = timeout {
-        options.insert("timeout-sec", Variant::from(timeout));
+        options = options.timeout_sec(timeout);
     }
     let result = tokio::select! {
-        result = manager.check_disk(&image, options) => result,
+        result = manager.check_disk(&image, options.build()) => result,
         _ = tokio::signal::ctrl_c() => {
             cancel_own_job(connection, &manager, &image).await;
             return Err(Failure {
@@ -60,9 +58,10 @@ pub async fn check_disk(
         }
     };
     match result {
-        Ok(report) => {
+        Ok(dict) => {
+            let report = CheckReport::from_dict(&dict);
             if json {
-                outln!("{:#}", dict_to_json(&report));
+                outln!("{:#}", dict_to_json(&dict));
             } else {
                 print_report(&report);
             }
@@ -75,17 +74,18 @@ pub async fn check_disk(
 
 pub async fn disk_users(
     connection: &Connection,
-    mut options: HashMap<&str, Variant<'_>>,
+    ask: bool,
     path: &Path,
     pidfile: Option<&Path>,
     json: bool,
 ) -> Result<u8, Failure> {
     let manager = ManagerProxy::new(connection).await?;
     let image = absolute(path)?;
+    let mut options = GetDiskUsersOptions::new().no_user_interaction(!ask);
     if let Some(pidfile) = pidfile {
-        options.insert("pidfile", Variant::from(absolute(pidfile)?));
+        options = options.pidfile(absolute(pidfile)?);
     }
-    let users = manager.get_disk_users(&image, options).await?;
+    let users = manager.get_disk_users(&image, options.build()).await?;
     if json {
         let list: Vec<_> = users.iter().map(dict_to_json).collect();
         outln!("{:#}", serde_json::Value::Array(list));
@@ -94,7 +94,7 @@ pub async fn disk_users(
     } else {
         outln!("{image}: {}", style::out(style::YELLOW, "used by"));
         for user in &users {
-            outln!("  {}", describe_user(user));
+            outln!("  {}", describe_user(&DiskUser::from_dict(user)));
         }
     }
     Ok(exit::CLEAN)
@@ -118,129 +118,88 @@ async fn cancel_own_job(connection: &Connection, manager: &ManagerProxy<'_>, ima
         let target = job.target().await.unwrap_or_default();
         let ours = Some(job.started_by_uid().await.unwrap_or(u32::MAX)) == my_uid;
         if ours && (target == image || Some(&target) == canonical.as_ref()) {
-            let _ = job.cancel(HashMap::new()).await;
+            let _ = job.cancel(AuthOptions::new().build()).await;
         }
     }
 }
 
-fn get_str<'a>(dict: &'a HashMap<String, OwnedVariant>, key: &str) -> &'a str {
-    match dict.get(key).map(|v| &**v) {
-        Some(Variant::Str(s)) => s.as_str(),
-        _ => "",
-    }
-}
-
-fn get_u64(dict: &HashMap<String, OwnedVariant>, key: &str) -> u64 {
-    match dict.get(key).map(|v| &**v) {
-        Some(Variant::U64(n)) => *n,
-        Some(Variant::U32(n)) => (*n).into(),
-        _ => 0,
-    }
-}
-
-fn get_bool(dict: &HashMap<String, OwnedVariant>, key: &str) -> bool {
-    matches!(dict.get(key).map(|v| &**v), Some(Variant::Bool(true)))
-}
-
 /// `PID 4242 qemu-system-x86_64, VM "win11", writing (found by pidfile, proc, lock)`
-fn describe_user(user: &HashMap<String, OwnedVariant>) -> String {
-    let pid = get_u64(user, "pid");
-    let exe = get_str(user, "exe");
-    let exe = Path::new(exe)
+fn describe_user(user: &DiskUser) -> String {
+    let exe = Path::new(&user.exe)
         .file_name()
-        .map_or(exe.into(), |n| n.to_string_lossy());
-    let mut text = if pid == 0 {
+        .map_or(user.exe.as_str().into(), |n| n.to_string_lossy());
+    let mut text = if user.pid == 0 {
         "a process in another PID namespace".to_owned()
     } else {
-        format!("PID {pid} {exe}")
+        format!("PID {} {exe}", user.pid)
     };
-    let vm = get_str(user, "vm-name");
-    if !vm.is_empty() {
-        text += &format!(", VM \"{vm}\"");
+    if !user.vm_name.is_empty() {
+        text += &format!(", VM \"{}\"", user.vm_name);
     }
-    text += if get_bool(user, "writable") {
+    text += if user.writable {
         ", writing"
     } else {
         ", read-only"
     };
-    let found_by = user
-        .get("found-by")
-        .map(|v| variant_to_json(v))
-        .and_then(|j| serde_json::from_value::<Vec<String>>(j).ok())
-        .unwrap_or_default();
-    let pidfile = get_str(user, "pidfile");
-    text += &format!(" (found by {}", found_by.join(", "));
-    if !pidfile.is_empty() {
-        text += &format!("; PID file {pidfile}");
+    text += &format!(" (found by {}", user.found_by.join(", "));
+    if !user.pidfile.is_empty() {
+        text += &format!("; PID file {}", user.pidfile);
     }
     text + ")"
 }
 
-fn print_report(report: &HashMap<String, OwnedVariant>) {
-    let image = get_str(report, "image");
-    let format = get_str(report, "format");
-    let result = get_str(report, "result");
-    let summary = match result {
+fn print_report(report: &CheckReport) {
+    let CheckReport { image, format, .. } = report;
+    let summary = match report.result.as_str() {
         "clean" => style::out(style::GREEN, "no errors found").into_owned(),
         "leaks" => format!(
             "{}: wasted space, no data at risk; free it with --repair leaks",
             style::out(
                 style::YELLOW,
-                &format!("{} leaked cluster(s)", get_u64(report, "leaks"))
+                &format!("{} leaked cluster(s)", report.leaks)
             )
         ),
         "corrupt" => format!(
             "{} {} corruption(s), {} leaked cluster(s); back up the image before \
              --repair all",
             style::out(style::RED, "CORRUPT:"),
-            get_u64(report, "corruptions"),
-            get_u64(report, "leaks")
+            report.corruptions,
+            report.leaks
         ),
         "not-supported" => format!("the {format} format has nothing to check"),
         other => other.to_owned(),
     };
     outln!("{image} ({format}): {summary}");
-    let (leaks_fixed, corruptions_fixed) = (
-        get_u64(report, "leaks-fixed"),
-        get_u64(report, "corruptions-fixed"),
-    );
+    let (leaks_fixed, corruptions_fixed) = (report.leaks_fixed, report.corruptions_fixed);
     if leaks_fixed + corruptions_fixed > 0 {
         outln!("  repaired: {leaks_fixed} leak(s), {corruptions_fixed} corruption(s)");
     }
-    let total = get_u64(report, "total-clusters");
+    let total = report.total_clusters;
     if total > 0 {
         outln!(
             "  clusters: {} of {total} allocated, {} fragmented, {} compressed",
-            get_u64(report, "allocated-clusters"),
-            get_u64(report, "fragmented-clusters"),
-            get_u64(report, "compressed-clusters")
+            report.allocated_clusters,
+            report.fragmented_clusters,
+            report.compressed_clusters
         );
     }
-    if !get_bool(report, "consistent") {
+    if !report.consistent {
         outln!(
             "  {}: checked while in use (--force-share); results may not be consistent",
             style::out(style::YELLOW, "note")
         );
     }
-    if let Some(Variant::Array(users)) = report.get("users").map(|v| &**v) {
-        for user in users.iter() {
-            if let Ok(user) = HashMap::<String, OwnedVariant>::try_from(user.clone()) {
-                let used_by = style::out(style::YELLOW, "used by");
-                outln!("  {used_by} {}", describe_user(&user));
-            }
-        }
+    for user in &report.users {
+        let used_by = style::out(style::YELLOW, "used by");
+        outln!("  {used_by} {}", describe_user(user));
     }
-    if let Some(stale) = report.get("stale-pidfiles").map(|v| variant_to_json(v))
-        && let Some(list) = stale.as_array()
-    {
-        for pidfile in list.iter().filter_map(|p| p.as_str()) {
-            outln!("  stale PID file (no such VM running): {pidfile}");
-        }
+    for pidfile in &report.stale_pidfiles {
+        outln!("  stale PID file (no such VM running): {pidfile}");
     }
 }
 
-fn exit_code_for(report: &HashMap<String, OwnedVariant>) -> u8 {
-    match get_str(report, "result") {
+fn exit_code_for(report: &CheckReport) -> u8 {
+    match report.result.as_str() {
         "clean" => exit::CLEAN,
         "leaks" => exit::LEAKS,
         "corrupt" => exit::CORRUPT,

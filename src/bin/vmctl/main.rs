@@ -1,11 +1,14 @@
 //! `vmctl`: command-line client of the VM Manager service.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use zbus::{Connection, Variant};
+use clap::builder::TypedValueParser;
+use clap::{Parser, Subcommand};
+use vmmanager_client::Error;
+use vmmanager_client::names::report;
+use vmmanager_client::options::Repair;
+use zbus::{Connection, DBusError};
 
 /// `println!` for stdout that a closed pipe (`vmctl … | head`) ends quietly,
 /// as it ends coreutils: by SIGPIPE, exit status 141, no message.
@@ -152,7 +155,7 @@ enum Command {
         /// Repair the image (qemu-img check -r); refused while it is in use.
         /// "leaks" only frees leaked clusters and is safe; "all" also fixes
         /// corruptions and may lose data: make a copy first.
-        #[arg(long, value_name = "WHAT")]
+        #[arg(long, value_name = "WHAT", value_parser = repair_parser())]
         repair: Option<Repair>,
         /// Give up after this many seconds (default: the service's setting).
         #[arg(long, value_name = "SECONDS")]
@@ -226,26 +229,33 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Repair {
-    Leaks,
-    All,
+/// `--repair leaks|all`, spelled as the service's option values.
+fn repair_parser() -> impl clap::builder::TypedValueParser<Value = Repair> {
+    clap::builder::PossibleValuesParser::new(Repair::ALL.map(Repair::as_str))
+        .map(|value| value.parse().expect("one of the possible values"))
 }
 
 /// A failure, with the exit status it maps to.
 struct Failure {
     code: u8,
-    /// The D-Bus error name when the service answered with an error.
+    /// The D-Bus error name: the one of the error reply, or for a failure
+    /// of vmctl's own, the service's name for that kind of failure.
     error_name: Option<String>,
     message: String,
 }
 
 impl Failure {
+    /// Wrong usage: the service's InvalidArgument, without asking it.
     fn usage(message: String) -> Self {
+        Failure::local(exit::USAGE, Error::InvalidArgument(message))
+    }
+
+    /// A failure vmctl found itself, named as the service would name it.
+    fn local(code: u8, error: Error) -> Self {
         Failure {
-            code: exit::USAGE,
-            error_name: Some("org.freedesktop.DBus.Error.InvalidArgs".into()),
-            message,
+            code,
+            error_name: error.reply_name(),
+            message: error.description().unwrap_or_default().to_owned(),
         }
     }
 
@@ -256,44 +266,46 @@ impl Failure {
         if let Some((key, value)) = subject {
             doc.insert(key.into(), value.into());
         }
-        let name = self.error_name.as_deref();
-        doc.insert(
-            "error".into(),
-            name.unwrap_or("org.freedesktop.DBus.Error.Failed").into(),
-        );
-        doc.insert("error-message".into(), self.message.clone().into());
+        // No reply at all (e.g. no bus): an unexpected failure.
+        let name = self
+            .error_name
+            .clone()
+            .or_else(|| Error::Failed(String::new()).reply_name());
+        doc.insert(report::ERROR.into(), name.into());
+        doc.insert(report::ERROR_MESSAGE.into(), self.message.clone().into());
         serde_json::Value::Object(doc)
+    }
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        let code = match &error {
+            Error::InUse(_) => exit::IN_USE,
+            Error::NotAuthorized(_) => exit::NOT_AUTHORIZED,
+            _ => exit::ERROR,
+        };
+        let message = match &error {
+            Error::ZBus(zbus::Error::MethodError(name, message, _)) => {
+                message.clone().unwrap_or_else(|| name.to_string())
+            }
+            Error::ZBus(e @ (zbus::Error::InputOutput(_) | zbus::Error::Address(_))) => format!(
+                "cannot reach the VM Manager service: {e} (is the system bus running, or \
+                 --bus-address right?)"
+            ),
+            Error::ZBus(e) => e.to_string(),
+            service => service.description().unwrap_or_default().to_owned(),
+        };
+        Failure {
+            code,
+            error_name: error.reply_name(),
+            message,
+        }
     }
 }
 
 impl From<zbus::Error> for Failure {
     fn from(e: zbus::Error) -> Self {
-        if let zbus::Error::MethodError(name, message, _) = &e {
-            let short = name.as_str().rsplit('.').next().unwrap_or("");
-            let code = match short {
-                "InUse" => exit::IN_USE,
-                "NotAuthorized" => exit::NOT_AUTHORIZED,
-                _ => exit::ERROR,
-            };
-            let message = message.clone().unwrap_or_else(|| name.to_string());
-            return Failure {
-                code,
-                error_name: Some(name.to_string()),
-                message,
-            };
-        }
-        let message = match &e {
-            zbus::Error::InputOutput(_) | zbus::Error::Address(_) => format!(
-                "cannot reach the VM Manager service: {e} (is the system bus running, or \
-                 --bus-address right?)"
-            ),
-            _ => e.to_string(),
-        };
-        Failure {
-            code: exit::ERROR,
-            error_name: None,
-            message,
-        }
+        Failure::from(Error::from(e))
     }
 }
 
@@ -363,7 +375,7 @@ fn json_subject(command: &Command) -> Option<Option<(&'static str, String)>> {
         }
         | Command::DiskUsers {
             path, json: true, ..
-        } => Some(Some(("image", image(path)))),
+        } => Some(Some((report::IMAGE, image(path)))),
         Command::Device {
             address,
             json: true,
@@ -409,10 +421,7 @@ fn absolute(path: &Path) -> Result<String, Failure> {
 
 async fn run(cli: &Cli) -> Result<u8, Failure> {
     let connection = connect(cli).await?;
-    let mut options: HashMap<&str, Variant<'_>> = HashMap::new();
-    if cli.no_ask_password {
-        options.insert("auth.no-user-interaction", Variant::from(true));
-    }
+    let ask = !cli.no_ask_password;
     match &cli.command {
         Command::CheckDisk {
             path,
@@ -430,20 +439,20 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
                 timeout: *timeout,
                 json: *json,
             };
-            disk::check_disk(&connection, options, args).await
+            disk::check_disk(&connection, ask, args).await
         }
         Command::DiskUsers {
             path,
             pidfile,
             json,
-        } => disk::disk_users(&connection, options, path, pidfile.as_deref(), *json).await,
+        } => disk::disk_users(&connection, ask, path, pidfile.as_deref(), *json).await,
         Command::Devices { json } => devices::devices(&connection, *json).await,
         Command::Device { address, json } => devices::device(&connection, address, *json).await,
         Command::Detach { address, json } => {
-            devices::rebind(&connection, options, address, true, *json).await
+            devices::rebind(&connection, ask, address, true, *json).await
         }
         Command::Reattach { address, json } => {
-            devices::rebind(&connection, options, address, false, *json).await
+            devices::rebind(&connection, ask, address, false, *json).await
         }
         Command::Monitor { json } => monitor::monitor(&connection, *json).await,
     }

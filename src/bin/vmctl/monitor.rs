@@ -1,14 +1,14 @@
 //! `monitor`: the service's signals, live, until interrupted.
 
 use futures_util::StreamExt;
-use vmmanager::client::dict_to_json;
-use vmmanager::devices::address::PciAddress;
+use vmmanager_client::dict::Dict;
+use vmmanager_client::json::dict_to_json;
+use vmmanager_client::names::{BUS_NAME, DEVICE_INTERFACE, MANAGER_PATH};
+use vmmanager_client::{CheckReport, DeviceProperties, PciAddress};
 use zbus::message::Type as MessageType;
-use zbus::{Connection, MatchRule, MessageStream, OwnedVariant};
+use zbus::{Connection, MatchRule, MessageStream};
 
 use crate::{Failure, exit, style};
-
-const MANAGER_PATH: &str = "/org/example/VmManager";
 
 fn now() -> String {
     let now = std::time::SystemTime::now()
@@ -26,8 +26,7 @@ fn now() -> String {
 
 /// `/org/example/VmManager/devices/pci_0000_03_00_0` → `0000:03:00.0`.
 fn device_address(path: &str) -> Option<String> {
-    let name = path.strip_prefix("/org/example/VmManager/devices/")?;
-    PciAddress::from_object_name(name)
+    PciAddress::from_object_path(path)
         .ok()
         .map(|a| a.to_string())
 }
@@ -47,13 +46,12 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
     });
     let line = match member.as_str() {
         "DiskChecked" => {
-            let (image, report): (String, std::collections::HashMap<String, OwnedVariant>) =
-                body.deserialize().ok()?;
-            let report = dict_to_json(&report);
-            let outcome = match report.get("error-message").and_then(|m| m.as_str()) {
-                Some(message) => format!("{} {message}", style::out(style::RED, "failed:")),
+            let (image, dict): (String, Dict) = body.deserialize().ok()?;
+            let report = CheckReport::from_signal(&image, &dict);
+            let outcome = match &report.error {
+                Some(error) => format!("{} {}", style::out(style::RED, "failed:"), error.message),
                 None => {
-                    let result = report["result"].as_str().unwrap_or("");
+                    let result = report.result.as_str();
                     let colour = match result {
                         "clean" => style::GREEN,
                         "leaks" => style::YELLOW,
@@ -68,20 +66,21 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
                 }
             };
             json["image"] = image.clone().into();
-            json["report"] = report;
+            json["report"] = dict_to_json(&dict);
             format!("disk {image}: {outcome}")
         }
         "InterfacesAdded" => {
-            type Added =
-                std::collections::HashMap<String, std::collections::HashMap<String, OwnedVariant>>;
+            type Added = std::collections::HashMap<String, Dict>;
             let (object, interfaces): (zbus::OwnedObjectPath, Added) = body.deserialize().ok()?;
-            let properties = interfaces.get("org.example.VmManager1.PciDevice")?;
-            let properties = dict_to_json(properties);
+            let properties = interfaces.get(DEVICE_INTERFACE)?;
             let address = device_address(object.as_str())?;
-            let ready = properties["PassthroughReady"].as_bool() == Some(true);
-            let driver = properties["Driver"].as_str().unwrap_or("").to_owned();
+            let DeviceProperties {
+                passthrough_ready: ready,
+                driver,
+                ..
+            } = DeviceProperties::from_properties(properties);
             json["object"] = object.as_str().into();
-            json["properties"] = properties;
+            json["properties"] = dict_to_json(properties);
             format!(
                 "device {address} added (driver {}, {})",
                 if driver.is_empty() { "none" } else { &driver },
@@ -99,11 +98,7 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
             format!("device {address} removed")
         }
         "PropertiesChanged" => {
-            let (iface, changed, _): (
-                String,
-                std::collections::HashMap<String, OwnedVariant>,
-                Vec<String>,
-            ) = body.deserialize().ok()?;
+            let (iface, changed, _): (String, Dict, Vec<String>) = body.deserialize().ok()?;
             let changed = dict_to_json(&changed);
             let what = changed
                 .as_object()
@@ -135,13 +130,13 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
 pub async fn monitor(connection: &Connection, json: bool) -> Result<u8, Failure> {
     let rule = MatchRule::builder()
         .msg_type(MessageType::Signal)
-        .sender("org.example.VmManager")
+        .sender(BUS_NAME)
         .path_namespace(MANAGER_PATH)
         .build()?;
     let mut stream =
         MessageStream::for_match_rule(rule, connection, std::num::NonZeroUsize::new(256)).await?;
     if !json {
-        eprintln!("Watching org.example.VmManager; Ctrl-C to stop.");
+        eprintln!("Watching {BUS_NAME}; Ctrl-C to stop.");
     }
     loop {
         tokio::select! {

@@ -1,0 +1,203 @@
+//! The properties of a PCI device object as one typed value, from a
+//! GetManagedObjects / InterfacesAdded / GetAll dictionary, kept current
+//! with PropertiesChanged.
+
+use crate::dict::{self, Dict};
+use crate::names::{property, user};
+
+/// A process holding a device's VFIO group open (`InUseBy`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VfioUser {
+    pub pid: u32,
+    /// Resolved executable, "" when unknown.
+    pub exe: String,
+    /// QEMU's `-name`, "" when none.
+    pub vm_name: String,
+}
+
+impl VfioUser {
+    /// Reads one entry of `InUseBy`.
+    pub fn from_dict(d: &Dict) -> VfioUser {
+        VfioUser {
+            pid: dict::u32(d, user::PID).unwrap_or_default(),
+            exe: dict::string(d, user::EXE).unwrap_or_default(),
+            vm_name: dict::string(d, user::VM_NAME).unwrap_or_default(),
+        }
+    }
+}
+
+/// Every property of `org.example.VmManager1.PciDevice`. Missing or
+/// mistyped properties read as the interface's "none": "", 0, -1 for
+/// `IommuGroup` and `NumaNode`, false, empty lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceProperties {
+    /// `0000:03:00.0`.
+    pub address: String,
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_device_id: u16,
+    /// e.g. `0x030000` for a VGA controller.
+    pub class: u32,
+    /// From the udev hwdb, "" when unknown.
+    pub vendor_name: String,
+    /// From the udev hwdb, "" when unknown.
+    pub device_name: String,
+    /// "" when none is bound.
+    pub driver: String,
+    /// -1 when the device has none.
+    pub iommu_group: i32,
+    pub iommu_group_devices: Vec<String>,
+    /// -1 when unknown.
+    pub numa_node: i32,
+    pub sriov_total_vfs: u32,
+    pub sriov_num_vfs: u32,
+    /// For an SR-IOV virtual function, its physical function; else "".
+    pub physical_function: String,
+    /// Matches the configured allow-list.
+    pub permitted: bool,
+    /// The allow-list entry's resource name, else "".
+    pub resource_name: String,
+    pub passthrough_ready: bool,
+    /// Why it is not ready, in words fit to show a user.
+    pub passthrough_blockers: Vec<String>,
+    /// Computed when read, never in PropertiesChanged: empty unless the
+    /// dictionary came from GetAll, GetManagedObjects or InterfacesAdded.
+    pub in_use_by: Vec<VfioUser>,
+}
+
+impl Default for DeviceProperties {
+    fn default() -> Self {
+        DeviceProperties {
+            address: String::new(),
+            vendor_id: 0,
+            device_id: 0,
+            subsystem_vendor_id: 0,
+            subsystem_device_id: 0,
+            class: 0,
+            vendor_name: String::new(),
+            device_name: String::new(),
+            driver: String::new(),
+            iommu_group: -1,
+            iommu_group_devices: Vec::new(),
+            numa_node: -1,
+            sriov_total_vfs: 0,
+            sriov_num_vfs: 0,
+            physical_function: String::new(),
+            permitted: false,
+            resource_name: String::new(),
+            passthrough_ready: false,
+            passthrough_blockers: Vec::new(),
+            in_use_by: Vec::new(),
+        }
+    }
+}
+
+impl DeviceProperties {
+    /// Reads a whole property dictionary.
+    pub fn from_properties(properties: &Dict) -> DeviceProperties {
+        let mut device = DeviceProperties::default();
+        device.update(properties);
+        device
+    }
+
+    /// Applies the changed properties of a PropertiesChanged signal (or
+    /// any subset); properties not in `changed` keep their value.
+    pub fn update(&mut self, changed: &Dict) {
+        fn set<T>(field: &mut T, value: Option<T>) {
+            if let Some(value) = value {
+                *field = value;
+            }
+        }
+        let d = changed;
+        set(&mut self.address, dict::string(d, property::ADDRESS));
+        set(&mut self.vendor_id, dict::u16(d, property::VENDOR_ID));
+        set(&mut self.device_id, dict::u16(d, property::DEVICE_ID));
+        set(
+            &mut self.subsystem_vendor_id,
+            dict::u16(d, property::SUBSYSTEM_VENDOR_ID),
+        );
+        set(
+            &mut self.subsystem_device_id,
+            dict::u16(d, property::SUBSYSTEM_DEVICE_ID),
+        );
+        set(&mut self.class, dict::u32(d, property::CLASS));
+        set(
+            &mut self.vendor_name,
+            dict::string(d, property::VENDOR_NAME),
+        );
+        set(
+            &mut self.device_name,
+            dict::string(d, property::DEVICE_NAME),
+        );
+        set(&mut self.driver, dict::string(d, property::DRIVER));
+        set(&mut self.iommu_group, dict::i32(d, property::IOMMU_GROUP));
+        set(
+            &mut self.iommu_group_devices,
+            dict::strings(d, property::IOMMU_GROUP_DEVICES),
+        );
+        set(&mut self.numa_node, dict::i32(d, property::NUMA_NODE));
+        set(
+            &mut self.sriov_total_vfs,
+            dict::u32(d, property::SRIOV_TOTAL_VFS),
+        );
+        set(
+            &mut self.sriov_num_vfs,
+            dict::u32(d, property::SRIOV_NUM_VFS),
+        );
+        set(
+            &mut self.physical_function,
+            dict::string(d, property::PHYSICAL_FUNCTION),
+        );
+        set(&mut self.permitted, dict::boolean(d, property::PERMITTED));
+        set(
+            &mut self.resource_name,
+            dict::string(d, property::RESOURCE_NAME),
+        );
+        set(
+            &mut self.passthrough_ready,
+            dict::boolean(d, property::PASSTHROUGH_READY),
+        );
+        set(
+            &mut self.passthrough_blockers,
+            dict::strings(d, property::PASSTHROUGH_BLOCKERS),
+        );
+        if let Some(users) = dict::dicts(d, property::IN_USE_BY) {
+            self.in_use_by = users.iter().map(VfioUser::from_dict).collect();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dict::variant;
+
+    #[test]
+    fn reads_properties_and_applies_changes() {
+        let mut device = DeviceProperties::from_properties(&Dict::from([
+            (property::ADDRESS.into(), variant("0000:03:00.0")),
+            (property::VENDOR_ID.into(), variant(0x10deu16)),
+            (property::IOMMU_GROUP.into(), variant(14i32)),
+            (property::DRIVER.into(), variant("nouveau")),
+            (
+                property::IN_USE_BY.into(),
+                variant(vec![Dict::from([
+                    (user::PID.into(), variant(42u32)),
+                    (user::VM_NAME.into(), variant("w")),
+                ])]),
+            ),
+        ]));
+        assert_eq!(device.vendor_id, 0x10de);
+        assert_eq!(device.iommu_group, 14);
+        assert_eq!(device.numa_node, -1);
+        assert_eq!(device.in_use_by[0].vm_name, "w");
+        device.update(&Dict::from([
+            (property::DRIVER.into(), variant("vfio-pci")),
+            (property::PASSTHROUGH_READY.into(), variant(true)),
+        ]));
+        assert_eq!(device.driver, "vfio-pci");
+        assert!(device.passthrough_ready);
+        assert_eq!(device.address, "0000:03:00.0");
+    }
+}
