@@ -286,7 +286,7 @@ impl Manager {
     /// another process uses it (then the error `InUse` names the VM and PID).
     /// Options: `pidfile` (s), `force-share` (b), `repair` (s: `leaks` or
     /// `all`), `timeout-sec` (u), `auth.no-user-interaction` (b). Returns the
-    /// report dictionary described in API.md. While it runs, the check is a
+    /// report dictionary described in `dbus/org.example.VmManager1.xml`. While it runs, the check is a
     /// Job object listed in `Jobs`.
     #[zbus(out_args("report"))]
     async fn check_disk(
