@@ -7,7 +7,8 @@
 //! means "QEMU could open this group now":
 //! - the device needs an IOMMU group;
 //! - the device itself must be bound to vfio-pci (or a vfio-pci variant
-//!   driver such as `mlx5_vfio_pci`); a bridge is never ready, because
+//!   driver such as `mlx5_vfio_pci`: [`is_vfio_driver`], the rule Detach
+//!   and Reattach follow too); a bridge is never ready, because
 //!   vfio-pci refuses bridges;
 //! - every *other* device in the group must be bound to a vfio driver, be
 //!   bound to `pci-stub`, have no driver at all, or be a PCI-to-PCI/CardBus
@@ -30,22 +31,15 @@ use std::path::{Path, PathBuf};
 
 use super::address::PciAddress;
 use super::sysfs::{self, PciDeviceInfo, SysfsError};
+use super::vfio::{VFIO_DRIVER, is_vfio_driver};
 use super::{DeviceAction, DeviceEvent, MonitorMessage};
 
-/// The driver passthrough needs.
-pub const VFIO_DRIVER: &str = "vfio-pci";
 /// The stub driver the kernel accepts in a viable group.
 pub const PCI_STUB_DRIVER: &str = "pci-stub";
 pub const NO_IOMMU_GROUP_BLOCKER: &str =
     "no IOMMU group (is the IOMMU enabled? intel_iommu=on / amd_iommu=on)";
 pub const BRIDGE_BLOCKER: &str = "is a PCI bridge; bridges cannot be passed through";
 pub const NO_DRIVER_BLOCKER: &str = "not bound to any driver, not vfio-pci";
-
-/// vfio-pci itself and its vendor variant drivers (`mlx5_vfio_pci`,
-/// `nvgrace-gpu-vfio-pci`, …), which also give the device to VFIO.
-pub fn is_vfio_driver(driver: &str) -> bool {
-    driver == VFIO_DRIVER || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
-}
 
 /// One allow-list entry: devices that may be passed through, with the
 /// resource name reported for them (KubeVirt's `permittedHostDevices`).
@@ -633,15 +627,6 @@ mod tests {
             "any"
         );
         assert!(allow_entry(&list, 0x8086, 0x1eb8).is_none());
-    }
-
-    #[test]
-    fn vfio_drivers() {
-        assert!(is_vfio_driver("vfio-pci"));
-        assert!(is_vfio_driver("mlx5_vfio_pci"));
-        assert!(is_vfio_driver("nvgrace-gpu-vfio-pci"));
-        assert!(!is_vfio_driver("pci-stub"));
-        assert!(!is_vfio_driver("vfio"));
     }
 
     #[test]

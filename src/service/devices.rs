@@ -493,7 +493,8 @@ impl PciDeviceObject {
 impl PciDeviceObject {
     /// Binds the device to vfio-pci (driver_override, unbind, drivers_probe),
     /// remembering its driver for Reattach. `InUse` when a VM holds its VFIO
-    /// group; nothing happens when it is already bound to vfio-pci. Action
+    /// group; nothing happens when it is already bound to vfio-pci or a
+    /// variant of it (`devices::vfio::is_vfio_driver`). Action
     /// `org.example.vmmanager.manage-devices`. Options:
     /// `auth.no-user-interaction` (b).
     async fn detach(
@@ -506,7 +507,7 @@ impl PciDeviceObject {
 
     /// Gives the device back to the driver it had before Detach (or lets the
     /// kernel pick one). `InUse` when a VM holds its VFIO group; nothing
-    /// happens when it is not bound to vfio-pci. Options:
+    /// happens when it is not bound to a VFIO driver. Options:
     /// `auth.no-user-interaction` (b).
     async fn reattach(
         &self,
