@@ -677,3 +677,59 @@ fn variant_vfio_driver_counts_as_detached() {
         Some(Some("mlx5_core".to_owned()))
     );
 }
+
+/// `/dev/vfio/12` exists (the device is on vfio-pci) but /proc cannot be
+/// read: who holds the group is unknown, so neither Detach nor Reattach
+/// writes anything (fail closed); a process holding it is named.
+#[tokio::test]
+async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
+    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError};
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(tree.root());
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/12");
+    fs::write(&node, "").unwrap();
+    let blind = Passthrough::new(
+        kernel.binder(),
+        tree.root().join("no-proc"),
+        dev.path().to_owned(),
+    );
+    for action in [Move::Detach, Move::Reattach] {
+        let err = blind
+            .change(addr(AUDIO), Some(12), action)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PassthroughError::UsersUnknown { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "could not find out whether a VM uses 0000:00:1f.3; nothing was changed"
+        );
+    }
+    assert_eq!(kernel.take_log(), vec![]);
+
+    let seeing = Passthrough::new(kernel.binder(), "/proc".into(), dev.path().to_owned());
+    let vm = Holder::spawn(&node, &["-name", "win11"]);
+    wait_for_users(dev.path(), 12, &[vm.pid()]);
+    let err = seeing
+        .change(addr(AUDIO), Some(12), Move::Detach)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "0000:00:1f.3 is in use by VM \"win11\" (PID {}) through /dev/vfio/12; stop the VM first",
+            vm.pid()
+        )
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    drop(vm);
+    seeing
+        .change(addr(AUDIO), Some(12), Move::Detach)
+        .await
+        .unwrap();
+    assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+}

@@ -71,6 +71,17 @@ pub struct VfioUser {
     pub vm_name: String,
 }
 
+/// How a Detach/Reattach refusal names the holder.
+impl fmt::Display for VfioUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.vm_name.is_empty() {
+            write!(f, "PID {} ({})", self.pid, self.exe)
+        } else {
+            write!(f, "VM \"{}\" (PID {})", self.vm_name, self.pid)
+        }
+    }
+}
+
 /// Processes under `proc_root` holding `<dev_root>/vfio/<group>` open, sorted
 /// by PID; empty when the node does not exist. A character device node is
 /// matched by its device number, so a QEMU that opened its own copy of the

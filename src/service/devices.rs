@@ -30,7 +30,8 @@ use crate::devices::inventory::{
     AllowEntry, DeviceState, Inventory, InventoryChange, Property, PropertyValue,
 };
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
-use crate::devices::vfio::{self, Outcome, VfioBinder};
+use crate::devices::passthrough::{Move, Passthrough};
+use crate::devices::vfio::VfioBinder;
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 
 /// The D-Bus name of the device interface.
@@ -107,8 +108,11 @@ impl DeviceService {
             connection: connection.clone(),
             authority,
             callers,
-            binder,
-            settings: settings.clone(),
+            passthrough: Passthrough::new(
+                binder,
+                settings.proc_root.clone(),
+                settings.dev_root.clone(),
+            ),
             rereads: reread_sender,
         });
         let mut inventory = Inventory::new(
@@ -159,8 +163,7 @@ struct Shared {
     connection: Connection,
     authority: Arc<Authority>,
     callers: Arc<Callers>,
-    binder: VfioBinder,
-    settings: DeviceSettings,
+    passthrough: Passthrough,
     rereads: mpsc::Sender<Reread>,
 }
 
@@ -389,47 +392,18 @@ impl PciDeviceObject {
         self.state().info.address
     }
 
-    /// Who holds the device's VFIO group open, computed when asked. Only
-    /// devices whose `/dev/vfio/<group>` exists (bound to vfio-pci) cost a
-    /// /proc scan; it is bounded, because a read of a stuck process's
-    /// /proc files can hang. `None` when the answer is unknown: the scan
-    /// failed (e.g. out of descriptors) or timed out. A scan whose answer is
-    /// abandoned (timeout, or this call dropped) is told to stop.
-    async fn users(&self) -> Option<Vec<vfio::VfioUser>> {
-        let Some(group) = self.state().info.iommu_group else {
-            return Some(Vec::new());
-        };
-        let proc_root = self.shared.settings.proc_root.clone();
-        let dev_root = self.shared.settings.dev_root.clone();
-        let stop = CancellationToken::new();
-        let _stop_when_abandoned = stop.clone().drop_guard();
-        let scan = tokio::task::spawn_blocking(move || {
-            vfio::group_users(&proc_root, &dev_root, group, &stop)
-        });
-        match tokio::time::timeout(crate::disk::checker::SCAN_TIMEOUT, scan).await {
-            Ok(Ok(Ok(users))) => Some(users),
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(group, "could not find out who holds /dev/vfio/{group}: {e}");
-                None
-            }
-            _ => {
-                tracing::warn!(group, "could not find out who holds /dev/vfio/{group}");
-                None
-            }
-        }
-    }
-
-    /// Shared part of Detach and Reattach: options, polkit, InUse, the
-    /// sysfs writes, and a re-read of the device afterwards.
+    /// Shared part of Detach and Reattach: options, polkit, then the
+    /// domain's decision and writes, and a re-read of the device afterwards.
     async fn change_binding(
         &self,
         method: &'static str,
         options: HashMap<String, OwnedVariant>,
         header: &Header<'_>,
-        detach: bool,
+        action: Move,
     ) -> Result<(), VmError> {
         let interactive = parse_interactive_only(method, options)?;
-        let address = self.pci_address().to_string();
+        let target = self.pci_address();
+        let address = target.to_string();
         let details = HashMap::from([("device", address.as_str())]);
         let guard = self.shared.callers.guard(header)?;
         let authority = &self.shared.authority;
@@ -442,38 +416,11 @@ impl PciDeviceObject {
             &details,
         );
         guard.until_gone(check).await?;
-        // An unknown answer refuses: a VM's device must never be pulled from under it.
-        let users = self.users().await.ok_or_else(|| {
-            VmError::Failed(format!(
-                "could not find out whether a VM uses {address}; nothing was changed"
-            ))
-        })?;
-        if let Some(user) = users.first() {
-            let who = if user.vm_name.is_empty() {
-                format!("PID {} ({})", user.pid, user.exe)
-            } else {
-                format!("VM \"{}\" (PID {})", user.vm_name, user.pid)
-            };
-            return Err(VmError::InUse(format!(
-                "{address} is in use by {who} through /dev/vfio/{}; stop the VM first",
-                self.state().info.iommu_group.unwrap_or_default()
-            )));
-        }
-        let shared = self.shared.clone();
-        let target = self.pci_address();
-        let outcome = tokio::task::spawn_blocking(move || {
-            if detach {
-                shared.binder.detach(target)
-            } else {
-                shared.binder.reattach(target)
-            }
-        })
-        .await
-        .map_err(|e| VmError::Failed(format!("internal error: {e}")))?
-        .map_err(VmError::from)?;
-        if !matches!(outcome, Outcome::AlreadyDone { .. }) {
-            tracing::info!(device = %address, method, "binding changed");
-        }
+        let group = self.state().info.iommu_group;
+        self.shared
+            .passthrough
+            .change(target, group, action)
+            .await?;
         // Re-read now, and answer only when the objects show the result,
         // rather than waiting for the kernel's bind/unbind events.
         let (done, answered) = oneshot::channel();
@@ -502,7 +449,8 @@ impl PciDeviceObject {
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(), VmError> {
-        self.change_binding("Detach", options, &header, true).await
+        self.change_binding("Detach", options, &header, Move::Detach)
+            .await
     }
 
     /// Gives the device back to the driver it had before Detach (or lets the
@@ -514,7 +462,7 @@ impl PciDeviceObject {
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(), VmError> {
-        self.change_binding("Reattach", options, &header, false)
+        self.change_binding("Reattach", options, &header, Move::Reattach)
             .await
     }
 
@@ -650,7 +598,12 @@ impl PciDeviceObject {
     /// `vm-name` (s). Computed when read; no change signal.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn in_use_by(&self) -> Vec<Dict> {
-        self.users()
+        let group = self.state().info.iommu_group;
+        // Unknown reads as nobody here: a property has no error to say it
+        // with (the domain logged why), and Detach/Reattach still refuse.
+        self.shared
+            .passthrough
+            .users(group)
             .await
             .unwrap_or_default()
             .into_iter()
