@@ -21,14 +21,13 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
 
 use super::DEVICES_PATH;
 use super::callers::Callers;
+use super::device_properties::{self, DeviceProperties};
 use super::error::VmError;
 use super::options::parse_interactive_only;
 use super::values::{Dict, variant};
 use crate::auth::{Action, Authority};
 use crate::devices::address::PciAddress;
-use crate::devices::inventory::{
-    AllowEntry, DeviceState, Inventory, InventoryChange, Property, PropertyValue,
-};
+use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
 use crate::devices::passthrough::{Move, Passthrough};
 use crate::devices::vfio::VfioBinder;
@@ -283,11 +282,7 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
                     // Already exported (an add for a known device): update it.
                     Ok(Some(object)) => {
                         let state = object.state.into_inner().unwrap_or_else(|p| p.into_inner());
-                        let changed = match server.interface::<_, PciDeviceObject>(&path).await {
-                            Ok(current) => current.get().await.state().changed_properties(&state),
-                            Err(_) => Property::ALL.to_vec(),
-                        };
-                        update(shared, &path, state, &changed).await;
+                        update(shared, &path, state).await;
                     }
                     Err(e) => tracing::warn!("cannot export {path}: {e}"),
                 }
@@ -297,9 +292,9 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
                     .remove::<PciDeviceObject, _>(object_path(&address))
                     .await;
             }
-            InventoryChange::Changed { state, changed } => {
-                let path = object_path(&state.info.address);
-                update(shared, &path, state, &changed).await;
+            InventoryChange::Changed { new, .. } => {
+                let path = object_path(&new.info.address);
+                update(shared, &path, new).await;
             }
         }
     }
@@ -327,22 +322,20 @@ async fn emit_uevent(shared: &Arc<Shared>, event: &DeviceEvent) {
 }
 
 /// Replaces an object's state and emits one PropertiesChanged with exactly
-/// the properties that changed.
-async fn update(
-    shared: &Arc<Shared>,
-    path: &OwnedObjectPath,
-    state: DeviceState,
-    changed: &[Property],
-) {
+/// the properties that changed since what the object showed: this is where
+/// a uevent becomes PropertiesChanged.
+async fn update(shared: &Arc<Shared>, path: &OwnedObjectPath, state: DeviceState) {
     let server = shared.connection.object_server();
     let Ok(iface) = server.interface::<_, PciDeviceObject>(path).await else {
         return;
     };
-    let values: Vec<(&'static str, OwnedVariant)> = changed
-        .iter()
-        .map(|p| (p.dbus_name(), property_value(&state, *p)))
-        .collect();
-    *iface.get().await.state() = state;
+    let values = {
+        let object = iface.get().await;
+        let mut current = object.state();
+        let values = device_properties::changed(&current, &state);
+        *current = state;
+        values
+    };
     if values.is_empty() {
         return;
     }
@@ -358,17 +351,6 @@ async fn update(
     .await
     {
         tracing::warn!("cannot emit PropertiesChanged for {path}: {e}");
-    }
-}
-
-fn property_value(state: &DeviceState, property: Property) -> OwnedVariant {
-    match state.value(property) {
-        PropertyValue::Str(s) => variant(s),
-        PropertyValue::U16(n) => variant(n),
-        PropertyValue::U32(n) => variant(n),
-        PropertyValue::I32(n) => variant(n),
-        PropertyValue::Bool(b) => variant(b),
-        PropertyValue::StrList(list) => variant(list),
     }
 }
 
@@ -390,6 +372,11 @@ impl PciDeviceObject {
 
     fn pci_address(&self) -> PciAddress {
         self.state().info.address
+    }
+
+    /// What the getters return ([`DeviceProperties::of`], as the signals).
+    fn properties(&self) -> DeviceProperties {
+        DeviceProperties::of(&self.state())
     }
 
     /// Shared part of Detach and Reattach: options, polkit, then the
@@ -469,123 +456,116 @@ impl PciDeviceObject {
     /// The PCI address, e.g. `0000:03:00.0`.
     #[zbus(property(emits_changed_signal = "const"))]
     fn address(&self) -> String {
-        self.state().info.address.to_string()
+        self.properties().address
     }
 
     /// PCI vendor id.
     #[zbus(property)]
     fn vendor_id(&self) -> u16 {
-        self.state().info.vendor_id
+        self.properties().vendor_id
     }
 
     /// PCI device id.
     #[zbus(property)]
     fn device_id(&self) -> u16 {
-        self.state().info.device_id
+        self.properties().device_id
     }
 
     /// PCI subsystem vendor id.
     #[zbus(property)]
     fn subsystem_vendor_id(&self) -> u16 {
-        self.state().info.subsystem_vendor_id
+        self.properties().subsystem_vendor_id
     }
 
     /// PCI subsystem device id.
     #[zbus(property)]
     fn subsystem_device_id(&self) -> u16 {
-        self.state().info.subsystem_device_id
+        self.properties().subsystem_device_id
     }
 
     /// PCI class, e.g. 0x030000 for a VGA controller.
     #[zbus(property)]
     fn class(&self) -> u32 {
-        self.state().info.class
+        self.properties().class
     }
 
     /// Vendor name from the udev hwdb, "" when unknown.
     #[zbus(property)]
     fn vendor_name(&self) -> String {
-        self.state().vendor_name.clone()
+        self.properties().vendor_name
     }
 
     /// Device name from the udev hwdb, "" when unknown.
     #[zbus(property)]
     fn device_name(&self) -> String {
-        self.state().device_name.clone()
+        self.properties().device_name
     }
 
     /// The bound driver, "" when none.
     #[zbus(property)]
     fn driver(&self) -> String {
-        self.state().info.driver.clone().unwrap_or_default()
+        self.properties().driver
     }
 
     /// The IOMMU group, -1 when the device has none.
     #[zbus(property)]
     fn iommu_group(&self) -> i32 {
-        self.state()
-            .info
-            .iommu_group
-            .map_or(-1, |g| i32::try_from(g).unwrap_or(-1))
+        self.properties().iommu_group
     }
 
     /// Addresses of every device in the same IOMMU group.
     #[zbus(property)]
     fn iommu_group_devices(&self) -> Vec<String> {
-        self.state().iommu_group_devices.clone()
+        self.properties().iommu_group_devices
     }
 
     /// NUMA node, -1 when unknown.
     #[zbus(property)]
     fn numa_node(&self) -> i32 {
-        self.state().info.numa_node
+        self.properties().numa_node
     }
 
     /// SR-IOV: how many VFs the device supports (0 when not capable).
     #[zbus(property)]
     fn sriov_total_vfs(&self) -> u32 {
-        self.state().info.sriov_total_vfs
+        self.properties().sriov_total_vfs
     }
 
     /// SR-IOV: how many VFs are enabled.
     #[zbus(property)]
     fn sriov_num_vfs(&self) -> u32 {
-        self.state().info.sriov_num_vfs
+        self.properties().sriov_num_vfs
     }
 
     /// For a virtual function, the address of its physical function; else "".
     #[zbus(property)]
     fn physical_function(&self) -> String {
-        self.state()
-            .info
-            .physical_function
-            .map(|a| a.to_string())
-            .unwrap_or_default()
+        self.properties().physical_function
     }
 
     /// Whether the device matches the configured passthrough allow-list.
     #[zbus(property)]
     fn permitted(&self) -> bool {
-        self.state().permitted
+        self.properties().permitted
     }
 
     /// The resource name of the matching allow-list entry, else "".
     #[zbus(property)]
     fn resource_name(&self) -> String {
-        self.state().resource_name.clone()
+        self.properties().resource_name
     }
 
     /// The IOMMU group exists and every device in it is bound to vfio-pci
     /// (bridges excepted).
     #[zbus(property)]
     fn passthrough_ready(&self) -> bool {
-        self.state().passthrough_ready
+        self.properties().passthrough_ready
     }
 
     /// Why the device is not ready, in words fit to show a user.
     #[zbus(property)]
     fn passthrough_blockers(&self) -> Vec<String> {
-        self.state().passthrough_blockers.clone()
+        self.properties().passthrough_blockers
     }
 
     /// Emitted for every kernel or udev event about this device (`add`,
