@@ -855,7 +855,7 @@ fn publish(mirror: &mut Mirror, changes: Vec<InventoryChange>) -> Result<(), Tes
                 prop_assert!(mirror.remove(&a).is_some(), "removed unknown {a}");
             }
             InventoryChange::Changed { old, new } => {
-                prop_assert_ne!(&old, &new);
+                prop_assert_ne!(&*old, &new);
                 let seen = mirror.get_mut(&new.info.address);
                 prop_assert!(seen.is_some(), "changed unknown {}", new.info.address);
                 let seen = seen.unwrap();

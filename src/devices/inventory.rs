@@ -118,9 +118,10 @@ pub struct DeviceState {
 pub enum InventoryChange {
     Added(DeviceState),
     Removed(PciAddress),
-    /// `old != new`: something about the device changed.
+    /// `old != new`: something about the device changed (`old` boxed to
+    /// keep the variants of similar size).
     Changed {
-        old: DeviceState,
+        old: Box<DeviceState>,
         new: DeviceState,
     },
 }
@@ -439,7 +440,7 @@ fn diff(
         (None, Some(new)) => Some(InventoryChange::Added(new.clone())),
         (Some(_), None) => Some(InventoryChange::Removed(address)),
         (Some(old), Some(new)) => (old != new).then(|| InventoryChange::Changed {
-            old: old.clone(),
+            old: Box::new(old.clone()),
             new: new.clone(),
         }),
     }
