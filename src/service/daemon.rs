@@ -144,8 +144,8 @@ async fn start_devices(
     };
     let source = match group {
         Some(group) => EventSource::Udev(MonitorOptions {
-            group,
             receive_buffer: devices.receive_buffer_bytes as usize,
+            ..MonitorOptions::new(group)
         }),
         None => EventSource::None,
     };
