@@ -20,9 +20,16 @@
 //!     kill whatever leaves that group;
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
-//! - [`devices`]: PCI devices: sysfs inventory with passthrough readiness
-//!   ([`devices::inventory`]), the udev monitor thread
-//!   ([`devices::monitor`]), detach/reattach to vfio-pci ([`devices::vfio`]).
+//! - [`devices`]: PCI devices:
+//!   - [`devices::inventory`]: the sysfs inventory with passthrough
+//!     readiness, reporting which devices changed;
+//!   - [`devices::monitor`]: the udev monitor thread (udevd's control socket
+//!     is a parameter);
+//!   - [`devices::vfio`]: the sysfs writes of detach/reattach to vfio-pci,
+//!     and the one rule of which drivers count as VFIO
+//!     ([`devices::vfio::is_vfio_driver`]);
+//!   - [`devices::passthrough`]: Detach/Reattach's decisions: refuse while a
+//!     VM holds the VFIO group, fail closed when that is unknown.
 //! - [`procfs`]: reading a /proc tree: who holds a file or device open (an
 //!   error, never "nobody", when it cannot look; cancellable), a process's
 //!   exe and QEMU `-name` (for disk users and VFIO group users).
@@ -38,6 +45,10 @@
 //!   host's roots; nothing runs yet) and [`service::daemon::serve`] (export,
 //!   take the name, run until shutdown or bus loss, stop and wait for every
 //!   task). `vmmanagerd` and the in-process tests both call these two.
+//!   Device objects: [`service::devices`] (one `PciDevice` object per
+//!   device; a uevent becomes PropertiesChanged in its `update`) and
+//!   [`service::device_properties`] (the property values, from one
+//!   function, for getters and signals alike).
 //! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
 //!   service on the system bus and shows desktop notifications.
 //! - [`safe_open`]: opening a file someone else named with one lookup, never

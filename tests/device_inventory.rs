@@ -15,10 +15,12 @@ use proptest::prelude::*;
 use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::inventory::{
     AllowEntry, BRIDGE_BLOCKER, DeviceState, Inventory, InventoryChange, NO_DRIVER_BLOCKER,
-    NO_IOMMU_GROUP_BLOCKER, Property, PropertyValue,
+    NO_IOMMU_GROUP_BLOCKER,
 };
 use vmmanager::devices::sysfs::{self, SysfsError};
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager::service::device_properties::{self, DeviceProperties};
+use zbus::OwnedVariant;
 
 fn addr(s: &str) -> PciAddress {
     s.parse().unwrap()
@@ -43,17 +45,28 @@ fn fresh(fs: &FakeSysfs, allow: Vec<AllowEntry>) -> Vec<DeviceState> {
     inv.devices().cloned().collect()
 }
 
-/// `(address, changed properties)` of each `Changed`, for compact asserts.
-fn changed(changes: &[InventoryChange]) -> Vec<(String, Vec<Property>)> {
+/// `(address, names of the D-Bus properties that change)` of each
+/// `Changed` that changes any, for compact asserts.
+fn changed(changes: &[InventoryChange]) -> Vec<(String, Vec<&'static str>)> {
     changes
         .iter()
         .map(|c| match c {
-            InventoryChange::Changed { state, changed } => {
-                (state.info.address.to_string(), changed.clone())
-            }
+            InventoryChange::Changed { old, new } => (
+                new.info.address.to_string(),
+                device_properties::changed(old, new)
+                    .into_iter()
+                    .map(|(name, _)| name)
+                    .collect::<Vec<_>>(),
+            ),
             other => panic!("expected only Changed, got {other:?}"),
         })
+        .filter(|(_, names)| !names.is_empty())
         .collect()
+}
+
+/// A device's D-Bus properties as the service spells them.
+fn api(state: &DeviceState) -> DeviceProperties {
+    DeviceProperties::of(state)
 }
 
 fn blockers(inv: &Inventory, a: &str) -> Vec<String> {
@@ -183,12 +196,9 @@ fn binding_one_device_updates_the_whole_group() {
     assert_eq!(
         changed(&changes),
         [
-            (
-                GPU.to_owned(),
-                vec![Property::Driver, Property::PassthroughBlockers]
-            ),
-            (BRIDGE.to_owned(), vec![Property::PassthroughBlockers]),
-            (AUDIO.to_owned(), vec![Property::PassthroughBlockers]),
+            (GPU.to_owned(), vec!["Driver", "PassthroughBlockers"]),
+            (BRIDGE.to_owned(), vec!["PassthroughBlockers"]),
+            (AUDIO.to_owned(), vec!["PassthroughBlockers"]),
         ]
     );
     assert_eq!(
@@ -210,16 +220,12 @@ fn binding_one_device_updates_the_whole_group() {
         [
             (
                 AUDIO.to_owned(),
-                vec![
-                    Property::Driver,
-                    Property::PassthroughReady,
-                    Property::PassthroughBlockers
-                ]
+                vec!["Driver", "PassthroughReady", "PassthroughBlockers"]
             ),
-            (BRIDGE.to_owned(), vec![Property::PassthroughBlockers]),
+            (BRIDGE.to_owned(), vec!["PassthroughBlockers"]),
             (
                 GPU.to_owned(),
-                vec![Property::PassthroughReady, Property::PassthroughBlockers]
+                vec!["PassthroughReady", "PassthroughBlockers"]
             ),
         ]
     );
@@ -234,11 +240,7 @@ fn binding_one_device_updates_the_whole_group() {
         changed(&changes),
         [(
             AUDIO.to_owned(),
-            vec![
-                Property::Driver,
-                Property::PassthroughReady,
-                Property::PassthroughBlockers
-            ]
+            vec!["Driver", "PassthroughReady", "PassthroughBlockers"]
         )]
     );
     assert!(ready(&inv, GPU));
@@ -272,11 +274,11 @@ fn add_remove_and_group_membership() {
         [
             (
                 BRIDGE.to_owned(),
-                vec![Property::IommuGroupDevices, Property::PassthroughBlockers]
+                vec!["IommuGroupDevices", "PassthroughBlockers"]
             ),
             (
                 GPU.to_owned(),
-                vec![Property::IommuGroupDevices, Property::PassthroughBlockers]
+                vec!["IommuGroupDevices", "PassthroughBlockers"]
             ),
         ]
     );
@@ -310,19 +312,15 @@ fn add_remove_and_group_membership() {
         [
             (
                 GPU.to_owned(),
-                vec![
-                    Property::IommuGroup,
-                    Property::IommuGroupDevices,
-                    Property::PassthroughBlockers
-                ]
+                vec!["IommuGroup", "IommuGroupDevices", "PassthroughBlockers"]
             ),
             (
                 BRIDGE.to_owned(),
-                vec![Property::IommuGroupDevices, Property::PassthroughBlockers]
+                vec!["IommuGroupDevices", "PassthroughBlockers"]
             ),
             (
                 AUDIO.to_owned(),
-                vec![Property::IommuGroupDevices, Property::PassthroughBlockers]
+                vec!["IommuGroupDevices", "PassthroughBlockers"]
             ),
         ]
     );
@@ -332,7 +330,7 @@ fn add_remove_and_group_membership() {
     fs.set_iommu_group(GPU, None);
     inv.apply(&event(DeviceAction::Change, GPU));
     let gpu = inv.get(&addr(GPU)).unwrap();
-    assert_eq!(gpu.value(Property::IommuGroup), PropertyValue::I32(-1));
+    assert_eq!(api(gpu).iommu_group, -1);
     assert!(gpu.iommu_group_devices.is_empty());
     assert_eq!(
         gpu.passthrough_blockers,
@@ -374,19 +372,13 @@ fn sriov_physical_and_virtual_functions() {
     assert_eq!(p.info.sriov_total_vfs, 63);
     assert_eq!(p.info.sriov_num_vfs, 2);
     assert_eq!(p.info.numa_node, 1);
-    assert_eq!(
-        p.value(Property::PhysicalFunction),
-        PropertyValue::Str(String::new())
-    );
+    assert_eq!(api(p).physical_function, "");
     assert!(!p.permitted);
     assert_eq!(p.resource_name, "");
 
     let v = inv.get(&addr(vf0)).unwrap();
     assert_eq!(v.info.physical_function, Some(addr(pf)));
-    assert_eq!(
-        v.value(Property::PhysicalFunction),
-        PropertyValue::Str(pf.into())
-    );
+    assert_eq!(api(v).physical_function, pf);
     assert_eq!(v.info.sriov_total_vfs, 0);
     assert!(v.permitted);
     assert_eq!(v.resource_name, "intel.com/82599_VF");
@@ -398,22 +390,16 @@ fn sriov_physical_and_virtual_functions() {
     // Enabling more VFs changes exactly SriovNumVfs.
     fs.at(pf).sriov(63, 4);
     let changes = inv.apply(&event(DeviceAction::Change, pf));
-    assert_eq!(
-        changed(&changes),
-        [(pf.to_owned(), vec![Property::SriovNumVfs])]
-    );
+    assert_eq!(changed(&changes), [(pf.to_owned(), vec!["SriovNumVfs"])]);
 
     // Allow-list reload.
     let changes = inv.set_allow_list(vec![AllowEntry::new("8086:*", "intel.com/any").unwrap()]);
     assert_eq!(
         changed(&changes),
         [
-            (
-                pf.to_owned(),
-                vec![Property::Permitted, Property::ResourceName]
-            ),
-            (vf0.to_owned(), vec![Property::ResourceName]),
-            (vf1.to_owned(), vec![Property::ResourceName]),
+            (pf.to_owned(), vec!["Permitted", "ResourceName"]),
+            (vf0.to_owned(), vec!["ResourceName"]),
+            (vf1.to_owned(), vec!["ResourceName"]),
         ]
     );
 }
@@ -431,10 +417,7 @@ fn names_from_events_and_the_udev_database() {
     let changes = inv.apply(&e);
     assert_eq!(
         changed(&changes),
-        [(
-            AUDIO.to_owned(),
-            vec![Property::VendorName, Property::DeviceName]
-        )]
+        [(AUDIO.to_owned(), vec!["VendorName", "DeviceName"])]
     );
     // A kernel event (no names) and a resync without a udev database keep
     // the names the device already had.
@@ -448,16 +431,13 @@ fn names_from_events_and_the_udev_database() {
     fs.udev_names(AUDIO, "NVIDIA Corp.", "Audio");
     assert_eq!(
         changed(&inv.resync()),
-        [(
-            AUDIO.to_owned(),
-            vec![Property::VendorName, Property::DeviceName]
-        )]
+        [(AUDIO.to_owned(), vec!["VendorName", "DeviceName"])]
     );
     let mut e = event(DeviceAction::Change, AUDIO);
     e.device_name = Some("Other".into());
     assert_eq!(
         changed(&inv.apply(&e)),
-        [(AUDIO.to_owned(), vec![Property::DeviceName])]
+        [(AUDIO.to_owned(), vec!["DeviceName"])]
     );
 }
 
@@ -634,10 +614,7 @@ fn hostile_sysfs_contents_never_panic() {
     assert_eq!(changes[0], InventoryChange::Removed(addr("0000:00:08.0")));
     assert_eq!(
         changed(&changes[1..]),
-        [(
-            "0000:00:09.0".to_owned(),
-            vec![Property::PassthroughBlockers]
-        )]
+        [("0000:00:09.0".to_owned(), vec!["PassthroughBlockers"])]
     );
     assert!(
         blockers(&inv, "0000:00:09.0")
@@ -859,10 +836,10 @@ fn mutate(fs: &FakeSysfs, op: &Op) -> DeviceEvent {
     }
 }
 
-type Mirror = BTreeMap<PciAddress, BTreeMap<Property, PropertyValue>>;
+type Mirror = BTreeMap<PciAddress, BTreeMap<&'static str, OwnedVariant>>;
 
-fn values(state: &DeviceState) -> BTreeMap<Property, PropertyValue> {
-    Property::ALL.iter().map(|&p| (p, state.value(p))).collect()
+fn values(state: &DeviceState) -> BTreeMap<&'static str, OwnedVariant> {
+    api(state).entries().into_iter().collect()
 }
 
 /// What a D-Bus client would see: applies changes, checking that each
@@ -877,15 +854,15 @@ fn publish(mirror: &mut Mirror, changes: Vec<InventoryChange>) -> Result<(), Tes
             InventoryChange::Removed(a) => {
                 prop_assert!(mirror.remove(&a).is_some(), "removed unknown {a}");
             }
-            InventoryChange::Changed { state, changed } => {
-                prop_assert!(!changed.is_empty());
-                let seen = mirror.get_mut(&state.info.address);
-                prop_assert!(seen.is_some(), "changed unknown {}", state.info.address);
+            InventoryChange::Changed { old, new } => {
+                prop_assert_ne!(&*old, &new);
+                let seen = mirror.get_mut(&new.info.address);
+                prop_assert!(seen.is_some(), "changed unknown {}", new.info.address);
                 let seen = seen.unwrap();
-                for p in changed {
-                    let new = state.value(p);
-                    prop_assert_ne!(&seen[&p], &new, "{:?} did not change", p);
-                    seen.insert(p, new);
+                prop_assert_eq!(&*seen, &values(&old), "old is not what was published");
+                for (p, value) in device_properties::changed(&old, &new) {
+                    prop_assert_ne!(&seen[p], &value, "{:?} did not change", p);
+                    seen.insert(p, value);
                 }
             }
         }

@@ -39,8 +39,8 @@ fn settings() -> DeviceSettings {
 async fn start(connection: &zbus::Connection) -> DeviceService {
     let authority = Arc::new(Authority::new(connection.clone()));
     let options = MonitorOptions {
-        group: EventGroup::Kernel,
         receive_buffer: 1 << 20,
+        ..MonitorOptions::new(EventGroup::Kernel)
     };
     DeviceService::start(
         connection.clone(),

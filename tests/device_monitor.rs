@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::monitor::{
-    DeviceMonitor, EventGroup, MonitorOptions, THREAD_NAME, UDEVD_CONTROL_SOCKET,
+    DeviceMonitor, EventGroup, MonitorError, MonitorOptions, THREAD_NAME, UDEVD_CONTROL_SOCKET,
 };
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 
@@ -84,16 +84,24 @@ async fn kernel_group_delivers_real_change_events() {
 
 #[test]
 fn udev_group_without_udevd_is_refused() {
-    let _lock = FileLock::exclusive(UDEVD_LOCK);
-    // Under the lock no test of ours runs udevd; a host's own udevd would
-    // make the refusal untestable, which must fail rather than pass.
-    assert!(
-        !Path::new(UDEVD_CONTROL_SOCKET).exists(),
-        "a udevd runs on this host: this test needs one without (tests start their own)"
-    );
+    // A control socket that surely does not exist, so the refusal is tested
+    // whether or not a udevd runs on this host (ours or its own).
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("udev/control");
+    let options = MonitorOptions {
+        control_socket: control.clone(),
+        ..MonitorOptions::new(EventGroup::Udev)
+    };
     let (tx, _rx) = mpsc::channel(1);
-    let err = DeviceMonitor::start(MonitorOptions::new(EventGroup::Udev), tx).unwrap_err();
-    assert!(err.to_string().contains("udevd"), "{err}");
+    let err = DeviceMonitor::start(options, tx).unwrap_err();
+    assert!(
+        matches!(&err, MonitorError::UdevdNotRunning { control: c } if *c == control),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string().contains("udevd does not seem to run"),
+        "{err}"
+    );
 }
 
 /// `key=value` lines of `systemd-hwdb query` for the device's modalias.
@@ -275,8 +283,8 @@ async fn overflow_yields_resync_and_monitor_keeps_running() {
     let address = *list.last().unwrap();
     let (tx, mut rx) = mpsc::channel(4);
     let options = MonitorOptions {
-        group: EventGroup::Kernel,
         receive_buffer: 1,
+        ..MonitorOptions::new(EventGroup::Kernel)
     };
     let monitor = DeviceMonitor::start(options, tx).expect("start monitor");
     println!(

@@ -624,3 +624,112 @@ fn group_users_of_a_char_device_match_any_node_of_it() {
     assert_eq!(name(here.pid()), "a");
     assert_eq!(name(private.pid()), "b");
 }
+
+/// A device bound to a vendor variant of vfio-pci (`mlx5_vfio_pci`, bound
+/// through `driver_override` as the kernel requires) is already given to
+/// VFIO: Detach leaves it there (rebinding it to plain vfio-pci would lose
+/// what the variant adds, e.g. live migration), and Reattach takes it off
+/// the variant and gives it back to a host driver.
+#[test]
+fn variant_vfio_driver_counts_as_detached() {
+    const VARIANT: &str = "mlx5_vfio_pci";
+    let tree = Tree::new();
+    tree.driver("mlx5_core")
+        .driver(VARIANT)
+        .driver("vfio-pci")
+        .device(GPU, Some(VARIANT), Some(3));
+    fs::write(
+        tree.dev_dir(GPU).join("driver_override"),
+        format!("{VARIANT}\n"),
+    )
+    .unwrap();
+    let kernel = FakeKernel::new(tree.root());
+    kernel.set(|s| {
+        s.natural.insert(GPU.to_owned(), "mlx5_core".to_owned());
+    });
+    let binder = kernel.binder();
+
+    assert_eq!(
+        binder.detach(addr(GPU)).unwrap(),
+        Outcome::AlreadyDone {
+            driver: Some(VARIANT.to_owned())
+        }
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(tree.driver_of(GPU).as_deref(), Some(VARIANT));
+
+    // Found on the variant with nothing remembered: the kernel probes, and
+    // a variant driver only binds through driver_override, now cleared.
+    let outcome = binder.reattach(addr(GPU)).unwrap();
+    let want = [
+        w("bus/pci/devices/0000:01:00.0/driver_override", "\n"),
+        w(&format!("bus/pci/drivers/{VARIANT}/unbind"), GPU),
+        w("bus/pci/drivers_probe", GPU),
+    ];
+    assert_done(&kernel, outcome, &want, Some("mlx5_core"));
+    assert_eq!(tree.override_of(GPU), "(null)\n");
+
+    // And back is a plain detach to vfio-pci that remembers mlx5_core.
+    binder.detach(addr(GPU)).unwrap();
+    assert_eq!(tree.driver_of(GPU).as_deref(), Some("vfio-pci"));
+    assert_eq!(
+        binder.original_driver(addr(GPU)),
+        Some(Some("mlx5_core".to_owned()))
+    );
+}
+
+/// `/dev/vfio/12` exists (the device is on vfio-pci) but /proc cannot be
+/// read: who holds the group is unknown, so neither Detach nor Reattach
+/// writes anything (fail closed); a process holding it is named.
+#[tokio::test]
+async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
+    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError};
+    let tree = Tree::audio();
+    let kernel = FakeKernel::new(tree.root());
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/12");
+    fs::write(&node, "").unwrap();
+    let blind = Passthrough::new(
+        kernel.binder(),
+        tree.root().join("no-proc"),
+        dev.path().to_owned(),
+    );
+    for action in [Move::Detach, Move::Reattach] {
+        let err = blind
+            .change(addr(AUDIO), Some(12), action)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, PassthroughError::UsersUnknown { .. }),
+            "{err:?}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "could not find out whether a VM uses 0000:00:1f.3; nothing was changed"
+        );
+    }
+    assert_eq!(kernel.take_log(), vec![]);
+
+    let seeing = Passthrough::new(kernel.binder(), "/proc".into(), dev.path().to_owned());
+    let vm = Holder::spawn(&node, &["-name", "win11"]);
+    wait_for_users(dev.path(), 12, &[vm.pid()]);
+    let err = seeing
+        .change(addr(AUDIO), Some(12), Move::Detach)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "0000:00:1f.3 is in use by VM \"win11\" (PID {}) through /dev/vfio/12; stop the VM first",
+            vm.pid()
+        )
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    drop(vm);
+    seeing
+        .change(addr(AUDIO), Some(12), Move::Detach)
+        .await
+        .unwrap();
+    assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+}

@@ -1,13 +1,15 @@
-//! The device table: every PCI device with what the D-Bus `PciDevice`
-//! object exports (except `InUseBy`, computed when read), kept current from
-//! events and resyncs, reporting exactly which properties changed.
+//! The device table: every PCI device with its passthrough readiness, kept
+//! current from events and resyncs, reporting exactly which devices changed
+//! (the D-Bus layer, `service::device_properties`, turns that into
+//! properties).
 //!
 //! # Passthrough readiness
 //! Follows the kernel's VFIO "viable group" rule, so `PassthroughReady`
 //! means "QEMU could open this group now":
 //! - the device needs an IOMMU group;
 //! - the device itself must be bound to vfio-pci (or a vfio-pci variant
-//!   driver such as `mlx5_vfio_pci`); a bridge is never ready, because
+//!   driver such as `mlx5_vfio_pci`: [`is_vfio_driver`], the rule Detach
+//!   and Reattach follow too); a bridge is never ready, because
 //!   vfio-pci refuses bridges;
 //! - every *other* device in the group must be bound to a vfio driver, be
 //!   bound to `pci-stub`, have no driver at all, or be a PCI-to-PCI/CardBus
@@ -30,22 +32,15 @@ use std::path::{Path, PathBuf};
 
 use super::address::PciAddress;
 use super::sysfs::{self, PciDeviceInfo, SysfsError};
+use super::vfio::{VFIO_DRIVER, is_vfio_driver};
 use super::{DeviceAction, DeviceEvent, MonitorMessage};
 
-/// The driver passthrough needs.
-pub const VFIO_DRIVER: &str = "vfio-pci";
 /// The stub driver the kernel accepts in a viable group.
 pub const PCI_STUB_DRIVER: &str = "pci-stub";
 pub const NO_IOMMU_GROUP_BLOCKER: &str =
     "no IOMMU group (is the IOMMU enabled? intel_iommu=on / amd_iommu=on)";
 pub const BRIDGE_BLOCKER: &str = "is a PCI bridge; bridges cannot be passed through";
 pub const NO_DRIVER_BLOCKER: &str = "not bound to any driver, not vfio-pci";
-
-/// vfio-pci itself and its vendor variant drivers (`mlx5_vfio_pci`,
-/// `nvgrace-gpu-vfio-pci`, …), which also give the device to VFIO.
-pub fn is_vfio_driver(driver: &str) -> bool {
-    driver == VFIO_DRIVER || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
-}
 
 /// One allow-list entry: devices that may be passed through, with the
 /// resource name reported for them (KubeVirt's `permittedHostDevices`).
@@ -98,7 +93,8 @@ fn allow_entry(list: &[AllowEntry], vendor_id: u16, device_id: u16) -> Option<&A
         .or_else(|| list.iter().find(|e| e.matches(vendor_id, device_id)))
 }
 
-/// Everything the D-Bus `PciDevice` object exports except `InUseBy`.
+/// One device as the inventory knows it: what sysfs says plus names,
+/// allow-list and group-derived readiness.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceState {
     pub info: PciDeviceInfo,
@@ -110,147 +106,23 @@ pub struct DeviceState {
     /// sorted; empty without a group.
     pub iommu_group_devices: Vec<String>,
     pub permitted: bool,
+    /// The matching allow-list entry's resource name, "" when none.
     pub resource_name: String,
     pub passthrough_ready: bool,
     pub passthrough_blockers: Vec<String>,
 }
 
-/// The exported properties, by their D-Bus names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Property {
-    Address,
-    VendorId,
-    DeviceId,
-    SubsystemVendorId,
-    SubsystemDeviceId,
-    Class,
-    VendorName,
-    DeviceName,
-    Driver,
-    IommuGroup,
-    IommuGroupDevices,
-    NumaNode,
-    SriovTotalVfs,
-    SriovNumVfs,
-    PhysicalFunction,
-    Permitted,
-    ResourceName,
-    PassthroughReady,
-    PassthroughBlockers,
-}
-
-impl Property {
-    pub const ALL: [Property; 19] = [
-        Property::Address,
-        Property::VendorId,
-        Property::DeviceId,
-        Property::SubsystemVendorId,
-        Property::SubsystemDeviceId,
-        Property::Class,
-        Property::VendorName,
-        Property::DeviceName,
-        Property::Driver,
-        Property::IommuGroup,
-        Property::IommuGroupDevices,
-        Property::NumaNode,
-        Property::SriovTotalVfs,
-        Property::SriovNumVfs,
-        Property::PhysicalFunction,
-        Property::Permitted,
-        Property::ResourceName,
-        Property::PassthroughReady,
-        Property::PassthroughBlockers,
-    ];
-
-    pub fn dbus_name(self) -> &'static str {
-        match self {
-            Property::Address => "Address",
-            Property::VendorId => "VendorId",
-            Property::DeviceId => "DeviceId",
-            Property::SubsystemVendorId => "SubsystemVendorId",
-            Property::SubsystemDeviceId => "SubsystemDeviceId",
-            Property::Class => "Class",
-            Property::VendorName => "VendorName",
-            Property::DeviceName => "DeviceName",
-            Property::Driver => "Driver",
-            Property::IommuGroup => "IommuGroup",
-            Property::IommuGroupDevices => "IommuGroupDevices",
-            Property::NumaNode => "NumaNode",
-            Property::SriovTotalVfs => "SriovTotalVfs",
-            Property::SriovNumVfs => "SriovNumVfs",
-            Property::PhysicalFunction => "PhysicalFunction",
-            Property::Permitted => "Permitted",
-            Property::ResourceName => "ResourceName",
-            Property::PassthroughReady => "PassthroughReady",
-            Property::PassthroughBlockers => "PassthroughBlockers",
-        }
-    }
-}
-
-/// A property's value as exported (D-Bus types: `s`, `q`, `u`, `i`, `b`,
-/// `as`), with the API's "none" spellings ("" and -1) already applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PropertyValue {
-    Str(String),
-    U16(u16),
-    U32(u32),
-    I32(i32),
-    Bool(bool),
-    StrList(Vec<String>),
-}
-
-impl DeviceState {
-    pub fn value(&self, property: Property) -> PropertyValue {
-        use PropertyValue::*;
-        let info = &self.info;
-        let opt_addr = |a: Option<PciAddress>| Str(a.map(|a| a.to_string()).unwrap_or_default());
-        match property {
-            Property::Address => Str(info.address.to_string()),
-            Property::VendorId => U16(info.vendor_id),
-            Property::DeviceId => U16(info.device_id),
-            Property::SubsystemVendorId => U16(info.subsystem_vendor_id),
-            Property::SubsystemDeviceId => U16(info.subsystem_device_id),
-            Property::Class => U32(info.class),
-            Property::VendorName => Str(self.vendor_name.clone()),
-            Property::DeviceName => Str(self.device_name.clone()),
-            Property::Driver => Str(info.driver.clone().unwrap_or_default()),
-            Property::IommuGroup => I32(info
-                .iommu_group
-                .and_then(|g| i32::try_from(g).ok())
-                .unwrap_or(-1)),
-            Property::IommuGroupDevices => StrList(self.iommu_group_devices.clone()),
-            Property::NumaNode => I32(info.numa_node),
-            Property::SriovTotalVfs => U32(info.sriov_total_vfs),
-            Property::SriovNumVfs => U32(info.sriov_num_vfs),
-            Property::PhysicalFunction => opt_addr(info.physical_function),
-            Property::Permitted => Bool(self.permitted),
-            Property::ResourceName => Str(self.resource_name.clone()),
-            Property::PassthroughReady => Bool(self.passthrough_ready),
-            Property::PassthroughBlockers => StrList(self.passthrough_blockers.clone()),
-        }
-    }
-
-    /// The exported properties whose values differ between `self` and
-    /// `newer`, in [`Property::ALL`] order. Fields that are not exported
-    /// (`driver_override`, `modalias`) never count.
-    pub fn changed_properties(&self, newer: &DeviceState) -> Vec<Property> {
-        Property::ALL
-            .into_iter()
-            .filter(|&p| self.value(p) != newer.value(p))
-            .collect()
-    }
-}
-
-/// One difference the D-Bus layer has to publish.
+/// One difference for the D-Bus layer to publish; it decides which of its
+/// properties that changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InventoryChange {
     Added(DeviceState),
     Removed(PciAddress),
-    /// `changed` is never empty and lists exactly the properties whose
-    /// values differ from what was last reported.
+    /// `old != new`: something about the device changed (`old` boxed to
+    /// keep the variants of similar size).
     Changed {
-        state: DeviceState,
-        changed: Vec<Property>,
+        old: Box<DeviceState>,
+        new: DeviceState,
     },
 }
 
@@ -567,13 +439,10 @@ fn diff(
         (None, None) => None,
         (None, Some(new)) => Some(InventoryChange::Added(new.clone())),
         (Some(_), None) => Some(InventoryChange::Removed(address)),
-        (Some(old), Some(new)) => {
-            let changed = old.changed_properties(new);
-            (!changed.is_empty()).then(|| InventoryChange::Changed {
-                state: new.clone(),
-                changed,
-            })
-        }
+        (Some(old), Some(new)) => (old != new).then(|| InventoryChange::Changed {
+            old: Box::new(old.clone()),
+            new: new.clone(),
+        }),
     }
 }
 
@@ -633,26 +502,5 @@ mod tests {
             "any"
         );
         assert!(allow_entry(&list, 0x8086, 0x1eb8).is_none());
-    }
-
-    #[test]
-    fn vfio_drivers() {
-        assert!(is_vfio_driver("vfio-pci"));
-        assert!(is_vfio_driver("mlx5_vfio_pci"));
-        assert!(is_vfio_driver("nvgrace-gpu-vfio-pci"));
-        assert!(!is_vfio_driver("pci-stub"));
-        assert!(!is_vfio_driver("vfio"));
-    }
-
-    #[test]
-    fn property_names() {
-        let names: Vec<&str> = Property::ALL.iter().map(|p| p.dbus_name()).collect();
-        assert_eq!(names.len(), 19);
-        let unique: BTreeSet<&str> = names.iter().copied().collect();
-        assert_eq!(unique.len(), 19);
-        assert_eq!(
-            Property::PassthroughBlockers.dbus_name(),
-            "PassthroughBlockers"
-        );
     }
 }

@@ -8,11 +8,15 @@
 //!   events and resyncs and reporting exactly what changed.
 //! - [`monitor`]: the udev netlink monitor on its own thread, with a clean
 //!   stop.
-//! - [`vfio`]: detach to / reattach from vfio-pci, and who holds a VFIO group.
+//! - [`vfio`]: detach to / reattach from vfio-pci (the sysfs writes), which
+//!   drivers count as VFIO, and who holds a VFIO group.
+//! - [`passthrough`]: the decisions around those writes: refuse while a
+//!   process holds the device's VFIO group, and when that is unknown.
 
 pub mod address;
 pub mod inventory;
 pub mod monitor;
+pub mod passthrough;
 pub mod sysfs;
 pub mod vfio;
 

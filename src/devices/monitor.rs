@@ -108,6 +108,11 @@ pub fn detect_group_at(control_socket: &Path) -> EventGroup {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonitorOptions {
     pub group: EventGroup,
+    /// udevd's control socket ([`UDEVD_CONTROL_SOCKET`] on a real host):
+    /// [`EventGroup::Udev`] is refused when it does not exist. A parameter
+    /// so tests can ask about a udevd that surely is not there, whether or
+    /// not the host runs one.
+    pub control_socket: PathBuf,
     /// Requested socket receive buffer in bytes. Set with `SO_RCVBUFFORCE`
     /// (ignores `net.core.rmem_max`, needs `CAP_NET_ADMIN`), else
     /// `SO_RCVBUF` (capped at `rmem_max`). The kernel doubles the value and
@@ -120,6 +125,7 @@ impl MonitorOptions {
     pub fn new(group: EventGroup) -> Self {
         MonitorOptions {
             group,
+            control_socket: PathBuf::from(UDEVD_CONTROL_SOCKET),
             receive_buffer: DEFAULT_RECEIVE_BUFFER,
         }
     }
@@ -191,9 +197,11 @@ impl DeviceMonitor {
         options: MonitorOptions,
         sender: mpsc::Sender<MonitorMessage>,
     ) -> Result<DeviceMonitor, MonitorError> {
-        if options.group == EventGroup::Udev && detect_group() != EventGroup::Udev {
+        if options.group == EventGroup::Udev
+            && detect_group_at(&options.control_socket) != EventGroup::Udev
+        {
             return Err(MonitorError::UdevdNotRunning {
-                control: PathBuf::from(UDEVD_CONTROL_SOCKET),
+                control: options.control_socket,
             });
         }
         let wake = Arc::new(new_eventfd().map_err(MonitorError::WakeFd)?);

@@ -9,7 +9,8 @@
 //! Reattach gives the device back:
 //! 1. `"\n"` → `driver_override` (an empty write clears it; libvirt writes
 //!    the same)
-//! 2. `ADDR` → `bus/pci/drivers/vfio-pci/unbind` (only when bound to it)
+//! 2. `ADDR` → `bus/pci/drivers/CURRENT/unbind` (only when bound to a VFIO
+//!    driver, see below)
 //! 3. `ADDR` → `bus/pci/drivers/ORIGINAL/bind` when the original driver is
 //!    remembered and still loaded, else `ADDR` → `bus/pci/drivers_probe`.
 //!
@@ -18,6 +19,19 @@
 //! through a [`SysfsWriter`], so tests can record the exact sequence and play
 //! the kernel's part in a prepared tree. Whether a VM holds the group is the
 //! caller's check, with [`group_users`] and [`iommu_group_of`].
+//!
+//! # Which drivers count as VFIO
+//! [`is_vfio_driver`] is the one rule, used by readiness
+//! ([`super::inventory`]), Detach and Reattach: vfio-pci and its vendor
+//! variant drivers (`mlx5_vfio_pci`, `nvgrace-gpu-vfio-pci`, …), which give
+//! the device to VFIO just as well (QEMU's `-device vfio-pci` opens them
+//! alike) and add to it (e.g. live migration). So a device on a variant
+//! driver is ready for passthrough, Detach leaves it there ("already
+//! detached", nothing written, rather than swapping it to plain vfio-pci),
+//! and Reattach unbinds it from the variant and gives it back to a host
+//! driver. A variant driver binds only through `driver_override` (its ID
+//! table is override-only), so clearing the override is enough for
+//! `drivers_probe` to pick the host driver.
 
 mod state;
 
@@ -37,6 +51,13 @@ use crate::procfs::{self, HoldersError, Target};
 /// The stub driver devices are detached to.
 pub const VFIO_DRIVER: &str = "vfio-pci";
 
+/// vfio-pci itself and its vendor variant drivers (`mlx5_vfio_pci`,
+/// `nvgrace-gpu-vfio-pci`, …): a device bound to any of them is given to
+/// VFIO (see the module docs).
+pub fn is_vfio_driver(driver: &str) -> bool {
+    driver == VFIO_DRIVER || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
+}
+
 /// `driver_override` holds one driver name; this bounds a hostile tree.
 const MAX_OVERRIDE: u64 = 4096;
 
@@ -48,6 +69,17 @@ pub struct VfioUser {
     pub exe: String,
     /// QEMU `-name`, "" when none.
     pub vm_name: String,
+}
+
+/// How a Detach/Reattach refusal names the holder.
+impl fmt::Display for VfioUser {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.vm_name.is_empty() {
+            write!(f, "PID {} ({})", self.pid, self.exe)
+        } else {
+            write!(f, "VM \"{}\" (PID {})", self.vm_name, self.pid)
+        }
+    }
 }
 
 /// Processes under `proc_root` holding `<dev_root>/vfio/<group>` open, sorted
@@ -244,12 +276,14 @@ impl VfioBinder {
         self.lock().get(&address).cloned()
     }
 
-    /// Binds the device to vfio-pci. Blocking (an unbind can take seconds).
+    /// Binds the device to vfio-pci; nothing to do when it is on a VFIO
+    /// driver already (a variant included). Blocking (an unbind can take
+    /// seconds).
     pub fn detach(&self, address: PciAddress) -> Result<Outcome, VfioError> {
         let mut originals = self.lock();
         let dev = self.existing_device(address)?;
         let current = read_driver(&dev)?;
-        if current.as_deref() == Some(VFIO_DRIVER) {
+        if current.as_deref().is_some_and(is_vfio_driver) {
             return Ok(Outcome::AlreadyDone { driver: current });
         }
         let vfio = driver_dir(&self.sysfs_root, VFIO_DRIVER);
@@ -279,14 +313,15 @@ impl VfioBinder {
         Ok(seq.done(now))
     }
 
-    /// Gives the device back to its original driver (or lets the kernel
-    /// probe one when that is unknown). Blocking.
+    /// Takes the device off its VFIO driver (a variant included) and gives
+    /// it back to its original driver (or lets the kernel probe one when
+    /// that is unknown). Blocking.
     pub fn reattach(&self, address: PciAddress) -> Result<Outcome, VfioError> {
         let mut originals = self.lock();
         let dev = self.existing_device(address)?;
         let current = read_driver(&dev)?;
-        let on_vfio = current.as_deref() == Some(VFIO_DRIVER);
-        let overridden = read_override(&dev).as_deref() == Some(VFIO_DRIVER);
+        let on_vfio = current.as_deref().is_some_and(is_vfio_driver);
+        let overridden = read_override(&dev).as_deref().is_some_and(is_vfio_driver);
         let original = originals
             .get(&address)
             .cloned()
@@ -304,9 +339,8 @@ impl VfioBinder {
         let addr = address.to_string();
         let mut seq = Sequence::new(&*self.writer);
         seq.write(dev.join("driver_override"), "\n")?;
-        if on_vfio {
-            let unbind = driver_dir(&self.sysfs_root, VFIO_DRIVER).join("unbind");
-            seq.write(unbind, &addr)?;
+        if let Some(vfio) = current.as_deref().filter(|_| on_vfio) {
+            seq.write(driver_dir(&self.sysfs_root, vfio).join("unbind"), &addr)?;
         }
         // Still on its own driver (a detach failed before the unbind): the
         // cleared override was all that was left to undo.
@@ -324,7 +358,9 @@ impl VfioBinder {
         let now = read_driver(&dev).unwrap_or(None);
         let wrong = match &original {
             Some(name) if rebind => (now.as_ref() != Some(name)).then(|| name.clone()),
-            _ => (now.as_deref() == Some(VFIO_DRIVER))
+            _ => now
+                .as_deref()
+                .is_some_and(is_vfio_driver)
                 .then(|| format!("a driver other than {VFIO_DRIVER}")),
         };
         if let Some(expected) = wrong {
@@ -441,4 +477,18 @@ fn read_override(dev: &Path) -> Option<String> {
     let text = String::from_utf8_lossy(&raw);
     let value = text.trim();
     (!value.is_empty() && value != "(null)").then(|| value.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vfio_drivers() {
+        assert!(is_vfio_driver("vfio-pci"));
+        assert!(is_vfio_driver("mlx5_vfio_pci"));
+        assert!(is_vfio_driver("nvgrace-gpu-vfio-pci"));
+        assert!(!is_vfio_driver("pci-stub"));
+        assert!(!is_vfio_driver("vfio"));
+    }
 }

@@ -118,6 +118,7 @@ pub fn build(config: &Config, roots: Roots) -> Parts {
         (Some(receiver), _) => EventSource::Channel(receiver),
         (None, Some(group)) => EventSource::Udev(MonitorOptions {
             group,
+            control_socket: roots.udev_control_socket.clone(),
             receive_buffer: devices.receive_buffer_bytes as usize,
         }),
         (None, None) => EventSource::None,

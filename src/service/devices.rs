@@ -20,16 +20,16 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
 
 use super::callers::Callers;
+use super::device_properties::{self, DeviceProperties};
 use super::error::VmError;
 use super::options::parse_interactive_only;
 use super::values::{Dict, variant};
 use crate::auth::{Action, Authority};
 use crate::devices::address::PciAddress;
-use crate::devices::inventory::{
-    AllowEntry, DeviceState, Inventory, InventoryChange, Property, PropertyValue,
-};
+use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
-use crate::devices::vfio::{self, Outcome, VfioBinder};
+use crate::devices::passthrough::{Move, Passthrough};
+use crate::devices::vfio::VfioBinder;
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 
 /// The D-Bus name of the device interface.
@@ -106,8 +106,11 @@ impl DeviceService {
             connection: connection.clone(),
             authority,
             callers,
-            binder,
-            settings: settings.clone(),
+            passthrough: Passthrough::new(
+                binder,
+                settings.proc_root.clone(),
+                settings.dev_root.clone(),
+            ),
             rereads: reread_sender,
         });
         let mut inventory = Inventory::new(
@@ -158,8 +161,7 @@ struct Shared {
     connection: Connection,
     authority: Arc<Authority>,
     callers: Arc<Callers>,
-    binder: VfioBinder,
-    settings: DeviceSettings,
+    passthrough: Passthrough,
     rereads: mpsc::Sender<Reread>,
 }
 
@@ -278,11 +280,7 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
                     // Already exported (an add for a known device): update it.
                     Ok(Some(object)) => {
                         let state = object.state.into_inner().unwrap_or_else(|p| p.into_inner());
-                        let changed = match server.interface::<_, PciDeviceObject>(&path).await {
-                            Ok(current) => current.get().await.state().changed_properties(&state),
-                            Err(_) => Property::ALL.to_vec(),
-                        };
-                        update(shared, &path, state, &changed).await;
+                        update(shared, &path, state).await;
                     }
                     Err(e) => tracing::warn!("cannot export {path}: {e}"),
                 }
@@ -292,9 +290,9 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
                     .remove::<PciDeviceObject, _>(object_path(&address))
                     .await;
             }
-            InventoryChange::Changed { state, changed } => {
-                let path = object_path(&state.info.address);
-                update(shared, &path, state, &changed).await;
+            InventoryChange::Changed { new, .. } => {
+                let path = object_path(&new.info.address);
+                update(shared, &path, new).await;
             }
         }
     }
@@ -322,22 +320,20 @@ async fn emit_uevent(shared: &Arc<Shared>, event: &DeviceEvent) {
 }
 
 /// Replaces an object's state and emits one PropertiesChanged with exactly
-/// the properties that changed.
-async fn update(
-    shared: &Arc<Shared>,
-    path: &OwnedObjectPath,
-    state: DeviceState,
-    changed: &[Property],
-) {
+/// the properties that changed since what the object showed: this is where
+/// a uevent becomes PropertiesChanged.
+async fn update(shared: &Arc<Shared>, path: &OwnedObjectPath, state: DeviceState) {
     let server = shared.connection.object_server();
     let Ok(iface) = server.interface::<_, PciDeviceObject>(path).await else {
         return;
     };
-    let values: Vec<(&'static str, OwnedVariant)> = changed
-        .iter()
-        .map(|p| (p.dbus_name(), property_value(&state, *p)))
-        .collect();
-    *iface.get().await.state() = state;
+    let values = {
+        let object = iface.get().await;
+        let mut current = object.state();
+        let values = device_properties::changed(&current, &state);
+        *current = state;
+        values
+    };
     if values.is_empty() {
         return;
     }
@@ -353,17 +349,6 @@ async fn update(
     .await
     {
         tracing::warn!("cannot emit PropertiesChanged for {path}: {e}");
-    }
-}
-
-fn property_value(state: &DeviceState, property: Property) -> OwnedVariant {
-    match state.value(property) {
-        PropertyValue::Str(s) => variant(s),
-        PropertyValue::U16(n) => variant(n),
-        PropertyValue::U32(n) => variant(n),
-        PropertyValue::I32(n) => variant(n),
-        PropertyValue::Bool(b) => variant(b),
-        PropertyValue::StrList(list) => variant(list),
     }
 }
 
@@ -387,47 +372,23 @@ impl PciDeviceObject {
         self.state().info.address
     }
 
-    /// Who holds the device's VFIO group open, computed when asked. Only
-    /// devices whose `/dev/vfio/<group>` exists (bound to vfio-pci) cost a
-    /// /proc scan; it is bounded, because a read of a stuck process's
-    /// /proc files can hang. `None` when the answer is unknown: the scan
-    /// failed (e.g. out of descriptors) or timed out. A scan whose answer is
-    /// abandoned (timeout, or this call dropped) is told to stop.
-    async fn users(&self) -> Option<Vec<vfio::VfioUser>> {
-        let Some(group) = self.state().info.iommu_group else {
-            return Some(Vec::new());
-        };
-        let proc_root = self.shared.settings.proc_root.clone();
-        let dev_root = self.shared.settings.dev_root.clone();
-        let stop = CancellationToken::new();
-        let _stop_when_abandoned = stop.clone().drop_guard();
-        let scan = tokio::task::spawn_blocking(move || {
-            vfio::group_users(&proc_root, &dev_root, group, &stop)
-        });
-        match tokio::time::timeout(crate::disk::checker::SCAN_TIMEOUT, scan).await {
-            Ok(Ok(Ok(users))) => Some(users),
-            Ok(Ok(Err(e))) => {
-                tracing::warn!(group, "could not find out who holds /dev/vfio/{group}: {e}");
-                None
-            }
-            _ => {
-                tracing::warn!(group, "could not find out who holds /dev/vfio/{group}");
-                None
-            }
-        }
+    /// What the getters return ([`DeviceProperties::of`], as the signals).
+    fn properties(&self) -> DeviceProperties {
+        DeviceProperties::of(&self.state())
     }
 
-    /// Shared part of Detach and Reattach: options, polkit, InUse, the
-    /// sysfs writes, and a re-read of the device afterwards.
+    /// Shared part of Detach and Reattach: options, polkit, then the
+    /// domain's decision and writes, and a re-read of the device afterwards.
     async fn change_binding(
         &self,
         method: &'static str,
         options: HashMap<String, OwnedVariant>,
         header: &Header<'_>,
-        detach: bool,
+        action: Move,
     ) -> Result<(), VmError> {
         let interactive = parse_interactive_only(method, options)?;
-        let address = self.pci_address().to_string();
+        let target = self.pci_address();
+        let address = target.to_string();
         let details = HashMap::from([("device", address.as_str())]);
         let guard = self.shared.callers.guard(header)?;
         let authority = &self.shared.authority;
@@ -440,38 +401,11 @@ impl PciDeviceObject {
             &details,
         );
         guard.until_gone(check).await?;
-        // An unknown answer refuses: a VM's device must never be pulled from under it.
-        let users = self.users().await.ok_or_else(|| {
-            VmError::Failed(format!(
-                "could not find out whether a VM uses {address}; nothing was changed"
-            ))
-        })?;
-        if let Some(user) = users.first() {
-            let who = if user.vm_name.is_empty() {
-                format!("PID {} ({})", user.pid, user.exe)
-            } else {
-                format!("VM \"{}\" (PID {})", user.vm_name, user.pid)
-            };
-            return Err(VmError::InUse(format!(
-                "{address} is in use by {who} through /dev/vfio/{}; stop the VM first",
-                self.state().info.iommu_group.unwrap_or_default()
-            )));
-        }
-        let shared = self.shared.clone();
-        let target = self.pci_address();
-        let outcome = tokio::task::spawn_blocking(move || {
-            if detach {
-                shared.binder.detach(target)
-            } else {
-                shared.binder.reattach(target)
-            }
-        })
-        .await
-        .map_err(|e| VmError::Failed(format!("internal error: {e}")))?
-        .map_err(VmError::from)?;
-        if !matches!(outcome, Outcome::AlreadyDone { .. }) {
-            tracing::info!(device = %address, method, "binding changed");
-        }
+        let group = self.state().info.iommu_group;
+        self.shared
+            .passthrough
+            .change(target, group, action)
+            .await?;
         // Re-read now, and answer only when the objects show the result,
         // rather than waiting for the kernel's bind/unbind events.
         let (done, answered) = oneshot::channel();
@@ -491,7 +425,8 @@ impl PciDeviceObject {
 impl PciDeviceObject {
     /// Binds the device to vfio-pci (driver_override, unbind, drivers_probe),
     /// remembering its driver for Reattach. `InUse` when a VM holds its VFIO
-    /// group; nothing happens when it is already bound to vfio-pci. Action
+    /// group; nothing happens when it is already bound to vfio-pci or a
+    /// variant of it (`devices::vfio::is_vfio_driver`). Action
     /// `org.example.vmmanager.manage-devices`. Options:
     /// `auth.no-user-interaction` (b).
     async fn detach(
@@ -499,142 +434,136 @@ impl PciDeviceObject {
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(), VmError> {
-        self.change_binding("Detach", options, &header, true).await
+        self.change_binding("Detach", options, &header, Move::Detach)
+            .await
     }
 
     /// Gives the device back to the driver it had before Detach (or lets the
     /// kernel pick one). `InUse` when a VM holds its VFIO group; nothing
-    /// happens when it is not bound to vfio-pci. Options:
+    /// happens when it is not bound to a VFIO driver. Options:
     /// `auth.no-user-interaction` (b).
     async fn reattach(
         &self,
         options: HashMap<String, OwnedVariant>,
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(), VmError> {
-        self.change_binding("Reattach", options, &header, false)
+        self.change_binding("Reattach", options, &header, Move::Reattach)
             .await
     }
 
     /// The PCI address, e.g. `0000:03:00.0`.
     #[zbus(property(emits_changed_signal = "const"))]
     fn address(&self) -> String {
-        self.state().info.address.to_string()
+        self.properties().address
     }
 
     /// PCI vendor id.
     #[zbus(property)]
     fn vendor_id(&self) -> u16 {
-        self.state().info.vendor_id
+        self.properties().vendor_id
     }
 
     /// PCI device id.
     #[zbus(property)]
     fn device_id(&self) -> u16 {
-        self.state().info.device_id
+        self.properties().device_id
     }
 
     /// PCI subsystem vendor id.
     #[zbus(property)]
     fn subsystem_vendor_id(&self) -> u16 {
-        self.state().info.subsystem_vendor_id
+        self.properties().subsystem_vendor_id
     }
 
     /// PCI subsystem device id.
     #[zbus(property)]
     fn subsystem_device_id(&self) -> u16 {
-        self.state().info.subsystem_device_id
+        self.properties().subsystem_device_id
     }
 
     /// PCI class, e.g. 0x030000 for a VGA controller.
     #[zbus(property)]
     fn class(&self) -> u32 {
-        self.state().info.class
+        self.properties().class
     }
 
     /// Vendor name from the udev hwdb, "" when unknown.
     #[zbus(property)]
     fn vendor_name(&self) -> String {
-        self.state().vendor_name.clone()
+        self.properties().vendor_name
     }
 
     /// Device name from the udev hwdb, "" when unknown.
     #[zbus(property)]
     fn device_name(&self) -> String {
-        self.state().device_name.clone()
+        self.properties().device_name
     }
 
     /// The bound driver, "" when none.
     #[zbus(property)]
     fn driver(&self) -> String {
-        self.state().info.driver.clone().unwrap_or_default()
+        self.properties().driver
     }
 
     /// The IOMMU group, -1 when the device has none.
     #[zbus(property)]
     fn iommu_group(&self) -> i32 {
-        self.state()
-            .info
-            .iommu_group
-            .map_or(-1, |g| i32::try_from(g).unwrap_or(-1))
+        self.properties().iommu_group
     }
 
     /// Addresses of every device in the same IOMMU group.
     #[zbus(property)]
     fn iommu_group_devices(&self) -> Vec<String> {
-        self.state().iommu_group_devices.clone()
+        self.properties().iommu_group_devices
     }
 
     /// NUMA node, -1 when unknown.
     #[zbus(property)]
     fn numa_node(&self) -> i32 {
-        self.state().info.numa_node
+        self.properties().numa_node
     }
 
     /// SR-IOV: how many VFs the device supports (0 when not capable).
     #[zbus(property)]
     fn sriov_total_vfs(&self) -> u32 {
-        self.state().info.sriov_total_vfs
+        self.properties().sriov_total_vfs
     }
 
     /// SR-IOV: how many VFs are enabled.
     #[zbus(property)]
     fn sriov_num_vfs(&self) -> u32 {
-        self.state().info.sriov_num_vfs
+        self.properties().sriov_num_vfs
     }
 
     /// For a virtual function, the address of its physical function; else "".
     #[zbus(property)]
     fn physical_function(&self) -> String {
-        self.state()
-            .info
-            .physical_function
-            .map(|a| a.to_string())
-            .unwrap_or_default()
+        self.properties().physical_function
     }
 
     /// Whether the device matches the configured passthrough allow-list.
     #[zbus(property)]
     fn permitted(&self) -> bool {
-        self.state().permitted
+        self.properties().permitted
     }
 
     /// The resource name of the matching allow-list entry, else "".
     #[zbus(property)]
     fn resource_name(&self) -> String {
-        self.state().resource_name.clone()
+        self.properties().resource_name
     }
 
     /// The IOMMU group exists and every device in it is bound to vfio-pci
     /// (bridges excepted).
     #[zbus(property)]
     fn passthrough_ready(&self) -> bool {
-        self.state().passthrough_ready
+        self.properties().passthrough_ready
     }
 
     /// Why the device is not ready, in words fit to show a user.
     #[zbus(property)]
     fn passthrough_blockers(&self) -> Vec<String> {
-        self.state().passthrough_blockers.clone()
+        self.properties().passthrough_blockers
     }
 
     /// Emitted for every kernel or udev event about this device (`add`,
@@ -647,7 +576,12 @@ impl PciDeviceObject {
     /// `vm-name` (s). Computed when read; no change signal.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn in_use_by(&self) -> Vec<Dict> {
-        self.users()
+        let group = self.state().info.iommu_group;
+        // Unknown reads as nobody here: a property has no error to say it
+        // with (the domain logged why), and Detach/Reattach still refuse.
+        self.shared
+            .passthrough
+            .users(group)
             .await
             .unwrap_or_default()
             .into_iter()

@@ -4,6 +4,7 @@
 //! clients agree on the names by construction.
 
 use crate::auth::AuthError;
+use crate::devices::passthrough::PassthroughError;
 use crate::devices::vfio::VfioError;
 use crate::disk::checker::{CheckError, CheckErrorKind, ScanError};
 use crate::disk::image::ImageError;
@@ -45,7 +46,24 @@ impl From<VfioError> for VmError {
         match e {
             VfioError::NotFound(_) => VmError::NotFound(e.to_string()),
             VfioError::VfioUnavailable(_) => VmError::NotSupported(e.to_string()),
-            _ => VmError::Failed(e.to_string()),
+            // A failed sysfs read or write (EACCES included: the service's
+            // own, not polkit's refusal) or a device that would not move.
+            VfioError::Read { .. } | VfioError::Write { .. } | VfioError::WrongDriver { .. } => {
+                VmError::Failed(e.to_string())
+            }
+        }
+    }
+}
+
+impl From<PassthroughError> for VmError {
+    fn from(e: PassthroughError) -> Self {
+        match e {
+            PassthroughError::InUse { .. } => VmError::InUse(e.to_string()),
+            // Fail closed: refused, and not the caller's fault.
+            PassthroughError::UsersUnknown { .. } | PassthroughError::Panicked { .. } => {
+                VmError::Failed(e.to_string())
+            }
+            PassthroughError::Vfio(e) => e.into(),
         }
     }
 }
@@ -117,6 +135,18 @@ mod tests {
             path: PathBuf::from("/x"),
             source: std::io::Error::from_raw_os_error(errno),
         }
+    }
+
+    #[test]
+    fn a_denied_sysfs_write_is_a_failure_not_a_polkit_refusal() {
+        let e = VfioError::Write {
+            path: PathBuf::from("/sys/bus/pci/drivers_probe"),
+            value: "0000:01:00.0".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+            done: Default::default(),
+        };
+        let e = VmError::from(PassthroughError::from(e));
+        assert!(matches!(e, VmError::Failed(_)), "{e:?}");
     }
 
     #[test]

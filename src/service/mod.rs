@@ -18,6 +18,7 @@
 
 pub mod callers;
 pub mod daemon;
+pub mod device_properties;
 pub mod devices;
 pub mod error;
 pub mod job;
