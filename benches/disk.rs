@@ -10,6 +10,9 @@
 //! the real `vmmanagerd` and a real QEMU, all in guards that kill and reap
 //! them on drop, with their temp dirs removed.
 
+// The bench starts its worlds with a few of the integration tests' fixtures;
+// the rest of the harness is unused here.
+#[allow(dead_code, unused_imports)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 

@@ -208,7 +208,7 @@ fn expected(address: &str) -> BTreeMap<String, Val> {
 
 /// One test's world. Field order is drop order: the service stops first
 /// (also when the test panics), then the client, polkitd, the bus, the tree.
-struct World {
+struct DeviceWorld {
     svc: InProcService,
     client: Connection,
     _polkit: Option<Polkit>,
@@ -216,7 +216,7 @@ struct World {
     fs: FakeSysfs,
 }
 
-impl World {
+impl DeviceWorld {
     /// Bus (+ polkitd when `polkit` is given) and the service on `fs`
     /// with [`PERMITTED`]; writes go to `kernel` (default: a FakeKernel
     /// nobody looks at).
@@ -224,7 +224,7 @@ impl World {
         fs: FakeSysfs,
         polkit: Option<PolkitBuilder>,
         kernel: Option<FakeKernel>,
-    ) -> World {
+    ) -> DeviceWorld {
         let (bus, polkit) = tokio::task::spawn_blocking(move || {
             let bus = TestBus::start();
             let polkit = polkit.map(|p| p.start(&bus));
@@ -235,7 +235,7 @@ impl World {
         let kernel = kernel.unwrap_or_else(|| FakeKernel::new(&fs.root()));
         let svc = InProcService::start(&bus, &fs, PERMITTED, kernel).await;
         let client = bus.connect().await;
-        World {
+        DeviceWorld {
             svc,
             client,
             _polkit: polkit,
@@ -434,7 +434,7 @@ fn changes(sigs: &[Sig]) -> Vec<(String, BTreeMap<String, Val>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_device_is_an_object_with_all_properties() {
-    let world = World::start(host(), None, None).await;
+    let world = DeviceWorld::start(host(), None, None).await;
     let managed = world.managed().await;
     assert_eq!(
         device_objects(&managed),
@@ -549,7 +549,7 @@ async fn every_device_is_an_object_with_all_properties() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn events_produce_exactly_the_signals_of_the_changes() {
-    let world = World::start(host(), None, None).await;
+    let world = DeviceWorld::start(host(), None, None).await;
     let fs = &world.fs;
     let mut signals = world.signals().await;
 
@@ -804,10 +804,10 @@ fn gpu_tree(vfio: bool) -> FakeSysfs {
     fs
 }
 
-async fn gpu_world(vfio: bool, polkit: PolkitBuilder) -> (World, FakeKernel) {
+async fn gpu_world(vfio: bool, polkit: PolkitBuilder) -> (DeviceWorld, FakeKernel) {
     let fs = gpu_tree(vfio);
     let kernel = FakeKernel::new(&fs.root());
-    let world = World::start(fs, Some(polkit), Some(kernel.clone())).await;
+    let world = DeviceWorld::start(fs, Some(polkit), Some(kernel.clone())).await;
     (world, kernel)
 }
 
@@ -980,7 +980,7 @@ async fn detach_of_a_group_in_use_names_the_process() {
     let config = inproc::config(&fs, dev.path(), PERMITTED);
     let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
     let client = bus.connect().await;
-    let world = World {
+    let world = DeviceWorld {
         svc,
         client,
         _polkit: Some(polkit),
@@ -1131,7 +1131,7 @@ async fn nobody_with_a_polkit_rule_may_detach() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unknown_and_malformed_device_paths() {
-    let world = World::start(gpu_tree(true), None, None).await;
+    let world = DeviceWorld::start(gpu_tree(true), None, None).await;
     for object in [
         "/org/example/VmManager/devices/pci_zz",
         "/org/example/VmManager/devices/pci_0000_09_00_0",
@@ -1215,7 +1215,7 @@ async fn hostile_sysfs_contents_do_not_break_the_service() {
     symlink("/nonexistent", fs.root().join("bus/pci/devices/garbage")).unwrap();
     fs::write(fs.root().join("bus/pci/devices/0000:zz:00.0"), "x").unwrap();
 
-    let world = World::start(fs, None, None).await;
+    let world = DeviceWorld::start(fs, None, None).await;
     let managed = world.managed().await;
     let want: BTreeSet<String> = [GPU, AUDIO, PARTIAL].iter().map(|a| path(a)).collect();
     assert_eq!(device_objects(&managed), want);
@@ -1270,7 +1270,7 @@ async fn hostile_sysfs_contents_do_not_break_the_service() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_stop_the_objects_are_gone_and_nothing_is_emitted() {
-    let mut world = World::start(host(), None, None).await;
+    let mut world = DeviceWorld::start(host(), None, None).await;
     let mut signals = world.signals().await;
     let events = world.svc.sender();
 

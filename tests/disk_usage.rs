@@ -5,10 +5,11 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use crate::common::util::ChildGuard;
 use tokio_util::sync::CancellationToken;
 use vmmanager::disk::image::ImageFile;
 use vmmanager::disk::usage::{DiskUsage, DiskUser, FoundBy, UsageScanner};
@@ -16,41 +17,6 @@ use vmmanager::disk::view::View;
 use vmmanager::procfs::{self, Target};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Kills and reaps the child when dropped.
-struct ChildGuard {
-    child: Child,
-    log: Option<PathBuf>,
-}
-
-impl ChildGuard {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Panics with the child's log when it has exited.
-    fn assert_running(&mut self) {
-        if let Ok(Some(status)) = self.child.try_wait() {
-            let log = self
-                .log
-                .as_ref()
-                .and_then(|l| std::fs::read_to_string(l).ok())
-                .unwrap_or_default();
-            panic!("child exited early ({status}): {log}");
-        }
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 struct Env {
     dir: tempfile::TempDir,
@@ -122,12 +88,10 @@ impl Env {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::create(&log).unwrap());
-        let mut guard = ChildGuard {
-            child: cmd.spawn().expect("qemu-system-x86_64 is installed"),
-            log: Some(log),
-        };
+        let child = cmd.spawn().expect("qemu-system-x86_64 is installed");
+        let mut guard = ChildGuard::new(child, format!("QEMU {name}"));
         let pid = guard.pid();
-        self.wait_for(&mut guard, |usage| {
+        self.wait_for(&mut guard, Some(&log), |usage| {
             usage.users.iter().any(|u| {
                 u.pid == pid
                     && u.found_by.contains(&FoundBy::Proc)
@@ -144,17 +108,15 @@ impl Env {
     /// (`<>` writer, `<` reader).
     fn holder(&self, redir: &str) -> ChildGuard {
         let script = format!("exec 3{redir}\"$1\"; exec sleep 600");
-        let mut guard = ChildGuard {
-            child: Command::new("sh")
-                .args(["-c", &script, "sh"])
-                .arg(self.image_path())
-                .stdin(Stdio::null())
-                .spawn()
-                .unwrap(),
-            log: None,
-        };
+        let child = Command::new("sh")
+            .args(["-c", &script, "sh"])
+            .arg(self.image_path())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut guard = ChildGuard::new(child, "image holder");
         let pid = guard.pid();
-        self.wait_for(&mut guard, |usage| {
+        self.wait_for(&mut guard, None, |usage| {
             usage
                 .users
                 .iter()
@@ -163,10 +125,20 @@ impl Env {
         guard
     }
 
-    fn wait_for(&self, child: &mut ChildGuard, ready: impl Fn(&DiskUsage) -> bool) {
+    /// Waits until `ready` says the scan sees `child`; panics (with `log`)
+    /// if it exits first.
+    fn wait_for(
+        &self,
+        child: &mut ChildGuard,
+        log: Option<&Path>,
+        ready: impl Fn(&DiskUsage) -> bool,
+    ) {
         let start = Instant::now();
         loop {
-            child.assert_running();
+            if let Some(status) = child.try_wait() {
+                let log = log.map(crate::common::util::read_lossy).unwrap_or_default();
+                panic!("child exited early ({status}): {log}");
+            }
             if ready(&self.scan(None)) {
                 return;
             }
@@ -266,7 +238,7 @@ fn killed_vm_leaves_a_stale_pidfile() {
     let env = Env::new();
     let pidfile = env.vm_dir().join("vm.pid");
     let mut vm = env.qemu("doomed", Some(&pidfile), false);
-    vm.kill();
+    vm.kill_and_wait();
     assert!(pidfile.exists(), "SIGKILL leaves QEMU's PID file behind");
     for explicit in [None, Some(pidfile.as_path())] {
         let usage = env.scan(explicit);

@@ -82,7 +82,7 @@ exec /usr/bin/qemu-img \"$@\"
 
 /// Bus, polkitd and daemon running `stand_in` as qemu-img, a clean image,
 /// and a root connection.
-struct World {
+struct StandInWorld {
     stack: Stack,
     connection: Connection,
     // Before `dir`: it reads the PID files there.
@@ -90,15 +90,15 @@ struct World {
     dir: TempDir,
 }
 
-impl World {
-    async fn start(stand_in: &str, config: DaemonConfig) -> World {
+impl StandInWorld {
+    async fn start(stand_in: &str, config: DaemonConfig) -> StandInWorld {
         let dir = public_tempdir("vmm-lifecycle-");
         let config = config.qemu_img(write_stand_in(dir.path(), stand_in));
         let stack = tokio::task::spawn_blocking(move || Stack::start(Polkit::builder(), &config))
             .await
             .unwrap();
         let connection = stack.bus.connect().await;
-        World {
+        StandInWorld {
             stack,
             connection,
             _leftovers: Leftovers(dir.path().to_owned()),
@@ -268,7 +268,7 @@ fn result_of(report: &Report) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_bus_stops_the_daemon_and_its_qemu_img() {
-    let mut w = World::start(HANGS, DaemonConfig::default()).await;
+    let mut w = StandInWorld::start(HANGS, DaemonConfig::default()).await;
     let call = w.spawn_check(&[]).await;
     let leader = w.pid("qemu-img.pid");
     let member = w.pid("member.pid");
@@ -301,7 +301,7 @@ async fn losing_the_bus_stops_the_daemon_and_its_qemu_img() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_is_logged_and_changes_nothing() {
-    let mut w = World::start(SLOW_REAL, DaemonConfig::default()).await;
+    let mut w = StandInWorld::start(SLOW_REAL, DaemonConfig::default()).await;
     let call = w.spawn_check(&[]).await;
     // qemu-img runs (sleeping its second) when the signal arrives.
     let leader = w.pid("qemu-img.pid");
@@ -331,7 +331,7 @@ async fn sighup_is_logged_and_changes_nothing() {
 
 /// After a check whose qemu-img left a `setsid` grandchild: it is killed,
 /// and the daemon has no child left, not even a zombie.
-fn assert_grandchild_gone(w: &World, grandchild: u32) {
+fn assert_grandchild_gone(w: &StandInWorld, grandchild: u32) {
     let daemon = w.stack.daemon.pid();
     wait_until(
         Duration::from_secs(3),
@@ -350,7 +350,7 @@ fn assert_grandchild_gone(w: &World, grandchild: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grandchild_outside_the_group_dies_with_a_timed_out_check() {
-    let w = World::start(ESCAPES_AND_HANGS, DaemonConfig::default()).await;
+    let w = StandInWorld::start(ESCAPES_AND_HANGS, DaemonConfig::default()).await;
     let call = w.spawn_check(&[("timeout-sec", Variant::from(1u32))]).await;
     let leader = w.pid("qemu-img.pid");
     let grandchild = w.pid("grandchild.pid");
@@ -366,7 +366,7 @@ async fn a_grandchild_outside_the_group_dies_with_a_timed_out_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grandchild_running_the_services_own_binary_is_swept_too() {
     let stand_in = ESCAPES_AS_THE_SERVICE.replace("@DAEMON@", common::daemon::DAEMON_BIN);
-    let w = World::start(&stand_in, DaemonConfig::default()).await;
+    let w = StandInWorld::start(&stand_in, DaemonConfig::default()).await;
     let call = w.spawn_check(&[("timeout-sec", Variant::from(1u32))]).await;
     let grandchild = w.pid("grandchild.pid");
     let error = failure(call).await;
@@ -379,7 +379,7 @@ async fn a_grandchild_outside_the_group_dies_when_the_check_ends_normally() {
     // It holds qemu-img's stdout open: without the sweep the check would
     // only end at this timeout.
     let config = DaemonConfig::default().timeout_sec(20);
-    let w = World::start(ESCAPES_THEN_CHECKS, config).await;
+    let w = StandInWorld::start(ESCAPES_THEN_CHECKS, config).await;
     let started = Instant::now();
     let report = w.check().await.unwrap_or_else(|e| {
         panic!(
@@ -405,7 +405,7 @@ async fn the_sweep_spares_the_qemu_img_of_a_check_still_running() {
         .timeout_sec(20)
         .max_concurrent_checks(2)
         .max_checks_per_user(2);
-    let w = World::start(FIRST_HANGS, config).await;
+    let w = StandInWorld::start(FIRST_HANGS, config).await;
     let hanging = w.spawn_check(&[]).await;
     let hanger = w.pid("hanger.pid");
     let other = w.dir.path().join("other.qcow2");

@@ -4,12 +4,13 @@
 
 use crate::common::NOBODY;
 use crate::common::images;
+use crate::common::util::ChildGuard;
 
 use std::fs;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,16 +80,6 @@ impl Drop for GroupKiller {
                 libc::killpg(pgid, libc::SIGKILL);
             }
         }
-    }
-}
-
-/// A child killed and reaped on drop.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -376,7 +367,7 @@ async fn lock_conflict_and_force_share() {
     // qemu-io keeps the image open (and locked) while its stdin stays open;
     // its first prompt means the image is open. No check runs before that: it
     // would hold the lock and make qemu-io give up.
-    let mut holder = ChildGuard(
+    let mut holder = ChildGuard::new(
         Command::new("qemu-io")
             .args(["-f", "qcow2"])
             .arg(&image)
@@ -385,8 +376,9 @@ async fn lock_conflict_and_force_share() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
+        "qemu-io",
     );
-    let mut stdout = holder.0.stdout.take().unwrap();
+    let mut stdout = holder.take_stdout().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         use std::io::Read;

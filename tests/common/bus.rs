@@ -98,10 +98,6 @@ impl TestBus {
         self.dir.path()
     }
 
-    pub fn pid(&self) -> u32 {
-        self.child.pid()
-    }
-
     /// SIGKILLs and reaps dbus-daemon: every connection to it ends at once,
     /// as when the system bus crashes.
     pub fn kill(&mut self) {
@@ -245,21 +241,16 @@ impl TestBus {
         );
         IdleClient {
             unique_name: unique_name.unwrap(),
-            child,
+            _process: child,
         }
     }
 }
 
-/// A bus connection owned by a separate (possibly non-root) process.
+/// A bus connection owned by a separate (possibly non-root) process, which
+/// lives as long as this value.
 pub struct IdleClient {
     pub unique_name: String,
-    child: ChildGuard,
-}
-
-impl IdleClient {
-    pub fn pid(&self) -> u32 {
-        self.child.pid()
-    }
+    _process: ChildGuard,
 }
 
 /// `busctl --address=ADDRESS ARGS…` as `user` (root when `None`).

@@ -168,10 +168,6 @@ impl Daemon {
         self.child.pid()
     }
 
-    pub fn config_path(&self) -> PathBuf {
-        self.dir.path().join("vmmanager.toml")
-    }
-
     /// The daemon's stdout and stderr so far.
     pub fn output(&self) -> String {
         read_lossy(&self.dir.path().join("vmmanagerd.stderr"))

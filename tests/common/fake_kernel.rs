@@ -51,11 +51,6 @@ impl FakeKernel {
         std::mem::take(&mut self.state.lock().unwrap().log)
     }
 
-    /// The writes so far, keeping the log.
-    pub fn log(&self) -> Vec<(String, String)> {
-        self.state.lock().unwrap().log.clone()
-    }
-
     pub fn set(&self, f: impl FnOnce(&mut KernelState)) {
         f(&mut self.state.lock().unwrap());
     }

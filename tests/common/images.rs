@@ -6,8 +6,6 @@
 //! cluster 0 header, 1 refcount table, 2 refcount block, 3 L1 table, 4 L2
 //! table, 5–6 data. Offsets are read from the header, not assumed.
 
-#![allow(dead_code)]
-
 use std::fs::OpenOptions;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;

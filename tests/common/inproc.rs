@@ -43,9 +43,9 @@ pub struct InProcService {
     serving: Option<JoinHandle<Result<(), DaemonError>>>,
     pub connection: Connection,
     events: mpsc::Sender<MonitorMessage>,
-    /// Stands in for `/dev` (`vfio/<group>` nodes); empty unless a test
-    /// puts something there.
-    dev_root: TempDir,
+    /// Stands in for `/dev` (`vfio/<group>` nodes), empty: kept for as long
+    /// as the service looks there.
+    _dev_root: TempDir,
 }
 
 /// The daemon's default configuration pointed at `fs` (sysfs and udev
@@ -115,7 +115,7 @@ impl InProcService {
             serving: Some(serving),
             connection,
             events,
-            dev_root,
+            _dev_root: dev_root,
         };
         guard.wait_for_name().await;
         guard
@@ -143,10 +143,6 @@ impl InProcService {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-
-    pub fn dev_root(&self) -> &Path {
-        self.dev_root.path()
     }
 
     /// The service connection's unique name (the sender of its signals).
@@ -221,36 +217,8 @@ pub enum Sig {
     },
     /// `PciDevice.Uevent(action)` on `path`.
     Uevent { path: String, action: String },
-    /// Anything else: `interface.member` on `path`.
-    Other {
-        path: String,
-        interface: String,
-        member: String,
-    },
-}
-
-impl Sig {
-    pub fn path(&self) -> &str {
-        match self {
-            Sig::Added { path, .. }
-            | Sig::Removed { path, .. }
-            | Sig::Changed { path, .. }
-            | Sig::Uevent { path, .. }
-            | Sig::Other { path, .. } => path,
-        }
-    }
-
-    /// Names of the changed properties, sorted (for `Changed`).
-    pub fn changed_names(&self) -> Vec<String> {
-        match self {
-            Sig::Changed { changed, .. } => {
-                let mut names: Vec<String> = changed.keys().cloned().collect();
-                names.sort();
-                names
-            }
-            other => panic!("not a PropertiesChanged: {other:?}"),
-        }
-    }
+    /// Any other signal, by its member name.
+    Other { member: String },
 }
 
 /// Every signal one sender emits, in order, as a client on the bus gets it.
@@ -365,11 +333,7 @@ fn decode(message: &zbus::Message) -> Sig {
             let action: String = body.deserialize().expect("Uevent body");
             Sig::Uevent { path, action }
         }
-        _ => Sig::Other {
-            path,
-            interface,
-            member,
-        },
+        _ => Sig::Other { member },
     }
 }
 

@@ -22,9 +22,6 @@
 //! polkitd, `qemu-system-x86_64` and libvirt's daemons and `virsh` (see
 //! `scripts/install-deps`).
 
-// Each test binary uses a different subset of the harness.
-#![allow(dead_code, unused_imports)]
-
 pub mod bus;
 pub mod daemon;
 pub mod fake_kernel;
@@ -38,9 +35,9 @@ pub mod util;
 pub mod vm;
 pub mod world;
 
-pub use bus::{IdleClient, TestBus};
+pub use bus::TestBus;
 pub use daemon::{Daemon, DaemonConfig, MANAGER_IFACE, MANAGER_PATH, SERVICE_NAME};
-pub use polkit::{AuthResult, Polkit, PolkitBuilder};
+pub use polkit::{Polkit, PolkitBuilder};
 pub use util::{CmdOutput, NOBODY};
 pub use vm::Vm;
 

@@ -105,10 +105,6 @@ impl FakeSysfs {
         dir
     }
 
-    pub fn drivers_probe_path(&self) -> PathBuf {
-        self.root().join("bus/pci/drivers_probe")
-    }
-
     pub fn group_dir(&self, group: u32) -> PathBuf {
         self.root()
             .join("kernel/iommu_groups")
@@ -247,17 +243,9 @@ impl FakeSysfs {
         );
         fs::write(self.udev_data_dir().join(format!("+pci:{addr}")), text).unwrap();
     }
-
-    pub fn remove_udev_names(&self, addr: &str) {
-        remove_any(&self.udev_data_dir().join(format!("+pci:{addr}")));
-    }
 }
 
 impl FakeDevice<'_> {
-    pub fn address(&self) -> &str {
-        &self.addr
-    }
-
     fn dir(&self) -> PathBuf {
         self.fs.device_dir(&self.addr)
     }

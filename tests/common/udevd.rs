@@ -51,7 +51,9 @@ pub fn write_change(address: &PciAddress) {
 }
 
 /// Holds an exclusive `flock` until dropped.
-pub struct FileLock(#[allow(dead_code)] File);
+pub struct FileLock {
+    _held: File,
+}
 
 impl FileLock {
     pub fn exclusive(path: &str) -> FileLock {
@@ -64,7 +66,7 @@ impl FileLock {
         // SAFETY: flock on an fd this File owns; blocks until granted.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
         assert_eq!(rc, 0, "flock {path}: {}", std::io::Error::last_os_error());
-        FileLock(file)
+        FileLock { _held: file }
     }
 }
 

@@ -25,7 +25,6 @@ pub struct VmBuilder {
     drives: Vec<Drive>,
     pidfile: Option<PathBuf>,
     user: Option<(u32, u32)>,
-    args: Vec<String>,
 }
 
 impl VmBuilder {
@@ -57,12 +56,6 @@ impl VmBuilder {
         self
     }
 
-    /// An extra QEMU command-line argument.
-    pub fn arg(mut self, arg: impl Into<String>) -> Self {
-        self.args.push(arg.into());
-        self
-    }
-
     /// Starts QEMU and returns once its pidfile names it, it holds a lock on
     /// every drive and it has finished initialising (SIGTERM handler set).
     pub fn start(self) -> Vm {
@@ -88,8 +81,7 @@ impl VmBuilder {
             cmd.arg("-drive")
                 .arg(format!("file={file},if=virtio,format=qcow2{ro}"));
         }
-        cmd.args(&self.args)
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log fd"))
             .stderr(log);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {QEMU}: {e}"));
@@ -152,7 +144,6 @@ impl Vm {
             }],
             pidfile: None,
             user: None,
-            args: Vec::new(),
         }
     }
 
@@ -171,10 +162,6 @@ impl Vm {
 
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child.is_running()
     }
 
     /// SIGKILL and reap: QEMU gets no chance to remove its pidfile, which
