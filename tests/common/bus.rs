@@ -23,6 +23,11 @@ pub const PROJECT_BUS_POLICY: &str = concat!(
 /// The host's polkit bus policy (read only).
 const POLKIT_BUS_POLICY: &str = "/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf";
 
+/// The longest any test's method call may take: a call that never gets a
+/// reply fails the test instead of hanging the suite (no call here takes a
+/// minute; a check's own bounds are far shorter).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// How long to wait for a bus name to appear or vanish: generous, since
 /// polkitd alone took over 15 s to take its name once, on 2 cores busy
 /// with builds and TCG guests.
@@ -170,6 +175,7 @@ impl TestBus {
     /// A typed zbus connection (as root, the test process's uid).
     pub async fn connect(&self) -> zbus::Connection {
         zbus::connection::Builder::address(self.address.as_str())
+            .method_timeout(CALL_TIMEOUT)
             .build()
             .await
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.address))
@@ -201,6 +207,7 @@ impl TestBus {
         .expect("connecting thread panicked");
         zbus::connection::Builder::unix_stream(stream)
             .user_id(uid)
+            .method_timeout(CALL_TIMEOUT)
             .build()
             .await
             .unwrap_or_else(|e| panic!("connect to {} as uid {uid}: {e}", self.address))
