@@ -58,6 +58,22 @@
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service: arguments, config,
 //!   bus connection, then `build` + `serve` with signal-driven shutdown),
 //!   `vmctl` (CLI) and `vmmanager-notify` (session companion).
+//!
+//! # Methods: their polkit action and their code
+//!
+//! The interface is `dbus/org.example.VmManager1.xml` (with `<doc>`); the
+//! action ids are [`vmmanager_client::names`]'s.
+//!
+//! | method | polkit action | D-Bus side → domain |
+//! |---|---|---|
+//! | `CheckDisk` | `check-disk` (the caller's own image, or one libvirt remembers as the caller's), else `check-disk-other-user`; plus `repair-disk` for `repair` | [`service::manager`] (`authorize_image`) → [`disk::checker`] |
+//! | `GetDiskUsers` | as `CheckDisk`, without `repair-disk` | [`service::manager`] → [`disk::usage`] |
+//! | `Job.Cancel` | none for the job's own caller, else `check-disk-other-user` | [`service::job`] |
+//! | `PciDevice.Detach`, `Reattach` | `manage-devices` | [`service::devices`] → [`devices::passthrough`] |
+//!
+//! Properties and signals need no action: `Jobs`, `DiskChecked`, the
+//! `PciDevice` properties ([`service::device_properties`]) and `Uevent` are
+//! public on the system bus, as with udisks.
 
 pub mod auth;
 pub mod config;
