@@ -3,6 +3,11 @@
 //! Every key has a built-in default, so the service runs without any file.
 //! Unknown keys are rejected: a typo in a security-relevant setting must not
 //! be silently ignored.
+//!
+//! Every place the service reads the host's kernel or udevd is a key, so
+//! tests can point the real code at prepared trees: `[system] proc-root`
+//! and `sysfs-root`, `[devices] udev-data-dir`, `udev-control-socket` and
+//! `dev-root`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,6 +80,9 @@ pub struct DevicesConfig {
     pub receive_buffer_bytes: u32,
     /// udevd's database, where hwdb names of devices are found.
     pub udev_data_dir: PathBuf,
+    /// udevd's control socket: with `events = "auto"`, the udev group is used
+    /// when it exists (libudev's own test for a running udevd).
+    pub udev_control_socket: PathBuf,
     /// Where `vfio/<group>` device nodes live.
     pub dev_root: PathBuf,
     /// Devices allowed for passthrough.
@@ -90,6 +98,7 @@ impl Default for DevicesConfig {
             events: EventsSetting::Auto,
             receive_buffer_bytes: 128 * 1024 * 1024,
             udev_data_dir: PathBuf::from("/run/udev/data"),
+            udev_control_socket: PathBuf::from(crate::devices::monitor::UDEVD_CONTROL_SOCKET),
             dev_root: PathBuf::from("/dev"),
             permitted: Vec::new(),
             vfio_state_file: PathBuf::from("/run/vmmanager/vfio-drivers"),
@@ -231,6 +240,10 @@ impl Config {
             ("system.proc-root", &self.system.proc_root),
             ("system.sysfs-root", &self.system.sysfs_root),
             ("devices.udev-data-dir", &self.devices.udev_data_dir),
+            (
+                "devices.udev-control-socket",
+                &self.devices.udev_control_socket,
+            ),
             ("devices.dev-root", &self.devices.dev_root),
         ] {
             if !path.is_absolute() {
@@ -343,6 +356,7 @@ mod tests {
         config.devices.events = EventsSetting::None;
         config.devices.vfio_state_file = PathBuf::new();
         config.system.proc_root = PathBuf::from("/tmp/a b/proc");
+        config.devices.udev_control_socket = PathBuf::from("/tmp/udev/control");
         assert_eq!(Config::parse(&config.to_toml()).unwrap(), config);
     }
 

@@ -30,6 +30,10 @@
 //!     ([`devices::vfio::is_vfio_driver`]);
 //!   - [`devices::passthrough`]: Detach/Reattach's decisions: refuse while a
 //!     VM holds the VFIO group, fail closed when that is unknown.
+//! - [`kernel_files`]: reading kernel-provided files (/proc, /sys) safely:
+//!   the one bounded read (never blocking, regular files only, the caller
+//!   says whether the bound truncates or refuses), the one `/proc/PID/stat`
+//!   parser and the one sysfs link-name read.
 //! - [`procfs`]: reading a /proc tree: who holds a file or device open (an
 //!   error, never "nobody", when it cannot look; cancellable), a process's
 //!   exe and QEMU `-name` (for disk users and VFIO group users).
@@ -79,6 +83,7 @@ pub mod auth;
 pub mod config;
 pub mod devices;
 pub mod disk;
+pub mod kernel_files;
 pub mod manpage;
 pub mod notify;
 pub mod process;

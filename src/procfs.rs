@@ -9,18 +9,17 @@
 //! "nobody holds it".
 
 use std::ffi::OsStr;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use tokio_util::sync::CancellationToken;
 
+use crate::kernel_files::{self, AtLimit, KernelFileError};
+
 /// QEMU command lines are a few KiB; this bounds memory for pathological ones.
 const MAX_CMDLINE: u64 = 256 * 1024;
-/// `/proc/PID/stat` is one short line; the comm field is at most 64 bytes.
-const MAX_STAT: u64 = 4096;
 /// `fdinfo` has `pos`, `flags`, `mnt_id`, `ino` and maybe lock lines first.
 const MAX_FDINFO: u64 = 4096;
 
@@ -100,8 +99,8 @@ fn unreadable(path: &Path, source: io::Error) -> HoldersError {
 /// link's text.
 ///
 /// An error when `proc_root` cannot be read or the service runs out of
-/// descriptors or memory on the way (see [`out_of_resources`]), and as soon
-/// as `cancel` is cancelled (looked at before every process and fd): an
+/// descriptors or memory on the way (EMFILE, ENFILE, ENOMEM; a vanished,
+/// hidden or dead-mount fd is skipped), and as soon as `cancel` is cancelled (looked at before every process and fd): an
 /// unfinished scan never reads as "nobody".
 pub fn holders(
     proc_root: &Path,
@@ -184,11 +183,14 @@ fn holds(
             continue;
         }
         let info = pid_dir.join("fdinfo").join(&name);
-        let writable = match read_bounded(&info, MAX_FDINFO) {
+        // The flags line comes first: a cut-off tail does not matter.
+        let writable = match kernel_files::read_bounded(&info, MAX_FDINFO, AtLimit::Truncate) {
             Ok(info) => fdinfo_writable(&info).unwrap_or(true),
             // The fd was closed in between: it no longer counts.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) if out_of_resources(&e) => return Err(unreadable(&info, e)),
+            Err(e) if e.is_not_found() => continue,
+            Err(KernelFileError::Io(e)) if out_of_resources(&e) => {
+                return Err(unreadable(&info, e));
+            }
             // Cannot tell: fail closed and treat it as a writer.
             Err(_) => true,
         };
@@ -231,7 +233,13 @@ pub fn exe(proc_root: &Path, pid: u32) -> Option<String> {
 
 /// The raw NUL-separated command line (bounded), `None` if unreadable.
 pub fn cmdline(proc_root: &Path, pid: u32) -> Option<Vec<u8>> {
-    read_bounded(&pid_path(proc_root, pid, "cmdline"), MAX_CMDLINE).ok()
+    // Options past the bound are lost; a shorter read is still a command line.
+    kernel_files::read_bounded(
+        &pid_path(proc_root, pid, "cmdline"),
+        MAX_CMDLINE,
+        AtLimit::Truncate,
+    )
+    .ok()
 }
 
 /// The QEMU `-name` of process `pid` (see [`vm_name`]), "" when unreadable.
@@ -241,33 +249,9 @@ pub fn vm_name_of(proc_root: &Path, pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// Process state letter from `/proc/PID/stat`; `None` when the process does
-/// not exist or the file is garbage.
-pub fn state(proc_root: &Path, pid: u32) -> Option<u8> {
-    let stat = read_bounded(&pid_path(proc_root, pid, "stat"), MAX_STAT).ok()?;
-    parse_stat_state(&stat)
-}
-
-/// The state field follows the last `)`: comm may itself contain `)` or spaces.
-pub fn parse_stat_state(stat: &[u8]) -> Option<u8> {
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    stat[close + 1..]
-        .iter()
-        .copied()
-        .find(|b| !b.is_ascii_whitespace())
-        .filter(u8::is_ascii_alphabetic)
-}
-
-/// The parent PID, the field after the state in `/proc/PID/stat`.
+/// The parent PID from `/proc/PID/stat`.
 pub fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
-    let stat = read_bounded(&pid_path(proc_root, pid, "stat"), MAX_STAT).ok()?;
-    parse_stat_ppid(&stat)
-}
-
-fn parse_stat_ppid(stat: &[u8]) -> Option<u32> {
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    rest.split_ascii_whitespace().nth(1)?.parse().ok()
+    kernel_files::read_stat(proc_root, pid).map(|s| s.ppid)
 }
 
 /// Every process under `proc_root` whose parent is `parent`, zombies
@@ -293,11 +277,6 @@ pub fn same_exe_as_self(proc_root: &Path, pid: u32) -> bool {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     }
-}
-
-/// Alive for our purposes: exists and is neither a zombie nor dead.
-pub fn is_alive(proc_root: &Path, pid: u32) -> bool {
-    matches!(state(proc_root, pid), Some(s) if s != b'Z' && s != b'X' && s != b'x')
 }
 
 /// A QEMU system emulator: `qemu-system-*`, `qemu-kvm` or `kvm`.
@@ -407,20 +386,10 @@ fn pid_path(proc_root: &Path, pid: u32, leaf: &str) -> PathBuf {
     p
 }
 
-/// Reads at most `max` bytes. O_NONBLOCK and O_NOFOLLOW so a prepared tree
-/// cannot make the scan hang or wander.
-pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
-    let file: File = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)?;
-    let mut buf = Vec::new();
-    file.take(max).read_to_end(&mut buf)?;
-    Ok(buf)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
+
     use super::*;
 
     fn cmd(args: &[&str]) -> Vec<u8> {
@@ -482,27 +451,6 @@ mod tests {
         assert_eq!(pidfile_arg(&cmd(&[q, "-pidfile"])), None);
         assert_eq!(pidfile_arg(&cmd(&[q, "-pidfile="])), None);
         assert_eq!(pidfile_arg(&cmd(&[q, "-name", "x"])), None);
-    }
-
-    #[test]
-    fn stat_states() {
-        assert_eq!(parse_stat_state(b"42 (qemu) S 1 2 3"), Some(b'S'));
-        assert_eq!(parse_stat_state(b"42 (a) b) Z 1"), Some(b'Z'));
-        assert_eq!(parse_stat_state(b"42 (x (y)) R"), Some(b'R'));
-        assert_eq!(parse_stat_state(b"42 (qemu"), None);
-        assert_eq!(parse_stat_state(b"42 (qemu)"), None);
-        assert_eq!(parse_stat_state(b"42 (qemu) 7"), None);
-        assert_eq!(parse_stat_state(b""), None);
-    }
-
-    #[test]
-    fn stat_parents() {
-        assert_eq!(parse_stat_ppid(b"42 (qemu) S 17 2 3"), Some(17));
-        assert_eq!(parse_stat_ppid(b"42 (a) 1 b) S 9 2"), Some(9));
-        assert_eq!(parse_stat_ppid(b"42 (qemu) S"), None);
-        assert_eq!(parse_stat_ppid(b"42 (qemu) S -1 2"), None);
-        assert_eq!(parse_stat_ppid(b"42 (qemu) S 99999999999 2"), None);
-        assert_eq!(parse_stat_ppid(b"42 qemu S 1"), None);
     }
 
     #[test]

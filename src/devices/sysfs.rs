@@ -7,12 +7,12 @@
 //! their "unknown" values with a log line. Only `vendor`, `device` and
 //! `class` are required: without them a device is skipped.
 
-use std::fs::{self, OpenOptions};
-use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use super::address::PciAddress;
+use crate::kernel_files::{self, AtLimit, KernelFileError};
 
 /// Upper bound for one sysfs attribute; the kernel's own limit is a page.
 pub const MAX_ATTRIBUTE_BYTES: u64 = 4096;
@@ -81,55 +81,49 @@ pub enum SysfsError {
 
 /// Why one attribute could not be read; only logged or wrapped.
 #[derive(Debug)]
-enum AttrError {
+pub(crate) enum AttrError {
     Missing,
-    Io(io::Error),
-    NotRegularFile,
-    TooLarge,
+    File(KernelFileError),
     NotUtf8,
     Malformed(String),
+}
+
+impl From<KernelFileError> for AttrError {
+    fn from(e: KernelFileError) -> Self {
+        if e.is_not_found() {
+            AttrError::Missing
+        } else {
+            AttrError::File(e)
+        }
+    }
+}
+
+impl AttrError {
+    /// As an `io::Error` for callers whose errors carry one.
+    pub(crate) fn into_io(self) -> io::Error {
+        match self {
+            AttrError::Missing => io::ErrorKind::NotFound.into(),
+            AttrError::File(e) => e.into_io(),
+            other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+        }
+    }
 }
 
 impl std::fmt::Display for AttrError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             AttrError::Missing => write!(f, "missing"),
-            AttrError::Io(e) => write!(f, "{e}"),
-            AttrError::NotRegularFile => write!(f, "not a regular file"),
-            AttrError::TooLarge => write!(f, "larger than {MAX_ATTRIBUTE_BYTES} bytes"),
+            AttrError::File(e) => write!(f, "{e}"),
             AttrError::NotUtf8 => write!(f, "not UTF-8"),
             AttrError::Malformed(v) => write!(f, "malformed value {v:?}"),
         }
     }
 }
 
-/// Reads at most `limit` bytes of a regular file; more is an error rather
-/// than a silent truncation, so a truncated number is never misread.
-fn read_bounded(path: &Path, limit: u64) -> Result<Vec<u8>, AttrError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            io::ErrorKind::NotFound => AttrError::Missing,
-            _ => AttrError::Io(e),
-        })?;
-    if !file.metadata().map_err(AttrError::Io)?.is_file() {
-        return Err(AttrError::NotRegularFile);
-    }
-    let mut buf = Vec::new();
-    file.take(limit + 1)
-        .read_to_end(&mut buf)
-        .map_err(AttrError::Io)?;
-    if buf.len() as u64 > limit {
-        return Err(AttrError::TooLarge);
-    }
-    Ok(buf)
-}
-
-/// An attribute's text without the trailing newline.
+/// An attribute's text without the trailing newline. More than a page is
+/// an error rather than a cut, so a truncated number is never misread.
 fn read_text(dir: &Path, name: &str) -> Result<String, AttrError> {
-    let bytes = read_bounded(&dir.join(name), MAX_ATTRIBUTE_BYTES)?;
+    let bytes = kernel_files::read_bounded(&dir.join(name), MAX_ATTRIBUTE_BYTES, AtLimit::Refuse)?;
     let text = String::from_utf8(bytes).map_err(|_| AttrError::NotUtf8)?;
     Ok(text.trim_end_matches('\n').to_owned())
 }
@@ -158,21 +152,38 @@ fn parse_decimal<T: std::str::FromStr>(text: &str) -> Result<T, AttrError> {
         .map_err(|_| AttrError::Malformed(text.to_owned()))
 }
 
-/// The last component of a symlink's target (`../../../bus/pci/drivers/x`
-/// → `x`); the target need not exist.
-fn link_basename(path: &Path) -> Result<String, AttrError> {
-    let target = fs::read_link(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => AttrError::Missing,
-        _ => AttrError::Io(e),
-    })?;
-    let name = target
-        .file_name()
-        .ok_or_else(|| AttrError::Malformed(target.display().to_string()))?;
-    let name = name.to_str().ok_or(AttrError::NotUtf8)?;
-    if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
-        return Err(AttrError::Malformed(name.to_owned()));
+/// The driver bound to the device in `dev` (its `driver` link); `None`
+/// when unbound.
+pub(crate) fn driver(dev: &Path) -> Result<Option<String>, AttrError> {
+    match kernel_files::link_name(&dev.join("driver")) {
+        Ok(name) => Ok(Some(name)),
+        Err(e) => match AttrError::from(e) {
+            AttrError::Missing => Ok(None),
+            e => Err(e),
+        },
     }
-    Ok(name.to_owned())
+}
+
+/// The device's `driver_override`; `None` when unset (`(null)`, empty or
+/// missing).
+pub(crate) fn driver_override(dev: &Path) -> Result<Option<String>, AttrError> {
+    match read_text(dev, "driver_override") {
+        Ok(v) => Ok(Some(v).filter(|v| !v.is_empty() && v != "(null)")),
+        Err(AttrError::Missing) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The device's IOMMU group (the name of its `iommu_group` link); `None`
+/// when it has none.
+pub(crate) fn iommu_group(dev: &Path) -> Result<Option<u32>, AttrError> {
+    match kernel_files::link_name(&dev.join("iommu_group")) {
+        Ok(name) => parse_decimal(&name).map(Some),
+        Err(e) => match AttrError::from(e) {
+            AttrError::Missing => Ok(None),
+            e => Err(e),
+        },
+    }
 }
 
 /// The directory of one device (`<root>/bus/pci/devices/<address>`, a
@@ -245,37 +256,20 @@ pub fn read_device(sysfs_root: &Path, address: &PciAddress) -> Result<PciDeviceI
         read_text(&dir, "sriov_numvfs").and_then(|t| parse_decimal::<u32>(&t)),
         0,
     );
-    let driver_override = optional(
-        address,
-        "driver_override",
-        read_text(&dir, "driver_override").map(Some),
-        None,
-    )
-    .filter(|v| !v.is_empty() && v != "(null)");
+    let driver_override = optional(address, "driver_override", driver_override(&dir), None);
     let modalias = optional(
         address,
         "modalias",
         read_text(&dir, "modalias"),
         String::new(),
     );
-    let driver = optional(
-        address,
-        "driver",
-        link_basename(&dir.join("driver")).map(Some),
-        None,
-    );
-    let iommu_group = optional(
-        address,
-        "iommu_group",
-        link_basename(&dir.join("iommu_group"))
-            .and_then(|n| parse_decimal::<u32>(&n))
-            .map(Some),
-        None,
-    );
+    let driver = optional(address, "driver", driver(&dir), None);
+    let iommu_group = optional(address, "iommu_group", iommu_group(&dir), None);
     let physical_function = optional(
         address,
         "physfn",
-        link_basename(&dir.join("physfn"))
+        kernel_files::link_name(&dir.join("physfn"))
+            .map_err(AttrError::from)
             .and_then(|n| n.parse::<PciAddress>().map_err(|_| AttrError::Malformed(n)))
             .map(Some),
         None,
@@ -371,9 +365,9 @@ pub fn iommu_group_members(sysfs_root: &Path, group: u32) -> Vec<PciAddress> {
 /// has no names for the device.
 pub fn udev_names(udev_data_dir: &Path, address: &PciAddress) -> (Option<String>, Option<String>) {
     let path = udev_data_dir.join(format!("+pci:{address}"));
-    let bytes = match read_bounded(&path, MAX_UDEV_DB_BYTES) {
+    let bytes = match kernel_files::read_bounded(&path, MAX_UDEV_DB_BYTES, AtLimit::Refuse) {
         Ok(bytes) => bytes,
-        Err(AttrError::Missing) => return (None, None),
+        Err(e) if e.is_not_found() => return (None, None),
         Err(e) => {
             tracing::debug!("{}: {e}", path.display());
             return (None, None);
@@ -456,27 +450,5 @@ mod tests {
         assert!(!info.is_bridge());
         info.class = 0x030000;
         assert!(!info.is_bridge());
-    }
-
-    #[test]
-    fn bounded_read_refuses_fifo_and_large_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        assert!(matches!(
-            read_bounded(&fifo, 10),
-            Err(AttrError::NotRegularFile)
-        ));
-        let big = dir.path().join("big");
-        fs::write(&big, vec![b'1'; 11]).unwrap();
-        assert!(matches!(read_bounded(&big, 10), Err(AttrError::TooLarge)));
-        fs::write(&big, vec![b'1'; 10]).unwrap();
-        assert_eq!(read_bounded(&big, 10).unwrap().len(), 10);
-        assert!(matches!(
-            read_bounded(&dir.path().join("none"), 10),
-            Err(AttrError::Missing)
-        ));
     }
 }

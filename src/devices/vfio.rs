@@ -46,6 +46,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use tokio_util::sync::CancellationToken;
 
 use super::address::PciAddress;
+use super::sysfs;
 use crate::procfs::{self, HoldersError, Target};
 
 /// The stub driver devices are detached to.
@@ -57,9 +58,6 @@ pub const VFIO_DRIVER: &str = "vfio-pci";
 pub fn is_vfio_driver(driver: &str) -> bool {
     driver == VFIO_DRIVER || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
 }
-
-/// `driver_override` holds one driver name; this bounds a hostile tree.
-const MAX_OVERRIDE: u64 = 4096;
 
 /// A process holding a VFIO group open.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,13 +114,7 @@ pub fn group_users(
 
 /// The IOMMU group of a device: the name of its `iommu_group` link.
 pub fn iommu_group_of(sysfs_root: &Path, address: PciAddress) -> Option<u32> {
-    let link = std::fs::read_link(device_dir(sysfs_root, address).join("iommu_group")).ok()?;
-    let name = link.file_name()?.to_str()?;
-    // Decimal digits only: `from_str` alone would accept a leading `+`.
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    name.parse().ok()
+    sysfs::iommu_group(&device_dir(sysfs_root, address)).ok()?
 }
 
 /// Writes one value to one sysfs attribute.
@@ -455,7 +447,7 @@ impl<'a> Sequence<'a> {
 
 /// `PciAddress` prints only hex digits, `:` and `.`: no path traversal.
 fn device_dir(root: &Path, address: PciAddress) -> PathBuf {
-    super::sysfs::device_dir(root, &address)
+    sysfs::device_dir(root, &address)
 }
 
 fn driver_dir(root: &Path, driver: &str) -> PathBuf {
@@ -463,20 +455,15 @@ fn driver_dir(root: &Path, driver: &str) -> PathBuf {
 }
 
 fn read_driver(dev: &Path) -> Result<Option<String>, VfioError> {
-    let path = dev.join("driver");
-    match std::fs::read_link(&path) {
-        Ok(target) => Ok(target.file_name().map(|n| n.to_string_lossy().into_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(VfioError::Read { path, source }),
-    }
+    sysfs::driver(dev).map_err(|e| VfioError::Read {
+        path: dev.join("driver"),
+        source: e.into_io(),
+    })
 }
 
 /// The `driver_override` value; `None` when unset (`(null)`) or unreadable.
 fn read_override(dev: &Path) -> Option<String> {
-    let raw = procfs::read_bounded(&dev.join("driver_override"), MAX_OVERRIDE).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let value = text.trim();
-    (!value.is_empty() && value != "(null)").then(|| value.to_owned())
+    sysfs::driver_override(dev).ok().flatten()
 }
 
 #[cfg(test)]

@@ -45,18 +45,16 @@ pub enum DaemonError {
     BusLost,
 }
 
-/// Where the service meets the kernel, beyond the paths the configuration
-/// names: device events, sysfs writes, udevd's control socket. The daemon
-/// uses [`Roots::host`]; in-process tests feed events through a channel and
-/// let a fake kernel answer the writes on a prepared tree.
+/// Where the service meets the kernel beyond the paths the configuration
+/// names (every root, udevd's control socket included, is a config key):
+/// device events and sysfs writes. The daemon uses [`Roots::host`];
+/// in-process tests feed events through a channel and let a fake kernel
+/// answer the writes on a prepared tree.
 pub struct Roots {
     /// Replaces the netlink monitor (and `devices.events`) when given.
     pub device_events: Option<mpsc::Receiver<MonitorMessage>>,
     /// Does the sysfs writes of Detach and Reattach.
     pub sysfs_writer: Arc<dyn SysfsWriter>,
-    /// With `devices.events = "auto"`, the udev group is used when this
-    /// socket exists (libudev's own test for a running udevd).
-    pub udev_control_socket: PathBuf,
 }
 
 impl Roots {
@@ -65,7 +63,6 @@ impl Roots {
         Roots {
             device_events: None,
             sysfs_writer: Arc::new(KernelSysfs),
-            udev_control_socket: PathBuf::from(monitor::UDEVD_CONTROL_SOCKET),
         }
     }
 }
@@ -114,11 +111,11 @@ pub fn build(config: &Config, roots: Roots) -> Parts {
         EventsSetting::Kernel => Some(EventGroup::Kernel),
         EventsSetting::None => None,
     };
-    let source = match (roots.device_events, group(&roots.udev_control_socket)) {
+    let source = match (roots.device_events, group(&devices.udev_control_socket)) {
         (Some(receiver), _) => EventSource::Channel(receiver),
         (None, Some(group)) => EventSource::Udev(MonitorOptions {
             group,
-            control_socket: roots.udev_control_socket.clone(),
+            control_socket: devices.udev_control_socket.clone(),
             receive_buffer: devices.receive_buffer_bytes as usize,
         }),
         (None, None) => EventSource::None,

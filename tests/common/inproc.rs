@@ -99,8 +99,6 @@ impl InProcService {
         let roots = Roots {
             device_events: Some(receiver),
             sysfs_writer: Arc::new(writer),
-            // Unused: events come from the channel.
-            udev_control_socket: dev_root.path().join("udev-control"),
         };
         let parts = daemon::build(config, roots);
         let shutdown = CancellationToken::new();

@@ -11,7 +11,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::devices::address::PciAddress;
-use crate::procfs;
+use crate::kernel_files::{self, AtLimit};
 
 /// A few hundred devices at most on any host; bounds a hostile file.
 const MAX_BYTES: u64 = 64 * 1024;
@@ -22,10 +22,12 @@ const NO_DRIVER: &str = "-";
 
 /// What `path` says; empty when missing or unreadable. Bad lines are skipped.
 pub(super) fn load(path: &Path) -> BTreeMap<PciAddress, Option<String>> {
-    let raw = match procfs::read_bounded(path, MAX_BYTES) {
+    // Cut at the bound rather than forget every device (as before; a cut
+    // last line can name a wrong driver).
+    let raw = match kernel_files::read_bounded(path, MAX_BYTES, AtLimit::Truncate) {
         Ok(raw) => raw,
         Err(e) => {
-            if e.kind() != io::ErrorKind::NotFound {
+            if !e.is_not_found() {
                 tracing::warn!("ignoring {}: {e}", path.display());
             }
             return BTreeMap::new();

@@ -3,6 +3,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::kernel_files;
+
 /// How long to wait after SIGKILL for the rest of the group to die. Only a
 /// process stuck in uninterruptible I/O takes longer.
 const GONE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,45 +94,20 @@ fn group_exists(pgid: libc::pid_t) -> bool {
 
 /// Whether `proc_root` shows a non-zombie process whose pgrp is `pgid`.
 pub(super) fn live_members(proc_root: &Path, pgid: libc::pid_t) -> bool {
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
+    let (Ok(pgid), Ok(entries)) = (u32::try_from(pgid), std::fs::read_dir(proc_root)) else {
         return false;
     };
     entries.flatten().any(|entry| {
-        let name = entry.file_name();
-        if !name.as_encoded_bytes().iter().all(u8::is_ascii_digit) {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
             return false;
-        }
-        std::fs::read(entry.path().join("stat"))
-            .ok()
-            .and_then(|stat| stat_state_and_pgrp(&stat))
-            .is_some_and(|(state, pgrp)| pgrp == pgid && !matches!(state, b'Z' | b'X' | b'x'))
+        };
+        kernel_files::read_stat(proc_root, pid).is_some_and(|s| s.pgrp == pgid && s.is_alive())
     })
-}
-
-/// `(state, pgrp)` from a `/proc/PID/stat` line. The command name may contain
-/// spaces and parentheses, so parse after the last ')'.
-fn stat_state_and_pgrp(stat: &[u8]) -> Option<(u8, libc::pid_t)> {
-    let close = stat.iter().rposition(|&b| b == b')')?;
-    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
-    let mut fields = rest.split_ascii_whitespace();
-    let state = *fields.next()?.as_bytes().first()?;
-    let _ppid = fields.next()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_stat_with_odd_comm() {
-        let line = b"4242 (a) b (c)) S 1 4242 4242 0 -1 4194560 0 0";
-        assert_eq!(stat_state_and_pgrp(line), Some((b'S', 4242)));
-        assert_eq!(stat_state_and_pgrp(b"1 (x) Z 0 77 1"), Some((b'Z', 77)));
-        assert_eq!(stat_state_and_pgrp(b"garbage"), None);
-        assert_eq!(stat_state_and_pgrp(b"1 (x) R 0"), None);
-    }
 
     #[test]
     fn live_members_reads_a_proc_tree() {

@@ -5,11 +5,11 @@
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::kernel_files::{self, AtLimit};
 use crate::safe_open::{MagicLinks, SafeOpenError, Symlinks, open_regular};
 
 /// The placeholder replaced by the image's directory.
@@ -262,11 +262,9 @@ pub(super) fn read(path: &Path, magic_links: MagicLinks) -> PidfileContent {
         Err(_) => return PidfileContent::Invalid,
     };
     let holder = lock_holder(&file);
-    let mut buf = Vec::with_capacity(MAX_PIDFILE as usize + 1);
-    let pid = match file.take(MAX_PIDFILE + 1).read_to_end(&mut buf) {
-        Ok(_) if buf.len() as u64 <= MAX_PIDFILE => parse_pid(&buf),
-        _ => None,
-    };
+    let pid = kernel_files::read_open_bounded(&file, MAX_PIDFILE, AtLimit::Refuse)
+        .ok()
+        .and_then(|buf| parse_pid(&buf));
     PidfileContent::File {
         pid,
         holder,
