@@ -239,7 +239,7 @@ async fn run(
     let server = shared.connection.object_server();
     for state in inventory.devices() {
         let _ = server
-            .remove::<PciDeviceObject, _>(object_path(&state.info.address))
+            .remove::<PciDeviceObject, _>(state.info.address.object_path())
             .await;
     }
 }
@@ -261,16 +261,12 @@ async fn recv_optional(
     }
 }
 
-pub fn object_path(address: &PciAddress) -> OwnedObjectPath {
-    address.object_path()
-}
-
 async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
     let server = shared.connection.object_server();
     for change in changes {
         match change {
             InventoryChange::Added(state) => {
-                let path = object_path(&state.info.address);
+                let path = state.info.address.object_path();
                 let object = PciDeviceObject {
                     state: Mutex::new(state),
                     shared: shared.clone(),
@@ -287,11 +283,11 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
             }
             InventoryChange::Removed(address) => {
                 let _ = server
-                    .remove::<PciDeviceObject, _>(object_path(&address))
+                    .remove::<PciDeviceObject, _>(address.object_path())
                     .await;
             }
             InventoryChange::Changed { new, .. } => {
-                let path = object_path(&new.info.address);
+                let path = new.info.address.object_path();
                 update(shared, &path, new).await;
             }
         }
@@ -301,7 +297,7 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
 /// `Uevent(action)` on the device's object, after its properties are up to
 /// date (a removed device has no object left: InterfacesRemoved says it).
 async fn emit_uevent(shared: &Arc<Shared>, event: &DeviceEvent) {
-    let path = object_path(&event.address);
+    let path = event.address.object_path();
     let server = shared.connection.object_server();
     let Ok(iface) = server.interface::<_, PciDeviceObject>(&path).await else {
         return;
