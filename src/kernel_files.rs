@@ -80,7 +80,9 @@ pub fn read_open_bounded(
     if !file.metadata()?.is_file() {
         return Err(KernelFileError::NotRegularFile);
     }
-    let mut buf = Vec::new();
+    // Sized for the common small file: one read fills it, one more sees
+    // EOF (growing from empty costs extra reads).
+    let mut buf = Vec::with_capacity(limit.saturating_add(1).min(4096) as usize);
     // One byte more tells "exactly at the bound" from "over it".
     file.take(limit.saturating_add(1)).read_to_end(&mut buf)?;
     if buf.len() as u64 > limit {

@@ -8,7 +8,7 @@
 //! itself out of descriptors or memory, makes [`holders`] an error, never
 //! "nobody holds it".
 
-use std::ffi::OsStr;
+use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -44,13 +44,6 @@ impl Target {
                 dev: meta.dev(),
                 ino: meta.ino(),
             }
-        }
-    }
-
-    fn matches(self, meta: &std::fs::Metadata) -> bool {
-        match self {
-            Target::Inode { dev, ino } => (meta.dev(), meta.ino()) == (dev, ino),
-            Target::CharDevice { rdev } => meta.file_type().is_char_device() && meta.rdev() == rdev,
         }
     }
 }
@@ -108,20 +101,26 @@ pub fn holders(
     skip_pid: u32,
     cancel: &CancellationToken,
 ) -> Result<Vec<Holder>, HoldersError> {
-    let entries = std::fs::read_dir(proc_root).map_err(|e| unreadable(proc_root, e))?;
+    // One descriptor for the root serves both its listing and every lookup
+    // below it, so each process's fd directory is reached by one short
+    // relative walk instead of a full path walk per fd.
+    let mut root = Dir::open_at(libc::AT_FDCWD, &c_path(proc_root.as_os_str().as_bytes()))
+        .map_err(|e| unreadable(proc_root, e))?;
     let mut found = Vec::new();
-    for entry in entries {
+    loop {
         if cancel.is_cancelled() {
             return Err(HoldersError::Cancelled);
         }
-        let entry = entry.map_err(|e| unreadable(proc_root, e))?;
-        let Some(pid) = parse_pid_name(&entry.file_name()) else {
+        let pid = match root.next_name() {
+            None => break,
+            Some(Ok(name)) => parse_pid_name(OsStr::from_bytes(name)),
+            Some(Err(e)) => return Err(unreadable(proc_root, e)),
+        };
+        // Cheap filters first: no syscall for "self", "meminfo", ourselves.
+        let Some(pid) = pid.filter(|&pid| pid != skip_pid) else {
             continue;
         };
-        if pid == skip_pid {
-            continue;
-        }
-        let Some(mut writable) = holds(&entry.path(), target, cancel)? else {
+        let Some(mut writable) = holds(root.fd(), proc_root, pid, target, cancel)? else {
             continue;
         };
         if parent_pid(proc_root, pid) == Some(skip_pid) {
@@ -133,7 +132,7 @@ pub fn holders(
             if same_exe_as_self(proc_root, pid) {
                 continue;
             }
-            match holds(&entry.path(), target, cancel)? {
+            match holds(root.fd(), proc_root, pid, target, cancel)? {
                 Some(still) => writable = still,
                 None => continue,
             }
@@ -144,45 +143,51 @@ pub fn holders(
     Ok(found)
 }
 
-/// Whether the process at `pid_dir` has `target` open: `None` when not,
-/// else whether any such fd is writable. Errors only as [`holders`] does.
+/// Whether process `pid` has `target` open: `None` when not, else whether
+/// any such fd is writable. `root` is `proc_root` opened. Errors only as
+/// [`holders`] does.
 fn holds(
-    pid_dir: &Path,
+    root: libc::c_int,
+    proc_root: &Path,
+    pid: u32,
     target: Target,
     cancel: &CancellationToken,
 ) -> Result<Option<bool>, HoldersError> {
-    let fd_dir = pid_dir.join("fd");
-    let fds = match std::fs::read_dir(&fd_dir) {
+    let fd_path = || pid_path(proc_root, pid, "fd");
+    let mut fds = match Dir::open_at(root, &c_path(format!("{pid}/fd").as_bytes())) {
         Ok(fds) => fds,
-        Err(e) if out_of_resources(&e) => return Err(unreadable(&fd_dir, e)),
+        Err(e) if out_of_resources(&e) => return Err(unreadable(&fd_path(), e)),
         // EACCES or a vanished process: nothing to see.
         Err(_) => return Ok(None),
     };
     let mut result = None;
-    for fd in fds {
+    loop {
         // A process can hold a million fds: stop within one of them.
         if cancel.is_cancelled() {
             return Err(HoldersError::Cancelled);
         }
-        let fd = match fd {
-            Ok(fd) => fd,
-            Err(e) if out_of_resources(&e) => return Err(unreadable(&fd_dir, e)),
-            Err(_) => continue,
+        let name = match fds.next_name() {
+            None => break,
+            Some(Ok(name)) => name,
+            Some(Err(e)) if out_of_resources(&e) => return Err(unreadable(&fd_path(), e)),
+            // The process exited mid-listing: what was seen stands.
+            Some(Err(_)) => break,
         };
-        let name = fd.file_name();
-        if parse_pid_name(&name).is_none() {
+        if parse_pid_name(OsStr::from_bytes(name)).is_none() {
             continue;
         }
-        // stat() follows the magic link to the open file itself.
-        let meta = match std::fs::metadata(fd.path()) {
-            Ok(meta) => meta,
-            Err(e) if out_of_resources(&e) => return Err(unreadable(&fd.path(), e)),
+        // Owned: the entry is only valid until the next readdir.
+        let c_name = c_path(name);
+        let name = OsStr::from_bytes(c_name.to_bytes());
+        let matched = match stat_matches(fds.fd(), &c_name, target) {
+            Ok(matched) => matched,
+            Err(e) if out_of_resources(&e) => return Err(unreadable(&fd_path().join(name), e)),
             Err(_) => continue,
         };
-        if !target.matches(&meta) {
+        if !matched {
             continue;
         }
-        let info = pid_dir.join("fdinfo").join(&name);
+        let info = pid_path(proc_root, pid, "fdinfo").join(name);
         // The flags line comes first: a cut-off tail does not matter.
         let writable = match kernel_files::read_bounded(&info, MAX_FDINFO, AtLimit::Truncate) {
             Ok(info) => fdinfo_writable(&info).unwrap_or(true),
@@ -197,6 +202,108 @@ fn holds(
         result = Some(result.unwrap_or(false) || writable);
     }
     Ok(result)
+}
+
+/// Whether the fd link `name` in the fd directory `dir` refers to `target`.
+/// statx follows the magic link to the open file itself (flags without
+/// AT_SYMLINK_NOFOLLOW) and asks only for type and inode: dev and rdev
+/// always come. AT_STATX_DONT_SYNC: identity never changes, so a network
+/// file system need not be asked.
+fn stat_matches(dir: libc::c_int, name: &CStr, target: Target) -> io::Result<bool> {
+    let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+    // SAFETY: a valid directory fd, a NUL-terminated name and a buffer the
+    // size of `struct statx`.
+    let rc = unsafe {
+        libc::statx(
+            dir,
+            name.as_ptr(),
+            libc::AT_STATX_DONT_SYNC,
+            libc::STATX_TYPE | libc::STATX_INO,
+            stx.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised, then filled by the kernel.
+    let stx = unsafe { stx.assume_init() };
+    // The same encoding std's `Metadata::dev()`/`rdev()` use, which built
+    // the target.
+    Ok(match target {
+        Target::Inode { dev, ino } => {
+            libc::makedev(stx.stx_dev_major, stx.stx_dev_minor) == dev && stx.stx_ino == ino
+        }
+        Target::CharDevice { rdev } => {
+            u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFCHR
+                && libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor) == rdev
+        }
+    })
+}
+
+/// `bytes` as a C string; a name with a NUL (impossible from the kernel)
+/// becomes one that cannot exist.
+fn c_path(bytes: &[u8]) -> CString {
+    CString::new(bytes).unwrap_or_else(|_| c"/nonexistent".to_owned())
+}
+
+/// An open directory, listed with readdir and usable as the base of
+/// `*at()` lookups through the same descriptor.
+struct Dir(std::ptr::NonNull<libc::DIR>);
+
+impl Dir {
+    /// Opens `path` relative to `parent` (or `AT_FDCWD`), following symlinks
+    /// as `read_dir` does.
+    fn open_at(parent: libc::c_int, path: &CStr) -> io::Result<Dir> {
+        // SAFETY: a NUL-terminated path; the fd is ours and checked.
+        let fd = unsafe {
+            libc::openat(
+                parent,
+                path.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is an open directory we own; on success DIR owns it.
+        match std::ptr::NonNull::new(unsafe { libc::fdopendir(fd) }) {
+            Some(dir) => Ok(Dir(dir)),
+            None => {
+                let e = io::Error::last_os_error();
+                // SAFETY: still ours: fdopendir failed.
+                unsafe { libc::close(fd) };
+                Err(e)
+            }
+        }
+    }
+
+    fn fd(&self) -> libc::c_int {
+        // SAFETY: an open DIR.
+        unsafe { libc::dirfd(self.0.as_ptr()) }
+    }
+
+    /// The next entry's name (`.` and `..` included), `None` at the end.
+    fn next_name(&mut self) -> Option<io::Result<&[u8]>> {
+        // SAFETY: errno is thread-local; readdir tells end from error only
+        // through it. The entry lives until the next readdir on this DIR,
+        // which needs `&mut self`.
+        unsafe {
+            *libc::__errno_location() = 0;
+            let entry = libc::readdir(self.0.as_ptr());
+            if entry.is_null() {
+                let e = io::Error::last_os_error();
+                return (e.raw_os_error() != Some(0)).then_some(Err(e));
+            }
+            Some(Ok(CStr::from_ptr((*entry).d_name.as_ptr()).to_bytes()))
+        }
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        // SAFETY: an open DIR, closed once.
+        unsafe { libc::closedir(self.0.as_ptr()) };
+    }
 }
 
 /// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).
