@@ -21,6 +21,8 @@
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
 //! - [`devices`]: PCI devices:
+//!   - [`devices::address`] (the client crate's `PciAddress`) and
+//!     [`devices::sysfs`] (reading one device's sysfs directory);
 //!   - [`devices::inventory`]: the sysfs inventory with passthrough
 //!     readiness, reporting which devices changed;
 //!   - [`devices::monitor`]: the udev monitor thread (udevd's control socket
@@ -43,8 +45,12 @@
 //!   crate [`vmmanager_client`] (`client/`), shared with `vmctl`, the
 //!   companion and the tests.
 //! - [`manpage`]: man pages from the binaries' clap definitions.
-//! - [`service`]: the D-Bus boundary: the manager and job objects, option
-//!   parsing, the one D-Bus error enum, and the daemon's two entry points:
+//! - [`service`]: the D-Bus boundary: the manager and job objects
+//!   ([`service::manager`], [`service::job`]), option parsing
+//!   ([`service::options`]), reports as dictionaries ([`service::values`]),
+//!   callers leaving the bus ([`service::callers`]), the mapping of every
+//!   domain error to the one D-Bus error enum ([`service::error`]), and the
+//!   daemon's two entry points:
 //!   [`service::daemon::build`] (the service's parts from the config and the
 //!   host's roots; nothing runs yet) and [`service::daemon::serve`] (export,
 //!   take the name, run until shutdown or bus loss, stop and wait for every

@@ -641,6 +641,10 @@ fn reads_the_real_sys() {
             .collect(),
         Err(_) => Vec::new(),
     };
+    assert!(
+        !listed.is_empty(),
+        "this test needs a host with PCI devices: /sys/bus/pci/devices is empty"
+    );
     listed.sort();
     let found: Vec<PciAddress> = sysfs::enumerate(root)
         .unwrap()
@@ -929,5 +933,26 @@ proptest! {
         prop_assert_eq!(&got, &fresh(&fs, allow));
         check_mirror(&mirror, &inv)?;
         prop_assert!(inv.resync().is_empty());
+    }
+}
+
+/// A device on a vfio-pci variant driver (`mlx5_vfio_pci`) is ready for
+/// passthrough, and a group member on one does not block its siblings —
+/// the same rule Detach and Reattach use (`vfio::is_vfio_driver`).
+#[test]
+fn a_device_on_a_vfio_variant_driver_is_ready_and_blocks_no_sibling() {
+    let fs = FakeSysfs::new();
+    let (nic, sibling) = ("0000:05:00.0", "0000:05:00.1");
+    fs.device(nic, 0x15b3, 0x101d, 0x020000)
+        .driver("mlx5_vfio_pci")
+        .iommu_group(21);
+    fs.device(sibling, 0x15b3, 0x101d, 0x020000)
+        .driver("vfio-pci")
+        .iommu_group(21);
+    let mut inv = inventory(&fs);
+    inv.resync();
+    for a in [nic, sibling] {
+        assert!(ready(&inv, a), "{a}: {:?}", blockers(&inv, a));
+        assert!(blockers(&inv, a).is_empty(), "{a}");
     }
 }

@@ -109,9 +109,10 @@ fn parallel_start_stop_cycles_leave_nothing_running() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by parallel_start_stop_cycles_leave_nothing_running in its own process"]
 async fn parallel_start_stop_cycles_child() {
-    if std::env::var_os(CYCLES_CHILD).is_none() {
-        return;
-    }
+    assert!(
+        std::env::var_os(CYCLES_CHILD).is_some(),
+        "counts this process's own resources: run only by parallel_start_stop_cycles_leave_nothing_running, in a process of its own"
+    );
     // No udevd may come and go meanwhile (it does not matter for the kernel
     // group, but its rebroadcasts would add noise).
     let _lock = tokio::task::spawn_blocking(|| FileLock::exclusive(UDEVD_LOCK))

@@ -213,9 +213,10 @@ fn cycle(rt: &tokio::runtime::Handle, address: PciAddress, i: usize, async_stop:
 #[test]
 #[ignore = "run by lifecycle_parallel_start_stop_leaks_nothing in its own process"]
 fn lifecycle_child() {
-    if std::env::var_os(LIFECYCLE_CHILD).is_none() {
-        return;
-    }
+    assert!(
+        std::env::var_os(LIFECYCLE_CHILD).is_some(),
+        "counts this process's own resources: run only by lifecycle_parallel_start_stop_leaks_nothing, in a process of its own"
+    );
     let address = device();
     let before = counts();
     let started = Instant::now();

@@ -33,10 +33,16 @@ impl From<ImageError> for VmError {
             }
             // The service itself could not open it (a caller's own view never
             // gets here): a fault of the host, not a polkit refusal.
-            ImageError::Io { .. } | ImageError::View(_) => {
+            ImageError::Io { .. } | ImageError::View(_) | ImageError::Unreadable { .. } => {
                 VmError::CheckFailed(format!("the service cannot open the image: {e}"))
             }
-            _ => VmError::InvalidArgument(e.to_string()),
+            // What is wrong with the path the caller gave.
+            ImageError::Empty
+            | ImageError::Relative(_)
+            | ImageError::TooLong(_)
+            | ImageError::NameTooLong(_)
+            | ImageError::ContainsNul
+            | ImageError::NotRegular { .. } => VmError::InvalidArgument(e.to_string()),
         }
     }
 }
@@ -91,7 +97,10 @@ impl From<QemuImgError> for VmError {
                 VmError::Cancelled("the check was cancelled before qemu-img started".into())
             }
             QemuImgError::LockConflict { .. } => VmError::InUse(e.to_string()),
-            _ => VmError::CheckFailed(e.to_string()),
+            QemuImgError::Spawn { .. }
+            | QemuImgError::Failed { .. }
+            | QemuImgError::Garbage { .. }
+            | QemuImgError::Killed { .. } => VmError::CheckFailed(e.to_string()),
         }
     }
 }
