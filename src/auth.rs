@@ -414,7 +414,7 @@ impl Authority {
         let result = tokio::time::timeout(limit, call)
             .await
             .map_err(|_| unavailable("polkit did not answer in time".into()))?
-            .map_err(|e| unavailable(format!("internal error: {e}")))?
+            .map_err(|e| unavailable(format!("the task asking polkit failed: {e}")))?
             .map_err(|e| unavailable(e.to_string()))?;
         tracing::debug!(
             action = action.id(),

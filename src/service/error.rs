@@ -8,7 +8,7 @@ use crate::devices::passthrough::PassthroughError;
 use crate::devices::vfio::VfioError;
 use crate::disk::checker::{CheckError, CheckErrorKind, ScanError};
 use crate::disk::image::ImageError;
-use crate::disk::qemu_img::QemuImgError;
+use crate::disk::qemu_img::{QemuImgError, UserLookupError};
 
 /// The client crate's [`Error`](vmmanager_client::Error): its
 /// `#[derive(zbus::DBusError)]` gives every variant its
@@ -16,6 +16,25 @@ use crate::disk::qemu_img::QemuImgError;
 /// the clients that decode them. The `From` impls below are the one place a
 /// domain error becomes one of them.
 pub use vmmanager_client::Error as VmError;
+
+/// The service's own trouble while handling a call: nothing the caller did
+/// or could see, so it is `CheckFailed` with what went wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceFault {
+    /// A task the call waited for (a lookup off the async threads, the
+    /// job) panicked or was cancelled.
+    #[error("internal error: a task of the service failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// The passwd/group database could not give a user's credentials.
+    #[error("cannot look up the user qemu-img would run as: {0}")]
+    UserLookup(#[from] UserLookupError),
+}
+
+impl From<ServiceFault> for VmError {
+    fn from(fault: ServiceFault) -> Self {
+        VmError::CheckFailed(fault.to_string())
+    }
+}
 
 impl From<ImageError> for VmError {
     fn from(e: ImageError) -> Self {
@@ -136,6 +155,16 @@ impl From<CheckError> for VmError {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_failed_task_is_the_services_fault_never_a_refusal() {
+        let panicked = tokio::spawn(async { panic!("boom") }).await.unwrap_err();
+        let error = VmError::from(ServiceFault::Task(panicked));
+        assert!(
+            matches!(&error, VmError::CheckFailed(m) if m.starts_with("internal error: a task")),
+            "{error:?}"
+        );
+    }
+
     use super::*;
     use std::path::PathBuf;
 

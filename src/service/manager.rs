@@ -12,7 +12,7 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, interface};
 
 use super::MANAGER_PATH;
 use super::callers::Callers;
-use super::error::VmError;
+use super::error::{ServiceFault, VmError};
 use super::job::{Job, JobIds, JobInfo};
 use super::options::{self, DiskOptions};
 use super::values::{Dict, report_dict, users_list};
@@ -198,8 +198,8 @@ fn display(image: &ImageFile) -> String {
     image.path.to_string_lossy().into_owned()
 }
 
-fn internal(e: impl std::fmt::Display) -> VmError {
-    VmError::CheckFailed(format!("internal error: {e}"))
+fn internal(e: tokio::task::JoinError) -> VmError {
+    ServiceFault::Task(e).into()
 }
 
 /// Opens `path` in `view`, off the async threads (a lookup can block on a
@@ -275,7 +275,7 @@ async fn lookup_user(uid: u32) -> Result<RunAs, VmError> {
     tokio::task::spawn_blocking(move || RunAs::for_user(uid))
         .await
         .map_err(internal)?
-        .map_err(|e| VmError::CheckFailed(e.to_string()))
+        .map_err(|e| ServiceFault::UserLookup(e).into())
 }
 
 /// Checks VM disk images without ever fighting a running VM, and (with the
