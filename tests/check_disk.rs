@@ -284,7 +284,7 @@ async fn stale_pidfiles_never_block() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn symlinks_readers_and_writers() {
+async fn symlinks_resolve_readers_are_listed_and_writers_block() {
     let w = World::start().await;
     let image = w.path("disk.qcow2");
     make_clean_qcow2(&image);
@@ -503,7 +503,7 @@ fn assert_all_gone(pids: &[u32]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_busy_jobs_and_signals() {
+async fn jobs_can_be_cancelled_a_second_check_is_busy_and_signals_follow() {
     let tools = public_tempdir("vmm-tools-");
     let config = DaemonConfig::default().qemu_img(slow_qemu_img(tools.path()));
     let w = World::with(Polkit::builder(), config).await;

@@ -812,7 +812,7 @@ async fn gpu_world(vfio: bool, polkit: PolkitBuilder) -> (DeviceWorld, FakeKerne
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn detach_and_reattach_as_root() {
+async fn root_detaches_and_reattaches_and_clients_see_it() {
     let (world, kernel) = gpu_world(true, Polkit::builder()).await;
     let mut signals = world.signals().await;
 

@@ -259,7 +259,7 @@ fn binding_one_device_updates_the_whole_group() {
 }
 
 #[test]
-fn add_remove_and_group_membership() {
+fn adding_and_removing_a_device_updates_its_group_siblings() {
     let fs = gpu_group();
     let mut inv = inventory(&fs);
     inv.resync();
@@ -633,7 +633,7 @@ fn a_tree_without_a_pci_bus_is_empty() {
 
 /// This machine's real /sys, read-only.
 #[test]
-fn reads_the_real_sys() {
+fn the_real_sys_lists_every_pci_device() {
     let root = Path::new("/sys");
     let mut listed: Vec<PciAddress> = match fs::read_dir(root.join("bus/pci/devices")) {
         Ok(entries) => entries

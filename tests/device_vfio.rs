@@ -471,7 +471,7 @@ fn addresses_are_parsed_never_paths() {
 }
 
 #[test]
-fn iommu_groups() {
+fn the_iommu_group_comes_from_the_device_link() {
     let tree = Tree::audio();
     tree.device(GPU, None, None);
     assert_eq!(iommu_group_of(tree.root(), addr(AUDIO)), Some(12));
@@ -496,7 +496,7 @@ fn real_writer_writes_once_and_never_creates() {
 }
 
 #[test]
-fn real_writer_in_a_prepared_tree() {
+fn detach_in_a_tree_where_nothing_rebinds_writes_then_says_so() {
     // Nothing rebinds in a plain directory tree: detach writes the files and
     // then says the device did not end up on vfio-pci.
     let tree = Tree::audio();

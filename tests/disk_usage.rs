@@ -220,7 +220,7 @@ fn vm_with_pidfile_in_a_global_directory() {
 }
 
 #[test]
-fn vm_without_pidfile() {
+fn a_vm_without_a_pidfile_is_found_through_proc() {
     let env = Env::new();
     let vm = env.qemu("nopid", None, false);
     let usage = env.scan(None);

@@ -194,7 +194,7 @@ async fn check(req: &CheckRequest) -> Result<CheckOutcome, QemuImgError> {
 // --- the real qemu-img -----------------------------------------------------
 
 #[tokio::test]
-async fn clean_qcow2() {
+async fn a_clean_qcow2_is_clean_and_consistent() {
     let dir = TempDir::new("clean");
     let image = dir.join("clean.qcow2");
     images::make_clean_qcow2(&image);
@@ -212,7 +212,7 @@ async fn clean_qcow2() {
 }
 
 #[tokio::test]
-async fn leaky_qcow2() {
+async fn leaked_clusters_are_counted_as_leaks() {
     let dir = TempDir::new("leaky");
     let image = dir.join("leaky.qcow2");
     let leaked = images::make_leaky_qcow2(&image);
@@ -224,7 +224,7 @@ async fn leaky_qcow2() {
 }
 
 #[tokio::test]
-async fn corrupt_qcow2() {
+async fn a_broken_refcount_is_reported_as_corruption() {
     let dir = TempDir::new("corrupt");
     let image = dir.join("corrupt.qcow2");
     images::make_corrupt_qcow2(&image);
@@ -234,7 +234,7 @@ async fn corrupt_qcow2() {
 }
 
 #[tokio::test]
-async fn repair_leaks() {
+async fn repair_leaks_fixes_leaked_clusters() {
     let dir = TempDir::new("repair-leaks");
     let image = dir.join("leaky.qcow2");
     let leaked = images::make_leaky_qcow2(&image);
@@ -360,7 +360,7 @@ async fn backing_files_are_never_opened() {
 }
 
 #[tokio::test]
-async fn lock_conflict_and_force_share() {
+async fn a_lock_conflict_is_reported_and_force_share_checks_anyway() {
     let dir = TempDir::new("force-share");
     let image = dir.join("held.qcow2");
     images::make_clean_qcow2(&image);
