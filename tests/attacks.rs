@@ -956,11 +956,7 @@ async fn libvirts_remembered_owner_is_told_which_vm_uses_its_image() {
     };
 
     in_use_by_lvhome(&answer(&w.check_as_nobody(&[], &image)));
-    let check = |uid: u32, image: &Path| {
-        let image = image.to_str().unwrap();
-        let args = ["--no-ask-password", "check-disk", "--json", image];
-        answer(&w.vmctl(Some((uid, uid)), &args))
-    };
+    let check = |uid: u32, image: &Path| answer(&w.vmctl_json_as(uid, "check-disk", image));
     in_use_by_lvhome(&check(BIN, &bins));
     for (uid, path) in [(BIN, &image), (NOBODY, &bins), (NOBODY, &renamed_in)] {
         let refused = check(uid, path);

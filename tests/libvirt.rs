@@ -354,15 +354,7 @@ async fn a_home_image_chowned_by_libvirt_is_named_to_its_remembered_owner() {
     let pid = lv.create("lvhome", &[Disk::qcow2(&image)]);
     assert_eq!(owner(&image), (LIBVIRT_QEMU, LIBVIRT_QEMU, 0o600));
 
-    let out = w.vmctl(
-        Some((DAEMON_USER, DAEMON_USER)),
-        &[
-            "--no-ask-password",
-            "check-disk",
-            "--json",
-            image.to_str().unwrap(),
-        ],
-    );
+    let out = w.vmctl_json_as(DAEMON_USER, "check-disk", &image);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
     let doc = answer(&out);
     assert_eq!(
@@ -411,15 +403,7 @@ async fn a_session_domain_is_named_to_its_user() {
     assert_eq!(doc["error"], IN_USE, "{doc}");
     assert_eq!(doc["error-message"], in_use(&image, &[("lvs", pid)]));
 
-    let out = w.vmctl(
-        Some((NOBODY, NOBODY)),
-        &[
-            "--no-ask-password",
-            "disk-users",
-            "--json",
-            image.to_str().unwrap(),
-        ],
-    );
+    let out = w.vmctl_json_as(NOBODY, "disk-users", &image);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let users = answer(&out);
     assert_eq!(users.as_array().map(Vec::len), Some(1), "{users}");

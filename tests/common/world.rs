@@ -100,6 +100,17 @@ impl World {
         self.vmctl(Some((NOBODY, NOBODY)), &args)
     }
 
+    /// `vmctl --no-ask-password COMMAND --json IMAGE` as `uid` (gid = uid).
+    pub fn vmctl_json_as(&self, uid: u32, command: &str, image: &Path) -> CmdOutput {
+        let args = [
+            "--no-ask-password",
+            command,
+            "--json",
+            image.to_str().unwrap(),
+        ];
+        self.vmctl(Some((uid, uid)), &args)
+    }
+
     /// Image paths of the daemon's current jobs.
     pub async fn wait_for_job(&self) -> zbus::OwnedObjectPath {
         let manager = self.manager().await;
