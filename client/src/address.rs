@@ -9,8 +9,14 @@ use zbus::OwnedObjectPath;
 
 use crate::names::DEVICES_PATH;
 
-/// `DDDD:BB:SS.F`, e.g. `0000:03:00.0`. Ordered numerically by domain, bus,
-/// slot, function.
+/// A PCI address `DDDD:BB:SS.F`, e.g. `0000:03:00.0`, and the path of the
+/// service's device object for it.
+///
+/// Parses strictly ([`FromStr`]) and displays canonically (lowercase hex,
+/// the kernel's widths), as in sysfs and the `Address` property. Ordered
+/// numerically by domain, bus, slot, function. The object path is how a
+/// client finds a [`PciDeviceProxy`](crate::PciDeviceProxy) and how it
+/// reads the device of an InterfacesAdded / InterfacesRemoved signal.
 ///
 /// ```
 /// use vmmanager_client::PciAddress;
@@ -22,12 +28,20 @@ use crate::names::DEVICES_PATH;
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PciAddress {
+    /// The PCI domain (segment): `0000` on most hosts, wider behind Intel
+    /// VMD (e.g. `10000`).
     pub domain: u32,
+    /// The bus number.
     pub bus: u8,
+    /// The slot (device) number, `0x00..=0x1f`.
     pub slot: u8,
+    /// The function number, `0..=7`.
     pub function: u8,
 }
 
+/// Not a PCI address, device object name or device object path; holds the
+/// text that was refused (or, from [`PciAddress::new`], the address with
+/// its out-of-range field).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("not a PCI address (expected DDDD:BB:SS.F, e.g. 0000:03:00.0): {0:?}")]
 pub struct AddressError(pub String);
@@ -47,6 +61,12 @@ fn hex_field(s: &str, min: usize, max: usize) -> Option<u32> {
 }
 
 impl PciAddress {
+    /// The address `domain:bus:slot.function`.
+    ///
+    /// # Errors
+    ///
+    /// [`AddressError`] when `slot` is over `0x1f` or `function` over 7,
+    /// which a PCI address cannot hold.
     pub fn new(domain: u32, bus: u8, slot: u8, function: u8) -> Result<Self, AddressError> {
         let address = PciAddress {
             domain,
@@ -70,6 +90,11 @@ impl PciAddress {
 
     /// The inverse of [`object_name`](Self::object_name). Only the canonical
     /// (lowercase) spelling is accepted, so every object has one name.
+    ///
+    /// # Errors
+    ///
+    /// [`AddressError`] for anything [`object_name`](Self::object_name)
+    /// would not have made.
     pub fn from_object_name(name: &str) -> Result<Self, AddressError> {
         let err = || AddressError(name.to_owned());
         let rest = name.strip_prefix("pci_").ok_or_else(err)?;
@@ -99,7 +124,12 @@ impl PciAddress {
     }
 
     /// The inverse of [`object_path`](Self::object_path): only a canonical
-    /// device path is accepted.
+    /// device path is accepted, so this also tells device objects from the
+    /// manager, jobs and intermediate nodes (e.g. in InterfacesRemoved).
+    ///
+    /// # Errors
+    ///
+    /// [`AddressError`] for any path that is not a device object's.
     pub fn from_object_path(path: &str) -> Result<Self, AddressError> {
         path.strip_prefix(DEVICES_PATH)
             .and_then(|rest| rest.strip_prefix('/'))

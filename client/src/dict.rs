@@ -1,16 +1,35 @@
-//! `a{sv}` dictionaries: building them, and reading them leniently.
+//! `a{sv}` dictionaries: the type the proxies return them as, and building
+//! them.
 //!
-//! The decoders read a missing or mistyped key as empty/zero instead of
-//! failing, so a client keeps working with an older or newer service.
+//! The service sends dictionaries for the CheckDisk report, the DiskChecked
+//! signal, GetDiskUsers entries and device properties; decode them with
+//! [`CheckReport`](crate::CheckReport), [`DiskUser`](crate::DiskUser) and
+//! [`DeviceProperties`](crate::DeviceProperties). Those decoders read a
+//! missing or mistyped key as empty/zero instead of failing, so a client
+//! keeps working with an older or newer service.
 
 use std::collections::HashMap;
 
 use zbus::{OwnedVariant, Variant};
 
-/// A D-Bus dictionary `a{sv}` as zbus returns it.
+/// A D-Bus dictionary `a{sv}` as zbus returns it: owned, so it outlives
+/// the message it came in.
 pub type Dict = HashMap<String, OwnedVariant>;
 
-/// Wraps a plain value (never a file descriptor) as an owned variant.
+/// Wraps a plain value as an owned variant, e.g. to build a [`Dict`].
+///
+/// ```
+/// use vmmanager_client::dict::{Dict, variant};
+/// use vmmanager_client::{DiskUser, names::user};
+///
+/// let entry = Dict::from([(user::PID.to_owned(), variant(4242u32))]);
+/// assert_eq!(DiskUser::from_dict(&entry).pid, 4242);
+/// ```
+///
+/// # Panics
+///
+/// If `value` is a file descriptor, which cannot be owned without
+/// duplicating it; nothing in this API carries one.
 pub fn variant<'a>(value: impl Into<Variant<'a>>) -> OwnedVariant {
     OwnedVariant::try_from(value.into()).expect("only fd variants can fail to be owned")
 }

@@ -5,8 +5,22 @@
 //! with `Error::from(zbus::Error)`: both directions come from zbus's
 //! `DBusError` derive, so the names exist only as the variants below.
 
-/// An error the service sends, by name; each variant holds the message,
-/// written to be shown to a user.
+/// An error of a call to the service: one of the service's own errors
+/// `org.example.VmManager1.Error.<Name>`, by name, or [`Error::ZBus`] for
+/// anything else.
+///
+/// Each service variant holds the message, written to be shown to a user as
+/// it is; decide on the variant, show the message. The variants and which
+/// calls answer them are those of `dbus/org.example.VmManager1.xml` (see
+/// the [crate] documentation); every method of the proxies documents its
+/// own under "Errors".
+///
+/// The proxies' methods return [`zbus::Result`]: turn a failed call into an
+/// `Error` with `Error::from` or `?`. A DiskChecked signal carries the
+/// error by name; [`ReportError::to_error`](crate::ReportError::to_error)
+/// (or [`Error::from_name`]) turns it into the same variant.
+///
+/// # Examples
 ///
 /// ```
 /// use vmmanager_client::Error;
@@ -15,47 +29,69 @@
 /// let e = Error::InUse("used by VM \"win11\" (PID 4242)".into());
 /// assert_eq!(e.name(), "org.example.VmManager1.Error.InUse");
 /// assert_eq!(e.description(), Some("used by VM \"win11\" (PID 4242)"));
+///
+/// // What a client makes of an error reply.
+/// let e = Error::from_name("org.example.VmManager1.Error.Busy", "a check is running");
+/// assert!(matches!(e, Error::Busy(m) if m == "a check is running"));
 /// ```
 #[derive(Debug, zbus::DBusError)]
 #[zbus(prefix = "org.example.VmManager1.Error")]
 pub enum Error {
     /// Anything that is not one of the service's own errors: the bus, the
     /// connection, or an error of the D-Bus daemon or of zbus (e.g.
-    /// `org.freedesktop.DBus.Error.UnknownObject` for a device that is
-    /// not there).
+    /// `org.freedesktop.DBus.Error.ServiceUnknown` when the service is not
+    /// installed, `org.freedesktop.DBus.Error.UnknownObject` for a job that
+    /// has ended or a device that is gone). [`Error::reply_name`] gives the
+    /// name of the error reply, if there was one.
     #[zbus(error)]
     ZBus(zbus::Error),
-    /// The image (or device) is used by a VM or another process; the
-    /// message names it.
+    /// `InUse`: a running VM or another process uses the image (CheckDisk,
+    /// also for a repair), or a VM holds the device's VFIO group (Detach,
+    /// Reattach). The message names the VM and its PID.
     InUse(String),
-    /// The image or object does not exist.
+    /// `NotFound`: the image does not exist (CheckDisk, GetDiskUsers), or
+    /// the PCI device went away (Detach, Reattach).
     NotFound(String),
-    /// An argument or option is malformed, unknown, or of the wrong type.
+    /// `InvalidArgument`: an argument or option is malformed, unknown, or
+    /// of the wrong type; a path is too long; the options dictionary is too
+    /// large (every method).
     InvalidArgument(String),
-    /// polkit said no, or could not be asked.
+    /// `NotAuthorized`: polkit said no to the call's action (see
+    /// [`names::action`](crate::names::action)), or could not be asked
+    /// (every method).
     NotAuthorized(String),
-    /// A check of the same image is already running, the caller (uid) has
-    /// as many checks or GetDiskUsers calls in progress as it may, or too
-    /// many of its authorizations wait for polkit.
+    /// `Busy`: a check of the same image is already running, the caller
+    /// (uid) has as many checks or GetDiskUsers calls in progress as it may,
+    /// or too many of its authorization requests wait for polkit (every
+    /// method). Trying again later may work.
     Busy(String),
-    /// qemu-img could not complete the check, or the service could not look
-    /// at the image.
+    /// `CheckFailed`: qemu-img could not complete the check (its stderr is
+    /// in the message), or the service could not look at the image or at
+    /// who uses it (CheckDisk, GetDiskUsers).
     CheckFailed(String),
-    /// The operation took longer than allowed.
+    /// `Timeout`: no check slot became free in time, or the in-use scan or
+    /// qemu-img did not finish (CheckDisk, GetDiskUsers).
     Timeout(String),
-    /// The operation was cancelled.
+    /// `Cancelled`: the check was cancelled by `Job.Cancel`, because the
+    /// caller left the bus, or because the service is stopping (CheckDisk,
+    /// GetDiskUsers).
     Cancelled(String),
-    /// The host cannot do this (e.g. vfio-pci is not available).
+    /// `NotSupported`: the host cannot do this (Detach: vfio-pci is not
+    /// available), or the image keeps its data in other files (CheckDisk:
+    /// a VMDK descriptor, qcow2 with an external data file).
     NotSupported(String),
-    /// An unexpected system failure (e.g. a sysfs write failed); the message
-    /// says which file and why.
+    /// `Failed`: an unexpected system failure, e.g. a sysfs write failed
+    /// (Detach, Reattach); the message names the file and what was already
+    /// written. Also when the service could not tell whether a VM holds the
+    /// device, so it changed nothing.
     Failed(String),
 }
 
 impl Error {
     /// The error that an error `name` with `message` stands for, as the
     /// DiskChecked signal carries them (`"error"`, `"error-message"`): the
-    /// same conversion as for a method reply.
+    /// same conversion as for a method reply. A name that is not the
+    /// service's gives [`Error::ZBus`].
     pub fn from_name(name: &str, message: &str) -> Error {
         // Goes through a real error message, so the name → variant mapping
         // stays the derive's.

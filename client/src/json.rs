@@ -6,7 +6,9 @@ use zbus::Variant;
 use crate::dict::Dict;
 
 /// A D-Bus value as JSON, for `--json` output: integers stay integers,
-/// dictionaries become objects, arrays become arrays.
+/// dictionaries become objects (non-string keys as their JSON text), arrays
+/// and structures become arrays, object paths and signatures strings, and a
+/// file descriptor `null`.
 pub fn variant_to_json(value: &Variant<'_>) -> serde_json::Value {
     use serde_json::Value as J;
     match value {
@@ -42,6 +44,17 @@ pub fn variant_to_json(value: &Variant<'_>) -> serde_json::Value {
 }
 
 /// A whole `a{sv}` dictionary as a JSON object with sorted keys.
+///
+/// ```
+/// use vmmanager_client::dict::{Dict, variant};
+/// use vmmanager_client::json::dict_to_json;
+///
+/// let report = Dict::from([
+///     ("result".to_owned(), variant("leaks")),
+///     ("leaks".to_owned(), variant(3u64)),
+/// ]);
+/// assert_eq!(dict_to_json(&report).to_string(), r#"{"leaks":3,"result":"leaks"}"#);
+/// ```
 pub fn dict_to_json(dict: &Dict) -> serde_json::Value {
     let sorted: std::collections::BTreeMap<&String, serde_json::Value> =
         dict.iter().map(|(k, v)| (k, variant_to_json(v))).collect();

@@ -1,8 +1,17 @@
-//! Typed builders of the `a{sv} options` argument. Each builds only the
-//! keys that were set, so the service's defaults apply to the rest.
+//! Typed builders of the `a{sv} options` argument that every method takes
+//! last: [`CheckDiskOptions`] for [`ManagerProxy::check_disk`],
+//! [`GetDiskUsersOptions`] for [`ManagerProxy::get_disk_users`], and
+//! [`AuthOptions`] for [`JobProxy::cancel`], [`PciDeviceProxy::detach`] and
+//! [`PciDeviceProxy::reattach`].
+//!
+//! Each builds only the keys that were set, so the service's defaults apply
+//! to the rest. The service answers an unknown key or a value of the wrong
+//! type with [`Error::InvalidArgument`]; the builders write only known keys
+//! ([`names::option`]) with the right types. The keys and values are those
+//! of `dbus/org.example.VmManager1.xml`.
 //!
 //! ```
-//! use vmmanager_client::options::{CheckDiskOptions, Repair};
+//! use vmmanager_client::options::{AuthOptions, CheckDiskOptions, Repair};
 //!
 //! let options = CheckDiskOptions::new()
 //!     .pidfile("/vms/win11/win11.pid")
@@ -10,7 +19,18 @@
 //!     .timeout_sec(60)
 //!     .build();
 //! assert_eq!(options.len(), 3);
+//!
+//! // Nothing set: the service's defaults, polkit may ask for a password.
+//! assert!(AuthOptions::new().build().is_empty());
 //! ```
+//!
+//! [`ManagerProxy::check_disk`]: crate::ManagerProxy::check_disk
+//! [`ManagerProxy::get_disk_users`]: crate::ManagerProxy::get_disk_users
+//! [`JobProxy::cancel`]: crate::JobProxy::cancel
+//! [`PciDeviceProxy::detach`]: crate::PciDeviceProxy::detach
+//! [`PciDeviceProxy::reattach`]: crate::PciDeviceProxy::reattach
+//! [`Error::InvalidArgument`]: crate::Error::InvalidArgument
+//! [`names::option`]: crate::names::option
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,10 +40,13 @@ use zbus::Variant;
 
 use crate::names::option;
 
-/// An options dictionary as the proxies' methods take it.
+/// An options dictionary as the proxies' methods take it; the builders'
+/// `build` makes one.
 pub type Options = HashMap<&'static str, Variant<'static>>;
 
-/// What CheckDisk's `repair` option repairs.
+/// What CheckDisk's `repair` option repairs ([`CheckDiskOptions::repair`]).
+///
+/// Parses from and displays as the option's value, `"leaks"` or `"all"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Repair {
     /// Only leaked clusters: frees wasted space, never risks data.
@@ -67,23 +90,28 @@ fn with_interaction(mut options: Options, no_user_interaction: bool) -> Options 
     options
 }
 
-/// Options of `Job.Cancel`, `PciDevice.Detach` and `PciDevice.Reattach`.
+/// Options of `Job.Cancel`, `PciDevice.Detach` and `PciDevice.Reattach`:
+/// only [`no_user_interaction`](Self::no_user_interaction).
 #[derive(Debug, Clone, Default)]
 pub struct AuthOptions {
     no_user_interaction: bool,
 }
 
 impl AuthOptions {
+    /// No option set: polkit may ask the user for a password.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Do not let polkit prompt for a password: fail with NotAuthorized.
+    /// `auth.no-user-interaction`: do not let polkit prompt for a password;
+    /// without an authorization that needs none, the call fails with
+    /// [`Error::NotAuthorized`](crate::Error::NotAuthorized).
     pub fn no_user_interaction(mut self, yes: bool) -> Self {
         self.no_user_interaction = yes;
         self
     }
 
+    /// The options dictionary, with only the keys that were set.
     pub fn build(&self) -> Options {
         with_interaction(Options::new(), self.no_user_interaction)
     }
@@ -97,22 +125,28 @@ pub struct GetDiskUsersOptions {
 }
 
 impl GetDiskUsersOptions {
+    /// No option set: the service finds users through /proc and QEMU's
+    /// image locks only; polkit may ask for a password.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The VM's PID file (an absolute path).
+    /// `pidfile`: the VM's PID file (an absolute path, at most 4095
+    /// bytes), so the process it names counts as a user.
     pub fn pidfile(mut self, path: impl Into<String>) -> Self {
         self.pidfile = Some(path.into());
         self
     }
 
-    /// Do not let polkit prompt for a password: fail with NotAuthorized.
+    /// `auth.no-user-interaction`: do not let polkit prompt for a password;
+    /// without an authorization that needs none, the call fails with
+    /// [`Error::NotAuthorized`](crate::Error::NotAuthorized).
     pub fn no_user_interaction(mut self, yes: bool) -> Self {
         self.no_user_interaction = yes;
         self
     }
 
+    /// The options dictionary, with only the keys that were set.
     pub fn build(&self) -> Options {
         let mut options = Options::new();
         if let Some(pidfile) = &self.pidfile {
@@ -132,41 +166,52 @@ pub struct CheckDiskOptions {
 }
 
 impl CheckDiskOptions {
+    /// No option set: no PID file, no repair, not while in use, the
+    /// service's own timeout; polkit may ask for a password.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// The VM's PID file (an absolute path).
+    /// `pidfile`: the VM's PID file (an absolute path, at most 4095
+    /// bytes), so the process it names counts as a user.
     pub fn pidfile(mut self, path: impl Into<String>) -> Self {
         self.users = self.users.pidfile(path);
         self
     }
 
-    /// Check even while in use, read-only (`qemu-img check -U`); the report
-    /// then says `consistent: false`. Cannot be combined with a repair.
+    /// `force-share`: check even while in use, read-only (`qemu-img check
+    /// -U`); the report then says `consistent: false`. The service refuses
+    /// it together with a repair.
     pub fn force_share(mut self, yes: bool) -> Self {
         self.force_share = yes;
         self
     }
 
-    /// Repair the image; refused while it is in use.
+    /// `repair`: repair the image; refused while it is in use. Needs the
+    /// polkit action [`REPAIR_DISK`](crate::names::action::REPAIR_DISK).
     pub fn repair(mut self, what: Repair) -> Self {
         self.repair = Some(what);
         self
     }
 
-    /// Upper bound for the whole check, waiting for a slot included.
+    /// `timeout-sec`: upper bound for the whole check in seconds, waiting
+    /// for a free check slot included; 1 to 86400, and the service's
+    /// configured `disk.timeout-sec` caps it. A check that takes longer
+    /// fails with [`Error::Timeout`](crate::Error::Timeout).
     pub fn timeout_sec(mut self, seconds: u32) -> Self {
         self.timeout_sec = Some(seconds);
         self
     }
 
-    /// Do not let polkit prompt for a password: fail with NotAuthorized.
+    /// `auth.no-user-interaction`: do not let polkit prompt for a password;
+    /// without an authorization that needs none, the call fails with
+    /// [`Error::NotAuthorized`](crate::Error::NotAuthorized).
     pub fn no_user_interaction(mut self, yes: bool) -> Self {
         self.users = self.users.no_user_interaction(yes);
         self
     }
 
+    /// The options dictionary, with only the keys that were set.
     pub fn build(&self) -> Options {
         let mut options = self.users.build();
         if self.force_share {
