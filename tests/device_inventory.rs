@@ -19,7 +19,8 @@ use vmmanager::devices::inventory::{
 };
 use vmmanager::devices::sysfs::{self, SysfsError};
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
-use vmmanager::service::device_properties::{self, DeviceProperties};
+use vmmanager::service::device_properties;
+use vmmanager_client::DeviceProperties;
 use zbus::OwnedVariant;
 
 fn addr(s: &str) -> PciAddress {
@@ -66,7 +67,7 @@ fn changed(changes: &[InventoryChange]) -> Vec<(String, Vec<&'static str>)> {
 
 /// A device's D-Bus properties as the service spells them.
 fn api(state: &DeviceState) -> DeviceProperties {
-    DeviceProperties::of(state)
+    device_properties::of(state)
 }
 
 fn blockers(inv: &Inventory, a: &str) -> Vec<String> {
@@ -111,7 +112,7 @@ fn reads_a_device_in_the_kernel_formats() {
     assert_eq!(info.driver.as_deref(), Some("nvidia"));
     assert_eq!(info.driver_override, None);
     assert_eq!(info.iommu_group, Some(1));
-    assert_eq!(info.numa_node, 0);
+    assert_eq!(info.numa_node, Some(0));
     assert_eq!(info.sriov_total_vfs, 0);
     assert_eq!(info.physical_function, None);
     assert_eq!(
@@ -161,8 +162,8 @@ fn binding_one_device_updates_the_whole_group() {
     assert!(added.iter().all(|c| matches!(c, InventoryChange::Added(_))));
 
     let gpu = inv.get(&addr(GPU)).unwrap();
-    assert_eq!(gpu.vendor_name, "NVIDIA Corporation");
-    assert_eq!(gpu.device_name, "TU104GL [Tesla T4]");
+    assert_eq!(gpu.vendor_name.as_deref(), Some("NVIDIA Corporation"));
+    assert_eq!(gpu.device_name.as_deref(), Some("TU104GL [Tesla T4]"));
     assert_eq!(gpu.iommu_group_devices, [BRIDGE, GPU, AUDIO]);
     assert!(!ready(&inv, GPU));
     assert_eq!(
@@ -371,17 +372,21 @@ fn sriov_physical_and_virtual_functions() {
     let p = inv.get(&addr(pf)).unwrap();
     assert_eq!(p.info.sriov_total_vfs, 63);
     assert_eq!(p.info.sriov_num_vfs, 2);
-    assert_eq!(p.info.numa_node, 1);
+    assert_eq!(p.info.numa_node, Some(1));
     assert_eq!(api(p).physical_function, "");
-    assert!(!p.permitted);
-    assert_eq!(p.resource_name, "");
+    assert!(!p.permitted());
+    assert_eq!(p.resource_name, None);
+    assert!(!api(p).permitted);
+    assert_eq!(api(p).resource_name, "");
 
     let v = inv.get(&addr(vf0)).unwrap();
     assert_eq!(v.info.physical_function, Some(addr(pf)));
     assert_eq!(api(v).physical_function, pf);
     assert_eq!(v.info.sriov_total_vfs, 0);
-    assert!(v.permitted);
-    assert_eq!(v.resource_name, "intel.com/82599_VF");
+    assert!(v.permitted());
+    assert_eq!(v.resource_name.as_deref(), Some("intel.com/82599_VF"));
+    assert!(api(v).permitted);
+    assert_eq!(api(v).resource_name, "intel.com/82599_VF");
     // Each VF in its own group: vf0 is ready, vf1 is not.
     assert!(v.passthrough_ready);
     assert!(v.passthrough_blockers.is_empty());
@@ -409,7 +414,8 @@ fn names_from_events_and_the_udev_database() {
     let fs = gpu_group();
     let mut inv = inventory(&fs);
     inv.resync();
-    assert_eq!(inv.get(&addr(AUDIO)).unwrap().vendor_name, "");
+    assert_eq!(inv.get(&addr(AUDIO)).unwrap().vendor_name, None);
+    assert_eq!(api(inv.get(&addr(AUDIO)).unwrap()).vendor_name, "");
 
     let mut e = event(DeviceAction::Change, AUDIO);
     e.vendor_name = Some("NVIDIA Corporation".into());
@@ -424,8 +430,8 @@ fn names_from_events_and_the_udev_database() {
     assert!(inv.apply(&event(DeviceAction::Change, AUDIO)).is_empty());
     assert!(inv.resync().is_empty());
     assert_eq!(
-        inv.get(&addr(AUDIO)).unwrap().device_name,
-        "TU104 HD Audio Controller"
+        inv.get(&addr(AUDIO)).unwrap().device_name.as_deref(),
+        Some("TU104 HD Audio Controller")
     );
     // The database wins over what we had; an event wins over the database.
     fs.udev_names(AUDIO, "NVIDIA Corp.", "Audio");
@@ -578,16 +584,18 @@ fn hostile_sysfs_contents_never_panic() {
     let mut inv = inventory(&fs);
     inv.resync();
     let d8 = inv.get(&addr("0000:00:08.0")).unwrap();
-    assert_eq!(d8.info.numa_node, -1);
+    assert_eq!(d8.info.numa_node, None);
+    assert_eq!(api(d8).numa_node, -1);
     assert_eq!(d8.info.sriov_total_vfs, 0);
     assert_eq!(d8.info.modalias, "");
     assert_eq!(d8.info.subsystem_vendor_id, 0);
     assert_eq!(d8.info.driver_override, None);
-    assert_eq!(d8.vendor_name, "");
+    assert_eq!(d8.vendor_name, None);
     let d9 = inv.get(&addr("0000:00:09.0")).unwrap();
     assert_eq!(d9.info.driver.as_deref(), Some("ghost"));
-    assert_eq!(d9.vendor_name, "Red \u{fffd}Hat");
-    assert_eq!(d9.device_name, "");
+    assert_eq!(d9.vendor_name.as_deref(), Some("Red \u{fffd}Hat"));
+    assert_eq!(d9.device_name, None);
+    assert_eq!(api(d9).device_name, "");
     let da = inv.get(&addr("0000:00:0a.0")).unwrap();
     assert_eq!(da.info.iommu_group, Some(42));
     assert_eq!(da.iommu_group_devices, ["0000:00:0a.0"]);
@@ -843,7 +851,7 @@ fn mutate(fs: &FakeSysfs, op: &Op) -> DeviceEvent {
 type Mirror = BTreeMap<PciAddress, BTreeMap<&'static str, OwnedVariant>>;
 
 fn values(state: &DeviceState) -> BTreeMap<&'static str, OwnedVariant> {
-    api(state).entries().into_iter().collect()
+    api(state).to_entries().into_iter().collect()
 }
 
 /// What a D-Bus client would see: applies changes, checking that each

@@ -1,13 +1,21 @@
-//! The properties of a PCI device object as one typed value, from a
-//! GetManagedObjects / InterfacesAdded / GetAll dictionary, kept current
-//! with PropertiesChanged.
+//! The properties of a PCI device object as one typed value: clients read
+//! it from a GetManagedObjects / InterfacesAdded / GetAll dictionary and
+//! keep it current with PropertiesChanged; the service encodes it with
+//! [`DeviceProperties::to_entries`]. The keys of [`names::property`] and
+//! (for `InUseBy`) [`names::user`] are read and written only here.
+//!
+//! [`names::property`]: crate::names::property
+//! [`names::user`]: crate::names::user
 
-use crate::dict::{self, Dict};
+use zbus::OwnedVariant;
+
+use crate::dict::{self, Dict, variant};
 use crate::names::{property, user};
 
-/// A process holding a device's VFIO group open (`InUseBy`).
+/// A process holding a device's VFIO group open (one entry of `InUseBy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VfioUser {
+    /// Its process id.
     pub pid: u32,
     /// Resolved executable, "" when unknown.
     pub exe: String,
@@ -24,6 +32,15 @@ impl VfioUser {
             vm_name: dict::string(d, user::VM_NAME).unwrap_or_default(),
         }
     }
+
+    /// The entry as the service sends it.
+    pub fn to_dict(&self) -> Dict {
+        Dict::from([
+            (user::PID.to_owned(), variant(self.pid)),
+            (user::EXE.to_owned(), variant(self.exe.as_str())),
+            (user::VM_NAME.to_owned(), variant(self.vm_name.as_str())),
+        ])
+    }
 }
 
 /// Every property of `org.example.VmManager1.PciDevice`. Missing or
@@ -33,9 +50,13 @@ impl VfioUser {
 pub struct DeviceProperties {
     /// `0000:03:00.0`.
     pub address: String,
+    /// PCI vendor id.
     pub vendor_id: u16,
+    /// PCI device id.
     pub device_id: u16,
+    /// PCI subsystem vendor id, 0 when unknown.
     pub subsystem_vendor_id: u16,
+    /// PCI subsystem device id, 0 when unknown.
     pub subsystem_device_id: u16,
     /// e.g. `0x030000` for a VGA controller.
     pub class: u32,
@@ -47,10 +68,15 @@ pub struct DeviceProperties {
     pub driver: String,
     /// -1 when the device has none.
     pub iommu_group: i32,
+    /// Addresses of every device in the same IOMMU group, this one
+    /// included; empty without a group.
     pub iommu_group_devices: Vec<String>,
     /// -1 when unknown.
     pub numa_node: i32,
+    /// SR-IOV: how many virtual functions the device supports, 0 when it
+    /// is not capable.
     pub sriov_total_vfs: u32,
+    /// SR-IOV: how many virtual functions are enabled.
     pub sriov_num_vfs: u32,
     /// For an SR-IOV virtual function, its physical function; else "".
     pub physical_function: String,
@@ -58,11 +84,14 @@ pub struct DeviceProperties {
     pub permitted: bool,
     /// The allow-list entry's resource name, else "".
     pub resource_name: String,
+    /// The IOMMU group exists and every device in it is bound to vfio-pci
+    /// or a variant of it (bridges excepted): QEMU could open it now.
     pub passthrough_ready: bool,
     /// Why it is not ready, in words fit to show a user.
     pub passthrough_blockers: Vec<String>,
-    /// Computed when read, never in PropertiesChanged: empty unless the
-    /// dictionary came from GetAll, GetManagedObjects or InterfacesAdded.
+    /// Who holds the device's VFIO group open. Computed when read, never
+    /// in PropertiesChanged: empty unless the dictionary came from GetAll,
+    /// GetManagedObjects or InterfacesAdded.
     pub in_use_by: Vec<VfioUser>,
 }
 
@@ -166,6 +195,61 @@ impl DeviceProperties {
             self.in_use_by = users.iter().map(VfioUser::from_dict).collect();
         }
     }
+
+    /// `(name, value)` of every property, in the order of this type's
+    /// fields (the order the service declares them), `InUseBy` last: what
+    /// [`from_properties`](Self::from_properties) reads back. The service
+    /// sends its changed ones in PropertiesChanged, never `InUseBy`.
+    pub fn to_entries(&self) -> Vec<(&'static str, OwnedVariant)> {
+        vec![
+            (property::ADDRESS, variant(self.address.as_str())),
+            (property::VENDOR_ID, variant(self.vendor_id)),
+            (property::DEVICE_ID, variant(self.device_id)),
+            (
+                property::SUBSYSTEM_VENDOR_ID,
+                variant(self.subsystem_vendor_id),
+            ),
+            (
+                property::SUBSYSTEM_DEVICE_ID,
+                variant(self.subsystem_device_id),
+            ),
+            (property::CLASS, variant(self.class)),
+            (property::VENDOR_NAME, variant(self.vendor_name.as_str())),
+            (property::DEVICE_NAME, variant(self.device_name.as_str())),
+            (property::DRIVER, variant(self.driver.as_str())),
+            (property::IOMMU_GROUP, variant(self.iommu_group)),
+            (
+                property::IOMMU_GROUP_DEVICES,
+                variant(&self.iommu_group_devices),
+            ),
+            (property::NUMA_NODE, variant(self.numa_node)),
+            (property::SRIOV_TOTAL_VFS, variant(self.sriov_total_vfs)),
+            (property::SRIOV_NUM_VFS, variant(self.sriov_num_vfs)),
+            (
+                property::PHYSICAL_FUNCTION,
+                variant(self.physical_function.as_str()),
+            ),
+            (property::PERMITTED, variant(self.permitted)),
+            (
+                property::RESOURCE_NAME,
+                variant(self.resource_name.as_str()),
+            ),
+            (property::PASSTHROUGH_READY, variant(self.passthrough_ready)),
+            (
+                property::PASSTHROUGH_BLOCKERS,
+                variant(&self.passthrough_blockers),
+            ),
+            (
+                property::IN_USE_BY,
+                variant(
+                    self.in_use_by
+                        .iter()
+                        .map(VfioUser::to_dict)
+                        .collect::<Vec<_>>(),
+                ),
+            ),
+        ]
+    }
 }
 
 #[cfg(test)]
@@ -199,5 +283,54 @@ mod tests {
         assert_eq!(device.driver, "vfio-pci");
         assert!(device.passthrough_ready);
         assert_eq!(device.address, "0000:03:00.0");
+    }
+
+    /// Every field differs from its default and from the fields of the
+    /// same type, so a missing, misspelled or swapped key shows.
+    fn every_field_set() -> DeviceProperties {
+        DeviceProperties {
+            address: "0000:03:00.0".into(),
+            vendor_id: 0x10de,
+            device_id: 0x1eb8,
+            subsystem_vendor_id: 0x10df,
+            subsystem_device_id: 0x12a2,
+            class: 0x030000,
+            vendor_name: "NVIDIA Corporation".into(),
+            device_name: "TU104GL [Tesla T4]".into(),
+            driver: "vfio-pci".into(),
+            iommu_group: 14,
+            iommu_group_devices: vec!["0000:03:00.0".into(), "0000:03:00.1".into()],
+            numa_node: 1,
+            sriov_total_vfs: 8,
+            sriov_num_vfs: 2,
+            physical_function: "0000:02:00.0".into(),
+            permitted: true,
+            resource_name: "nvidia.com/T4".into(),
+            passthrough_ready: true,
+            passthrough_blockers: vec!["a blocker".into()],
+            in_use_by: vec![VfioUser {
+                pid: 42,
+                exe: "/usr/bin/qemu-system-x86_64".into(),
+                vm_name: "win11".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn entries_read_back_as_the_same_properties() {
+        let device = every_field_set();
+        let entries = device.to_entries();
+        let properties: Dict = entries
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), value.try_clone().unwrap()))
+            .collect();
+        assert_eq!(properties.len(), entries.len(), "a name is encoded twice");
+        assert_eq!(DeviceProperties::from_properties(&properties), device);
+    }
+
+    #[test]
+    fn vfio_user_reads_back_as_the_same_user() {
+        let user = every_field_set().in_use_by.remove(0);
+        assert_eq!(VfioUser::from_dict(&user.to_dict()), user);
     }
 }

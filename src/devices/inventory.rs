@@ -98,18 +98,25 @@ fn allow_entry(list: &[AllowEntry], vendor_id: u16, device_id: u16) -> Option<&A
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceState {
     pub info: PciDeviceInfo,
-    /// "" when unknown.
-    pub vendor_name: String,
-    /// "" when unknown.
-    pub device_name: String,
+    /// From the udev hwdb; `None` when unknown.
+    pub vendor_name: Option<String>,
+    /// From the udev hwdb; `None` when unknown.
+    pub device_name: Option<String>,
     /// Addresses of every device in the IOMMU group (this one included),
     /// sorted; empty without a group.
     pub iommu_group_devices: Vec<String>,
-    pub permitted: bool,
-    /// The matching allow-list entry's resource name, "" when none.
-    pub resource_name: String,
+    /// The matching allow-list entry's resource name; `None` when no entry
+    /// matches, i.e. the device is not [`permitted`](Self::permitted).
+    pub resource_name: Option<String>,
     pub passthrough_ready: bool,
     pub passthrough_blockers: Vec<String>,
+}
+
+impl DeviceState {
+    /// Matches the allow-list.
+    pub fn permitted(&self) -> bool {
+        self.resource_name.is_some()
+    }
 }
 
 /// One difference for the D-Bus layer to publish; it decides which of its
@@ -299,9 +306,7 @@ impl Inventory {
         let mut changes = Vec::new();
         for state in self.devices.values_mut() {
             let old = state.clone();
-            let (permitted, resource_name) = permission(&self.allow_list, &state.info);
-            state.permitted = permitted;
-            state.resource_name = resource_name;
+            state.resource_name = resource_name(&self.allow_list, &state.info);
             changes.extend(diff(state.info.address, Some(&old), Some(state)));
         }
         changes
@@ -323,17 +328,23 @@ impl Inventory {
                 .map(str::to_owned)
                 .or(db)
                 .or_else(|| previous.cloned())
-                .unwrap_or_default()
         };
-        let vendor_name = pick(event_vendor, db_vendor, previous.map(|p| &p.vendor_name));
-        let device_name = pick(event_device, db_device, previous.map(|p| &p.device_name));
-        let (permitted, resource_name) = permission(&self.allow_list, &info);
+        let vendor_name = pick(
+            event_vendor,
+            db_vendor,
+            previous.and_then(|p| p.vendor_name.as_ref()),
+        );
+        let device_name = pick(
+            event_device,
+            db_device,
+            previous.and_then(|p| p.device_name.as_ref()),
+        );
+        let resource_name = resource_name(&self.allow_list, &info);
         DeviceState {
             info,
             vendor_name,
             device_name,
             iommu_group_devices: Vec::new(),
-            permitted,
             resource_name,
             passthrough_ready: false,
             passthrough_blockers: Vec::new(),
@@ -386,11 +397,10 @@ impl Inventory {
     }
 }
 
-fn permission(list: &[AllowEntry], info: &PciDeviceInfo) -> (bool, String) {
-    match allow_entry(list, info.vendor_id, info.device_id) {
-        Some(entry) => (true, entry.resource_name.clone()),
-        None => (false, String::new()),
-    }
+/// The resource name of the device's allow-list entry, `None` when it has
+/// none.
+fn resource_name(list: &[AllowEntry], info: &PciDeviceInfo) -> Option<String> {
+    allow_entry(list, info.vendor_id, info.device_id).map(|entry| entry.resource_name.clone())
 }
 
 /// `PassthroughReady` and `PassthroughBlockers` (see the module docs).

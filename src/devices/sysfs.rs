@@ -35,8 +35,8 @@ pub struct PciDeviceInfo {
     pub driver: Option<String>,
     pub driver_override: Option<String>,
     pub iommu_group: Option<u32>,
-    /// -1 when unknown.
-    pub numa_node: i32,
+    /// `None` when unknown (the kernel says -1).
+    pub numa_node: Option<u32>,
     /// 0 when the device is not SR-IOV capable.
     pub sriov_total_vfs: u32,
     pub sriov_num_vfs: u32,
@@ -242,8 +242,8 @@ pub fn read_device(sysfs_root: &Path, address: &PciAddress) -> Result<PciDeviceI
         read_text(&dir, "numa_node").and_then(|t| parse_decimal::<i32>(&t)),
         -1,
     );
-    // Negative nodes other than -1 do not exist; normalise to "unknown".
-    let numa_node = if numa_node < -1 { -1 } else { numa_node };
+    // -1 is the kernel's "no node"; other negative nodes do not exist.
+    let numa_node = u32::try_from(numa_node).ok();
     let sriov_total_vfs = optional(
         address,
         "sriov_totalvfs",
@@ -437,7 +437,7 @@ mod tests {
             driver: None,
             driver_override: None,
             iommu_group: None,
-            numa_node: -1,
+            numa_node: None,
             sriov_total_vfs: 0,
             sriov_num_vfs: 0,
             physical_function: None,

@@ -14,16 +14,17 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use vmmanager_client::DeviceProperties;
 use zbus::message::Header;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
 
 use super::callers::Callers;
-use super::device_properties::{self, DeviceProperties};
+use super::device_properties;
 use super::error::VmError;
 use super::options::parse_interactive_only;
-use super::values::{Dict, variant};
+use super::values::Dict;
 use crate::auth::{Action, Authority};
 use crate::devices::address::PciAddress;
 use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
@@ -368,9 +369,9 @@ impl PciDeviceObject {
         self.state().info.address
     }
 
-    /// What the getters return ([`DeviceProperties::of`], as the signals).
+    /// What the getters return ([`device_properties::of`], as the signals).
     fn properties(&self) -> DeviceProperties {
-        DeviceProperties::of(&self.state())
+        device_properties::of(&self.state())
     }
 
     /// Shared part of Detach and Reattach: options, polkit, then the
@@ -580,14 +581,8 @@ impl PciDeviceObject {
             .users(group)
             .await
             .unwrap_or_default()
-            .into_iter()
-            .map(|u| {
-                HashMap::from([
-                    ("pid".to_owned(), variant(u.pid)),
-                    ("exe".to_owned(), variant(u.exe)),
-                    ("vm-name".to_owned(), variant(u.vm_name)),
-                ])
-            })
+            .iter()
+            .map(|u| device_properties::vfio_user(u).to_dict())
             .collect()
     }
 }
