@@ -8,8 +8,9 @@
 //!
 //! # Layout
 //!
-//! - [`names`]: bus name, object paths, interface names, polkit action ids,
-//!   option keys, report, user and property keys — each spelled once.
+//! - [`names`]: bus name, object paths, interface names, polkit action ids
+//!   and detail keys, option keys, report, user and property keys, signal
+//!   names — each spelled once.
 //! - [`Error`]: the service's errors `org.example.VmManager1.Error.*`; the
 //!   service replies with it and clients convert a failed call into it.
 //! - [`ManagerProxy`], [`JobProxy`], [`PciDeviceProxy`]: typed proxies with
@@ -17,7 +18,8 @@
 //!   objects.
 //! - [`options`]: typed builders of the `a{sv} options` argument.
 //! - [`CheckReport`], [`DiskUser`]: the CheckDisk report / DiskChecked
-//!   dictionary and the GetDiskUsers entries, decoded and encoded.
+//!   dictionary and the GetDiskUsers entries, decoded and encoded, with
+//!   their values [`CheckResult`] and [`FoundBy`] (unknown ones kept).
 //! - [`DeviceProperties`], [`VfioUser`]: a device object's properties.
 //! - [`PciAddress`]: PCI address ↔ device object path.
 //! - [`dict`]: the `a{sv}` type and helpers; [`json`]: D-Bus values as JSON.
@@ -64,7 +66,7 @@ pub use error::Error;
 pub use proxies::{
     CompletedStream, DiskCheckedStream, JobProxy, ManagerProxy, PciDeviceProxy, UeventStream,
 };
-pub use report::{CheckReport, DiskUser, ReportError};
+pub use report::{CheckReport, CheckResult, DiskUser, FoundBy, ReportError};
 
 /// The service's `org.freedesktop.DBus.ObjectManager` (at
 /// [`MANAGER_PATH`](names::MANAGER_PATH)): device objects come and go

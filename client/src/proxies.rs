@@ -22,14 +22,19 @@ use crate::dict::Dict;
 /// `org.example.VmManager1` on `/org/example/VmManager`: disk checks.
 ///
 /// ```no_run
-/// use vmmanager_client::{CheckReport, Error, ManagerProxy, options::CheckDiskOptions};
+/// use vmmanager_client::{CheckReport, CheckResult, Error, ManagerProxy};
+/// use vmmanager_client::options::CheckDiskOptions;
 ///
 /// # async fn example() -> Result<(), Error> {
 /// let connection = zbus::Connection::system().await?;
 /// let manager = ManagerProxy::new(&connection).await?;
 /// let options = CheckDiskOptions::new().no_user_interaction(true).build();
 /// match manager.check_disk("/vms/win11.qcow2", options).await.map_err(Error::from) {
-///     Ok(report) => println!("{}", CheckReport::from_dict(&report).result),
+///     Ok(report) => match CheckReport::from_dict(&report).result {
+///         Some(CheckResult::Clean) => println!("no errors"),
+///         Some(other) => println!("{other}"),
+///         None => println!("no result"),
+///     },
 ///     Err(Error::InUse(who)) => println!("not checked: {who}"),
 ///     Err(other) => return Err(other),
 /// }
@@ -260,5 +265,24 @@ mod tests {
         assert_eq!(name(ManagerProxy::INTERFACE), MANAGER_INTERFACE);
         assert_eq!(name(JobProxy::INTERFACE), JOB_INTERFACE);
         assert_eq!(name(PciDeviceProxy::INTERFACE), DEVICE_INTERFACE);
+    }
+
+    #[test]
+    fn the_proxies_signals_are_the_named_members() {
+        let job = format!("{JOBS_PATH}/1");
+        let device = format!("{DEVICES_PATH}/pci_0000_03_00_0");
+        let signal = |path: &str, interface: &str, member: &str| {
+            zbus::Message::signal(path.to_owned(), interface.to_owned(), member.to_owned())
+        };
+        let report = (String::from("/vms/a.qcow2"), Dict::new());
+        let checked = signal(MANAGER_PATH, MANAGER_INTERFACE, signal::DISK_CHECKED).build(&report);
+        let completed = signal(&job, JOB_INTERFACE, signal::COMPLETED).build(&(true, ""));
+        let uevent = signal(&device, DEVICE_INTERFACE, signal::UEVENT).build(&("change",));
+        let other = signal(MANAGER_PATH, MANAGER_INTERFACE, "Checked").build(&report);
+        // from_message accepts only the member name its proxy declares.
+        assert!(DiskChecked::from_message(checked.unwrap()).is_some());
+        assert!(Completed::from_message(completed.unwrap()).is_some());
+        assert!(Uevent::from_message(uevent.unwrap()).is_some());
+        assert!(DiskChecked::from_message(other.unwrap()).is_none());
     }
 }
