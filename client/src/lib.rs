@@ -1,9 +1,11 @@
+#![warn(missing_docs)]
 #![doc = include_str!("../README.md")]
 //!
 //! # Layout
 //!
-//! - [`names`]: bus name, object paths, interface names, polkit action ids,
-//!   option keys, report, user and property keys — each spelled once.
+//! - [`names`]: bus name, object paths, interface names, polkit action ids
+//!   and detail keys, option keys, report, user and property keys, signal
+//!   names — each spelled once.
 //! - [`Error`]: the service's errors `org.example.VmManager1.Error.*`; the
 //!   service replies with it and clients convert a failed call into it.
 //! - [`ManagerProxy`], [`JobProxy`], [`PciDeviceProxy`]: typed proxies with
@@ -12,7 +14,8 @@
 //!   [`Uevent`].
 //! - [`options`]: typed builders of the `a{sv} options` argument.
 //! - [`CheckReport`], [`DiskUser`]: the CheckDisk report / DiskChecked
-//!   dictionary and the GetDiskUsers entries, decoded and encoded.
+//!   dictionary and the GetDiskUsers entries, decoded and encoded, with
+//!   their values [`CheckResult`] and [`FoundBy`] (unknown ones kept).
 //! - [`DeviceProperties`], [`VfioUser`]: a device object's properties.
 //! - [`PciAddress`]: PCI address ↔ device object path.
 //! - [`dict`]: the `a{sv}` type and helpers; [`json`]: D-Bus values as JSON.
@@ -68,7 +71,7 @@ pub use proxies::{
     Completed, CompletedArgs, CompletedStream, DiskChecked, DiskCheckedArgs, DiskCheckedStream,
     JobProxy, ManagerProxy, PciDeviceProxy, Uevent, UeventArgs, UeventStream,
 };
-pub use report::{CheckReport, DiskUser, ReportError};
+pub use report::{CheckReport, CheckResult, DiskUser, FoundBy, ReportError};
 
 /// A proxy of the service's `org.freedesktop.DBus.ObjectManager`, on
 /// [`MANAGER_PATH`](names::MANAGER_PATH).

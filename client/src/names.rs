@@ -1,5 +1,6 @@
 //! Every name of the contract, spelled once: bus name, object paths,
-//! interfaces, polkit actions, option keys and dictionary keys.
+//! interfaces, polkit actions and detail keys, option keys, dictionary keys
+//! and signal names.
 //!
 //! The reference for what each means is `dbus/org.example.VmManager1.xml`
 //! (its `<doc>` elements). Error names are not here: they are the variants
@@ -53,23 +54,42 @@ pub mod option {
 /// Keys of the CheckDisk report and the DiskChecked signal's dictionary.
 /// Decode it with [`CheckReport`](crate::CheckReport).
 pub mod report {
+    /// `s`: the canonical path of the image.
     pub const IMAGE: &str = "image";
+    /// `s`: the format from the header (`qcow2`, …, `raw`).
     pub const FORMAT: &str = "format";
+    /// `s`: [`CheckResult`](crate::CheckResult)'s spelling, "" after an
+    /// error.
     pub const RESULT: &str = "result";
+    /// `b`: false when checked with `force-share` while in use.
     pub const CONSISTENT: &str = "consistent";
+    /// `t`: errors qemu-img met while checking.
     pub const CHECK_ERRORS: &str = "check-errors";
+    /// `t`: corruptions found (after a repair: left).
     pub const CORRUPTIONS: &str = "corruptions";
+    /// `t`: leaked clusters found (after a repair: left).
     pub const LEAKS: &str = "leaks";
+    /// `t`: corruptions the repair fixed.
     pub const CORRUPTIONS_FIXED: &str = "corruptions-fixed";
+    /// `t`: leaked clusters the repair freed.
     pub const LEAKS_FIXED: &str = "leaks-fixed";
+    /// `t`: where the image's data ends, in bytes.
     pub const IMAGE_END_OFFSET: &str = "image-end-offset";
+    /// `t`: clusters of the virtual disk.
     pub const TOTAL_CLUSTERS: &str = "total-clusters";
+    /// `t`: clusters holding data.
     pub const ALLOCATED_CLUSTERS: &str = "allocated-clusters";
+    /// `t`: allocated clusters not stored in guest order.
     pub const FRAGMENTED_CLUSTERS: &str = "fragmented-clusters";
+    /// `t`: compressed clusters.
     pub const COMPRESSED_CLUSTERS: &str = "compressed-clusters";
+    /// `aa{sv}`: who uses the image, each with the keys of [`user`](super::user).
     pub const USERS: &str = "users";
+    /// `as`: PID files that should name this image's VM but do not.
     pub const STALE_PIDFILES: &str = "stale-pidfiles";
+    /// `u`: the uid qemu-img ran as.
     pub const RUN_AS_UID: &str = "run-as-uid";
+    /// `t`: how long the check took, in milliseconds.
     pub const DURATION_MS: &str = "duration-ms";
     /// DiskChecked only, after an error: the D-Bus error name.
     pub const ERROR: &str = "error";
@@ -82,11 +102,17 @@ pub mod report {
 /// Decode them with [`DiskUser`](crate::DiskUser) and
 /// [`VfioUser`](crate::VfioUser).
 pub mod user {
+    /// `u`: the process; 0 for a QEMU lock holder /proc does not show.
     pub const PID: &str = "pid";
+    /// `s`: its executable, "" when unknown.
     pub const EXE: &str = "exe";
+    /// `s`: QEMU's `-name`, "" when none.
     pub const VM_NAME: &str = "vm-name";
+    /// `b`: holds the image open for writing.
     pub const WRITABLE: &str = "writable";
+    /// `as`: how it was found, each [`FoundBy`](crate::FoundBy)'s spelling.
     pub const FOUND_BY: &str = "found-by";
+    /// `s`: the PID file that named it, "" when none.
     pub const PIDFILE: &str = "pidfile";
 }
 
@@ -94,24 +120,76 @@ pub mod user {
 /// GetManagedObjects. Decode them with
 /// [`DeviceProperties`](crate::DeviceProperties).
 pub mod property {
+    /// `s`: the PCI address, e.g. `0000:03:00.0`.
     pub const ADDRESS: &str = "Address";
+    /// `u`: the PCI class, e.g. `0x030000`.
     pub const CLASS: &str = "Class";
+    /// `q`: the PCI device id.
     pub const DEVICE_ID: &str = "DeviceId";
+    /// `s`: the device's name from the udev hwdb, else "".
     pub const DEVICE_NAME: &str = "DeviceName";
+    /// `s`: the bound driver, "" when none.
     pub const DRIVER: &str = "Driver";
+    /// `aa{sv}`: processes holding the VFIO group open (the first three
+    /// keys of [`user`](super::user)); computed when read, no change signal.
     pub const IN_USE_BY: &str = "InUseBy";
+    /// `i`: the IOMMU group, -1 when none.
     pub const IOMMU_GROUP: &str = "IommuGroup";
+    /// `as`: addresses of every device in the same IOMMU group.
     pub const IOMMU_GROUP_DEVICES: &str = "IommuGroupDevices";
+    /// `i`: NUMA node, -1 when unknown.
     pub const NUMA_NODE: &str = "NumaNode";
+    /// `as`: why the device is not ready, in words fit to show a user.
     pub const PASSTHROUGH_BLOCKERS: &str = "PassthroughBlockers";
+    /// `b`: a VM can be given this device.
     pub const PASSTHROUGH_READY: &str = "PassthroughReady";
+    /// `b`: matches the configured allow-list.
     pub const PERMITTED: &str = "Permitted";
+    /// `s`: an SR-IOV virtual function's physical function, else "".
     pub const PHYSICAL_FUNCTION: &str = "PhysicalFunction";
+    /// `s`: the allow-list entry's resource name, else "".
     pub const RESOURCE_NAME: &str = "ResourceName";
+    /// `u`: SR-IOV virtual functions enabled.
     pub const SRIOV_NUM_VFS: &str = "SriovNumVfs";
+    /// `u`: SR-IOV virtual functions the device supports.
     pub const SRIOV_TOTAL_VFS: &str = "SriovTotalVfs";
+    /// `q`: the PCI subsystem device id.
     pub const SUBSYSTEM_DEVICE_ID: &str = "SubsystemDeviceId";
+    /// `q`: the PCI subsystem vendor id.
     pub const SUBSYSTEM_VENDOR_ID: &str = "SubsystemVendorId";
+    /// `q`: the PCI vendor id.
     pub const VENDOR_ID: &str = "VendorId";
+    /// `s`: the vendor's name from the udev hwdb, else "".
     pub const VENDOR_NAME: &str = "VendorName";
+}
+
+/// Member names of the service's own signals, for match rules and for
+/// dispatching a [`zbus::Message`] by its member. The proxies'
+/// `receive_…` streams need none of them. (The standard interfaces'
+/// signals, such as `PropertiesChanged`, are the D-Bus specification's.)
+pub mod signal {
+    /// On the manager ([`MANAGER_INTERFACE`](super::MANAGER_INTERFACE)):
+    /// after every check that got past authorization, with the image and
+    /// the report (keys of [`report`](super::report)).
+    pub const DISK_CHECKED: &str = "DiskChecked";
+    /// On a job ([`JOB_INTERFACE`](super::JOB_INTERFACE)): once, when the
+    /// job ends.
+    pub const COMPLETED: &str = "Completed";
+    /// On a device ([`DEVICE_INTERFACE`](super::DEVICE_INTERFACE)): a kernel
+    /// or udev event, once the properties reflect it.
+    pub const UEVENT: &str = "Uevent";
+}
+
+/// Keys of the details the service passes with each polkit request: polkit
+/// rules read them as `action.lookup(KEY)` (README, section "polkit").
+pub mod polkit_detail {
+    /// The canonical path of the image ([`CHECK_DISK`](super::action::CHECK_DISK),
+    /// [`CHECK_DISK_OTHER_USER`](super::action::CHECK_DISK_OTHER_USER),
+    /// [`REPAIR_DISK`](super::action::REPAIR_DISK); for a job's Cancel, its
+    /// target), e.g. `action.lookup("image").indexOf("/srv/vms/") == 0`.
+    pub const IMAGE: &str = "image";
+    /// The PCI address of the device
+    /// ([`MANAGE_DEVICES`](super::action::MANAGE_DEVICES)), e.g.
+    /// `action.lookup("device") == "0000:03:00.0"`.
+    pub const DEVICE: &str = "device";
 }

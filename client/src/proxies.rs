@@ -37,7 +37,8 @@ use crate::dict::Dict;
 /// tell the user why it was not checked:
 ///
 /// ```no_run
-/// use vmmanager_client::{CheckReport, Error, ManagerProxy, options::CheckDiskOptions};
+/// use vmmanager_client::{CheckReport, CheckResult, Error, ManagerProxy};
+/// use vmmanager_client::options::CheckDiskOptions;
 ///
 /// # async fn example() -> Result<(), Error> {
 /// let connection = zbus::Connection::system().await?;
@@ -50,7 +51,11 @@ use crate::dict::Dict;
 /// match manager.check_disk("/vms/win11/disk.qcow2", options).await.map_err(Error::from) {
 ///     Ok(report) => {
 ///         let report = CheckReport::from_dict(&report);
-///         println!("{}: {} ({} leaks)", report.image, report.result, report.leaks);
+///         match report.result {
+///             Some(CheckResult::Clean) => println!("{}: no errors", report.image),
+///             Some(result) => println!("{}: {result} ({} leaks)", report.image, report.leaks),
+///             None => println!("{}: no result", report.image),
+///         }
 ///     }
 ///     // The service's messages are written to be shown as they are.
 ///     Err(Error::InUse(message) | Error::Busy(message)) => println!("not now: {message}"),
@@ -77,7 +82,10 @@ use crate::dict::Dict;
 ///     let report = CheckReport::from_signal(&args.image, &args.report);
 ///     match &report.error {
 ///         Some(error) => println!("{}: failed: {}", report.image, error.message),
-///         None => println!("{}: {}", report.image, report.result),
+///         None => match &report.result {
+///             Some(result) => println!("{}: {result}", report.image),
+///             None => println!("{}: no result", report.image),
+///         },
 ///     }
 /// }
 /// # Ok(())
@@ -496,5 +504,24 @@ mod tests {
         assert_eq!(name(ManagerProxy::INTERFACE), MANAGER_INTERFACE);
         assert_eq!(name(JobProxy::INTERFACE), JOB_INTERFACE);
         assert_eq!(name(PciDeviceProxy::INTERFACE), DEVICE_INTERFACE);
+    }
+
+    #[test]
+    fn the_proxies_signals_are_the_named_members() {
+        let job = format!("{JOBS_PATH}/1");
+        let device = format!("{DEVICES_PATH}/pci_0000_03_00_0");
+        let signal = |path: &str, interface: &str, member: &str| {
+            zbus::Message::signal(path.to_owned(), interface.to_owned(), member.to_owned())
+        };
+        let report = (String::from("/vms/a.qcow2"), Dict::new());
+        let checked = signal(MANAGER_PATH, MANAGER_INTERFACE, signal::DISK_CHECKED).build(&report);
+        let completed = signal(&job, JOB_INTERFACE, signal::COMPLETED).build(&(true, ""));
+        let uevent = signal(&device, DEVICE_INTERFACE, signal::UEVENT).build(&("change",));
+        let other = signal(MANAGER_PATH, MANAGER_INTERFACE, "Checked").build(&report);
+        // from_message accepts only the member name its proxy declares.
+        assert!(DiskChecked::from_message(checked.unwrap()).is_some());
+        assert!(Completed::from_message(completed.unwrap()).is_some());
+        assert!(Uevent::from_message(uevent.unwrap()).is_some());
+        assert!(DiskChecked::from_message(other.unwrap()).is_none());
     }
 }

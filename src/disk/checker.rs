@@ -229,7 +229,7 @@ fn describe(user: &DiskUser) -> String {
     let found_by = user
         .found_by
         .iter()
-        .map(|f| f.as_str())
+        .map(|&f| vmmanager_client::FoundBy::from(f).to_string())
         .collect::<Vec<_>>()
         .join(", ");
     if user.pid == 0 {

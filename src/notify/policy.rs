@@ -9,8 +9,8 @@
 
 use std::path::Path;
 
-use vmmanager_client::Error;
 pub use vmmanager_client::{CheckReport, DeviceProperties};
+use vmmanager_client::{CheckResult, Error};
 
 /// The application name every notification carries.
 pub const APP_NAME: &str = "VM Manager";
@@ -149,8 +149,8 @@ pub fn disk_checked(report: &CheckReport) -> Message {
     }
 
     let where_ = path_and_format(report);
-    match report.result.as_str() {
-        "clean" if report.leaks_fixed > 0 || report.corruptions_fixed > 0 => {
+    match &report.result {
+        Some(CheckResult::Clean) if report.leaks_fixed > 0 || report.corruptions_fixed > 0 => {
             let mut fixed = Vec::new();
             if report.leaks_fixed > 0 {
                 fixed.push(plural(
@@ -174,14 +174,14 @@ pub fn disk_checked(report: &CheckReport) -> Message {
                 "x-vmmanager.disk.repaired",
             )
         }
-        "clean" => message(
+        Some(CheckResult::Clean) => message(
             format!("Disk check passed: {name}"),
             format!("{where_} has no errors.{shared_note}"),
             Urgency::Low,
             "drive-harddisk",
             "x-vmmanager.disk.clean",
         ),
-        "leaks" => {
+        Some(CheckResult::Leaks) => {
             let mut m = message(
                 format!("Disk has leaked clusters: {name}"),
                 format!(
@@ -202,7 +202,7 @@ pub fn disk_checked(report: &CheckReport) -> Message {
             }
             m
         }
-        "corrupt" => message(
+        Some(CheckResult::Corrupt) => message(
             format!("Disk is corrupt: {name}"),
             format!(
                 "{} in {where_}. Do not start the VM; back up the image, then repair \
@@ -213,16 +213,19 @@ pub fn disk_checked(report: &CheckReport) -> Message {
             "dialog-error",
             "x-vmmanager.disk.corrupt",
         ),
-        "not-supported" => message(
+        Some(CheckResult::NotSupported) => message(
             format!("Nothing to check: {name}"),
             format!("{where_}: this format has no metadata that qemu-img can check."),
             Urgency::Low,
             "drive-harddisk",
             "x-vmmanager.disk.clean",
         ),
-        other => message(
+        unknown @ (Some(CheckResult::Unknown(_)) | None) => message(
             format!("Disk checked: {name}"),
-            format!("{where_}: result \"{other}\"."),
+            format!(
+                "{where_}: result \"{}\".",
+                unknown.as_ref().map_or("", CheckResult::as_str)
+            ),
             Urgency::Normal,
             "drive-harddisk",
             "x-vmmanager.disk.failed",
@@ -375,11 +378,11 @@ mod tests {
     use super::*;
     use vmmanager_client::ReportError;
 
-    fn report(result: &str) -> CheckReport {
+    fn report(result: Option<CheckResult>) -> CheckReport {
         CheckReport {
             image: "/vms/win11/disk.qcow2".into(),
             format: "qcow2".into(),
-            result: result.into(),
+            result,
             consistent: true,
             ..CheckReport::default()
         }
@@ -387,7 +390,7 @@ mod tests {
 
     #[test]
     fn clean_is_low_urgency() {
-        let m = disk_checked(&report("clean"));
+        let m = disk_checked(&report(Some(CheckResult::Clean)));
         assert_eq!(m.summary, "Disk check passed: disk.qcow2");
         assert_eq!(m.body, "/vms/win11/disk.qcow2 (qcow2) has no errors.");
         assert_eq!(m.urgency, Urgency::Low);
@@ -398,7 +401,7 @@ mod tests {
 
     #[test]
     fn leaks_offer_a_repair() {
-        let mut r = report("leaks");
+        let mut r = report(Some(CheckResult::Leaks));
         r.leaks = 3;
         let m = disk_checked(&r);
         assert_eq!(m.summary, "Disk has leaked clusters: disk.qcow2");
@@ -423,7 +426,7 @@ mod tests {
 
     #[test]
     fn corrupt_is_critical() {
-        let mut r = report("corrupt");
+        let mut r = report(Some(CheckResult::Corrupt));
         r.corruptions = 1;
         let m = disk_checked(&r);
         assert_eq!(m.summary, "Disk is corrupt: disk.qcow2");
@@ -435,7 +438,7 @@ mod tests {
 
     #[test]
     fn a_repair_says_what_it_fixed() {
-        let mut r = report("clean");
+        let mut r = report(Some(CheckResult::Clean));
         r.leaks_fixed = 3;
         let m = disk_checked(&r);
         assert_eq!(m.summary, "Disk repaired: disk.qcow2");
@@ -447,7 +450,7 @@ mod tests {
 
     #[test]
     fn in_use_quotes_the_service_message() {
-        let mut r = report("");
+        let mut r = report(None);
         r.error = Some(ReportError::from(&Error::InUse(
             "disk.qcow2 is in use by VM \"win11\" (PID 42)".into(),
         )));
@@ -469,11 +472,19 @@ mod tests {
 
     #[test]
     fn raw_has_nothing_to_check() {
-        let mut r = report("not-supported");
+        let mut r = report(Some(CheckResult::NotSupported));
         r.format = "raw".into();
         let m = disk_checked(&r);
         assert_eq!(m.summary, "Nothing to check: disk.qcow2");
         assert_eq!(m.urgency, Urgency::Low);
+    }
+
+    #[test]
+    fn a_result_from_a_newer_service_is_shown_as_sent() {
+        let m = disk_checked(&report(Some(CheckResult::Unknown("bit-rot".into()))));
+        assert_eq!(m.summary, "Disk checked: disk.qcow2");
+        assert_eq!(m.body, "/vms/win11/disk.qcow2 (qcow2): result \"bit-rot\".");
+        assert_eq!(m.category, "x-vmmanager.disk.failed");
     }
 
     fn dev(addr: &str) -> DeviceProperties {

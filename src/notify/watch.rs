@@ -29,6 +29,7 @@ use vmmanager_client::PciAddress;
 use vmmanager_client::dict::Dict;
 use vmmanager_client::names::{
     BUS_NAME as SERVICE_NAME, DEVICE_INTERFACE, DEVICES_PATH, MANAGER_INTERFACE, MANAGER_PATH,
+    signal,
 };
 
 /// Signals are queued up to this many per stream while a notification is
@@ -144,7 +145,7 @@ fn rules(owner: &UniqueName<'_>) -> zbus::Result<Vec<MatchRule<'static>>> {
         base()
             .path(MANAGER_PATH)
             .interface(MANAGER_INTERFACE)
-            .member("DiskChecked")
+            .member(signal::DISK_CHECKED)
             .build()?
             .to_owned(),
         base()
@@ -254,7 +255,7 @@ impl Watcher<'_> {
         let body = message.body();
         let now = std::time::Instant::now();
         match member.as_str() {
-            "DiskChecked" => {
+            signal::DISK_CHECKED => {
                 let Ok((image, report)) = body.deserialize::<(String, Dict)>() else {
                     return;
                 };

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use vmmanager_client::DeviceProperties;
+use vmmanager_client::names::polkit_detail;
 use zbus::message::Header;
 use zbus::names::InterfaceName;
 use zbus::object_server::SignalEmitter;
@@ -386,7 +387,7 @@ impl PciDeviceObject {
         let interactive = parse_interactive_only(method, options)?;
         let target = self.pci_address();
         let address = target.to_string();
-        let details = HashMap::from([("device", address.as_str())]);
+        let details = HashMap::from([(polkit_detail::DEVICE, address.as_str())]);
         let guard = self.shared.callers.guard(header)?;
         let authority = &self.shared.authority;
         let caller = authority.caller(header).await?;

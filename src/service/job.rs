@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
+use vmmanager_client::names::polkit_detail;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{OwnedObjectPath, OwnedVariant, interface};
@@ -123,7 +124,7 @@ impl Job {
         let guard = self.callers.guard(&header)?;
         let caller = self.authority.caller(&header).await?;
         if caller.uid != self.info.started_by_uid {
-            let details = HashMap::from([("image", self.info.target.as_str())]);
+            let details = HashMap::from([(polkit_detail::IMAGE, self.info.target.as_str())]);
             let action = Action::CheckDiskOtherUser;
             let check = self
                 .authority

@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use vmmanager_client::CheckResult;
+use vmmanager_client::names::polkit_detail;
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, interface};
@@ -129,7 +131,7 @@ impl Manager {
         let ask = |action: Action, image: String| {
             let caller = &caller;
             async move {
-                let details = HashMap::from([("image", image.as_str())]);
+                let details = HashMap::from([(polkit_detail::IMAGE, image.as_str())]);
                 authority
                     .check(header, caller, action, options.interactive, &details)
                     .await
@@ -451,10 +453,11 @@ async fn emit_jobs_changed(connection: &Connection) {
 
 fn log_outcome(report: &DiskReport, error: Option<&VmError>) {
     let image = report.image.display();
+    let result = report.result.map(CheckResult::from);
     match error {
         None => tracing::info!(
             %image,
-            result = report.result.map_or("", |r| r.as_str()),
+            result = result.as_ref().map_or("", CheckResult::as_str),
             leaks = report.counts.leaks,
             corruptions = report.counts.corruptions,
             "check finished"

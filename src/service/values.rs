@@ -22,11 +22,7 @@ fn contract_user(user: &DiskUser) -> vmmanager_client::DiskUser {
         exe: user.exe.clone(),
         vm_name: user.vm_name.clone(),
         writable: user.writable,
-        found_by: user
-            .found_by
-            .iter()
-            .map(|f| f.as_str().to_owned())
-            .collect(),
+        found_by: user.found_by.iter().map(|&f| f.into()).collect(),
         pidfile: user.pidfile.as_deref().map(path_text).unwrap_or_default(),
     }
 }
@@ -43,7 +39,7 @@ pub fn report_dict(report: &DiskReport, error: Option<&VmError>) -> Dict {
     CheckReport {
         image: path_text(&report.image),
         format: report.format.as_str().to_owned(),
-        result: report.result.map_or("", |r| r.as_str()).to_owned(),
+        result: report.result.map(Into::into),
         consistent: report.consistent,
         check_errors: c.check_errors,
         corruptions: c.corruptions,

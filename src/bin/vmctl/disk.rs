@@ -4,7 +4,7 @@ use std::path::Path;
 
 use vmmanager_client::json::dict_to_json;
 use vmmanager_client::options::{AuthOptions, CheckDiskOptions, GetDiskUsersOptions, Repair};
-use vmmanager_client::{CheckReport, DiskUser, JobProxy, ManagerProxy};
+use vmmanager_client::{CheckReport, CheckResult, DiskUser, FoundBy, JobProxy, ManagerProxy};
 use zbus::Connection;
 
 use crate::{Failure, absolute, exit, style};
@@ -141,7 +141,8 @@ fn describe_user(user: &DiskUser) -> String {
     } else {
         ", read-only"
     };
-    text += &format!(" (found by {}", user.found_by.join(", "));
+    let found_by: Vec<&str> = user.found_by.iter().map(FoundBy::as_str).collect();
+    text += &format!(" (found by {}", found_by.join(", "));
     if !user.pidfile.is_empty() {
         text += &format!("; PID file {}", user.pidfile);
     }
@@ -150,24 +151,25 @@ fn describe_user(user: &DiskUser) -> String {
 
 fn print_report(report: &CheckReport) {
     let CheckReport { image, format, .. } = report;
-    let summary = match report.result.as_str() {
-        "clean" => style::out(style::GREEN, "no errors found").into_owned(),
-        "leaks" => format!(
+    let summary = match &report.result {
+        Some(CheckResult::Clean) => style::out(style::GREEN, "no errors found").into_owned(),
+        Some(CheckResult::Leaks) => format!(
             "{}: wasted space, no data at risk; free it with --repair leaks",
             style::out(
                 style::YELLOW,
                 &format!("{} leaked cluster(s)", report.leaks)
             )
         ),
-        "corrupt" => format!(
+        Some(CheckResult::Corrupt) => format!(
             "{} {} corruption(s), {} leaked cluster(s); back up the image before \
              --repair all",
             style::out(style::RED, "CORRUPT:"),
             report.corruptions,
             report.leaks
         ),
-        "not-supported" => format!("the {format} format has nothing to check"),
-        other => other.to_owned(),
+        Some(CheckResult::NotSupported) => format!("the {format} format has nothing to check"),
+        Some(CheckResult::Unknown(other)) => other.clone(),
+        None => String::new(),
     };
     outln!("{image} ({format}): {summary}");
     let (leaks_fixed, corruptions_fixed) = (report.leaks_fixed, report.corruptions_fixed);
@@ -199,11 +201,11 @@ fn print_report(report: &CheckReport) {
 }
 
 fn exit_code_for(report: &CheckReport) -> u8 {
-    match report.result.as_str() {
-        "clean" => exit::CLEAN,
-        "leaks" => exit::LEAKS,
-        "corrupt" => exit::CORRUPT,
-        "not-supported" => exit::NOT_SUPPORTED,
-        _ => exit::ERROR,
+    match &report.result {
+        Some(CheckResult::Clean) => exit::CLEAN,
+        Some(CheckResult::Leaks) => exit::LEAKS,
+        Some(CheckResult::Corrupt) => exit::CORRUPT,
+        Some(CheckResult::NotSupported) => exit::NOT_SUPPORTED,
+        Some(CheckResult::Unknown(_)) | None => exit::ERROR,
     }
 }

@@ -3,8 +3,8 @@
 use futures_util::StreamExt;
 use vmmanager_client::dict::Dict;
 use vmmanager_client::json::dict_to_json;
-use vmmanager_client::names::{BUS_NAME, DEVICE_INTERFACE, MANAGER_PATH};
-use vmmanager_client::{CheckReport, DeviceProperties, PciAddress};
+use vmmanager_client::names::{BUS_NAME, DEVICE_INTERFACE, MANAGER_PATH, signal};
+use vmmanager_client::{CheckReport, CheckResult, DeviceProperties, PciAddress};
 use zbus::message::Type as MessageType;
 use zbus::{Connection, MatchRule, MessageStream};
 
@@ -45,19 +45,19 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
         "path": path,
     });
     let line = match member.as_str() {
-        "DiskChecked" => {
+        signal::DISK_CHECKED => {
             let (image, dict): (String, Dict) = body.deserialize().ok()?;
             let report = CheckReport::from_signal(&image, &dict);
             let outcome = match &report.error {
                 Some(error) => format!("{} {}", style::out(style::RED, "failed:"), error.message),
                 None => {
-                    let result = report.result.as_str();
-                    let colour = match result {
-                        "clean" => style::GREEN,
-                        "leaks" => style::YELLOW,
-                        "corrupt" => style::RED,
-                        _ => "",
+                    let colour = match &report.result {
+                        Some(CheckResult::Clean) => style::GREEN,
+                        Some(CheckResult::Leaks) => style::YELLOW,
+                        Some(CheckResult::Corrupt) => style::RED,
+                        Some(CheckResult::NotSupported | CheckResult::Unknown(_)) | None => "",
                     };
+                    let result = report.result.as_ref().map_or("", CheckResult::as_str);
                     if colour.is_empty() {
                         result.to_owned()
                     } else {
@@ -116,12 +116,12 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
                 None => format!("{path}: {what}"),
             }
         }
-        "Uevent" => {
+        signal::UEVENT => {
             let action: String = body.deserialize().ok()?;
             json["action"] = action.clone().into();
             format!("device {}: {action} event", device_address(&path)?)
         }
-        "Completed" => return None,
+        signal::COMPLETED => return None,
         other => format!("{path}: {interface}.{other}"),
     };
     Some((format!("{} {line}", now()), json))

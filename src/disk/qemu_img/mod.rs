@@ -97,6 +97,9 @@ pub struct CheckRequest {
     pub timeout: Duration,
 }
 
+/// What qemu-img found. A closed set (qemu-img's exit codes); the contract's
+/// [`vmmanager_client::CheckResult`] spells it and also keeps values a
+/// newer service might send, which the domain never produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckResult {
     Clean,
@@ -105,13 +108,14 @@ pub enum CheckResult {
     NotSupported,
 }
 
-impl CheckResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CheckResult::Clean => "clean",
-            CheckResult::Leaks => "leaks",
-            CheckResult::Corrupt => "corrupt",
-            CheckResult::NotSupported => "not-supported",
+/// The one mapping to the contract's value.
+impl From<CheckResult> for vmmanager_client::CheckResult {
+    fn from(result: CheckResult) -> Self {
+        match result {
+            CheckResult::Clean => Self::Clean,
+            CheckResult::Leaks => Self::Leaks,
+            CheckResult::Corrupt => Self::Corrupt,
+            CheckResult::NotSupported => Self::NotSupported,
         }
     }
 }

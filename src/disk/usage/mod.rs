@@ -28,7 +28,9 @@ pub use pidfile::{IMAGE_DIR, OWNER_UID, PatternError, validate_pattern};
 /// thousands of paths.
 pub const MAX_STALE_PIDFILES: usize = 32;
 
-/// How a user of the image was found.
+/// How a user of the image was found. A closed set, in the order reports
+/// list it; the contract's [`vmmanager_client::FoundBy`] spells it (the
+/// InUse message uses that spelling too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FoundBy {
     Pidfile,
@@ -36,12 +38,13 @@ pub enum FoundBy {
     Lock,
 }
 
-impl FoundBy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FoundBy::Pidfile => "pidfile",
-            FoundBy::Proc => "proc",
-            FoundBy::Lock => "lock",
+/// The one mapping to the contract's value.
+impl From<FoundBy> for vmmanager_client::FoundBy {
+    fn from(found_by: FoundBy) -> Self {
+        match found_by {
+            FoundBy::Pidfile => Self::Pidfile,
+            FoundBy::Proc => Self::Proc,
+            FoundBy::Lock => Self::Lock,
         }
     }
 }

@@ -554,8 +554,8 @@ fn blocks_check_rules() {
     assert!(user(true, true).blocks_check());
     assert!(user(false, true).blocks_check());
     assert!(!user(false, false).blocks_check());
-    assert_eq!(FoundBy::Pidfile.as_str(), "pidfile");
-    assert_eq!(FoundBy::Proc.as_str(), "proc");
-    assert_eq!(FoundBy::Lock.as_str(), "lock");
+    let spelled = [FoundBy::Pidfile, FoundBy::Proc, FoundBy::Lock]
+        .map(|found_by| vmmanager_client::FoundBy::from(found_by).to_string());
+    assert_eq!(spelled, ["pidfile", "proc", "lock"]);
     assert!(FoundBy::Pidfile < FoundBy::Proc && FoundBy::Proc < FoundBy::Lock);
 }
