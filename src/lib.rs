@@ -21,8 +21,9 @@
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     in-use refusal, report.
 //! - [`devices`]: PCI devices:
-//!   - [`devices::address`] (the client crate's `PciAddress`) and
-//!     [`devices::sysfs`] (reading one device's sysfs directory);
+//!   - [`devices::sysfs`]: reading one device's sysfs directory (addresses
+//!     are the client crate's [`PciAddress`](vmmanager_client::PciAddress),
+//!     which also owns the device object path codec);
 //!   - [`devices::inventory`]: the sysfs inventory with passthrough
 //!     readiness, reporting which devices changed;
 //!   - [`devices::monitor`]: the udev monitor thread (udevd's control socket

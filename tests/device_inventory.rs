@@ -12,7 +12,6 @@ use std::path::Path;
 
 use common::sysfs::FakeSysfs;
 use proptest::prelude::*;
-use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::inventory::{
     AllowEntry, BRIDGE_BLOCKER, DeviceState, Inventory, InventoryChange, NO_DRIVER_BLOCKER,
     NO_IOMMU_GROUP_BLOCKER,
@@ -21,6 +20,7 @@ use vmmanager::devices::sysfs::{self, SysfsError};
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager::service::device_properties;
 use vmmanager_client::DeviceProperties;
+use vmmanager_client::PciAddress;
 use zbus::OwnedVariant;
 
 fn addr(s: &str) -> PciAddress {

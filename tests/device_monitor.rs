@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
-use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::monitor::{
     DeviceMonitor, EventGroup, MonitorError, MonitorOptions, THREAD_NAME, UDEVD_CONTROL_SOCKET,
 };
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager_client::PciAddress;
 
 use crate::common;
 

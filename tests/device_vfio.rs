@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 use common::fake_kernel::FakeKernel;
 use tokio_util::sync::CancellationToken;
 
-use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::vfio::{
     KernelSysfs, Outcome, SysfsWrite, SysfsWriter, VfioBinder, VfioError, group_users,
     iommu_group_of,
 };
+use vmmanager_client::PciAddress;
 
 const AUDIO: &str = "0000:00:1f.3";
 const GPU: &str = "0000:01:00.0";

@@ -11,7 +11,7 @@ use common::udevd::{FileLock, UDEVD_LOCK, Udevd, device, devices, write_change};
 use common::{DaemonConfig, Polkit, Stack};
 use futures_util::StreamExt;
 use vmmanager::config::EventsSetting;
-use vmmanager::devices::address::PciAddress;
+use vmmanager_client::PciAddress;
 use vmmanager_client::PciDeviceProxy;
 use zbus::{Connection, OwnedObjectPath};
 

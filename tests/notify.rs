@@ -25,10 +25,10 @@ use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, writ
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
-use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::vfio::KernelSysfs;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager_client::ManagerProxy;
+use vmmanager_client::PciAddress;
 use zbus::Variant;
 
 const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");

@@ -30,10 +30,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use super::address::PciAddress;
 use super::sysfs::{self, PciDeviceInfo, SysfsError};
 use super::vfio::{VFIO_DRIVER, is_vfio_driver};
 use super::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager_client::PciAddress;
 
 /// The stub driver the kernel accepts in a viable group.
 pub const PCI_STUB_DRIVER: &str = "pci-stub";

@@ -1,7 +1,6 @@
 //! PCI devices: a live inventory from sysfs and udev events, passthrough
 //! readiness, and detach/reattach to vfio-pci.
 //!
-//! - [`address`]: PCI addresses (`0000:03:00.0`) and their object paths.
 //! - [`sysfs`]: reading one device or all of them from a (configurable)
 //!   sysfs root; names from the udev database.
 //! - [`inventory`]: the device table, readiness and allow-list, applying
@@ -13,7 +12,6 @@
 //! - [`passthrough`]: the decisions around those writes: refuse while a
 //!   process holds the device's VFIO group, and when that is unknown.
 
-pub mod address;
 pub mod inventory;
 pub mod monitor;
 pub mod passthrough;
@@ -36,7 +34,7 @@ pub enum DeviceAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceEvent {
     pub action: DeviceAction,
-    pub address: address::PciAddress,
+    pub address: vmmanager_client::PciAddress,
     /// `ID_VENDOR_FROM_DATABASE` / `ID_MODEL_FROM_DATABASE` when the event
     /// came through udevd (the kernel's own events carry no names).
     pub vendor_name: Option<String>,

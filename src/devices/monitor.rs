@@ -37,8 +37,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc::{self, error::TrySendError};
 
-use super::address::PciAddress;
 use super::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager_client::PciAddress;
 
 /// Receive buffer requested by default: 128 MiB, what systemd-udevd uses, so
 /// a burst of uevents (e.g. creating many SR-IOV VFs) does not overflow.

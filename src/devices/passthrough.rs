@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::address::PciAddress;
 use super::vfio::{self, Outcome, VfioBinder, VfioError, VfioUser};
 use crate::procfs::HoldersError;
+use vmmanager_client::PciAddress;
 
 /// How long finding out who holds a VFIO group may take. A read of a stuck
 /// process's /proc files can hang; the same bound as a disk's in-use scan

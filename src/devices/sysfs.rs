@@ -11,8 +11,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::address::PciAddress;
 use crate::kernel_files::{self, AtLimit, KernelFileError};
+use vmmanager_client::PciAddress;
 
 /// Upper bound for one sysfs attribute; the kernel's own limit is a page.
 pub const MAX_ATTRIBUTE_BYTES: u64 = 4096;

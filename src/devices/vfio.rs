@@ -45,9 +45,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use tokio_util::sync::CancellationToken;
 
-use super::address::PciAddress;
 use super::sysfs;
 use crate::procfs::{self, HoldersError, Target};
+use vmmanager_client::PciAddress;
 
 /// The stub driver devices are detached to.
 pub const VFIO_DRIVER: &str = "vfio-pci";

@@ -27,12 +27,12 @@ use super::error::VmError;
 use super::options::parse_interactive_only;
 use super::values::Dict;
 use crate::auth::{Action, Authority};
-use crate::devices::address::PciAddress;
 use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
 use crate::devices::passthrough::{Move, Passthrough};
 use crate::devices::vfio::VfioBinder;
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager_client::PciAddress;
 
 /// The D-Bus name of the device interface.
 pub use vmmanager_client::names::DEVICE_INTERFACE;

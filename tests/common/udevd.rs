@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmmanager::devices::address::PciAddress;
 use vmmanager::devices::monitor::UDEVD_CONTROL_SOCKET;
+use vmmanager_client::PciAddress;
 
 pub const UDEVD_LOCK: &str = "/tmp/vmmanager-udevd.lock";
 pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";

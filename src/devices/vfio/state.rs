@@ -10,8 +10,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
-use crate::devices::address::PciAddress;
 use crate::kernel_files::{self, AtLimit};
+use vmmanager_client::PciAddress;
 
 /// A few hundred devices at most on any host; bounds a hostile file.
 const MAX_BYTES: u64 = 64 * 1024;
