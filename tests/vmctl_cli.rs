@@ -412,3 +412,28 @@ fn a_closed_pipe_ends_vmctl_quietly() {
         }
     }
 }
+
+/// The shared libraries an ELF program asks the dynamic loader for
+/// (`readelf -d`'s NEEDED entries).
+fn needed_libraries(program: &str) -> Vec<String> {
+    run(Command::new("readelf").args(["--dynamic", "--wide", program]))
+        .expect_success("readelf")
+        .lines()
+        .filter(|line| line.contains("(NEEDED)"))
+        .filter_map(|line| Some(line.split_once('[')?.1.split_once(']')?.0.to_owned()))
+        .collect()
+}
+
+/// What a desktop client installs is the contract, not the udev code: vmctl
+/// and the notification companion never load libudev, the service does.
+#[test]
+fn clients_do_not_load_libudev() {
+    let is_udev = |lib: &String| lib.starts_with("libudev.");
+    let daemon = needed_libraries(VMMANAGERD);
+    assert!(daemon.iter().any(is_udev), "vmmanagerd needs: {daemon:?}");
+    for client in [VMCTL, env!("CARGO_BIN_EXE_vmmanager-notify")] {
+        let needed = needed_libraries(client);
+        assert!(!needed.is_empty(), "{client}: no NEEDED entries read");
+        assert!(!needed.iter().any(is_udev), "{client} needs: {needed:?}");
+    }
+}
