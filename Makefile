@@ -4,6 +4,12 @@
 #                             then generate shell completions and man pages from
 #                             them into $(TARGET_DIR)/completions and /man
 #   make check                validate the data files, run the test suite
+#   make bench                as root: issue 10's performance figures beside their
+#                             baselines (release build; several minutes); a table
+#                             on stdout, JSON in $(TARGET_DIR)/bench/*.json
+#   make bench-quick          the same with small samples (CI, under 2 minutes;
+#                             fails only on errors, never on times); also
+#                             `make bench QUICK=1`
 #   make install              install (as root, after `make`; never builds)
 #   make uninstall            remove everything `make install` put in place
 #
@@ -93,7 +99,7 @@ UNIT_FILE      := systemd/vmmanagerd.service
 NOTIFY_DESKTOP := desktop/vmmanager-notify.desktop
 NOTIFY_UNIT    := systemd/user/vmmanager-notify.service
 
-.PHONY: all build generate check check-data install uninstall clean
+.PHONY: all build generate check check-data bench bench-quick install uninstall clean
 
 all: build generate
 
@@ -117,6 +123,15 @@ generate: build
 # scripts/install-deps; `scripts/test`, as root, sets both up).
 check: check-data
 	$(CARGO) test --locked
+
+# Benchmarks (benches/perf): `cargo bench` builds the release profile.
+# BENCH_GROUPS picks some of disk, scan, uevents, service (default: all).
+BENCH_GROUPS ?=
+bench:
+	$(CARGO) bench --locked --bench perf -- $(if $(filter 1,$(QUICK)),--quick) $(BENCH_GROUPS)
+
+bench-quick:
+	$(MAKE) bench QUICK=1
 
 # Well-formedness of the XML files (and the polkit policy against polkit's
 # DTD), and the unit's syntax. Each tool is optional: skipped when missing.

@@ -1,0 +1,157 @@
+//! CheckDisk against a direct `qemu-img check --output=json -f qcow2` on
+//! the same image, through a real dbus-daemon, polkitd and `vmmanagerd`;
+//! `vmctl check-disk` beside them; and 16 checks at once on 16 images
+//! against 16 qemu-img runs at once.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use futures_util::future::join_all;
+use tokio::runtime::Runtime;
+use vmmanager_client::{CheckReport, CheckResult, ManagerProxy};
+use zbus::Variant;
+
+use crate::Mode;
+use crate::common::images::qemu_img_check;
+use crate::common::util::{public_tempdir, run};
+use crate::common::world::VMCTL;
+use crate::common::{DaemonConfig, Polkit, Stack};
+use crate::measure::interleave;
+use crate::report::{Condition, Figure, Group, Unit};
+
+/// Images checked at once in the concurrency figure.
+const BATCH: usize = 16;
+
+pub fn group(mode: Mode, rt: &Runtime) -> Group {
+    // Room for the whole batch at once, so the service is compared with
+    // 16 qemu-img running at once (the defaults on 2 CPUs run 1 check of a
+    // user at a time and queue 4).
+    let config = DaemonConfig::default()
+        .max_concurrent_checks(BATCH as u32)
+        .max_checks_per_user(BATCH as u32);
+    let stack = Stack::start(Polkit::builder(), &config);
+    let dir = public_tempdir("vmm-bench-disk-");
+    let image = dir.path().join("disk.qcow2");
+    make_image(&image);
+    let connection = rt.block_on(stack.bus.connect());
+    let manager = rt
+        .block_on(ManagerProxy::new(&connection))
+        .expect("manager proxy");
+
+    let qemu_img = || expect_clean_qemu_img(&image);
+    let check_disk = || {
+        rt.block_on(check_clean(&manager, &image));
+    };
+    let vmctl = || {
+        let out = run(Command::new(VMCTL)
+            .arg("--bus-address")
+            .arg(stack.bus.address())
+            .args(["--no-ask-password", "check-disk"])
+            .arg(&image));
+        assert!(out.success(), "vmctl check-disk: {out:#?}");
+    };
+    let rounds = mode.pick(300, 20);
+    let times = interleave(3, rounds, &[&qemu_img, &check_disk, &vmctl]);
+    let [direct, service, cli] = <[Vec<f64>; 3]>::try_from(times).expect("three contenders");
+
+    let copies: Vec<PathBuf> = (0..BATCH)
+        .map(|i| {
+            let copy = dir.path().join(format!("copy{i}.qcow2"));
+            std::fs::copy(&image, &copy).expect("copy the image");
+            copy
+        })
+        .collect();
+    let qemu_img_batch = || {
+        let children: Vec<_> = copies
+            .iter()
+            .map(|image| {
+                Command::new("qemu-img")
+                    .args(["check", "--output=json", "-f", "qcow2", "--"])
+                    .arg(image)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn qemu-img")
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().expect("wait for qemu-img");
+            assert!(out.status.success(), "qemu-img check: {out:?}");
+        }
+    };
+    let check_batch = || {
+        rt.block_on(join_all(copies.iter().map(|i| check_clean(&manager, i))));
+    };
+    let batches = mode.pick(40, 3);
+    let times = interleave(1, batches, &[&qemu_img_batch, &check_batch]);
+    let [direct_batch, service_batch] = <[Vec<f64>; 2]>::try_from(times).expect("two contenders");
+
+    let qemu_img_name = "`qemu-img check --output=json -f qcow2` (process)";
+    Group {
+        name: "disk",
+        title: "Checking a clean 1 GiB qcow2 (80 MiB written), nobody using it",
+        figures: vec![
+            Figure::new(
+                "`CheckDisk` over D-Bus (polkit, in-use scan, lock probe, qemu-img)",
+                Unit::Millis,
+                service,
+            )
+            .against(qemu_img_name, direct.clone())
+            .target(Condition::DiffAtMost(1.5))
+            .target(Condition::RatioAtMost(1.3)),
+            Figure::new("`vmctl check-disk` (whole CLI process)", Unit::Millis, cli)
+                .against(qemu_img_name, direct),
+            Figure::new(
+                format!("{BATCH} concurrent `CheckDisk` on {BATCH} images (batch wall time)"),
+                Unit::Millis,
+                service_batch,
+            )
+            .against(
+                format!("{BATCH} concurrent `qemu-img check` (batch wall time)"),
+                direct_batch,
+            )
+            .target(Condition::RatioAtMost(1.3))
+            .note(format!(
+                "daemon configured with max-concurrent-checks = max-checks-per-user = {BATCH}"
+            )),
+        ],
+    }
+}
+
+/// qemu-img itself finds `image` clean.
+fn expect_clean_qemu_img(image: &Path) {
+    let (code, json) = qemu_img_check(image);
+    assert_eq!(code, 0, "qemu-img check {}: {json}", image.display());
+}
+
+/// CheckDisk as root finds `image` clean and unused.
+async fn check_clean(manager: &ManagerProxy<'_>, image: &Path) {
+    let path = image.to_str().expect("UTF-8 image path");
+    let dict = manager
+        .check_disk(path, HashMap::<&str, Variant<'_>>::new())
+        .await
+        .unwrap_or_else(|e| panic!("CheckDisk {path}: {e}"));
+    let report = CheckReport::from_dict(&dict);
+    assert!(
+        report.result == Some(CheckResult::Clean) && report.consistent && report.users.is_empty(),
+        "CheckDisk {path}: {report:?}"
+    );
+}
+
+/// 1 GiB virtual, 64 MiB of data at the start and 16 MiB in the middle, so
+/// the check has real L2 tables and refcounts to walk.
+pub fn make_image(path: &Path) {
+    let create = run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(path)
+        .arg("1G"));
+    create.expect_success("qemu-img create");
+    let write = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0xab 0 64M"])
+        .args(["-c", "write -P 0xcd 512M 16M"])
+        .arg(path));
+    write.expect_success("qemu-io write");
+    expect_clean_qemu_img(path);
+}

@@ -1,0 +1,52 @@
+//! Timing contenders side by side, and reading a process's footprint.
+
+use std::fs;
+use std::time::Instant;
+
+use crate::report::millis;
+
+/// `rounds` timed rounds after `warmup` untimed ones (page cache, polkitd's
+/// JavaScript engine and lazily set up state are warm afterwards), each
+/// calling every contender once. The order rotates every round, so drift
+/// (other load, frequency) and whatever one contender leaves warm for the
+/// next hit all alike. Returns each contender's times in ms.
+pub fn interleave(warmup: usize, rounds: usize, contenders: &[&dyn Fn()]) -> Vec<Vec<f64>> {
+    for _ in 0..warmup {
+        contenders.iter().for_each(|f| f());
+    }
+    let mut times = vec![Vec::with_capacity(rounds); contenders.len()];
+    for round in 0..rounds {
+        for i in 0..contenders.len() {
+            let k = (round + i) % contenders.len();
+            let start = Instant::now();
+            contenders[k]();
+            times[k].push(millis(start.elapsed()));
+        }
+    }
+    times
+}
+
+/// VmRSS of `pid` in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib / 1024.0
+}
+
+/// Processes on the machine (numeric entries of /proc).
+pub fn process_count() -> usize {
+    fs::read_dir("/proc")
+        .expect("read /proc")
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
+        .count()
+}
