@@ -23,6 +23,8 @@ const MAX_FDINFO: u64 = 4096;
 
 mod scan;
 
+#[cfg(test)]
+pub(crate) use scan::tests::Sleeper;
 pub use scan::{Holder, HoldersError, Target, holders, holders_of_any};
 
 /// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).

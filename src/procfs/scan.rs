@@ -737,7 +737,7 @@ impl<'b> Iterator for Dirents<'b> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::fs::File;
     use std::process::{Command, Stdio};
 
@@ -767,10 +767,10 @@ mod tests {
 
     /// A `sleep` holding `stdin` (fd 0) and, when given, a `writer` on fd
     /// `at` (fds 1 to `at - 1` on /dev/null); killed and reaped on drop.
-    struct Sleeper(std::process::Child);
+    pub(crate) struct Sleeper(std::process::Child);
 
     impl Sleeper {
-        fn holding(stdin: File, writer: Option<(File, i32)>) -> Sleeper {
+        pub(crate) fn holding(stdin: File, writer: Option<(File, i32)>) -> Sleeper {
             use std::os::unix::process::CommandExt;
             let mut cmd = Command::new("sleep");
             cmd.arg("600").stdin(stdin).stdout(Stdio::null());
@@ -796,7 +796,7 @@ mod tests {
             Sleeper(cmd.spawn().expect("spawn sleep"))
         }
 
-        fn pid(&self) -> u32 {
+        pub(crate) fn pid(&self) -> u32 {
             self.0.id()
         }
     }

@@ -8,11 +8,13 @@
 //! - `lock`: QEMU's OFD lock bytes, which also reveal a QEMU in another PID
 //!   namespace that /proc does not show.
 
+mod batch;
 mod lock;
 mod pidfile;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
@@ -102,11 +104,13 @@ impl DiskUsage {
     }
 }
 
-/// Scans PID files, /proc and lock bytes. Cheap to clone into a blocking task.
+/// Scans PID files, /proc and lock bytes. Cheap to clone into a blocking
+/// task; clones share their /proc passes with each other.
 #[derive(Debug, Clone)]
 pub struct UsageScanner {
     proc_root: PathBuf,
     pidfile_patterns: Vec<String>,
+    passes: Arc<batch::Batcher>,
 }
 
 /// What one PID file turned out to be.
@@ -124,6 +128,7 @@ impl UsageScanner {
     /// path component only (see [`validate_pattern`]).
     pub fn new(proc_root: PathBuf, pidfile_patterns: Vec<String>) -> Self {
         UsageScanner {
+            passes: Arc::new(batch::Batcher::new(proc_root.clone())),
             proc_root,
             pidfile_patterns,
         }
@@ -139,9 +144,13 @@ impl UsageScanner {
     /// image are the service's own read-only probe descriptors. Nor are its
     /// children between fork and exec, which share those descriptors.
     ///
+    /// /proc is read by passes shared with the scans of other clones waiting
+    /// at the same moment, each started after its scan asked.
+    ///
     /// Fails when /proc cannot be read (see [`procfs::holders`]), and stops
     /// with [`HoldersError::Cancelled`] soon after `cancel` is cancelled: it
-    /// is looked at between processes, fds and PID files.
+    /// is looked at between processes, fds and PID files, and wakes a scan
+    /// waiting for a pass.
     pub fn scan(
         &self,
         image: &ImageFile,
@@ -149,16 +158,16 @@ impl UsageScanner {
         view: &View,
         cancel: &CancellationToken,
     ) -> Result<DiskUsage, HoldersError> {
-        let own_pid = std::process::id();
         let target = Target::Inode {
             dev: image.dev,
             ino: image.ino,
         };
-        let mut users: BTreeMap<u32, DiskUser> =
-            procfs::holders(&self.proc_root, target, own_pid, cancel)?
-                .into_iter()
-                .map(|h| (h.pid, self.describe(h.pid, h.writable)))
-                .collect();
+        let mut users: BTreeMap<u32, DiskUser> = self
+            .passes
+            .holders(target, cancel)?
+            .into_iter()
+            .map(|h| (h.pid, self.describe(h.pid, h.writable)))
+            .collect();
 
         let mut stale_pidfiles = Vec::new();
         let image_dir = image.path.parent().unwrap_or(Path::new("/"));
@@ -236,7 +245,7 @@ impl UsageScanner {
             if !lock.locked || explains(&users, lock) {
                 break;
             }
-            for h in procfs::holders(&self.proc_root, target, own_pid, cancel)? {
+            for h in self.passes.holders(target, cancel)? {
                 // A starting QEMU first opens the image read-only, then
                 // again for writing: what a later look sees counts too.
                 users
