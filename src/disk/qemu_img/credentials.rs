@@ -27,8 +27,9 @@ pub enum UserLookupError {
     Groups { uid: u32, reason: String },
 }
 
-/// See [`RunAs::for_user`].
-pub(super) fn lookup(uid: u32) -> Result<RunAs, UserLookupError> {
+/// See [`RunAs::for_user`] and [`RunAs::for_user_in`]: `known_groups`,
+/// when given, are the groups, and the group database is not asked.
+pub(super) fn lookup(uid: u32, known_groups: Option<Vec<u32>>) -> Result<RunAs, UserLookupError> {
     let mut buf: Vec<c_char> = vec![0; 1024];
     loop {
         // SAFETY: all-zero is a valid `passwd` (null pointers, zero ids); it is
@@ -41,25 +42,24 @@ pub(super) fn lookup(uid: u32) -> Result<RunAs, UserLookupError> {
         let rc =
             unsafe { libc::getpwuid_r(uid, &mut entry, buf.as_mut_ptr(), buf.len(), &mut found) };
         match rc {
-            0 if found.is_null() => {
-                return Ok(RunAs {
-                    uid,
-                    gid: FALLBACK_GID,
-                    groups: Vec::new(),
-                });
-            }
             // Some NSS modules report "no such user" as an error.
-            libc::ENOENT | libc::ESRCH if found.is_null() => {
+            0 | libc::ENOENT | libc::ESRCH if found.is_null() => {
                 return Ok(RunAs {
                     uid,
                     gid: FALLBACK_GID,
-                    groups: Vec::new(),
+                    groups: known_groups.unwrap_or_default(),
                 });
             }
             0 => {
-                // SAFETY: on success `pw_name` is a NUL-terminated string in `buf`.
-                let name = unsafe { CStr::from_ptr(entry.pw_name) };
-                let groups = group_list(uid, name, entry.pw_gid)?;
+                let groups = match known_groups {
+                    Some(groups) => groups,
+                    None => {
+                        // SAFETY: on success `pw_name` is a NUL-terminated
+                        // string in `buf`.
+                        let name = unsafe { CStr::from_ptr(entry.pw_name) };
+                        group_list(uid, name, entry.pw_gid)?
+                    }
+                };
                 return Ok(RunAs {
                     uid,
                     gid: entry.pw_gid,
@@ -142,8 +142,10 @@ impl CredentialSwitch {
     /// handling, so the whole switch happens here, in the only safe order:
     /// groups and gid while still root, uid last. The death signal is set after
     /// setuid because changing credentials clears it. The death signal follows
-    /// the forking *thread*; tokio's workers live as long as the runtime, so it
-    /// is a backstop for a crashed service, not the normal way qemu-img dies.
+    /// the forking *thread*, which is the spawner thread of
+    /// [`QemuImgChildren`](super::QemuImgChildren): it outlives every
+    /// qemu-img it forked, so this is a backstop for a crashed service, not
+    /// the normal way qemu-img dies.
     pub(super) fn install(self, command: &mut Command) {
         // Prepared before fork: the hook must not allocate.
         let target = self.target.map(|r| {
@@ -248,16 +250,24 @@ pub(super) mod tests {
 
     #[test]
     fn lookup_root() {
-        let root = lookup(0).unwrap();
+        let root = lookup(0, None).unwrap();
         assert_eq!(root.uid, 0);
         assert_eq!(root.gid, 0);
         assert!(root.groups.contains(&0), "{root:?}");
     }
 
     #[test]
+    fn known_groups_replace_the_group_database() {
+        assert_eq!(lookup(0, Some(vec![7, 8])).unwrap().groups, [7, 8]);
+        assert_eq!(lookup(0, Some(vec![])).unwrap().groups, [] as [u32; 0]);
+        let unknown = lookup(3_999_999_999, Some(vec![9])).unwrap();
+        assert_eq!((unknown.gid, unknown.groups), (FALLBACK_GID, vec![9]));
+    }
+
+    #[test]
     fn lookup_unknown_uid_falls_back_to_nogroup() {
         // Far above any allocated uid range.
-        let r = lookup(3_999_999_999).unwrap();
+        let r = lookup(3_999_999_999, None).unwrap();
         assert_eq!(
             r,
             RunAs {
@@ -288,7 +298,7 @@ pub(super) mod tests {
                 .map(|g| g.parse().unwrap())
                 .collect();
             groups.sort_unstable();
-            let mut r = lookup(uid).unwrap();
+            let mut r = lookup(uid, None).unwrap();
             r.groups.sort_unstable();
             r.groups.dedup();
             assert_eq!((r.uid, r.gid, r.groups), (uid, gid, groups), "{name}");

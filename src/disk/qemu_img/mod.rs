@@ -54,8 +54,8 @@ pub use credentials::UserLookupError;
 pub use strays::{QemuImgChildren, become_subreaper};
 
 use credentials::CredentialSwitch;
-use group::ProcessGroup;
 use output::{STDERR_KEEP, STDOUT_LIMIT};
+use strays::Spawned;
 
 /// The only environment qemu-img gets besides `LC_ALL=C`.
 const CHILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -179,8 +179,9 @@ enum Stop {
 /// Runs the check; kills qemu-img's whole process group on timeout, on
 /// `cancel`, and when this future is dropped. On timeout and cancel it returns
 /// only after qemu-img has been reaped and no live process of its group is
-/// left. qemu-img is spawned through `children`, which kills and reaps its
-/// strays (descendants outside the group) whenever it ends.
+/// left. qemu-img is spawned through `children` (off the async threads),
+/// which kills and reaps its strays (descendants outside the group)
+/// whenever it ends.
 pub async fn run_check(
     request: &CheckRequest,
     children: &QemuImgChildren,
@@ -213,10 +214,14 @@ pub async fn run_check(
         "running qemu-img check"
     );
 
-    let (mut child, mut leader) = children.spawn(&mut command).map_err(spawn_error)?;
-    // Declared after `child` so it drops first: the group is killed while the
-    // leader is still unreaped and its pgid cannot have been reused.
-    let mut group = ProcessGroup::new(leader.pid());
+    // Armed from the moment it exists: dropped anywhere (this future
+    // included), the whole group is killed first.
+    let mut spawned = children.spawn(command).await.map_err(spawn_error)?;
+    let Spawned {
+        group,
+        child,
+        leader,
+    } = &mut spawned;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(spawn_error(io::Error::other("qemu-img pipes missing")));
     };
@@ -340,7 +345,14 @@ impl RunAs {
     /// Blocking (NSS may ask a network service): call it from
     /// `spawn_blocking`.
     pub fn for_user(uid: u32) -> Result<RunAs, UserLookupError> {
-        credentials::lookup(uid)
+        credentials::lookup(uid, None)
+    }
+
+    /// [`RunAs::for_user`], but with `groups` (a caller's actual groups, as
+    /// the bus saw them) when known, instead of asking the group database.
+    /// Blocking, like it.
+    pub fn for_user_in(uid: u32, groups: Option<Vec<u32>>) -> Result<RunAs, UserLookupError> {
+        credentials::lookup(uid, groups)
     }
 }
 
@@ -449,6 +461,37 @@ mod tests {
             matches!(r, Err(QemuImgError::CancelledBeforeStart)),
             "{r:?}"
         );
+    }
+
+    /// qemu-img's parent-death signal follows the thread that forked it. A
+    /// runtime whose idle blocking threads end after 20 ms would kill a
+    /// qemu-img forked on one of them mid-check; the spawner thread lives
+    /// on.
+    #[test]
+    fn qemu_img_outlives_idle_runtime_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("qemu-img");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\nsleep 0.5\necho '{\"check-errors\": 0}'\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut r = request(ImageFormat::Qcow2);
+        r.qemu_img = script;
+        r.run_as = credentials::tests::current();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_keep_alive(Duration::from_millis(20))
+            .enable_all()
+            .build()
+            .unwrap();
+        let children = QemuImgChildren::new();
+        let outcome = runtime
+            .block_on(run_check(&r, &children, &CancellationToken::new()))
+            .unwrap();
+        assert_eq!(outcome.result, CheckResult::Clean);
     }
 
     #[tokio::test]

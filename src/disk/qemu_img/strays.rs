@@ -13,16 +13,25 @@
 //!
 //! Only a subreaper sweeps: in any other process (tests running checks
 //! in-process) strays go to init, and the other children belong to
-//! someone else in that process.
+//! someone else in that process. A subreaper without any child at all
+//! (the common end of a check: its qemu-img was just reaped) has no
+//! strays either, and skips the /proc pass.
+//!
+//! Every qemu-img is forked by one thread of its own (see [`Spawner`]):
+//! the fork and the wait for the exec stay off the async workers, and the
+//! parent-death signal qemu-img gets follows a thread that lives as long
+//! as any check.
 
 use std::collections::HashSet;
 use std::io;
 use std::path::Path;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
+use super::group::ProcessGroup;
 use crate::procfs;
 
 /// Strays are real processes: always the real /proc, whatever the
@@ -44,6 +53,23 @@ pub fn become_subreaper() -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Whether this process has any child at all, running or a zombie (a
+/// `waitid` that only looks: nothing is reaped). No child means no stray.
+fn has_children() -> bool {
+    // SAFETY: all-zero is a valid siginfo_t; the kernel only writes it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: plain syscall; `info` is valid for writes.
+    let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ECHILD)
+}
+
+/// Whether a sweep can find anything: only a subreaper with children can
+/// have strays.
+fn may_have_strays() -> bool {
+    is_subreaper() && has_children()
 }
 
 fn is_subreaper() -> bool {
@@ -70,6 +96,87 @@ pub struct QemuImgChildren {
     /// Held while spawning and while choosing strays, so a sweep never sees
     /// a freshly exec'd qemu-img before it is registered.
     registry: Arc<Mutex<Registry>>,
+    /// The thread every qemu-img is forked from.
+    spawner: Arc<Spawner>,
+}
+
+/// A qemu-img just started, with everything that ends it. The fields drop
+/// in order: the group is killed while the leader is still unreaped (its
+/// pgid cannot have been reused), then the child (killed too, and left to
+/// tokio to reap), then the leader's registration.
+pub(super) struct Spawned {
+    pub(super) group: ProcessGroup,
+    pub(super) child: Child,
+    pub(super) leader: Leader,
+}
+
+/// Work for the spawner thread.
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// The thread that forks every qemu-img, started on first use and ended
+/// when the last [`QemuImgChildren`] clone (and so every [`Leader`]) is
+/// gone.
+///
+/// Not a blocking-pool thread and not an async worker: a fork with a
+/// `pre_exec` hook blocks its thread until the child has exec'd, which
+/// must not stall async work; and qemu-img's parent-death signal
+/// (`PR_SET_PDEATHSIG`) fires when the *thread* that forked it ends, which
+/// for a pool thread is after a few idle seconds, in the middle of a long
+/// check. This thread outlives every qemu-img it forked.
+#[derive(Debug, Default)]
+struct Spawner {
+    running: Mutex<Option<SpawnerThread>>,
+}
+
+#[derive(Debug)]
+struct SpawnerThread {
+    jobs: mpsc::Sender<SpawnJob>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Spawner {
+    /// Runs `job` on the spawner thread, starting the thread if needed.
+    fn submit(&self, job: SpawnJob) -> io::Result<()> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let thread = match &mut *running {
+            Some(thread) => thread,
+            None => running.insert(SpawnerThread::start()?),
+        };
+        thread
+            .jobs
+            .send(job)
+            .map_err(|_| io::Error::other("qemu-img's spawner thread has stopped"))
+    }
+}
+
+impl SpawnerThread {
+    fn start() -> io::Result<SpawnerThread> {
+        let (jobs, queue) = mpsc::channel::<SpawnJob>();
+        let thread = std::thread::Builder::new()
+            .name("vmm-qemu-img".into())
+            .spawn(move || {
+                for job in queue {
+                    // A panicking job must not end the thread: that would
+                    // kill every qemu-img it forked.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })?;
+        Ok(SpawnerThread { jobs, thread })
+    }
+}
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        let running = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
+        if let Some(SpawnerThread { jobs, thread }) = running.take() {
+            // Closing the queue ends the thread after its current job.
+            drop(jobs);
+            // The last clone may go away in a job on that very thread.
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -104,26 +211,52 @@ impl QemuImgChildren {
         Self::default()
     }
 
-    /// Spawns a qemu-img and registers it, both under the registry lock.
-    pub(super) fn spawn(&self, command: &mut Command) -> io::Result<(Child, Leader)> {
+    /// Spawns a qemu-img on the spawner thread and registers it, both under
+    /// the registry lock. If this future is dropped before the answer
+    /// arrives, the new process group is killed where it was started.
+    pub(super) async fn spawn(&self, mut command: Command) -> io::Result<Spawned> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        // tokio's process driver (which reaps the child) is this runtime's.
+        let runtime = tokio::runtime::Handle::current();
+        let children = self.clone();
+        self.spawner.submit(Box::new(move || {
+            let _runtime = runtime.enter();
+            let spawned = children.spawn_here(&mut command);
+            // Nobody waits any more: dropping it (right here, still inside
+            // the runtime) kills what was started.
+            drop(answer.send(spawned));
+        }))?;
+        answered
+            .await
+            .map_err(|_| io::Error::other("qemu-img's spawner thread has stopped"))?
+    }
+
+    /// The fork and exec, on the calling thread.
+    fn spawn_here(&self, command: &mut Command) -> io::Result<Spawned> {
         let mut registry = lock(&self.registry);
         let child = command.spawn()?;
         let pid = child
             .id()
             .ok_or_else(|| io::Error::other("qemu-img vanished at start"))?;
         registry.running.insert(pid);
-        let leader = Leader {
-            children: self.clone(),
-            pid,
-            registered: true,
-            swept: false,
-        };
-        Ok((child, leader))
+        Ok(Spawned {
+            group: ProcessGroup::new(pid),
+            child,
+            leader: Leader {
+                children: self.clone(),
+                pid,
+                registered: true,
+                swept: false,
+            },
+        })
     }
 
     /// Kills every stray and waits (bounded) until each is reaped. Loops
     /// because a stray's own children become ours when it dies.
     async fn sweep(&self) {
+        if !may_have_strays() {
+            return;
+        }
         let deadline = Instant::now() + GONE_TIMEOUT;
         loop {
             let this = self.clone();
@@ -149,7 +282,7 @@ impl QemuImgChildren {
     /// One round: SIGKILL every stray (zombies included), then reap those
     /// that are dead. Returns (strays found, strays still alive).
     fn pass(&self) -> (usize, usize) {
-        if !is_subreaper() {
+        if !may_have_strays() {
             return (0, 0);
         }
         let mut registry = lock(&self.registry);
@@ -192,10 +325,6 @@ pub(super) struct Leader {
 }
 
 impl Leader {
-    pub(super) fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// The leader is reaped (its PID may be reused from now on): unregister
     /// it, then kill and reap every stray.
     pub(super) async fn reaped(&mut self) {
