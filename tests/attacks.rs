@@ -411,6 +411,40 @@ async fn nothing_is_revealed_before_polkit_or_beyond_it() {
     assert_eq!(signalled[0], signalled[1]);
 }
 
+/// In the common case (the caller's own image, found by its own lookup)
+/// the in-use scan starts while polkit is asked. A refusal still says
+/// nothing about what it found: a VM on the image and an unused image get
+/// the same NotAuthorized, and no DiskChecked tells anyone about either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_says_nothing_about_the_scan_that_ran_meanwhile() {
+    // No rules: nobody, without a session or a password, is refused.
+    let w = World::start().await;
+    let home = w.path("home");
+    make_dir(&home, 0o755, Some(NOBODY));
+    let (used, unused) = (home.join("used.qcow2"), home.join("unused.qcow2"));
+    for image in [&used, &unused] {
+        make_clean_qcow2(image);
+        give(image, NOBODY, 0o644);
+    }
+    let _vm = Vm::start("held", &used);
+    let manager = w.manager().await;
+    let mut signals = manager.receive_disk_checked().await.unwrap();
+    for command in ["check-disk", "disk-users"] {
+        let answers: Vec<serde_json::Value> = [&used, &unused]
+            .iter()
+            .map(|image| answer(&w.vmctl_json_as(NOBODY, command, image)))
+            .collect();
+        assert_eq!(
+            answers[0]["error"], "org.example.VmManager1.Error.NotAuthorized",
+            "{command}: {:#}",
+            answers[0]
+        );
+        assert_eq!(answers[0], answers[1], "{command}: the VM shows through");
+    }
+    let signal = tokio::time::timeout(Duration::from_millis(500), signals.next()).await;
+    assert!(signal.is_err(), "a refused check was announced");
+}
+
 // --- fair share ---------------------------------------------------------
 
 /// A stand-in that hangs for the checks of any non-root user and is the

@@ -697,6 +697,77 @@ async fn bad_input_gets_exact_errors_and_never_hangs() {
     assert!(w.manager().await.jobs().await.unwrap().is_empty());
 }
 
+/// The in-use scan of a caller's own image starts while polkit is asked,
+/// but its answer counts only if polkit answered within moments: a VM
+/// started while polkit deliberates (a password dialog stays open for
+/// seconds) is found by a fresh look, and named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_started_while_polkit_deliberates_is_found() {
+    let gate = public_tempdir("vmm-polkit-gate-");
+    common::util::set_mode(gate.path(), 0o777);
+    let (asked, go) = (gate.path().join("asked"), gate.path().join("go"));
+    // polkitd (as its own user) says it was asked, waits for the test, then
+    // says yes.
+    let rule = format!(
+        "polkit.addRule(function(action, subject) {{ \
+         if (action.id == \"org.example.vmmanager.check-disk\" && subject.user == \"nobody\") {{ \
+         polkit.spawn([\"/bin/sh\", \"-c\", \"touch {asked}; \
+         while [ ! -e {go} ]; do sleep 0.02; done\"]); \
+         return polkit.Result.YES; }} }});",
+        asked = asked.display(),
+        go = go.display(),
+    );
+    let w = World::with(Polkit::builder().rule(rule), DaemonConfig::default()).await;
+    let home = w.path("home");
+    common::util::make_dir(&home, 0o755, Some(NOBODY));
+    let image = home.join("disk.qcow2");
+    make_clean_qcow2(&image);
+    common::util::give(&image, NOBODY, 0o644);
+
+    let mut vmctl = ChildGuard::new(
+        common::util::command_as(Some((NOBODY, NOBODY)), VMCTL)
+            .arg("--bus-address")
+            .arg(w.stack.bus.address())
+            .args(["--no-ask-password", "check-disk", "--json"])
+            .arg(&image)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+        "vmctl",
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "polkitd to be asked",
+        || asked.exists(),
+        || w.stack.polkit.stderr(),
+    );
+    // Whatever was scanned meanwhile is older than its answer may be.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let vm = Vm::start("late", &image);
+    write_file(&go, "", 0o644);
+
+    let status = tokio::task::block_in_place(|| vmctl.wait_timeout(Duration::from_secs(30)))
+        .expect("vmctl ends once polkit has answered");
+    let mut out = String::new();
+    use std::io::Read;
+    vmctl
+        .take_stdout()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("vmctl printed no JSON ({e}, {status}): {out}"));
+    assert_eq!(
+        answer["error"], "org.example.VmManager1.Error.InUse",
+        "{answer:#}"
+    );
+    let message = answer["error-message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("PID {}", vm.pid())),
+        "the VM is not named: {message}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vmctl_ctrl_c_cancels_its_check() {
     let tools = public_tempdir("vmm-tools-");

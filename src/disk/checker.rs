@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
-use tokio_util::sync::CancellationToken;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::image::{ImageFile, ImageFormat};
 use super::qemu_img::{
@@ -86,6 +87,58 @@ pub const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
 /// at once; a flood gets `Busy` and at most this many scanning threads.
 pub const SCANS_PER_USER: usize = 8;
 
+/// How much older a speculative scan may be than the scan a check (or
+/// GetDiskUsers) would start itself once authorized: its answer counts
+/// only if it started at most this long before. Enough for polkit's answer
+/// without a prompt (about a millisecond); a password prompt takes
+/// seconds, and then the users are looked at again.
+pub const SPECULATION_FRESH: Duration = Duration::from_millis(50);
+
+/// Speculative scans one uid may have running at once, and all callers
+/// together. Beyond these a call simply scans after authorization: a
+/// caller polkit refuses must not get more /proc reading out of the
+/// service than a few scans cut short by the refusal.
+const SPECULATIONS_PER_USER: usize = 4;
+const SPECULATIONS: usize = 16;
+
+/// A scan running in a blocking thread. Dropped, it tells the thread to
+/// stop, so an abandoned scan does not go on holding a thread, the image
+/// and /proc descriptors.
+struct RunningScan {
+    image: PathBuf,
+    handle: JoinHandle<Result<DiskUsage, HoldersError>>,
+    _stop_when_abandoned: DropGuard,
+}
+
+/// A scan started before polkit has answered, in the one case where it is
+/// exactly the scan the work would do after authorization (see
+/// [`DiskChecker::speculate`]). Nothing about its answer is looked at
+/// before the work is authorized; dropping it stops the scan.
+pub struct Speculation {
+    image: Arc<ImageFile>,
+    pidfile: Option<PathBuf>,
+    view: View,
+    started: Instant,
+    scan: RunningScan,
+    _admission: ScanAdmission,
+}
+
+impl Speculation {
+    /// The answer for this scan, if it is the same scan (image, PID file,
+    /// view) and fresh: at most [`SPECULATION_FRESH`] older than one
+    /// started now. Otherwise it is dropped, which stops it.
+    fn take_for(
+        self,
+        image: &Arc<ImageFile>,
+        pidfile: &Option<PathBuf>,
+        view: &View,
+    ) -> Option<RunningScan> {
+        let same =
+            Arc::ptr_eq(&self.image, image) && self.pidfile == *pidfile && self.view == *view;
+        (same && self.started.elapsed() <= SPECULATION_FRESH).then_some(self.scan)
+    }
+}
+
 /// Why the users of an image are unknown.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 pub enum ScanError {
@@ -109,20 +162,25 @@ pub enum ScanError {
     TooMany { uid: u32, limit: usize },
 }
 
-/// One GetDiskUsers scan of a caller: counts against [`SCANS_PER_USER`]
-/// until dropped.
+/// Scans of one kind, counted per caller uid (an entry lives while that
+/// uid has some).
+type ScanCounts = Mutex<HashMap<u32, usize>>;
+
+/// One scan of a caller in one of the checker's [`ScanCounts`]
+/// (GetDiskUsers scans, speculative scans): counts until dropped.
 struct ScanAdmission {
     checker: DiskChecker,
     uid: u32,
+    counts: fn(&Inner) -> &ScanCounts,
 }
 
 impl Drop for ScanAdmission {
     fn drop(&mut self) {
-        let mut scans = lock(&self.checker.inner.scans);
-        if let Some(n) = scans.get_mut(&self.uid) {
+        let mut counts = lock((self.counts)(&self.checker.inner));
+        if let Some(n) = counts.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {
-                scans.remove(&self.uid);
+                counts.remove(&self.uid);
             }
         }
     }
@@ -271,9 +329,10 @@ struct Inner {
     running: Mutex<HashSet<(u64, u64)>>,
     /// Every qemu-img this checker runs, and what they leave behind.
     children: QemuImgChildren,
-    /// GetDiskUsers scans per caller uid; an entry lives while that uid
-    /// has some.
-    scans: Mutex<HashMap<u32, usize>>,
+    /// GetDiskUsers scans per caller uid.
+    scans: ScanCounts,
+    /// Speculative scans per caller uid.
+    speculations: ScanCounts,
 }
 
 /// One caller's share of the check slots.
@@ -334,6 +393,38 @@ impl Drop for Reservation {
     }
 }
 
+/// The answer of `scan`, bounded by `limit` and by `cancel`: an unfinished
+/// or failed scan is an error, never "nobody uses it". When the answer is
+/// abandoned (timeout, `cancel`, or this future dropped), the scan is told
+/// to stop as well.
+async fn finish_scan(
+    scan: RunningScan,
+    limit: Duration,
+    cancel: &CancellationToken,
+) -> Result<DiskUsage, ScanError> {
+    let RunningScan {
+        image,
+        handle,
+        _stop_when_abandoned,
+    } = scan;
+    tokio::select! {
+        result = tokio::time::timeout(limit, handle) => match result {
+            Ok(Ok(Ok(usage))) => Ok(usage),
+            Ok(Ok(Err(HoldersError::Cancelled))) => Err(ScanError::Cancelled),
+            Ok(Ok(Err(e))) => {
+                tracing::error!(image = %image.display(), "cannot find out who uses the image: {e}");
+                Err(ScanError::Failed)
+            }
+            Ok(Err(e)) => {
+                tracing::error!("usage scan panicked: {e}");
+                Err(ScanError::Failed)
+            }
+            Err(_) => Err(ScanError::TimedOut),
+        },
+        () = cancel.cancelled() => Err(ScanError::Cancelled),
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panic while holding this lock cannot leave the set half-updated
     // (single insert/remove), so a poisoned lock is still usable.
@@ -358,6 +449,7 @@ impl DiskChecker {
                 running: Mutex::new(HashSet::new()),
                 children: QemuImgChildren::new(),
                 scans: Mutex::new(HashMap::new()),
+                speculations: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -380,6 +472,22 @@ impl DiskChecker {
             checker: self.clone(),
             uid,
             slots: share.slots.clone(),
+        })
+    }
+
+    /// The slots [`DiskChecker::wait_for_slot`] would give, if all are free
+    /// now and nobody waits for them; no place in any line is taken.
+    fn free_slots(&self, admission: &Admission, administrator: bool) -> Option<Slots<'_>> {
+        let own = admission.slots.clone().try_acquire_owned().ok()?;
+        let users = match administrator {
+            true => None,
+            false => Some(self.inner.user_slots.try_acquire().ok()?),
+        };
+        let shared = self.inner.slots.try_acquire().ok()?;
+        Some(Slots {
+            _own: own,
+            _users: users,
+            _shared: shared,
         })
     }
 
@@ -427,7 +535,8 @@ impl DiskChecker {
 
     /// Who uses `image` right now, for GetDiskUsers by caller `uid`: at most
     /// [`SCANS_PER_USER`] of these per uid at once, each bounded by
-    /// [`SCAN_TIMEOUT`] and `cancel`.
+    /// [`SCAN_TIMEOUT`] and `cancel`. A `speculation` started for this very
+    /// scan is its answer if still fresh (see [`Speculation`]).
     ///
     /// PID files the caller names or that sit next to the image are read in
     /// `view`, so they reveal nothing the caller could not read itself.
@@ -438,9 +547,13 @@ impl DiskChecker {
         pidfile: Option<PathBuf>,
         view: View,
         cancel: &CancellationToken,
+        speculation: Option<Speculation>,
     ) -> Result<DiskUsage, ScanError> {
         let _admission = self.admit_scan(uid)?;
-        self.scan(image, pidfile, view, SCAN_TIMEOUT, cancel).await
+        let scan = speculation
+            .and_then(|s| s.take_for(&image, &pidfile, &view))
+            .unwrap_or_else(|| self.start_scan(image, pidfile, view, cancel));
+        finish_scan(scan, SCAN_TIMEOUT, cancel).await
     }
 
     fn admit_scan(&self, uid: u32) -> Result<ScanAdmission, ScanError> {
@@ -456,46 +569,83 @@ impl DiskChecker {
         Ok(ScanAdmission {
             checker: self.clone(),
             uid,
+            counts: |inner| &inner.scans,
         })
     }
 
-    /// Who uses `image`, found in a blocking thread. The scan reads /proc,
-    /// where a read can hang (a process stuck on FUSE or dead NFS holds its
-    /// mm lock), so it is bounded by `limit` and by `cancel`; an unfinished
-    /// or failed scan is an error, never "nobody uses it". When its answer
-    /// is abandoned (timeout, `cancel`, or this future dropped), the
-    /// blocking scan is told to stop as well, so it does not go on holding
-    /// a thread, the image and /proc descriptors.
-    async fn scan(
+    /// Starts, while polkit is still being asked, the scan that a check or
+    /// GetDiskUsers of `image` by `uid` in `view` would start once
+    /// authorized, so that the two overlap. The caller must only ask for it
+    /// when that later scan would be exactly this one, and must not look at
+    /// it before the work is authorized: the answer is only read by
+    /// [`DiskChecker::check`] and [`DiskChecker::users`], and only if fresh.
+    /// Stopped when dropped or when `cancel` fires.
+    ///
+    /// `None` (the work then scans after authorization, as always) for an
+    /// image that is refused before any scan, or when `uid` or everyone has
+    /// as many speculative scans running as allowed.
+    pub fn speculate(
+        &self,
+        uid: u32,
+        image: Arc<ImageFile>,
+        pidfile: Option<PathBuf>,
+        view: View,
+        cancel: &CancellationToken,
+    ) -> Option<Speculation> {
+        if image.other_files.is_some() {
+            return None;
+        }
+        let admission = {
+            let mut speculations = lock(&self.inner.speculations);
+            let total: usize = speculations.values().sum();
+            let own = speculations.entry(uid).or_insert(0);
+            if *own >= SPECULATIONS_PER_USER || total >= SPECULATIONS {
+                if *own == 0 {
+                    speculations.remove(&uid);
+                }
+                return None;
+            }
+            *own += 1;
+            ScanAdmission {
+                checker: self.clone(),
+                uid,
+                counts: |inner| &inner.speculations,
+            }
+        };
+        let started = Instant::now();
+        let scan = self.start_scan(image.clone(), pidfile.clone(), view.clone(), cancel);
+        Some(Speculation {
+            image,
+            pidfile,
+            view,
+            started,
+            scan,
+            _admission: admission,
+        })
+    }
+
+    /// Starts finding out who uses `image`, in a blocking thread: the scan
+    /// reads /proc, where a read can hang (a process stuck on FUSE or dead
+    /// NFS holds its mm lock). It stops when `cancel` fires or the returned
+    /// scan is dropped.
+    fn start_scan(
         &self,
         image: Arc<ImageFile>,
         pidfile: Option<PathBuf>,
         view: View,
-        limit: Duration,
         cancel: &CancellationToken,
-    ) -> Result<DiskUsage, ScanError> {
+    ) -> RunningScan {
         let scanner = self.inner.scanner.clone();
         let stop = cancel.child_token();
-        let _stop_when_abandoned = stop.clone().drop_guard();
         let path = image.path.clone();
-        let scan = tokio::task::spawn_blocking(move || {
-            scanner.scan(&image, pidfile.as_deref(), &view, &stop)
+        let thread_stop = stop.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            scanner.scan(&image, pidfile.as_deref(), &view, &thread_stop)
         });
-        tokio::select! {
-            result = tokio::time::timeout(limit, scan) => match result {
-                Ok(Ok(Ok(usage))) => Ok(usage),
-                Ok(Ok(Err(HoldersError::Cancelled))) => Err(ScanError::Cancelled),
-                Ok(Ok(Err(e))) => {
-                    tracing::error!(image = %path.display(), "cannot find out who uses the image: {e}");
-                    Err(ScanError::Failed)
-                }
-                Ok(Err(e)) => {
-                    tracing::error!("usage scan panicked: {e}");
-                    Err(ScanError::Failed)
-                }
-                Err(_) => Err(ScanError::TimedOut),
-            },
-            () = cancel.cancelled() => Err(ScanError::Cancelled),
+        RunningScan {
+            image: path,
+            handle,
+            _stop_when_abandoned: stop.drop_guard(),
         }
     }
 
@@ -517,13 +667,17 @@ impl DiskChecker {
     /// Runs one check of a reserved image, as `check_as`.
     /// `cancel` stops it at any point (qemu-img included). The whole check,
     /// waiting for a slot included, ends within the caller's `timeout` (at
-    /// most the configured one).
+    /// most the configured one). A `speculation` started for this check's
+    /// scan is its answer if the check got its slot at once and the
+    /// speculation is fresh (see [`Speculation`]); otherwise it is stopped
+    /// and the check scans itself.
     pub async fn check(
         &self,
         reservation: Reservation,
         options: &CheckOptions,
         check_as: &CheckAs,
         cancel: &CancellationToken,
+        speculation: Option<Speculation>,
     ) -> Result<DiskReport, CheckError> {
         let started = Instant::now();
         let image = reservation.image.clone();
@@ -550,35 +704,40 @@ impl DiskChecker {
         let deadline = started + limit;
 
         // Wait for a slot first, then look at the users: the answer must be
-        // fresh when qemu-img starts, not from before a long wait.
-        let _slots = match self
-            .wait_for_slot(
-                &reservation.admission,
-                check_as.administrator,
-                deadline,
-                limit,
-                cancel,
-            )
-            .await
-        {
-            Ok(slots) => slots,
-            Err(kind) => return Err(fail(kind, report)),
+        // fresh when qemu-img starts, not from before a long wait. So a
+        // speculative scan is kept only if the slots are free at once.
+        let mut speculation = speculation;
+        let _slots = match self.free_slots(&reservation.admission, check_as.administrator) {
+            Some(slots) => slots,
+            None => {
+                speculation = None;
+                match self
+                    .wait_for_slot(
+                        &reservation.admission,
+                        check_as.administrator,
+                        deadline,
+                        limit,
+                        cancel,
+                    )
+                    .await
+                {
+                    Ok(slots) => slots,
+                    Err(kind) => return Err(fail(kind, report)),
+                }
+            }
         };
+        let scan = speculation
+            .and_then(|s| s.take_for(&image, &options.pidfile, &check_as.view))
+            .unwrap_or_else(|| {
+                let (pidfile, view) = (options.pidfile.clone(), check_as.view.clone());
+                self.start_scan(image.clone(), pidfile, view, cancel)
+            });
 
         // The scan, too, ends by the check's deadline.
         let scan_limit = deadline
             .saturating_duration_since(Instant::now())
             .min(SCAN_TIMEOUT);
-        report.usage = match self
-            .scan(
-                image.clone(),
-                options.pidfile.clone(),
-                check_as.view.clone(),
-                scan_limit,
-                cancel,
-            )
-            .await
-        {
+        report.usage = match finish_scan(scan, scan_limit, cancel).await {
             Ok(usage) => usage,
             Err(ScanError::Cancelled) => {
                 return Err(fail(CheckErrorKind::CancelledBeforeStart, report));
@@ -729,18 +888,28 @@ mod tests {
         assert!(msg.contains(" and 2 more; stop the VMs"), "{msg}");
     }
 
-    /// A checker whose qemu-img is a stand-in that hangs, with one slot in
-    /// all and one per user, and one waiting check per user.
-    struct Hanging {
+    /// A checker whose qemu-img is a stand-in, with one slot in all and one
+    /// per user, and one waiting check per user.
+    struct Fixture {
         dir: tempfile::TempDir,
         checker: DiskChecker,
     }
 
-    impl Hanging {
-        fn new() -> Hanging {
+    impl Fixture {
+        /// qemu-img hangs.
+        fn hanging() -> Fixture {
+            Fixture::new("exec sleep 600")
+        }
+
+        /// qemu-img says "clean" at once.
+        fn clean() -> Fixture {
+            Fixture::new("echo '{\"check-errors\": 0}'")
+        }
+
+        fn new(script_body: &str) -> Fixture {
             let dir = tempfile::tempdir().unwrap();
             let script = dir.path().join("qemu-img");
-            std::fs::write(&script, "#!/bin/sh\nexec sleep 600\n").unwrap();
+            std::fs::write(&script, format!("#!/bin/sh\n{script_body}\n")).unwrap();
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
             let limits = Limits {
@@ -751,7 +920,7 @@ mod tests {
             };
             let scanner = UsageScanner::new("/proc".into(), Vec::new());
             let checker = DiskChecker::new(scanner, script, limits);
-            Hanging { dir, checker }
+            Fixture { dir, checker }
         }
 
         fn image(&self, name: &str) -> Arc<ImageFile> {
@@ -773,16 +942,154 @@ mod tests {
         }
     }
 
+    /// A process of this test holding `image` open for writing: a user that
+    /// blocks a check. Killed on drop.
+    struct Writer(std::process::Child);
+
+    impl Writer {
+        fn start(image: &ImageFile) -> Writer {
+            let child = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(r#"exec 3<>"$1"; exec sleep 600"#)
+                .arg("sh")
+                .arg(&image.path)
+                .spawn()
+                .unwrap();
+            let fd = format!("/proc/{}/fd/3", child.id());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while std::fs::read_link(&fd).map_or(true, |target| target != image.path) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the writer did not open the image"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Writer(child)
+        }
+    }
+
+    impl Drop for Writer {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A speculative scan of `image` by uid 1000 in the service's view,
+    /// finished.
+    async fn finished_speculation(h: &Fixture, image: &Arc<ImageFile>) -> Speculation {
+        let never = CancellationToken::new();
+        let view = h.check_as().view;
+        let speculation = h
+            .checker
+            .speculate(1000, image.clone(), None, view, &never)
+            .expect("within the limits");
+        while !speculation.scan.handle.is_finished() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        speculation
+    }
+
+    async fn check_with(
+        h: &Fixture,
+        image: &Arc<ImageFile>,
+        speculation: Speculation,
+    ) -> Result<DiskReport, CheckError> {
+        let reservation = h.checker.reserve(image.clone(), 1000).unwrap();
+        let never = CancellationToken::new();
+        let options = CheckOptions::default();
+        h.checker
+            .check(
+                reservation,
+                &options,
+                &h.check_as(),
+                &never,
+                Some(speculation),
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_speculative_scan_answers_only_when_fresh_and_no_slot_was_waited_for() {
+        let h = Fixture::clean();
+        let image = h.image("a");
+        // Four scans that found nobody...
+        let mut fresh = finished_speculation(&h, &image).await;
+        let mut stale = finished_speculation(&h, &image).await;
+        let mut after_a_wait = finished_speculation(&h, &image).await;
+        let mut other_pidfile = finished_speculation(&h, &image).await;
+        // ...and from now on a writer holds the image.
+        let _writer = Writer::start(&image);
+        let in_use = |r: Result<DiskReport, CheckError>| {
+            matches!(
+                r,
+                Err(CheckError {
+                    kind: CheckErrorKind::InUse { .. },
+                    ..
+                })
+            )
+        };
+
+        // Fresh: its answer is the check's (it saw nobody).
+        fresh.started = Instant::now();
+        let report = check_with(&h, &image, fresh).await.unwrap();
+        assert_eq!(report.result, Some(CheckResult::Clean));
+        assert!(report.usage.users.is_empty());
+
+        // Older than SPECULATION_FRESH: the check looks again.
+        stale.started = Instant::now() - SPECULATION_FRESH - Duration::from_millis(10);
+        assert!(in_use(check_with(&h, &image, stale).await));
+
+        // Fresh, but the check waited for its slot: it looks again.
+        let slot = h.checker.inner.slots.try_acquire().unwrap();
+        after_a_wait.started = Instant::now();
+        let free_the_slot = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(slot);
+        };
+        let (result, ()) = tokio::join!(check_with(&h, &image, after_a_wait), free_the_slot);
+        assert!(in_use(result));
+
+        // Fresh, but not this check's scan (another PID file): not used.
+        other_pidfile.pidfile = Some("/nonexistent/vm.pid".into());
+        other_pidfile.started = Instant::now();
+        assert!(in_use(check_with(&h, &image, other_pidfile).await));
+        assert!(lock(&h.checker.inner.speculations).is_empty());
+    }
+
+    #[tokio::test]
+    async fn speculative_scans_are_bounded_per_user_and_in_all() {
+        let h = Fixture::hanging();
+        let image = h.image("a");
+        let never = CancellationToken::new();
+        let speculate = |uid: u32| {
+            h.checker
+                .speculate(uid, image.clone(), None, View::Service, &never)
+        };
+        let mine: Vec<Speculation> = (0..SPECULATIONS_PER_USER)
+            .map(|_| speculate(1000).expect("within the limits"))
+            .collect();
+        assert!(speculate(1000).is_none());
+        let others: Vec<Speculation> = (0..SPECULATIONS - SPECULATIONS_PER_USER)
+            .map(|i| speculate(2000 + i as u32).expect("within the limits"))
+            .collect();
+        assert!(speculate(5000).is_none());
+        drop(mine);
+        assert!(speculate(1000).is_some());
+        drop(others);
+        assert!(lock(&h.checker.inner.speculations).is_empty());
+    }
+
     #[tokio::test]
     async fn get_disk_users_scans_are_limited_per_user_apart_from_checks() {
-        let h = Hanging::new();
+        let h = Fixture::hanging();
         let held: Vec<ScanAdmission> = (0..SCANS_PER_USER)
             .map(|_| h.checker.admit_scan(1000).unwrap())
             .collect();
         let never = CancellationToken::new();
         let users = |uid| {
             let view = h.check_as().view;
-            h.checker.users(uid, h.image("a"), None, view, &never)
+            h.checker.users(uid, h.image("a"), None, view, &never, None)
         };
         assert!(matches!(
             users(1000).await,
@@ -801,14 +1108,14 @@ mod tests {
 
     #[tokio::test]
     async fn limits_per_user_waiting_and_cancelling_before_start() {
-        let h = Hanging::new();
+        let h = Fixture::hanging();
         let hang = CancellationToken::new();
         let first = h.checker.reserve(h.image("a"), 1000).unwrap();
         let running = {
             let (checker, check_as, hang) = (h.checker.clone(), h.check_as(), hang.clone());
             tokio::spawn(async move {
                 checker
-                    .check(first, &CheckOptions::default(), &check_as, &hang)
+                    .check(first, &CheckOptions::default(), &check_as, &hang, None)
                     .await
             })
         };
@@ -837,7 +1144,7 @@ mod tests {
         let never = CancellationToken::new();
         let e = h
             .checker
-            .check(waiting, &options, &h.check_as(), &never)
+            .check(waiting, &options, &h.check_as(), &never, None)
             .await
             .unwrap_err();
         assert!(matches!(e.kind, CheckErrorKind::NoSlot { .. }), "{e}");
@@ -847,7 +1154,13 @@ mod tests {
         cancel.cancel();
         let e = h
             .checker
-            .check(waiting, &CheckOptions::default(), &h.check_as(), &cancel)
+            .check(
+                waiting,
+                &CheckOptions::default(),
+                &h.check_as(),
+                &cancel,
+                None,
+            )
             .await
             .unwrap_err();
         assert!(

@@ -19,7 +19,7 @@ use super::job::{Job, JobIds, JobInfo};
 use super::options::{self, DiskOptions};
 use super::values::{Dict, report_dict, users_list};
 use crate::auth::{Action, Authority, Caller};
-use crate::disk::checker::{CheckAs, CheckErrorKind, DiskChecker, DiskReport};
+use crate::disk::checker::{CheckAs, CheckErrorKind, DiskChecker, DiskReport, Speculation};
 use crate::disk::image::{self, ImageError, ImageFile};
 use crate::disk::qemu_img::RunAs;
 use crate::disk::view::View;
@@ -31,6 +31,10 @@ pub struct ManagerState {
     pub authority: Arc<Authority>,
     job_ids: JobIds,
     jobs: Mutex<Vec<OwnedObjectPath>>,
+    /// Held while a change of Jobs is read and sent, so that the changes go
+    /// out in the order they were read: the last one a client gets lists
+    /// the jobs as they are (jobs start and end in tasks of their own).
+    jobs_announcement: tokio::sync::Mutex<()>,
     /// Cancelled on daemon shutdown; every job's token is a child of it.
     shutdown: CancellationToken,
     /// Every check runs in a task of this tracker, so shutdown can wait for
@@ -58,6 +62,7 @@ impl ManagerState {
             authority: Arc::new(authority),
             job_ids: JobIds::default(),
             jobs: Mutex::new(Vec::new()),
+            jobs_announcement: tokio::sync::Mutex::new(()),
             shutdown,
             tasks,
             callers,
@@ -112,22 +117,26 @@ impl Manager {
     /// is asked again if that lookup lands somewhere other than the path
     /// the caller named, so a rule that trusts a directory sees where the
     /// check really goes.
+    ///
+    /// In the common case, a caller's own image found by its own lookup,
+    /// the in-use scan runs while polkit is asked: it is the very scan the
+    /// work would start once authorized (same file, PID file and caller's
+    /// view), so it may start early. Its answer stays unread unless
+    /// authorized (it is dropped, and stopped, on any refusal or error);
+    /// the refusal is the same and comes as soon, whatever it finds.
+    /// `cancel` stops it too.
     async fn authorize_image(
         &self,
         header: &Header<'_>,
         path: &str,
         options: &DiskOptions,
+        cancel: &CancellationToken,
     ) -> Result<Authorized, VmError> {
         image::validate_path(path)?;
         let authority = &self.state.authority;
         let caller = authority.caller(header).await?;
-        let own = run_as_caller(&caller).await?;
+        let (own, seen) = look_as_caller(&caller, path).await?;
         let own_view = View::User(own.clone());
-
-        let seen = match open_in(path, own_view.clone()).await? {
-            Err(e) if e.is_service_fault() => return Err(e.into()),
-            seen => seen,
-        };
         let ask = |action: Action, image: String| {
             let caller = &caller;
             async move {
@@ -140,8 +149,17 @@ impl Manager {
         // libvirt's dynamic ownership: while a system VM runs, the caller's
         // image belongs to libvirt-qemu, and libvirt remembers the caller.
         let libvirt_owned = |owner: Option<u32>| caller.uid != 0 && owner == Some(caller.uid);
-        let (image, check_as) = match look_as_service(seen).await? {
+        let mut speculation = None;
+        let (image, check_as) = match seen {
             Seen::Readable(image, _) if image.uid == caller.uid => {
+                let image = Arc::new(image);
+                speculation = self.state.checker.speculate(
+                    caller.uid,
+                    image.clone(),
+                    options.check.pidfile.clone(),
+                    own_view.clone(),
+                    cancel,
+                );
                 ask(Action::CheckDisk, display(&image)).await?;
                 let check_as = CheckAs {
                     run_as: own,
@@ -161,12 +179,12 @@ impl Manager {
                     view: own_view,
                     administrator: false,
                 };
-                (image, check_as)
+                (Arc::new(image), check_as)
             }
             Seen::Readable(image, _) | Seen::Unreadable(image, _) => {
                 ask(Action::CheckDiskOtherUser, display(&image)).await?;
                 let run_as = run_as_owner(&caller, own, image.uid).await?;
-                (image, CheckAs::service(run_as))
+                (Arc::new(image), CheckAs::service(run_as))
             }
             Seen::Unreachable => {
                 ask(Action::CheckDiskOtherUser, path.to_owned()).await?;
@@ -175,25 +193,28 @@ impl Manager {
                     ask(Action::CheckDiskOtherUser, display(&image)).await?;
                 }
                 let run_as = run_as_owner(&caller, own, image.uid).await?;
-                (image, CheckAs::service(run_as))
+                (Arc::new(image), CheckAs::service(run_as))
             }
         };
         if options.check.repair.is_some() {
             ask(Action::RepairDisk, display(&image)).await?;
         }
         Ok(Authorized {
-            image: Arc::new(image),
+            image,
             caller_uid: caller.uid,
             check_as,
+            speculation,
         })
     }
 }
 
-/// An opened image and whose it is to check.
+/// An opened image, whose it is to check, and the in-use scan that may
+/// already be running for it.
 struct Authorized {
     image: Arc<ImageFile>,
     caller_uid: u32,
     check_as: CheckAs,
+    speculation: Option<Speculation>,
 }
 
 fn display(image: &ImageFile) -> String {
@@ -225,41 +246,46 @@ enum Seen {
     Unreachable,
 }
 
-/// Turns the caller's lookup into [`Seen`], off the async threads (reading
-/// an attribute can wait on a slow file system). Only the service's own
-/// trouble is an error.
-async fn look_as_service(seen: Result<ImageFile, ImageError>) -> Result<Seen, VmError> {
+/// The caller's credentials, and what its own lookup of `path` found (see
+/// [`Seen`]), in one trip off the async threads: getpwuid_r may ask NSS
+/// (LDAP, …), and a lookup or an attribute read can wait on a slow file
+/// system. Only the service's own trouble is an error.
+///
+/// The credentials are the caller's passwd entry with its actual groups as
+/// the bus saw them (newgrp, sg, systemd's SupplementaryGroups) rather than
+/// the group database's idea.
+async fn look_as_caller(caller: &Caller, path: &str) -> Result<(RunAs, Seen), VmError> {
+    let (uid, groups, path) = (caller.uid, caller.groups.clone(), path.to_owned());
     tokio::task::spawn_blocking(move || {
-        let seen = match seen {
-            Ok(image) => {
-                let owner = image.libvirt_owner();
-                Seen::Readable(image, owner)
-            }
-            Err(ImageError::Unreadable { pinned, .. }) => match ImageFile::open_pinned(*pinned) {
-                Ok(image) => {
-                    let owner = image.libvirt_owner();
-                    Seen::Unreadable(image, owner)
-                }
-                Err(e) if e.is_service_fault() => return Err(e.into()),
-                Err(_) => Seen::Unreachable,
-            },
-            Err(_) => Seen::Unreachable,
+        let own = RunAs::for_user_in(uid, groups).map_err(ServiceFault::UserLookup)?;
+        let seen = match ImageFile::open_in(&path, &View::User(own.clone())) {
+            Err(e) if e.is_service_fault() => return Err(e.into()),
+            seen => seen_as_service(seen)?,
         };
-        Ok(seen)
+        Ok((own, seen))
     })
     .await
     .map_err(internal)?
 }
 
-/// The caller's credentials for qemu-img and for looking at files: its
-/// passwd entry, with its actual groups as the bus saw them (newgrp, sg,
-/// systemd's SupplementaryGroups) rather than the group database's idea.
-async fn run_as_caller(caller: &Caller) -> Result<RunAs, VmError> {
-    let mut run_as = lookup_user(caller.uid).await?;
-    if let Some(groups) = &caller.groups {
-        run_as.groups = groups.clone();
-    }
-    Ok(run_as)
+/// Turns the caller's lookup into [`Seen`]. Blocking.
+fn seen_as_service(seen: Result<ImageFile, ImageError>) -> Result<Seen, VmError> {
+    let seen = match seen {
+        Ok(image) => {
+            let owner = image.libvirt_owner();
+            Seen::Readable(image, owner)
+        }
+        Err(ImageError::Unreadable { pinned, .. }) => match ImageFile::open_pinned(*pinned) {
+            Ok(image) => {
+                let owner = image.libvirt_owner();
+                Seen::Unreadable(image, owner)
+            }
+            Err(e) if e.is_service_fault() => return Err(e.into()),
+            Err(_) => Seen::Unreachable,
+        },
+        Err(_) => Seen::Unreachable,
+    };
+    Ok(seen)
 }
 
 /// Who qemu-img runs as for an image owned by `owner`: the owner (never
@@ -306,8 +332,9 @@ impl Manager {
             image,
             caller_uid: caller,
             check_as,
+            speculation,
         } = guard
-            .until_gone(self.authorize_image(&header, image, &options))
+            .until_gone(self.authorize_image(&header, image, &options, guard.token()))
             .await?;
         // Busy is refused here, before a job or a DiskChecked signal exists:
         // the check that is running is the one that will report.
@@ -316,9 +343,11 @@ impl Manager {
         let state = self.state.clone();
         let connection = connection.clone();
         let emitter = emitter.into_owned();
-        // The whole job, signals and clean-up included, is one tracked task:
-        // it finishes even if this method call is dropped, and shutdown waits
-        // for it.
+        // The whole job, signals included, is one tracked task: it finishes
+        // even if this method call is dropped, and shutdown waits for it.
+        // Its answer comes once DiskChecked and Completed are sent; removing
+        // the job object and announcing that is a tracked task of its own,
+        // which the caller does not wait for.
         let job = self.state.tasks.spawn(async move {
             let path = state.job_ids.next_path();
             // Cancelled by Job.Cancel, by the caller leaving, or by shutdown.
@@ -335,22 +364,30 @@ impl Manager {
                 state.authority.clone(),
                 state.callers.clone(),
             );
-            if let Err(e) = server.at(&path, job).await {
-                tracing::warn!("cannot export job {path}: {e}");
-            }
-            state.set_job(&path, true);
-            emit_jobs_changed(&connection).await;
-
-            tracing::info!(
-                image = %image.path.display(),
-                caller,
-                uid = check_as.run_as.uid,
-                "checking disk"
-            );
-            let outcome = state
-                .checker
-                .check(reservation, &options.check, &check_as, &cancel)
-                .await;
+            // The job object is exported and announced while the check runs:
+            // Cancel works as soon as Jobs lists it (its token exists).
+            let announce = async {
+                if let Err(e) = server.at(&path, job).await {
+                    tracing::warn!("cannot export job {path}: {e}");
+                }
+                state.set_job(&path, true);
+                emit_jobs_changed(&state, &connection).await;
+            };
+            let check = async {
+                tracing::info!(
+                    image = %image.path.display(),
+                    caller,
+                    uid = check_as.run_as.uid,
+                    "checking disk"
+                );
+                state
+                    .checker
+                    .check(reservation, &options.check, &check_as, &cancel, speculation)
+                    .await
+            };
+            // The check first: it hands qemu-img's spawn (or the scan) to
+            // its own thread before the announcement takes its turn.
+            let (outcome, ()) = tokio::join!(check, announce);
             let (mut report, error): (DiskReport, Option<VmError>) = match outcome {
                 Ok(report) => (report, None),
                 Err(e) => {
@@ -373,9 +410,13 @@ impl Manager {
                     .unwrap_or_default();
                 let _ = Job::completed(&job_emitter, error.is_none(), message).await;
             }
-            let _ = server.remove::<Job, _>(&path).await;
+            // Jobs stops listing it before the answer goes out.
             state.set_job(&path, false);
-            emit_jobs_changed(&connection).await;
+            let cleanup_state = state.clone();
+            state.tasks.spawn(async move {
+                let _ = connection.object_server().remove::<Job, _>(&path).await;
+                emit_jobs_changed(&cleanup_state, &connection).await;
+            });
             match error {
                 None => Ok(dict),
                 Some(e) => Err(e),
@@ -399,7 +440,7 @@ impl Manager {
         let options = options::parse_get_disk_users(options)?;
         let guard = self.state.callers.guard(&header)?;
         let authorized = guard
-            .until_gone(self.authorize_image(&header, image, &options))
+            .until_gone(self.authorize_image(&header, image, &options, guard.token()))
             .await?;
         let usage = self
             .state
@@ -410,6 +451,7 @@ impl Manager {
                 options.check.pidfile.clone(),
                 authorized.check_as.view,
                 guard.token(),
+                authorized.speculation,
             )
             .await
             .map_err(|e| VmError::from(CheckErrorKind::Scan(e)))?;
@@ -438,7 +480,8 @@ impl Manager {
     }
 }
 
-async fn emit_jobs_changed(connection: &Connection) {
+async fn emit_jobs_changed(state: &ManagerState, connection: &Connection) {
+    let _in_order = state.jobs_announcement.lock().await;
     let server = connection.object_server();
     match server.interface::<_, Manager>(MANAGER_PATH).await {
         Ok(iface) => {
