@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
@@ -57,6 +57,10 @@ impl JobInfo {
 pub struct Job {
     info: JobInfo,
     cancel: CancellationToken,
+    /// Set when the job has ended: its object may outlive the answer to the
+    /// call that started it by a moment, and Cancel must already say "no
+    /// such job" then, as it does once the object is gone.
+    ended: Arc<AtomicBool>,
     authority: Arc<Authority>,
     /// So that a Cancel caller who leaves is no longer waited for.
     callers: Arc<Callers>,
@@ -66,12 +70,14 @@ impl Job {
     pub fn new(
         info: JobInfo,
         cancel: CancellationToken,
+        ended: Arc<AtomicBool>,
         authority: Arc<Authority>,
         callers: Arc<Callers>,
     ) -> Self {
         Job {
             info,
             cancel,
+            ended,
             authority,
             callers,
         }
@@ -121,6 +127,11 @@ impl Job {
         #[zbus(header)] header: Header<'_>,
     ) -> Result<(), VmError> {
         let interactive = parse_interactive_only("Cancel", options)?;
+        if self.ended.load(Ordering::Acquire) {
+            let gone =
+                zbus::fdo::Error::UnknownObject(format!("job {} has ended", self.info.target));
+            return Err(VmError::ZBus(zbus::Error::FDO(Box::new(gone))));
+        }
         let guard = self.callers.guard(&header)?;
         let caller = self.authority.caller(&header).await?;
         if caller.uid != self.info.started_by_uid {

@@ -1,6 +1,7 @@
 //! The manager object: `org.example.VmManager1` at `/org/example/VmManager`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -358,9 +359,11 @@ impl Manager {
                 caller,
             );
             let server = connection.object_server();
+            let ended = Arc::new(AtomicBool::new(false));
             let job = Job::new(
                 info,
                 cancel.clone(),
+                ended.clone(),
                 state.authority.clone(),
                 state.callers.clone(),
             );
@@ -410,7 +413,9 @@ impl Manager {
                     .unwrap_or_default();
                 let _ = Job::completed(&job_emitter, error.is_none(), message).await;
             }
-            // Jobs stops listing it before the answer goes out.
+            // Before the answer goes out, the job is over for everyone:
+            // Jobs no longer lists it and Cancel says it is gone.
+            ended.store(true, Ordering::Release);
             state.set_job(&path, false);
             let cleanup_state = state.clone();
             state.tasks.spawn(async move {
