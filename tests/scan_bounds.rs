@@ -21,6 +21,7 @@ use common::util::{
 use common::world::{World, split_error, str_of};
 use common::{DaemonConfig, NOBODY, Polkit};
 use futures_util::future::join_all;
+use vmmanager::config::EventsSetting;
 use vmmanager::disk::checker::SCANS_PER_USER;
 use vmmanager_client::ManagerProxy;
 
@@ -70,6 +71,31 @@ fn thread_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .count()
+}
+
+/// What each thread of `pid` is doing: name, state and kernel wait channel,
+/// for a failure message.
+fn threads_of(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let read = |task: &std::path::Path, file: &str| {
+        std::fs::read_to_string(task.join(file)).unwrap_or_default()
+    };
+    tasks
+        .flatten()
+        .map(|task| {
+            let task = task.path();
+            let stat = read(&task, "stat");
+            let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+            format!(
+                "{} {state} {}",
+                read(&task, "comm").trim(),
+                read(&task, "wchan")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// User plus system CPU time of `pid`, in clock ticks.
@@ -232,7 +258,11 @@ async fn scans_of_killed_callers_stop_and_the_daemon_returns_to_idle() {
     let holders = FdHolders::start(4, 2500);
     let mut proc_root = ManyProcesses::new(holders.pids());
     let polkit = Polkit::builder().allow_user(CHECK_DISK, "nobody");
-    let config = DaemonConfig::default().proc_root(proc_root.root());
+    // No device events: other tests' uevents would wake the daemon's idle
+    // blocking threads, and each wake keeps one alive for another 10 s.
+    let config = DaemonConfig::default()
+        .proc_root(proc_root.root())
+        .events(EventsSetting::None);
     let w = World::with(polkit, config).await;
     let daemon = w.stack.daemon.pid();
     let own = nobodys_image(&w);
@@ -314,8 +344,9 @@ async fn scans_of_killed_callers_stop_and_the_daemon_returns_to_idle() {
         || thread_count(daemon) <= threads_before,
         || {
             format!(
-                "{} threads now, {threads_before} before",
-                thread_count(daemon)
+                "{} threads now, {threads_before} before: {}",
+                thread_count(daemon),
+                threads_of(daemon)
             )
         },
     );
