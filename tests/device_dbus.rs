@@ -428,6 +428,32 @@ fn changes(sigs: &[Sig]) -> Vec<(String, BTreeMap<String, Val>)> {
     sigs.iter().map(changed).collect()
 }
 
+/// What binding AUDIO of [`host`] to vfio-pci changes: AUDIO's own
+/// properties first, then each other group member's (address order).
+fn audio_on_vfio_pci() -> Vec<(String, BTreeMap<String, Val>)> {
+    let gpu_nvidia = "0000:01:00.0 in the same IOMMU group is bound to nvidia";
+    vec![
+        (
+            path(AUDIO),
+            props(&[
+                ("Driver", s("vfio-pci")),
+                ("PassthroughBlockers", strs(&[gpu_nvidia])),
+            ]),
+        ),
+        (
+            path(BRIDGE),
+            props(&[("PassthroughBlockers", strs(&[BRIDGE_BLOCKER, gpu_nvidia]))]),
+        ),
+        (
+            path(GPU),
+            props(&[(
+                "PassthroughBlockers",
+                strs(&["bound to nvidia, not vfio-pci"]),
+            )]),
+        ),
+    ]
+}
+
 // ---------------------------------------------------------------------------
 // 1. Objects and properties
 // ---------------------------------------------------------------------------
@@ -607,30 +633,7 @@ async fn events_produce_exactly_the_signals_of_the_changes() {
     fs.rebind(AUDIO, "vfio-pci");
     world.svc.send(ev(DeviceAction::Bind, AUDIO)).await;
     let got = changes(&signals.until_uevent(&path(AUDIO), "bind").await);
-    let gpu_nvidia = "0000:01:00.0 in the same IOMMU group is bound to nvidia";
-    assert_eq!(
-        got,
-        vec![
-            (
-                path(AUDIO),
-                props(&[
-                    ("Driver", s("vfio-pci")),
-                    ("PassthroughBlockers", strs(&[gpu_nvidia])),
-                ])
-            ),
-            (
-                path(BRIDGE),
-                props(&[("PassthroughBlockers", strs(&[BRIDGE_BLOCKER, gpu_nvidia]))])
-            ),
-            (
-                path(GPU),
-                props(&[(
-                    "PassthroughBlockers",
-                    strs(&["bound to nvidia, not vfio-pci"])
-                )])
-            ),
-        ]
-    );
+    assert_eq!(got, audio_on_vfio_pci());
 
     // The same event again: only its Uevent, no change.
     world.svc.send(ev(DeviceAction::Bind, AUDIO)).await;
@@ -782,6 +785,98 @@ async fn events_produce_exactly_the_signals_of_the_changes() {
     assert!(got.is_empty(), "{got:#?}");
     let rest = signals.quiet(Duration::from_millis(300)).await;
     assert!(rest.is_empty(), "{rest:#?}");
+}
+
+/// A burst of events sent back to back reaches the service faster than it
+/// publishes, so it handles them in batches: every event still yields its
+/// own Uevent, in the order sent; the tree changed before the burst, so
+/// each affected device gets exactly one PropertiesChanged with its final
+/// values, before the first Uevent; a device removed and added back within
+/// the burst shows InterfacesRemoved, then InterfacesAdded; and a resync
+/// afterwards finds nothing left to publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_yields_every_uevent_in_order_and_one_final_state() {
+    const BURST: usize = 300;
+    let world = DeviceWorld::start(host(), None, None).await;
+    let mut signals = world.signals().await;
+    world.fs.rebind(AUDIO, "vfio-pci");
+    let mut burst = Vec::new();
+    for i in 0..BURST {
+        let action = match i % 3 {
+            0 => DeviceAction::Bind,
+            1 => DeviceAction::Change,
+            _ => DeviceAction::Other(format!("burst-{i}")),
+        };
+        burst.push((action, AUDIO));
+        if i == BURST / 2 {
+            burst.push((DeviceAction::Remove, USB));
+            burst.push((DeviceAction::Add, USB));
+        }
+    }
+    burst.push((DeviceAction::Other("burst-end".into()), AUDIO));
+    for (action, address) in &burst {
+        world.svc.send(ev(action.clone(), address)).await;
+    }
+    let (mut got, last) = signals
+        .until(|s| matches!(s, Sig::Uevent { action, .. } if action == "burst-end"))
+        .await;
+    got.push(last);
+
+    // Every event's Uevent, in order; a removal has none (its object is
+    // gone: InterfacesRemoved says it).
+    let uevents: Vec<(String, String)> = got
+        .iter()
+        .filter_map(|s| match s {
+            Sig::Uevent { path, action } => Some((path.clone(), action.clone())),
+            _ => None,
+        })
+        .collect();
+    let sent: Vec<(String, String)> = burst
+        .iter()
+        .filter(|(action, _)| *action != DeviceAction::Remove)
+        .map(|(action, address)| (path(address), action.as_str().to_owned()))
+        .collect();
+    assert_eq!(uevents, sent);
+
+    // The properties: once, with their final values, before any Uevent
+    // (a batch publishes its changes first).
+    let position = |wanted: &dyn Fn(&Sig) -> bool| got.iter().position(wanted).unwrap();
+    let first_uevent = position(&|s| matches!(s, Sig::Uevent { .. }));
+    let (properties, rest): (Vec<&Sig>, Vec<&Sig>) = got
+        .iter()
+        .filter(|s| !matches!(s, Sig::Uevent { .. }))
+        .partition(|s| matches!(s, Sig::Changed { .. }));
+    let properties: Vec<_> = properties.into_iter().map(changed).collect();
+    assert_eq!(properties, audio_on_vfio_pci());
+    let last_changed = got
+        .iter()
+        .rposition(|s| matches!(s, Sig::Changed { .. }))
+        .unwrap();
+    assert!(last_changed < first_uevent, "{got:#?}");
+    let [
+        Sig::Removed { path: removed, .. },
+        Sig::Added {
+            path: added,
+            interfaces,
+        },
+    ] = rest.as_slice()
+    else {
+        panic!("expected InterfacesRemoved and InterfacesAdded of {USB}: {rest:#?}")
+    };
+    assert_eq!((removed, added), (&path(USB), &path(USB)));
+    assert_eq!(vals(&interfaces[DEVICE_IFACE]), expected(USB));
+    assert!(
+        position(&|s| matches!(s, Sig::Added { .. }))
+            < position(&|s| matches!(s, Sig::Uevent { path: p, .. } if *p == path(USB))),
+        "{got:#?}"
+    );
+
+    // What the objects show is the tree: a resync has nothing to add.
+    world.svc.send(MonitorMessage::Resync).await;
+    world.svc.send(ev(DeviceAction::Change, GPU)).await;
+    let got = signals.until_uevent(&path(GPU), "change").await;
+    assert!(got.is_empty(), "{got:#?}");
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
 }
 
 // ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 
 use crate::common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::os::unix::fs::symlink;
 use std::path::Path;
@@ -850,6 +850,26 @@ fn mutate(fs: &FakeSysfs, op: &Op) -> DeviceEvent {
 
 type Mirror = BTreeMap<PciAddress, BTreeMap<&'static str, OwnedVariant>>;
 
+/// The tree with the `initial` (slot, IOMMU group) devices, its allow-list,
+/// an inventory enumerated from it and what that published.
+fn start_tree(
+    initial: &[(usize, Option<u32>)],
+) -> Result<(FakeSysfs, Vec<AllowEntry>, Inventory, Mirror), TestCaseError> {
+    let fs = FakeSysfs::new();
+    for &(slot, group) in initial {
+        let (a, v, d, c) = SLOTS[slot];
+        let dev = fs.device(a, v, d, c);
+        if let Some(g) = group {
+            dev.iommu_group(g);
+        }
+    }
+    let allow = vec![AllowEntry::new("10de:*", "nvidia.com/gpu").unwrap()];
+    let mut inv = Inventory::new(fs.root(), fs.udev_data_dir(), allow.clone());
+    let mut mirror = Mirror::new();
+    publish(&mut mirror, inv.resync())?;
+    Ok((fs, allow, inv, mirror))
+}
+
 fn values(state: &DeviceState) -> BTreeMap<&'static str, OwnedVariant> {
     api(state).to_entries().into_iter().collect()
 }
@@ -896,18 +916,7 @@ proptest! {
         initial in proptest::collection::vec((0..SLOTS.len(), proptest::option::of(0..3u32)), 0..6),
         steps in proptest::collection::vec((op(), delivery()), 1..40),
     ) {
-        let fs = FakeSysfs::new();
-        for (slot, group) in initial {
-            let (a, v, d, c) = SLOTS[slot];
-            let dev = fs.device(a, v, d, c);
-            if let Some(g) = group {
-                dev.iommu_group(g);
-            }
-        }
-        let allow = vec![AllowEntry::new("10de:*", "nvidia.com/gpu").unwrap()];
-        let mut inv = Inventory::new(fs.root(), fs.udev_data_dir(), allow.clone());
-        let mut mirror = Mirror::new();
-        publish(&mut mirror, inv.resync())?;
+        let (fs, allow, mut inv, mut mirror) = start_tree(&initial)?;
         check_mirror(&mirror, &inv)?;
 
         let mut lost = false;
@@ -941,6 +950,52 @@ proptest! {
         prop_assert_eq!(&got, &fresh(&fs, allow));
         check_mirror(&mirror, &inv)?;
         prop_assert!(inv.resync().is_empty());
+    }
+
+    /// The same with the events that arrive together applied as one batch
+    /// (`apply_batch`, as the service does): at most one change per device
+    /// per batch, each against what was published, and the same end. A
+    /// batch without lost events leaves nothing for a resync to repair.
+    #[test]
+    fn batches_end_where_a_fresh_enumeration_starts(
+        initial in proptest::collection::vec((0..SLOTS.len(), proptest::option::of(0..3u32)), 0..6),
+        batches in proptest::collection::vec(
+            proptest::collection::vec((op(), delivery()), 1..10),
+            1..12,
+        ),
+    ) {
+        let (fs, allow, mut inv, mut mirror) = start_tree(&initial)?;
+
+        for batch in &batches {
+            let mut events = Vec::new();
+            let mut lost = false;
+            for (op, delivery) in batch {
+                let event = mutate(&fs, op);
+                match delivery {
+                    Delivery::Lost => lost = true,
+                    Delivery::Once => events.push(event),
+                    Delivery::Twice => events.extend([event.clone(), event]),
+                }
+            }
+            let changes = inv.apply_batch(&events);
+            let mut changed = BTreeSet::new();
+            for change in &changes {
+                let address = match change {
+                    InventoryChange::Added(state) => state.info.address,
+                    InventoryChange::Removed(address) => *address,
+                    InventoryChange::Changed { new, .. } => new.info.address,
+                };
+                prop_assert!(changed.insert(address), "{} changed twice: {:?}", address, changes);
+            }
+            publish(&mut mirror, changes)?;
+            check_mirror(&mirror, &inv)?;
+            let repaired = inv.resync();
+            prop_assert!(lost || repaired.is_empty(), "{:?}", repaired);
+            publish(&mut mirror, repaired)?;
+            check_mirror(&mirror, &inv)?;
+        }
+        let got: Vec<DeviceState> = inv.devices().cloned().collect();
+        prop_assert_eq!(&got, &fresh(&fs, allow));
     }
 }
 

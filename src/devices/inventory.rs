@@ -27,7 +27,7 @@
 //! from udevd's database, else the previous names are kept (a kernel-only
 //! event carries none, but the device did not change its name).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use super::sysfs::{self, PciDeviceInfo, SysfsError};
@@ -236,8 +236,96 @@ impl Inventory {
     /// those of its group mates in address order. Idempotent: the outcome
     /// depends only on the tree, so a repeated event reports nothing.
     pub fn apply(&mut self, event: &DeviceEvent) -> Vec<InventoryChange> {
-        let address = event.address;
-        let info = match event.action {
+        self.apply_batch(std::slice::from_ref(event))
+    }
+
+    /// Applies events that arrived together as one step: each device they
+    /// name is re-read once (the tree is the truth, so reading it again per
+    /// event would find the same), and each affected IOMMU group is
+    /// recomputed once. Per device, its last event decides whether it is
+    /// dropped (`remove`) or re-read, and the latest names an event carried
+    /// win. Reports one net change per device: the named devices first, in
+    /// the order of their first event, then their group mates in address
+    /// order. A removal followed by a re-addition nets out to at most a
+    /// change: callers that must show both pass them in separate batches.
+    pub fn apply_batch(&mut self, events: &[DeviceEvent]) -> Vec<InventoryChange> {
+        let mut named: Vec<NamedDevice<'_>> = Vec::new();
+        let mut index: HashMap<PciAddress, usize> = HashMap::new();
+        for event in events {
+            match index.get(&event.address) {
+                Some(&i) => named[i].merge(event),
+                None => {
+                    index.insert(event.address, named.len());
+                    named.push(NamedDevice::new(event));
+                }
+            }
+        }
+        let infos: Vec<Option<PciDeviceInfo>> = named
+            .iter()
+            .map(|device| self.read(device.address, device.action))
+            .collect();
+
+        let old_groups = named
+            .iter()
+            .filter_map(|d| self.devices.get(&d.address)?.info.iommu_group);
+        let new_groups = infos.iter().flatten().filter_map(|info| info.iommu_group);
+        let groups: BTreeSet<u32> = old_groups.chain(new_groups).collect();
+        let is_named = |a: &PciAddress| index.contains_key(a);
+        // Everything that may change, as it was.
+        let before: BTreeMap<PciAddress, DeviceState> = self
+            .devices
+            .iter()
+            .filter(|(a, s)| is_named(a) || s.info.iommu_group.is_some_and(|g| groups.contains(&g)))
+            .map(|(a, s)| (*a, s.clone()))
+            .collect();
+
+        for (device, info) in named.iter().zip(infos) {
+            match info {
+                None => {
+                    self.devices.remove(&device.address);
+                }
+                Some(info) => {
+                    let state = self.base_state(
+                        info,
+                        device.vendor_name,
+                        device.device_name,
+                        before.get(&device.address),
+                    );
+                    self.devices.insert(device.address, state);
+                }
+            }
+        }
+        for &group in &groups {
+            self.recompute_group(group);
+        }
+        for device in &named {
+            if self
+                .devices
+                .get(&device.address)
+                .is_some_and(|s| s.info.iommu_group.is_none())
+            {
+                self.recompute_alone(&device.address);
+            }
+        }
+
+        let own = named.iter().filter_map(|d| {
+            diff(
+                d.address,
+                before.get(&d.address),
+                self.devices.get(&d.address),
+            )
+        });
+        let mates = before
+            .iter()
+            .filter(|(a, _)| !is_named(a))
+            .filter_map(|(a, old)| diff(*a, Some(old), self.devices.get(a)));
+        own.chain(mates).collect()
+    }
+
+    /// What sysfs says about the device now; `None` after a `remove` or
+    /// when it is gone or unreadable.
+    fn read(&self, address: PciAddress, action: &DeviceAction) -> Option<PciDeviceInfo> {
+        match action {
             DeviceAction::Remove => None,
             // add (also for a known device), change, bind, unbind, others:
             // the tree is the truth.
@@ -246,57 +334,11 @@ impl Inventory {
                 Err(SysfsError::Gone(_)) => None,
                 Err(e) => {
                     // Enumeration skips such a device too; stay consistent.
-                    tracing::warn!("dropping PCI device after {:?}: {e}", event.action);
+                    tracing::warn!("dropping PCI device after {action:?}: {e}");
                     None
                 }
             },
-        };
-
-        let old_group = self.devices.get(&address).and_then(|s| s.info.iommu_group);
-        let new_group = info.as_ref().and_then(|i| i.iommu_group);
-        let groups: BTreeSet<u32> = old_group.into_iter().chain(new_group).collect();
-        // Everything that may change, as it was.
-        let before: BTreeMap<PciAddress, DeviceState> = self
-            .devices
-            .iter()
-            .filter(|(a, s)| {
-                **a == address || s.info.iommu_group.is_some_and(|g| groups.contains(&g))
-            })
-            .map(|(a, s)| (*a, s.clone()))
-            .collect();
-
-        match info {
-            None => {
-                self.devices.remove(&address);
-            }
-            Some(info) => {
-                let state = self.base_state(
-                    info,
-                    event.vendor_name.as_deref(),
-                    event.device_name.as_deref(),
-                    before.get(&address),
-                );
-                self.devices.insert(address, state);
-            }
         }
-        for &group in &groups {
-            self.recompute_group(group);
-        }
-        if self.devices.contains_key(&address) && new_group.is_none() {
-            self.recompute_alone(&address);
-        }
-
-        let mut changes: Vec<InventoryChange> =
-            diff(address, before.get(&address), self.devices.get(&address))
-                .into_iter()
-                .collect();
-        changes.extend(
-            before
-                .iter()
-                .filter(|(a, _)| **a != address)
-                .filter_map(|(a, old)| diff(*a, Some(old), self.devices.get(a))),
-        );
-        changes
     }
 
     /// Replaces the allow-list (configuration reload) and reports the
@@ -438,6 +480,33 @@ fn readiness(
         }
     }
     (blockers.is_empty(), blockers)
+}
+
+/// One device named by a batch of events: its last action and the latest
+/// names any of its events carried.
+struct NamedDevice<'a> {
+    address: PciAddress,
+    action: &'a DeviceAction,
+    vendor_name: Option<&'a str>,
+    device_name: Option<&'a str>,
+}
+
+impl<'a> NamedDevice<'a> {
+    fn new(event: &'a DeviceEvent) -> Self {
+        NamedDevice {
+            address: event.address,
+            action: &event.action,
+            vendor_name: event.vendor_name.as_deref(),
+            device_name: event.device_name.as_deref(),
+        }
+    }
+
+    /// A later event about the same device.
+    fn merge(&mut self, event: &'a DeviceEvent) {
+        self.action = &event.action;
+        self.vendor_name = event.vendor_name.as_deref().or(self.vendor_name);
+        self.device_name = event.device_name.as_deref().or(self.device_name);
+    }
 }
 
 fn diff(

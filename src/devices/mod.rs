@@ -30,6 +30,20 @@ pub enum DeviceAction {
     Other(String),
 }
 
+impl DeviceAction {
+    /// The action as udev spells it (`add`, `change`, …).
+    pub fn as_str(&self) -> &str {
+        match self {
+            DeviceAction::Add => "add",
+            DeviceAction::Remove => "remove",
+            DeviceAction::Change => "change",
+            DeviceAction::Bind => "bind",
+            DeviceAction::Unbind => "unbind",
+            DeviceAction::Other(other) => other,
+        }
+    }
+}
+
 /// One uevent about one PCI device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceEvent {

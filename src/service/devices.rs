@@ -2,12 +2,16 @@
 //!
 //! One owned task per service ([`DeviceService`]): it subscribes to udev
 //! first, then enumerates sysfs, exports one object per device, and applies
-//! every event to the inventory, publishing exactly what changed. `stop()`
+//! every event to the inventory, publishing exactly what changed. Events
+//! that are already queued when the task wakes form one batch: one trip to
+//! the blocking pool, one re-read per device named, one PropertiesChanged
+//! per device, then each event's Uevent in arrival order. `stop()`
 //! returns only after the monitor thread has exited and every device object
 //! is gone; after that nothing of this component runs or emits.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -36,6 +40,10 @@ use vmmanager_client::PciAddress;
 
 /// The D-Bus name of the device interface.
 pub use vmmanager_client::names::DEVICE_INTERFACE;
+
+/// Monitor messages queued for the device task at most; also the largest
+/// batch it handles in one pass.
+const EVENT_CHANNEL_CAPACITY: usize = 1024;
 
 /// Where device events come from.
 pub enum EventSource {
@@ -92,7 +100,7 @@ impl DeviceService {
         binder: VfioBinder,
         source: EventSource,
     ) -> Result<DeviceService, DeviceServiceError> {
-        let (sender, receiver) = mpsc::channel(1024);
+        let (sender, receiver) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
         let (reread_sender, rereads) = mpsc::channel(16);
         // Subscribe before enumerating (libvirt's order): an event between
         // the two is applied after the enumeration, and applying it twice
@@ -184,11 +192,13 @@ async fn run(
     cancel: CancellationToken,
 ) {
     loop {
-        let (message, done) = tokio::select! {
+        // Whatever else is already queued joins the first message: events
+        // that arrive together are handled as one batch.
+        let (messages, done) = tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            Some(message) = sources.own.recv() => (message, None),
-            Some(message) = recv_optional(&mut sources.external) => (message, None),
+            Some(first) = sources.own.recv() => (drain(first, &mut sources.own), None),
+            Some(messages) = recv_batch_optional(&mut sources.external) => (messages, None),
             Some(reread) = sources.rereads.recv() => {
                 let event = DeviceEvent {
                     action: DeviceAction::Change,
@@ -196,38 +206,18 @@ async fn run(
                     vendor_name: None,
                     device_name: None,
                 };
-                (MonitorMessage::Event(event), Some(reread.done))
+                (vec![MonitorMessage::Event(event)], Some(reread.done))
             }
         };
+        // A re-read of our own is no kernel event: no Uevent for it.
         let from_kernel = done.is_none();
-        let (back, changes) = tokio::task::spawn_blocking({
-            let message = message.clone();
-            move || {
-                let update = |inventory: &mut Inventory| match &message {
-                    MonitorMessage::Event(event) => inventory.apply(event),
-                    MonitorMessage::Resync => {
-                        tracing::warn!("device events were lost: re-reading all devices");
-                        inventory.resync()
-                    }
-                };
-                // A bug triggered by one odd device must not end event
-                // processing: log it and re-read everything instead.
-                let changes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    update(&mut inventory)
-                }))
-                .unwrap_or_else(|_| {
-                    tracing::error!("updating the device inventory failed: re-reading all devices");
-                    inventory.resync()
-                });
-                (inventory, changes)
-            }
-        })
-        .await
-        .expect("the update catches its own panics");
+        let (back, outcomes) = apply_steps(inventory, steps(messages)).await;
         inventory = back;
-        publish(&shared, changes).await;
-        if let (MonitorMessage::Event(event), true) = (&message, from_kernel) {
-            emit_uevent(&shared, event).await;
+        for StepOutcome { step, changes } in outcomes {
+            publish(&shared, changes).await;
+            if let (Step::Events(events), true) = (&step, from_kernel) {
+                emit_uevents(&shared, events).await;
+            }
         }
         if let Some(done) = done {
             let _ = done.send(());
@@ -246,14 +236,124 @@ async fn run(
     }
 }
 
-/// `recv` on an optional channel; pends forever when there is none or it is
-/// closed (the select's other branches still run).
-async fn recv_optional(
+/// Applies the steps in order on the blocking pool: one trip there per
+/// batch, however many events it holds.
+async fn apply_steps(mut inventory: Inventory, steps: Vec<Step>) -> (Inventory, Vec<StepOutcome>) {
+    tokio::task::spawn_blocking(move || {
+        let outcomes = steps
+            .into_iter()
+            .map(|step| {
+                let changes = step.apply(&mut inventory);
+                StepOutcome { step, changes }
+            })
+            .collect();
+        (inventory, outcomes)
+    })
+    .await
+    .expect("each step catches its own panics")
+}
+
+/// `first` and every message already queued behind it, up to what the
+/// channel holds (so one pass stays bounded while a burst goes on).
+fn drain(
+    first: MonitorMessage,
+    receiver: &mut mpsc::Receiver<MonitorMessage>,
+) -> Vec<MonitorMessage> {
+    let mut messages = Vec::with_capacity(receiver.len() + 1);
+    messages.push(first);
+    while messages.len() < EVENT_CHANNEL_CAPACITY {
+        match receiver.try_recv() {
+            Ok(message) => messages.push(message),
+            Err(_) => break,
+        }
+    }
+    messages
+}
+
+/// One part of a batch, applied to the inventory as a whole and published
+/// before the next part.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Events applied together (each device re-read once); their Uevents
+    /// follow the step's changes, in arrival order.
+    Events(Vec<DeviceEvent>),
+    /// Events were lost: re-read everything.
+    Resync,
+}
+
+struct StepOutcome {
+    step: Step,
+    changes: Vec<InventoryChange>,
+}
+
+impl Step {
+    /// Applies the step. A bug triggered by one odd device must not end
+    /// event processing: it is logged and everything re-read instead.
+    fn apply(&self, inventory: &mut Inventory) -> Vec<InventoryChange> {
+        let update = |inventory: &mut Inventory| match self {
+            Step::Events(events) => inventory.apply_batch(events),
+            Step::Resync => {
+                tracing::warn!("device events were lost: re-reading all devices");
+                inventory.resync()
+            }
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| update(inventory))).unwrap_or_else(
+            |_| {
+                tracing::error!("updating the device inventory failed: re-reading all devices");
+                inventory.resync()
+            },
+        )
+    }
+}
+
+/// Splits a batch into steps, keeping the order. Events share a step
+/// unless a device is removed in it: its removal and any other event about
+/// it go to different steps, so clients still see InterfacesRemoved (and
+/// InterfacesAdded when it comes back) rather than a net change. A resync
+/// is a step of its own; back-to-back resyncs are one.
+fn steps(messages: Vec<MonitorMessage>) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let mut events: Vec<DeviceEvent> = Vec::new();
+    // Devices in `events` → whether one of their events is a removal.
+    let mut seen: HashMap<PciAddress, bool> = HashMap::new();
+    for message in messages {
+        match message {
+            MonitorMessage::Resync => {
+                if !events.is_empty() {
+                    steps.push(Step::Events(std::mem::take(&mut events)));
+                    seen.clear();
+                }
+                if steps.last() != Some(&Step::Resync) {
+                    steps.push(Step::Resync);
+                }
+            }
+            MonitorMessage::Event(event) => {
+                let removal = event.action == DeviceAction::Remove;
+                if let Some(&removed) = seen.get(&event.address)
+                    && (removed || removal)
+                {
+                    steps.push(Step::Events(std::mem::take(&mut events)));
+                    seen.clear();
+                }
+                *seen.entry(event.address).or_default() |= removal;
+                events.push(event);
+            }
+        }
+    }
+    if !events.is_empty() {
+        steps.push(Step::Events(events));
+    }
+    steps
+}
+
+/// The next batch ([`drain`]) from an optional channel; pends forever when
+/// there is none or it is closed (the select's other branches still run).
+async fn recv_batch_optional(
     receiver: &mut Option<mpsc::Receiver<MonitorMessage>>,
-) -> Option<MonitorMessage> {
+) -> Option<Vec<MonitorMessage>> {
     match receiver {
         Some(r) => match r.recv().await {
-            Some(message) => Some(message),
+            Some(first) => Some(drain(first, r)),
             None => {
                 *receiver = None;
                 std::future::pending().await
@@ -296,24 +396,27 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
     }
 }
 
-/// `Uevent(action)` on the device's object, after its properties are up to
-/// date (a removed device has no object left: InterfacesRemoved says it).
-async fn emit_uevent(shared: &Arc<Shared>, event: &DeviceEvent) {
-    let path = event.address.object_path();
+/// `Uevent(action)` for each event, in order, on the device's object, after
+/// its properties are up to date (a removed device has no object left:
+/// InterfacesRemoved says it). One object lookup per device.
+async fn emit_uevents(shared: &Arc<Shared>, events: &[DeviceEvent]) {
     let server = shared.connection.object_server();
-    let Ok(iface) = server.interface::<_, PciDeviceObject>(&path).await else {
-        return;
-    };
-    let action = match &event.action {
-        DeviceAction::Add => "add",
-        DeviceAction::Remove => "remove",
-        DeviceAction::Change => "change",
-        DeviceAction::Bind => "bind",
-        DeviceAction::Unbind => "unbind",
-        DeviceAction::Other(other) => other.as_str(),
-    };
-    if let Err(e) = PciDeviceObject::uevent(iface.signal_emitter(), action).await {
-        tracing::warn!("cannot emit Uevent for {path}: {e}");
+    let mut emitters: HashMap<PciAddress, Option<SignalEmitter<'static>>> = HashMap::new();
+    for event in events {
+        let emitter = match emitters.entry(event.address) {
+            Entry::Occupied(known) => known.into_mut(),
+            Entry::Vacant(new) => {
+                let path = event.address.object_path();
+                let found = server.interface::<_, PciDeviceObject>(&path).await;
+                new.insert(found.ok().map(|iface| iface.signal_emitter().clone()))
+            }
+        };
+        let Some(emitter) = emitter else {
+            continue;
+        };
+        if let Err(e) = PciDeviceObject::uevent(emitter, event.action.as_str()).await {
+            tracing::warn!("cannot emit Uevent for {}: {e}", emitter.path());
+        }
     }
 }
 
@@ -585,5 +688,93 @@ impl PciDeviceObject {
             .iter()
             .map(|u| device_properties::vfio_user(u).to_dict())
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(action: DeviceAction, address: &str) -> DeviceEvent {
+        DeviceEvent {
+            action,
+            address: address.parse().unwrap(),
+            vendor_name: None,
+            device_name: None,
+        }
+    }
+
+    fn message(action: DeviceAction, address: &str) -> MonitorMessage {
+        MonitorMessage::Event(event(action, address))
+    }
+
+    const A: &str = "0000:01:00.0";
+    const B: &str = "0000:02:00.0";
+
+    #[test]
+    fn a_batch_is_one_step_in_arrival_order() {
+        let batch = vec![
+            message(DeviceAction::Change, A),
+            message(DeviceAction::Bind, B),
+            message(DeviceAction::Change, A),
+            message(DeviceAction::Other("move".into()), A),
+        ];
+        assert_eq!(
+            steps(batch),
+            [Step::Events(vec![
+                event(DeviceAction::Change, A),
+                event(DeviceAction::Bind, B),
+                event(DeviceAction::Change, A),
+                event(DeviceAction::Other("move".into()), A),
+            ])]
+        );
+    }
+
+    #[test]
+    fn a_removal_never_shares_a_step_with_the_same_device() {
+        let batch = vec![
+            message(DeviceAction::Change, A),
+            message(DeviceAction::Remove, B),
+            message(DeviceAction::Remove, A),
+            message(DeviceAction::Add, B),
+            message(DeviceAction::Change, B),
+            message(DeviceAction::Add, A),
+        ];
+        assert_eq!(
+            steps(batch),
+            [
+                Step::Events(vec![
+                    event(DeviceAction::Change, A),
+                    event(DeviceAction::Remove, B)
+                ]),
+                Step::Events(vec![
+                    event(DeviceAction::Remove, A),
+                    event(DeviceAction::Add, B),
+                    event(DeviceAction::Change, B),
+                ]),
+                Step::Events(vec![event(DeviceAction::Add, A)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_resync_is_a_step_of_its_own_and_repeats_collapse() {
+        let batch = vec![
+            MonitorMessage::Resync,
+            message(DeviceAction::Change, A),
+            MonitorMessage::Resync,
+            MonitorMessage::Resync,
+            message(DeviceAction::Change, A),
+        ];
+        assert_eq!(
+            steps(batch),
+            [
+                Step::Resync,
+                Step::Events(vec![event(DeviceAction::Change, A)]),
+                Step::Resync,
+                Step::Events(vec![event(DeviceAction::Change, A)]),
+            ]
+        );
+        assert_eq!(steps(Vec::new()), []);
     }
 }
