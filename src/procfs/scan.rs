@@ -8,6 +8,7 @@
 //! would allocate and `fstat` per directory), and a host with many
 //! processes or fds is shared out among the CPUs.
 
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::io::{self, Write as _};
 use std::ops::Range;
@@ -287,7 +288,7 @@ fn scan(
                 continue;
             }
             let recheck = recheck.get_or_insert_with(|| Scanner::new(&scan));
-            recheck.found.clear();
+            recheck.forget();
             recheck.process(pid, usize::MAX)?;
             let still = merged(std::mem::take(&mut recheck.found));
             for first in of_one {
@@ -410,12 +411,27 @@ fn on_threads<T: Send>(
     error.map_or(Ok(done), Err)
 }
 
+/// Read-only fds of one process on one target whose fdinfo a thread reads;
+/// past this, that process counts as a writer without more reads (fail
+/// closed). A pass serves every request waiting when it starts, so
+/// without a bound one caller whose own file is held by a million fds
+/// would make everyone's pass read a million fdinfo files.
+const MAX_FDINFO_READS_PER_HOLDER: u32 = 64;
+
 /// One thread's part of a scan, with its reused buffers.
 struct Scanner<'a> {
     scan: &'a Scan<'a>,
     dirents: DirentBuffer,
     fds: Vec<u32>,
+    /// One entry per (pid, target) this thread saw.
     found: Vec<Found>,
+    /// How many fdinfo files were read for each entry of `found`.
+    fdinfo_reads: Vec<u32>,
+    /// (pid, target) to its entry in `found`: allocates only on matches.
+    holdings: HashMap<(u32, usize), usize>,
+    /// The last of `holdings` used: a process's fds on one file come in a
+    /// row, and each needs no hashing then.
+    last_holding: Option<((u32, usize), usize)>,
     set_aside: Vec<SetAside>,
 }
 
@@ -426,8 +442,19 @@ impl<'a> Scanner<'a> {
             dirents: DirentBuffer::new(),
             fds: Vec::new(),
             found: Vec::new(),
+            fdinfo_reads: Vec::new(),
+            holdings: HashMap::new(),
+            last_holding: None,
             set_aside: Vec::new(),
         }
+    }
+
+    /// Drops what was found, to look at a process afresh.
+    fn forget(&mut self) {
+        self.found.clear();
+        self.fdinfo_reads.clear();
+        self.holdings.clear();
+        self.last_holding = None;
     }
 
     fn stop_if_asked(&self) -> Result<(), HoldersError> {
@@ -519,8 +546,20 @@ impl<'a> Scanner<'a> {
                 }
                 Err(_) => continue,
             };
+            // This fd's flags, read at most once whatever it matches.
             let mut writable = None;
             for target in index.matches(&file) {
+                let holding = self.holding(pid, target);
+                if let Some(i) = holding {
+                    if self.found[i].writable {
+                        // A writer already: another fd adds nothing.
+                        continue;
+                    }
+                    if self.fdinfo_reads[i] >= MAX_FDINFO_READS_PER_HOLDER {
+                        self.found[i].writable = true;
+                        continue;
+                    }
+                }
                 let writable = match writable {
                     Some(known) => known,
                     None => match self.writable(pid, fd)? {
@@ -529,14 +568,38 @@ impl<'a> Scanner<'a> {
                         None => break,
                     },
                 };
-                self.found.push(Found {
-                    pid,
-                    target,
-                    writable,
-                });
+                match holding {
+                    Some(i) => {
+                        self.fdinfo_reads[i] += 1;
+                        self.found[i].writable |= writable;
+                    }
+                    None => {
+                        let i = self.found.len();
+                        self.holdings.insert((pid, target), i);
+                        self.last_holding = Some(((pid, target), i));
+                        self.found.push(Found {
+                            pid,
+                            target,
+                            writable,
+                        });
+                        self.fdinfo_reads.push(1);
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// The entry in `found` for (`pid`, `target`), if this thread has one.
+    fn holding(&mut self, pid: u32, target: usize) -> Option<usize> {
+        match self.last_holding {
+            Some((key, i)) if key == (pid, target) => Some(i),
+            _ => {
+                let i = *self.holdings.get(&(pid, target))?;
+                self.last_holding = Some(((pid, target), i));
+                Some(i)
+            }
+        }
     }
 
     /// Whether fd `fd` of `pid` is open for writing, from its fdinfo; `None`
@@ -1012,5 +1075,117 @@ pub(crate) mod tests {
             c"4294967295/fd".to_owned()
         );
         assert_eq!(with_c_name(0, "", CStr::to_owned), c"0".to_owned());
+    }
+
+    mod many_fds {
+        use std::os::unix::process::CommandExt;
+        use std::process::{Command, Stdio};
+        use std::time::Instant;
+
+        use super::*;
+
+        /// A `sleep` holding `fds` read-only descriptors on `file`.
+        fn holding_many(file: &Path, fds: i32) -> Sleeper {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("600")
+                .stdin(File::open(file).unwrap())
+                .stdout(Stdio::null());
+            // SAFETY: only setrlimit and dup2 between fork and exec, both
+            // async-signal-safe; no allocation.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: (fds + 16) as libc::rlim_t,
+                        rlim_max: (fds + 16) as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    for fd in 3..3 + fds {
+                        if libc::dup2(0, fd) < 0 {
+                            return Err(io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+            // spawn() returns once the child exec'd: its fds are in place.
+            Sleeper(cmd.spawn().expect("spawn sleep"))
+        }
+
+        #[test]
+        fn a_holder_with_more_read_only_fds_than_are_read_counts_as_a_writer() {
+            let dir = tempfile::tempdir().unwrap();
+            let [few, many] = ["few", "many"].map(|name| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, b"x").unwrap();
+                path
+            });
+            let bound = i32::try_from(MAX_FDINFO_READS_PER_HOLDER).unwrap();
+            // fd 0 plus `bound - 1` dups: every one read, none writable.
+            let reader = holding_many(&few, bound - 1);
+            // Twice as many: its fdinfo is read no further than the bound.
+            let hoarder = holding_many(&many, 2 * bound);
+            let never = CancellationToken::new();
+            let want = vec![
+                vec![Holder {
+                    pid: reader.pid(),
+                    writable: false,
+                }],
+                vec![Holder {
+                    pid: hoarder.pid(),
+                    writable: true,
+                }],
+            ];
+            let targets = [target(&few), target(&many)];
+            for split in [Split::HOST, ONE_THREAD] {
+                let found = scan(Path::new("/proc"), &targets, 0, &never, split).unwrap();
+                assert_eq!(found, want, "{split:?}");
+            }
+            // Shared out a few fds at a time, each thread reads up to the
+            // bound: the reader is still read in full, the hoarder may or may
+            // not have been reached.
+            for split in [SPLIT_EVERYTHING, LITTLE_ROOM] {
+                let found = scan(Path::new("/proc"), &targets, 0, &never, split).unwrap();
+                assert_eq!(found[0], want[0], "{split:?}");
+                assert_eq!(found[1].len(), 1, "{split:?}");
+            }
+        }
+
+        /// How much one requester's file, held by many fds, costs the others
+        /// in its pass. `PROCS` processes of 19,000 fds each (this host's hard
+        /// limit is 20,000).
+        #[test]
+        #[ignore = "measurement: cargo test --lib -- --ignored --nocapture many_fds"]
+        fn cost_of_a_target_with_many_holding_fds() {
+            let dir = tempfile::tempdir().unwrap();
+            let [victim, attacker] = ["victim", "attacker"].map(|name| {
+                let path = dir.path().join(name);
+                std::fs::write(&path, b"x").unwrap();
+                path
+            });
+            let per = 19_000;
+            let procs: i32 = std::env::var("PROCS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(10);
+            let _holders: Vec<_> = (0..procs).map(|_| holding_many(&attacker, per)).collect();
+            let never = CancellationToken::new();
+            // Not skipping ourselves: the holders are our children, which
+            // would be looked at twice, unlike the service's.
+            let time = |targets: &[Target]| {
+                let start = Instant::now();
+                holders_of_any(Path::new("/proc"), targets, 0, &never).unwrap();
+                start.elapsed()
+            };
+            for round in 0..3 {
+                let alone = time(&[target(&victim)]);
+                let shared = time(&[target(&victim), target(&attacker)]);
+                println!(
+                    "round {round}: {} fds on the attacker's file: victim alone {alone:?}, with the attacker's target {shared:?}",
+                    per * procs
+                );
+            }
+        }
     }
 }

@@ -356,3 +356,123 @@ fn a_stuck_pass_nobody_waits_for_blocks_no_new_request() {
     setup.gate.release(1);
     assert!(is_cancelled(&finish(stuck)));
 }
+
+/// xorshift64: reproducible choices without a dependency.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// Many requesters at random moments, some cancelled at random moments,
+/// over passes that take random time and sometimes fail or panic: every
+/// requester returns; each answer is its own target's, from a pass that
+/// started after it asked; nothing is left behind.
+#[test]
+fn random_requests_cancellations_failures_and_panics() {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    const REQUESTERS: u64 = 400;
+    // A pass answers target (0, ino) with [ino, its start] as "pids".
+    let clock = Arc::new(AtomicU64::new(1));
+    let panics = Arc::new(AtomicUsize::new(0));
+    let batcher = {
+        let (clock, panics) = (Arc::clone(&clock), Arc::clone(&panics));
+        Arc::new(Batcher::with_pass(Box::new(move |targets, cancel| {
+            let started = clock.fetch_add(1, Ordering::SeqCst);
+            let mut random = started.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            thread::sleep(Duration::from_micros(next_random(&mut random) % 2000));
+            if cancel.is_cancelled() {
+                return Err(HoldersError::Cancelled);
+            }
+            match next_random(&mut random) % 20 {
+                0 => {
+                    return Err(HoldersError::Unreadable {
+                        path: "/proc".into(),
+                        source: io::Error::from_raw_os_error(libc::EMFILE),
+                    });
+                }
+                1 => {
+                    panics.fetch_add(1, Ordering::SeqCst);
+                    panic!("the test's panicking pass");
+                }
+                _ => {}
+            }
+            let answer = |target: &Target| match *target {
+                Target::Inode { ino, .. } => vec![
+                    Holder {
+                        pid: u32::try_from(ino).unwrap(),
+                        writable: false,
+                    },
+                    Holder {
+                        pid: u32::try_from(started).unwrap(),
+                        writable: true,
+                    },
+                ],
+                Target::CharDevice { .. } => unreachable!("inodes only"),
+            };
+            Ok(targets.iter().map(answer).collect())
+        })))
+    };
+
+    let requesters: Vec<_> = (1..=REQUESTERS)
+        .map(|ino| {
+            let (batcher, clock) = (Arc::clone(&batcher), Arc::clone(&clock));
+            let cancel = CancellationToken::new();
+            let mut random = ino.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+            let delay = Duration::from_micros(next_random(&mut random) % 20_000);
+            let cancel_after = next_random(&mut random)
+                .is_multiple_of(5)
+                .then(|| Duration::from_micros(next_random(&mut random) % 3000));
+            let canceller = cancel_after.map(|after| {
+                let cancel = cancel.clone();
+                thread::spawn(move || {
+                    thread::sleep(delay + after);
+                    cancel.cancel();
+                })
+            });
+            let handle = thread::spawn(move || {
+                thread::sleep(delay);
+                let asked = clock.fetch_add(1, Ordering::SeqCst);
+                let result = batcher.holders(Target::Inode { dev: 0, ino }, &cancel);
+                (asked, result, cancel.is_cancelled())
+            });
+            (ino, handle, canceller)
+        })
+        .collect();
+
+    let mut panicked = 0;
+    for (ino, handle, canceller) in requesters {
+        wait_until("a requester returns", || handle.is_finished());
+        let Ok((asked, result, cancelled)) = handle.join() else {
+            panicked += 1;
+            continue;
+        };
+        match result {
+            Ok(holders) => {
+                assert_eq!(holders.len(), 2, "requester {ino}: {holders:?}");
+                assert_eq!(u64::from(holders[0].pid), ino, "another's answer");
+                let started = u64::from(holders[1].pid);
+                assert!(started > asked, "requester {ino}: a pass older than it");
+            }
+            Err(HoldersError::Cancelled) => assert!(cancelled, "requester {ino}"),
+            Err(HoldersError::Unreadable { .. }) => {}
+        }
+        if let Some(canceller) = canceller {
+            canceller.join().unwrap();
+        }
+    }
+    assert!(
+        panicked <= panics.load(Ordering::SeqCst),
+        "only leaders of panicking passes panic"
+    );
+    let state = batcher.lock();
+    assert!(state.queue.is_empty(), "{} queued", state.queue.len());
+    assert!(
+        state.answers.is_empty(),
+        "{} answers left",
+        state.answers.len()
+    );
+    assert!(state.running.is_none());
+}
