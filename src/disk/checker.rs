@@ -120,7 +120,9 @@ pub struct Speculation {
     view: View,
     started: Instant,
     scan: RunningScan,
-    _admission: ScanAdmission,
+    /// Shared with the scan's thread: the scan counts as long as either
+    /// is alive (see [`DiskChecker::start_scan`]).
+    _admission: Arc<ScanAdmission>,
 }
 
 impl Speculation {
@@ -549,10 +551,12 @@ impl DiskChecker {
         cancel: &CancellationToken,
         speculation: Option<Speculation>,
     ) -> Result<DiskUsage, ScanError> {
-        let _admission = self.admit_scan(uid)?;
+        let admission = Arc::new(self.admit_scan(uid)?);
         let scan = speculation
             .and_then(|s| s.take_for(&image, &pidfile, &view))
-            .unwrap_or_else(|| self.start_scan(image, pidfile, view, cancel));
+            .unwrap_or_else(|| {
+                self.start_scan(image, pidfile, view, cancel, Some(admission.clone()))
+            });
         finish_scan(scan, SCAN_TIMEOUT, cancel).await
     }
 
@@ -606,14 +610,20 @@ impl DiskChecker {
                 return None;
             }
             *own += 1;
-            ScanAdmission {
+            Arc::new(ScanAdmission {
                 checker: self.clone(),
                 uid,
                 counts: |inner| &inner.speculations,
-            }
+            })
         };
         let started = Instant::now();
-        let scan = self.start_scan(image.clone(), pidfile.clone(), view.clone(), cancel);
+        let scan = self.start_scan(
+            image.clone(),
+            pidfile.clone(),
+            view.clone(),
+            cancel,
+            Some(admission.clone()),
+        );
         Some(Speculation {
             image,
             pidfile,
@@ -626,20 +636,28 @@ impl DiskChecker {
 
     /// Starts finding out who uses `image`, in a blocking thread: the scan
     /// reads /proc, where a read can hang (a process stuck on FUSE or dead
-    /// NFS holds its mm lock). It stops when `cancel` fires or the returned
+    /// NFS holds its mm lock), and so can opening the caller's PID file on
+    /// its own FUSE mount. It stops when `cancel` fires or the returned
     /// scan is dropped.
+    ///
+    /// A read stuck in the kernel does not see that stop, so `admission`
+    /// goes with the thread and counts until the thread has really ended:
+    /// the limits bound threads, not answers still awaited, and a caller
+    /// who abandons scans (a refused one: at once) cannot pile up threads.
     fn start_scan(
         &self,
         image: Arc<ImageFile>,
         pidfile: Option<PathBuf>,
         view: View,
         cancel: &CancellationToken,
+        admission: Option<Arc<ScanAdmission>>,
     ) -> RunningScan {
         let scanner = self.inner.scanner.clone();
         let stop = cancel.child_token();
         let path = image.path.clone();
         let thread_stop = stop.clone();
         let handle = tokio::task::spawn_blocking(move || {
+            let _counted_until_done = admission;
             scanner.scan(&image, pidfile.as_deref(), &view, &thread_stop)
         });
         RunningScan {
@@ -730,7 +748,7 @@ impl DiskChecker {
             .and_then(|s| s.take_for(&image, &options.pidfile, &check_as.view))
             .unwrap_or_else(|| {
                 let (pidfile, view) = (options.pidfile.clone(), check_as.view.clone());
-                self.start_scan(image.clone(), pidfile, view, cancel)
+                self.start_scan(image.clone(), pidfile, view, cancel, None)
             });
 
         // The scan, too, ends by the check's deadline.
@@ -1074,10 +1092,168 @@ mod tests {
             .map(|i| speculate(2000 + i as u32).expect("within the limits"))
             .collect();
         assert!(speculate(5000).is_none());
+        // Stopped scans stop counting once their threads have ended.
         drop(mine);
+        eventually("uid 1000's scans end", || {
+            !lock(&h.checker.inner.speculations).contains_key(&1000)
+        })
+        .await;
         assert!(speculate(1000).is_some());
         drop(others);
-        assert!(lock(&h.checker.inner.speculations).is_empty());
+        eventually("every scan ends", || {
+            lock(&h.checker.inner.speculations).is_empty()
+        })
+        .await;
+    }
+
+    /// A FUSE file system whose server never answers: any lookup in it
+    /// blocks its thread (uninterruptibly, bar a fatal signal) until the
+    /// connection is aborted, which dropping this does. What a local user
+    /// gets with `fusermount` and a server that just stops reading.
+    struct DeadFuse {
+        mountpoint: tempfile::TempDir,
+        device: Option<std::fs::File>,
+    }
+
+    impl DeadFuse {
+        fn mount() -> DeadFuse {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::ffi::OsStrExt;
+            use std::os::unix::fs::PermissionsExt;
+            let mountpoint = tempfile::tempdir().unwrap();
+            let perms = std::fs::Permissions::from_mode(0o755);
+            std::fs::set_permissions(mountpoint.path(), perms).unwrap();
+            let device = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/fuse")
+                .expect("/dev/fuse (the suite runs as root)");
+            let target = std::ffi::CString::new(mountpoint.path().as_os_str().as_bytes()).unwrap();
+            let options = format!(
+                "fd={},rootmode=40755,user_id=0,group_id=0,allow_other",
+                device.as_raw_fd()
+            );
+            let options = std::ffi::CString::new(options).unwrap();
+            // SAFETY: NUL-terminated strings that outlive the call.
+            let rc = unsafe {
+                libc::mount(
+                    c"vmm-dead-fuse".as_ptr(),
+                    target.as_ptr(),
+                    c"fuse".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    options.as_ptr().cast(),
+                )
+            };
+            assert_eq!(rc, 0, "mount fuse: {}", std::io::Error::last_os_error());
+            DeadFuse {
+                mountpoint,
+                device: Some(device),
+            }
+        }
+    }
+
+    impl Drop for DeadFuse {
+        fn drop(&mut self) {
+            use std::os::unix::ffi::OsStrExt;
+            // Closing the server's end aborts the connection: every blocked
+            // lookup fails with ENOTCONN.
+            drop(self.device.take());
+            let target =
+                std::ffi::CString::new(self.mountpoint.path().as_os_str().as_bytes()).unwrap();
+            // SAFETY: a NUL-terminated string that outlives the call.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+
+    /// Waits (up to 10 s) until `done` holds.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn nobodys_view() -> View {
+        View::User(RunAs {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        })
+    }
+
+    /// A fixture, an image, and a PID file path whose lookup hangs.
+    fn with_a_pidfile_that_hangs() -> (Fixture, Arc<ImageFile>, DeadFuse, Option<PathBuf>) {
+        let h = Fixture::clean();
+        let image = h.image("a");
+        let fuse = DeadFuse::mount();
+        let pidfile = Some(fuse.mountpoint.path().join("vm.pid"));
+        (h, image, fuse, pidfile)
+    }
+
+    /// A caller polkit refuses drops each speculation at once, but a scan
+    /// stuck in the kernel (here: reading the caller's PID file on its own
+    /// FUSE mount) cannot be stopped. Such a scan still counts: otherwise
+    /// every refused call would pin one more blocking thread, without end.
+    #[tokio::test]
+    async fn a_speculative_scan_counts_until_its_thread_has_ended() {
+        let (h, image, fuse, pidfile) = with_a_pidfile_that_hangs();
+        let nobody = nobodys_view();
+        let never = CancellationToken::new();
+        let speculate = || {
+            h.checker
+                .speculate(1000, image.clone(), pidfile.clone(), nobody.clone(), &never)
+        };
+        for _ in 0..SPECULATIONS_PER_USER {
+            let refused = speculate().expect("within the limits");
+            // Past /proc, into the PID file, and stuck there.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert!(!refused.scan.handle.is_finished(), "the scan is stuck");
+            drop(refused);
+        }
+        assert!(
+            speculate().is_none(),
+            "{SPECULATIONS_PER_USER} stuck scans, and a refused caller may start another"
+        );
+        drop(fuse);
+        eventually("the stuck scans end and stop counting", || {
+            lock(&h.checker.inner.speculations).is_empty()
+        })
+        .await;
+        assert!(speculate().is_some());
+    }
+
+    /// The same for GetDiskUsers: a caller who leaves (or times out) while
+    /// its scan is stuck has not freed that scan's place.
+    #[tokio::test]
+    async fn an_abandoned_get_disk_users_scan_counts_until_its_thread_has_ended() {
+        let (h, image, fuse, pidfile) = with_a_pidfile_that_hangs();
+        let never = CancellationToken::new();
+        let users = || {
+            h.checker.users(
+                1000,
+                image.clone(),
+                pidfile.clone(),
+                nobodys_view(),
+                &never,
+                None,
+            )
+        };
+        for _ in 0..SCANS_PER_USER {
+            // The caller gives up: the answer is dropped, the thread stays.
+            let gave_up = tokio::time::timeout(Duration::from_millis(300), users()).await;
+            assert!(gave_up.is_err(), "the scan is stuck");
+        }
+        let next = tokio::time::timeout(Duration::from_secs(5), users()).await;
+        assert!(
+            matches!(next, Ok(Err(ScanError::TooMany { uid: 1000, .. }))),
+            "{SCANS_PER_USER} stuck scans, and the caller may start another"
+        );
+        drop(fuse);
+        eventually("the stuck scans end and stop counting", || {
+            lock(&h.checker.inner.scans).is_empty()
+        })
+        .await;
     }
 
     #[tokio::test]
