@@ -3,6 +3,7 @@
 //! `vmctl check-disk` beside them; and 16 checks at once on 16 images
 //! against 16 qemu-img runs at once.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,8 +19,8 @@ use crate::common::images::qemu_img_check;
 use crate::common::util::{public_tempdir, run};
 use crate::common::world::VMCTL;
 use crate::common::{DaemonConfig, Polkit, Stack};
-use crate::measure::interleave;
-use crate::report::{Condition, Figure, Group, Unit};
+use crate::measure::{children_cpu_millis, cpu_millis, interleave};
+use crate::report::{Condition, Figure, Group, Summary, Unit};
 
 /// Images checked at once in the concurrency figure.
 const BATCH: usize = 16;
@@ -72,7 +73,20 @@ pub fn group(mode: Mode, rt: &Runtime) -> Group {
             copy
         })
         .collect();
+    // CPU per check of each process involved, per batch: it tells how
+    // much of the batch's wall time the CPUs alone must take.
+    let direct_cpu = RefCell::new(Vec::new());
+    let service_cpu = RefCell::new(Vec::new());
+    let bus_pid = rt
+        .block_on(async {
+            let dbus = zbus::fdo::DBusProxy::new(&connection).await?;
+            dbus.get_connection_unix_process_id("org.freedesktop.DBus".try_into()?)
+                .await
+        })
+        .expect("dbus-daemon's own PID");
+    let involved = [stack.daemon.pid(), stack.polkit.pid(), bus_pid];
     let qemu_img_batch = || {
+        let before = children_cpu_millis();
         let children: Vec<_> = copies
             .iter()
             .map(|image| {
@@ -90,9 +104,23 @@ pub fn group(mode: Mode, rt: &Runtime) -> Group {
             let out = child.wait_with_output().expect("wait for qemu-img");
             assert!(out.status.success(), "qemu-img check: {out:?}");
         }
+        let per_check = (children_cpu_millis() - before) / BATCH as f64;
+        direct_cpu.borrow_mut().push(per_check);
     };
     let check_batch = || {
+        let before = involved.map(cpu_millis);
         rt.block_on(join_all(copies.iter().map(|i| check_clean(&manager, i))));
+        let after = involved.map(cpu_millis);
+        let per_check = |used: f64| used / BATCH as f64;
+        let [daemon, polkit, bus] = [0, 1, 2].map(|i| per_check(after[i].0 - before[i].0));
+        let qemu_img = per_check(after[0].1 - before[0].1);
+        service_cpu.borrow_mut().push([
+            daemon + qemu_img + polkit + bus,
+            daemon,
+            qemu_img,
+            polkit,
+            bus,
+        ]);
     };
     let batches = mode.pick(40, 3);
     let times = interleave(1, batches, &[&qemu_img_batch, &check_batch]);
@@ -132,8 +160,32 @@ pub fn group(mode: Mode, rt: &Runtime) -> Group {
             .note(format!(
                 "daemon configured with max-concurrent-checks = max-checks-per-user = {BATCH}"
             )),
+            cpu_figure(&service_cpu.into_inner(), direct_cpu.into_inner()),
         ],
     }
+}
+
+/// CPU per check in the batches: everything a `CheckDisk` made run
+/// (`[total, vmmanagerd, its qemu-img, polkitd, dbus-daemon]` per batch)
+/// against a direct qemu-img's.
+fn cpu_figure(service: &[[f64; 5]], direct: Vec<f64>) -> Figure {
+    let part = |i: usize| Summary::of(&service.iter().map(|s| s[i]).collect::<Vec<_>>()).median;
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    Figure::new(
+        "CPU per `CheckDisk` in the batches (vmmanagerd + its qemu-img + polkitd + dbus-daemon)",
+        Unit::Millis,
+        service.iter().map(|s| s[0]).collect(),
+    )
+    .against("CPU per direct `qemu-img check` in the batches", direct)
+    .note(format!(
+        "medians per check: vmmanagerd {:.2} ms, its qemu-img {:.2} ms, polkitd {:.2} ms, \
+         dbus-daemon {:.2} ms (clock ticks of 10 ms, summed over each batch of {BATCH}); \
+         on {cpus} CPUs a batch takes at least {BATCH} × the total / {cpus}",
+        part(1),
+        part(2),
+        part(3),
+        part(4),
+    ))
 }
 
 /// One empty method call to the service and its reply.

@@ -50,3 +50,33 @@ pub fn process_count() -> usize {
         })
         .count()
 }
+
+/// CPU time `pid` has used so far, its own and (second) that of its
+/// children it has reaped, in milliseconds.
+pub fn cpu_millis(pid: u32) -> (f64, f64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/stat: {e}"));
+    // Fields resume after the last ')': utime is field 14, so index 11 here.
+    let fields: Vec<u64> = stat[stat.rfind(')').expect("malformed stat") + 2..]
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|f| f.parse().expect("numeric CPU field"))
+        .collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ms = |t: u64| t as f64 * 1000.0 / ticks;
+    (ms(fields[0] + fields[1]), ms(fields[2] + fields[3]))
+}
+
+/// CPU time this process's reaped children have used, in milliseconds.
+pub fn children_cpu_millis() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let usage = unsafe {
+        let mut usage = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage);
+        usage
+    };
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
+}
