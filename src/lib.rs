@@ -64,6 +64,8 @@
 //!   service on the system bus and shows desktop notifications.
 //! - [`safe_open`]: opening a file someone else named with one lookup, never
 //!   a FIFO or a device.
+//! - [`uid_counts`]: work counted per caller uid until its thread has
+//!   ended, for limits that bound threads stuck in the kernel.
 //! - [`process`]: logging and signal handling shared by the long-running
 //!   binaries (SIGTERM/SIGINT stop, SIGHUP is logged and ignored).
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service: arguments, config,
@@ -97,3 +99,7 @@ pub mod process;
 pub mod procfs;
 pub mod safe_open;
 pub mod service;
+pub mod uid_counts;
+
+#[cfg(test)]
+mod test_support;

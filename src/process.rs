@@ -5,6 +5,7 @@
 use std::fmt::Display;
 use std::future::Future;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -40,10 +41,18 @@ pub fn ignore_hangup() {
     }
 }
 
+/// How long the runtime waits, once `body` has returned, for blocking
+/// threads still running. A thread stuck in the kernel (a lookup on a FUSE
+/// mount whose server never answers) never ends by itself, and no stop
+/// reaches it; the process's exit ends it.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
 /// Runs `body` on a multi-threaded runtime. SIGTERM or SIGINT cancel the
 /// token it gets, so it can stop cleanly; SIGHUP is logged as
 /// "SIGHUP received: {on_hangup}" and otherwise ignored. `body`'s error is
-/// logged and printed as `name: error`, and becomes exit status 1.
+/// logged and printed as `name: error`, and becomes exit status 1. Once
+/// `body` has returned, threads still running get [`SHUTDOWN_GRACE`], then
+/// are left to the exit (and logged).
 pub fn run_until_signal<F, Fut, E>(name: &str, on_hangup: &'static str, body: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
@@ -75,6 +84,15 @@ where
         }
         result
     });
+    runtime.shutdown_timeout(SHUTDOWN_GRACE);
+    let left = other_threads();
+    if left > 0 {
+        tracing::warn!(
+            "{left} threads still running {} s after stopping (stuck in a file system that \
+             does not answer?); exiting without them",
+            SHUTDOWN_GRACE.as_secs()
+        );
+    }
     match result {
         Ok(()) => {
             tracing::info!("stopped");
@@ -86,6 +104,11 @@ where
             ExitCode::FAILURE
         }
     }
+}
+
+/// This process's threads but the calling one (0 if /proc cannot say).
+fn other_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count().saturating_sub(1))
 }
 
 /// The signals a long-running binary listens to.

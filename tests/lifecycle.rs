@@ -8,13 +8,14 @@ use crate::common;
 use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::images::make_clean_qcow2;
 use common::inproc::{self, InProcService};
 use common::sysfs::FakeSysfs;
-use common::util::{alive, public_tempdir, wait_until, write_file};
-use common::{DaemonConfig, Polkit, Stack};
+use common::util::{alive, busctl_call_in_background, public_tempdir, wait_until, write_file};
+use common::{DaemonConfig, DeadFuse, Polkit, Stack};
 use tempfile::TempDir;
 use tokio::task::{JoinHandle, block_in_place};
 use vmmanager::devices::vfio::KernelSysfs;
@@ -327,6 +328,66 @@ async fn sighup_is_logged_and_changes_nothing() {
     let again = w.check().await.expect("a check after SIGHUP");
     assert_eq!(result_of(&again), "clean");
     assert!(w.stack.daemon.is_running());
+}
+
+/// Threads of `pid` waiting for a FUSE server's answer, by their kernel
+/// wait channel.
+fn threads_waiting_on_fuse(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("wchan")).ok())
+        .filter(|wchan| wchan.contains("fuse") || wchan.contains("request_wait_answer"))
+        .count()
+}
+
+/// A lookup stuck for good in the kernel (the caller's image path on a FUSE
+/// mount whose server never answers) cannot be stopped, and the runtime
+/// would wait for its thread forever: SIGTERM must still end the daemon,
+/// and promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_the_daemon_even_with_a_thread_stuck_in_a_dead_file_system() {
+    let mut stack = block_in_place(|| Stack::start(Polkit::builder(), &DaemonConfig::default()));
+    // Declared after the stack, so dropped (the connection aborted) first.
+    let fuse = DeadFuse::mount();
+    let image = fuse.path().join("disk.qcow2");
+    let _call = busctl_call_in_background(
+        stack.bus.address(),
+        None,
+        "CheckDisk",
+        &image,
+        Stdio::null(),
+    );
+    let daemon = stack.daemon.pid();
+    block_in_place(|| {
+        wait_until(
+            Duration::from_secs(10),
+            "a daemon thread stuck in the dead FUSE mount",
+            || threads_waiting_on_fuse(daemon) > 0,
+            || stack.daemon.output(),
+        )
+    });
+
+    let sent = Instant::now();
+    stack.daemon.signal(libc::SIGTERM);
+    let status = block_in_place(|| stack.daemon.wait_exit(Duration::from_secs(10)));
+    let took = sent.elapsed();
+    let output = stack.daemon.output();
+    let status = status.unwrap_or_else(|| {
+        panic!("vmmanagerd still runs 10 s after SIGTERM with a stuck thread; output:\n{output}")
+    });
+    eprintln!("SIGTERM with a thread stuck in FUSE -> vmmanagerd exited after {took:?}");
+    assert!(status.success(), "{status}; output:\n{output}");
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?}; output:\n{output}"
+    );
+    assert!(
+        output.contains("still running 2 s after stopping"),
+        "{output}"
+    );
 }
 
 /// After a check whose qemu-img left a `setsid` grandchild: it is killed,

@@ -61,9 +61,9 @@ pub enum Error {
     /// (every method).
     NotAuthorized(String),
     /// `Busy`: a check of the same image is already running, the caller
-    /// (uid) has as many checks or GetDiskUsers calls in progress as it may,
-    /// or too many of its authorization requests wait for polkit (every
-    /// method). Trying again later may work.
+    /// (uid) has as many checks, GetDiskUsers calls or image lookups in
+    /// progress as it may, or too many of its authorization requests wait
+    /// for polkit (every method). Trying again later may work.
     Busy(String),
     /// `CheckFailed`: qemu-img could not complete the check (its stderr is
     /// in the message), or the service could not look at the image or at

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, SemaphorePermit};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -19,6 +19,7 @@ use super::qemu_img::{
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
 use super::view::View;
 use crate::procfs::HoldersError;
+use crate::uid_counts::{Counted, UidCounts};
 
 /// How much checking the service does at once, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +123,7 @@ pub struct Speculation {
     scan: RunningScan,
     /// Shared with the scan's thread: the scan counts as long as either
     /// is alive (see [`DiskChecker::start_scan`]).
-    _admission: Arc<ScanAdmission>,
+    _admission: Arc<Counted>,
 }
 
 impl Speculation {
@@ -162,30 +163,6 @@ pub enum ScanError {
          finished"
     )]
     TooMany { uid: u32, limit: usize },
-}
-
-/// Scans of one kind, counted per caller uid (an entry lives while that
-/// uid has some).
-type ScanCounts = Mutex<HashMap<u32, usize>>;
-
-/// One scan of a caller in one of the checker's [`ScanCounts`]
-/// (GetDiskUsers scans, speculative scans): counts until dropped.
-struct ScanAdmission {
-    checker: DiskChecker,
-    uid: u32,
-    counts: fn(&Inner) -> &ScanCounts,
-}
-
-impl Drop for ScanAdmission {
-    fn drop(&mut self) {
-        let mut counts = lock((self.counts)(&self.checker.inner));
-        if let Some(n) = counts.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.uid);
-            }
-        }
-    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -318,11 +295,13 @@ struct Inner {
     scanner: UsageScanner,
     qemu_img: PathBuf,
     limits: Limits,
-    slots: Semaphore,
+    /// Owned permits: a check's scan thread holds its slots until it has
+    /// ended (see [`DiskChecker::check`]).
+    slots: Arc<Semaphore>,
     /// The shared slots ordinary users may take: all but one (when there
     /// are two or more), so that users, however many, never keep root or an
     /// administrator from checking.
-    user_slots: Semaphore,
+    user_slots: Arc<Semaphore>,
     /// Per caller uid: its own slots, and how many of its checks are running
     /// or waiting. An entry lives while that uid has checks.
     users: Mutex<HashMap<u32, UserShare>>,
@@ -332,9 +311,9 @@ struct Inner {
     /// Every qemu-img this checker runs, and what they leave behind.
     children: QemuImgChildren,
     /// GetDiskUsers scans per caller uid.
-    scans: ScanCounts,
+    scans: UidCounts,
     /// Speculative scans per caller uid.
-    speculations: ScanCounts,
+    speculations: UidCounts,
 }
 
 /// One caller's share of the check slots.
@@ -345,10 +324,10 @@ struct UserShare {
 }
 
 /// The slots one running check holds, released when it ends.
-struct Slots<'a> {
+struct Slots {
     _own: OwnedSemaphorePermit,
-    _users: Option<SemaphorePermit<'a>>,
-    _shared: SemaphorePermit<'a>,
+    _users: Option<OwnedSemaphorePermit>,
+    _shared: OwnedSemaphorePermit,
 }
 
 /// One admitted check of a caller: counts against its limits until dropped.
@@ -445,13 +424,13 @@ impl DiskChecker {
                 scanner,
                 qemu_img,
                 limits,
-                slots: Semaphore::new(limits.concurrent),
-                user_slots: Semaphore::new(limits.concurrent.saturating_sub(1).max(1)),
+                slots: Arc::new(Semaphore::new(limits.concurrent)),
+                user_slots: Arc::new(Semaphore::new(limits.concurrent.saturating_sub(1).max(1))),
                 users: Mutex::new(HashMap::new()),
                 running: Mutex::new(HashSet::new()),
                 children: QemuImgChildren::new(),
-                scans: Mutex::new(HashMap::new()),
-                speculations: Mutex::new(HashMap::new()),
+                scans: UidCounts::default(),
+                speculations: UidCounts::default(),
             }),
         }
     }
@@ -479,13 +458,13 @@ impl DiskChecker {
 
     /// The slots [`DiskChecker::wait_for_slot`] would give, if all are free
     /// now and nobody waits for them; no place in any line is taken.
-    fn free_slots(&self, admission: &Admission, administrator: bool) -> Option<Slots<'_>> {
+    fn free_slots(&self, admission: &Admission, administrator: bool) -> Option<Slots> {
         let own = admission.slots.clone().try_acquire_owned().ok()?;
         let users = match administrator {
             true => None,
-            false => Some(self.inner.user_slots.try_acquire().ok()?),
+            false => Some(self.inner.user_slots.clone().try_acquire_owned().ok()?),
         };
-        let shared = self.inner.slots.try_acquire().ok()?;
+        let shared = self.inner.slots.clone().try_acquire_owned().ok()?;
         Some(Slots {
             _own: own,
             _users: users,
@@ -503,7 +482,7 @@ impl DiskChecker {
         deadline: Instant,
         limit: Duration,
         cancel: &CancellationToken,
-    ) -> Result<Slots<'_>, CheckErrorKind> {
+    ) -> Result<Slots, CheckErrorKind> {
         let never_closed = "semaphore is never closed";
         let wait = async {
             let own = admission
@@ -514,9 +493,11 @@ impl DiskChecker {
                 .expect(never_closed);
             let users = match administrator {
                 true => None,
-                false => Some(self.inner.user_slots.acquire().await.expect(never_closed)),
+                false => {
+                    Some((self.inner.user_slots.clone().acquire_owned().await).expect(never_closed))
+                }
             };
-            let shared = self.inner.slots.acquire().await.expect(never_closed);
+            let shared = (self.inner.slots.clone().acquire_owned().await).expect(never_closed);
             Slots {
                 _own: own,
                 _users: users,
@@ -554,26 +535,14 @@ impl DiskChecker {
         let admission = Arc::new(self.admit_scan(uid)?);
         let scan = speculation
             .and_then(|s| s.take_for(&image, &pidfile, &view))
-            .unwrap_or_else(|| {
-                self.start_scan(image, pidfile, view, cancel, Some(admission.clone()))
-            });
+            .unwrap_or_else(|| self.start_scan(image, pidfile, view, cancel, admission.clone()));
         finish_scan(scan, SCAN_TIMEOUT, cancel).await
     }
 
-    fn admit_scan(&self, uid: u32) -> Result<ScanAdmission, ScanError> {
-        let mut scans = lock(&self.inner.scans);
-        let running = scans.entry(uid).or_insert(0);
-        if *running >= SCANS_PER_USER {
-            return Err(ScanError::TooMany {
-                uid,
-                limit: SCANS_PER_USER,
-            });
-        }
-        *running += 1;
-        Ok(ScanAdmission {
-            checker: self.clone(),
+    fn admit_scan(&self, uid: u32) -> Result<Counted, ScanError> {
+        (self.inner.scans.admit(uid, SCANS_PER_USER, None)).map_err(|_| ScanError::TooMany {
             uid,
-            counts: |inner| &inner.scans,
+            limit: SCANS_PER_USER,
         })
     }
 
@@ -599,30 +568,17 @@ impl DiskChecker {
         if image.other_files.is_some() {
             return None;
         }
-        let admission = {
-            let mut speculations = lock(&self.inner.speculations);
-            let total: usize = speculations.values().sum();
-            let own = speculations.entry(uid).or_insert(0);
-            if *own >= SPECULATIONS_PER_USER || total >= SPECULATIONS {
-                if *own == 0 {
-                    speculations.remove(&uid);
-                }
-                return None;
-            }
-            *own += 1;
-            Arc::new(ScanAdmission {
-                checker: self.clone(),
-                uid,
-                counts: |inner| &inner.speculations,
-            })
-        };
+        let admission = (self.inner.speculations)
+            .admit(uid, SPECULATIONS_PER_USER, Some(SPECULATIONS))
+            .ok()?;
+        let admission = Arc::new(admission);
         let started = Instant::now();
         let scan = self.start_scan(
             image.clone(),
             pidfile.clone(),
             view.clone(),
             cancel,
-            Some(admission.clone()),
+            admission.clone(),
         );
         Some(Speculation {
             image,
@@ -641,16 +597,17 @@ impl DiskChecker {
     /// scan is dropped.
     ///
     /// A read stuck in the kernel does not see that stop, so `admission`
-    /// goes with the thread and counts until the thread has really ended:
-    /// the limits bound threads, not answers still awaited, and a caller
-    /// who abandons scans (a refused one: at once) cannot pile up threads.
+    /// (the scan's count, or the check's slots) goes with the thread and
+    /// counts until the thread has really ended: the limits bound threads,
+    /// not answers still awaited, and a caller who abandons scans (a
+    /// refused one: at once) cannot pile up threads.
     fn start_scan(
         &self,
         image: Arc<ImageFile>,
         pidfile: Option<PathBuf>,
         view: View,
         cancel: &CancellationToken,
-        admission: Option<Arc<ScanAdmission>>,
+        admission: impl Send + 'static,
     ) -> RunningScan {
         let scanner = self.inner.scanner.clone();
         let stop = cancel.child_token();
@@ -725,7 +682,7 @@ impl DiskChecker {
         // fresh when qemu-img starts, not from before a long wait. So a
         // speculative scan is kept only if the slots are free at once.
         let mut speculation = speculation;
-        let _slots = match self.free_slots(&reservation.admission, check_as.administrator) {
+        let slots = match self.free_slots(&reservation.admission, check_as.administrator) {
             Some(slots) => slots,
             None => {
                 speculation = None;
@@ -744,11 +701,15 @@ impl DiskChecker {
                 }
             }
         };
+        // Held by the check and by its own scan's thread: a check cancelled
+        // (or its caller gone) while that scan is stuck in the kernel frees
+        // its slots only once the thread has ended.
+        let slots = Arc::new(slots);
         let scan = speculation
             .and_then(|s| s.take_for(&image, &options.pidfile, &check_as.view))
             .unwrap_or_else(|| {
                 let (pidfile, view) = (options.pidfile.clone(), check_as.view.clone());
-                self.start_scan(image.clone(), pidfile, view, cancel, None)
+                self.start_scan(image.clone(), pidfile, view, cancel, slots.clone())
             });
 
         // The scan, too, ends by the check's deadline.
@@ -861,6 +822,7 @@ impl CheckAs {
 mod tests {
     use super::*;
     use crate::disk::usage::FoundBy;
+    use crate::test_support::{DeadFuse, eventually};
 
     fn user(pid: u32, is_qemu: bool, vm_name: &str) -> DiskUser {
         DiskUser {
@@ -1072,7 +1034,7 @@ mod tests {
         other_pidfile.pidfile = Some("/nonexistent/vm.pid".into());
         other_pidfile.started = Instant::now();
         assert!(in_use(check_with(&h, &image, other_pidfile).await));
-        assert!(lock(&h.checker.inner.speculations).is_empty());
+        assert!(h.checker.inner.speculations.total() == 0);
     }
 
     #[tokio::test]
@@ -1095,83 +1057,15 @@ mod tests {
         // Stopped scans stop counting once their threads have ended.
         drop(mine);
         eventually("uid 1000's scans end", || {
-            !lock(&h.checker.inner.speculations).contains_key(&1000)
+            h.checker.inner.speculations.of(1000) == 0
         })
         .await;
         assert!(speculate(1000).is_some());
         drop(others);
         eventually("every scan ends", || {
-            lock(&h.checker.inner.speculations).is_empty()
+            h.checker.inner.speculations.total() == 0
         })
         .await;
-    }
-
-    /// A FUSE file system whose server never answers: any lookup in it
-    /// blocks its thread (uninterruptibly, bar a fatal signal) until the
-    /// connection is aborted, which dropping this does. What a local user
-    /// gets with `fusermount` and a server that just stops reading.
-    struct DeadFuse {
-        mountpoint: tempfile::TempDir,
-        device: Option<std::fs::File>,
-    }
-
-    impl DeadFuse {
-        fn mount() -> DeadFuse {
-            use std::os::fd::AsRawFd;
-            use std::os::unix::ffi::OsStrExt;
-            use std::os::unix::fs::PermissionsExt;
-            let mountpoint = tempfile::tempdir().unwrap();
-            let perms = std::fs::Permissions::from_mode(0o755);
-            std::fs::set_permissions(mountpoint.path(), perms).unwrap();
-            let device = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/fuse")
-                .expect("/dev/fuse (the suite runs as root)");
-            let target = std::ffi::CString::new(mountpoint.path().as_os_str().as_bytes()).unwrap();
-            let options = format!(
-                "fd={},rootmode=40755,user_id=0,group_id=0,allow_other",
-                device.as_raw_fd()
-            );
-            let options = std::ffi::CString::new(options).unwrap();
-            // SAFETY: NUL-terminated strings that outlive the call.
-            let rc = unsafe {
-                libc::mount(
-                    c"vmm-dead-fuse".as_ptr(),
-                    target.as_ptr(),
-                    c"fuse".as_ptr(),
-                    libc::MS_NOSUID | libc::MS_NODEV,
-                    options.as_ptr().cast(),
-                )
-            };
-            assert_eq!(rc, 0, "mount fuse: {}", std::io::Error::last_os_error());
-            DeadFuse {
-                mountpoint,
-                device: Some(device),
-            }
-        }
-    }
-
-    impl Drop for DeadFuse {
-        fn drop(&mut self) {
-            use std::os::unix::ffi::OsStrExt;
-            // Closing the server's end aborts the connection: every blocked
-            // lookup fails with ENOTCONN.
-            drop(self.device.take());
-            let target =
-                std::ffi::CString::new(self.mountpoint.path().as_os_str().as_bytes()).unwrap();
-            // SAFETY: a NUL-terminated string that outlives the call.
-            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-
-    /// Waits (up to 10 s) until `done` holds.
-    async fn eventually(what: &str, done: impl Fn() -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "never: {what}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     fn nobodys_view() -> View {
@@ -1187,7 +1081,7 @@ mod tests {
         let h = Fixture::clean();
         let image = h.image("a");
         let fuse = DeadFuse::mount();
-        let pidfile = Some(fuse.mountpoint.path().join("vm.pid"));
+        let pidfile = Some(fuse.path().join("vm.pid"));
         (h, image, fuse, pidfile)
     }
 
@@ -1217,7 +1111,7 @@ mod tests {
         );
         drop(fuse);
         eventually("the stuck scans end and stop counting", || {
-            lock(&h.checker.inner.speculations).is_empty()
+            h.checker.inner.speculations.total() == 0
         })
         .await;
         assert!(speculate().is_some());
@@ -1251,15 +1145,74 @@ mod tests {
         );
         drop(fuse);
         eventually("the stuck scans end and stop counting", || {
-            lock(&h.checker.inner.scans).is_empty()
+            h.checker.inner.scans.total() == 0
         })
         .await;
+    }
+
+    /// The same for CheckDisk's own scan: a check cancelled (Job.Cancel, its
+    /// caller gone, its deadline) while its scan is stuck frees its slot
+    /// only once that scan's thread has ended. Otherwise cancelling would
+    /// pin one more thread per check, past every check limit.
+    #[tokio::test]
+    async fn a_cancelled_checks_scan_holds_its_slot_until_its_thread_has_ended() {
+        let (h, image, fuse, pidfile) = with_a_pidfile_that_hangs();
+        let check_as = CheckAs {
+            view: nobodys_view(),
+            ..h.check_as()
+        };
+        let options = CheckOptions {
+            pidfile,
+            ..CheckOptions::default()
+        };
+        let cancel = CancellationToken::new();
+        let reservation = h.checker.reserve(image, 1000).unwrap();
+        let check = h
+            .checker
+            .check(reservation, &options, &check_as, &cancel, None);
+        let cancel_once_stuck = async {
+            // Past /proc, into the PID file, and stuck there.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cancel.cancel();
+        };
+        let (cancelled, ()) = tokio::join!(check, cancel_once_stuck);
+        let e = cancelled.unwrap_err();
+        assert!(
+            matches!(e.kind, CheckErrorKind::CancelledBeforeStart),
+            "{e}"
+        );
+
+        // The one slot is still the stuck scan's: another check waits in vain.
+        let never = CancellationToken::new();
+        let next = h.checker.reserve(h.image("b"), 2000).unwrap();
+        let briefly = CheckOptions {
+            timeout: Some(Duration::from_millis(300)),
+            ..CheckOptions::default()
+        };
+        let e = (h.checker)
+            .check(next, &briefly, &h.check_as(), &never, None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e.kind, CheckErrorKind::NoSlot { .. }), "{e}");
+
+        drop(fuse);
+        eventually("the stuck scan ends and frees its slot", || {
+            h.checker.inner.slots.available_permits() == 1
+        })
+        .await;
+        let next = h.checker.reserve(h.image("c"), 2000).unwrap();
+        let options = CheckOptions::default();
+        let report = (h.checker)
+            .check(next, &options, &h.check_as(), &never, None)
+            .await
+            .unwrap();
+        assert_eq!(report.result, Some(CheckResult::Clean));
     }
 
     #[tokio::test]
     async fn get_disk_users_scans_are_limited_per_user_apart_from_checks() {
         let h = Fixture::hanging();
-        let held: Vec<ScanAdmission> = (0..SCANS_PER_USER)
+        let held: Vec<Counted> = (0..SCANS_PER_USER)
             .map(|_| h.checker.admit_scan(1000).unwrap())
             .collect();
         let never = CancellationToken::new();
@@ -1279,7 +1232,7 @@ mod tests {
         drop(h.checker.reserve(h.image("b"), 1000).unwrap());
         drop(held);
         assert!(users(1000).await.is_ok());
-        assert!(lock(&h.checker.inner.scans).is_empty());
+        assert!(h.checker.inner.scans.total() == 0);
     }
 
     #[tokio::test]

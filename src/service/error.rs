@@ -9,6 +9,7 @@ use crate::devices::vfio::VfioError;
 use crate::disk::checker::{CheckError, CheckErrorKind, ScanError};
 use crate::disk::image::ImageError;
 use crate::disk::qemu_img::{QemuImgError, UserLookupError};
+use crate::service::manager::TooManyLookups;
 
 /// The client crate's [`Error`](vmmanager_client::Error): its
 /// `#[derive(zbus::DBusError)]` gives every variant its
@@ -102,6 +103,13 @@ impl From<AuthError> for VmError {
             | AuthError::Unavailable { .. }
             | AuthError::UnknownCaller(_) => VmError::NotAuthorized(e.to_string()),
         }
+    }
+}
+
+impl From<TooManyLookups> for VmError {
+    fn from(e: TooManyLookups) -> Self {
+        // Not a refusal: nothing was looked at, and asking later may work.
+        VmError::Busy(e.to_string())
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +24,40 @@ use crate::disk::checker::{CheckAs, CheckErrorKind, DiskChecker, DiskReport, Spe
 use crate::disk::image::{self, ImageError, ImageFile};
 use crate::disk::qemu_img::RunAs;
 use crate::disk::view::View;
+use crate::uid_counts::{Counted, OverLimit, UidCounts};
 use zbus::DBusError;
+
+/// Image lookups (the caller's path, opened off the async threads) one uid
+/// may have running at once; more are [`TooManyLookups`] (`Busy`). A lookup
+/// on a file system that never answers (the caller's own FUSE mount) is
+/// stuck in the kernel for good, and it runs before polkit is asked, so
+/// any local user could otherwise pin one thread per call. A lookup takes
+/// milliseconds: a person, or a client asking in parallel, needs few.
+pub const LOOKUPS_PER_USER: usize = 4;
+/// Lookups of all callers but root together, so that many uids cannot use
+/// up the service's blocking threads either. root is bounded only by its
+/// own [`LOOKUPS_PER_USER`], so users cannot lock it out.
+pub const LOOKUPS: usize = 32;
+/// How long a lookup beyond those limits waits for one to end before it is
+/// `Busy`: a burst of parallel calls (lookups take milliseconds) gets
+/// through, while a caller's stuck lookups cost its next call only this.
+const LOOKUP_WAIT: Duration = Duration::from_secs(2);
+
+/// Why an image lookup was refused before it started: a limit of
+/// [`LOOKUPS_PER_USER`] or [`LOOKUPS`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TooManyLookups {
+    #[error(
+        "uid {uid} already has {limit} image lookups running (a file system that does not \
+         answer?); try again when one has finished"
+    )]
+    Caller { uid: u32, limit: usize },
+    #[error(
+        "{limit} image lookups of users other than root are running; try again when one has \
+         finished"
+    )]
+    All { limit: usize },
+}
 
 /// State shared by the manager object and the daemon that owns it.
 pub struct ManagerState {
@@ -43,6 +76,9 @@ pub struct ManagerState {
     tasks: TaskTracker,
     /// Callers with work in progress; their work stops when they leave.
     pub callers: Arc<Callers>,
+    /// Image lookups per caller uid, each counted until its thread has
+    /// ended (see [`LOOKUPS_PER_USER`]).
+    lookups: UidCounts,
 }
 
 impl ManagerState {
@@ -67,6 +103,7 @@ impl ManagerState {
             shutdown,
             tasks,
             callers,
+            lookups: UidCounts::default(),
         }))
     }
 
@@ -136,7 +173,9 @@ impl Manager {
         image::validate_path(path)?;
         let authority = &self.state.authority;
         let caller = authority.caller(header).await?;
-        let (own, seen) = look_as_caller(&caller, path).await?;
+        let lookups = &self.state.lookups;
+        let counted = admit_lookup(lookups, caller.uid, LOOKUP_WAIT).await?;
+        let (own, seen) = look_as_caller(&caller, path, counted).await?;
         let own_view = View::User(own.clone());
         let ask = |action: Action, image: String| {
             let caller = &caller;
@@ -189,7 +228,8 @@ impl Manager {
             }
             Seen::Unreachable => {
                 ask(Action::CheckDiskOtherUser, path.to_owned()).await?;
-                let image = open_in(path, View::Service).await??;
+                let counted = admit_lookup(lookups, caller.uid, LOOKUP_WAIT).await?;
+                let image = open_in(path, View::Service, counted).await??;
                 if display(&image) != path {
                     ask(Action::CheckDiskOtherUser, display(&image)).await?;
                 }
@@ -226,13 +266,39 @@ fn internal(e: tokio::task::JoinError) -> VmError {
     ServiceFault::Task(e).into()
 }
 
+/// One more image lookup for `uid` in `lookups`: within
+/// [`LOOKUPS_PER_USER`], and (but for root) within [`LOOKUPS`], once one
+/// has ended if need be, waiting up to `wait`; else `Busy`. The count must
+/// go into the lookup's own thread.
+async fn admit_lookup(lookups: &UidCounts, uid: u32, wait: Duration) -> Result<Counted, VmError> {
+    let all = (uid != 0).then_some(LOOKUPS);
+    let refused = match lookups.admit_within(uid, LOOKUPS_PER_USER, all, wait).await {
+        Ok(counted) => return Ok(counted),
+        Err(OverLimit::Caller) => TooManyLookups::Caller {
+            uid,
+            limit: LOOKUPS_PER_USER,
+        },
+        Err(OverLimit::All) => TooManyLookups::All { limit: LOOKUPS },
+    };
+    Err(refused.into())
+}
+
 /// Opens `path` in `view`, off the async threads (a lookup can block on a
-/// slow file system). The outer error is the service's own failure.
-async fn open_in(path: &str, view: View) -> Result<Result<ImageFile, ImageError>, VmError> {
+/// slow file system, for good on a dead FUSE mount: so `counted` goes with
+/// the thread and counts until it has ended). The outer error is the
+/// service's own failure.
+async fn open_in(
+    path: &str,
+    view: View,
+    counted: Counted,
+) -> Result<Result<ImageFile, ImageError>, VmError> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || ImageFile::open_in(&path, &view))
-        .await
-        .map_err(internal)
+    tokio::task::spawn_blocking(move || {
+        let _counted_until_done = counted;
+        ImageFile::open_in(&path, &view)
+    })
+    .await
+    .map_err(internal)
 }
 
 /// What a caller's own lookup of an image found, as the service sees it:
@@ -255,9 +321,19 @@ enum Seen {
 /// The credentials are the caller's passwd entry with its actual groups as
 /// the bus saw them (newgrp, sg, systemd's SupplementaryGroups) rather than
 /// the group database's idea.
-async fn look_as_caller(caller: &Caller, path: &str) -> Result<(RunAs, Seen), VmError> {
+///
+/// This runs before polkit is asked, for any caller, and a lookup on a file
+/// system that never answers cannot be stopped: `counted` (the caller's
+/// lookup count) goes with the thread and counts until it has ended, not
+/// until the caller gives up.
+async fn look_as_caller(
+    caller: &Caller,
+    path: &str,
+    counted: Counted,
+) -> Result<(RunAs, Seen), VmError> {
     let (uid, groups, path) = (caller.uid, caller.groups.clone(), path.to_owned());
     tokio::task::spawn_blocking(move || {
+        let _counted_until_done = counted;
         let own = RunAs::for_user_in(uid, groups).map_err(ServiceFault::UserLookup)?;
         let seen = match ImageFile::open_in(&path, &View::User(own.clone())) {
             Err(e) if e.is_service_fault() => return Err(e.into()),
@@ -513,5 +589,93 @@ fn log_outcome(report: &DiskReport, error: Option<&VmError>) {
         Some(e) => {
             tracing::info!(%image, error = %e.name(), message = e.description().unwrap_or_default(), "check failed")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{DeadFuse, eventually};
+
+    fn user(uid: u32) -> Caller {
+        Caller {
+            uid,
+            groups: Some(vec![uid]),
+        }
+    }
+
+    /// Any caller's lookup runs before polkit is asked, and one on the
+    /// caller's own dead FUSE mount cannot be stopped. It still counts once
+    /// the caller has given up (left the bus, timed out): otherwise every
+    /// abandoned call would pin one more blocking thread, without end.
+    #[tokio::test]
+    async fn a_lookup_counts_until_its_thread_has_ended() {
+        let fuse = DeadFuse::mount();
+        let lookups = UidCounts::default();
+        let path = fuse.path().join("disk.qcow2");
+        let path = path.to_str().unwrap();
+        let nobody = user(65534);
+        let look = || async {
+            let counted = admit_lookup(&lookups, nobody.uid, LOOKUP_WAIT).await?;
+            look_as_caller(&nobody, path, counted).await
+        };
+        for _ in 0..LOOKUPS_PER_USER {
+            let gave_up = tokio::time::timeout(Duration::from_millis(300), look()).await;
+            assert!(gave_up.is_err(), "the lookup is stuck");
+        }
+        // Waits for one of them to end, in vain, then is Busy.
+        let next = tokio::time::timeout(LOOKUP_WAIT * 3, look()).await;
+        let busy = format!("uid 65534 already has {LOOKUPS_PER_USER} image lookups running");
+        assert!(
+            matches!(&next, Ok(Err(VmError::Busy(m))) if m.starts_with(&busy)),
+            "{LOOKUPS_PER_USER} stuck lookups, and the caller may start another"
+        );
+        // Another user is not affected.
+        let daemon = user(1);
+        let counted = admit_lookup(&lookups, daemon.uid, LOOKUP_WAIT)
+            .await
+            .unwrap();
+        let elsewhere = look_as_caller(&daemon, "/nonexistent/disk.qcow2", counted).await;
+        assert!(matches!(elsewhere, Ok((_, Seen::Unreachable))));
+        drop(fuse);
+        eventually("the stuck lookups end and stop counting", || {
+            lookups.total() == 0
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn lookups_are_bounded_per_user_and_for_all_users_but_root() {
+        let lookups = UidCounts::default();
+        let admit = |uid| admit_lookup(&lookups, uid, Duration::ZERO);
+        let mut held = Vec::new();
+        for i in 0..LOOKUPS {
+            let uid = 1000 + (i / LOOKUPS_PER_USER) as u32;
+            held.push(admit(uid).await.expect("within the limits"));
+        }
+        let busy = async |uid| match admit(uid).await {
+            Err(VmError::Busy(message)) => message,
+            other => panic!("uid {uid}: {other:?}"),
+        };
+        assert!(
+            busy(1000)
+                .await
+                .starts_with("uid 1000 already has 4 image lookups")
+        );
+        assert!(
+            busy(5000)
+                .await
+                .starts_with("32 image lookups of users other than root")
+        );
+        for _ in 0..LOOKUPS_PER_USER {
+            held.push(admit(0).await.expect("root is not locked out"));
+        }
+        assert!(
+            busy(0)
+                .await
+                .starts_with("uid 0 already has 4 image lookups")
+        );
+        drop(held);
+        assert_eq!(lookups.total(), 0);
     }
 }

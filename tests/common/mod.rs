@@ -15,6 +15,8 @@
 //!   configuration that runs `vmmanagerd` in that namespace.
 //! - [`images`]: test disk images.
 //! - [`util`]: process guards and bounded waits.
+//! - [`dead_fuse`]: [`DeadFuse`], a FUSE mount whose server never answers
+//!   (the unit tests' own, `src/test_support/dead_fuse.rs`).
 //! - [`world`]: [`world::World`], bus + polkitd + daemon + image dir for
 //!   disk tests, with report helpers.
 //!
@@ -24,6 +26,8 @@
 
 pub mod bus;
 pub mod daemon;
+#[path = "../../src/test_support/dead_fuse.rs"]
+pub mod dead_fuse;
 pub mod fake_kernel;
 pub mod images;
 pub mod inproc;
@@ -37,6 +41,7 @@ pub mod world;
 
 pub use bus::TestBus;
 pub use daemon::{Daemon, DaemonConfig, MANAGER_IFACE, MANAGER_PATH, SERVICE_NAME};
+pub use dead_fuse::DeadFuse;
 pub use polkit::{Polkit, PolkitBuilder};
 pub use util::{CmdOutput, NOBODY};
 pub use vm::Vm;

@@ -1,0 +1,16 @@
+//! What the unit tests of several modules share.
+
+mod dead_fuse;
+
+use std::time::{Duration, Instant};
+
+pub use dead_fuse::DeadFuse;
+
+/// Waits (up to 10 s) until `done` holds.
+pub async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
