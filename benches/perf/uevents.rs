@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::runtime::Runtime;
 use vmmanager_client::{PciAddress, PciDeviceProxy};
+use zbus::message::Type;
+use zbus::{MatchRule, MessageStream};
 
 use crate::Mode;
 use crate::common::udevd::{self, FileLock, UDEVD_LOCK, write_change};
@@ -52,6 +54,7 @@ pub fn group(mode: Mode, rt: &Runtime) -> Group {
 
     let singles = mode.pick(1_000, 100);
     let (signal, udevadm) = single_events(&address, &seen, singles);
+    let trips = signal_trips(rt, &bus, singles);
 
     let burst = mode.pick(10_000, 1_000);
     let log_before = daemon.output().matches(RESYNC_LOG).count();
@@ -79,6 +82,14 @@ pub fn group(mode: Mode, rt: &Runtime) -> Group {
             .target(Condition::P99AtMost(5.0))
             .target(Condition::RatioAtMost(2.0)),
             Figure::new(
+                "floor to add to udevadm's: a signal from one client to another through the bus",
+                Unit::Millis,
+                trips,
+            )
+            .note(
+                "emit to receipt, one at a time, on the same dbus-daemon as the `Uevent` signals",
+            ),
+            Figure::new(
                 format!("burst of {burst}: last `Uevent` signal after the first write"),
                 Unit::Millis,
                 vec![outcome.last_signal],
@@ -99,6 +110,38 @@ pub fn group(mode: Mode, rt: &Runtime) -> Group {
             )),
         ],
     }
+}
+
+/// How long each of `n` empty signals takes from one connection's emit to
+/// another's receipt: what any D-Bus signal costs on top of the event.
+fn signal_trips(rt: &Runtime, bus: &TestBus, n: usize) -> Vec<f64> {
+    const INTERFACE: &str = "org.example.VmManagerBench";
+    rt.block_on(async {
+        let (sender, receiver) = (bus.connect().await, bus.connect().await);
+        let rule = MatchRule::builder()
+            .msg_type(Type::Signal)
+            .interface(INTERFACE)
+            .build()
+            .expect("a match rule for the bench's signal");
+        let mut received = MessageStream::for_match_rule(rule, &receiver, None)
+            .await
+            .expect("subscribe to the bench's signal");
+        let mut trips = Vec::with_capacity(n);
+        for _ in 0..n {
+            let sent = Instant::now();
+            sender
+                .emit_signal(None::<()>, "/", INTERFACE, "Tick", &())
+                .await
+                .expect("emit a signal");
+            tokio::time::timeout(EVENT_TIMEOUT, received.next())
+                .await
+                .expect("the signal within the event timeout")
+                .expect("the stream open")
+                .expect("a valid message");
+            trips.push(millis(sent.elapsed()));
+        }
+        trips
+    })
 }
 
 /// `udevadm monitor --kernel` for PCI, reporting each `change` of
