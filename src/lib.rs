@@ -13,13 +13,15 @@
 //!   - [`disk::view`]: do file-system lookups with a caller's permissions, so
 //!     a caller learns nothing about files it could not see itself;
 //!   - [`disk::usage`]: who uses an image (PID files, /proc fds, QEMU's lock
-//!     bytes);
+//!     bytes); scans waiting at the same moment share one /proc pass;
 //!   - [`disk::qemu_img`]: run `qemu-img check` on the open image (never its
-//!     name) as a given user in its own process group, with timeout and
-//!     cancellation, and parse its JSON; as the service's child subreaper,
-//!     kill whatever leaves that group;
+//!     name) as a given user in its own process group, forked on a thread
+//!     of its own (off the async workers), with timeout and cancellation,
+//!     and parse its JSON; as the service's child subreaper, kill whatever
+//!     leaves that group;
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
-//!     in-use refusal, report.
+//!     the in-use scan (started while polkit is asked, read only once
+//!     authorized), in-use refusal, report.
 //! - [`devices`]: PCI devices:
 //!   - [`devices::sysfs`]: reading one device's sysfs directory (addresses
 //!     are the client crate's [`PciAddress`](vmmanager_client::PciAddress),
@@ -38,8 +40,9 @@
 //!   says whether the bound truncates or refuses), the one `/proc/PID/stat`
 //!   parser and the one sysfs link-name read.
 //! - [`procfs`]: reading a /proc tree: who holds a file or device open (an
-//!   error, never "nobody", when it cannot look; cancellable), a process's
-//!   exe and QEMU `-name` (for disk users and VFIO group users).
+//!   error, never "nobody", when it cannot look; cancellable; one pass for
+//!   many targets, split across CPUs, in `procfs/scan.rs`), a process's exe
+//!   and QEMU `-name` (for disk users and VFIO group users).
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
 //! - The D-Bus contract (names, proxies, error enum, report and device
 //!   property codecs, the PCI address ↔ object path codec) is the workspace
@@ -57,7 +60,9 @@
 //!   take the name, run until shutdown or bus loss, stop and wait for every
 //!   task). `vmmanagerd` and the in-process tests both call these two.
 //!   Device objects: [`service::devices`] (one `PciDevice` object per
-//!   device; a uevent becomes PropertiesChanged in its `update`) and
+//!   device; the uevents that arrive together are applied as one batch,
+//!   then each changed device gets one PropertiesChanged, then the Uevent
+//!   signals follow in order) and
 //!   [`service::device_properties`] (the property values, from one
 //!   function, for getters and signals alike).
 //! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
@@ -67,7 +72,8 @@
 //! - [`uid_counts`]: work counted per caller uid until its thread has
 //!   ended, for limits that bound threads stuck in the kernel.
 //! - [`process`]: logging and signal handling shared by the long-running
-//!   binaries (SIGTERM/SIGINT stop, SIGHUP is logged and ignored).
+//!   binaries (SIGTERM/SIGINT stop, SIGHUP is logged and ignored; threads
+//!   stuck in the kernel get 2 s, then the process exits without them).
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service: arguments, config,
 //!   bus connection, then `build` + `serve` with signal-driven shutdown),
 //!   `vmctl` (CLI) and `vmmanager-notify` (session companion).
