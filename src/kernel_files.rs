@@ -153,13 +153,6 @@ pub fn parse_stat(line: &[u8]) -> Option<ProcStat> {
     Some(ProcStat { state, ppid, pgrp })
 }
 
-/// The stat of process `pid` under `proc_root`; `None` when it does not
-/// exist (any more) or the file is garbage.
-pub fn read_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
-    let path = proc_root.join(pid.to_string()).join("stat");
-    parse_stat(&read_bounded(&path, MAX_STAT_BYTES, AtLimit::Refuse).ok()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,11 +195,11 @@ mod tests {
     }
 
     #[test]
-    fn stat_of_this_process() {
-        let me = read_stat(Path::new("/proc"), std::process::id()).expect("own stat");
-        assert!(me.is_alive());
-        assert_eq!(me.ppid, std::os::unix::process::parent_id());
-        assert!(!stat(b'Z', 1, 1).unwrap().is_alive());
+    fn zombies_and_dead_processes_are_not_alive() {
+        assert!(stat(b'S', 1, 1).unwrap().is_alive());
+        for state in [b'Z', b'X', b'x'] {
+            assert!(!stat(state, 1, 1).unwrap().is_alive());
+        }
     }
 
     #[test]

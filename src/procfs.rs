@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::kernel_files::{self, AtLimit};
+use crate::kernel_files::{self, AtLimit, ProcStat};
 
 /// QEMU command lines are a few KiB; this bounds memory for pathological ones.
 const MAX_CMDLINE: u64 = 256 * 1024;
@@ -23,8 +23,6 @@ const MAX_FDINFO: u64 = 4096;
 
 mod scan;
 
-#[cfg(test)]
-pub(crate) use scan::tests::Sleeper;
 pub use scan::{Holder, HoldersError, Target, holders, holders_of_any};
 
 /// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).
@@ -86,22 +84,44 @@ pub fn vm_name_of(proc_root: &Path, pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// `/proc/PID/stat` of process `pid` under `proc_root`; `None` when it does
+/// not exist (any more) or the file is garbage.
+pub fn process_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
+    let line = kernel_files::read_bounded(
+        &pid_path(proc_root, pid, "stat"),
+        kernel_files::MAX_STAT_BYTES,
+        AtLimit::Refuse,
+    )
+    .ok()?;
+    kernel_files::parse_stat(&line)
+}
+
 /// The parent PID from `/proc/PID/stat`.
 pub fn parent_pid(proc_root: &Path, pid: u32) -> Option<u32> {
-    kernel_files::read_stat(proc_root, pid).map(|s| s.ppid)
+    process_stat(proc_root, pid).map(|s| s.ppid)
+}
+
+/// Every process under `proc_root` with its stat, zombies included, in
+/// directory order. Names that are not PIDs and processes gone before their
+/// stat was read are skipped; an unreadable `proc_root` lists none.
+pub fn processes(proc_root: &Path) -> impl Iterator<Item = (u32, ProcStat)> + '_ {
+    std::fs::read_dir(proc_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(move |entry| {
+            let pid = parse_pid_name(&entry.file_name())?;
+            Some((pid, process_stat(proc_root, pid)?))
+        })
 }
 
 /// Every process under `proc_root` whose parent is `parent`, zombies
 /// included. (`/proc/PID/task/TID/children` would be cheaper, but kernels
 /// without CONFIG_PROC_CHILDREN, like these hosts', lack it.)
 pub fn children(proc_root: &Path, parent: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir(proc_root) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| parse_pid_name(&entry.file_name()))
-        .filter(|&pid| parent_pid(proc_root, pid) == Some(parent))
+    processes(proc_root)
+        .filter(|(_, stat)| stat.ppid == parent)
+        .map(|(pid, _)| pid)
         .collect()
 }
 
@@ -337,6 +357,37 @@ mod tests {
         assert_eq!(parse_pid_name(OsStr::new("+1")), None);
         assert_eq!(parse_pid_name(OsStr::new("")), None);
         assert_eq!(parse_pid_name(OsStr::new("99999999999")), None);
+    }
+
+    #[test]
+    fn stat_of_this_process() {
+        let me = process_stat(Path::new("/proc"), std::process::id()).expect("own stat");
+        assert!(me.is_alive());
+        assert_eq!(me.ppid, std::os::unix::process::parent_id());
+    }
+
+    #[test]
+    fn processes_are_pid_directories_with_a_stat() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, stat) in [
+            ("10", "10 (a) S 1 10 10"),
+            ("11", "11 (b) Z 10 10 10"),
+            // Would read 10's stat again if taken for a PID.
+            ("+10", "10 (a) S 1 10 10"),
+            ("self", "13 (d) S 1 13 13"),
+            ("14", "garbage"),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join("stat"), stat).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("15")).unwrap();
+        let mut found: Vec<(u32, u32)> = processes(dir.path())
+            .map(|(pid, stat)| (pid, stat.ppid))
+            .collect();
+        found.sort_unstable();
+        assert_eq!(found, [(10, 1), (11, 10)]);
+        assert_eq!(children(dir.path(), 10), [11]);
+        assert_eq!(processes(&dir.path().join("none")).count(), 0);
     }
 
     #[test]

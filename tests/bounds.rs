@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::images::make_clean_qcow2;
-use common::util::write_file;
+use common::util::{rss_kib, write_file};
 use common::world::World;
 use common::{NOBODY, Vm};
 use vmmanager::disk::usage::MAX_STALE_PIDFILES;
@@ -83,15 +83,6 @@ fn borrowed<'a>(options: &'a HashMap<String, Variant<'static>>) -> Options<'a> {
         .iter()
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,7 +17,7 @@ use vmmanager::devices::inventory::{
     NO_IOMMU_GROUP_BLOCKER,
 };
 use vmmanager::devices::sysfs::{self, SysfsError};
-use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
+use vmmanager::devices::{DeviceAction, DeviceEvent};
 use vmmanager::service::device_properties;
 use vmmanager_client::DeviceProperties;
 use vmmanager_client::PciAddress;
@@ -193,7 +193,7 @@ fn binding_one_device_updates_the_whole_group() {
     // Bind the GPU to vfio-pci: its Driver changes, and the blockers of all
     // three, because each of them named the GPU's driver.
     fs.rebind(GPU, "vfio-pci");
-    let changes = inv.apply(&event(DeviceAction::Bind, GPU));
+    let changes = inv.apply_batch(&[event(DeviceAction::Bind, GPU)]);
     assert_eq!(
         changed(&changes),
         [
@@ -211,11 +211,14 @@ fn binding_one_device_updates_the_whole_group() {
         ["bound to snd_hda_intel, not vfio-pci"]
     );
     // The same event again changes nothing.
-    assert!(inv.apply(&event(DeviceAction::Bind, GPU)).is_empty());
+    assert!(
+        inv.apply_batch(&[event(DeviceAction::Bind, GPU)])
+            .is_empty()
+    );
 
     // The audio function too: the GPU and audio become ready.
     fs.rebind(AUDIO, "vfio-pci");
-    let changes = inv.apply(&event(DeviceAction::Bind, AUDIO));
+    let changes = inv.apply_batch(&[event(DeviceAction::Bind, AUDIO)]);
     assert_eq!(
         changed(&changes),
         [
@@ -236,7 +239,7 @@ fn binding_one_device_updates_the_whole_group() {
     // Unbound audio: the kernel still considers the group viable, so the
     // GPU stays ready; the audio function itself is not.
     fs.unbind(AUDIO);
-    let changes = inv.apply(&event(DeviceAction::Unbind, AUDIO));
+    let changes = inv.apply_batch(&[event(DeviceAction::Unbind, AUDIO)]);
     assert_eq!(
         changed(&changes),
         [(
@@ -249,7 +252,7 @@ fn binding_one_device_updates_the_whole_group() {
 
     // pci-stub on a group mate does not block either.
     fs.rebind(AUDIO, "pci-stub");
-    inv.apply(&event(DeviceAction::Bind, AUDIO));
+    inv.apply_batch(&[event(DeviceAction::Bind, AUDIO)]);
     assert!(ready(&inv, GPU));
     assert_eq!(blockers(&inv, AUDIO), ["bound to pci-stub, not vfio-pci"]);
 
@@ -268,7 +271,7 @@ fn adding_and_removing_a_device_updates_its_group_siblings() {
     // Hot-unplug the audio function: Removed, and the others' group lists
     // and blockers follow.
     fs.remove(AUDIO);
-    let changes = inv.apply(&event(DeviceAction::Remove, AUDIO));
+    let changes = inv.apply_batch(&[event(DeviceAction::Remove, AUDIO)]);
     assert_eq!(changes[0], InventoryChange::Removed(addr(AUDIO)));
     assert_eq!(
         changed(&changes[1..]),
@@ -287,27 +290,39 @@ fn adding_and_removing_a_device_updates_its_group_siblings() {
         inv.get(&addr(GPU)).unwrap().iommu_group_devices,
         [BRIDGE, GPU]
     );
-    assert!(inv.apply(&event(DeviceAction::Remove, AUDIO)).is_empty());
+    assert!(
+        inv.apply_batch(&[event(DeviceAction::Remove, AUDIO)])
+            .is_empty()
+    );
     // Events for devices that are not there change nothing.
-    assert!(inv.apply(&event(DeviceAction::Change, AUDIO)).is_empty());
-    assert!(inv.apply(&event(DeviceAction::Add, AUDIO)).is_empty());
+    assert!(
+        inv.apply_batch(&[event(DeviceAction::Change, AUDIO)])
+            .is_empty()
+    );
+    assert!(
+        inv.apply_batch(&[event(DeviceAction::Add, AUDIO)])
+            .is_empty()
+    );
 
     // Plug it back in.
     fs.add(AUDIO, 0x10de, 0x10f8, 0x040300)
         .driver("snd_hda_intel")
         .iommu_group(1);
-    let changes = inv.apply(&event(DeviceAction::Add, AUDIO));
+    let changes = inv.apply_batch(&[event(DeviceAction::Add, AUDIO)]);
     let InventoryChange::Added(state) = &changes[0] else {
         panic!("{changes:?}")
     };
     assert_eq!(state.iommu_group_devices, [BRIDGE, GPU, AUDIO]);
     assert_eq!(changes.len(), 3);
     // An add for a known device is a re-read: nothing new.
-    assert!(inv.apply(&event(DeviceAction::Add, AUDIO)).is_empty());
+    assert!(
+        inv.apply_batch(&[event(DeviceAction::Add, AUDIO)])
+            .is_empty()
+    );
 
     // Move the GPU to its own group: both groups are recomputed.
     fs.set_iommu_group(GPU, Some(7));
-    let changes = inv.apply(&event(DeviceAction::Change, GPU));
+    let changes = inv.apply_batch(&[event(DeviceAction::Change, GPU)]);
     assert_eq!(
         changed(&changes),
         [
@@ -329,7 +344,7 @@ fn adding_and_removing_a_device_updates_its_group_siblings() {
 
     // No group at all.
     fs.set_iommu_group(GPU, None);
-    inv.apply(&event(DeviceAction::Change, GPU));
+    inv.apply_batch(&[event(DeviceAction::Change, GPU)]);
     let gpu = inv.get(&addr(GPU)).unwrap();
     assert_eq!(api(gpu).iommu_group, -1);
     assert!(gpu.iommu_group_devices.is_empty());
@@ -394,7 +409,7 @@ fn sriov_physical_and_virtual_functions() {
 
     // Enabling more VFs changes exactly SriovNumVfs.
     fs.at(pf).sriov(63, 4);
-    let changes = inv.apply(&event(DeviceAction::Change, pf));
+    let changes = inv.apply_batch(&[event(DeviceAction::Change, pf)]);
     assert_eq!(changed(&changes), [(pf.to_owned(), vec!["SriovNumVfs"])]);
 
     // Allow-list reload.
@@ -420,14 +435,17 @@ fn names_from_events_and_the_udev_database() {
     let mut e = event(DeviceAction::Change, AUDIO);
     e.vendor_name = Some("NVIDIA Corporation".into());
     e.device_name = Some("TU104 HD Audio Controller".into());
-    let changes = inv.apply(&e);
+    let changes = inv.apply_batch(&[e]);
     assert_eq!(
         changed(&changes),
         [(AUDIO.to_owned(), vec!["VendorName", "DeviceName"])]
     );
     // A kernel event (no names) and a resync without a udev database keep
     // the names the device already had.
-    assert!(inv.apply(&event(DeviceAction::Change, AUDIO)).is_empty());
+    assert!(
+        inv.apply_batch(&[event(DeviceAction::Change, AUDIO)])
+            .is_empty()
+    );
     assert!(inv.resync().is_empty());
     assert_eq!(
         inv.get(&addr(AUDIO)).unwrap().device_name.as_deref(),
@@ -442,7 +460,7 @@ fn names_from_events_and_the_udev_database() {
     let mut e = event(DeviceAction::Change, AUDIO);
     e.device_name = Some("Other".into());
     assert_eq!(
-        changed(&inv.apply(&e)),
+        changed(&inv.apply_batch(&[e])),
         [(AUDIO.to_owned(), vec!["DeviceName"])]
     );
 }
@@ -456,7 +474,7 @@ fn group_member_that_cannot_be_read_blocks() {
     inv.resync();
     assert!(inv.get(&addr(AUDIO)).is_none());
     fs.rebind(GPU, "vfio-pci");
-    inv.apply(&event(DeviceAction::Bind, GPU));
+    inv.apply_batch(&[event(DeviceAction::Bind, GPU)]);
     assert_eq!(
         inv.get(&addr(GPU)).unwrap().iommu_group_devices,
         [BRIDGE, GPU, AUDIO]
@@ -467,7 +485,7 @@ fn group_member_that_cannot_be_read_blocks() {
     );
     // Repaired, and a change event brings it in.
     fs.write_attr(AUDIO, "class", "0x040300\n");
-    let changes = inv.apply(&event(DeviceAction::Change, AUDIO));
+    let changes = inv.apply_batch(&[event(DeviceAction::Change, AUDIO)]);
     assert!(matches!(changes[0], InventoryChange::Added(_)));
     assert_eq!(
         blockers(&inv, GPU),
@@ -612,13 +630,13 @@ fn hostile_sysfs_contents_never_panic() {
         "0000:00:1e.0",
     ] {
         for action in [DeviceAction::Add, DeviceAction::Change, DeviceAction::Bind] {
-            assert!(inv.apply(&event(action, a)).is_empty());
+            assert!(inv.apply_batch(&[event(action, a)]).is_empty());
         }
     }
     // A device disappearing under a change event is removed; its group
     // mate now counts it as unreadable (the group still lists it).
     fs::remove_dir_all(fs.device_dir("0000:00:08.0")).unwrap();
-    let changes = inv.apply(&event(DeviceAction::Change, "0000:00:08.0"));
+    let changes = inv.apply_batch(&[event(DeviceAction::Change, "0000:00:08.0")]);
     assert_eq!(changes[0], InventoryChange::Removed(addr("0000:00:08.0")));
     assert_eq!(
         changed(&changes[1..]),
@@ -636,7 +654,7 @@ fn a_tree_without_a_pci_bus_is_empty() {
     assert!(sysfs::enumerate(dir.path()).unwrap().is_empty());
     let mut inv = Inventory::new(dir.path(), dir.path(), Vec::new());
     assert!(inv.resync().is_empty());
-    assert!(inv.handle(&MonitorMessage::Resync).is_empty());
+    assert!(inv.resync().is_empty());
 }
 
 /// This machine's real /sys, read-only.
@@ -927,18 +945,18 @@ proptest! {
                     lost = true;
                     continue;
                 }
-                Delivery::Once => publish(&mut mirror, inv.apply(&event))?,
+                Delivery::Once => publish(&mut mirror, inv.apply_batch(std::slice::from_ref(&event)))?,
                 Delivery::Twice => {
-                    publish(&mut mirror, inv.apply(&event))?;
+                    publish(&mut mirror, inv.apply_batch(std::slice::from_ref(&event)))?;
                     // Only a lost event can leave something to repair.
-                    let again = inv.apply(&event);
+                    let again = inv.apply_batch(std::slice::from_ref(&event));
                     prop_assert!(lost || again.is_empty(), "{:?}", again);
                     publish(&mut mirror, again)?;
                 }
             }
             check_mirror(&mirror, &inv)?;
             if lost {
-                publish(&mut mirror, inv.handle(&MonitorMessage::Resync))?;
+                publish(&mut mirror, inv.resync())?;
                 check_mirror(&mirror, &inv)?;
                 lost = false;
             }

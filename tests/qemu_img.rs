@@ -561,17 +561,6 @@ async fn argv_with_force_share_and_repair() {
     );
 }
 
-#[tokio::test]
-async fn raw_never_runs_qemu_img() {
-    let dir = TempDir::new("raw");
-    let out = dir.open_subdir("out");
-    let stand_in = dir.script("qemu-img", REPORTING);
-    let req = request(&stand_in, pretend("/img.raw", ImageFormat::Raw));
-    let outcome = check(&req).await.unwrap();
-    assert_eq!(outcome.result, CheckResult::NotSupported);
-    assert!(!out.join("argv").exists());
-}
-
 // --- stopping: timeout, cancel, drop ---------------------------------------
 
 /// Leaves a grandchild that also holds the pipes, then sleeps.

@@ -3,6 +3,7 @@
 use std::fs;
 use std::time::Instant;
 
+use crate::common::util::rss_kib;
 use crate::report::millis;
 
 /// `rounds` timed rounds after `warmup` untimed ones (page cache, polkitd's
@@ -28,14 +29,7 @@ pub fn interleave(warmup: usize, rounds: usize, contenders: &[&dyn Fn()]) -> Vec
 
 /// VmRSS of `pid` in MiB.
 pub fn rss_mib(pid: u32) -> f64 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status");
-    kib / 1024.0
+    rss_kib(pid) as f64 / 1024.0
 }
 
 /// Processes on the machine (numeric entries of /proc).

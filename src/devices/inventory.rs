@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use super::sysfs::{self, PciDeviceInfo, SysfsError};
 use super::vfio::{VFIO_DRIVER, is_vfio_driver};
-use super::{DeviceAction, DeviceEvent, MonitorMessage};
+use super::{DeviceAction, DeviceEvent};
 use vmmanager_client::PciAddress;
 
 /// The stub driver the kernel accepts in a viable group.
@@ -179,14 +179,6 @@ impl Inventory {
         self.devices.is_empty()
     }
 
-    /// An event or a resync request, whichever the monitor sent.
-    pub fn handle(&mut self, message: &MonitorMessage) -> Vec<InventoryChange> {
-        match message {
-            MonitorMessage::Event(event) => self.apply(event),
-            MonitorMessage::Resync => self.resync(),
-        }
-    }
-
     /// Re-reads every device and reports the differences (in address
     /// order). When the PCI device directory cannot be listed at all, the
     /// table is kept as it is.
@@ -230,24 +222,18 @@ impl Inventory {
             .collect()
     }
 
-    /// Applies one event: re-reads the device (a `remove` drops it), then
-    /// recomputes the group-derived properties of every device in its old
-    /// and new IOMMU group. Reports the device's own change first, then
-    /// those of its group mates in address order. Idempotent: the outcome
-    /// depends only on the tree, so a repeated event reports nothing.
-    pub fn apply(&mut self, event: &DeviceEvent) -> Vec<InventoryChange> {
-        self.apply_batch(std::slice::from_ref(event))
-    }
-
     /// Applies events that arrived together as one step: each device they
     /// name is re-read once (the tree is the truth, so reading it again per
-    /// event would find the same), and each affected IOMMU group is
-    /// recomputed once. Per device, its last event decides whether it is
-    /// dropped (`remove`) or re-read, and the latest names an event carried
-    /// win. Reports one net change per device: the named devices first, in
-    /// the order of their first event, then their group mates in address
-    /// order. A removal followed by a re-addition nets out to at most a
-    /// change: callers that must show both pass them in separate batches.
+    /// event would find the same; a `remove` drops it), and the
+    /// group-derived properties of every device in each affected old and
+    /// new IOMMU group are recomputed once. Per device, its last event
+    /// decides whether it is dropped or re-read, and the latest names an
+    /// event carried win. Reports one net change per device: the named
+    /// devices first, in the order of their first event, then their group
+    /// mates in address order. Idempotent: the outcome depends only on the
+    /// tree, so a repeated step reports nothing. A removal followed by a
+    /// re-addition nets out to at most a change: callers that must show
+    /// both pass them in separate steps.
     pub fn apply_batch(&mut self, events: &[DeviceEvent]) -> Vec<InventoryChange> {
         let mut named: Vec<NamedDevice<'_>> = Vec::new();
         let mut index: HashMap<PciAddress, usize> = HashMap::new();

@@ -56,13 +56,32 @@ pub struct Holder {
     pub writable: bool,
 }
 
-/// Why [`holders`] could not tell who holds a file.
+/// Why a scan ([`holders`], [`holders_of_any`], or a pass shared by several
+/// requesters) could not tell who holds a file.
 #[derive(Debug, thiserror::Error)]
 pub enum HoldersError {
     #[error("cannot read {}: {source}", path.display())]
     Unreadable { path: PathBuf, source: io::Error },
     #[error("cancelled")]
     Cancelled,
+}
+
+impl HoldersError {
+    /// An equal error, for each requester of a shared pass that failed
+    /// (`io::Error` is not `Clone`): the same errno, or else the same kind
+    /// and message.
+    pub fn duplicate(&self) -> HoldersError {
+        match self {
+            HoldersError::Cancelled => HoldersError::Cancelled,
+            HoldersError::Unreadable { path, source } => HoldersError::Unreadable {
+                path: path.clone(),
+                source: match source.raw_os_error() {
+                    Some(errno) => io::Error::from_raw_os_error(errno),
+                    None => io::Error::new(source.kind(), source.to_string()),
+                },
+            },
+        }
+    }
 }
 
 /// Whether `e` says the service itself ran out of something (descriptors,
@@ -800,12 +819,13 @@ impl<'b> Iterator for Dirents<'b> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use std::fs::File;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
 
     use super::super::parse_pid_name;
     use super::*;
+    use crate::test_support::Sleeper;
 
     /// Every thread, every process's fds set aside and shared out three at
     /// a time: the second pass and the merging of chunks on a small host.
@@ -827,49 +847,6 @@ pub(crate) mod tests {
         max_threads: Some(1),
         ..Split::HOST
     };
-
-    /// A `sleep` holding `stdin` (fd 0) and, when given, a `writer` on fd
-    /// `at` (fds 1 to `at - 1` on /dev/null); killed and reaped on drop.
-    pub(crate) struct Sleeper(std::process::Child);
-
-    impl Sleeper {
-        pub(crate) fn holding(stdin: File, writer: Option<(File, i32)>) -> Sleeper {
-            use std::os::unix::process::CommandExt;
-            let mut cmd = Command::new("sleep");
-            cmd.arg("600").stdin(stdin).stdout(Stdio::null());
-            if let Some((file, at)) = writer {
-                assert!(at > 2, "fds 0 to 2 are stdio");
-                cmd.stderr(file);
-                // SAFETY: only dup2 between fork and exec: async-signal-safe,
-                // no allocation.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        for (from, to) in (3..at).map(|fd| (1, fd)).chain([(2, at), (1, 2)]) {
-                            if libc::dup2(from, to) < 0 {
-                                return Err(io::Error::last_os_error());
-                            }
-                        }
-                        Ok(())
-                    });
-                }
-            } else {
-                cmd.stderr(Stdio::null());
-            }
-            // spawn() returns once the child exec'd (or failed to).
-            Sleeper(cmd.spawn().expect("spawn sleep"))
-        }
-
-        pub(crate) fn pid(&self) -> u32 {
-            self.0.id()
-        }
-    }
-
-    impl Drop for Sleeper {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 
     fn target(path: &Path) -> Target {
         Target::of(&std::fs::metadata(path).unwrap())
@@ -1109,8 +1086,7 @@ pub(crate) mod tests {
                     Ok(())
                 });
             }
-            // spawn() returns once the child exec'd: its fds are in place.
-            Sleeper(cmd.spawn().expect("spawn sleep"))
+            Sleeper::spawn(&mut cmd)
         }
 
         #[test]

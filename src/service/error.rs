@@ -37,6 +37,24 @@ impl From<ServiceFault> for VmError {
     }
 }
 
+/// A call on a job that has ended: its object may outlive the answer to the
+/// call that started it for a moment, but to a caller it is gone.
+#[derive(Debug, thiserror::Error)]
+#[error("job {target} has ended")]
+pub struct JobEnded {
+    /// The job's image, as its `Target` property shows it.
+    pub target: String,
+}
+
+impl From<JobEnded> for VmError {
+    fn from(e: JobEnded) -> Self {
+        // The standard error of a call to an object that does not exist, as
+        // the bus gives once the object is removed.
+        let gone = zbus::fdo::Error::UnknownObject(e.to_string());
+        VmError::ZBus(zbus::Error::FDO(Box::new(gone)))
+    }
+}
+
 impl From<ImageError> for VmError {
     fn from(e: ImageError) -> Self {
         match e {
@@ -193,6 +211,23 @@ mod tests {
         };
         let e = VmError::from(PassthroughError::from(e));
         assert!(matches!(e, VmError::Failed(_)), "{e:?}");
+    }
+
+    #[test]
+    fn an_ended_job_is_an_unknown_object() {
+        let e = VmError::from(JobEnded {
+            target: "/var/lib/vms/a.qcow2".into(),
+        });
+        assert_eq!(
+            e.reply_name().as_deref(),
+            Some("org.freedesktop.DBus.Error.UnknownObject")
+        );
+        assert!(
+            matches!(&e, VmError::ZBus(zbus::Error::FDO(fdo))
+                if matches!(&**fdo, zbus::fdo::Error::UnknownObject(m)
+                    if m == "job /var/lib/vms/a.qcow2 has ended")),
+            "{e:?}"
+        );
     }
 
     #[test]

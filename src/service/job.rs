@@ -13,7 +13,7 @@ use zbus::{OwnedObjectPath, OwnedVariant, interface};
 
 use super::JOBS_PATH;
 use super::callers::Callers;
-use super::error::VmError;
+use super::error::{JobEnded, VmError};
 use super::options::parse_interactive_only;
 use crate::auth::{Action, Authority};
 
@@ -128,9 +128,10 @@ impl Job {
     ) -> Result<(), VmError> {
         let interactive = parse_interactive_only("Cancel", options)?;
         if self.ended.load(Ordering::Acquire) {
-            let gone =
-                zbus::fdo::Error::UnknownObject(format!("job {} has ended", self.info.target));
-            return Err(VmError::ZBus(zbus::Error::FDO(Box::new(gone))));
+            return Err(JobEnded {
+                target: self.info.target.clone(),
+            }
+            .into());
         }
         let guard = self.callers.guard(&header)?;
         let caller = self.authority.caller(&header).await?;

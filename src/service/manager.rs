@@ -334,7 +334,7 @@ async fn look_as_caller(
     let (uid, groups, path) = (caller.uid, caller.groups.clone(), path.to_owned());
     tokio::task::spawn_blocking(move || {
         let _counted_until_done = counted;
-        let own = RunAs::for_user_in(uid, groups).map_err(ServiceFault::UserLookup)?;
+        let own = RunAs::for_user_with_groups(uid, groups).map_err(ServiceFault::UserLookup)?;
         let seen = match ImageFile::open_in(&path, &View::User(own.clone())) {
             Err(e) if e.is_service_fault() => return Err(e.into()),
             seen => seen_as_service(seen)?,

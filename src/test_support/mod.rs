@@ -1,10 +1,12 @@
 //! What the unit tests of several modules share.
 
 mod dead_fuse;
+mod sleeper;
 
 use std::time::{Duration, Instant};
 
 pub use dead_fuse::DeadFuse;
+pub use sleeper::Sleeper;
 
 /// Waits (up to 10 s) until `done` holds.
 pub async fn eventually(what: &str, done: impl Fn() -> bool) {

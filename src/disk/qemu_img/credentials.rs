@@ -27,7 +27,7 @@ pub enum UserLookupError {
     Groups { uid: u32, reason: String },
 }
 
-/// See [`RunAs::for_user`] and [`RunAs::for_user_in`]: `known_groups`,
+/// See [`RunAs::for_user`] and [`RunAs::for_user_with_groups`]: `known_groups`,
 /// when given, are the groups, and the group database is not asked.
 pub(super) fn lookup(uid: u32, known_groups: Option<Vec<u32>>) -> Result<RunAs, UserLookupError> {
     let mut buf: Vec<c_char> = vec![0; 1024];

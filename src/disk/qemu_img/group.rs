@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::kernel_files;
+use crate::procfs;
 
 /// How long to wait after SIGKILL for the rest of the group to die. Only a
 /// process stuck in uninterruptible I/O takes longer.
@@ -94,15 +94,10 @@ fn group_exists(pgid: libc::pid_t) -> bool {
 
 /// Whether `proc_root` shows a non-zombie process whose pgrp is `pgid`.
 pub(super) fn live_members(proc_root: &Path, pgid: libc::pid_t) -> bool {
-    let (Ok(pgid), Ok(entries)) = (u32::try_from(pgid), std::fs::read_dir(proc_root)) else {
+    let Ok(pgid) = u32::try_from(pgid) else {
         return false;
     };
-    entries.flatten().any(|entry| {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            return false;
-        };
-        kernel_files::read_stat(proc_root, pid).is_some_and(|s| s.pgrp == pgid && s.is_alive())
-    })
+    procfs::processes(proc_root).any(|(_, stat)| stat.pgrp == pgid && stat.is_alive())
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@
 //! - `credentials`: the passwd/group lookup and the `pre_exec` credential
 //!   switch;
 //! - `group`: the process-group kill guard;
+//! - `spawner`: the long-lived thread every qemu-img is forked on (its
+//!   parent-death signal follows the forking thread);
 //! - `strays`: descendants that left the group: the service is their
 //!   subreaper and kills them when the check ends;
 //! - `output`: bounded capture of stdout/stderr and the mapping of exit
@@ -35,6 +37,7 @@
 mod credentials;
 mod group;
 mod output;
+mod spawner;
 mod strays;
 
 use std::ffi::OsString;
@@ -48,14 +51,14 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
-use super::image::{ImageFile, ImageFormat};
+use super::image::ImageFile;
 
 pub use credentials::UserLookupError;
 pub use strays::{QemuImgChildren, become_subreaper};
 
 use credentials::CredentialSwitch;
 use output::{STDERR_KEEP, STDOUT_LIMIT};
-use strays::Spawned;
+use spawner::Spawned;
 
 /// The only environment qemu-img gets besides `LC_ALL=C`.
 const CHILD_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -181,19 +184,14 @@ enum Stop {
 /// only after qemu-img has been reaped and no live process of its group is
 /// left. qemu-img is spawned through `children` (off the async threads),
 /// which kills and reaps its strays (descendants outside the group)
-/// whenever it ends.
+/// whenever it ends. Raw images have nothing to check: the checker answers
+/// `NotSupported` for them without calling this (qemu-img's own answer,
+/// exit code 63, would map to the same).
 pub async fn run_check(
     request: &CheckRequest,
     children: &QemuImgChildren,
     cancel: &CancellationToken,
 ) -> Result<CheckOutcome, QemuImgError> {
-    if request.image.format == ImageFormat::Raw {
-        // Raw has no metadata to check; qemu-img would exit 63 anyway.
-        return Ok(CheckOutcome {
-            result: CheckResult::NotSupported,
-            counts: CheckCounts::default(),
-        });
-    }
     let spawn_error = |source: io::Error| QemuImgError::Spawn {
         path: request.qemu_img.clone(),
         source,
@@ -351,7 +349,10 @@ impl RunAs {
     /// [`RunAs::for_user`], but with `groups` (a caller's actual groups, as
     /// the bus saw them) when known, instead of asking the group database.
     /// Blocking, like it.
-    pub fn for_user_in(uid: u32, groups: Option<Vec<u32>>) -> Result<RunAs, UserLookupError> {
+    pub fn for_user_with_groups(
+        uid: u32,
+        groups: Option<Vec<u32>>,
+    ) -> Result<RunAs, UserLookupError> {
         credentials::lookup(uid, groups)
     }
 }
@@ -359,6 +360,7 @@ impl RunAs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::image::ImageFormat;
 
     /// An image that only pretends: its descriptor is /dev/null.
     fn image(format: ImageFormat) -> Arc<ImageFile> {
@@ -432,19 +434,6 @@ mod tests {
             ["check", "--output=json", "-U", "-r", "all", "--"]
         );
         assert_eq!(spec_of(&args[6])["driver"], "vmdk");
-    }
-
-    #[tokio::test]
-    async fn raw_is_not_supported_without_running() {
-        let outcome = run_check(
-            &request(ImageFormat::Raw),
-            &QemuImgChildren::new(),
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-        assert_eq!(outcome.result, CheckResult::NotSupported);
-        assert_eq!(outcome.counts, CheckCounts::default());
     }
 
     #[tokio::test]

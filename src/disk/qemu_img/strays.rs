@@ -17,21 +17,19 @@
 //! (the common end of a check: its qemu-img was just reaped) has no
 //! strays either, and skips the /proc pass.
 //!
-//! Every qemu-img is forked by one thread of its own (see [`Spawner`]):
-//! the fork and the wait for the exec stay off the async workers, and the
-//! parent-death signal qemu-img gets follows a thread that lives as long
-//! as any check.
+//! Every qemu-img is forked on one thread of its own (see
+//! [`super::spawner`]), under the same registry lock a sweep takes.
 
 use std::collections::HashSet;
 use std::io;
 use std::path::Path;
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use super::group::ProcessGroup;
+use super::spawner::{Spawned, Spawner};
 use crate::procfs;
 
 /// Strays are real processes: always the real /proc, whatever the
@@ -98,85 +96,6 @@ pub struct QemuImgChildren {
     registry: Arc<Mutex<Registry>>,
     /// The thread every qemu-img is forked from.
     spawner: Arc<Spawner>,
-}
-
-/// A qemu-img just started, with everything that ends it. The fields drop
-/// in order: the group is killed while the leader is still unreaped (its
-/// pgid cannot have been reused), then the child (killed too, and left to
-/// tokio to reap), then the leader's registration.
-pub(super) struct Spawned {
-    pub(super) group: ProcessGroup,
-    pub(super) child: Child,
-    pub(super) leader: Leader,
-}
-
-/// Work for the spawner thread.
-type SpawnJob = Box<dyn FnOnce() + Send>;
-
-/// The thread that forks every qemu-img, started on first use and ended
-/// when the last [`QemuImgChildren`] clone (and so every [`Leader`]) is
-/// gone.
-///
-/// Not a blocking-pool thread and not an async worker: a fork with a
-/// `pre_exec` hook blocks its thread until the child has exec'd, which
-/// must not stall async work; and qemu-img's parent-death signal
-/// (`PR_SET_PDEATHSIG`) fires when the *thread* that forked it ends, which
-/// for a pool thread is after a few idle seconds, in the middle of a long
-/// check. This thread outlives every qemu-img it forked.
-#[derive(Debug, Default)]
-struct Spawner {
-    running: Mutex<Option<SpawnerThread>>,
-}
-
-#[derive(Debug)]
-struct SpawnerThread {
-    jobs: mpsc::Sender<SpawnJob>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Spawner {
-    /// Runs `job` on the spawner thread, starting the thread if needed.
-    fn submit(&self, job: SpawnJob) -> io::Result<()> {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let thread = match &mut *running {
-            Some(thread) => thread,
-            None => running.insert(SpawnerThread::start()?),
-        };
-        thread
-            .jobs
-            .send(job)
-            .map_err(|_| io::Error::other("qemu-img's spawner thread has stopped"))
-    }
-}
-
-impl SpawnerThread {
-    fn start() -> io::Result<SpawnerThread> {
-        let (jobs, queue) = mpsc::channel::<SpawnJob>();
-        let thread = std::thread::Builder::new()
-            .name("vmm-qemu-img".into())
-            .spawn(move || {
-                for job in queue {
-                    // A panicking job must not end the thread: that would
-                    // kill every qemu-img it forked.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            })?;
-        Ok(SpawnerThread { jobs, thread })
-    }
-}
-
-impl Drop for Spawner {
-    fn drop(&mut self) {
-        let running = self.running.get_mut().unwrap_or_else(|p| p.into_inner());
-        if let Some(SpawnerThread { jobs, thread }) = running.take() {
-            // Closing the queue ends the thread after its current job.
-            drop(jobs);
-            // The last clone may go away in a job on that very thread.
-            if thread.thread().id() != std::thread::current().id() {
-                let _ = thread.join();
-            }
-        }
-    }
 }
 
 #[derive(Debug, Default)]

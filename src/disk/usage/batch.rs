@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future as _;
-use std::io;
 use std::path::PathBuf;
 use std::pin::pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
@@ -196,7 +195,7 @@ impl Batcher {
             }
             Err(e) => {
                 for &id in &present {
-                    state.answers.insert(id, Err(same_error(&e)));
+                    state.answers.insert(id, Err(e.duplicate()));
                 }
             }
         }
@@ -259,20 +258,6 @@ impl Wake for WithdrawOnCancel {
         if let Some(batcher) = self.batcher.upgrade() {
             batcher.withdraw(batcher.lock(), self.request);
         }
-    }
-}
-
-/// A pass's error, once for each of its requesters.
-fn same_error(e: &HoldersError) -> HoldersError {
-    match e {
-        HoldersError::Cancelled => HoldersError::Cancelled,
-        HoldersError::Unreadable { path, source } => HoldersError::Unreadable {
-            path: path.clone(),
-            source: match source.raw_os_error() {
-                Some(errno) => io::Error::from_raw_os_error(errno),
-                None => io::Error::new(source.kind(), source.to_string()),
-            },
-        },
     }
 }
 

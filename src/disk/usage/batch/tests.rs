@@ -3,24 +3,14 @@
 //! so which request lands in which pass is decided by the test, not by luck.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::thread::{self, JoinHandle, ThreadId};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::*;
-use crate::procfs::Sleeper;
-
-/// Longer than anything here takes, short enough to fail rather than hang.
-const PATIENCE: Duration = Duration::from_secs(20);
-
-fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !done() {
-        assert!(Instant::now() < deadline, "gave up waiting until {what}");
-        thread::sleep(Duration::from_millis(1));
-    }
-}
+use crate::test_support::{Sleeper, eventually};
 
 /// Lets the passes of a batcher end when the test says.
 #[derive(Default)]
@@ -96,10 +86,11 @@ impl Gate {
         self.lock().passes.len()
     }
 
-    fn wait_for_pass(&self, nth: usize) {
-        wait_until(&format!("pass {nth} has read /proc"), || {
+    async fn wait_for_pass(&self, nth: usize) {
+        eventually(&format!("pass {nth} has read /proc"), || {
             self.passes() >= nth
-        });
+        })
+        .await;
     }
 
     /// Pass `nth`'s leader and token.
@@ -163,8 +154,8 @@ impl Setup {
 
 type Pids = Result<Vec<u32>, HoldersError>;
 
-fn finish(request: JoinHandle<Pids>) -> Pids {
-    wait_until("a request returns", || request.is_finished());
+async fn finish(request: JoinHandle<Pids>) -> Pids {
+    eventually("a request returns", || request.is_finished()).await;
     request.join().expect("the request panicked")
 }
 
@@ -172,8 +163,8 @@ fn is_cancelled(pids: &Pids) -> bool {
     matches!(pids, Err(HoldersError::Cancelled))
 }
 
-#[test]
-fn waiting_requests_share_one_pass() {
+#[tokio::test]
+async fn waiting_requests_share_one_pass() {
     let setup = Setup::new(Gate::default(), 6);
     let never = CancellationToken::new();
     // Image i is held by i % 3 processes.
@@ -191,60 +182,65 @@ fn waiting_requests_share_one_pass() {
 
     // The first request runs pass 1 alone; the other five queue behind it.
     let first = setup.request(0, &never);
-    setup.gate.wait_for_pass(1);
+    setup.gate.wait_for_pass(1).await;
     let rest: Vec<_> = (1..6).map(|i| setup.request(i, &never)).collect();
-    wait_until("five requests are queued", || setup.batcher.queued() == 5);
+    eventually("five requests are queued", || setup.batcher.queued() == 5).await;
     setup.gate.release_all();
 
-    assert_eq!(finish(first).unwrap(), want[0]);
+    assert_eq!(finish(first).await.unwrap(), want[0]);
     for (i, request) in rest.into_iter().enumerate() {
-        assert_eq!(finish(request).unwrap(), want[i + 1], "image {}", i + 1);
+        assert_eq!(
+            finish(request).await.unwrap(),
+            want[i + 1],
+            "image {}",
+            i + 1
+        );
     }
     assert_eq!(setup.gate.passes(), 2, "six requests, two passes");
 }
 
-#[test]
-fn a_request_made_during_a_pass_waits_for_the_next() {
+#[tokio::test]
+async fn a_request_made_during_a_pass_waits_for_the_next() {
     let setup = Setup::new(Gate::default(), 1);
     let never = CancellationToken::new();
 
     let early = setup.request(0, &never);
-    setup.gate.wait_for_pass(1);
+    setup.gate.wait_for_pass(1).await;
     // A VM opens the image after pass 1 has read /proc, then someone asks.
     let vm = hold(&setup.images[0].0);
     let late = setup.request(0, &never);
-    wait_until("the late request is queued", || setup.batcher.queued() == 1);
+    eventually("the late request is queued", || setup.batcher.queued() == 1).await;
     setup.gate.release_all();
 
-    assert_eq!(finish(early).unwrap(), Vec::<u32>::new());
-    let late = finish(late).unwrap();
+    assert_eq!(finish(early).await.unwrap(), Vec::<u32>::new());
+    let late = finish(late).await.unwrap();
     assert_eq!(late, vec![vm.pid()], "a pass older than the request");
     assert_eq!(setup.gate.passes(), 2);
 }
 
-#[test]
-fn a_cancelled_requester_goes_alone() {
+#[tokio::test]
+async fn a_cancelled_requester_goes_alone() {
     let setup = Setup::new(Gate::default(), 5);
     let holding = setup.hold_each();
     let tokens: Vec<CancellationToken> = (0..5).map(|_| CancellationToken::new()).collect();
 
     // A runs pass 1 alone; B, C, D and E queue for pass 2.
     let a = setup.request(0, &tokens[0]);
-    setup.gate.wait_for_pass(1);
+    setup.gate.wait_for_pass(1).await;
     let mut queued: Vec<_> = (1..5).map(|i| Some(setup.request(i, &tokens[i]))).collect();
-    wait_until("four requests are queued", || setup.batcher.queued() == 4);
+    eventually("four requests are queued", || setup.batcher.queued() == 4).await;
 
     // B leaves the queue at once, while pass 1 is still held.
     tokens[1].cancel();
-    assert!(is_cancelled(&finish(queued[0].take().unwrap())));
+    assert!(is_cancelled(&finish(queued[0].take().unwrap()).await));
     assert_eq!(setup.batcher.queued(), 3);
 
     // A, pass 1's only requester, leaves: pass 1 is cancelled, and pass 2
     // starts for C, D and E without waiting for it.
     tokens[0].cancel();
-    assert!(is_cancelled(&finish(a)));
+    assert!(is_cancelled(&finish(a).await));
     assert!(setup.gate.pass(1).1.is_cancelled());
-    setup.gate.wait_for_pass(2);
+    setup.gate.wait_for_pass(2).await;
     let (leader, pass_cancel) = setup.gate.pass(2);
     let is_leader = |i: &usize| queued[*i].as_ref().unwrap().thread().id() == leader;
     let led = (1..4).find(is_leader).expect("one of C, D, E leads pass 2");
@@ -253,19 +249,19 @@ fn a_cancelled_requester_goes_alone() {
 
     // A waiter in the held pass leaves at once; the pass goes on.
     tokens[gone + 1].cancel();
-    assert!(is_cancelled(&finish(queued[gone].take().unwrap())));
+    assert!(is_cancelled(&finish(queued[gone].take().unwrap()).await));
     // So does the leader's requester, the pass still serving the third.
     tokens[led + 1].cancel();
     assert!(!pass_cancel.is_cancelled(), "one requester is still there");
     setup.gate.release_all();
-    assert!(is_cancelled(&finish(queued[led].take().unwrap())));
-    let served = finish(queued[stays].take().unwrap());
+    assert!(is_cancelled(&finish(queued[led].take().unwrap()).await));
+    let served = finish(queued[stays].take().unwrap()).await;
     assert_eq!(served.unwrap(), vec![holding[stays + 1].pid()]);
     assert_eq!(setup.gate.passes(), 2);
 }
 
-#[test]
-fn a_failing_pass_fails_every_requester_in_it() {
+#[tokio::test]
+async fn a_failing_pass_fails_every_requester_in_it() {
     let setup = Setup::new(
         Gate {
             proc_root: Some("/nonexistent-proc".into()),
@@ -277,13 +273,13 @@ fn a_failing_pass_fails_every_requester_in_it() {
 
     // Pass 2 serves two requests: both fail.
     let first = setup.request(0, &never);
-    setup.gate.wait_for_pass(1);
+    setup.gate.wait_for_pass(1).await;
     let rest: Vec<_> = (1..3).map(|i| setup.request(i, &never)).collect();
-    wait_until("two requests are queued", || setup.batcher.queued() == 2);
+    eventually("two requests are queued", || setup.batcher.queued() == 2).await;
     setup.gate.release_all();
 
     for request in std::iter::once(first).chain(rest) {
-        let result = finish(request);
+        let result = finish(request).await;
         assert!(
             matches!(&result, Err(HoldersError::Unreadable { source, .. })
                 if source.kind() == io::ErrorKind::NotFound),
@@ -293,8 +289,8 @@ fn a_failing_pass_fails_every_requester_in_it() {
     assert_eq!(setup.gate.passes(), 2);
 }
 
-#[test]
-fn a_panicking_pass_leaves_its_requests_to_a_new_leader() {
+#[tokio::test]
+async fn a_panicking_pass_leaves_its_requests_to_a_new_leader() {
     let setup = Setup::new(
         Gate {
             panics: Some(2),
@@ -307,17 +303,17 @@ fn a_panicking_pass_leaves_its_requests_to_a_new_leader() {
 
     // Pass 2, for B and C, panics in its leader's thread.
     let a = setup.request(0, &never);
-    setup.gate.wait_for_pass(1);
+    setup.gate.wait_for_pass(1).await;
     let b = setup.request(1, &never);
     let c = setup.request(2, &never);
-    wait_until("B and C are queued", || setup.batcher.queued() == 2);
+    eventually("B and C are queued", || setup.batcher.queued() == 2).await;
     setup.gate.release_all();
-    assert_eq!(finish(a).unwrap(), vec![holding[0].pid()]);
+    assert_eq!(finish(a).await.unwrap(), vec![holding[0].pid()]);
 
     let mut answered = Vec::new();
     let mut panicked = 0;
     for (i, request) in [(1, b), (2, c)] {
-        wait_until("a request returns", || request.is_finished());
+        eventually("a request returns", || request.is_finished()).await;
         match request.join() {
             Ok(pids) => answered.push((i, pids.unwrap())),
             Err(_) => panicked += 1,
@@ -329,8 +325,8 @@ fn a_panicking_pass_leaves_its_requests_to_a_new_leader() {
     assert_eq!(setup.gate.passes(), 3);
 }
 
-#[test]
-fn a_stuck_pass_nobody_waits_for_blocks_no_new_request() {
+#[tokio::test]
+async fn a_stuck_pass_nobody_waits_for_blocks_no_new_request() {
     let setup = Setup::new(
         Gate {
             deaf: true,
@@ -343,18 +339,18 @@ fn a_stuck_pass_nobody_waits_for_blocks_no_new_request() {
     // Pass 1 hangs; its only requester gives up (its scan timed out).
     let gives_up = CancellationToken::new();
     let stuck = setup.request(0, &gives_up);
-    setup.gate.wait_for_pass(1);
+    setup.gate.wait_for_pass(1).await;
     gives_up.cancel();
     // A new request gets a pass of its own meanwhile.
     let next = setup.request(0, &CancellationToken::new());
-    setup.gate.wait_for_pass(2);
+    setup.gate.wait_for_pass(2).await;
     setup.gate.release(2);
-    assert_eq!(finish(next).unwrap(), vec![vm[0].pid()]);
+    assert_eq!(finish(next).await.unwrap(), vec![vm[0].pid()]);
 
     // The stuck pass, when it ends at last, answers nobody.
     assert!(!stuck.is_finished(), "its thread runs the stuck pass");
     setup.gate.release(1);
-    assert!(is_cancelled(&finish(stuck)));
+    assert!(is_cancelled(&finish(stuck).await));
 }
 
 /// xorshift64: reproducible choices without a dependency.
@@ -369,8 +365,8 @@ fn next_random(state: &mut u64) -> u64 {
 /// over passes that take random time and sometimes fail or panic: every
 /// requester returns; each answer is its own target's, from a pass that
 /// started after it asked; nothing is left behind.
-#[test]
-fn random_requests_cancellations_failures_and_panics() {
+#[tokio::test]
+async fn random_requests_cancellations_failures_and_panics() {
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
     const REQUESTERS: u64 = 400;
@@ -444,7 +440,7 @@ fn random_requests_cancellations_failures_and_panics() {
 
     let mut panicked = 0;
     for (ino, handle, canceller) in requesters {
-        wait_until("a requester returns", || handle.is_finished());
+        eventually("a requester returns", || handle.is_finished()).await;
         let Ok((asked, result, cancelled)) = handle.join() else {
             panicked += 1;
             continue;
