@@ -41,8 +41,9 @@
 //!   parser and the one sysfs link-name read.
 //! - [`procfs`]: reading a /proc tree: who holds a file or device open (an
 //!   error, never "nobody", when it cannot look; cancellable; one pass for
-//!   many targets, split across CPUs, in `procfs/scan.rs`), a process's exe
-//!   and QEMU `-name` (for disk users and VFIO group users).
+//!   many targets, split across CPUs, in `procfs/scan.rs`), the list of
+//!   processes with their stat, a process's exe and QEMU `-name` (for disk
+//!   users and VFIO group users).
 //! - [`auth`]: polkit authorization of D-Bus callers (fail closed).
 //! - The D-Bus contract (names, proxies, error enum, report and device
 //!   property codecs, the PCI address ↔ object path codec) is the workspace
