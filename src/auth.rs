@@ -28,11 +28,9 @@
 //! check at once; one that never answers keeps only its own user's checks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use vmmanager_client::names::action;
 
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zbus::Connection;
@@ -40,6 +38,8 @@ use zbus::message::Header;
 use zbus_polkit::policykit1::{
     AuthorityProxy, AuthorizationResult, CheckAuthorizationFlags, Subject,
 };
+
+use crate::uid_counts::{Counted, OverLimit, OverShare, UidCounts};
 
 /// The polkit actions of `polkit/org.example.vmmanager.policy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,158 +131,68 @@ const MAX_WAITING_PER_UID: usize = 64;
 /// The checks waiting for polkit now, by whom, and the calls waiting for
 /// a slot to ask.
 #[derive(Debug, Default)]
-struct InFlight {
-    by_uid: HashMap<u32, usize>,
-    non_root: usize,
-    interactive_non_root: usize,
-    waiting_by_uid: HashMap<u32, usize>,
-}
-
-impl InFlight {
-    /// Counts a new check of `uid`, or says which limit it would exceed.
-    fn admit(&mut self, uid: u32, interactive: bool) -> Result<(), TooManyPending> {
-        let root = uid == 0;
-        let own_limit = if root {
-            MAX_PENDING_ROOT
-        } else {
-            MAX_PENDING_PER_UID
-        };
-        let own = self.by_uid.get(&uid).copied().unwrap_or(0);
-        if own >= own_limit {
-            return Err(TooManyPending::Caller {
-                uid,
-                limit: own_limit,
-            });
-        }
-        if !root {
-            if self.non_root >= MAX_PENDING_NON_ROOT {
-                return Err(TooManyPending::NonRoot {
-                    limit: MAX_PENDING_NON_ROOT,
-                });
-            }
-            if interactive && self.interactive_non_root >= MAX_PENDING_INTERACTIVE_NON_ROOT {
-                return Err(TooManyPending::Interactive {
-                    limit: MAX_PENDING_INTERACTIVE_NON_ROOT,
-                });
-            }
-            self.non_root += 1;
-            self.interactive_non_root += usize::from(interactive);
-        }
-        *self.by_uid.entry(uid).or_default() += 1;
-        Ok(())
-    }
-
-    fn release(&mut self, uid: u32, interactive: bool) {
-        decrement(&mut self.by_uid, uid);
-        if uid != 0 {
-            self.non_root -= 1;
-            self.interactive_non_root -= usize::from(interactive);
-        }
-    }
-
-    /// Counts a call of `uid` that waits for a slot, unless too many do.
-    fn enqueue(&mut self, uid: u32) -> bool {
-        let waiting = self.waiting_by_uid.entry(uid).or_default();
-        *waiting += 1;
-        if *waiting > MAX_WAITING_PER_UID {
-            decrement(&mut self.waiting_by_uid, uid);
-            return false;
-        }
-        true
-    }
-}
-
-/// `map[key] -= 1`, forgetting keys that reach 0.
-fn decrement(map: &mut HashMap<u32, usize>, key: u32) {
-    if let Some(n) = map.get_mut(&key) {
-        *n -= 1;
-        if *n == 0 {
-            map.remove(&key);
-        }
-    }
-}
-
-/// The counts, and a wake-up for calls waiting for a slot.
-#[derive(Debug, Default)]
 struct Limits {
-    in_flight: Mutex<InFlight>,
-    freed: Notify,
+    /// Checks waiting for polkit, per uid: non-root ones within
+    /// [`MAX_PENDING_NON_ROOT`], their interactive ones within the share
+    /// [`MAX_PENDING_INTERACTIVE_NON_ROOT`] of it; root's outside both.
+    pending: UidCounts,
+    /// Calls waiting for a slot, per uid.
+    waiting: UidCounts,
 }
+
+/// One admitted check's place among the pending ones, given back on drop.
+type Slot = Counted;
 
 impl Limits {
-    fn lock(&self) -> std::sync::MutexGuard<'_, InFlight> {
-        // Every critical section leaves the counts consistent.
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// A call's place among those waiting for a slot, given back on drop (the
-/// caller may leave while it waits).
-struct Waiting<'a> {
-    limits: &'a Limits,
-    uid: u32,
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        decrement(&mut self.limits.lock().waiting_by_uid, self.uid);
-    }
-}
-
-/// One admitted check's place in [`InFlight`], given back on drop.
-struct Slot {
-    limits: Arc<Limits>,
-    uid: u32,
-    interactive: bool,
-}
-
-impl Slot {
     /// A slot for a check of `uid` if one is free now.
-    fn try_take(limits: &Arc<Limits>, uid: u32, interactive: bool) -> Result<Slot, TooManyPending> {
-        limits.lock().admit(uid, interactive)?;
-        Ok(Slot {
-            limits: limits.clone(),
-            uid,
-            interactive,
+    fn try_take(&self, uid: u32, interactive: bool) -> Result<Slot, TooManyPending> {
+        let root = uid == 0;
+        let own = match root {
+            true => MAX_PENDING_ROOT,
+            false => MAX_PENDING_PER_UID,
+        };
+        let admitted = match (root, interactive) {
+            (true, _) => self.pending.admit(uid, own, None).map_err(OverShare::Limit),
+            (false, false) => (self.pending)
+                .admit(uid, own, Some(MAX_PENDING_NON_ROOT))
+                .map_err(OverShare::Limit),
+            (false, true) => self.pending.admit_in_share(
+                uid,
+                own,
+                MAX_PENDING_NON_ROOT,
+                MAX_PENDING_INTERACTIVE_NON_ROOT,
+            ),
+        };
+        admitted.map_err(|refused| match refused {
+            OverShare::Limit(OverLimit::Caller) => TooManyPending::Caller { uid, limit: own },
+            OverShare::Limit(OverLimit::All) => TooManyPending::NonRoot {
+                limit: MAX_PENDING_NON_ROOT,
+            },
+            OverShare::Share => TooManyPending::Interactive {
+                limit: MAX_PENDING_INTERACTIVE_NON_ROOT,
+            },
         })
     }
 
     /// A slot for a check of `uid`, waiting up to `wait` for one to be
     /// freed (unless too many calls of `uid` wait already).
     async fn take(
-        limits: &Arc<Limits>,
+        &self,
         uid: u32,
         interactive: bool,
         wait: Duration,
     ) -> Result<Slot, TooManyPending> {
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut waiting = None;
-        loop {
-            // Listening before trying, so a slot freed in between is seen.
-            let freed = limits.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            let refused = match Slot::try_take(limits, uid, interactive) {
-                Ok(slot) => return Ok(slot),
-                Err(refused) => refused,
-            };
-            if waiting.is_none() {
-                if !limits.lock().enqueue(uid) {
-                    return Err(refused);
-                }
-                waiting = Some(Waiting { limits, uid });
-            }
-            if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                return Err(refused);
-            }
-        }
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.limits.lock().release(self.uid, self.interactive);
-        self.limits.freed.notify_waiters();
+        let refused = match self.try_take(uid, interactive) {
+            Ok(slot) => return Ok(slot),
+            Err(refused) => refused,
+        };
+        // The caller may leave while it waits: this count goes with it.
+        let Ok(_waiting) = self.waiting.admit(uid, MAX_WAITING_PER_UID, None) else {
+            return Err(refused);
+        };
+        (self.pending)
+            .within(wait, || self.try_take(uid, interactive))
+            .await
     }
 }
 
@@ -332,7 +242,7 @@ pub struct Caller {
 #[derive(Debug)]
 pub struct Authority {
     connection: Connection,
-    limits: Arc<Limits>,
+    limits: Limits,
     /// The CheckAuthorization calls polkit has not answered yet, whether or
     /// not their callers still wait.
     calls: TaskTracker,
@@ -352,7 +262,7 @@ impl Authority {
     pub fn new(connection: Connection) -> Self {
         Authority {
             connection,
-            limits: Arc::default(),
+            limits: Limits::default(),
             calls: TaskTracker::new(),
             stop: CancellationToken::new(),
         }
@@ -397,7 +307,7 @@ impl Authority {
         } else {
             NON_INTERACTIVE_TIMEOUT
         };
-        let slot = Slot::take(&self.limits, caller.uid, interactive, SLOT_WAIT).await?;
+        let slot = self.limits.take(caller.uid, interactive, SLOT_WAIT).await?;
         let details = details
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -461,17 +371,19 @@ impl Authority {
 mod tests {
     use super::*;
 
-    fn take(limits: &Arc<Limits>, uid: u32, interactive: bool) -> Slot {
-        Slot::try_take(limits, uid, interactive).expect("within the limits")
+    fn take(limits: &Limits, uid: u32, interactive: bool) -> Slot {
+        limits
+            .try_take(uid, interactive)
+            .expect("within the limits")
     }
 
     #[test]
     fn one_uid_gets_its_share_and_a_slot_comes_back_on_drop() {
-        let limits = Arc::default();
+        let limits = Limits::default();
         let mine: Vec<Slot> = (0..MAX_PENDING_PER_UID)
             .map(|_| take(&limits, 1000, true))
             .collect();
-        let refused = Slot::try_take(&limits, 1000, false).err();
+        let refused = limits.try_take(1000, false).err();
         assert_eq!(
             refused,
             Some(TooManyPending::Caller {
@@ -487,19 +399,19 @@ mod tests {
         let _other = take(&limits, 1001, true);
         drop(mine);
         let _again = take(&limits, 1000, true);
-        assert_eq!(limits.lock().by_uid.get(&1000), Some(&1));
+        assert_eq!(limits.pending.of(1000), 1);
     }
 
     #[test]
     fn many_uids_leave_room_for_non_interactive_checks_and_root() {
-        let limits = Arc::default();
+        let limits = Limits::default();
         let uids = (MAX_PENDING_INTERACTIVE_NON_ROOT / MAX_PENDING_PER_UID) as u32;
         let _stalled: Vec<Slot> = (0..uids)
             .flat_map(|uid| (0..MAX_PENDING_PER_UID).map(move |_| 1000 + uid))
             .map(|uid| take(&limits, uid, true))
             .collect();
         assert_eq!(
-            Slot::try_take(&limits, 5000, true).err(),
+            limits.try_take(5000, true).err(),
             Some(TooManyPending::Interactive {
                 limit: MAX_PENDING_INTERACTIVE_NON_ROOT
             })
@@ -509,7 +421,7 @@ mod tests {
             .map(|i| take(&limits, 6000 + i, false))
             .collect();
         assert_eq!(
-            Slot::try_take(&limits, 7000, false).err(),
+            limits.try_take(7000, false).err(),
             Some(TooManyPending::NonRoot {
                 limit: MAX_PENDING_NON_ROOT
             })
@@ -519,7 +431,7 @@ mod tests {
             .map(|_| take(&limits, 0, true))
             .collect();
         assert_eq!(
-            Slot::try_take(&limits, 0, false).err(),
+            limits.try_take(0, false).err(),
             Some(TooManyPending::Caller {
                 uid: 0,
                 limit: MAX_PENDING_ROOT
@@ -529,19 +441,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_waits_briefly_for_a_freed_slot_and_few_wait() {
-        let limits: Arc<Limits> = Arc::default();
+        let limits = std::sync::Arc::new(Limits::default());
         let wait = Duration::from_millis(200);
         let mut held: Vec<Slot> = (0..MAX_PENDING_PER_UID)
             .map(|_| take(&limits, 1000, true))
             .collect();
         // Nothing freed: Busy once the wait is over.
         let started = std::time::Instant::now();
-        assert!(Slot::take(&limits, 1000, true, wait).await.is_err());
+        assert!(limits.take(1000, true, wait).await.is_err());
         assert!(started.elapsed() >= wait);
         // Freed while it waits: it gets the slot at once.
         let waiter = tokio::spawn({
             let limits = limits.clone();
-            async move { Slot::take(&limits, 1000, true, Duration::from_secs(30)).await }
+            async move { limits.take(1000, true, Duration::from_secs(30)).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let started = std::time::Instant::now();
@@ -553,20 +465,19 @@ mod tests {
             .map(|_| {
                 let limits = limits.clone();
                 tokio::spawn(async move {
-                    Slot::take(&limits, 1000, true, Duration::from_secs(30))
+                    limits
+                        .take(1000, true, Duration::from_secs(30))
                         .await
                         .is_ok()
                 })
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(
-            limits.lock().waiting_by_uid.get(&1000),
-            Some(&MAX_WAITING_PER_UID)
-        );
+        assert_eq!(limits.waiting.of(1000), MAX_WAITING_PER_UID);
         let started = std::time::Instant::now();
         assert!(
-            Slot::take(&limits, 1000, true, Duration::from_secs(30))
+            limits
+                .take(1000, true, Duration::from_secs(30))
                 .await
                 .is_err()
         );
@@ -577,9 +488,9 @@ mod tests {
         for waiter in waiters {
             let _ = waiter.await;
         }
-        assert!(limits.lock().waiting_by_uid.is_empty());
+        assert_eq!(limits.waiting.total(), 0);
         drop((slot, held));
-        assert!(limits.lock().by_uid.is_empty());
+        assert_eq!(limits.pending.total(), 0);
     }
 
     #[test]

@@ -16,6 +16,11 @@ use std::path::{Path, PathBuf};
 
 use crate::kernel_files::{self, AtLimit, ProcStat};
 
+/// How long the service waits for a scan of who holds a file or device (a
+/// disk image, a VFIO group): a read of a stuck process's /proc files can
+/// hang, and then the answer is "unknown" after this, never "nobody".
+pub const SCAN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// QEMU command lines are a few KiB; this bounds memory for pathological ones.
 const MAX_CMDLINE: u64 = 256 * 1024;
 /// `fdinfo` has `pos`, `flags`, `mnt_id`, `ino` and maybe lock lines first.

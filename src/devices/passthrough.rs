@@ -6,6 +6,10 @@
 //! out or was stopped) the answer is no as well: **fail closed**. Only then
 //! does [`VfioBinder`] make the sysfs writes.
 //!
+//! Who holds a group is also public (the `InUseBy` property, any local user,
+//! no authorization): those scans are bounded in number, each counting until
+//! its thread has ended ([`Passthrough::users_for_anyone`]).
+//!
 //! Errors are typed ([`PassthroughError`]); the D-Bus layer maps them to its
 //! error names in one place (`service::error`).
 
@@ -14,16 +18,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::vfio::{self, Outcome, VfioBinder, VfioError, VfioUser};
-use crate::procfs::HoldersError;
+use crate::procfs::{HoldersError, SCAN_TIMEOUT};
+use crate::uid_counts::{self, Unfinished};
 use vmmanager_client::PciAddress;
 
-/// How long finding out who holds a VFIO group may take. A read of a stuck
-/// process's /proc files can hang; the same bound as a disk's in-use scan
-/// (`disk::checker::SCAN_TIMEOUT`), which walks the same /proc.
-pub const USERS_SCAN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Scans of [`Passthrough::users_for_anyone`] running at once, all readers
+/// together. Their reader is often unknown (GetManagedObjects and
+/// InterfacesAdded read properties without a caller), so the bound is one
+/// for all. A scan takes milliseconds; a thread stuck on a process whose
+/// /proc files hang keeps its place until it ends, so reads cannot pile up
+/// such threads.
+pub const PUBLIC_SCANS: usize = 4;
+/// How long a public read beyond [`PUBLIC_SCANS`] waits for a scan to end
+/// before it is refused: bursts get through, stuck scans cost this.
+const PUBLIC_SCAN_WAIT: Duration = Duration::from_secs(2);
 
 /// Which way a device moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,11 +66,16 @@ pub enum UsersError {
     },
     #[error(
         "finding out who holds /dev/vfio/{group} took longer than {}s",
-        USERS_SCAN_TIMEOUT.as_secs()
+        SCAN_TIMEOUT.as_secs()
     )]
     TimedOut { group: u32 },
     #[error("finding out who holds /dev/vfio/{group} stopped unexpectedly")]
     Panicked { group: u32 },
+    #[error(
+        "{limit} scans for VFIO group users are running (a process whose /proc files do not \
+         answer?); not looking for /dev/vfio/{group}'s"
+    )]
+    TooMany { group: u32, limit: usize },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +101,16 @@ pub enum PassthroughError {
     Panicked { address: PciAddress, action: Move },
 }
 
-/// Detach and Reattach with their refusals; cheap to clone.
+/// Detach and Reattach with their refusals, and who holds a VFIO group;
+/// cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Passthrough {
     binder: Arc<VfioBinder>,
     proc_root: PathBuf,
     dev_root: PathBuf,
+    /// The places of [`Passthrough::users_for_anyone`]'s scans; a scan's
+    /// thread holds its place until it ends.
+    public_scans: Arc<Semaphore>,
 }
 
 impl Passthrough {
@@ -100,37 +121,65 @@ impl Passthrough {
             binder: Arc::new(binder),
             proc_root,
             dev_root,
+            public_scans: Arc::new(Semaphore::new(PUBLIC_SCANS)),
         }
     }
 
-    /// Who holds VFIO group `group` open, bounded by [`USERS_SCAN_TIMEOUT`];
+    /// Who holds VFIO group `group` open, for a reader who needs no
+    /// authorization: [`Passthrough::users`], within [`PUBLIC_SCANS`] such
+    /// scans at once (waiting briefly for one to end), else
+    /// [`UsersError::TooMany`].
+    pub async fn users_for_anyone(&self, group: Option<u32>) -> Result<Vec<VfioUser>, UsersError> {
+        let Some(group) = group else {
+            return Ok(Vec::new());
+        };
+        let place = self.public_scans.clone().acquire_owned();
+        let Ok(Ok(place)) = tokio::time::timeout(PUBLIC_SCAN_WAIT, place).await else {
+            let refused = UsersError::TooMany {
+                group,
+                limit: PUBLIC_SCANS,
+            };
+            tracing::warn!(group, "{refused}");
+            return Err(refused);
+        };
+        self.users(Some(group), place).await
+    }
+
+    /// Who holds VFIO group `group` open, bounded by [`SCAN_TIMEOUT`];
     /// nobody for a device without a group. Only groups whose
     /// `/dev/vfio/<group>` exists (bound to vfio-pci) cost a /proc scan. A
     /// scan whose answer is abandoned (timeout, or this future dropped) is
-    /// told to stop.
-    pub async fn users(&self, group: Option<u32>) -> Result<Vec<VfioUser>, UsersError> {
+    /// told to stop; `held_until_done` goes with its thread and is dropped
+    /// when that ends.
+    async fn users(
+        &self,
+        group: Option<u32>,
+        held_until_done: impl Send + 'static,
+    ) -> Result<Vec<VfioUser>, UsersError> {
         let Some(group) = group else {
             return Ok(Vec::new());
         };
         let proc_root = self.proc_root.clone();
         let dev_root = self.dev_root.clone();
-        let stop = CancellationToken::new();
-        let _stop_when_abandoned = stop.clone().drop_guard();
-        let scan = tokio::task::spawn_blocking(move || {
-            vfio::group_users(&proc_root, &dev_root, group, &stop)
+        // Only abandoning the answer stops the scan.
+        let never = CancellationToken::new();
+        let scan = uid_counts::spawn_stoppable(held_until_done, &never, move |stop| {
+            vfio::group_users(&proc_root, &dev_root, group, stop)
         });
-        let result = match tokio::time::timeout(USERS_SCAN_TIMEOUT, scan).await {
-            Ok(Ok(Ok(users))) => return Ok(users),
-            Ok(Ok(Err(source))) => UsersError::Scan { group, source },
-            Ok(Err(_)) => UsersError::Panicked { group },
-            Err(_) => UsersError::TimedOut { group },
+        let result = match scan.finish(SCAN_TIMEOUT, &never).await {
+            Ok(Ok(users)) => return Ok(users),
+            Ok(Err(source)) => UsersError::Scan { group, source },
+            Err(Unfinished::Panicked(_)) => UsersError::Panicked { group },
+            // Nothing cancels `never`: the scan ran out of time.
+            Err(Unfinished::TimedOut | Unfinished::Cancelled) => UsersError::TimedOut { group },
         };
         tracing::warn!(group, "{result}");
         Err(result)
     }
 
     /// Moves the device at `address` (in VFIO group `group`) unless a
-    /// process holds the group or that is unknown.
+    /// process holds the group or that is unknown. Its scan is not counted:
+    /// only callers polkit authorized get here.
     pub async fn change(
         &self,
         address: PciAddress,
@@ -138,7 +187,7 @@ impl Passthrough {
         action: Move,
     ) -> Result<Outcome, PassthroughError> {
         let users = self
-            .users(group)
+            .users(group, ())
             .await
             .map_err(|source| PassthroughError::UsersUnknown { address, source })?;
         if let (Some(user), Some(group)) = (users.into_iter().next(), group) {
@@ -159,5 +208,48 @@ impl Passthrough {
             tracing::info!(device = %address, %action, "binding changed");
         }
         Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{DeadFuse, eventually};
+
+    /// InUseBy needs no authorization, and a /proc read can hang for good
+    /// (here all of /proc sits on a dead FUSE mount). A reader who gives up
+    /// leaves the scan's thread behind, so that thread keeps its place:
+    /// otherwise every read would pin one more thread, without end.
+    #[tokio::test]
+    async fn public_scans_are_bounded_until_their_threads_end() {
+        let fuse = DeadFuse::mount();
+        let dev = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dev.path().join("vfio")).unwrap();
+        std::fs::write(dev.path().join("vfio/7"), "").unwrap();
+        let binder = VfioBinder::new(dev.path().join("sys"), None);
+        let proc_root = fuse.path().join("proc");
+        let passthrough = Passthrough::new(binder, proc_root, dev.path().to_owned());
+        let read = || passthrough.users_for_anyone(Some(7));
+        for _ in 0..PUBLIC_SCANS {
+            let gave_up = tokio::time::timeout(Duration::from_millis(300), read()).await;
+            assert!(gave_up.is_err(), "the scan is stuck");
+        }
+        // Waits for one of them to end, in vain, then is refused.
+        let next = tokio::time::timeout(PUBLIC_SCAN_WAIT * 3, read()).await;
+        assert!(
+            matches!(
+                next,
+                Ok(Err(UsersError::TooMany {
+                    group: 7,
+                    limit: PUBLIC_SCANS
+                }))
+            ),
+            "{PUBLIC_SCANS} stuck scans, and a reader may start another"
+        );
+        drop(fuse);
+        eventually("the stuck scans end and give their places back", || {
+            passthrough.public_scans.available_permits() == PUBLIC_SCANS
+        })
+        .await;
     }
 }

@@ -2,14 +2,13 @@
 //! one check per image at a time, a bounded number of checks at once, and
 //! never a check of an image that a VM uses.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 
 use super::image::{ImageFile, ImageFormat};
 use super::qemu_img::{
@@ -18,8 +17,8 @@ use super::qemu_img::{
 };
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
 use super::view::View;
-use crate::procfs::HoldersError;
-use crate::uid_counts::{Counted, UidCounts};
+use crate::procfs::{HoldersError, SCAN_TIMEOUT};
+use crate::uid_counts::{self, Counted, StoppableJob, UidCounts, Unfinished};
 
 /// How much checking the service does at once, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +76,6 @@ impl DiskReport {
     }
 }
 
-/// Upper bound for finding out who uses an image.
-pub const SCAN_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// GetDiskUsers calls one uid may have scanning at once; more are
 /// [`ScanError::TooMany`] (`Busy`). A count of its own rather than the
 /// checks' admission: a query is a short read of /proc that must not be
@@ -107,8 +103,7 @@ const SPECULATIONS: usize = 16;
 /// and /proc descriptors.
 struct RunningScan {
     image: PathBuf,
-    handle: JoinHandle<Result<DiskUsage, HoldersError>>,
-    _stop_when_abandoned: DropGuard,
+    job: StoppableJob<Result<DiskUsage, HoldersError>>,
 }
 
 /// A scan started before polkit has answered, in the one case where it is
@@ -121,9 +116,9 @@ pub struct Speculation {
     view: View,
     started: Instant,
     scan: RunningScan,
-    /// Shared with the scan's thread: the scan counts as long as either
-    /// is alive (see [`DiskChecker::start_scan`]).
-    _admission: Arc<Counted>,
+    /// The speculation's count, shared with the scan's thread: the scan
+    /// counts as long as either is alive (see [`DiskChecker::start_scan`]).
+    _held_until_done: Arc<Counted>,
 }
 
 impl Speculation {
@@ -302,9 +297,9 @@ struct Inner {
     /// are two or more), so that users, however many, never keep root or an
     /// administrator from checking.
     user_slots: Arc<Semaphore>,
-    /// Per caller uid: its own slots, and how many of its checks are running
-    /// or waiting. An entry lives while that uid has checks.
-    users: Mutex<HashMap<u32, UserShare>>,
+    /// Checks per caller uid, running or waiting, each count carrying that
+    /// uid's own slots (made for its first check, kept while it has any).
+    users: UidCounts<Arc<Semaphore>>,
     /// (st_dev, st_ino) of images being checked: the same image reached
     /// through another path is still the same image.
     running: Mutex<HashSet<(u64, u64)>>,
@@ -316,13 +311,6 @@ struct Inner {
     speculations: UidCounts,
 }
 
-/// One caller's share of the check slots.
-struct UserShare {
-    slots: Arc<Semaphore>,
-    /// Checks of this uid admitted and not yet finished.
-    admitted: usize,
-}
-
 /// The slots one running check holds, released when it ends.
 struct Slots {
     _own: OwnedSemaphorePermit,
@@ -330,24 +318,9 @@ struct Slots {
     _shared: OwnedSemaphorePermit,
 }
 
-/// One admitted check of a caller: counts against its limits until dropped.
-struct Admission {
-    checker: DiskChecker,
-    uid: u32,
-    slots: Arc<Semaphore>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        let mut users = lock(&self.checker.inner.users);
-        if let Some(share) = users.get_mut(&self.uid) {
-            share.admitted -= 1;
-            if share.admitted == 0 {
-                users.remove(&self.uid);
-            }
-        }
-    }
-}
+/// One admitted check of a caller: counts against its limits until
+/// dropped, and carries the caller's own slots.
+type Admission = Counted<Arc<Semaphore>>;
 
 /// The right to check one image for one caller: while it exists, any other
 /// check of the same image is `Busy`, and it counts against the caller's
@@ -383,26 +356,19 @@ async fn finish_scan(
     limit: Duration,
     cancel: &CancellationToken,
 ) -> Result<DiskUsage, ScanError> {
-    let RunningScan {
-        image,
-        handle,
-        _stop_when_abandoned,
-    } = scan;
-    tokio::select! {
-        result = tokio::time::timeout(limit, handle) => match result {
-            Ok(Ok(Ok(usage))) => Ok(usage),
-            Ok(Ok(Err(HoldersError::Cancelled))) => Err(ScanError::Cancelled),
-            Ok(Ok(Err(e))) => {
-                tracing::error!(image = %image.display(), "cannot find out who uses the image: {e}");
-                Err(ScanError::Failed)
-            }
-            Ok(Err(e)) => {
-                tracing::error!("usage scan panicked: {e}");
-                Err(ScanError::Failed)
-            }
-            Err(_) => Err(ScanError::TimedOut),
-        },
-        () = cancel.cancelled() => Err(ScanError::Cancelled),
+    match scan.job.finish(limit, cancel).await {
+        Ok(Ok(usage)) => Ok(usage),
+        Ok(Err(HoldersError::Cancelled)) | Err(Unfinished::Cancelled) => Err(ScanError::Cancelled),
+        Ok(Err(e)) => {
+            let image = scan.image.display();
+            tracing::error!(%image, "cannot find out who uses the image: {e}");
+            Err(ScanError::Failed)
+        }
+        Err(e @ Unfinished::Panicked(_)) => {
+            tracing::error!("usage scan {e}");
+            Err(ScanError::Failed)
+        }
+        Err(Unfinished::TimedOut) => Err(ScanError::TimedOut),
     }
 }
 
@@ -426,7 +392,7 @@ impl DiskChecker {
                 limits,
                 slots: Arc::new(Semaphore::new(limits.concurrent)),
                 user_slots: Arc::new(Semaphore::new(limits.concurrent.saturating_sub(1).max(1))),
-                users: Mutex::new(HashMap::new()),
+                users: UidCounts::default(),
                 running: Mutex::new(HashSet::new()),
                 children: QemuImgChildren::new(),
                 scans: UidCounts::default(),
@@ -440,26 +406,15 @@ impl DiskChecker {
     fn admit(&self, uid: u32) -> Result<Admission, CheckErrorKind> {
         let limits = self.inner.limits;
         let limit = limits.per_user + limits.queued_per_user;
-        let mut users = lock(&self.inner.users);
-        let share = users.entry(uid).or_insert_with(|| UserShare {
-            slots: Arc::new(Semaphore::new(limits.per_user)),
-            admitted: 0,
-        });
-        if share.admitted >= limit {
-            return Err(CheckErrorKind::TooManyChecks { uid, limit });
-        }
-        share.admitted += 1;
-        Ok(Admission {
-            checker: self.clone(),
-            uid,
-            slots: share.slots.clone(),
-        })
+        let own_slots = || Arc::new(Semaphore::new(limits.per_user));
+        (self.inner.users.admit_with(uid, limit, own_slots))
+            .map_err(|_| CheckErrorKind::TooManyChecks { uid, limit })
     }
 
     /// The slots [`DiskChecker::wait_for_slot`] would give, if all are free
     /// now and nobody waits for them; no place in any line is taken.
     fn free_slots(&self, admission: &Admission, administrator: bool) -> Option<Slots> {
-        let own = admission.slots.clone().try_acquire_owned().ok()?;
+        let own = admission.payload().clone().try_acquire_owned().ok()?;
         let users = match administrator {
             true => None,
             false => Some(self.inner.user_slots.clone().try_acquire_owned().ok()?),
@@ -485,9 +440,7 @@ impl DiskChecker {
     ) -> Result<Slots, CheckErrorKind> {
         let never_closed = "semaphore is never closed";
         let wait = async {
-            let own = admission
-                .slots
-                .clone()
+            let own = (admission.payload().clone())
                 .acquire_owned()
                 .await
                 .expect(never_closed);
@@ -532,10 +485,10 @@ impl DiskChecker {
         cancel: &CancellationToken,
         speculation: Option<Speculation>,
     ) -> Result<DiskUsage, ScanError> {
-        let admission = Arc::new(self.admit_scan(uid)?);
+        let counted = Arc::new(self.admit_scan(uid)?);
         let scan = speculation
             .and_then(|s| s.take_for(&image, &pidfile, &view))
-            .unwrap_or_else(|| self.start_scan(image, pidfile, view, cancel, admission.clone()));
+            .unwrap_or_else(|| self.start_scan(image, pidfile, view, cancel, counted.clone()));
         finish_scan(scan, SCAN_TIMEOUT, cancel).await
     }
 
@@ -568,17 +521,17 @@ impl DiskChecker {
         if image.other_files.is_some() {
             return None;
         }
-        let admission = (self.inner.speculations)
+        let counted = (self.inner.speculations)
             .admit(uid, SPECULATIONS_PER_USER, Some(SPECULATIONS))
             .ok()?;
-        let admission = Arc::new(admission);
+        let counted = Arc::new(counted);
         let started = Instant::now();
         let scan = self.start_scan(
             image.clone(),
             pidfile.clone(),
             view.clone(),
             cancel,
-            admission.clone(),
+            counted.clone(),
         );
         Some(Speculation {
             image,
@@ -586,7 +539,7 @@ impl DiskChecker {
             view,
             started,
             scan,
-            _admission: admission,
+            _held_until_done: counted,
         })
     }
 
@@ -596,32 +549,26 @@ impl DiskChecker {
     /// its own FUSE mount. It stops when `cancel` fires or the returned
     /// scan is dropped.
     ///
-    /// A read stuck in the kernel does not see that stop, so `admission`
-    /// (the scan's count, or the check's slots) goes with the thread and
-    /// counts until the thread has really ended: the limits bound threads,
-    /// not answers still awaited, and a caller who abandons scans (a
-    /// refused one: at once) cannot pile up threads.
+    /// A read stuck in the kernel does not see that stop, so
+    /// `held_until_done` (the scan's count, or the check's slots) goes with
+    /// the thread and counts until the thread has really ended
+    /// ([`uid_counts::spawn_stoppable`]): the limits bound threads, not
+    /// answers still awaited, and a caller who abandons scans (a refused
+    /// one: at once) cannot pile up threads.
     fn start_scan(
         &self,
         image: Arc<ImageFile>,
         pidfile: Option<PathBuf>,
         view: View,
         cancel: &CancellationToken,
-        admission: impl Send + 'static,
+        held_until_done: impl Send + 'static,
     ) -> RunningScan {
         let scanner = self.inner.scanner.clone();
-        let stop = cancel.child_token();
         let path = image.path.clone();
-        let thread_stop = stop.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            let _counted_until_done = admission;
-            scanner.scan(&image, pidfile.as_deref(), &view, &thread_stop)
+        let job = uid_counts::spawn_stoppable(held_until_done, cancel, move |stop| {
+            scanner.scan(&image, pidfile.as_deref(), &view, stop)
         });
-        RunningScan {
-            image: path,
-            handle,
-            _stop_when_abandoned: stop.drop_guard(),
-        }
+        RunningScan { image: path, job }
     }
 
     /// Claims `image` for one check by caller `uid`: `Busy` when a check of
@@ -964,7 +911,7 @@ mod tests {
             .checker
             .speculate(1000, image.clone(), None, view, &never)
             .expect("within the limits");
-        while !speculation.scan.handle.is_finished() {
+        while !speculation.scan.job.is_finished() {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         speculation
@@ -1102,7 +1049,7 @@ mod tests {
             let refused = speculate().expect("within the limits");
             // Past /proc, into the PID file, and stuck there.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            assert!(!refused.scan.handle.is_finished(), "the scan is stuck");
+            assert!(!refused.scan.job.is_finished(), "the scan is stuck");
             drop(refused);
         }
         assert!(
@@ -1303,7 +1250,7 @@ mod tests {
             matches!(e.kind, CheckErrorKind::QemuImg(QemuImgError::Cancelled)),
             "{e}"
         );
-        assert!(lock(&h.checker.inner.users).is_empty());
+        assert_eq!(h.checker.inner.users.total(), 0);
         assert!(lock(&h.checker.inner.running).is_empty());
         assert_eq!(h.checker.inner.slots.available_permits(), 1);
     }

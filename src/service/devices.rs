@@ -678,11 +678,12 @@ impl PciDeviceObject {
     #[zbus(property(emits_changed_signal = "false"))]
     async fn in_use_by(&self) -> Vec<Dict> {
         let group = self.state().info.iommu_group;
-        // Unknown reads as nobody here: a property has no error to say it
-        // with (the domain logged why), and Detach/Reattach still refuse.
+        // Unknown (or too many such reads at once) reads as nobody here: a
+        // property has no error to say it with (the domain logged why), and
+        // Detach/Reattach still refuse.
         self.shared
             .passthrough
-            .users(group)
+            .users_for_anyone(group)
             .await
             .unwrap_or_default()
             .iter()

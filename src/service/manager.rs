@@ -18,13 +18,13 @@ use super::callers::Callers;
 use super::error::{ServiceFault, VmError};
 use super::job::{Job, JobIds, JobInfo};
 use super::options::{self, DiskOptions};
-use super::values::{Dict, report_dict, users_list};
+use super::values::{Dict, path_text, report_dict, users_list};
 use crate::auth::{Action, Authority, Caller};
 use crate::disk::checker::{CheckAs, CheckErrorKind, DiskChecker, DiskReport, Speculation};
 use crate::disk::image::{self, ImageError, ImageFile};
 use crate::disk::qemu_img::RunAs;
 use crate::disk::view::View;
-use crate::uid_counts::{Counted, OverLimit, UidCounts};
+use crate::uid_counts::{self, Counted, OverLimit, UidCounts};
 use zbus::DBusError;
 
 /// Image lookups (the caller's path, opened off the async threads) one uid
@@ -200,7 +200,7 @@ impl Manager {
                     own_view.clone(),
                     cancel,
                 );
-                ask(Action::CheckDisk, display(&image)).await?;
+                ask(Action::CheckDisk, path_text(&image.path)).await?;
                 let check_as = CheckAs {
                     run_as: own,
                     view: own_view,
@@ -211,7 +211,7 @@ impl Manager {
             Seen::Readable(image, owner) | Seen::Unreadable(image, owner)
                 if libvirt_owned(owner) =>
             {
-                ask(Action::CheckDisk, display(&image)).await?;
+                ask(Action::CheckDisk, path_text(&image.path)).await?;
                 // qemu-img reopens the image with the caller's own
                 // permissions: a file it may not read is not checked for it.
                 let check_as = CheckAs {
@@ -222,7 +222,7 @@ impl Manager {
                 (Arc::new(image), check_as)
             }
             Seen::Readable(image, _) | Seen::Unreadable(image, _) => {
-                ask(Action::CheckDiskOtherUser, display(&image)).await?;
+                ask(Action::CheckDiskOtherUser, path_text(&image.path)).await?;
                 let run_as = run_as_owner(&caller, own, image.uid).await?;
                 (Arc::new(image), CheckAs::service(run_as))
             }
@@ -230,15 +230,15 @@ impl Manager {
                 ask(Action::CheckDiskOtherUser, path.to_owned()).await?;
                 let counted = admit_lookup(lookups, caller.uid, LOOKUP_WAIT).await?;
                 let image = open_in(path, View::Service, counted).await??;
-                if display(&image) != path {
-                    ask(Action::CheckDiskOtherUser, display(&image)).await?;
+                if path_text(&image.path) != path {
+                    ask(Action::CheckDiskOtherUser, path_text(&image.path)).await?;
                 }
                 let run_as = run_as_owner(&caller, own, image.uid).await?;
                 (Arc::new(image), CheckAs::service(run_as))
             }
         };
         if options.check.repair.is_some() {
-            ask(Action::RepairDisk, display(&image)).await?;
+            ask(Action::RepairDisk, path_text(&image.path)).await?;
         }
         Ok(Authorized {
             image,
@@ -256,10 +256,6 @@ struct Authorized {
     caller_uid: u32,
     check_as: CheckAs,
     speculation: Option<Speculation>,
-}
-
-fn display(image: &ImageFile) -> String {
-    image.path.to_string_lossy().into_owned()
 }
 
 fn internal(e: tokio::task::JoinError) -> VmError {
@@ -293,12 +289,9 @@ async fn open_in(
     counted: Counted,
 ) -> Result<Result<ImageFile, ImageError>, VmError> {
     let path = path.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let _counted_until_done = counted;
-        ImageFile::open_in(&path, &view)
-    })
-    .await
-    .map_err(internal)
+    uid_counts::spawn_holding(counted, move || ImageFile::open_in(&path, &view))
+        .await
+        .map_err(internal)
 }
 
 /// What a caller's own lookup of an image found, as the service sees it:
@@ -332,8 +325,7 @@ async fn look_as_caller(
     counted: Counted,
 ) -> Result<(RunAs, Seen), VmError> {
     let (uid, groups, path) = (caller.uid, caller.groups.clone(), path.to_owned());
-    tokio::task::spawn_blocking(move || {
-        let _counted_until_done = counted;
+    uid_counts::spawn_holding(counted, move || {
         let own = RunAs::for_user_with_groups(uid, groups).map_err(ServiceFault::UserLookup)?;
         let seen = match ImageFile::open_in(&path, &View::User(own.clone())) {
             Err(e) if e.is_service_fault() => return Err(e.into()),
@@ -429,11 +421,7 @@ impl Manager {
             let path = state.job_ids.next_path();
             // Cancelled by Job.Cancel, by the caller leaving, or by shutdown.
             let cancel = guard.token().child_token();
-            let info = JobInfo::new(
-                "check-disk",
-                image.path.to_string_lossy().into_owned(),
-                caller,
-            );
+            let info = JobInfo::new("check-disk", path_text(&image.path), caller);
             let server = connection.object_server();
             let ended = Arc::new(AtomicBool::new(false));
             let job = Job::new(
@@ -478,7 +466,7 @@ impl Manager {
             let dict = report_dict(&report, error.as_ref());
             log_outcome(&report, error.as_ref());
 
-            let image_path = report.image.to_string_lossy().into_owned();
+            let image_path = path_text(&report.image);
             if let Err(e) = Manager::disk_checked(&emitter, &image_path, dict.clone()).await {
                 tracing::warn!("cannot emit DiskChecked: {e}");
             }

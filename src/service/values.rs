@@ -11,7 +11,10 @@ use crate::disk::usage::DiskUser;
 
 pub use vmmanager_client::dict::{Dict, variant};
 
-fn path_text(path: &std::path::Path) -> String {
+/// A path as the service's answers and messages carry it: the job's
+/// `Target`, polkit's `image` detail, DiskChecked's argument and the report's
+/// `image` all show the same text for the same image.
+pub fn path_text(path: &std::path::Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
