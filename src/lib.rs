@@ -34,7 +34,8 @@
 //!     and the one rule of which drivers count as VFIO
 //!     ([`devices::vfio::is_vfio_driver`]);
 //!   - [`devices::passthrough`]: Detach/Reattach's decisions: refuse while a
-//!     VM holds the VFIO group, fail closed when that is unknown.
+//!     VM holds the VFIO group, fail closed when that is unknown; and the
+//!     bounded scans behind the public `InUseBy` property.
 //! - [`kernel_files`]: reading kernel-provided files (/proc, /sys) safely:
 //!   the one bounded read (never blocking, regular files only, the caller
 //!   says whether the bound truncates or refuses), the one `/proc/PID/stat`
@@ -71,7 +72,8 @@
 //! - [`safe_open`]: opening a file someone else named with one lookup, never
 //!   a FIFO or a device.
 //! - [`uid_counts`]: work counted per caller uid until its thread has
-//!   ended, for limits that bound threads stuck in the kernel.
+//!   ended, for limits that bound threads stuck in the kernel, and the one
+//!   way to run such blocking work with a stop token and a time limit.
 //! - [`process`]: logging and signal handling shared by the long-running
 //!   binaries (SIGTERM/SIGINT stop, SIGHUP is logged and ignored; threads
 //!   stuck in the kernel get 2 s, then the process exits without them).

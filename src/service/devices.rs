@@ -5,7 +5,9 @@
 //! every event to the inventory, publishing exactly what changed. Events
 //! that are already queued when the task wakes form one batch: one trip to
 //! the blocking pool, one re-read per device named, one PropertiesChanged
-//! per device, then each event's Uevent in arrival order. `stop()`
+//! per device, then each event's Uevent in arrival order. A batch in which a
+//! device is removed is split into steps where that device appears again
+//! (`steps`), each step publishing its changes and then its Uevents. `stop()`
 //! returns only after the monitor thread has exited and every device object
 //! is gone; after that nothing of this component runs or emits.
 
