@@ -879,6 +879,41 @@ async fn a_burst_yields_every_uevent_in_order_and_one_final_state() {
     assert_eq!(world.driver(AUDIO).await, "vfio-pci");
 }
 
+/// `echo 0 > sriov_numvfs`: the kernel announces only the VFs' removals,
+/// yet the PF's SriovNumVfs follows with them, in one PropertiesChanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disabling_vfs_updates_their_pf() {
+    let world = DeviceWorld::start(host(), None, None).await;
+    let fs = &world.fs;
+    let mut signals = world.signals().await;
+    fs.at(PF).sriov(64, 0);
+    fs.remove(VF0);
+    fs.remove(VF1);
+    world.svc.send(ev(DeviceAction::Remove, VF0)).await;
+    world.svc.send(ev(DeviceAction::Remove, VF1)).await;
+    world.svc.send(ev(DeviceAction::Change, USB)).await;
+    let got = signals.until_uevent(&path(USB), "change").await;
+    let removed: Vec<&String> = got
+        .iter()
+        .filter_map(|s| match s {
+            Sig::Removed { path, .. } => Some(path),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(removed, [&path(VF0), &path(VF1)], "{got:#?}");
+    let pf_changes: Vec<_> = got
+        .iter()
+        .filter(|s| matches!(s, Sig::Changed { .. }))
+        .map(changed)
+        .collect();
+    assert_eq!(
+        pf_changes,
+        [(path(PF), props(&[("SriovNumVfs", Val::U(0))]))],
+        "{got:#?}"
+    );
+    assert_eq!(world.device(PF).await.sriov_num_vfs().await.unwrap(), 0);
+}
+
 // ---------------------------------------------------------------------------
 // 3. Detach / Reattach
 // ---------------------------------------------------------------------------

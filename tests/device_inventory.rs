@@ -424,6 +424,76 @@ fn sriov_physical_and_virtual_functions() {
     );
 }
 
+/// Disabling VFs removes them, and the kernel sends no event for their PF:
+/// the PF is re-read with the removals, so its SriovNumVfs follows in the
+/// same batch (and again when VFs come back).
+#[test]
+fn removing_and_adding_vfs_rereads_their_pf() {
+    let fs = FakeSysfs::new();
+    let pf = "0000:03:00.0";
+    let vfs = ["0000:03:10.0", "0000:03:10.2"];
+    fs.device(pf, 0x8086, 0x10fb, 0x020000)
+        .driver("ixgbe")
+        .iommu_group(10)
+        .sriov(63, 2);
+    let add_vfs = || {
+        for (i, vf) in vfs.iter().enumerate() {
+            fs.add(vf, 0x8086, 0x10ed, 0x020000)
+                .iommu_group(11 + i as u32)
+                .physfn(pf);
+        }
+    };
+    add_vfs();
+    let mut inv = inventory(&fs);
+    inv.resync();
+
+    // echo 0 > sriov_numvfs: the VFs go, the PF's count drops, and only
+    // the VFs' removals are announced.
+    fs.at(pf).sriov(63, 0);
+    for vf in vfs {
+        fs.remove(vf);
+    }
+    let removals: Vec<DeviceEvent> = vfs
+        .iter()
+        .map(|vf| event(DeviceAction::Remove, vf))
+        .collect();
+    let changes = inv.apply_batch(&removals);
+    let [
+        InventoryChange::Removed(first),
+        InventoryChange::Removed(second),
+        pf_change,
+    ] = changes.as_slice()
+    else {
+        panic!("expected two removals and the PF's change: {changes:#?}")
+    };
+    assert_eq!([*first, *second], [addr(vfs[0]), addr(vfs[1])]);
+    assert_eq!(
+        changed(std::slice::from_ref(pf_change)),
+        [(pf.to_owned(), vec!["SriovNumVfs"])]
+    );
+    assert_eq!(inv.get(&addr(pf)).unwrap().info.sriov_num_vfs, 0);
+    assert!(inv.apply_batch(&removals).is_empty());
+
+    // echo 2 > sriov_numvfs, the PF's change event lost: the adds re-read it.
+    fs.at(pf).sriov(63, 2);
+    add_vfs();
+    let adds: Vec<DeviceEvent> = vfs.iter().map(|vf| event(DeviceAction::Add, vf)).collect();
+    let changes = inv.apply_batch(&adds);
+    assert_eq!(changes.len(), 3, "{changes:#?}");
+    assert!(matches!(
+        &changes[..2],
+        [InventoryChange::Added(_), InventoryChange::Added(_)]
+    ));
+    assert_eq!(
+        changed(&changes[2..]),
+        [(pf.to_owned(), vec!["SriovNumVfs"])]
+    );
+    assert_eq!(
+        inv.devices().cloned().collect::<Vec<_>>(),
+        fresh(&fs, Vec::new())
+    );
+}
+
 #[test]
 fn names_from_events_and_the_udev_database() {
     let fs = gpu_group();

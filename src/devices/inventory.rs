@@ -231,9 +231,11 @@ impl Inventory {
     /// event carried win. Reports one net change per device: the named
     /// devices first, in the order of their first event, then their group
     /// mates in address order. Idempotent: the outcome depends only on the
-    /// tree, so a repeated step reports nothing. A removal followed by a
-    /// re-addition nets out to at most a change: callers that must show
-    /// both pass them in separate steps.
+    /// tree, so a repeated step reports nothing. The physical function of
+    /// a VF that was added or removed is re-read too, as if named after the
+    /// others (the kernel sends no event for it when VFs are disabled). A
+    /// removal followed by a re-addition nets out to at most a change:
+    /// callers that must show both pass them in separate steps.
     pub fn apply_batch(&mut self, events: &[DeviceEvent]) -> Vec<InventoryChange> {
         let mut named: Vec<NamedDevice<'_>> = Vec::new();
         let mut index: HashMap<PciAddress, usize> = HashMap::new();
@@ -246,10 +248,33 @@ impl Inventory {
                 }
             }
         }
-        let infos: Vec<Option<PciDeviceInfo>> = named
+        let mut infos: Vec<Option<PciDeviceInfo>> = named
             .iter()
             .map(|device| self.read(device.address, device.action))
             .collect();
+        // A PF's SriovNumVfs follows its VFs, but the kernel sends nothing
+        // for the PF when VFs are disabled: re-read the PF of every VF that
+        // came or went. A removed VF's directory is gone, so its PF is the
+        // one remembered from its last read.
+        let parents: BTreeSet<PciAddress> = named
+            .iter()
+            .zip(&infos)
+            .filter_map(|(device, info)| {
+                let old = self.devices.get(&device.address).map(|s| &s.info);
+                match (old, info) {
+                    (Some(old), None) => old.physical_function,
+                    (None, Some(new)) => new.physical_function,
+                    _ => None,
+                }
+            })
+            .filter(|pf| !index.contains_key(pf))
+            .collect();
+        for pf in parents {
+            index.insert(pf, named.len());
+            let parent = NamedDevice::parent(pf);
+            infos.push(self.read(pf, parent.action));
+            named.push(parent);
+        }
 
         let old_groups = named
             .iter()
@@ -484,6 +509,18 @@ impl<'a> NamedDevice<'a> {
             action: &event.action,
             vendor_name: event.vendor_name.as_deref(),
             device_name: event.device_name.as_deref(),
+        }
+    }
+
+    /// The PF of a VF that came or went, re-read without an event of its
+    /// own.
+    fn parent(address: PciAddress) -> Self {
+        static REREAD: DeviceAction = DeviceAction::Change;
+        NamedDevice {
+            address,
+            action: &REREAD,
+            vendor_name: None,
+            device_name: None,
         }
     }
 
