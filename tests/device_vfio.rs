@@ -603,6 +603,17 @@ fn group_users_of_a_regular_stand_in() {
     assert_eq!(users_of(dev.path(), 7), vec![]);
 }
 
+/// A character device node at `node` with /dev/zero's number (1:5): a
+/// stand-in any process can open without effect.
+fn mknod_dev_zero(node: &Path) {
+    let status = Command::new("mknod")
+        .arg(node)
+        .args(["c", "1", "5"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mknod needs root");
+}
+
 #[test]
 fn group_users_of_a_char_device_match_any_node_of_it() {
     // A node with /dev/zero's number stands in for /dev/vfio/9; a process
@@ -610,12 +621,7 @@ fn group_users_of_a_char_device_match_any_node_of_it() {
     let dev = tempfile::tempdir().unwrap();
     fs::create_dir(dev.path().join("vfio")).unwrap();
     let node = dev.path().join("vfio/9");
-    let status = Command::new("mknod")
-        .arg(&node)
-        .args(["c", "1", "5"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "mknod needs root");
+    mknod_dev_zero(&node);
 
     let here = Holder::spawn(&node, &["-name", "a"]);
     let private = Holder::spawn(Path::new("/dev/zero"), &["-name", "b"]);
@@ -732,4 +738,70 @@ async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
         .await
         .unwrap();
     assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
+}
+
+/// A QEMU using iommufd opens the device's cdev `/dev/vfio/devices/vfioN`
+/// (and `/dev/iommu`), never `/dev/vfio/<group>`: it is found through sysfs
+/// `vfio-dev/vfioN/dev`, by number, so InUseBy names it and Reattach is
+/// refused. The cdev stands in with /dev/zero's number, held through a node
+/// of the test's own; only that holder's presence is asserted, so other
+/// processes holding /dev/zero cannot disturb the test.
+#[tokio::test]
+async fn iommufd_holders_of_the_device_cdev_are_users() {
+    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError};
+    let tree = Tree::new();
+    tree.driver("snd_hda_intel")
+        .driver("vfio-pci")
+        .device(AUDIO, Some("vfio-pci"), Some(12));
+    let cdev = tree.dev_dir(AUDIO).join("vfio-dev/vfio3");
+    fs::create_dir_all(&cdev).unwrap();
+    fs::write(cdev.join("dev"), "1:5\n").unwrap();
+    // No /dev/vfio/12 here: only the cdev ties the holder to the device.
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dev.path().join("vfio/devices")).unwrap();
+    let node = dev.path().join("vfio/devices/vfio3");
+    mknod_dev_zero(&node);
+    let kernel = FakeKernel::new(tree.root());
+    let passthrough = Passthrough::new(kernel.binder(), "/proc".into(), dev.path().to_owned());
+    let pids = || async {
+        let users = passthrough
+            .users_for_anyone(addr(AUDIO), Some(12))
+            .await
+            .unwrap();
+        users
+            .into_iter()
+            .map(|u| (u.pid, u.vm_name))
+            .collect::<Vec<_>>()
+    };
+
+    let vm = Holder::spawn(&node, &["-name", "iommufd-guest"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = (vm.pid(), "iommufd-guest".to_owned());
+    while !pids().await.contains(&held) {
+        assert!(
+            Instant::now() < deadline,
+            "the cdev's holder never showed up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = passthrough
+        .change(addr(AUDIO), Some(12), Move::Reattach)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PassthroughError::InUse { .. }), "{err:?}");
+    assert_eq!(kernel.take_log(), vec![]);
+    drop(vm);
+    assert!(!pids().await.iter().any(|(pid, _)| *pid == held.0));
+
+    // A cdev number that cannot be read: unknown, so nothing moves.
+    fs::write(cdev.join("dev"), "garbage\n").unwrap();
+    let err = passthrough
+        .change(addr(AUDIO), Some(12), Move::Reattach)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, PassthroughError::UsersUnknown { .. }),
+        "{err:?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::sysfs::{self, SysfsError};
 use super::vfio::{self, Outcome, VfioBinder, VfioError, VfioUser};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
 use crate::uid_counts::{self, Unfinished};
@@ -125,11 +126,15 @@ impl Passthrough {
         }
     }
 
-    /// Who holds VFIO group `group` open, for a reader who needs no
-    /// authorization: [`Passthrough::users`], within [`PUBLIC_SCANS`] such
-    /// scans at once (waiting briefly for one to end), else
-    /// [`UsersError::TooMany`].
-    pub async fn users_for_anyone(&self, group: Option<u32>) -> Result<Vec<VfioUser>, UsersError> {
+    /// Who holds the device at `address` (in VFIO group `group`) open, for
+    /// a reader who needs no authorization: [`Passthrough::users`], within
+    /// [`PUBLIC_SCANS`] such scans at once (waiting briefly for one to
+    /// end), else [`UsersError::TooMany`].
+    pub async fn users_for_anyone(
+        &self,
+        address: PciAddress,
+        group: Option<u32>,
+    ) -> Result<Vec<VfioUser>, UsersError> {
         let Some(group) = group else {
             return Ok(Vec::new());
         };
@@ -142,17 +147,19 @@ impl Passthrough {
             tracing::warn!(group, "{refused}");
             return Err(refused);
         };
-        self.users(Some(group), place).await
+        self.users(address, Some(group), place).await
     }
 
-    /// Who holds VFIO group `group` open, bounded by [`SCAN_TIMEOUT`];
-    /// nobody for a device without a group. Only groups whose
-    /// `/dev/vfio/<group>` exists (bound to vfio-pci) cost a /proc scan. A
-    /// scan whose answer is abandoned (timeout, or this future dropped) is
-    /// told to stop; `held_until_done` goes with its thread and is dropped
-    /// when that ends.
+    /// Who holds the device at `address` open, through its VFIO group
+    /// `group` or its VFIO cdev (iommufd, [`vfio::device_users`]), bounded
+    /// by [`SCAN_TIMEOUT`]; nobody for a device without a group. Only a
+    /// device with `/dev/vfio/<group>` or a cdev (bound to vfio-pci) costs
+    /// a /proc scan. A scan whose answer is abandoned (timeout, or this
+    /// future dropped) is told to stop; `held_until_done` goes with its
+    /// thread and is dropped when that ends.
     async fn users(
         &self,
+        address: PciAddress,
         group: Option<u32>,
         held_until_done: impl Send + 'static,
     ) -> Result<Vec<VfioUser>, UsersError> {
@@ -161,10 +168,18 @@ impl Passthrough {
         };
         let proc_root = self.proc_root.clone();
         let dev_root = self.dev_root.clone();
+        let sysfs_root = self.binder.sysfs_root().to_owned();
         // Only abandoning the answer stops the scan.
         let never = CancellationToken::new();
         let scan = uid_counts::spawn_stoppable(held_until_done, &never, move |stop| {
-            vfio::group_users(&proc_root, &dev_root, group, stop)
+            let cdevs = sysfs::vfio_cdevs(&sysfs_root, &address).map_err(|e| match e {
+                SysfsError::Io { path, source } => HoldersError::Unreadable { path, source },
+                other => HoldersError::Unreadable {
+                    path: sysfs::device_dir(&sysfs_root, &address),
+                    source: std::io::Error::other(other),
+                },
+            })?;
+            vfio::device_users(&proc_root, &dev_root, group, &cdevs, stop)
         });
         let result = match scan.finish(SCAN_TIMEOUT, &never).await {
             Ok(Ok(users)) => return Ok(users),
@@ -187,7 +202,7 @@ impl Passthrough {
         action: Move,
     ) -> Result<Outcome, PassthroughError> {
         let users = self
-            .users(group, ())
+            .users(address, group, ())
             .await
             .map_err(|source| PassthroughError::UsersUnknown { address, source })?;
         if let (Some(user), Some(group)) = (users.into_iter().next(), group) {
@@ -229,7 +244,7 @@ mod tests {
         let binder = VfioBinder::new(dev.path().join("sys"), None);
         let proc_root = fuse.path().join("proc");
         let passthrough = Passthrough::new(binder, proc_root, dev.path().to_owned());
-        let read = || passthrough.users_for_anyone(Some(7));
+        let read = || passthrough.users_for_anyone("0000:00:01.0".parse().unwrap(), Some(7));
         for _ in 0..PUBLIC_SCANS {
             let gave_up = tokio::time::timeout(Duration::from_millis(300), read()).await;
             assert!(gave_up.is_err(), "the scan is stuck");

@@ -297,6 +297,45 @@ pub fn read_device(sysfs_root: &Path, address: &PciAddress) -> Result<PciDeviceI
     })
 }
 
+/// The `(major, minor)` of each VFIO device cdev of the device
+/// (`vfio-dev/vfioN/dev`, the node `/dev/vfio/devices/vfioN` an iommufd
+/// QEMU opens); empty when it has none. Any `vfio*` entry that cannot be
+/// read is an error: a holder of it must not go unseen.
+pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u32)>, SysfsError> {
+    let path = device_dir(sysfs_root, address).join("vfio-dev");
+    let entries = match fs::read_dir(&path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(SysfsError::Io { path, source }),
+    };
+    let mut cdevs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| SysfsError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if !entry.file_name().as_encoded_bytes().starts_with(b"vfio") {
+            continue;
+        }
+        let number = read_text(&entry.path(), "dev").and_then(|text| {
+            let malformed = || AttrError::Malformed(text.clone());
+            let (major, minor) = text.split_once(':').ok_or_else(malformed)?;
+            Ok((parse_decimal(major)?, parse_decimal(minor)?))
+        });
+        match number {
+            Ok(number) => cdevs.push(number),
+            Err(e) => {
+                return Err(SysfsError::Io {
+                    path: entry.path().join("dev"),
+                    source: e.into_io(),
+                });
+            }
+        }
+    }
+    cdevs.sort();
+    Ok(cdevs)
+}
+
 /// Every readable device under `<root>/bus/pci/devices`, sorted by address.
 /// Entries that are not PCI addresses, that vanish, or that lack a required
 /// attribute are skipped and logged. A tree without a PCI bus is empty; an

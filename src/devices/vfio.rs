@@ -93,20 +93,50 @@ pub fn group_users(
     group: u32,
     cancel: &CancellationToken,
 ) -> Result<Vec<VfioUser>, HoldersError> {
+    device_users(proc_root, dev_root, group, &[], cancel)
+}
+
+/// [`group_users`], plus the holders of the device's VFIO cdevs
+/// (`cdevs`: `(major, minor)` from [`sysfs::vfio_cdevs`]), which an iommufd
+/// QEMU opens instead of the group (`/dev/vfio/devices/vfioN`), matched by
+/// number. `/dev/iommu`, which it opens too, names no device.
+pub fn device_users(
+    proc_root: &Path,
+    dev_root: &Path,
+    group: u32,
+    cdevs: &[(u32, u32)],
+    cancel: &CancellationToken,
+) -> Result<Vec<VfioUser>, HoldersError> {
     let node = dev_root.join("vfio").join(group.to_string());
-    let meta = match std::fs::metadata(&node) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+    let mut targets: Vec<Target> = cdevs
+        .iter()
+        .map(|&(major, minor)| Target::CharDevice {
+            rdev: libc::makedev(major, minor),
+        })
+        .collect();
+    match std::fs::metadata(&node) {
+        Ok(meta) => targets.push(Target::of(&meta)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => return Err(HoldersError::Unreadable { path: node, source }),
-    };
+    }
+    if targets.is_empty() {
+        return Ok(Vec::new());
+    }
     // No process has PID 0, so nobody is skipped: the daemon never opens
     // VFIO groups itself.
-    let users = procfs::holders(proc_root, Target::of(&meta), 0, cancel)?
+    let mut holders: Vec<u32> = procfs::holders_of_any(proc_root, &targets, 0, cancel)?
         .into_iter()
-        .map(|h| VfioUser {
-            pid: h.pid,
-            exe: procfs::exe(proc_root, h.pid).unwrap_or_default(),
-            vm_name: procfs::vm_name_of(proc_root, h.pid),
+        .flatten()
+        .map(|h| h.pid)
+        .collect();
+    holders.sort_unstable();
+    holders.dedup();
+    let users = holders
+        .into_iter()
+        .map(|pid| VfioUser {
+            pid,
+            exe: procfs::exe(proc_root, pid).unwrap_or_default(),
+            vm_name: procfs::vm_name_of(proc_root, pid),
         })
         .collect();
     Ok(users)

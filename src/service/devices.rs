@@ -675,17 +675,21 @@ impl PciDeviceObject {
     #[zbus(signal)]
     async fn uevent(emitter: &SignalEmitter<'_>, action: &str) -> zbus::Result<()>;
 
-    /// Processes holding /dev/vfio/<group> open: `pid` (u), `exe` (s),
-    /// `vm-name` (s). Computed when read; no change signal.
+    /// Processes holding /dev/vfio/<group> or the device's iommufd cdev
+    /// (/dev/vfio/devices/vfioN) open: `pid` (u), `exe` (s), `vm-name` (s).
+    /// Computed when read; no change signal.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn in_use_by(&self) -> Vec<Dict> {
-        let group = self.state().info.iommu_group;
+        let (address, group) = {
+            let state = self.state();
+            (state.info.address, state.info.iommu_group)
+        };
         // Unknown (or too many such reads at once) reads as nobody here: a
         // property has no error to say it with (the domain logged why), and
         // Detach/Reattach still refuse.
         self.shared
             .passthrough
-            .users_for_anyone(group)
+            .users_for_anyone(address, group)
             .await
             .unwrap_or_default()
             .iter()
