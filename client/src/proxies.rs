@@ -411,8 +411,9 @@ pub trait PciDevice {
     #[zbus(property)]
     fn driver(&self) -> zbus::Result<String>;
 
-    /// `InUseBy` (`aa{sv}`): the processes holding `/dev/vfio/<group>`
-    /// open, each with pid, exe and vm-name (decode with
+    /// `InUseBy` (`aa{sv}`): the processes holding `/dev/vfio/<group>` or
+    /// the device's iommufd cdev (`/dev/vfio/devices/vfioN`) open, each with
+    /// pid, exe and vm-name (decode with
     /// [`VfioUser::from_dict`](crate::VfioUser::from_dict)). Computed when
     /// read, so never cached and without a change signal.
     #[zbus(property(emits_changed_signal = "false"))]
