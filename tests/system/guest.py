@@ -151,6 +151,36 @@ def _decode(data: str | None) -> str:
     return base64.b64decode(data).decode(errors="replace") if data else ""
 
 
+WORK_PARENT = "/var/tmp"
+WORK_PREFIX = "vmm-guest."
+OWNER_FILE = "owner"  # "PID STARTTIME" of the process that made the dir
+
+
+def _start_time(pid: int) -> str | None:
+    """Field 22 of /proc/PID/stat: tells a live owner from a reused PID."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def remove_abandoned_work_dirs() -> None:
+    """Work dirs of runners that were SIGKILLed (their QEMU died with them,
+    by PDEATHSIG, but nobody removed the overlay)."""
+    for name in os.listdir(WORK_PARENT):
+        if not name.startswith(WORK_PREFIX):
+            continue
+        path = os.path.join(WORK_PARENT, name)
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                pid, start = f.read().split()
+        except (OSError, ValueError):
+            continue  # being created, or not ours: leave it
+        if _start_time(int(pid)) != start:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _die_with_parent() -> None:
     """In QEMU's child before exec: SIGKILL it when this process dies."""
     PR_SET_PDEATHSIG = 1
@@ -287,7 +317,10 @@ class Guest:
             if not os.path.isfile(path):
                 raise GuestError(f"{path} missing: run tests/system/build-image")
         self.accel = choose_accel(self.image_prefix + ".vmlinuz")
-        self._work = tempfile.mkdtemp(prefix="vmm-guest.", dir="/var/tmp")
+        remove_abandoned_work_dirs()
+        self._work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=WORK_PARENT)
+        with open(os.path.join(self._work, OWNER_FILE), "w") as f:
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
         overlay = os.path.join(self._work, "overlay.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
                         "-b", image, overlay], check=True)
