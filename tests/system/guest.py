@@ -8,7 +8,11 @@ The guest boots from a qcow2 overlay whose read-only backing file is the
 cached image of `build-image`; the overlay, the agent socket and the serial
 log live in a temp dir that is removed, and QEMU killed, when the `with`
 block ends, however it ends. QEMU also dies with this process (PDEATHSIG),
-so a killed test leaves no VM behind.
+so a killed test leaves no VM behind; the work dir it leaves is removed by
+the next run.
+
+TCG unless a short probe shows that KVM boots the guest kernel here
+(VMM_SYSTEM_TEST_ACCEL=kvm|tcg overrides the probe).
 """
 
 import base64
