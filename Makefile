@@ -247,3 +247,16 @@ check-deb: deb
 
 clean:
 	$(CARGO) clean
+
+# System tests in a booted Debian 12 guest (tests/system; as root, needs
+# debootstrap and qemu-system-x86_64). The image is built from Debian packages
+# once and cached in /var/cache/vmmanager-system-test (VMM_SYSTEM_TEST_CACHE).
+#   make system-test-image    build (or reuse) the cached guest image
+#   make system-test-boot     boot a throwaway guest and smoke-check it: systemd,
+#                             IOMMU groups, igb/e1000e, SR-IOV VFs on the igb
+.PHONY: system-test-image system-test-boot
+system-test-image:
+	tests/system/build-image >/dev/null
+
+system-test-boot:
+	tests/system/smoke
