@@ -9,11 +9,11 @@
 use crate::common;
 
 use std::collections::HashMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::fd_copies::sleep_holding_copies;
 use common::images::make_clean_qcow2;
 use common::util::{
     ChildGuard, busctl_call_in_background, fd_count, give, make_dir, public_tempdir, wait_until,
@@ -35,27 +35,7 @@ impl FdHolders {
     fn start(processes: usize, fds_each: i32) -> FdHolders {
         let holders = (0..processes)
             .map(|_| {
-                let mut cmd = Command::new("sleep");
-                cmd.arg("600").stdin(Stdio::null());
-                // SAFETY: only setrlimit and dup2 between fork and exec, both
-                // async-signal-safe; no allocation.
-                unsafe {
-                    cmd.pre_exec(move || {
-                        let limit = libc::rlimit {
-                            rlim_cur: (fds_each + 16) as libc::rlim_t,
-                            rlim_max: (fds_each + 16) as libc::rlim_t,
-                        };
-                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        for fd in 3..3 + fds_each {
-                            if libc::dup2(0, fd) < 0 {
-                                return Err(std::io::Error::last_os_error());
-                            }
-                        }
-                        Ok(())
-                    });
-                }
+                let mut cmd = sleep_holding_copies(Stdio::null(), fds_each);
                 ChildGuard::new(cmd.spawn().expect("spawn sleep"), "fd holder")
             })
             .collect();

@@ -825,7 +825,7 @@ mod tests {
 
     use super::super::parse_pid_name;
     use super::*;
-    use crate::test_support::Sleeper;
+    use crate::test_support::{Sleeper, sleep_holding_copies};
 
     /// Every thread, every process's fds set aside and shared out three at
     /// a time: the second pass and the merging of chunks on a small host.
@@ -1055,38 +1055,13 @@ mod tests {
     }
 
     mod many_fds {
-        use std::os::unix::process::CommandExt;
-        use std::process::{Command, Stdio};
         use std::time::Instant;
 
         use super::*;
 
         /// A `sleep` holding `fds` read-only descriptors on `file`.
         fn holding_many(file: &Path, fds: i32) -> Sleeper {
-            let mut cmd = Command::new("sleep");
-            cmd.arg("600")
-                .stdin(File::open(file).unwrap())
-                .stdout(Stdio::null());
-            // SAFETY: only setrlimit and dup2 between fork and exec, both
-            // async-signal-safe; no allocation.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let limit = libc::rlimit {
-                        rlim_cur: (fds + 16) as libc::rlim_t,
-                        rlim_max: (fds + 16) as libc::rlim_t,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    for fd in 3..3 + fds {
-                        if libc::dup2(0, fd) < 0 {
-                            return Err(io::Error::last_os_error());
-                        }
-                    }
-                    Ok(())
-                });
-            }
-            Sleeper::spawn(&mut cmd)
+            Sleeper::spawn(&mut sleep_holding_copies(File::open(file).unwrap(), fds))
         }
 
         #[test]

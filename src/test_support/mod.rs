@@ -1,11 +1,13 @@
 //! What the unit tests of several modules share.
 
 mod dead_fuse;
+mod fd_copies;
 mod sleeper;
 
 use std::time::{Duration, Instant};
 
 pub use dead_fuse::DeadFuse;
+pub use fd_copies::sleep_holding_copies;
 pub use sleeper::Sleeper;
 
 /// Waits (up to 10 s) until `done` holds.

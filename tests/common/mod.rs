@@ -29,6 +29,8 @@ pub mod daemon;
 #[path = "../../src/test_support/dead_fuse.rs"]
 pub mod dead_fuse;
 pub mod fake_kernel;
+#[path = "../../src/test_support/fd_copies.rs"]
+pub mod fd_copies;
 pub mod images;
 pub mod inproc;
 pub mod libvirt;
