@@ -16,7 +16,6 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -32,11 +31,10 @@ use vmmanager_client::PciAddress;
 /// InterfacesAdded read properties without a caller), so the bound is one
 /// for all. A scan takes milliseconds; a thread stuck on a process whose
 /// /proc files hang keeps its place until it ends, so reads cannot pile up
-/// such threads.
+/// such threads. A read beyond them is refused at once, never waits: the
+/// getter runs under the object server's lock, and a flood of reads that
+/// waited would hold up every other call and the device task.
 pub const PUBLIC_SCANS: usize = 4;
-/// How long a public read beyond [`PUBLIC_SCANS`] waits for a scan to end
-/// before it is refused: bursts get through, stuck scans cost this.
-const PUBLIC_SCAN_WAIT: Duration = Duration::from_secs(2);
 
 /// Which way a device moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,8 +126,8 @@ impl Passthrough {
 
     /// Who holds the device at `address` (in VFIO group `group`) open, for
     /// a reader who needs no authorization: [`Passthrough::users`], within
-    /// [`PUBLIC_SCANS`] such scans at once (waiting briefly for one to
-    /// end), else [`UsersError::TooMany`].
+    /// [`PUBLIC_SCANS`] such scans at once, else at once
+    /// [`UsersError::TooMany`].
     pub async fn users_for_anyone(
         &self,
         address: PciAddress,
@@ -138,8 +136,7 @@ impl Passthrough {
         let Some(group) = group else {
             return Ok(Vec::new());
         };
-        let place = self.public_scans.clone().acquire_owned();
-        let Ok(Ok(place)) = tokio::time::timeout(PUBLIC_SCAN_WAIT, place).await else {
+        let Ok(place) = self.public_scans.clone().try_acquire_owned() else {
             let refused = UsersError::TooMany {
                 group,
                 limit: PUBLIC_SCANS,
@@ -230,6 +227,7 @@ impl Passthrough {
 mod tests {
     use super::*;
     use crate::test_support::{DeadFuse, eventually};
+    use std::time::Duration;
 
     /// InUseBy needs no authorization, and a /proc read can hang for good
     /// (here all of /proc sits on a dead FUSE mount). A reader who gives up
@@ -249,8 +247,8 @@ mod tests {
             let gave_up = tokio::time::timeout(Duration::from_millis(300), read()).await;
             assert!(gave_up.is_err(), "the scan is stuck");
         }
-        // Waits for one of them to end, in vain, then is refused.
-        let next = tokio::time::timeout(PUBLIC_SCAN_WAIT * 3, read()).await;
+        // Refused at once: a getter never waits for a place.
+        let next = tokio::time::timeout(Duration::from_secs(1), read()).await;
         assert!(
             matches!(
                 next,
