@@ -14,7 +14,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::kernel_files::{self, AtLimit, ProcStat};
+use crate::kernel_files::{self, AtLimit, KernelFileError, ProcStat};
 
 /// How long the service waits for a scan of who holds a file or device (a
 /// disk image, a VFIO group): a read of a stuck process's /proc files can
@@ -92,13 +92,16 @@ pub fn vm_name_of(proc_root: &Path, pid: u32) -> String {
 /// `/proc/PID/stat` of process `pid` under `proc_root`; `None` when it does
 /// not exist (any more) or the file is garbage.
 pub fn process_stat(proc_root: &Path, pid: u32) -> Option<ProcStat> {
-    let line = kernel_files::read_bounded(
+    kernel_files::parse_stat(&stat_text(proc_root, pid).ok()?)
+}
+
+/// The raw `/proc/PID/stat`; the error tells a vanished process apart.
+fn stat_text(proc_root: &Path, pid: u32) -> Result<Vec<u8>, KernelFileError> {
+    kernel_files::read_bounded(
         &pid_path(proc_root, pid, "stat"),
         kernel_files::MAX_STAT_BYTES,
         AtLimit::Refuse,
     )
-    .ok()?;
-    kernel_files::parse_stat(&line)
 }
 
 /// The parent PID from `/proc/PID/stat`.

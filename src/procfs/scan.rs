@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{MAX_FDINFO, fdinfo_writable, parent_pid, parse_decimal, pid_path, same_exe_as_self};
+use super::{MAX_FDINFO, fdinfo_writable, parse_decimal, pid_path, same_exe_as_self, stat_text};
 use crate::kernel_files::{self, AtLimit, KernelFileError};
 
 /// What an open fd must refer to.
@@ -130,7 +130,8 @@ pub fn holders(
 /// as "nobody", for any target.
 ///
 /// A child of `skip_pid` between fork and exec is no holder: until its exec
-/// it runs our executable, with copies of our fds.
+/// it runs our executable, with copies of our fds. Nor is a process gone
+/// before the pass ends.
 pub fn holders_of_any(
     proc_root: &Path,
     targets: &[Target],
@@ -297,7 +298,14 @@ fn scan(
     let mut recheck = None;
     for of_one in found.chunk_by(|a, b| a.pid == b.pid) {
         let pid = of_one[0].pid;
-        if parent_pid(proc_root, pid) == Some(skip_pid) {
+        let parent = match parent_after_pass(proc_root, pid) {
+            // It holds nothing now. (It may have been a child of ours that
+            // held copies of our fds, then exec'd, ran and was reaped.)
+            ParentAfterPass::Gone => continue,
+            ParentAfterPass::Of(parent) => Some(parent),
+            ParentAfterPass::Unknown => None,
+        };
+        if parent == Some(skip_pid) {
             // A child of ours between fork and exec shares every fd we had at
             // the fork (the service spawning qemu-img for another check).
             // Until its exec it runs our executable and is no user. Its
@@ -328,6 +336,28 @@ fn scan(
         }
     }
     Ok(holders)
+}
+
+/// The parent of a process the pass found, read after the pass.
+enum ParentAfterPass {
+    Of(u32),
+    /// Exited (and reaped) since.
+    Gone,
+    /// Its stat cannot be read or parsed: it counts as no child of ours.
+    Unknown,
+}
+
+fn parent_after_pass(proc_root: &Path, pid: u32) -> ParentAfterPass {
+    match stat_text(proc_root, pid) {
+        Ok(line) => kernel_files::parse_stat(&line).map_or(ParentAfterPass::Unknown, |stat| {
+            ParentAfterPass::Of(stat.ppid)
+        }),
+        Err(e) if e.is_not_found() => ParentAfterPass::Gone,
+        Err(KernelFileError::Io(e)) if e.raw_os_error() == Some(libc::ESRCH) => {
+            ParentAfterPass::Gone
+        }
+        Err(_) => ParentAfterPass::Unknown,
+    }
 }
 
 /// The set-aside fds as (index into `set_aside`, range of its fds), at most
@@ -1021,6 +1051,38 @@ mod tests {
                     other => panic!("{spare} spare descriptors, {split:?}: {other:?}"),
                 }
             }
+        }
+    }
+
+    /// A process seen holding the file during the pass but gone (reaped)
+    /// before the holders are put together holds nothing: under load, a
+    /// qemu-img child of ours seen between fork and exec with a copy of our
+    /// fd on another check's image had exec'd, run and been reaped by then,
+    /// and was reported as a reader with no name.
+    #[test]
+    fn a_holder_gone_after_the_pass_is_no_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image");
+        std::fs::write(&image, b"x").unwrap();
+        let proc_root = dir.path().join("proc");
+        // 7 is still there (a child of PID 1), 8 has no stat any more.
+        for pid in ["7", "8"] {
+            let process = proc_root.join(pid);
+            std::fs::create_dir_all(process.join("fd")).unwrap();
+            std::fs::create_dir_all(process.join("fdinfo")).unwrap();
+            std::os::unix::fs::symlink(&image, process.join("fd/3")).unwrap();
+            std::fs::write(process.join("fdinfo/3"), "pos:\t0\nflags:\t02100000\n").unwrap();
+        }
+        std::fs::write(proc_root.join("7/stat"), "7 (qemu-img) S 1 7 7 0").unwrap();
+        let never = CancellationToken::new();
+        // With 7 a child of the scanner too, its fds looked at again.
+        for skip_pid in [0, 1] {
+            let found = holders(&proc_root, target(&image), skip_pid, &never).unwrap();
+            let want = [Holder {
+                pid: 7,
+                writable: false,
+            }];
+            assert_eq!(found, want, "skipping {skip_pid}");
         }
     }
 
