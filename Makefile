@@ -254,9 +254,14 @@ clean:
 #   make system-test-image    build (or reuse) the cached guest image
 #   make system-test-boot     boot a throwaway guest and smoke-check it: systemd,
 #                             IOMMU groups, igb/e1000e, SR-IOV VFs on the igb
-.PHONY: system-test-image system-test-boot
+#   make system-test          make deb, then install it in a booted guest and check
+#                             it as real users in real sessions (tests/system/README.md)
+.PHONY: system-test-image system-test-boot system-test
 system-test-image:
 	tests/system/build-image >/dev/null
+
+system-test: deb
+	tests/system/system-test $(DEB_BUILD_DIR)/vmmanager_*.deb
 
 system-test-boot:
 	tests/system/smoke

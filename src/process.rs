@@ -86,11 +86,13 @@ where
     });
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
     let left = other_threads();
-    if left > 0 {
+    if !left.is_empty() {
         tracing::warn!(
-            "{left} threads still running {} s after stopping (stuck in a file system that \
-             does not answer?); exiting without them",
-            SHUTDOWN_GRACE.as_secs()
+            "{} threads still running {} s after stopping (stuck in a file system that does not \
+             answer?): {}; exiting without them",
+            left.len(),
+            SHUTDOWN_GRACE.as_secs(),
+            left.join(", ")
         );
     }
     match result {
@@ -106,9 +108,28 @@ where
     }
 }
 
-/// This process's threads but the calling one (0 if /proc cannot say).
-fn other_threads() -> usize {
-    std::fs::read_dir("/proc/self/task").map_or(0, |tasks| tasks.count().saturating_sub(1))
+/// The names of this process's threads but the calling one, with what
+/// each waits in (none if /proc cannot say).
+fn other_threads() -> Vec<String> {
+    // SAFETY: gettid cannot fail and touches no memory.
+    let me = unsafe { libc::gettid() }.to_string();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let read = |path: std::path::PathBuf| {
+        std::fs::read_to_string(path).map_or_else(|_| "?".to_owned(), |s| s.trim().to_owned())
+    };
+    tasks
+        .flatten()
+        .filter(|task| task.file_name().to_str() != Some(me.as_str()))
+        .map(|task| {
+            let (comm, wchan) = (
+                read(task.path().join("comm")),
+                read(task.path().join("wchan")),
+            );
+            format!("{comm} (in {wchan})")
+        })
+        .collect()
 }
 
 /// The signals a long-running binary listens to.

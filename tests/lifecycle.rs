@@ -330,6 +330,22 @@ async fn sighup_is_logged_and_changes_nothing() {
     assert!(w.stack.daemon.is_running());
 }
 
+/// A daemon that has run checks stops with no thread left behind (the
+/// thread qemu-img is forked from included) and says "stopped" once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_after_checks_leaves_no_thread_behind() {
+    let mut w = StandInWorld::start(SLOW_REAL, DaemonConfig::default()).await;
+    let report = w.check().await.expect("a check");
+    assert_eq!(result_of(&report), "clean");
+    w.stack.daemon.signal(libc::SIGTERM);
+    let status = block_in_place(|| w.stack.daemon.wait_exit(Duration::from_secs(10)));
+    let output = w.stack.daemon.output();
+    let status = status.unwrap_or_else(|| panic!("still running after SIGTERM:\n{output}"));
+    assert!(status.success(), "{status}; output:\n{output}");
+    assert!(!output.contains("still running"), "{output}");
+    assert_eq!(output.matches("stopped\n").count(), 1, "{output}");
+}
+
 /// Threads of `pid` waiting for a FUSE server's answer, by their kernel
 /// wait channel.
 fn threads_waiting_on_fuse(pid: u32) -> usize {

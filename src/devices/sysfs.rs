@@ -299,8 +299,8 @@ pub fn read_device(sysfs_root: &Path, address: &PciAddress) -> Result<PciDeviceI
 
 /// The `(major, minor)` of each VFIO device cdev of the device
 /// (`vfio-dev/vfioN/dev`, the node `/dev/vfio/devices/vfioN` an iommufd
-/// QEMU opens); empty when it has none. Any `vfio*` entry that cannot be
-/// read is an error: a holder of it must not go unseen.
+/// QEMU opens); empty when it has none. Any `vfio*` entry with a `dev` that
+/// cannot be read is an error: a holder of it must not go unseen.
 pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u32)>, SysfsError> {
     let path = device_dir(sysfs_root, address).join("vfio-dev");
     let entries = match fs::read_dir(&path) {
@@ -324,6 +324,10 @@ pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u
         });
         match number {
             Ok(number) => cdevs.push(number),
+            // A kernel without VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV,
+            // e.g. Debian 12's 6.1) still makes vfio-dev/vfioN, with no
+            // char device and so no `dev`: nothing to hold.
+            Err(AttrError::Missing) => {}
             Err(e) => {
                 return Err(SysfsError::Io {
                     path: entry.path().join("dev"),
@@ -435,6 +439,22 @@ pub fn udev_names(udev_data_dir: &Path, address: &PciAddress) -> (Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vfio_device_entries_without_a_char_device_are_no_cdevs() {
+        let root = tempfile::tempdir().unwrap();
+        let address: PciAddress = "0000:02:00.0".parse().unwrap();
+        let vfio_dev = device_dir(root.path(), &address).join("vfio-dev");
+        // As on Debian 12's kernel: the device, but no `dev`.
+        fs::create_dir_all(vfio_dev.join("vfio0/power")).unwrap();
+        assert_eq!(vfio_cdevs(root.path(), &address).unwrap(), vec![]);
+        fs::create_dir_all(vfio_dev.join("vfio1")).unwrap();
+        fs::write(vfio_dev.join("vfio1/dev"), "511:1\n").unwrap();
+        assert_eq!(vfio_cdevs(root.path(), &address).unwrap(), vec![(511, 1)]);
+        // A `dev` that is there but unreadable is still an error.
+        fs::write(vfio_dev.join("vfio1/dev"), "garbage\n").unwrap();
+        assert!(vfio_cdevs(root.path(), &address).is_err());
+    }
 
     #[test]
     fn hex_parsing_is_strict() {
