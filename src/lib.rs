@@ -70,7 +70,8 @@
 //! - [`notify`]: the user-session companion `vmmanager-notify`: follows the
 //!   service on the system bus and shows desktop notifications.
 //! - [`safe_open`]: opening a file someone else named with one lookup, never
-//!   a FIFO or a device.
+//!   a FIFO or a device; a caller's lookup never through a `/proc` magic
+//!   link, with `openat2` or (where a seccomp filter refuses it) without.
 //! - [`uid_counts`]: work counted per caller uid until its thread has
 //!   ended, for limits that bound threads stuck in the kernel, and the one
 //!   way to run such blocking work with a stop token and a time limit.

@@ -11,15 +11,18 @@
 //! A lookup for a caller refuses `/proc` magic links (`/proc/PID/fd/N`,
 //! `cwd`, `root`, `exe`): even in a thread with the caller's credentials,
 //! `/proc/self` is the *service*, and its descriptors (other callers'
-//! images among them) must never be reachable by name.
+//! images among them) must never be reachable by name. How, with or
+//! without `openat2`: see `resolve.rs`.
 
-use std::ffi::CString;
+mod resolve;
+
 use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use resolve::Resolver;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SafeOpenError {
@@ -125,17 +128,19 @@ pub fn open_regular(
     symlinks: Symlinks,
     magic_links: MagicLinks,
 ) -> Result<Opened, SafeOpenError> {
-    let mut flags = libc::O_PATH | libc::O_CLOEXEC;
-    if symlinks == Symlinks::RefuseLast {
-        // With O_PATH, O_NOFOLLOW opens the symlink itself rather than failing.
-        flags |= libc::O_NOFOLLOW;
-    }
+    open_regular_by(path, symlinks, magic_links, Resolver::Openat2)
+}
+
+/// [`open_regular`], with the caller's lookups done by `resolver`.
+fn open_regular_by(
+    path: &Path,
+    symlinks: Symlinks,
+    magic_links: MagicLinks,
+    resolver: Resolver,
+) -> Result<Opened, SafeOpenError> {
     let handle = match magic_links {
-        MagicLinks::Refuse => open_without_magic_links(path, flags)?,
-        MagicLinks::Follow => OpenOptions::new()
-            .read(true)
-            .custom_flags(flags)
-            .open(path)?,
+        MagicLinks::Refuse => resolve::open_path(path, symlinks, resolver)?,
+        MagicLinks::Follow => open_path_following_magic_links(path, symlinks)?,
     };
     let metadata = handle.metadata()?;
     if !metadata.file_type().is_file() {
@@ -167,6 +172,16 @@ pub fn open_regular(
     }
 }
 
+/// An `O_PATH` handle on `path`, looked up by the kernel as for `open`.
+fn open_path_following_magic_links(path: &Path, symlinks: Symlinks) -> io::Result<File> {
+    let mut flags = libc::O_PATH | libc::O_CLOEXEC;
+    if symlinks == Symlinks::RefuseLast {
+        // With O_PATH, O_NOFOLLOW opens the symlink itself rather than failing.
+        flags |= libc::O_NOFOLLOW;
+    }
+    OpenOptions::new().read(true).custom_flags(flags).open(path)
+}
+
 /// The handle's inode, opened read-only (non-blocking, close-on-exec)
 /// through `/proc/self/fd`.
 fn reopen(handle: &File) -> io::Result<File> {
@@ -189,87 +204,91 @@ fn canonical_name(given: &Path, handle_path: &str, metadata: &Metadata) -> io::R
     Ok(if same { name } else { given.to_owned() })
 }
 
-/// `openat2(RESOLVE_NO_MAGICLINKS)`: like `open`, but ELOOP at any `/proc`
-/// magic link on the way.
-fn open_without_magic_links(path: &Path, flags: libc::c_int) -> io::Result<File> {
-    let path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    // SAFETY: open_how is plain integers; all-zero is its "nothing asked" value.
-    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = u64::try_from(flags).unwrap_or(0);
-    how.resolve = libc::RESOLVE_NO_MAGICLINKS;
-    // SAFETY: `path` is NUL-terminated and `how` is a valid open_how of the
-    // size passed; the kernel writes nothing back.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat2,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            &how as *const libc::open_how,
-            std::mem::size_of::<libc::open_how>(),
-        )
-    };
-    if fd < 0 {
-        // No openat2 (before Linux 5.6, or a seccomp filter): fail closed.
-        return Err(io::Error::last_os_error());
-    }
-    let fd = libc::c_int::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
-    // SAFETY: openat2 returned a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use crate::disk::qemu_img::RunAs;
+    use crate::disk::view::View;
+    use crate::test_support::with_failing_syscalls;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// Every way a lookup is done: the service's own, and a caller's by
+    /// openat2 and by the walk that stands in where openat2 is missing.
+    const LOOKUPS: [(MagicLinks, Resolver); 3] = [
+        (MagicLinks::Follow, Resolver::Openat2),
+        (MagicLinks::Refuse, Resolver::Openat2),
+        (MagicLinks::Refuse, Resolver::Walk),
+    ];
+    const CALLERS_RESOLVERS: [Resolver; 2] = [Resolver::Openat2, Resolver::Walk];
 
     #[test]
     fn regular_files_open_everything_else_is_refused_without_opening() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("f");
         std::fs::write(&file, b"42\n").unwrap();
-        let opened = open_regular(&file, Symlinks::RefuseLast, MagicLinks::Follow).unwrap();
-        assert!(opened.metadata.is_file());
-        assert_eq!(opened.canonical, std::fs::canonicalize(&file).unwrap());
-
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: mkfifo with a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        for symlinks in [Symlinks::Follow, Symlinks::RefuseLast] {
-            assert!(matches!(
-                open_regular(&fifo, symlinks, MagicLinks::Follow),
-                Err(SafeOpenError::NotRegular { kind: "FIFO" })
-            ));
-            assert!(matches!(
-                open_regular(Path::new("/dev/null"), symlinks, MagicLinks::Follow),
-                Err(SafeOpenError::NotRegular {
-                    kind: "character device"
-                })
-            ));
-            assert!(matches!(
-                open_regular(dir.path(), symlinks, MagicLinks::Follow),
-                Err(SafeOpenError::NotRegular { kind: "directory" })
-            ));
-        }
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(matches!(
-            open_regular(&link, Symlinks::RefuseLast, MagicLinks::Follow),
-            Err(SafeOpenError::NotRegular {
-                kind: "symbolic link"
-            })
-        ));
-        let followed = open_regular(&link, Symlinks::Follow, MagicLinks::Follow).unwrap();
-        assert_eq!(followed.canonical, opened.canonical);
-        assert_eq!(followed.metadata.ino(), opened.metadata.ino());
-        // A symlink to a FIFO is still refused without opening the FIFO.
         let fifo_link = dir.path().join("fifo-link");
         std::os::unix::fs::symlink(&fifo, &fifo_link).unwrap();
-        assert!(matches!(
-            open_regular(&fifo_link, Symlinks::Follow, MagicLinks::Follow),
-            Err(SafeOpenError::NotRegular { kind: "FIFO" })
-        ));
+
+        for (magic_links, resolver) in LOOKUPS {
+            let open =
+                |path: &Path, symlinks| open_regular_by(path, symlinks, magic_links, resolver);
+            let how = format!("{magic_links:?} {resolver:?}");
+            let opened = open(&file, Symlinks::RefuseLast).unwrap();
+            assert!(opened.metadata.is_file());
+            assert_eq!(opened.canonical, std::fs::canonicalize(&file).unwrap());
+
+            for symlinks in [Symlinks::Follow, Symlinks::RefuseLast] {
+                assert!(
+                    matches!(
+                        open(&fifo, symlinks),
+                        Err(SafeOpenError::NotRegular { kind: "FIFO" })
+                    ),
+                    "{how}"
+                );
+                assert!(
+                    matches!(
+                        open(Path::new("/dev/null"), symlinks),
+                        Err(SafeOpenError::NotRegular {
+                            kind: "character device"
+                        })
+                    ),
+                    "{how}"
+                );
+                assert!(
+                    matches!(
+                        open(dir.path(), symlinks),
+                        Err(SafeOpenError::NotRegular { kind: "directory" })
+                    ),
+                    "{how}"
+                );
+            }
+            assert!(
+                matches!(
+                    open(&link, Symlinks::RefuseLast),
+                    Err(SafeOpenError::NotRegular {
+                        kind: "symbolic link"
+                    })
+                ),
+                "{how}"
+            );
+            let followed = open(&link, Symlinks::Follow).unwrap();
+            assert_eq!(followed.canonical, opened.canonical);
+            assert_eq!(followed.metadata.ino(), opened.metadata.ino());
+            // A symlink to a FIFO is still refused without opening the FIFO.
+            assert!(
+                matches!(
+                    open(&fifo_link, Symlinks::Follow),
+                    Err(SafeOpenError::NotRegular { kind: "FIFO" })
+                ),
+                "{how}"
+            );
+        }
     }
 
     #[test]
@@ -283,32 +302,118 @@ mod tests {
             "/proc/self/root{}",
             std::fs::canonicalize(&file).unwrap().display()
         ));
-        for path in [&via_fd, &via_cwd] {
-            assert!(open_regular(path, Symlinks::Follow, MagicLinks::Follow).is_ok());
-            match open_regular(path, Symlinks::Follow, MagicLinks::Refuse) {
-                Err(SafeOpenError::Io(e)) => {
-                    assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{path:?}")
-                }
-                other => panic!("{path:?}: {other:?}"),
-            }
-        }
-        // Ordinary symlinks are still followed.
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&file, &link).unwrap();
-        assert!(open_regular(&link, Symlinks::Follow, MagicLinks::Refuse).is_ok());
+        for resolver in CALLERS_RESOLVERS {
+            for path in [&via_fd, &via_cwd] {
+                assert!(
+                    open_regular_by(path, Symlinks::Follow, MagicLinks::Follow, resolver).is_ok()
+                );
+                match open_regular_by(path, Symlinks::Follow, MagicLinks::Refuse, resolver) {
+                    Err(SafeOpenError::Io(e)) => {
+                        assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{path:?} {resolver:?}")
+                    }
+                    other => panic!("{path:?} {resolver:?}: {other:?}"),
+                }
+            }
+            // Ordinary symlinks are still followed.
+            assert!(open_regular_by(&link, Symlinks::Follow, MagicLinks::Refuse, resolver).is_ok());
+        }
+    }
+
+    /// systemd's `RestrictSUIDSGID=yes` makes openat2 fail with ENOSYS (its
+    /// filter cannot see the flags); a `SystemCallFilter=` without openat2
+    /// makes it EPERM. A caller's lookup must work the same under both.
+    #[test]
+    fn a_callers_lookup_works_where_a_seccomp_filter_refuses_openat2() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let held = File::open(&file).unwrap();
+        let via_fd = PathBuf::from(format!("/proc/self/fd/{}", held.as_raw_fd()));
+        for errno in [libc::ENOSYS, libc::EPERM] {
+            let (refused, found, via_link, magic) =
+                with_failing_syscalls(&[libc::SYS_openat2], errno, || {
+                    // SAFETY: openat2 with null arguments: only its errno counts.
+                    let rc = unsafe { libc::syscall(libc::SYS_openat2, 0, 0, 0, 0) };
+                    let refused = (rc, io::Error::last_os_error().raw_os_error());
+                    let open = |path: &Path, symlinks| {
+                        open_regular(path, symlinks, MagicLinks::Refuse).map(|o| o.metadata.ino())
+                    };
+                    (
+                        refused,
+                        open(&file, Symlinks::Follow),
+                        open(&link, Symlinks::RefuseLast).map_err(|e| e.to_string()),
+                        open(&via_fd, Symlinks::Follow).map_err(|e| e.to_string()),
+                    )
+                });
+            assert_eq!(refused, (-1, Some(errno)), "the filter is in place");
+            assert_eq!(found.unwrap(), std::fs::metadata(&file).unwrap().ino());
+            assert_eq!(
+                via_link.unwrap_err(),
+                "not a regular file (it is a symbolic link)"
+            );
+            assert_eq!(
+                magic.unwrap_err(),
+                io::Error::from_raw_os_error(libc::ELOOP).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn a_file_the_caller_finds_but_may_not_read_is_pinned_for_the_service() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let closed = dir.path().join("closed");
+        std::fs::create_dir(&closed).unwrap();
+        std::fs::write(closed.join("f"), b"inside").unwrap();
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"secret").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let nobody = View::User(RunAs {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        });
+        for resolver in CALLERS_RESOLVERS {
+            let (pinned, hidden) = nobody
+                .run(|| {
+                    let open = |path: &Path| {
+                        open_regular_by(path, Symlinks::Follow, MagicLinks::Refuse, resolver)
+                    };
+                    (open(&secret), open(&closed.join("f")))
+                })
+                .unwrap();
+            let Err(SafeOpenError::Unreadable { pinned, source }) = pinned else {
+                panic!("{resolver:?}: {pinned:?}");
+            };
+            assert_eq!(source.kind(), io::ErrorKind::PermissionDenied);
+            let mut text = String::new();
+            io::Read::read_to_string(&mut &pinned.open().unwrap().file, &mut text).unwrap();
+            assert_eq!(text, "secret");
+            let Err(SafeOpenError::Io(e)) = hidden else {
+                panic!("{resolver:?}: {hidden:?}");
+            };
+            assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{resolver:?}");
+        }
     }
 
     #[test]
     fn the_open_file_is_the_inode_that_was_looked_at() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
-        std::fs::write(&a, b"first").unwrap();
-        let opened = open_regular(&a, Symlinks::Follow, MagicLinks::Follow).unwrap();
-        // Replace the name: the opened file must still be the first inode.
-        std::fs::rename(&a, dir.path().join("old")).unwrap();
-        std::fs::write(&a, b"second").unwrap();
-        let mut text = String::new();
-        io::Read::read_to_string(&mut &opened.file, &mut text).unwrap();
-        assert_eq!(text, "first");
+        for (magic_links, resolver) in LOOKUPS {
+            let dir = tempfile::tempdir().unwrap();
+            let a = dir.path().join("a");
+            std::fs::write(&a, b"first").unwrap();
+            let opened = open_regular_by(&a, Symlinks::Follow, magic_links, resolver).unwrap();
+            // Replace the name: the opened file must still be the first inode.
+            std::fs::rename(&a, dir.path().join("old")).unwrap();
+            std::fs::write(&a, b"second").unwrap();
+            let mut text = String::new();
+            io::Read::read_to_string(&mut &opened.file, &mut text).unwrap();
+            assert_eq!(text, "first");
+        }
     }
 }

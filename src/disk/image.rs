@@ -145,14 +145,15 @@ pub enum ImageError {
 
 impl ImageError {
     /// The service's own trouble (out of descriptors or memory, credentials
-    /// it could not take): it says nothing about the path, so it may be
-    /// told to anyone — and must not pass for a refusal.
+    /// it could not take, a system call the lookup needs refused as missing
+    /// by the kernel or a seccomp filter): it says nothing about the path,
+    /// so it may be told to anyone — and must not pass for a refusal.
     pub fn is_service_fault(&self) -> bool {
         match self {
             ImageError::View(_) => true,
             ImageError::Io { source, .. } => matches!(
                 source.raw_os_error(),
-                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN)
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::ENOSYS)
             ),
             _ => false,
         }

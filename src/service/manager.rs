@@ -327,19 +327,18 @@ async fn look_as_caller(
     let (uid, groups, path) = (caller.uid, caller.groups.clone(), path.to_owned());
     uid_counts::spawn_holding(counted, move || {
         let own = RunAs::for_user_with_groups(uid, groups).map_err(ServiceFault::UserLookup)?;
-        let seen = match ImageFile::open_in(&path, &View::User(own.clone())) {
-            Err(e) if e.is_service_fault() => return Err(e.into()),
-            seen => seen_as_service(seen)?,
-        };
+        let seen = seen_as_service(ImageFile::open_in(&path, &View::User(own.clone())))?;
         Ok((own, seen))
     })
     .await
     .map_err(internal)?
 }
 
-/// Turns the caller's lookup into [`Seen`]. Blocking.
+/// Turns the caller's lookup into [`Seen`]; the service's own trouble is an
+/// error, never "nothing the caller can reach". Blocking.
 fn seen_as_service(seen: Result<ImageFile, ImageError>) -> Result<Seen, VmError> {
     let seen = match seen {
+        Err(e) if e.is_service_fault() => return Err(e.into()),
         Ok(image) => {
             let owner = image.libvirt_owner();
             Seen::Readable(image, owner)
@@ -583,7 +582,7 @@ fn log_outcome(report: &DiskReport, error: Option<&VmError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::{DeadFuse, eventually};
+    use crate::test_support::{DeadFuse, eventually, with_failing_syscalls};
 
     fn user(uid: u32) -> Caller {
         Caller {
@@ -630,6 +629,41 @@ mod tests {
             lookups.total() == 0
         })
         .await;
+    }
+
+    /// systemd's `RestrictSUIDSGID=yes` makes openat2 fail with ENOSYS: a
+    /// caller's own image is still the caller's own (`check-disk`, not
+    /// `check-disk-other-user`). A lookup that cannot be done at all is
+    /// the service's fault, never someone else's image.
+    #[test]
+    fn a_callers_own_image_is_its_own_where_a_seccomp_filter_refuses_openat2() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let image = dir.path().join("disk.qcow2");
+        std::fs::write(&image, b"QFI\xfb").unwrap();
+        std::os::unix::fs::chown(&image, Some(65534), Some(65534)).unwrap();
+        let path = image.to_str().unwrap();
+        let nobody = View::User(RunAs {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        });
+        let look = || seen_as_service(ImageFile::open_in(path, &nobody));
+        let seen = with_failing_syscalls(&[libc::SYS_openat2], libc::ENOSYS, look);
+        assert!(matches!(
+            seen,
+            Ok(Seen::Readable(ImageFile { uid: 65534, .. }, None))
+        ));
+
+        let no_lookup = [libc::SYS_openat2, libc::SYS_openat];
+        match with_failing_syscalls(&no_lookup, libc::ENOSYS, look) {
+            Err(VmError::CheckFailed(message)) => {
+                assert!(message.contains("Function not implemented"), "{message}")
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("a lookup that cannot be done is seen as something"),
+        }
     }
 
     #[tokio::test]

@@ -2,12 +2,14 @@
 
 mod dead_fuse;
 mod fd_copies;
+mod seccomp;
 mod sleeper;
 
 use std::time::{Duration, Instant};
 
 pub use dead_fuse::DeadFuse;
 pub use fd_copies::sleep_holding_copies;
+pub use seccomp::with_failing_syscalls;
 pub use sleeper::Sleeper;
 
 /// Waits (up to 10 s) until `done` holds.
