@@ -189,6 +189,19 @@ impl Passthrough {
         Err(result)
     }
 
+    /// Forgets the original drivers of devices gone or no longer detached
+    /// ([`VfioBinder::forget_stale`]); for when devices were removed. Waits
+    /// for a Detach or Reattach in progress.
+    pub async fn forget_stale_drivers(&self) {
+        let binder = self.binder.clone();
+        if tokio::task::spawn_blocking(move || binder.forget_stale())
+            .await
+            .is_err()
+        {
+            tracing::error!("forgetting the original drivers of removed devices failed");
+        }
+    }
+
     /// Moves the device at `address` (in VFIO group `group`) unless a
     /// process holds the group or that is unknown. Its scan is not counted:
     /// only callers polkit authorized get here.

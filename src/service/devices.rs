@@ -367,6 +367,7 @@ async fn recv_batch_optional(
 
 async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
     let server = shared.connection.object_server();
+    let mut removed = false;
     for change in changes {
         match change {
             InventoryChange::Added(state) => {
@@ -389,12 +390,17 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
                 let _ = server
                     .remove::<PciDeviceObject, _>(address.object_path())
                     .await;
+                removed = true;
             }
             InventoryChange::Changed { new, .. } => {
                 let path = new.info.address.object_path();
                 update(shared, &path, new).await;
             }
         }
+    }
+    // A destroyed VF (or any device gone) needs no original driver any more.
+    if removed {
+        shared.passthrough.forget_stale_drivers().await;
     }
 }
 

@@ -3,12 +3,16 @@
 mod dead_fuse;
 mod fd_copies;
 mod sleeper;
+// The integration tests use all of it; the unit tests only a part.
+#[allow(dead_code)]
+mod sysfs;
 
 use std::time::{Duration, Instant};
 
 pub use dead_fuse::DeadFuse;
 pub use fd_copies::sleep_holding_copies;
 pub use sleeper::Sleeper;
+pub use sysfs::FakeSysfs;
 
 /// Waits (up to 10 s) until `done` holds.
 pub async fn eventually(what: &str, done: impl Fn() -> bool) {
