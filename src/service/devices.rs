@@ -532,6 +532,13 @@ impl PciDeviceObject {
 /// A host PCI device and whether it can be passed through to a VM.
 #[interface(name = "org.example.VmManager1.PciDevice")]
 impl PciDeviceObject {
+    // Signals first (see "Member order" in the `service` module docs).
+    /// Emitted for every kernel or udev event about this device (`add`,
+    /// `change`, `bind`, `unbind`, …) once the properties reflect it. A
+    /// removal shows as InterfacesRemoved instead.
+    #[zbus(signal)]
+    async fn uevent(emitter: &SignalEmitter<'_>, action: &str) -> zbus::Result<()>;
+
     /// Binds the device to vfio-pci (driver_override, unbind, drivers_probe),
     /// remembering its driver for Reattach. `InUse` when a VM holds its VFIO
     /// group; nothing happens when it is already bound to vfio-pci or a
@@ -674,12 +681,6 @@ impl PciDeviceObject {
     fn passthrough_blockers(&self) -> Vec<String> {
         self.properties().passthrough_blockers
     }
-
-    /// Emitted for every kernel or udev event about this device (`add`,
-    /// `change`, `bind`, `unbind`, …) once the properties reflect it. A
-    /// removal shows as InterfacesRemoved instead.
-    #[zbus(signal)]
-    async fn uevent(emitter: &SignalEmitter<'_>, action: &str) -> zbus::Result<()>;
 
     /// Processes holding /dev/vfio/<group> or the device's iommufd cdev
     /// (/dev/vfio/devices/vfioN) open: `pid` (u), `exe` (s), `vm-name` (s).
