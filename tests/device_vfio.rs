@@ -789,6 +789,15 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
         .await
         .unwrap_err();
     assert!(matches!(err, PassthroughError::InUse { .. }), "{err:?}");
+    // The refusal names what the VM holds, not the group it never opened.
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "0000:00:1f.3 is in use by VM \"iommufd-guest\" (PID {}) through \
+             /dev/vfio/devices/vfio3; stop the VM first",
+            vm.pid()
+        )
+    );
     assert_eq!(kernel.take_log(), vec![]);
     drop(vm);
     assert!(!pids().await.iter().any(|(pid, _)| *pid == held.0));

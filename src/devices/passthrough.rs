@@ -79,13 +79,9 @@ pub enum UsersError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassthroughError {
-    /// A process holds the device's VFIO group.
-    #[error("{address} is in use by {user} through /dev/vfio/{group}; stop the VM first")]
-    InUse {
-        address: PciAddress,
-        group: u32,
-        user: VfioUser,
-    },
+    /// A process holds the device's VFIO group or cdev (`user.node`).
+    #[error("{address} is in use by {user} through {}; stop the VM first", user.node)]
+    InUse { address: PciAddress, user: VfioUser },
     /// Nobody knows whether a process holds the group: nothing was changed.
     #[error("could not find out whether a VM uses {address}; nothing was changed")]
     UsersUnknown {
@@ -215,12 +211,8 @@ impl Passthrough {
             .users(address, group, ())
             .await
             .map_err(|source| PassthroughError::UsersUnknown { address, source })?;
-        if let (Some(user), Some(group)) = (users.into_iter().next(), group) {
-            return Err(PassthroughError::InUse {
-                address,
-                group,
-                user,
-            });
+        if let Some(user) = users.into_iter().next() {
+            return Err(PassthroughError::InUse { address, user });
         }
         let binder = self.binder.clone();
         let outcome = tokio::task::spawn_blocking(move || match action {

@@ -297,11 +297,20 @@ pub fn read_device(sysfs_root: &Path, address: &PciAddress) -> Result<PciDeviceI
     })
 }
 
-/// The `(major, minor)` of each VFIO device cdev of the device
-/// (`vfio-dev/vfioN/dev`, the node `/dev/vfio/devices/vfioN` an iommufd
-/// QEMU opens); empty when it has none. Any `vfio*` entry that cannot be
-/// read is an error: a holder of it must not go unseen.
-pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u32)>, SysfsError> {
+/// A VFIO device cdev of a device: `vfio-dev/<name>` in sysfs, the node
+/// `/dev/vfio/devices/<name>` an iommufd QEMU opens.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VfioCdev {
+    /// `vfioN`.
+    pub name: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// Each VFIO device cdev of the device (from `vfio-dev/vfioN/dev`), sorted
+/// by name; empty when it has none. Any `vfio*` entry that cannot be read
+/// is an error: a holder of it must not go unseen.
+pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<VfioCdev>, SysfsError> {
     let path = device_dir(sysfs_root, address).join("vfio-dev");
     let entries = match fs::read_dir(&path) {
         Ok(entries) => entries,
@@ -314,7 +323,8 @@ pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u
             path: path.clone(),
             source,
         })?;
-        if !entry.file_name().as_encoded_bytes().starts_with(b"vfio") {
+        let name = entry.file_name();
+        if !name.as_encoded_bytes().starts_with(b"vfio") {
             continue;
         }
         let number = read_text(&entry.path(), "dev").and_then(|text| {
@@ -323,7 +333,11 @@ pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u
             Ok((parse_decimal(major)?, parse_decimal(minor)?))
         });
         match number {
-            Ok(number) => cdevs.push(number),
+            Ok((major, minor)) => cdevs.push(VfioCdev {
+                name: name.to_string_lossy().into_owned(),
+                major,
+                minor,
+            }),
             Err(e) => {
                 return Err(SysfsError::Io {
                     path: entry.path().join("dev"),

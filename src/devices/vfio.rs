@@ -62,7 +62,27 @@ pub fn is_vfio_driver(driver: &str) -> bool {
     driver == VFIO_DRIVER || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
 }
 
-/// A process holding a VFIO group open.
+/// The VFIO node through which a process holds a device, named as the
+/// host's /dev names it (it is matched by device number, so a QEMU with a
+/// private /dev counts too).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum VfioNode {
+    /// `/dev/vfio/<group>`: the device's IOMMU group (legacy VFIO).
+    Group(u32),
+    /// `/dev/vfio/devices/<name>`: the device's own cdev (iommufd).
+    Cdev(String),
+}
+
+impl fmt::Display for VfioNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VfioNode::Group(group) => write!(f, "/dev/vfio/{group}"),
+            VfioNode::Cdev(name) => write!(f, "/dev/vfio/devices/{name}"),
+        }
+    }
+}
+
+/// A process holding a device open through VFIO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VfioUser {
     pub pid: u32,
@@ -70,6 +90,8 @@ pub struct VfioUser {
     pub exe: String,
     /// QEMU `-name`, "" when none.
     pub vm_name: String,
+    /// What it holds open (the group's node when it holds several).
+    pub node: VfioNode,
 }
 
 /// How a Detach/Reattach refusal names the holder.
@@ -100,25 +122,32 @@ pub fn group_users(
 }
 
 /// [`group_users`], plus the holders of the device's VFIO cdevs
-/// (`cdevs`: `(major, minor)` from [`sysfs::vfio_cdevs`]), which an iommufd
-/// QEMU opens instead of the group (`/dev/vfio/devices/vfioN`), matched by
-/// number. `/dev/iommu`, which it opens too, names no device.
+/// (from [`sysfs::vfio_cdevs`]), which an iommufd QEMU opens instead of
+/// the group (`/dev/vfio/devices/vfioN`), matched by number. `/dev/iommu`,
+/// which it opens too, names no device.
 pub fn device_users(
     proc_root: &Path,
     dev_root: &Path,
     group: u32,
-    cdevs: &[(u32, u32)],
+    cdevs: &[sysfs::VfioCdev],
     cancel: &CancellationToken,
 ) -> Result<Vec<VfioUser>, HoldersError> {
     let node = dev_root.join("vfio").join(group.to_string());
-    let mut targets: Vec<Target> = cdevs
+    let (mut targets, mut nodes): (Vec<Target>, Vec<VfioNode>) = cdevs
         .iter()
-        .map(|&(major, minor)| Target::CharDevice {
-            rdev: libc::makedev(major, minor),
+        .map(|cdev| {
+            let rdev = libc::makedev(cdev.major, cdev.minor);
+            (
+                Target::CharDevice { rdev },
+                VfioNode::Cdev(cdev.name.clone()),
+            )
         })
-        .collect();
+        .unzip();
     match std::fs::metadata(&node) {
-        Ok(meta) => targets.push(Target::of(&meta)),
+        Ok(meta) => {
+            targets.push(Target::of(&meta));
+            nodes.push(VfioNode::Group(group));
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => return Err(HoldersError::Unreadable { path: node, source }),
     }
@@ -126,20 +155,21 @@ pub fn device_users(
         return Ok(Vec::new());
     }
     // No process has PID 0, so nobody is skipped: the daemon never opens
-    // VFIO groups itself.
-    let mut holders: Vec<u32> = procfs::holders_of_any(proc_root, &targets, 0, cancel)?
+    // VFIO groups itself. Holders come per target, in `nodes`' order.
+    let mut holders: Vec<(u32, VfioNode)> = procfs::holders_of_any(proc_root, &targets, 0, cancel)?
         .into_iter()
-        .flatten()
-        .map(|h| h.pid)
+        .zip(nodes)
+        .flat_map(|(holders, node)| holders.into_iter().map(move |h| (h.pid, node.clone())))
         .collect();
     holders.sort_unstable();
-    holders.dedup();
+    holders.dedup_by_key(|(pid, _)| *pid);
     let users = holders
         .into_iter()
-        .map(|pid| VfioUser {
+        .map(|(pid, node)| VfioUser {
             pid,
             exe: procfs::exe(proc_root, pid).unwrap_or_default(),
             vm_name: procfs::vm_name_of(proc_root, pid),
+            node,
         })
         .collect();
     Ok(users)
