@@ -813,4 +813,16 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
         "{err:?}"
     );
     assert_eq!(kernel.take_log(), vec![]);
+
+    // `vfio-dev/vfioN` without `dev`: a kernel without VFIO cdevs (Debian
+    // 12's makes the directory for every vfio-pci device). No node, so no
+    // holder, and nothing unknown: Reattach must not be refused for it.
+    fs::remove_file(cdev.join("dev")).unwrap();
+    assert_eq!(
+        passthrough
+            .users_for_anyone(addr(AUDIO), Some(12))
+            .await
+            .unwrap(),
+        vec![]
+    );
 }

@@ -308,8 +308,11 @@ pub struct VfioCdev {
 }
 
 /// Each VFIO device cdev of the device (from `vfio-dev/vfioN/dev`), sorted
-/// by name; empty when it has none. Any `vfio*` entry that cannot be read
-/// is an error: a holder of it must not go unseen.
+/// by name; empty when it has none. A `vfioN` without `dev` has no cdev:
+/// kernels without `CONFIG_VFIO_DEVICE_CDEV` (Debian 12's 6.1) make the
+/// directory for every vfio-pci device all the same. Any other `vfio*`
+/// entry that cannot be read is an error: a holder of it must not go
+/// unseen.
 pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<VfioCdev>, SysfsError> {
     let path = device_dir(sysfs_root, address).join("vfio-dev");
     let entries = match fs::read_dir(&path) {
@@ -338,6 +341,7 @@ pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<VfioCde
                 major,
                 minor,
             }),
+            Err(AttrError::Missing) => {}
             Err(e) => {
                 return Err(SysfsError::Io {
                     path: entry.path().join("dev"),
