@@ -9,15 +9,28 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+/// How [`init_logging`] set logging up, for [`run_until_signal`].
+#[derive(Debug, Clone, Copy)]
+pub struct Logging {
+    /// Whether stderr is the journal (see [`stderr_is_journal`]): then a
+    /// line printed there is a second journal entry beside the logged one.
+    stderr_is_journal: bool,
+}
+
 /// Structured logs to the journal when systemd connected stderr to it
-/// (`JOURNAL_STREAM` is set), plain text on stderr otherwise. `RUST_LOG`
-/// sets the level (default `info`).
-pub fn init_logging() {
+/// ([`stderr_is_journal`]), plain text on stderr otherwise (also when the
+/// journal's socket cannot be reached: stderr still leads there). Only one
+/// of the two ever writes, so each event reaches the journal once.
+/// `RUST_LOG` sets the level (default `info`).
+pub fn init_logging() -> Logging {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let journald = std::env::var_os("JOURNAL_STREAM")
-        .is_some()
+    let stderr_is_journal = stderr_is_journal(
+        std::env::var_os("JOURNAL_STREAM").as_deref(),
+        stderr_identity(),
+    );
+    let journald = stderr_is_journal
         .then(|| tracing_journald::layer().ok())
         .flatten();
     let registry = tracing_subscriber::registry().with(filter);
@@ -27,6 +40,33 @@ pub fn init_logging() {
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
             .init(),
     }
+    Logging { stderr_is_journal }
+}
+
+/// Whether stderr is the stream systemd connected to the journal.
+/// `journal_stream` is `JOURNAL_STREAM` (`DEVICE:INODE` of that stream,
+/// decimal), `stderr` the device and inode of fd 2 now: a process whose
+/// stderr was redirected (`2>file` in a unit's script, a test run from a
+/// CI unit) inherits the variable but not the stream, and its logs belong
+/// where its stderr goes.
+pub fn stderr_is_journal(
+    journal_stream: Option<&std::ffi::OsStr>,
+    stderr: Option<(u64, u64)>,
+) -> bool {
+    let named = journal_stream
+        .and_then(|value| value.to_str())
+        .and_then(|value| value.split_once(':'))
+        .and_then(|(dev, ino)| Some((dev.parse::<u64>().ok()?, ino.parse::<u64>().ok()?)));
+    named.is_some() && named == stderr
+}
+
+/// The device and inode of fd 2, `None` when it is closed.
+fn stderr_identity() -> Option<(u64, u64)> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let stderr = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
+    let metadata = std::fs::File::from(stderr).metadata().ok()?;
+    Some((metadata.dev(), metadata.ino()))
 }
 
 /// Ignores SIGHUP until [`run_until_signal`] installs its handler. Call it
@@ -50,10 +90,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// Runs `body` on a multi-threaded runtime. SIGTERM or SIGINT cancel the
 /// token it gets, so it can stop cleanly; SIGHUP is logged as
 /// "SIGHUP received: {on_hangup}" and otherwise ignored. `body`'s error is
-/// logged and printed as `name: error`, and becomes exit status 1. Once
+/// logged and, unless stderr is the journal (where the logged entry is
+/// already), printed as `name: error`; it becomes exit status 1. Once
 /// `body` has returned, threads still running get [`SHUTDOWN_GRACE`], then
 /// are left to the exit (and logged).
-pub fn run_until_signal<F, Fut, E>(name: &str, on_hangup: &'static str, body: F) -> ExitCode
+pub fn run_until_signal<F, Fut, E>(
+    name: &str,
+    logging: Logging,
+    on_hangup: &'static str,
+    body: F,
+) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), E>>,
@@ -102,7 +148,9 @@ where
         }
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("{name}: {e}");
+            if !logging.stderr_is_journal {
+                eprintln!("{name}: {e}");
+            }
             ExitCode::FAILURE
         }
     }
@@ -167,5 +215,50 @@ impl Signals {
             }
         }
         shutdown.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn stderr_is_the_journal_only_when_journal_stream_names_it() {
+        let fd2 = Some((8, 123_456));
+        fn env(value: &str) -> Option<&OsStr> {
+            Some(OsStr::new(value))
+        }
+        assert!(stderr_is_journal(env("8:123456"), fd2));
+        // Inherited from systemd, but stderr was redirected since.
+        assert!(!stderr_is_journal(env("8:654321"), fd2));
+        assert!(!stderr_is_journal(env("9:123456"), fd2));
+        assert!(!stderr_is_journal(None, fd2));
+        assert!(!stderr_is_journal(env("8:123456"), None));
+        for garbage in [
+            "",
+            "8",
+            "8:",
+            ":123456",
+            "8:123456:1",
+            "x:1",
+            "8:-1",
+            " 8:123456",
+        ] {
+            assert!(!stderr_is_journal(env(garbage), fd2), "{garbage:?}");
+        }
+    }
+
+    /// systemd writes `JOURNAL_STREAM` from the stream's `st_dev` and
+    /// `st_ino`, in decimal: the same numbers `metadata()` gives.
+    #[test]
+    fn a_streams_own_numbers_name_it() {
+        let file = tempfile::tempfile().unwrap();
+        let meta = file.metadata().unwrap();
+        let value = format!("{}:{}", meta.dev(), meta.ino());
+        let fd2 = Some((meta.dev(), meta.ino()));
+        assert!(stderr_is_journal(Some(OsStr::new(&value)), fd2));
+        assert!(stderr_identity().is_some());
     }
 }

@@ -914,6 +914,45 @@ async fn disabling_vfs_updates_their_pf() {
     assert_eq!(world.device(PF).await.sriov_num_vfs().await.unwrap(), 0);
 }
 
+/// The saved original drivers (`/run/vmmanager/vfio-drivers`) outlive
+/// daemon restarts, so they must not keep what has no use: at start the
+/// entry of a device given back meanwhile goes, and a detached VF's goes
+/// with the VF.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn saved_drivers_forget_devices_given_back_or_gone() {
+    let fs = host();
+    let bus = tokio::task::spawn_blocking(TestBus::start).await.unwrap();
+    let dev = tempfile::tempdir().unwrap();
+    let state = dev.path().join("vfio-drivers");
+    fs::write(&state, format!("{VF0} iavf\n{USB} xhci_hcd\n")).unwrap();
+    let mut config = inproc::config(&fs, dev.path(), PERMITTED);
+    config.devices.vfio_state_file = state.clone();
+    let kernel = FakeKernel::new(&fs.root());
+    let svc = InProcService::start_with(&bus, &config, kernel, dev).await;
+    let saved = || fs::read_to_string(&state).unwrap();
+    assert!(saved().contains(&format!("{VF0} iavf")), "{}", saved());
+    assert!(!saved().contains(USB), "{}", saved());
+
+    let client = bus.connect().await;
+    let world = DeviceWorld {
+        svc,
+        client,
+        _polkit: None,
+        bus,
+        fs,
+    };
+    let mut signals = world.signals().await;
+    world.fs.at(PF).sriov(64, 0);
+    world.fs.remove(VF0);
+    world.fs.remove(VF1);
+    world.svc.send(ev(DeviceAction::Remove, VF0)).await;
+    world.svc.send(ev(DeviceAction::Remove, VF1)).await;
+    // The file is rewritten before the next batch is taken up.
+    world.svc.send(ev(DeviceAction::Change, USB)).await;
+    signals.until_uevent(&path(USB), "change").await;
+    assert!(!saved().contains(VF0), "{}", saved());
+}
+
 // ---------------------------------------------------------------------------
 // 3. Detach / Reattach
 // ---------------------------------------------------------------------------

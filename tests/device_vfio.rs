@@ -789,6 +789,15 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
         .await
         .unwrap_err();
     assert!(matches!(err, PassthroughError::InUse { .. }), "{err:?}");
+    // The refusal names what the VM holds, not the group it never opened.
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "0000:00:1f.3 is in use by VM \"iommufd-guest\" (PID {}) through \
+             /dev/vfio/devices/vfio3; stop the VM first",
+            vm.pid()
+        )
+    );
     assert_eq!(kernel.take_log(), vec![]);
     drop(vm);
     assert!(!pids().await.iter().any(|(pid, _)| *pid == held.0));
@@ -804,4 +813,16 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
         "{err:?}"
     );
     assert_eq!(kernel.take_log(), vec![]);
+
+    // `vfio-dev/vfioN` without `dev`: a kernel without VFIO cdevs (Debian
+    // 12's makes the directory for every vfio-pci device). No node, so no
+    // holder, and nothing unknown: Reattach must not be refused for it.
+    fs::remove_file(cdev.join("dev")).unwrap();
+    assert_eq!(
+        passthrough
+            .users_for_anyone(addr(AUDIO), Some(12))
+            .await
+            .unwrap(),
+        vec![]
+    );
 }

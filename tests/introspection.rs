@@ -7,8 +7,10 @@ use crate::common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use common::sysfs::FakeSysfs;
 use common::util::{public_tempdir, write_file};
 use common::{DaemonConfig, Polkit, Stack};
+use vmmanager::config::EventsSetting;
 
 const XML_FILE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -116,49 +118,88 @@ fn introspect(stack: &Stack, path: &str) -> String {
     doc["data"][0].as_str().unwrap().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_introspection_matches_the_shipped_xml() {
-    // A qemu-img that hangs keeps a job object alive long enough to look at.
-    let tools = public_tempdir("vmm-tools-");
-    let slow = tools.path().join("slow-qemu-img");
-    write_file(&slow, "#!/bin/sh\nexec sleep 600\n", 0o755);
-    let stack = tokio::task::spawn_blocking(move || {
-        Stack::start(Polkit::builder(), &DaemonConfig::default().qemu_img(slow))
-    })
-    .await
-    .unwrap();
-    let images = public_tempdir("vmm-images-");
-    let image = images.path().join("disk.qcow2");
-    common::images::make_clean_qcow2(&image);
+/// The service with a check hanging in a fake qemu-img, so that a job
+/// object exists beside the manager and the device objects.
+struct WithAJob {
+    stack: Stack,
+    connection: zbus::Connection,
+    job: zbus::OwnedObjectPath,
+    call: tokio::task::JoinHandle<zbus::Result<vmmanager_client::dict::Dict>>,
+    _tools: tempfile::TempDir,
+    _images: tempfile::TempDir,
+}
 
-    let connection = stack.bus.connect().await;
-    let manager = vmmanager_client::ManagerProxy::new(&connection)
+impl WithAJob {
+    async fn start(config: DaemonConfig) -> WithAJob {
+        let tools = public_tempdir("vmm-tools-");
+        let slow = tools.path().join("slow-qemu-img");
+        write_file(&slow, "#!/bin/sh\nexec sleep 600\n", 0o755);
+        let stack = tokio::task::spawn_blocking(move || {
+            Stack::start(Polkit::builder(), &config.qemu_img(slow))
+        })
         .await
         .unwrap();
-    let call = {
-        let manager = manager.clone();
-        let image = image.to_str().unwrap().to_owned();
-        tokio::spawn(async move { manager.check_disk(&image, Default::default()).await })
-    };
-    let mut job = None;
-    for _ in 0..500 {
-        if let Some(path) = manager.jobs().await.unwrap().into_iter().next() {
-            job = Some(path);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let job = job.expect("a job object appears while qemu-img runs");
+        let images = public_tempdir("vmm-images-");
+        let image = images.path().join("disk.qcow2");
+        common::images::make_clean_qcow2(&image);
 
-    let mut live = shape(&introspect(&stack, "/org/example/VmManager"));
-    live.extend(shape(&introspect(&stack, job.as_str())));
+        let connection = stack.bus.connect().await;
+        let manager = vmmanager_client::ManagerProxy::new(&connection)
+            .await
+            .unwrap();
+        let call = {
+            let manager = manager.clone();
+            let image = image.to_str().unwrap().to_owned();
+            tokio::spawn(async move { manager.check_disk(&image, Default::default()).await })
+        };
+        let mut job = None;
+        for _ in 0..500 {
+            if let Some(path) = manager.jobs().await.unwrap().into_iter().next() {
+                job = Some(path);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let job = job.expect("a job object appears while qemu-img runs");
+        WithAJob {
+            stack,
+            connection,
+            job,
+            call,
+            _tools: tools,
+            _images: images,
+        }
+    }
+
+    /// Cancels the job; the check's call fails.
+    async fn cancel(self) {
+        let out = self.stack.bus.busctl(&[
+            "call",
+            "org.example.VmManager",
+            self.job.as_str(),
+            "org.example.VmManager1.Job",
+            "Cancel",
+            "a{sv}",
+            "0",
+        ]);
+        out.expect_success("Cancel");
+        assert!(self.call.await.unwrap().is_err());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_introspection_matches_the_shipped_xml() {
+    let world = WithAJob::start(DaemonConfig::default()).await;
+    let (stack, connection, job) = (&world.stack, &world.connection, &world.job);
+    let mut live = shape(&introspect(stack, "/org/example/VmManager"));
+    live.extend(shape(&introspect(stack, job.as_str())));
     // A device object: every host has PCI devices, and the daemon exports /sys.
-    let objects = common::bus::managed_objects(&connection).await;
+    let objects = common::bus::managed_objects(connection).await;
     let device = objects
         .keys()
         .find(|p| p.as_str().starts_with("/org/example/VmManager/devices/"))
         .expect("a device object");
-    live.extend(shape(&introspect(&stack, device.as_str())));
+    live.extend(shape(&introspect(stack, device.as_str())));
     let file = shape(&std::fs::read_to_string(XML_FILE).unwrap());
 
     let live_names: BTreeSet<_> = live.keys().collect();
@@ -201,15 +242,51 @@ async fn live_introspection_matches_the_shipped_xml() {
         );
     }
 
-    let out = stack.bus.busctl(&[
-        "call",
-        "org.example.VmManager",
-        job.as_str(),
-        "org.example.VmManager1.Job",
-        "Cancel",
-        "a{sv}",
-        "0",
-    ]);
-    out.expect_success("Cancel");
-    assert!(call.await.unwrap().is_err());
+    world.cancel().await;
+}
+
+/// `busctl introspect` of every object prints nothing on stderr. busctl
+/// (seen with systemd 252) keeps a method argument's `direction` across
+/// the members of a child `<node>`, so a signal after a method whose last
+/// argument is `direction="in"` was reported once per device (and job) by
+/// the introspection of every parent object, `/` included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busctl_introspects_every_object_without_complaint() {
+    let sysfs = FakeSysfs::new();
+    sysfs
+        .add("0000:01:00.0", 0x8086, 0x10c9, 0x020000)
+        .driver("igb")
+        .iommu_group(1)
+        .sriov(7, 1);
+    sysfs
+        .add("0000:01:10.0", 0x8086, 0x10ca, 0x020000)
+        .driver("vfio-pci")
+        .iommu_group(2)
+        .physfn("0000:01:00.0");
+    let config = DaemonConfig::default()
+        .sysfs_root(sysfs.root())
+        .events(EventsSetting::None);
+    let world = WithAJob::start(config).await;
+    let bus = &world.stack.bus;
+
+    let tree = bus.busctl(&["--list", "tree", "org.example.VmManager"]);
+    assert!(tree.success() && tree.stderr.is_empty(), "{tree:#?}");
+    let paths: Vec<&str> = tree.stdout.lines().collect();
+    for expected in [
+        "/",
+        "/org/example/VmManager",
+        "/org/example/VmManager/devices/pci_0000_01_00_0",
+        "/org/example/VmManager/devices/pci_0000_01_10_0",
+        world.job.as_str(),
+    ] {
+        assert!(paths.contains(&expected), "{expected} not in {paths:#?}");
+    }
+    for path in paths {
+        let out = bus.busctl(&["introspect", "org.example.VmManager", path]);
+        assert!(
+            out.success() && out.stderr.is_empty(),
+            "busctl introspect {path}: {out:#?}"
+        );
+    }
+    world.cancel().await;
 }

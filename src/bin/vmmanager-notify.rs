@@ -37,12 +37,12 @@ const ON_HANGUP: &str = "ignored; vmmanager-notify keeps running";
 fn main() -> ExitCode {
     process::ignore_hangup();
     let args = Args::parse();
-    process::init_logging();
+    let logging = process::init_logging();
     let options = Options {
         system_bus_address: args.system_bus_address,
         ..Options::default()
     };
-    process::run_until_signal("vmmanager-notify", ON_HANGUP, |shutdown| {
+    process::run_until_signal("vmmanager-notify", logging, ON_HANGUP, |shutdown| {
         notify::run(options, shutdown)
     })
 }

@@ -92,7 +92,7 @@ fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
                 ),
                 (
                     "JOURNAL_STREAM",
-                    "Set by systemd: logs go to the journal with structured fields.",
+                    "Set by systemd: when it names this process's stderr, logs go to the journal with structured fields.",
                 ),
             ]),
         ),
@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    process::init_logging();
+    let logging = process::init_logging();
     // Before anything is spawned: descendants of qemu-img that leave its
     // process group must become our children, so a check can kill them.
     if let Err(e) = qemu_img::become_subreaper() {
@@ -144,7 +144,7 @@ fn main() -> ExitCode {
             return ExitCode::from(78); // EX_CONFIG
         }
     };
-    process::run_until_signal("vmmanagerd", ON_HANGUP, |shutdown| async move {
+    process::run_until_signal("vmmanagerd", logging, ON_HANGUP, |shutdown| async move {
         let builder = match &args.bus_address {
             Some(address) => Builder::address(address.as_str()),
             None => Builder::system(),

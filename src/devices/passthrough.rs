@@ -79,13 +79,9 @@ pub enum UsersError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassthroughError {
-    /// A process holds the device's VFIO group.
-    #[error("{address} is in use by {user} through /dev/vfio/{group}; stop the VM first")]
-    InUse {
-        address: PciAddress,
-        group: u32,
-        user: VfioUser,
-    },
+    /// A process holds the device's VFIO group or cdev (`user.node`).
+    #[error("{address} is in use by {user} through {}; stop the VM first", user.node)]
+    InUse { address: PciAddress, user: VfioUser },
     /// Nobody knows whether a process holds the group: nothing was changed.
     #[error("could not find out whether a VM uses {address}; nothing was changed")]
     UsersUnknown {
@@ -189,6 +185,19 @@ impl Passthrough {
         Err(result)
     }
 
+    /// Forgets the original drivers of devices gone or no longer detached
+    /// ([`VfioBinder::forget_stale`]); for when devices were removed. Waits
+    /// for a Detach or Reattach in progress.
+    pub async fn forget_stale_drivers(&self) {
+        let binder = self.binder.clone();
+        if tokio::task::spawn_blocking(move || binder.forget_stale())
+            .await
+            .is_err()
+        {
+            tracing::error!("forgetting the original drivers of removed devices failed");
+        }
+    }
+
     /// Moves the device at `address` (in VFIO group `group`) unless a
     /// process holds the group or that is unknown. Its scan is not counted:
     /// only callers polkit authorized get here.
@@ -202,12 +211,8 @@ impl Passthrough {
             .users(address, group, ())
             .await
             .map_err(|source| PassthroughError::UsersUnknown { address, source })?;
-        if let (Some(user), Some(group)) = (users.into_iter().next(), group) {
-            return Err(PassthroughError::InUse {
-                address,
-                group,
-                user,
-            });
+        if let Some(user) = users.into_iter().next() {
+            return Err(PassthroughError::InUse { address, user });
         }
         let binder = self.binder.clone();
         let outcome = tokio::task::spawn_blocking(move || match action {

@@ -297,11 +297,23 @@ pub fn read_device(sysfs_root: &Path, address: &PciAddress) -> Result<PciDeviceI
     })
 }
 
-/// The `(major, minor)` of each VFIO device cdev of the device
-/// (`vfio-dev/vfioN/dev`, the node `/dev/vfio/devices/vfioN` an iommufd
-/// QEMU opens); empty when it has none. Any `vfio*` entry with a `dev` that
-/// cannot be read is an error: a holder of it must not go unseen.
-pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u32)>, SysfsError> {
+/// A VFIO device cdev of a device: `vfio-dev/<name>` in sysfs, the node
+/// `/dev/vfio/devices/<name>` an iommufd QEMU opens.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VfioCdev {
+    /// `vfioN`.
+    pub name: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// Each VFIO device cdev of the device (from `vfio-dev/vfioN/dev`), sorted
+/// by name; empty when it has none. A `vfioN` without `dev` has no cdev:
+/// kernels without `CONFIG_VFIO_DEVICE_CDEV` (Debian 12's 6.1) make the
+/// directory for every vfio-pci device all the same. Any other `vfio*`
+/// entry that cannot be read is an error: a holder of it must not go
+/// unseen.
+pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<VfioCdev>, SysfsError> {
     let path = device_dir(sysfs_root, address).join("vfio-dev");
     let entries = match fs::read_dir(&path) {
         Ok(entries) => entries,
@@ -314,7 +326,8 @@ pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u
             path: path.clone(),
             source,
         })?;
-        if !entry.file_name().as_encoded_bytes().starts_with(b"vfio") {
+        let name = entry.file_name();
+        if !name.as_encoded_bytes().starts_with(b"vfio") {
             continue;
         }
         let number = read_text(&entry.path(), "dev").and_then(|text| {
@@ -323,10 +336,11 @@ pub fn vfio_cdevs(sysfs_root: &Path, address: &PciAddress) -> Result<Vec<(u32, u
             Ok((parse_decimal(major)?, parse_decimal(minor)?))
         });
         match number {
-            Ok(number) => cdevs.push(number),
-            // A kernel without VFIO device cdevs (CONFIG_VFIO_DEVICE_CDEV,
-            // e.g. Debian 12's 6.1) still makes vfio-dev/vfioN, with no
-            // char device and so no `dev`: nothing to hold.
+            Ok((major, minor)) => cdevs.push(VfioCdev {
+                name: name.to_string_lossy().into_owned(),
+                major,
+                minor,
+            }),
             Err(AttrError::Missing) => {}
             Err(e) => {
                 return Err(SysfsError::Io {
@@ -450,7 +464,12 @@ mod tests {
         assert_eq!(vfio_cdevs(root.path(), &address).unwrap(), vec![]);
         fs::create_dir_all(vfio_dev.join("vfio1")).unwrap();
         fs::write(vfio_dev.join("vfio1/dev"), "511:1\n").unwrap();
-        assert_eq!(vfio_cdevs(root.path(), &address).unwrap(), vec![(511, 1)]);
+        let cdev = VfioCdev {
+            name: "vfio1".into(),
+            major: 511,
+            minor: 1,
+        };
+        assert_eq!(vfio_cdevs(root.path(), &address).unwrap(), vec![cdev]);
         // A `dev` that is there but unreadable is still an error.
         fs::write(vfio_dev.join("vfio1/dev"), "garbage\n").unwrap();
         assert!(vfio_cdevs(root.path(), &address).is_err());

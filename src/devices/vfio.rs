@@ -15,7 +15,10 @@
 //!    remembered and still loaded, else `ADDR` → `bus/pci/drivers_probe`.
 //!
 //! The original drivers live in [`VfioBinder`] and, when configured, in a
-//! small state file so a daemon restart does not forget them. Every write goes
+//! small state file so a daemon restart does not forget them; what no longer
+//! has a use (the device is gone, or no longer given to VFIO) is forgotten
+//! at start and whenever devices are removed ([`VfioBinder::forget_stale`]).
+//! Every write goes
 //! through a [`SysfsWriter`], so tests can record the exact sequence and play
 //! the kernel's part in a prepared tree. Whether a VM holds the group is the
 //! caller's check, with [`group_users`] and [`iommu_group_of`].
@@ -59,7 +62,27 @@ pub fn is_vfio_driver(driver: &str) -> bool {
     driver == VFIO_DRIVER || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
 }
 
-/// A process holding a VFIO group open.
+/// The VFIO node through which a process holds a device, named as the
+/// host's /dev names it (it is matched by device number, so a QEMU with a
+/// private /dev counts too).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum VfioNode {
+    /// `/dev/vfio/<group>`: the device's IOMMU group (legacy VFIO).
+    Group(u32),
+    /// `/dev/vfio/devices/<name>`: the device's own cdev (iommufd).
+    Cdev(String),
+}
+
+impl fmt::Display for VfioNode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VfioNode::Group(group) => write!(f, "/dev/vfio/{group}"),
+            VfioNode::Cdev(name) => write!(f, "/dev/vfio/devices/{name}"),
+        }
+    }
+}
+
+/// A process holding a device open through VFIO.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VfioUser {
     pub pid: u32,
@@ -67,6 +90,8 @@ pub struct VfioUser {
     pub exe: String,
     /// QEMU `-name`, "" when none.
     pub vm_name: String,
+    /// What it holds open (the group's node when it holds several).
+    pub node: VfioNode,
 }
 
 /// How a Detach/Reattach refusal names the holder.
@@ -97,25 +122,32 @@ pub fn group_users(
 }
 
 /// [`group_users`], plus the holders of the device's VFIO cdevs
-/// (`cdevs`: `(major, minor)` from [`sysfs::vfio_cdevs`]), which an iommufd
-/// QEMU opens instead of the group (`/dev/vfio/devices/vfioN`), matched by
-/// number. `/dev/iommu`, which it opens too, names no device.
+/// (from [`sysfs::vfio_cdevs`]), which an iommufd QEMU opens instead of
+/// the group (`/dev/vfio/devices/vfioN`), matched by number. `/dev/iommu`,
+/// which it opens too, names no device.
 pub fn device_users(
     proc_root: &Path,
     dev_root: &Path,
     group: u32,
-    cdevs: &[(u32, u32)],
+    cdevs: &[sysfs::VfioCdev],
     cancel: &CancellationToken,
 ) -> Result<Vec<VfioUser>, HoldersError> {
     let node = dev_root.join("vfio").join(group.to_string());
-    let mut targets: Vec<Target> = cdevs
+    let (mut targets, mut nodes): (Vec<Target>, Vec<VfioNode>) = cdevs
         .iter()
-        .map(|&(major, minor)| Target::CharDevice {
-            rdev: libc::makedev(major, minor),
+        .map(|cdev| {
+            let rdev = libc::makedev(cdev.major, cdev.minor);
+            (
+                Target::CharDevice { rdev },
+                VfioNode::Cdev(cdev.name.clone()),
+            )
         })
-        .collect();
+        .unzip();
     match std::fs::metadata(&node) {
-        Ok(meta) => targets.push(Target::of(&meta)),
+        Ok(meta) => {
+            targets.push(Target::of(&meta));
+            nodes.push(VfioNode::Group(group));
+        }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(source) => return Err(HoldersError::Unreadable { path: node, source }),
     }
@@ -123,20 +155,21 @@ pub fn device_users(
         return Ok(Vec::new());
     }
     // No process has PID 0, so nobody is skipped: the daemon never opens
-    // VFIO groups itself.
-    let mut holders: Vec<u32> = procfs::holders_of_any(proc_root, &targets, 0, cancel)?
+    // VFIO groups itself. Holders come per target, in `nodes`' order.
+    let mut holders: Vec<(u32, VfioNode)> = procfs::holders_of_any(proc_root, &targets, 0, cancel)?
         .into_iter()
-        .flatten()
-        .map(|h| h.pid)
+        .zip(nodes)
+        .flat_map(|(holders, node)| holders.into_iter().map(move |h| (h.pid, node.clone())))
         .collect();
     holders.sort_unstable();
-    holders.dedup();
+    holders.dedup_by_key(|(pid, _)| *pid);
     let users = holders
         .into_iter()
-        .map(|pid| VfioUser {
+        .map(|(pid, node)| VfioUser {
             pid,
             exe: procfs::exe(proc_root, pid).unwrap_or_default(),
             vm_name: procfs::vm_name_of(proc_root, pid),
+            node,
         })
         .collect();
     Ok(users)
@@ -280,11 +313,31 @@ impl VfioBinder {
         writer: Box<dyn SysfsWriter>,
     ) -> Self {
         let originals = state_file.as_deref().map(state::load).unwrap_or_default();
-        VfioBinder {
+        let binder = VfioBinder {
             sysfs_root,
             state_file,
             writer,
             originals: Mutex::new(originals),
+        };
+        // The file outlives restarts, so it may name devices gone or given
+        // back while no daemon ran.
+        binder.forget_stale();
+        binder
+    }
+
+    /// Forgets the original drivers that have no use any more (see
+    /// [`drop_stale`]) and saves what is left. Call it when devices go
+    /// away (a VF goes with its PF's `sriov_numvfs`). Blocking: waits for
+    /// a running Detach or Reattach.
+    pub fn forget_stale(&self) {
+        let mut originals = self.lock();
+        let dropped = drop_stale(&self.sysfs_root, &mut originals);
+        if !dropped.is_empty() {
+            tracing::info!(
+                devices = ?dropped.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "forgot the original drivers of devices gone or no longer detached"
+            );
+            self.save(&originals);
         }
     }
 
@@ -420,6 +473,35 @@ impl VfioBinder {
     }
 }
 
+/// Drops the remembered original drivers that Reattach could no longer
+/// use, and returns their devices: a device that is gone (a destroyed VF),
+/// or one that is no longer given to VFIO — bound to another driver
+/// without a VFIO `driver_override`, or left without a driver when nothing
+/// is remembered to give it back to. A device on a VFIO driver, with a
+/// VFIO override, or unbound after a detach that failed midway keeps its
+/// entry; so does one whose driver cannot be read (kept rather than lost).
+fn drop_stale(
+    sysfs_root: &Path,
+    originals: &mut BTreeMap<PciAddress, Option<String>>,
+) -> Vec<PciAddress> {
+    let mut dropped = Vec::new();
+    originals.retain(|&address, original| {
+        let dev = device_dir(sysfs_root, address);
+        let keep = dev.is_dir()
+            && match read_driver(&dev) {
+                Ok(Some(driver)) if is_vfio_driver(&driver) => true,
+                Ok(None) if original.is_some() => true,
+                Ok(_) => read_override(&dev).is_some_and(|o| is_vfio_driver(&o)),
+                Err(_) => true,
+            };
+        if !keep {
+            dropped.push(address);
+        }
+        keep
+    });
+    dropped
+}
+
 /// The writes of one operation, so a failure can say what was already done.
 struct Sequence<'a> {
     writer: &'a dyn SysfsWriter,
@@ -499,6 +581,102 @@ fn read_override(dev: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::FakeSysfs;
+
+    /// Each device a remembered entry can meet, on a prepared tree.
+    #[test]
+    fn entries_reattach_could_not_use_are_dropped() {
+        const ON_VFIO: &str = "0000:01:00.0";
+        const ON_VARIANT: &str = "0000:01:00.1";
+        const DETACH_FAILED_BEFORE_UNBIND: &str = "0000:02:00.0";
+        const DETACH_FAILED_AFTER_UNBIND: &str = "0000:02:00.1";
+        const DRIVER_UNREADABLE: &str = "0000:03:00.0";
+        const GIVEN_BACK_BY_HAND: &str = "0000:04:00.0";
+        const UNBOUND_AS_BEFORE: &str = "0000:04:00.1";
+        const DESTROYED_VF: &str = "0000:05:10.0";
+        const NEVER_THERE: &str = "0000:06:00.0";
+        let tree = FakeSysfs::new();
+        let add = |addr| tree.add(addr, 0x8086, 0x10ca, 0x020000);
+        add(ON_VFIO).driver("vfio-pci");
+        add(ON_VARIANT).driver("mlx5_vfio_pci");
+        add(DETACH_FAILED_BEFORE_UNBIND)
+            .driver("igb")
+            .driver_override("vfio-pci");
+        add(DETACH_FAILED_AFTER_UNBIND).driver_override("vfio-pci");
+        add(DRIVER_UNREADABLE);
+        tree.write_attr(DRIVER_UNREADABLE, "driver", "not a link");
+        add(GIVEN_BACK_BY_HAND).driver("igb");
+        add(UNBOUND_AS_BEFORE);
+        add("0000:05:00.0").driver("igb").sriov(7, 1);
+        add(DESTROYED_VF).driver("vfio-pci").physfn("0000:05:00.0");
+        tree.remove(DESTROYED_VF);
+
+        let entry =
+            |addr: &str, driver: Option<&str>| (addr.parse().unwrap(), driver.map(str::to_owned));
+        let mut originals: BTreeMap<PciAddress, Option<String>> = [
+            entry(ON_VFIO, Some("igb")),
+            entry(ON_VARIANT, Some("mlx5_core")),
+            entry(DETACH_FAILED_BEFORE_UNBIND, Some("igb")),
+            entry(DETACH_FAILED_AFTER_UNBIND, Some("igb")),
+            entry(DRIVER_UNREADABLE, Some("igb")),
+            entry(GIVEN_BACK_BY_HAND, Some("igb")),
+            entry(UNBOUND_AS_BEFORE, None),
+            entry(DESTROYED_VF, Some("igbvf")),
+            entry(NEVER_THERE, Some("igb")),
+        ]
+        .into_iter()
+        .collect();
+
+        let dropped = drop_stale(&tree.root(), &mut originals);
+        let names =
+            |addrs: Vec<&PciAddress>| addrs.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(
+            names(dropped.iter().collect()),
+            [
+                GIVEN_BACK_BY_HAND,
+                UNBOUND_AS_BEFORE,
+                DESTROYED_VF,
+                NEVER_THERE
+            ]
+        );
+        assert_eq!(
+            names(originals.keys().collect()),
+            [
+                ON_VFIO,
+                ON_VARIANT,
+                DETACH_FAILED_BEFORE_UNBIND,
+                DETACH_FAILED_AFTER_UNBIND,
+                DRIVER_UNREADABLE
+            ]
+        );
+        assert!(drop_stale(&tree.root(), &mut originals).is_empty());
+    }
+
+    /// At start, the state file loses what [`drop_stale`] drops, on disk too.
+    #[test]
+    fn a_binder_starts_without_stale_entries() {
+        let tree = FakeSysfs::new();
+        tree.add("0000:01:00.0", 0x8086, 0x10ca, 0x020000)
+            .driver("vfio-pci");
+        let dir = tempfile::tempdir().unwrap();
+        let state_file = dir.path().join("vfio-drivers");
+        std::fs::write(&state_file, "0000:01:00.0 igb\n0000:05:10.0 igbvf\n").unwrap();
+        let binder = VfioBinder::new(tree.root(), Some(state_file.clone()));
+        let detached: PciAddress = "0000:01:00.0".parse().unwrap();
+        let gone: PciAddress = "0000:05:10.0".parse().unwrap();
+        assert_eq!(binder.original_driver(detached), Some(Some("igb".into())));
+        assert_eq!(binder.original_driver(gone), None);
+        assert_eq!(
+            state::load(&state_file).into_iter().collect::<Vec<_>>(),
+            [(detached, Some("igb".to_owned()))]
+        );
+
+        // A device that goes while the daemon runs: forgotten when told.
+        tree.remove("0000:01:00.0");
+        binder.forget_stale();
+        assert_eq!(binder.original_driver(detached), None);
+        assert!(state::load(&state_file).is_empty());
+    }
 
     #[test]
     fn vfio_drivers() {

@@ -367,6 +367,7 @@ async fn recv_batch_optional(
 
 async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
     let server = shared.connection.object_server();
+    let mut removed = false;
     for change in changes {
         match change {
             InventoryChange::Added(state) => {
@@ -389,12 +390,17 @@ async fn publish(shared: &Arc<Shared>, changes: Vec<InventoryChange>) {
                 let _ = server
                     .remove::<PciDeviceObject, _>(address.object_path())
                     .await;
+                removed = true;
             }
             InventoryChange::Changed { new, .. } => {
                 let path = new.info.address.object_path();
                 update(shared, &path, new).await;
             }
         }
+    }
+    // A destroyed VF (or any device gone) needs no original driver any more.
+    if removed {
+        shared.passthrough.forget_stale_drivers().await;
     }
 }
 
@@ -526,6 +532,13 @@ impl PciDeviceObject {
 /// A host PCI device and whether it can be passed through to a VM.
 #[interface(name = "org.example.VmManager1.PciDevice")]
 impl PciDeviceObject {
+    // Signals first (see "Member order" in the `service` module docs).
+    /// Emitted for every kernel or udev event about this device (`add`,
+    /// `change`, `bind`, `unbind`, …) once the properties reflect it. A
+    /// removal shows as InterfacesRemoved instead.
+    #[zbus(signal)]
+    async fn uevent(emitter: &SignalEmitter<'_>, action: &str) -> zbus::Result<()>;
+
     /// Binds the device to vfio-pci (driver_override, unbind, drivers_probe),
     /// remembering its driver for Reattach. `InUse` when a VM holds its VFIO
     /// group; nothing happens when it is already bound to vfio-pci or a
@@ -668,12 +681,6 @@ impl PciDeviceObject {
     fn passthrough_blockers(&self) -> Vec<String> {
         self.properties().passthrough_blockers
     }
-
-    /// Emitted for every kernel or udev event about this device (`add`,
-    /// `change`, `bind`, `unbind`, …) once the properties reflect it. A
-    /// removal shows as InterfacesRemoved instead.
-    #[zbus(signal)]
-    async fn uevent(emitter: &SignalEmitter<'_>, action: &str) -> zbus::Result<()>;
 
     /// Processes holding /dev/vfio/<group> or the device's iommufd cdev
     /// (/dev/vfio/devices/vfioN) open: `pid` (u), `exe` (s), `vm-name` (s).

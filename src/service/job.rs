@@ -87,6 +87,15 @@ impl Job {
 /// A running operation of the service.
 #[interface(name = "org.example.VmManager1.Job")]
 impl Job {
+    // Signals first (see "Member order" in the `service` module docs).
+    /// Emitted once when the job ends, just before the object goes away.
+    #[zbus(signal)]
+    pub async fn completed(
+        emitter: &SignalEmitter<'_>,
+        success: bool,
+        message: &str,
+    ) -> zbus::Result<()>;
+
     /// What the job does: `check-disk`.
     #[zbus(property(emits_changed_signal = "const"))]
     fn operation(&self) -> &str {
@@ -147,12 +156,4 @@ impl Job {
         self.cancel.cancel();
         Ok(())
     }
-
-    /// Emitted once when the job ends, just before the object goes away.
-    #[zbus(signal)]
-    pub async fn completed(
-        emitter: &SignalEmitter<'_>,
-        success: bool,
-        message: &str,
-    ) -> zbus::Result<()>;
 }

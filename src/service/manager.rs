@@ -378,6 +378,16 @@ async fn lookup_user(uid: u32) -> Result<RunAs, VmError> {
 /// PciDevice objects below this path) manages PCI passthrough.
 #[interface(name = "org.example.VmManager1")]
 impl Manager {
+    // Signals first (see "Member order" in the `service` module docs).
+    /// Emitted after every finished check (the report, plus `error` and
+    /// `error-message` when the check ended in an error).
+    #[zbus(signal)]
+    async fn disk_checked(
+        emitter: &SignalEmitter<'_>,
+        image: &str,
+        report: Dict,
+    ) -> zbus::Result<()>;
+
     /// Checks a VM disk image with `qemu-img check`, unless a running VM or
     /// another process uses it (then the error `InUse` names the VM and PID).
     /// Options: `pidfile` (s), `force-share` (b), `repair` (s: `leaks` or
@@ -525,15 +535,6 @@ impl Manager {
             .map_err(|e| VmError::from(CheckErrorKind::Scan(e)))?;
         Ok(users_list(&usage.users))
     }
-
-    /// Emitted after every finished check (the report, plus `error` and
-    /// `error-message` when the check ended in an error).
-    #[zbus(signal)]
-    async fn disk_checked(
-        emitter: &SignalEmitter<'_>,
-        image: &str,
-        report: Dict,
-    ) -> zbus::Result<()>;
 
     /// The service's version.
     #[zbus(property(emits_changed_signal = "const"))]

@@ -15,6 +15,16 @@
 //! - [`devices`]: one object per PCI device, kept in step with the inventory.
 //! - [`options`], [`values`], [`error`]: a{sv} options in, report
 //!   dictionaries out, the one D-Bus error enum.
+//!
+//! # Member order
+//! Each interface declares its signals before its methods. zbus writes
+//! members in declaration order, and the introspection of a parent object
+//! (`/` included) nests every child object's interfaces. busctl (seen with
+//! systemd 252) keeps a method argument's `direction` across the members of
+//! a nested `<node>`, so a signal after a method whose last argument is
+//! `in` printed "Unexpected signal <arg> direction value 'in'" once per
+//! device and job. `tests/introspection.rs` runs `busctl introspect` on
+//! every object.
 
 pub mod callers;
 pub mod daemon;

@@ -4,6 +4,9 @@ mod dead_fuse;
 mod fd_copies;
 mod seccomp;
 mod sleeper;
+// The integration tests use all of it; the unit tests only a part.
+#[allow(dead_code)]
+mod sysfs;
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +14,7 @@ pub use dead_fuse::DeadFuse;
 pub use fd_copies::sleep_holding_copies;
 pub use seccomp::with_failing_syscalls;
 pub use sleeper::Sleeper;
+pub use sysfs::FakeSysfs;
 
 /// Waits (up to 10 s) until `done` holds.
 pub async fn eventually(what: &str, done: impl Fn() -> bool) {

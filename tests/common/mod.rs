@@ -35,6 +35,7 @@ pub mod images;
 pub mod inproc;
 pub mod libvirt;
 pub mod polkit;
+#[path = "../../src/test_support/sysfs.rs"]
 pub mod sysfs;
 pub mod udevd;
 pub mod util;

@@ -1,5 +1,6 @@
 //! A prepared sysfs tree in a temp dir, in the kernel's shape, for driving
-//! the real device code without touching the host's /sys.
+//! the real device code without touching the host's /sys. Also included by
+//! the integration tests (`tests/common/mod.rs`).
 //!
 //! Layout under [`FakeSysfs::root`] (relative links, as the kernel makes
 //! them):
