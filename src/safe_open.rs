@@ -192,12 +192,19 @@ fn canonical_name(given: &Path, handle_path: &str, metadata: &Metadata) -> io::R
 /// `openat2(RESOLVE_NO_MAGICLINKS)`: like `open`, but ELOOP at any `/proc`
 /// magic link on the way.
 fn open_without_magic_links(path: &Path, flags: libc::c_int) -> io::Result<File> {
+    openat2(path, flags, libc::RESOLVE_NO_MAGICLINKS)
+}
+
+/// `openat2(path, flags, resolve)` from the current directory: `open` with
+/// `RESOLVE_*` restrictions on the way. Fails closed where there is no
+/// openat2.
+pub fn openat2(path: &Path, flags: libc::c_int, resolve: u64) -> io::Result<File> {
     let path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: open_how is plain integers; all-zero is its "nothing asked" value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = u64::try_from(flags).unwrap_or(0);
-    how.resolve = libc::RESOLVE_NO_MAGICLINKS;
+    how.resolve = resolve;
     // SAFETY: `path` is NUL-terminated and `how` is a valid open_how of the
     // size passed; the kernel writes nothing back.
     let fd = unsafe {
