@@ -22,6 +22,7 @@ mod launchers;
 mod libvirt;
 mod lifecycle;
 mod notify;
+mod opener;
 mod polkit_limits;
 mod qemu_img;
 mod scan_bounds;
