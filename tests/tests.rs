@@ -26,4 +26,5 @@ mod opener;
 mod polkit_limits;
 mod qemu_img;
 mod scan_bounds;
+mod units;
 mod vmctl_cli;
