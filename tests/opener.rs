@@ -41,7 +41,8 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// What [`SocketUnit`] does with each connection.
 #[derive(Default)]
 struct Instances {
-    /// Start the opener in this mount namespace (`/proc/PID/ns/mnt`).
+    /// Start the opener in this mount namespace (`/proc/PID/ns/mnt`)
+    /// rather than in a new one of its own.
     namespace: Option<PathBuf>,
     /// Runs after the connection is accepted, before the opener starts:
     /// the moment between the service's look at its descriptor and the
@@ -140,7 +141,17 @@ fn accept_loop(
             hung.push(connection);
             continue;
         }
-        let output = command_in_namespace(instances.namespace.as_deref(), OPENER)
+        // As systemd does, each instance gets a mount namespace of its own,
+        // gone when it exits: the handle must outlive it.
+        let mut command = match &instances.namespace {
+            Some(ns) => command_in_namespace(Some(ns), OPENER),
+            None => {
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "slave", "--", OPENER]);
+                c
+            }
+        };
+        let output = command
             .stdin(Stdio::from(OwnedFd::from(connection)))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
