@@ -377,8 +377,15 @@ fn an_opener_that_never_answers_is_given_up_on_in_time() {
     );
     assert!(started.elapsed() < Duration::from_secs(3));
     // A timeout is a failure of the moment, not the host's configuration.
-    let reason = NotWritable::Opener(answer.unwrap_err());
-    assert!(!reason.is_configuration());
+    let kind = CheckErrorKind::NotWritable {
+        image: dir.path().join("a.qcow2"),
+        socket: unit.socket.clone(),
+        reason: NotWritable::Opener(answer.unwrap_err()),
+    };
+    match VmError::from(kind) {
+        VmError::CheckFailed(m) => assert!(m.contains("try again"), "{m}"),
+        other => panic!("mapped to {other:?}"),
+    }
 }
 
 /// The whole service: its image directory read-only in its own mount

@@ -220,6 +220,14 @@ fn not_writable_message(
     reason: &NotWritable,
 ) -> String {
     let dir = image.parent().unwrap_or(image);
+    if !reason.is_configuration() {
+        return format!(
+            "{} cannot be repaired now: {} is read-only for the service, and no writable \
+             handle on the image could be had ({reason}); try again",
+            image.display(),
+            dir.display()
+        );
+    }
     format!(
         "{} cannot be repaired: {} is not a directory the service may repair in ({reason}). \
          Checks without repair work there; {}",
