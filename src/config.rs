@@ -32,6 +32,10 @@ pub struct Config {
 pub struct DiskConfig {
     /// The `qemu-img` binary.
     pub qemu_img: PathBuf,
+    /// `vmmanager-opener.socket`'s socket: asked, for a repair only, when
+    /// the image's mount is read-only for the service (see
+    /// [`crate::opener`]).
+    pub opener_socket: PathBuf,
     /// Upper bound for one `qemu-img check`, unless the caller asks for less.
     pub timeout_sec: u32,
     /// How many checks may run at once; 0 means the number of CPUs.
@@ -119,6 +123,7 @@ impl Default for DiskConfig {
     fn default() -> Self {
         DiskConfig {
             qemu_img: PathBuf::from("/usr/bin/qemu-img"),
+            opener_socket: PathBuf::from(crate::opener::DEFAULT_SOCKET),
             timeout_sec: 600,
             max_concurrent_checks: 0,
             max_checks_per_user: 0,
@@ -215,6 +220,13 @@ impl Config {
         };
         if !self.disk.qemu_img.is_absolute() {
             return Err(invalid("disk.qemu-img must be an absolute path".into()));
+        }
+        // sockaddr_un's sun_path holds 108 bytes, the NUL included.
+        let opener = &self.disk.opener_socket;
+        if !opener.is_absolute() || opener.as_os_str().len() > 107 {
+            return Err(invalid(
+                "disk.opener-socket must be an absolute path of at most 107 bytes".into(),
+            ));
         }
         if self.disk.timeout_sec == 0 {
             return Err(invalid("disk.timeout-sec must be at least 1".into()));
@@ -334,6 +346,19 @@ mod tests {
             Config::parse("[disk]\nqemu-img = \"qemu-img\"\n"),
             Err(ConfigError::Invalid { .. })
         ));
+        let long = format!("/{}", "s".repeat(107));
+        for socket in ["opener.socket", &long] {
+            assert!(
+                matches!(
+                    Config::parse(&format!("[disk]\nopener-socket = {socket:?}\n")),
+                    Err(ConfigError::Invalid { .. })
+                ),
+                "{socket}"
+            );
+        }
+        let longest = &long[..107];
+        let config = Config::parse(&format!("[disk]\nopener-socket = {longest:?}\n")).unwrap();
+        assert_eq!(config.disk.opener_socket, Path::new(longest));
         for pattern in ["run/*.pid", "/run/*/x.pid", "{image_dir}/"] {
             assert!(
                 matches!(

@@ -19,6 +19,8 @@
 //!     of its own (off the async workers), with timeout and cancellation,
 //!     and parse its JSON; as the service's child subreaper, kill whatever
 //!     leaves that group;
+//!   - [`disk::writable`]: for a repair, a handle of the image on a
+//!     writable mount when the service's own is on a read-only one;
 //!   - [`disk::checker`]: the orchestration: busy set, concurrency limit,
 //!     the in-use scan (started while polkit is asked, read only once
 //!     authorized), in-use refusal, report.
@@ -72,6 +74,11 @@
 //! - [`safe_open`]: opening a file someone else named with one lookup, never
 //!   a FIFO or a device; a caller's lookup never through a `/proc` magic
 //!   link, with `openat2` or (where a seccomp filter refuses it) without.
+//! - [`opener`]: both sides of `vmmanager-opener`, the socket-activated
+//!   helper that hands the service an `O_PATH` handle on an image from a
+//!   mount namespace built per request (for repairs in directories that
+//!   appeared after the service started); [`disk::writable`] decides when
+//!   to ask it and checks what it gets.
 //! - [`uid_counts`]: work counted per caller uid until its thread has
 //!   ended, for limits that bound threads stuck in the kernel, and the one
 //!   way to run such blocking work with a stop token and a time limit.
@@ -80,7 +87,8 @@
 //!   stuck in the kernel get 2 s, then the process exits without them).
 //! - `src/bin/`: thin binaries `vmmanagerd` (the service: arguments, config,
 //!   bus connection, then `build` + `serve` with signal-driven shutdown),
-//!   `vmctl` (CLI) and `vmmanager-notify` (session companion).
+//!   `vmctl` (CLI), `vmmanager-notify` (session companion) and
+//!   `vmmanager-opener` (see [`opener`]).
 //!
 //! # Methods: their polkit action and their code
 //!
@@ -105,6 +113,7 @@ pub mod disk;
 pub mod kernel_files;
 pub mod manpage;
 pub mod notify;
+pub mod opener;
 pub mod process;
 pub mod procfs;
 pub mod safe_open;

@@ -180,6 +180,7 @@ fn request(qemu_img: impl Into<PathBuf>, image: Arc<ImageFile>) -> CheckRequest 
     CheckRequest {
         qemu_img: qemu_img.into(),
         image,
+        reopen: None,
         force_share: false,
         repair: None,
         run_as: me(),

@@ -220,6 +220,17 @@ fn man_pages_for_vmctl_every_subcommand_and_the_daemon() {
             "/etc/vmmanager/vmmanager.toml",
             "RUST_LOG",
             "vmctl (1)",
+            "vmmanager\\-opener (8)",
+        ],
+    );
+    assert_page(
+        &dir.path().join("vmmanager-opener.8"),
+        &[
+            ".TH VMMANAGER-OPENER 8",
+            ".SH DESCRIPTION",
+            ".SH EXIT STATUS",
+            "/run/vmmanager\\-opener.socket",
+            "vmmanagerd (8)",
         ],
     );
 }

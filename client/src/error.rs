@@ -78,7 +78,9 @@ pub enum Error {
     Cancelled(String),
     /// `NotSupported`: the host cannot do this (Detach: vfio-pci is not
     /// available), or the image keeps its data in other files (CheckDisk:
-    /// a VMDK descriptor, qcow2 with an external data file).
+    /// a VMDK descriptor, qcow2 with an external data file), or a repair
+    /// in a directory the service may not write in (CheckDisk: the message
+    /// says how to allow it).
     NotSupported(String),
     /// `Failed`: an unexpected system failure, e.g. a sysfs write failed
     /// (Detach, Reattach); the message names the file and what was already

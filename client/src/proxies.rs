@@ -138,7 +138,8 @@ pub trait Manager {
     ///   caller left the bus, or the service is stopping.
     /// - [`NotSupported`](crate::Error::NotSupported): the image keeps its
     ///   data in other files (a VMDK descriptor, qcow2 with an external
-    ///   data file).
+    ///   data file), or a repair in a directory the service may not write
+    ///   in (the message says how to allow it).
     /// - [`ZBus`](crate::Error::ZBus): the bus, e.g. the service is not
     ///   installed.
     #[zbus(allow_interactive_auth)]

@@ -45,7 +45,8 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
 
-    /// Write the man page vmmanagerd.8 into DIR and exit (`make` runs this).
+    /// Write the man pages vmmanagerd.8 and vmmanager-opener.8 into DIR and
+    /// exit (`make` runs this).
     #[arg(long, value_name = "DIR", hide = true)]
     generate_man: Option<PathBuf>,
 }
@@ -63,7 +64,38 @@ Exit status:
 const ON_HANGUP: &str =
     "the configuration is read only at start; restart the service to apply changes";
 
-/// vmmanagerd(8), from the same clap definitions as `--help`.
+/// vmmanager-opener(8). The opener takes no arguments and stays small (no
+/// clap), so its page is made here, with vmmanagerd's.
+const OPENER_ABOUT: &str = "Open a disk image for a VM Manager repair (socket activated)";
+
+const OPENER_DESCRIPTION: &str = "\
+Started by systemd for each connection to vmmanager-opener.socket \
+(vmmanager-opener@.service, the connection on stdin); never run by hand. \
+vmmanagerd connects only to repair an image whose directory is read-only in \
+its own mount namespace: systemd builds that namespace once, when the \
+service starts, so a ReadWritePaths= directory made later stays read-only \
+in it. Each opener instance gets a namespace built when the connection \
+comes, with the same ReadWritePaths= list.
+
+It reads one absolute path (at most 4095 bytes, no NUL) from a root peer, \
+opens it with O_PATH, without following symbolic links, sends the \
+descriptor back (SCM_RIGHTS) or one error line, and exits. It never reads \
+or writes a file's contents. vmmanagerd uses the descriptor only if it is \
+the very file it checked and lies on a writable mount; qemu-img then \
+reopens it with the caller's own permissions.
+
+To allow repairs in another directory, add ReadWritePaths=-DIR in a drop-in \
+for both vmmanager-opener@.service and vmmanagerd.service (systemctl edit).";
+
+const OPENER_EXIT_STATUS: &str = "\
+Exit status:
+  0   the descriptor was sent
+  1   refused (not root, a bad path, the path cannot be opened) or the
+      answer could not be sent; the reason is in the journal
+  2   started with arguments";
+
+/// vmmanagerd(8), from the same clap definitions as `--help`, and
+/// vmmanager-opener(8).
 fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
     use clap::CommandFactory;
     use vmmanager::manpage::{self, Body, Section};
@@ -74,10 +106,17 @@ fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
     let extra = [
         Section::new(
             "FILES",
-            items(&[(
-                DEFAULT_CONFIG_PATH,
-                "Configuration (TOML); every setting has a default, so the file is optional.",
-            )]),
+            items(&[
+                (
+                    DEFAULT_CONFIG_PATH,
+                    "Configuration (TOML); every setting has a default, so the file is optional.",
+                ),
+                (
+                    vmmanager::opener::DEFAULT_SOCKET,
+                    "vmmanager-opener(8)'s socket, asked for repairs in directories that are \
+                     read-only for the service (disk.opener-socket).",
+                ),
+            ]),
         ),
         Section::new(
             "ENVIRONMENT",
@@ -101,6 +140,7 @@ fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
             Body::SeeAlso(
                 [
                     ("vmctl", "1"),
+                    ("vmmanager-opener", "8"),
                     ("busctl", "1"),
                     ("polkit", "8"),
                     ("qemu-img", "1"),
@@ -112,7 +152,36 @@ fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
         ),
     ];
     std::fs::create_dir_all(dir)?;
-    manpage::write(dir, Args::command(), "8", &extra).map(|_| ())
+    manpage::write(dir, Args::command(), "8", &extra)?;
+
+    let opener = clap::Command::new("vmmanager-opener")
+        .about(OPENER_ABOUT)
+        .long_about(OPENER_DESCRIPTION)
+        .after_long_help(OPENER_EXIT_STATUS)
+        .disable_help_flag(true)
+        .disable_version_flag(true);
+    let opener_extra = [
+        Section::new(
+            "FILES",
+            items(&[(
+                vmmanager::opener::DEFAULT_SOCKET,
+                "The socket (vmmanager-opener.socket: root only, one instance per connection).",
+            )]),
+        ),
+        Section::new(
+            "SEE ALSO",
+            Body::SeeAlso(
+                [
+                    ("vmmanagerd", "8"),
+                    ("systemd.socket", "5"),
+                    ("systemd.exec", "5"),
+                ]
+                .map(|(n, s)| (n.to_string(), s.to_string()))
+                .into(),
+            ),
+        ),
+    ];
+    manpage::write(dir, opener, "8", &opener_extra).map(|_| ())
 }
 
 fn main() -> ExitCode {

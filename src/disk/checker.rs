@@ -17,6 +17,7 @@ use super::qemu_img::{
 };
 use super::usage::{DiskUsage, DiskUser, UsageScanner};
 use super::view::View;
+use super::writable::{self, NotWritable};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
 use crate::uid_counts::{self, Counted, StoppableJob, UidCounts, Unfinished};
 
@@ -194,12 +195,46 @@ pub enum CheckErrorKind {
         image: PathBuf,
         reason: &'static str,
     },
+    /// A repair of an image on a mount that is read-only for the service,
+    /// and no writable handle of it to be had (see [`writable`]).
+    #[error("{}", not_writable_message(.image, .socket, .reason))]
+    NotWritable {
+        image: PathBuf,
+        /// Where the opener was asked.
+        socket: PathBuf,
+        reason: NotWritable,
+    },
     #[error("cancelled before qemu-img started")]
     CancelledBeforeStart,
     #[error("{0}")]
     QemuImg(#[from] QemuImgError),
     #[error("{0}")]
     Scan(#[from] ScanError),
+}
+
+/// Which directory a repair needs, why it cannot write there, and how an
+/// administrator allows it.
+fn not_writable_message(
+    image: &std::path::Path,
+    socket: &std::path::Path,
+    reason: &NotWritable,
+) -> String {
+    let dir = image.parent().unwrap_or(image);
+    if !reason.is_configuration() {
+        return format!(
+            "{} cannot be repaired now: {} is read-only for the service, and no writable \
+             handle on the image could be had ({reason}); try again",
+            image.display(),
+            dir.display()
+        );
+    }
+    format!(
+        "{} cannot be repaired: {} is not a directory the service may repair in ({reason}). \
+         Checks without repair work there; {}",
+        image.display(),
+        dir.display(),
+        reason.remedy(socket, dir)
+    )
 }
 
 /// "5 s", or "0.3 s" for limits below a second.
@@ -289,6 +324,8 @@ pub struct DiskChecker {
 struct Inner {
     scanner: UsageScanner,
     qemu_img: PathBuf,
+    /// `vmmanager-opener`'s socket, asked for repairs on read-only mounts.
+    opener_socket: PathBuf,
     limits: Limits,
     /// Owned permits: a check's scan thread holds its slots until it has
     /// ended (see [`DiskChecker::check`]).
@@ -379,7 +416,12 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl DiskChecker {
-    pub fn new(scanner: UsageScanner, qemu_img: PathBuf, limits: Limits) -> Self {
+    pub fn new(
+        scanner: UsageScanner,
+        qemu_img: PathBuf,
+        opener_socket: PathBuf,
+        limits: Limits,
+    ) -> Self {
         let limits = Limits {
             concurrent: limits.concurrent.max(1),
             per_user: limits.per_user.max(1),
@@ -389,6 +431,7 @@ impl DiskChecker {
             inner: Arc::new(Inner {
                 scanner,
                 qemu_img,
+                opener_socket,
                 limits,
                 slots: Arc::new(Semaphore::new(limits.concurrent)),
                 user_slots: Arc::new(Semaphore::new(limits.concurrent.saturating_sub(1).max(1))),
@@ -571,6 +614,41 @@ impl DiskChecker {
         RunningScan { image: path, job }
     }
 
+    /// For a repair: the handle qemu-img must reopen instead of the image's
+    /// own descriptor, when that is on a read-only mount
+    /// ([`writable::handle_for_repair`]); `None` when it is not. In a
+    /// blocking thread that holds the check's `slots` until it has ended
+    /// (fstatvfs on a hung FUSE mount does not return), by the check's
+    /// deadline (and its `limit`, for the message).
+    async fn writable_handle(
+        &self,
+        image: &Arc<ImageFile>,
+        (deadline, limit): (Instant, Duration),
+        cancel: &CancellationToken,
+        slots: &Arc<Slots>,
+    ) -> Result<Option<std::os::fd::OwnedFd>, CheckErrorKind> {
+        let socket = self.inner.opener_socket.clone();
+        let job = uid_counts::spawn_stoppable(slots.clone(), cancel, {
+            let (image, socket) = (image.clone(), socket.clone());
+            move |_| writable::handle_for_repair(&image, &socket, writable::OPENER_TIMEOUT)
+        });
+        let not_writable = |reason| CheckErrorKind::NotWritable {
+            image: image.path.clone(),
+            socket: socket.clone(),
+            reason,
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        match job.finish(left, cancel).await {
+            Ok(Ok(handle)) => Ok(handle),
+            Ok(Err(reason)) => Err(not_writable(reason)),
+            Err(Unfinished::Cancelled) => Err(CheckErrorKind::CancelledBeforeStart),
+            Err(Unfinished::TimedOut) => Err(CheckErrorKind::Timeout(limit)),
+            Err(Unfinished::Panicked(e)) => Err(not_writable(NotWritable::Inspect(
+                std::io::Error::other(e.to_string()),
+            ))),
+        }
+    }
+
     /// Claims `image` for one check by caller `uid`: `Busy` when a check of
     /// the same file (by device and inode, whatever the path) is running,
     /// `TooManyChecks` when that caller has as many as it may.
@@ -704,12 +782,23 @@ impl DiskChecker {
             return Ok(report);
         }
 
+        let reopen = match options.repair {
+            None => None,
+            Some(_) => match self
+                .writable_handle(&image, (deadline, limit), cancel, &slots)
+                .await
+            {
+                Ok(handle) => handle.map(Arc::new),
+                Err(kind) => return Err(fail(kind, report)),
+            },
+        };
         let Some(remaining) = deadline.checked_duration_since(Instant::now()) else {
             return Err(fail(CheckErrorKind::Timeout(limit), report));
         };
         let request = CheckRequest {
             qemu_img: self.inner.qemu_img.clone(),
             image: image.clone(),
+            reopen,
             force_share: options.force_share,
             repair: options.repair,
             run_as: check_as.run_as.clone(),
@@ -846,7 +935,8 @@ mod tests {
                 queued_per_user: 1,
             };
             let scanner = UsageScanner::new("/proc".into(), Vec::new());
-            let checker = DiskChecker::new(scanner, script, limits);
+            let opener = dir.path().join("no-opener.socket");
+            let checker = DiskChecker::new(scanner, script, opener, limits);
             Fixture { dir, checker }
         }
 

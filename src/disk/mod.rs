@@ -5,3 +5,4 @@ pub mod image;
 pub mod qemu_img;
 pub mod usage;
 pub mod view;
+pub mod writable;

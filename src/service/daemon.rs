@@ -91,7 +91,12 @@ pub fn build(config: &Config, roots: Roots) -> Parts {
         config.system.proc_root.clone(),
         config.disk.pidfile_patterns.clone(),
     );
-    let checker = DiskChecker::new(scanner, config.disk.qemu_img.clone(), config.check_limits());
+    let checker = DiskChecker::new(
+        scanner,
+        config.disk.qemu_img.clone(),
+        config.disk.opener_socket.clone(),
+        config.check_limits(),
+    );
 
     let devices = &config.devices;
     let settings = DeviceSettings {

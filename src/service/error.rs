@@ -163,6 +163,13 @@ impl From<CheckErrorKind> for VmError {
                 VmError::Timeout(kind.to_string())
             }
             CheckErrorKind::OtherFiles { .. } => VmError::NotSupported(kind.to_string()),
+            // Where the host's units do not let the service write, a repair
+            // is not something this host does; a failure of the moment
+            // (the opener timed out) is the check's.
+            CheckErrorKind::NotWritable { ref reason, .. } if reason.is_configuration() => {
+                VmError::NotSupported(kind.to_string())
+            }
+            CheckErrorKind::NotWritable { .. } => VmError::CheckFailed(kind.to_string()),
             CheckErrorKind::QemuImg(q) => q.into(),
             CheckErrorKind::CancelledBeforeStart | CheckErrorKind::Scan(ScanError::Cancelled) => {
                 QemuImgError::CancelledBeforeStart.into()

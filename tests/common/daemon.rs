@@ -2,14 +2,14 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
 use vmmanager::config::{Config, EventsSetting, PermittedDevice};
 
 use super::bus::TestBus;
-use super::util::{ChildGuard, public_tempdir, read_lossy, write_file};
+use super::util::{ChildGuard, command_in_namespace, public_tempdir, read_lossy, write_file};
 
 pub use vmmanager_client::names::{
     BUS_NAME as SERVICE_NAME, MANAGER_INTERFACE as MANAGER_IFACE, MANAGER_PATH,
@@ -122,18 +122,7 @@ impl Daemon {
         write_file(&config_path, config.config.to_toml(), 0o644);
         let stderr_path = dir.path().join("vmmanagerd.stderr");
         let log = File::create(&stderr_path).expect("create vmmanagerd.stderr");
-        let mut cmd = match &config.mount_namespace {
-            // nsenter without --fork execs: the child's PID is the daemon's.
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--mount={}", ns.display()))
-                    .arg("--")
-                    .arg(bin);
-                c
-            }
-            None => Command::new(bin),
-        };
-        let child = cmd
+        let child = command_in_namespace(config.mount_namespace.as_deref(), bin)
             .arg("--bus-address")
             .arg(bus.address())
             .arg("--config")

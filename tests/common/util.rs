@@ -162,6 +162,22 @@ pub fn command_as(user: Option<(u32, u32)>, program: &str) -> Command {
     }
 }
 
+/// `Command` for `program` in the mount namespace `ns` (`/proc/PID/ns/mnt`),
+/// or in this one when `None`. nsenter without --fork execs: the child's
+/// PID is `program`'s.
+pub fn command_in_namespace(ns: Option<&Path>, program: &str) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--mount={}", ns.display()))
+                .arg("--")
+                .arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
 /// `setpriv`'s options for running as `uid`/`gid` with no supplementary
 /// groups (for a command line that must put something before `setpriv`).
 pub fn setpriv_args(uid: u32, gid: u32) -> [String; 3] {

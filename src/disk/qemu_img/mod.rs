@@ -9,6 +9,9 @@
 //!   service opened, authorized and scanned (fd N), and reopens exactly that
 //!   inode through `/proc/self/fd/N`, with its own (the caller's or owner's)
 //!   permissions. A name swapped after the service looked cannot redirect it.
+//!   For a repair on a mount that is read-only for the service, fd N is
+//!   instead an `O_PATH` handle of the same inode on a writable mount
+//!   ([`CheckRequest::reopen`], from [`super::writable`]).
 //! - The format comes from the header magic (qemu-img never probes it).
 //! - `"backing": null`: qemu-img does not open the backing chain at all.
 //!   `check` (and `-r`) only reads and fixes the image's own metadata, so
@@ -42,7 +45,7 @@ mod strays;
 
 use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -92,6 +95,10 @@ pub struct CheckRequest {
     pub qemu_img: PathBuf,
     /// The opened image: qemu-img checks this inode, whatever its name is now.
     pub image: Arc<ImageFile>,
+    /// What qemu-img reopens instead of `image.file`: a handle of the same
+    /// inode on a writable mount, for a repair where the service's own
+    /// mount is read-only (see [`super::writable`]); `None` otherwise.
+    pub reopen: Option<Arc<OwnedFd>>,
     /// `-U`: read-only check of an image someone else holds. qemu-img itself
     /// refuses it together with `repair`.
     pub force_share: bool,
@@ -202,7 +209,7 @@ pub async fn run_check(
 
     let switch = CredentialSwitch::plan(&request.run_as).map_err(spawn_error)?;
     let mut command = build_command(request);
-    inherit_fd(&mut command, request.image.file.as_raw_fd());
+    inherit_fd(&mut command, request.image_fd());
     switch.install(&mut command);
     tracing::debug!(
         qemu_img = %request.qemu_img.display(),
@@ -267,6 +274,16 @@ pub async fn run_check(
     })
 }
 
+impl CheckRequest {
+    /// The descriptor qemu-img inherits and reopens.
+    fn image_fd(&self) -> RawFd {
+        match &self.reopen {
+            Some(handle) => handle.as_raw_fd(),
+            None => self.image.file.as_raw_fd(),
+        }
+    }
+}
+
 /// The path through which qemu-img reopens the inherited image descriptor.
 fn fd_path(fd: RawFd) -> String {
     format!("/proc/self/fd/{fd}")
@@ -280,7 +297,7 @@ fn image_spec(request: &CheckRequest) -> String {
         "backing": null,
         "file": {
             "driver": "file",
-            "filename": fd_path(request.image.file.as_raw_fd()),
+            "filename": fd_path(request.image_fd()),
         },
     });
     format!("json:{spec}")
@@ -380,6 +397,7 @@ mod tests {
         CheckRequest {
             qemu_img: PathBuf::from("/nonexistent/qemu-img"),
             image: image(format),
+            reopen: None,
             force_share: false,
             repair: None,
             run_as: RunAs {
