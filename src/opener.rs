@@ -29,7 +29,6 @@ use std::mem::{size_of, zeroed};
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -117,26 +116,50 @@ fn open_requested(connection: &UnixStream) -> Result<OwnedFd, Refusal> {
     if request.first() != Some(&b'/') {
         return Err(Refusal::NotAbsolute);
     }
-    // The service sends the kernel's name of its descriptor, which has no
-    // symlinks; a name changed since may lead elsewhere, and the service
-    // uses the handle only if it is its own file's inode (so plain `open`
-    // suffices: openat2(RESOLVE_NO_SYMLINKS) would fail with ENOSYS under
-    // the unit's RestrictSUIDSGID=yes). A symlink in place of the file
-    // itself is refused here already (ELOOP, as openat2 would).
-    let path = Path::new(OsStr::from_bytes(&request));
-    let handle = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(Refusal::Open)?;
+    open_without_symlinks(Path::new(OsStr::from_bytes(&request))).map_err(Refusal::Open)
+}
+
+/// Opens `path` (absolute) with O_PATH one component at a time, refusing any
+/// symlink, `.` or `..` on the way (ELOOP, as openat2(RESOLVE_NO_SYMLINKS)
+/// would; openat2 itself fails with ENOSYS under the unit's
+/// RestrictSUIDSGID=yes). The service sends the kernel's name of its
+/// descriptor, which has none of them: one means the name was changed
+/// since, by someone who wants root to look somewhere for them.
+fn open_without_symlinks(path: &Path) -> io::Result<OwnedFd> {
+    let refused = || io::Error::from_raw_os_error(libc::ELOOP);
+    let mut components = path.as_os_str().as_bytes().split(|&b| b == b'/').peekable();
+    if components.next() != Some(b"".as_slice()) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut dir = OwnedFd::from(std::fs::File::open("/")?);
+    while let Some(name) = components.next() {
+        if name.is_empty() || name == b"." || name == b".." {
+            return Err(refused());
+        }
+        let last = components.peek().is_none();
+        let mut flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        if !last {
+            // A symlink opened with O_NOFOLLOW is no directory: ENOTDIR.
+            flags |= libc::O_DIRECTORY;
+        }
+        let name = std::ffi::CString::new(name).map_err(|_| refused())?;
+        // SAFETY: a valid directory fd and a NUL-terminated name.
+        let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::ENOTDIR) {
+                refused()
+            } else {
+                e
+            });
+        }
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    }
     // With O_PATH, O_NOFOLLOW opens a symlink itself rather than failing.
-    if handle
-        .metadata()
-        .map_err(Refusal::Open)?
-        .file_type()
-        .is_symlink()
-    {
-        return Err(Refusal::Open(io::Error::from_raw_os_error(libc::ELOOP)));
+    let handle = std::fs::File::from(dir);
+    if handle.metadata()?.file_type().is_symlink() {
+        return Err(refused());
     }
     Ok(OwnedFd::from(handle))
 }

@@ -309,6 +309,48 @@ fn a_symlink_on_the_way_is_refused_even_to_the_same_file() {
     }
 }
 
+/// A directory on the way swapped for a symlink (to a place the caller
+/// cannot enter, say): the opener never follows it, so root looks nowhere
+/// else for the caller and tells nothing of what is there.
+#[test]
+fn a_symlinked_directory_on_the_way_is_never_followed() {
+    let dir = public_tempdir("vmm-opener-images-");
+    let sub = dir.path().join("d");
+    fs::create_dir(&sub).unwrap();
+    let (_path, image) = image_in(&sub, "a.qcow2");
+    let unit = SocketUnit::start(Instances {
+        on_connect: Some(Box::new({
+            let (dir, sub) = (dir.path().to_owned(), sub.clone());
+            move || {
+                fs::rename(&sub, dir.join("d2")).unwrap();
+                std::os::unix::fs::symlink(dir.join("d2"), &sub).unwrap();
+            }
+        })),
+        ..Instances::default()
+    });
+    match writable::reopen_writable(&image, &unit.socket, TIMEOUT) {
+        Err(NotWritable::Opener(OpenerError::Refused(why))) => {
+            assert!(why.contains("Too many levels of symbolic links"), "{why}")
+        }
+        other => panic!("a symlinked directory on the way gave {other:?}"),
+    }
+}
+
+/// An image unlinked since the service opened it has a name ending in
+/// " (deleted)", which may lead anywhere now: the opener is not asked.
+#[test]
+fn an_unlinked_image_is_not_looked_up_again() {
+    let dir = public_tempdir("vmm-opener-images-");
+    let (path, image) = image_in(dir.path(), "a.qcow2");
+    fs::remove_file(&path).unwrap();
+    let unit = SocketUnit::start(Instances::default());
+    match writable::reopen_writable(&image, &unit.socket, TIMEOUT) {
+        Err(NotWritable::OtherFile) => {}
+        other => panic!("an unlinked image gave {other:?}"),
+    }
+    assert!(unit.served().is_empty(), "the opener was asked");
+}
+
 #[test]
 fn a_directory_read_only_for_the_opener_too_is_refused() {
     let dir = public_tempdir("vmm-opener-images-");

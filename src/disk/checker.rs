@@ -219,18 +219,21 @@ fn not_writable_message(
     socket: &std::path::Path,
     reason: &NotWritable,
 ) -> String {
+    // The reason stays in the log: what the opener met on a name the
+    // caller may have changed since would tell them about paths they
+    // cannot see.
     let dir = image.parent().unwrap_or(image);
     if !reason.is_configuration() {
         return format!(
             "{} cannot be repaired now: {} is read-only for the service, and no writable \
-             handle on the image could be had ({reason}); try again",
+             handle on the image could be had; try again",
             image.display(),
             dir.display()
         );
     }
     format!(
-        "{} cannot be repaired: {} is not a directory the service may repair in ({reason}). \
-         Checks without repair work there; {}",
+        "{} cannot be repaired: {} is not a directory the service may repair in. Checks \
+         without repair work there; {}",
         image.display(),
         dir.display(),
         reason.remedy(socket, dir)
@@ -640,7 +643,13 @@ impl DiskChecker {
         let left = deadline.saturating_duration_since(Instant::now());
         match job.finish(left, cancel).await {
             Ok(Ok(handle)) => Ok(handle),
-            Ok(Err(reason)) => Err(not_writable(reason)),
+            Ok(Err(reason)) => {
+                tracing::warn!(
+                    "no writable handle for a repair of {}: {reason}",
+                    image.path.display()
+                );
+                Err(not_writable(reason))
+            }
             Err(Unfinished::Cancelled) => Err(CheckErrorKind::CancelledBeforeStart),
             Err(Unfinished::TimedOut) => Err(CheckErrorKind::Timeout(limit)),
             Err(Unfinished::Panicked(e)) => Err(not_writable(NotWritable::Inspect(

@@ -97,6 +97,10 @@ pub fn reopen_writable(
     timeout: Duration,
 ) -> Result<OwnedFd, NotWritable> {
     let name = current_name(image.file.as_fd()).map_err(NotWritable::Inspect)?;
+    // Unlinked since it was opened: its old name may lead anywhere now.
+    if name.as_os_str().as_encoded_bytes().ends_with(b" (deleted)") {
+        return Err(NotWritable::OtherFile);
+    }
     let handle = opener::request(socket, &name, timeout)?;
     let found = std::fs::File::from(handle.try_clone().map_err(NotWritable::Inspect)?)
         .metadata()
