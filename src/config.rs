@@ -6,8 +6,8 @@
 //!
 //! Every place the service reads the host's kernel or udevd is a key, so
 //! tests can point the real code at prepared trees: `[system] proc-root`
-//! and `sysfs-root`, `[devices] udev-data-dir`, `udev-control-socket` and
-//! `dev-root`.
+//! and `sysfs-root`, `[devices] udev-data-dir`, `udev-control-socket`,
+//! `dev-root` and `hwdb` (off for a prepared tree).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -84,6 +84,10 @@ pub struct DevicesConfig {
     pub receive_buffer_bytes: u32,
     /// udevd's database, where hwdb names of devices are found.
     pub udev_data_dir: PathBuf,
+    /// Look names up in the udev hwdb itself when udevd's database has
+    /// none (no udevd, no coldplug); off for a prepared sysfs tree, whose
+    /// ids are not this machine's devices.
+    pub hwdb: bool,
     /// udevd's control socket: with `events = "auto"`, the udev group is used
     /// when it exists (libudev's own test for a running udevd).
     pub udev_control_socket: PathBuf,
@@ -102,6 +106,7 @@ impl Default for DevicesConfig {
             events: EventsSetting::Auto,
             receive_buffer_bytes: 128 * 1024 * 1024,
             udev_data_dir: PathBuf::from("/run/udev/data"),
+            hwdb: true,
             udev_control_socket: PathBuf::from(crate::devices::monitor::UDEVD_CONTROL_SOCKET),
             dev_root: PathBuf::from("/dev"),
             permitted: Vec::new(),

@@ -30,6 +30,7 @@ fn settings() -> DeviceSettings {
     DeviceSettings {
         sysfs_root: "/sys".into(),
         udev_data_dir: "/run/udev/data".into(),
+        hwdb: false,
         proc_root: "/proc".into(),
         dev_root: "/dev".into(),
         allow_list: Vec::new(),

@@ -43,10 +43,8 @@ async fn device_proxy<'a>(connection: &Connection, address: &PciAddress) -> PciD
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_real_device_is_an_object_and_vmctl_lists_them() {
-    let (stack, connection) = start(DaemonConfig::default()).await;
-    let objects = common::bus::managed_objects(&connection).await;
+/// Every real PCI device's address, sorted.
+fn real_addresses() -> Vec<String> {
     let mut listed: Vec<String> = std::fs::read_dir("/sys/bus/pci/devices")
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -56,6 +54,26 @@ async fn every_real_device_is_an_object_and_vmctl_lists_them() {
         "this test needs a host with PCI devices: /sys/bus/pci/devices is empty"
     );
     listed.sort();
+    listed
+}
+
+/// `vmctl devices` against the stack's service; must succeed.
+fn vmctl_devices(stack: &Stack) -> common::CmdOutput {
+    let out = common::util::run(
+        std::process::Command::new(VMCTL)
+            .arg("--bus-address")
+            .arg(stack.bus.address())
+            .arg("devices"),
+    );
+    assert!(out.success(), "{out:?}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_real_device_is_an_object_and_vmctl_lists_them() {
+    let (stack, connection) = start(DaemonConfig::default()).await;
+    let objects = common::bus::managed_objects(&connection).await;
+    let listed = real_addresses();
     let mut exported: Vec<String> = objects
         .values()
         .filter_map(|ifaces| {
@@ -82,13 +100,7 @@ async fn every_real_device_is_an_object_and_vmctl_lists_them() {
         assert_eq!(proxy.driver().await.unwrap(), driver, "{address}");
     }
 
-    let out = common::util::run(
-        std::process::Command::new(VMCTL)
-            .arg("--bus-address")
-            .arg(stack.bus.address())
-            .arg("devices"),
-    );
-    assert!(out.success(), "{out:?}");
+    let out = vmctl_devices(&stack);
     assert!(out.stdout.starts_with("ADDRESS"), "{}", out.stdout);
     for address in &listed {
         assert!(
@@ -144,7 +156,12 @@ async fn a_real_kernel_uevent_reaches_a_bus_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_real_udevd_names_come_from_the_hwdb() {
     let _udevd = tokio::task::spawn_blocking(Udevd::start).await.unwrap();
-    let (_stack, connection) = start(DaemonConfig::default().events(EventsSetting::Udev)).await;
+    // Without its own hwdb lookups, the service learns the names from
+    // udevd's event alone.
+    let config = DaemonConfig::default()
+        .events(EventsSetting::Udev)
+        .hwdb(false);
+    let (_stack, connection) = start(config).await;
     let address = device();
     let proxy = device_proxy(&connection, &address).await;
     let properties = zbus::fdo::PropertiesProxy::builder(&connection)
@@ -194,6 +211,73 @@ async fn with_a_real_udevd_names_come_from_the_hwdb() {
         }
     }
     assert!(saw_vendor, "no PropertiesChanged with VendorName");
+}
+
+/// `(ID_VENDOR_FROM_DATABASE, ID_MODEL_FROM_DATABASE)` for the device's
+/// modalias, as `udevadm hwdb --test` prints them ("" when none).
+fn hwdb_names(address: &str) -> (String, String) {
+    let modalias = std::fs::read_to_string(format!("/sys/bus/pci/devices/{address}/modalias"))
+        .unwrap_or_else(|e| panic!("{address}: modalias: {e}"));
+    let out = common::util::run(
+        std::process::Command::new("udevadm")
+            .arg("hwdb")
+            .arg(format!("--test={}", modalias.trim())),
+    );
+    let text = out.expect_success("udevadm hwdb --test");
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (
+        value("ID_VENDOR_FROM_DATABASE="),
+        value("ID_MODEL_FROM_DATABASE="),
+    )
+}
+
+/// No udevd and an empty udev database (a fresh boot, a container, no
+/// coldplug): every real device's names are the hwdb's, as `udevadm hwdb
+/// --test=MODALIAS` prints them, on the bus and in `vmctl devices`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_udev_database_names_come_from_the_hwdb() {
+    let empty = common::util::public_tempdir("vmm-udev-data-");
+    let config = DaemonConfig::default()
+        .events(EventsSetting::Kernel)
+        .udev_data_dir(empty.path());
+    let (stack, connection) = start(config).await;
+    let out = vmctl_devices(&stack);
+    let mut named = 0;
+    for address in real_addresses() {
+        let (vendor, model) = hwdb_names(&address);
+        let proxy = device_proxy(&connection, &address.parse().unwrap()).await;
+        assert_eq!(proxy.vendor_name().await.unwrap(), vendor, "{address}");
+        assert_eq!(proxy.device_name().await.unwrap(), model, "{address}");
+        let name = [vendor.as_str(), model.as_str()]
+            .into_iter()
+            .filter(|n| !n.is_empty())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let row = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&address))
+            .unwrap_or_else(|| panic!("{address} not listed:\n{}", out.stdout));
+        assert!(
+            row.trim_end().ends_with(&name),
+            "{address}: {row:?}, want {name:?}"
+        );
+        named += usize::from(!name.is_empty());
+    }
+    assert!(
+        named > 0,
+        "the hwdb names none of this machine's devices:\n{}",
+        out.stdout
+    );
+    // Looked up, and unmapped again: its pages are not kept resident.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", stack.daemon.pid())).unwrap();
+    assert!(!maps.contains("hwdb.bin"), "{maps}");
+    println!("{}", out.stdout);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -27,4 +27,5 @@ mod polkit_limits;
 mod qemu_img;
 mod scan_bounds;
 mod units;
+mod vmctl_agent;
 mod vmctl_cli;

@@ -25,11 +25,14 @@
 //! # Names
 //! Vendor/device names come from the udev event when it carries them, else
 //! from udevd's database, else the previous names are kept (a kernel-only
-//! event carries none, but the device did not change its name).
+//! event carries none, but the device did not change its name), else — with
+//! [`Inventory::with_hwdb`] — from the udev hwdb, as udevd would have found
+//! them (no udevd, no coldplug, a container): looked up once per modalias.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use super::hwdb::Hwdb;
 use super::sysfs::{self, PciDeviceInfo, SysfsError};
 use super::vfio::{VFIO_DRIVER, is_vfio_driver};
 use super::{DeviceAction, DeviceEvent};
@@ -140,6 +143,8 @@ pub struct Inventory {
     udev_data_dir: PathBuf,
     allow_list: Vec<AllowEntry>,
     devices: BTreeMap<PciAddress, DeviceState>,
+    /// Names for devices that have none otherwise; `None`: not looked up.
+    hwdb: Option<Hwdb>,
 }
 
 impl Inventory {
@@ -155,7 +160,16 @@ impl Inventory {
             udev_data_dir: udev_data_dir.into(),
             allow_list,
             devices: BTreeMap::new(),
+            hwdb: None,
         }
+    }
+
+    /// Also looks names up in this machine's udev hwdb when the event,
+    /// udevd's database and the device's previous state have none (not for
+    /// a prepared tree, whose ids are not this machine's devices).
+    pub fn with_hwdb(mut self) -> Self {
+        self.hwdb = Some(Hwdb::default());
+        self
     }
 
     pub fn sysfs_root(&self) -> &Path {
@@ -214,6 +228,7 @@ impl Inventory {
             self.recompute_alone(&address);
         }
 
+        self.release_hwdb();
         let addresses: BTreeSet<PciAddress> =
             old.keys().chain(self.devices.keys()).copied().collect();
         addresses
@@ -319,6 +334,7 @@ impl Inventory {
             }
         }
 
+        self.release_hwdb();
         let own = named.iter().filter_map(|d| {
             diff(
                 d.address,
@@ -331,6 +347,13 @@ impl Inventory {
             .filter(|(a, _)| !is_named(a))
             .filter_map(|(a, old)| diff(*a, Some(old), self.devices.get(a)));
         own.chain(mates).collect()
+    }
+
+    /// Done with names for this pass: see [`Hwdb::release`].
+    fn release_hwdb(&mut self) {
+        if let Some(hwdb) = &mut self.hwdb {
+            hwdb.release();
+        }
     }
 
     /// What sysfs says about the device now; `None` after a `remove` or
@@ -368,7 +391,7 @@ impl Inventory {
     /// A state with everything but the group-derived fields, which
     /// `recompute_*` fill in.
     fn base_state(
-        &self,
+        &mut self,
         info: PciDeviceInfo,
         event_vendor: Option<&str>,
         event_device: Option<&str>,
@@ -382,16 +405,22 @@ impl Inventory {
                 .or(db)
                 .or_else(|| previous.cloned())
         };
-        let vendor_name = pick(
+        let mut vendor_name = pick(
             event_vendor,
             db_vendor,
             previous.and_then(|p| p.vendor_name.as_ref()),
         );
-        let device_name = pick(
+        let mut device_name = pick(
             event_device,
             db_device,
             previous.and_then(|p| p.device_name.as_ref()),
         );
+        let unnamed = vendor_name.is_none() || device_name.is_none();
+        if let Some(hwdb) = self.hwdb.as_mut().filter(|_| unnamed) {
+            let names = hwdb.names(&info);
+            vendor_name = vendor_name.or(names.vendor);
+            device_name = device_name.or(names.model);
+        }
         let resource_name = resource_name(&self.allow_list, &info);
         DeviceState {
             info,

@@ -3,6 +3,7 @@
 //!
 //! - [`sysfs`]: reading one device or all of them from a (configurable)
 //!   sysfs root; names from the udev database.
+//! - [`hwdb`]: names from the udev hwdb when udevd's database has none.
 //! - [`inventory`]: the device table, readiness and allow-list, applying
 //!   events and resyncs and reporting exactly what changed.
 //! - [`monitor`]: the udev netlink monitor on its own thread, with a clean
@@ -12,6 +13,7 @@
 //! - [`passthrough`]: the decisions around those writes: refuse while a
 //!   process holds the device's VFIO group, and when that is unknown.
 
+pub mod hwdb;
 pub mod inventory;
 pub mod monitor;
 pub mod passthrough;

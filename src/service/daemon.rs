@@ -102,6 +102,7 @@ pub fn build(config: &Config, roots: Roots) -> Parts {
     let settings = DeviceSettings {
         sysfs_root: config.system.sysfs_root.clone(),
         udev_data_dir: devices.udev_data_dir.clone(),
+        hwdb: devices.hwdb,
         proc_root: config.system.proc_root.clone(),
         dev_root: devices.dev_root.clone(),
         allow_list: devices

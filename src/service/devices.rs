@@ -62,6 +62,8 @@ pub enum EventSource {
 pub struct DeviceSettings {
     pub sysfs_root: PathBuf,
     pub udev_data_dir: PathBuf,
+    /// Names from the udev hwdb for devices udevd's database has none for.
+    pub hwdb: bool,
     pub proc_root: PathBuf,
     pub dev_root: PathBuf,
     pub allow_list: Vec<AllowEntry>,
@@ -130,6 +132,9 @@ impl DeviceService {
             settings.udev_data_dir.clone(),
             settings.allow_list.clone(),
         );
+        if settings.hwdb {
+            inventory = inventory.with_hwdb();
+        }
         let initial = tokio::task::spawn_blocking(move || {
             let changes = inventory.resync();
             (inventory, changes)

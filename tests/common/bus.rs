@@ -340,3 +340,62 @@ pub async fn managed_objects(
         .await
         .expect("GetManagedObjects")
 }
+
+/// `dbus-monitor` (as root: a real monitor, which the bus shows every
+/// matching message) writing what it sees to a file; killed on drop.
+pub struct BusMonitor {
+    // Field order: the monitor dies before its directory is removed.
+    _child: ChildGuard,
+    dir: TempDir,
+}
+
+impl BusMonitor {
+    /// Starts watching `rule` (a match rule) on `bus`; returns once the bus
+    /// has made it a monitor, so nothing sent afterwards is missed.
+    pub fn start(bus: &TestBus, rule: &str) -> BusMonitor {
+        let dir = public_tempdir("vmm-monitor-");
+        let out = dir.path().join("monitor.out");
+        let child = Command::new("dbus-monitor")
+            .arg("--address")
+            .arg(bus.address())
+            .arg("--monitor")
+            .arg(rule)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("create monitor.out"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn dbus-monitor");
+        let mut child = ChildGuard::new(child, "dbus-monitor");
+        // Becoming a monitor drops its unique name: NameLost is printed.
+        util::wait_until(
+            NAME_TIMEOUT,
+            "dbus-monitor to become a monitor",
+            || {
+                assert!(child.is_running(), "dbus-monitor exited early");
+                read_lossy(&out).contains("member=NameLost")
+            },
+            || bus.stderr(),
+        );
+        BusMonitor { _child: child, dir }
+    }
+
+    /// The messages seen so far, each as dbus-monitor prints it (header
+    /// line and arguments).
+    pub fn messages(&self) -> Vec<String> {
+        let text = read_lossy(&self.dir.path().join("monitor.out"));
+        let mut messages: Vec<String> = Vec::new();
+        for line in text.lines() {
+            let header = ["method call ", "method return ", "error ", "signal "]
+                .iter()
+                .any(|kind| line.starts_with(kind));
+            match messages.last_mut() {
+                Some(last) if !header => {
+                    last.push('\n');
+                    last.push_str(line);
+                }
+                _ => messages.push(line.to_owned()),
+            }
+        }
+        messages
+    }
+}

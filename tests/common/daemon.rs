@@ -78,8 +78,23 @@ impl DaemonConfig {
         self
     }
 
+    /// A prepared tree: its devices' names come from its own udev database
+    /// only, not from this machine's hwdb (its ids are made up).
     pub fn sysfs_root(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.system.sysfs_root = path.into();
+        self.config.devices.hwdb = false;
+        self
+    }
+
+    /// udevd's database (an empty directory: as if udevd never ran).
+    pub fn udev_data_dir(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.devices.udev_data_dir = path.into();
+        self
+    }
+
+    /// Whether names missing from udevd's database come from the hwdb.
+    pub fn hwdb(mut self, hwdb: bool) -> Self {
+        self.config.devices.hwdb = hwdb;
         self
     }
 

@@ -55,6 +55,8 @@ pub fn config(fs: &FakeSysfs, dev_root: &Path, permitted: &[(&str, &str)]) -> Co
     let mut config = Config::default();
     config.system.sysfs_root = fs.root();
     config.devices.udev_data_dir = fs.udev_data_dir();
+    // The tree's names are its udev database's alone.
+    config.devices.hwdb = false;
     config.devices.dev_root = dev_root.to_owned();
     config.devices.vfio_state_file = PathBuf::new();
     // Events come from the test's channel (see `InProcService::start_with`).

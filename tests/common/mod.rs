@@ -5,9 +5,11 @@
 //!
 //! # Layout
 //! - [`bus`]: [`TestBus`] (private system-like dbus-daemon), `busctl` as root
-//!   or `nobody`, zbus connections, [`IdleClient`].
+//!   or `nobody`, zbus connections, [`IdleClient`], [`bus::BusMonitor`].
 //! - [`polkit`]: [`Polkit`], a real polkitd seeing the project's actions and
 //!   per-test JavaScript rules.
+//! - [`pty`]: [`pty::Terminal`], a program on a pseudo-terminal of its own
+//!   (screen, typing, Ctrl-C).
 //! - [`daemon`]: [`Daemon`] and its [`DaemonConfig`].
 //! - [`vm`]: [`Vm`], a QEMU guest holding images.
 //! - [`libvirt`]: [`libvirt::Libvirt`], a real libvirtd (system or session
@@ -35,6 +37,7 @@ pub mod images;
 pub mod inproc;
 pub mod libvirt;
 pub mod polkit;
+pub mod pty;
 #[path = "../../src/test_support/sysfs.rs"]
 pub mod sysfs;
 pub mod udevd;

@@ -35,6 +35,7 @@ pub struct AuthResult {
 #[derive(Default)]
 pub struct PolkitBuilder {
     rules: Vec<String>,
+    admins: Vec<String>,
 }
 
 impl PolkitBuilder {
@@ -52,6 +53,14 @@ impl PolkitBuilder {
              if (action.id == {action:?} && subject.user == {user:?}) \
              return polkit.Result.YES; }});"
         ))
+    }
+
+    /// The administrators an `auth_admin` action asks for, e.g.
+    /// `unix-user:root`, instead of the host's default (Debian: the sudo
+    /// group, or root when it is empty).
+    pub fn admin(mut self, identity: &str) -> Self {
+        self.admins.push(identity.to_owned());
+        self
     }
 
     /// A new [`TestBus`] and this polkitd on it, started off the async
@@ -84,6 +93,18 @@ impl PolkitBuilder {
             self.rules.join("\n") + "\n",
             0o644,
         );
+        if !self.admins.is_empty() {
+            // Sorts before the host's 50-default.rules, whose admin rule
+            // would answer first.
+            write_file(
+                &rules.join("10-test-admins.rules"),
+                format!(
+                    "polkit.addAdminRule(function(action, subject) {{ return {:?}; }});\n",
+                    self.admins
+                ),
+                0o644,
+            );
+        }
 
         let stderr_path = dir.path().join("polkitd.stderr");
         let log = File::create(&stderr_path).expect("create polkitd.stderr");

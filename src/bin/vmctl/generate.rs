@@ -49,6 +49,11 @@ fn environment() -> Section {
              unix:path=/run/dbus/system_bus_socket).",
         ),
         (
+            "RUST_LOG",
+            "If set, vmctl prints debug messages on stderr at that level (e.g. debug), such as \
+             why polkit's text agent could not be started.",
+        ),
+        (
             "NO_COLOR",
             "If set and not empty, output has no colour. Without it, colour is used only when \
              the output is a terminal; --json output never has colour.",
@@ -65,6 +70,7 @@ fn see_also(with_vmctl: bool) -> Section {
         ("vmmanagerd", "8"),
         ("busctl", "1"),
         ("polkit", "8"),
+        ("pkttyagent", "1"),
         ("qemu-img", "1"),
     ];
     if with_vmctl {

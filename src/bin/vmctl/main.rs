@@ -43,6 +43,7 @@ fn write_stdout(line: std::fmt::Arguments<'_>) {
     }
 }
 
+mod agent;
 mod devices;
 mod disk;
 mod generate;
@@ -110,18 +111,23 @@ Exit status:
 /// vmctl checks VM disk images safely -- never while a running VM uses
 /// them -- and shows who uses an image; it lists the host's PCI devices with
 /// their passthrough readiness, binds them to vfio-pci and back, and follows
-/// the service's events live. Authorization is decided by polkit: a desktop
-/// session may be asked for a password.
+/// the service's events live. Authorization is decided by polkit, which may
+/// ask for a password: on the terminal vmctl runs on, or else in the
+/// desktop's dialog.
 #[derive(Debug, Parser)]
 #[command(name = "vmctl", version, about, long_about, after_long_help = EXIT_CODES_HELP)]
 struct Cli {
     /// Talk to the service on this D-Bus address instead of the system bus
-    /// (e.g. unix:path=/run/vmmanager-test/bus).
+    /// (e.g. unix:path=/run/vmmanager-test/bus). polkit's text agent
+    /// registers there too.
     #[arg(long, global = true, value_name = "ADDRESS")]
     bus_address: Option<String>,
 
     /// Never let polkit ask for a password; fail with "not authorized"
-    /// instead (for scripts and cron jobs).
+    /// (exit status 5) instead, for scripts and cron jobs. Without it, when
+    /// stdin is a terminal and vmctl is not root, vmctl runs polkit's text
+    /// agent (pkttyagent) for the call, and polkit asks for the password on
+    /// that terminal; without a terminal, a desktop's agent may ask.
     #[arg(long, global = true)]
     no_ask_password: bool,
 
@@ -229,6 +235,19 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether the call may need polkit to ask for a password.
+    fn may_ask(&self) -> bool {
+        match self {
+            Command::CheckDisk { .. }
+            | Command::DiskUsers { .. }
+            | Command::Detach { .. }
+            | Command::Reattach { .. } => true,
+            Command::Devices { .. } | Command::Device { .. } | Command::Monitor { .. } => false,
+        }
+    }
+}
+
 /// `--repair leaks|all`, spelled as the service's option values.
 fn repair_parser() -> impl clap::builder::TypedValueParser<Value = Repair> {
     clap::builder::PossibleValuesParser::new(Repair::ALL.map(Repair::as_str))
@@ -334,6 +353,20 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
+    // Before the runtime exists, while vmctl has one thread to fork from.
+    let agent = if agent::wanted(cli.command.may_ask() && !cli.no_ask_password) {
+        agent::TtyAgent::start(cli.bus_address.as_deref())
+            .inspect_err(|e| tracing::debug!("going on without a password prompt: {e}"))
+            .ok()
+    } else {
+        None
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -345,7 +378,10 @@ fn main() -> ExitCode {
         }
     };
     let json = json_subject(&cli.command);
-    match runtime.block_on(run(&cli)) {
+    let result = runtime.block_on(run(&cli));
+    // The call is over (or failed, or was interrupted): nothing more to ask.
+    drop(agent);
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(failure) => {
             // With --json, a failure is a JSON document too (one line in
