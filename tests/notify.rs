@@ -9,7 +9,6 @@
 
 use crate::common;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,14 +20,13 @@ use common::images::{make_clean_qcow2, make_corrupt_qcow2, make_leaky_qcow2, qem
 use common::inproc::InProcService;
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, write_file};
+use common::world::check_disk_as_root;
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
 use vmmanager::devices::vfio::KernelSysfs;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
-use vmmanager_client::ManagerProxy;
 use vmmanager_client::PciAddress;
-use zbus::Variant;
 
 const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");
 
@@ -333,15 +331,6 @@ impl Companion {
     }
 }
 
-async fn check(bus: &TestBus, image: &Path) {
-    let connection = bus.connect().await;
-    let manager = ManagerProxy::new(&connection).await.unwrap();
-    // The outcome (also an error) is what the notification is about.
-    let _ = manager
-        .check_disk(image.to_str().unwrap(), HashMap::<&str, Variant<'_>>::new())
-        .await;
-}
-
 async fn start_stack(config: DaemonConfig) -> Stack {
     tokio::task::spawn_blocking(move || Stack::start(Polkit::builder(), &config))
         .await
@@ -365,7 +354,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
 
     // Clean: low urgency.
     make_clean_qcow2(&path("clean.qcow2"));
-    check(&stack.bus, &path("clean.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("clean.qcow2")).await;
     let n = desktop.wait_for("Disk check passed: clean.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "LOW");
@@ -377,7 +366,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
 
     // Corrupt: critical.
     make_corrupt_qcow2(&path("corrupt.qcow2"));
-    check(&stack.bus, &path("corrupt.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("corrupt.qcow2")).await;
     let n = desktop.wait_for("Disk is corrupt: corrupt.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "CRITICAL");
@@ -392,7 +381,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
     // In use by a real QEMU: normal, naming the VM.
     make_clean_qcow2(&path("busy.qcow2"));
     let vm = Vm::start("notify-vm", path("busy.qcow2"));
-    check(&stack.bus, &path("busy.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("busy.qcow2")).await;
     let n = desktop.wait_for("Disk in use: busy.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "NORMAL");
@@ -406,7 +395,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
 
     // Leaks: normal, with a button that repairs.
     make_leaky_qcow2(&path("leaky.qcow2"));
-    check(&stack.bus, &path("leaky.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("leaky.qcow2")).await;
     let n = desktop.wait_for("Disk has leaked clusters: leaky.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "NORMAL");
@@ -419,7 +408,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
     );
     // Again, and this time press "Repair leaks" (dunst's do_action on the
     // only action), as a user would.
-    check(&stack.bus, &path("leaky.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("leaky.qcow2")).await;
     util::wait_until(
         SHOW_TIMEOUT,
         "the leaks notification to be displayed",
@@ -455,7 +444,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
     stack.daemon = tokio::task::block_in_place(|| Daemon::start(&stack.bus, &config));
     companion.wait_for_log("appeared");
     make_clean_qcow2(&path("after-restart.qcow2"));
-    check(&stack.bus, &path("after-restart.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("after-restart.qcow2")).await;
     desktop.wait_for("Disk check passed: after-restart.qcow2", &mut companion);
     // A restart is not hardware leaving and coming back.
     let summaries = desktop.summaries();
@@ -591,7 +580,7 @@ async fn without_a_notification_server_it_waits_and_shows_later() {
     let images = public_tempdir("vmm-notify-images-");
     let image = images.path().join("later.qcow2");
     make_clean_qcow2(&image);
-    check(&stack.bus, &image).await;
+    check_disk_as_root(&stack.bus, &image).await;
     companion.wait_for_log("cannot show a notification");
     thread::sleep(Duration::from_millis(1500));
     assert!(companion.is_running(), "{}", companion.output());

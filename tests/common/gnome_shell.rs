@@ -116,8 +116,9 @@ pub struct ExtensionInfo {
     pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
-/// One item of a panel menu, as shown: the text of every label in it, in
-/// order; for a submenu, its items.
+/// One item of a panel menu, as shown: the text of every visible label in
+/// it, in order; for a submenu, its items (open or not). Sections are not
+/// items: their items are listed in their place.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct MenuItem {
     pub texts: Vec<String>,
@@ -417,9 +418,25 @@ impl GnomeShell {
     #[track_caller]
     pub fn panel_menu(&self, role: &str) -> Vec<MenuItem> {
         self.eval_json(&format!(
-            "{MENU_WALKER}; __vmmMenu(Main.panel.statusArea[{}].menu)",
+            "{MENU_WALKER}; __vmmMenu(Main.panel.statusArea[{}].menu.box)",
             js_string(role)
         ))
+    }
+
+    /// Activates (as a click does) the item of panel button `role`'s menu
+    /// found by `path`: each element is the beginning of an item's first
+    /// label, the ones before the last name submenus to descend into.
+    /// `Err` when there is no such item or it is insensitive.
+    pub fn activate_menu_item(&self, role: &str, path: &[&str]) -> Result<(), String> {
+        let path = serde_json::to_string(path).expect("strings serialize");
+        self.eval(&format!(
+            "{MENU_WALKER}; (item => {{ \
+               if (!item.getSensitive()) throw new Error('the item is insensitive'); \
+               item.activate(null); return true; }})\
+             (__vmmFind(Main.panel.statusArea[{}].menu.box, {path}))",
+            js_string(role)
+        ))
+        .map(|_| ())
     }
 
     /// Opens the menu of panel button `role` without animation.
@@ -594,22 +611,58 @@ impl GnomeShell {
                 "gnome-shell exited during startup\n{}",
                 self.log()
             );
-            let started = super::bus::name_has_owner_at(self.session_address(), "org.gnome.Shell")
-                && self.eval("Main.layoutManager._startingUp") == Ok("false".into())
-                && self
-                    .uuids
-                    .iter()
-                    .all(|uuid| self.extension_info(uuid).state.is_settled());
-            if started {
+            let waiting_for = self.startup_pending();
+            let Some(waiting_for) = waiting_for else {
                 return;
+            };
+            if start.elapsed() >= STARTUP_TIMEOUT {
+                panic!(
+                    "gnome-shell did not finish starting within {STARTUP_TIMEOUT:?} \
+                     (waiting for {waiting_for})\nits threads:\n{}\nlog:\n{}",
+                    self.backtrace(),
+                    self.log()
+                );
             }
-            assert!(
-                start.elapsed() < STARTUP_TIMEOUT,
-                "gnome-shell did not finish starting within {STARTUP_TIMEOUT:?}\n{}",
-                self.log()
-            );
             thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// What startup still waits for, `None` when done.
+    fn startup_pending(&self) -> Option<String> {
+        if !super::bus::name_has_owner_at(self.session_address(), "org.gnome.Shell") {
+            return Some("org.gnome.Shell on the session bus".into());
+        }
+        match self.eval("Main.layoutManager._startingUp") {
+            Ok(done) if done == "false" => {}
+            other => return Some(format!("the end of startup (Eval: {other:?})")),
+        }
+        self.uuids
+            .iter()
+            .map(|uuid| (uuid, self.extension_info(uuid).state))
+            .find(|(_, state)| !state.is_settled())
+            .map(|(uuid, state)| format!("{uuid} to load (state {state:?})"))
+    }
+
+    /// Every thread's stack of the shell (gdb, when installed), to tell
+    /// where a wedged shell waits.
+    fn backtrace(&self) -> String {
+        let Some(pid) = self
+            .process
+            .as_ref()
+            .and_then(|p| children(p.init_pid).first().copied())
+        else {
+            return "(no shell process)".into();
+        };
+        let out = util::run(
+            Command::new("timeout")
+                .args(["60", "gdb", "-batch", "-p", &pid.to_string()])
+                .args(["-ex", "thread apply all bt 25"]),
+        );
+        out.stdout
+            .lines()
+            .filter(|l| l.starts_with('#') || l.starts_with("Thread"))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     fn process(&self) -> &ShellProcess {
@@ -705,27 +758,53 @@ impl Drop for GnomeShell {
     }
 }
 
-/// Collects a PopupMenu's items as [`MenuItem`]s: every St.Label's text
-/// (visible ones only) in each item, recursing into submenus and sections.
+/// Collects a PopupMenu's items as [`MenuItem`]s by walking its actors, so
+/// that items an extension put in a scroll view or box are found too: every
+/// visible item (an actor whose `_delegate` is a PopupBaseMenuItem) with the
+/// text of its visible labels; a submenu's items under its item; sections
+/// and other containers are looked through.
 const MENU_WALKER: &str = r#"
-var __vmmMenu = function (menu) {
-    const labels = actor => {
-        if (!actor.visible) return [];
-        if (actor.clutter_text !== undefined && typeof actor.get_text === 'function')
-            return actor.get_text() ? [actor.get_text()] : [];
-        return actor.get_children().flatMap(labels);
-    };
-    return menu._getMenuItems().map(item => {
-        const section = typeof item._getMenuItems === 'function';
-        const inner = section ? item : (item.menu && item.menu !== menu ? item.menu : null);
-        return {
-            texts: section ? [] : labels(item.actor ?? item),
-            sensitive: section || (typeof item.getSensitive === 'function' ? item.getSensitive() : true),
-            kind: item.constructor.name,
-            children: inner ? __vmmMenu(inner) : [],
-        };
-    });
-}"#;
+var __vmmLabels = function (actor) {
+    if (!actor.visible) return [];
+    if (actor.clutter_text !== undefined && typeof actor.get_text === 'function')
+        return actor.get_text() ? [actor.get_text()] : [];
+    return actor.get_children().flatMap(__vmmLabels);
+};
+var __vmmChildren = function* (container) {
+    for (const child of container.get_children()) {
+        const d = child._delegate;
+        const isItem = !!d && typeof d.setOrnament === 'function';
+        const isSubMenu = !!d && !isItem && !!d.sourceActor && typeof d._getMenuItems === 'function';
+        if (isSubMenu || !child.visible)
+            continue;
+        if (isItem)
+            yield [child, d];
+        else
+            yield* __vmmChildren(child);
+    }
+};
+var __vmmMenu = function (container) {
+    return [...__vmmChildren(container)].map(([child, d]) => ({
+        texts: __vmmLabels(child),
+        sensitive: d.getSensitive(),
+        kind: d.constructor.name,
+        children: d.menu && d.menu.box ? __vmmMenu(d.menu.box) : [],
+    }));
+};
+var __vmmFind = function (container, path) {
+    let item = null;
+    for (const prefix of path) {
+        if (!container) throw new Error(`no submenu above ${prefix}`);
+        item = null;
+        for (const [child, d] of __vmmChildren(container)) {
+            const texts = __vmmLabels(child);
+            if (texts.length > 0 && texts[0].startsWith(prefix)) { item = d; break; }
+        }
+        if (!item) throw new Error(`no menu item starts with ${JSON.stringify(prefix)}`);
+        container = item.menu && item.menu.box;
+    }
+    return item;
+};"#;
 
 /// `s` as a JavaScript string literal (JSON is valid JS here).
 pub fn js_string(s: &str) -> String {
