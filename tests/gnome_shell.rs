@@ -516,6 +516,13 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
             Duration::from_secs(10),
         );
         screenshot_menu(&shell);
+        // Long names and blockers wrap: the menu stays narrow (unwrapped,
+        // the NIC's name alone made it wider than 700 px).
+        let width: f64 = shell.eval_json(&format!(
+            "Main.panel.statusArea[{}].menu.actor.width",
+            gnome_shell::js_string(ROLE)
+        ));
+        assert!(width < 600.0, "the menu is {width} px wide");
     });
     assert_eq!(
         icon(&shell),
@@ -710,6 +717,21 @@ async fn extension_detaches_and_reattaches_and_follows_live_devices() {
     service.send(uevent(DeviceAction::Add, USB)).await;
     fs.rebind(AUDIO, "vfio-pci");
     service.send(uevent(DeviceAction::Bind, AUDIO)).await;
+    let images = util::public_tempdir("vmm-gnome-images-");
+    let image = images.path().join("while-disabled.qcow2");
+    make_clean_qcow2(&image);
+    check_disk_as_root(&bus, &image).await;
+    // The service has sent its signals; give a handler left connected the
+    // time to run (and fail on destroyed actors, which the log would show).
+    let objects = common::bus::managed_objects(&bus.connect().await).await;
+    assert_eq!(
+        objects
+            .keys()
+            .filter(|p| p.contains("/devices/pci_"))
+            .count(),
+        5
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
     shell
         .eval(&format!("Main.extensionManager.enableExtension({UUID:?})"))
         .unwrap();
