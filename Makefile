@@ -19,6 +19,9 @@
 #   make check-deb            make deb, then check the package's files, modes,
 #                             control data and maintainer scripts (and lintian
 #                             when installed) without installing it
+#   make gnome-shell-check-esm  optional, as root: the GNOME 45+ build of the
+#                             extension in GNOME Shell 48 (a Debian 13 chroot,
+#                             debootstrapped once into /var/cache); not in CI
 #   make install              install (as root, after `make`; never builds)
 #   make uninstall            remove everything `make install` put in place
 #
@@ -169,6 +172,12 @@ generate: build
 # how one source becomes both).
 gnome-shell-extension:
 	python3 desktop/gnome-shell/build.py $(GNOME_SHELL_OUT)
+
+# Optional, not in CI: load the GNOME 45+ build in GNOME Shell 48 (a cached
+# Debian 13 chroot made with debootstrap; as root, needs network once).
+.PHONY: gnome-shell-check-esm
+gnome-shell-check-esm: gnome-shell-extension
+	desktop/gnome-shell/check-esm $(GNOME_SHELL_OUT)
 
 # The same tests as scripts/test, without its root check and dependency
 # installation (the end-to-end tests need root and the packages of
