@@ -9,53 +9,29 @@
 
 use crate::common;
 
-use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::bus::SessionBus;
 use common::images::{make_clean_qcow2, make_corrupt_qcow2, make_leaky_qcow2, qemu_img_check};
 use common::inproc::InProcService;
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, write_file};
+use common::world::check_disk_as_root;
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
 use vmmanager::devices::vfio::KernelSysfs;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
-use vmmanager_client::ManagerProxy;
 use vmmanager_client::PciAddress;
-use zbus::Variant;
 
 const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");
 
 /// How long a notification may take to show up (retries back off from 1 s).
 const SHOW_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A private session bus with no activatable services (so nothing starts a
-/// notification server behind the test's back).
-fn session_bus_config(socket: &Path) -> String {
-    format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-        socket.display()
-    )
-}
 
 /// dunst settings: no idle detection (Xvfb has no input), and a layout that
 /// makes a readable screenshot. dunst 1.9's history has no urgency field,
@@ -114,7 +90,7 @@ struct Shown {
 struct Desktop {
     // Field order: dunst goes before the bus and the X server.
     dunst: Option<ChildGuard>,
-    _session_bus: ChildGuard,
+    _session_bus: SessionBus,
     _xvfb: ChildGuard,
     display: String,
     session_address: String,
@@ -142,7 +118,7 @@ impl Desktop {
             .spawn()
             .expect("spawn Xvfb (apt install xvfb)");
         let mut xvfb = ChildGuard::new(child, "Xvfb");
-        let number = first_line(&mut xvfb, Duration::from_secs(20));
+        let number = util::first_line(&mut xvfb, Duration::from_secs(20));
         assert!(
             !number.is_empty(),
             "Xvfb did not start: {}",
@@ -150,30 +126,13 @@ impl Desktop {
         );
         let display = format!(":{}", number.trim());
 
-        let socket = dir.path().join("session.sock");
-        let conf = dir.path().join("session.conf");
-        write_file(&conf, session_bus_config(&socket), 0o644);
-        let child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf.display()))
-            .args(["--nofork", "--print-address"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(dir.path().join("session-bus.log")).unwrap())
-            .spawn()
-            .expect("spawn dbus-daemon");
-        let mut session_bus = ChildGuard::new(child, "session dbus-daemon");
-        let printed = first_line(&mut session_bus, Duration::from_secs(10));
-        let session_address = format!("unix:path={}", socket.display());
-        assert!(
-            printed.starts_with(&session_address),
-            "session bus did not start: {printed:?}"
-        );
+        let session_bus = SessionBus::start(dir.path());
         let mut desktop = Desktop {
             dunst: None,
-            _session_bus: session_bus,
             _xvfb: xvfb,
             display,
-            session_address,
+            session_address: session_bus.address().to_owned(),
+            _session_bus: session_bus,
             dir,
         };
         if with_dunst {
@@ -316,19 +275,6 @@ impl Desktop {
     }
 }
 
-/// The first line a child prints on stdout, read on a thread so a wedged
-/// child cannot hang the test ("" on timeout).
-fn first_line(child: &mut ChildGuard, timeout: Duration) -> String {
-    let stdout = child.take_stdout().expect("stdout is piped");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    rx.recv_timeout(timeout).unwrap_or_default()
-}
-
 /// `vmmanager-notify --system-bus-address …` with the session bus in its
 /// environment; killed on drop.
 struct Companion {
@@ -385,15 +331,6 @@ impl Companion {
     }
 }
 
-async fn check(bus: &TestBus, image: &Path) {
-    let connection = bus.connect().await;
-    let manager = ManagerProxy::new(&connection).await.unwrap();
-    // The outcome (also an error) is what the notification is about.
-    let _ = manager
-        .check_disk(image.to_str().unwrap(), HashMap::<&str, Variant<'_>>::new())
-        .await;
-}
-
 async fn start_stack(config: DaemonConfig) -> Stack {
     tokio::task::spawn_blocking(move || Stack::start(Polkit::builder(), &config))
         .await
@@ -417,7 +354,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
 
     // Clean: low urgency.
     make_clean_qcow2(&path("clean.qcow2"));
-    check(&stack.bus, &path("clean.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("clean.qcow2")).await;
     let n = desktop.wait_for("Disk check passed: clean.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "LOW");
@@ -429,7 +366,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
 
     // Corrupt: critical.
     make_corrupt_qcow2(&path("corrupt.qcow2"));
-    check(&stack.bus, &path("corrupt.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("corrupt.qcow2")).await;
     let n = desktop.wait_for("Disk is corrupt: corrupt.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "CRITICAL");
@@ -444,7 +381,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
     // In use by a real QEMU: normal, naming the VM.
     make_clean_qcow2(&path("busy.qcow2"));
     let vm = Vm::start("notify-vm", path("busy.qcow2"));
-    check(&stack.bus, &path("busy.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("busy.qcow2")).await;
     let n = desktop.wait_for("Disk in use: busy.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "NORMAL");
@@ -458,7 +395,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
 
     // Leaks: normal, with a button that repairs.
     make_leaky_qcow2(&path("leaky.qcow2"));
-    check(&stack.bus, &path("leaky.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("leaky.qcow2")).await;
     let n = desktop.wait_for("Disk has leaked clusters: leaky.qcow2", &mut companion);
     assert_common(&n);
     assert_eq!(n.urgency, "NORMAL");
@@ -471,7 +408,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
     );
     // Again, and this time press "Repair leaks" (dunst's do_action on the
     // only action), as a user would.
-    check(&stack.bus, &path("leaky.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("leaky.qcow2")).await;
     util::wait_until(
         SHOW_TIMEOUT,
         "the leaks notification to be displayed",
@@ -507,7 +444,7 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
     stack.daemon = tokio::task::block_in_place(|| Daemon::start(&stack.bus, &config));
     companion.wait_for_log("appeared");
     make_clean_qcow2(&path("after-restart.qcow2"));
-    check(&stack.bus, &path("after-restart.qcow2")).await;
+    check_disk_as_root(&stack.bus, &path("after-restart.qcow2")).await;
     desktop.wait_for("Disk check passed: after-restart.qcow2", &mut companion);
     // A restart is not hardware leaving and coming back.
     let summaries = desktop.summaries();
@@ -643,7 +580,7 @@ async fn without_a_notification_server_it_waits_and_shows_later() {
     let images = public_tempdir("vmm-notify-images-");
     let image = images.path().join("later.qcow2");
     make_clean_qcow2(&image);
-    check(&stack.bus, &image).await;
+    check_disk_as_root(&stack.bus, &image).await;
     companion.wait_for_log("cannot show a notification");
     thread::sleep(Duration::from_millis(1500));
     assert!(companion.is_running(), "{}", companion.output());

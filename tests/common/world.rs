@@ -152,6 +152,16 @@ pub fn split_error(e: zbus::Error) -> (String, String) {
     (short.to_owned(), message)
 }
 
+/// CheckDisk of `image` as root on `bus`, its outcome ignored (an error
+/// included): for tests of clients that show what DiskChecked reports.
+pub async fn check_disk_as_root(bus: &super::TestBus, image: &Path) {
+    let connection = bus.connect().await;
+    let manager = ManagerProxy::new(&connection).await.unwrap();
+    let _ = manager
+        .check_disk(image.to_str().unwrap(), HashMap::<&str, Variant<'_>>::new())
+        .await;
+}
+
 pub fn str_of<'a>(report: &'a Report, key: &str) -> &'a str {
     match report.get(key).map(|v| &**v) {
         Some(Variant::Str(s)) => s.as_str(),
