@@ -29,6 +29,12 @@ struct Args {
     /// and tests), e.g. unix:path=/tmp/test-bus.
     #[arg(long, value_name = "ADDRESS")]
     system_bus_address: Option<String>,
+
+    /// Do not show the tray icon, only notifications (for desktops that
+    /// show the same status another way, e.g. GNOME with the VM Manager
+    /// extension).
+    #[arg(long)]
+    no_tray: bool,
 }
 
 /// What a SIGHUP (e.g. the terminal it was started from closing) does.
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
     let logging = process::init_logging();
     let options = Options {
         system_bus_address: args.system_bus_address,
+        tray: !args.no_tray,
         ..Options::default()
     };
     process::run_until_signal("vmmanager-notify", logging, ON_HANGUP, |shutdown| {
