@@ -27,8 +27,8 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use zbus::fdo::{DBusProxy, NameOwnerChangedStream, RequestNameFlags, RequestNameReply};
-use zbus::names::{BusName, WellKnownName};
+use zbus::fdo::{DBusProxy, NameOwnerChangedStream};
+use zbus::names::BusName;
 use zbus::object_server::InterfaceRef;
 use zbus::{Connection, proxy};
 
@@ -83,8 +83,7 @@ pub struct Tray {
 }
 
 impl Tray {
-    /// Serves the item and its menu on `session`, takes the item's
-    /// well-known name and starts the task.
+    /// Serves the item and its menu on `session` and starts the task.
     pub async fn start(session: Connection, links: TrayLinks) -> Result<Tray, TrayError> {
         let (requests_tx, requests) = mpsc::channel(REQUESTS);
         let initial = links.status.borrow().clone();
@@ -115,7 +114,7 @@ impl Tray {
             .interface::<_, DbusMenu>(MENU_PATH)
             .await
             .map_err(TrayError::Serve)?;
-        let service = item_name(&session).await;
+        let service = item_name(&session);
         let cancel = CancellationToken::new();
         let task = tokio::spawn(
             Task {
@@ -139,30 +138,14 @@ impl Tray {
     }
 }
 
-/// The name the item registers under: `org.kde.StatusNotifierItem-PID-1`
-/// as the specification suggests, or our unique name if that is taken.
-async fn item_name(session: &Connection) -> String {
-    let name = format!("org.kde.StatusNotifierItem-{}-1", std::process::id());
-    let Ok(well_known) = WellKnownName::try_from(name.as_str()) else {
-        return unique_name(session);
-    };
-    match session
-        .request_name_with_flags(well_known, RequestNameFlags::DO_NOT_QUEUE)
-        .await
-    {
-        Ok(RequestNameReply::PrimaryOwner | RequestNameReply::AlreadyOwner) => name,
-        Ok(reply) => {
-            tracing::debug!("{name} not ours ({reply:?}); registering the unique name");
-            unique_name(session)
-        }
-        Err(e) => {
-            tracing::debug!("cannot own {name} ({e}); registering the unique name");
-            unique_name(session)
-        }
-    }
-}
-
-fn unique_name(session: &Connection) -> String {
+/// The name the item registers under: the connection's unique name. The
+/// specification also allows a well-known `org.kde.StatusNotifierItem-PID-N`,
+/// but gnome-shell-extension-appindicator 46 (Debian 12) drops an item
+/// registered that way: watching the name, it clears the item's cached
+/// `Id` and `Menu` and then fails comparing the re-read value with the
+/// cleared one. KDE's and the other watchers take a unique name as well
+/// (the item is then at [`ITEM_PATH`]).
+fn item_name(session: &Connection) -> String {
     session
         .unique_name()
         .map(|n| n.to_string())
