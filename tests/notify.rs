@@ -11,13 +11,12 @@ use crate::common;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::bus::SessionBus;
 use common::images::{make_clean_qcow2, make_corrupt_qcow2, make_leaky_qcow2, qemu_img_check};
 use common::inproc::InProcService;
 use common::sysfs::FakeSysfs;
@@ -35,27 +34,6 @@ const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");
 
 /// How long a notification may take to show up (retries back off from 1 s).
 const SHOW_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A private session bus with no activatable services (so nothing starts a
-/// notification server behind the test's back).
-fn session_bus_config(socket: &Path) -> String {
-    format!(
-        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"#,
-        socket.display()
-    )
-}
 
 /// dunst settings: no idle detection (Xvfb has no input), and a layout that
 /// makes a readable screenshot. dunst 1.9's history has no urgency field,
@@ -114,7 +92,7 @@ struct Shown {
 struct Desktop {
     // Field order: dunst goes before the bus and the X server.
     dunst: Option<ChildGuard>,
-    _session_bus: ChildGuard,
+    _session_bus: SessionBus,
     _xvfb: ChildGuard,
     display: String,
     session_address: String,
@@ -142,7 +120,7 @@ impl Desktop {
             .spawn()
             .expect("spawn Xvfb (apt install xvfb)");
         let mut xvfb = ChildGuard::new(child, "Xvfb");
-        let number = first_line(&mut xvfb, Duration::from_secs(20));
+        let number = util::first_line(&mut xvfb, Duration::from_secs(20));
         assert!(
             !number.is_empty(),
             "Xvfb did not start: {}",
@@ -150,30 +128,13 @@ impl Desktop {
         );
         let display = format!(":{}", number.trim());
 
-        let socket = dir.path().join("session.sock");
-        let conf = dir.path().join("session.conf");
-        write_file(&conf, session_bus_config(&socket), 0o644);
-        let child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf.display()))
-            .args(["--nofork", "--print-address"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(dir.path().join("session-bus.log")).unwrap())
-            .spawn()
-            .expect("spawn dbus-daemon");
-        let mut session_bus = ChildGuard::new(child, "session dbus-daemon");
-        let printed = first_line(&mut session_bus, Duration::from_secs(10));
-        let session_address = format!("unix:path={}", socket.display());
-        assert!(
-            printed.starts_with(&session_address),
-            "session bus did not start: {printed:?}"
-        );
+        let session_bus = SessionBus::start(dir.path());
         let mut desktop = Desktop {
             dunst: None,
-            _session_bus: session_bus,
             _xvfb: xvfb,
             display,
-            session_address,
+            session_address: session_bus.address().to_owned(),
+            _session_bus: session_bus,
             dir,
         };
         if with_dunst {
@@ -314,19 +275,6 @@ impl Desktop {
         )
         .expect_success("convert -trim");
     }
-}
-
-/// The first line a child prints on stdout, read on a thread so a wedged
-/// child cannot hang the test ("" on timeout).
-fn first_line(child: &mut ChildGuard, timeout: Duration) -> String {
-    let stdout = child.take_stdout().expect("stdout is piped");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    rx.recv_timeout(timeout).unwrap_or_default()
 }
 
 /// `vmmanager-notify --system-bus-address …` with the session bus in its

@@ -16,6 +16,7 @@ mod device_monitor;
 mod device_vfio;
 mod devices_real;
 mod disk_usage;
+mod gnome_shell;
 mod harness;
 mod introspection;
 mod launchers;

@@ -1,10 +1,9 @@
-//! A private, system-like D-Bus daemon per test, and clients for it.
+//! A private, system-like D-Bus daemon per test, and clients for it; a
+//! private session bus.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -58,34 +57,8 @@ impl TestBus {
             0o644,
         );
         let stderr_path = dir.path().join("bus.stderr");
-        let child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", conf.display()))
-            .args(["--nofork", "--print-address"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr_path).expect("create bus.stderr"))
-            .spawn()
-            .expect("spawn dbus-daemon");
-        let mut child = ChildGuard::new(child, "dbus-daemon");
-
-        // The address is printed once the socket listens; read it on a
-        // thread so a wedged daemon cannot hang the test.
-        let stdout = child_stdout(&mut child);
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let printed = rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+        let child = spawn_dbus_daemon(&conf, &sock, &stderr_path, "dbus-daemon");
         let address = format!("unix:path={}", sock.display());
-        if !printed.starts_with(&address) {
-            panic!(
-                "dbus-daemon did not start (printed {printed:?}, exit {:?}); stderr:\n{}",
-                child.try_wait(),
-                read_lossy(&stderr_path)
-            );
-        }
         TestBus {
             child,
             address,
@@ -290,8 +263,77 @@ pub fn name_has_owner_at(address: &str, name: &str) -> bool {
     }
 }
 
-fn child_stdout(child: &mut ChildGuard) -> std::process::ChildStdout {
-    child.take_stdout().expect("dbus-daemon stdout is piped")
+/// A private session bus with no activatable services.
+pub struct SessionBus {
+    _child: ChildGuard,
+    address: String,
+}
+
+impl SessionBus {
+    /// `dbus-daemon` listening on `DIR/session.sock`, logging to
+    /// `DIR/session-bus.log`.
+    pub fn start(dir: &Path) -> SessionBus {
+        let socket = dir.join("session.sock");
+        let conf = dir.join("session-bus.conf");
+        write_file(&conf, session_bus_config(&socket), 0o644);
+        let log = dir.join("session-bus.log");
+        let child = spawn_dbus_daemon(&conf, &socket, &log, "session dbus-daemon");
+        let address = format!("unix:path={}", socket.display());
+        SessionBus {
+            _child: child,
+            address,
+        }
+    }
+
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+}
+
+/// `dbus-daemon --config-file=CONF` listening on `socket`, its stderr in
+/// `log`; returns once it listens (it prints its address then: read on a
+/// thread so a wedged daemon cannot hang the test).
+fn spawn_dbus_daemon(conf: &Path, socket: &Path, log: &Path, what: &str) -> ChildGuard {
+    let child = Command::new("dbus-daemon")
+        .arg(format!("--config-file={}", conf.display()))
+        .args(["--nofork", "--print-address"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display())))
+        .spawn()
+        .expect("spawn dbus-daemon");
+    let mut child = ChildGuard::new(child, what);
+    let printed = util::first_line(&mut child, Duration::from_secs(10));
+    let address = format!("unix:path={}", socket.display());
+    if !printed.starts_with(&address) {
+        panic!(
+            "{what} did not start (printed {printed:?}, exit {:?}); stderr:\n{}",
+            child.try_wait(),
+            read_lossy(log)
+        );
+    }
+    child
+}
+
+/// A private session bus config: anyone may own and call anything; no
+/// service directories, so nothing is activated.
+pub fn session_bus_config(socket: &Path) -> String {
+    format!(
+        r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>session</type>
+  <listen>unix:path={}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow send_destination="*" eavesdrop="true"/>
+    <allow eavesdrop="true"/>
+    <allow own="*"/>
+  </policy>
+</busconfig>
+"#,
+        xml_escape(&socket.display().to_string())
+    )
 }
 
 /// `s` as XML character data or a double-quoted attribute value.

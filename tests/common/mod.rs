@@ -19,6 +19,9 @@
 //!   (the unit tests' own, `src/test_support/dead_fuse.rs`).
 //! - [`world`]: [`world::World`], bus + polkitd + daemon + image dir for
 //!   disk tests, with report helpers.
+//! - [`gnome_shell`]: [`gnome_shell::GnomeShell`], a headless GNOME Shell on
+//!   a private session bus with the extensions a test enables; Eval, menus,
+//!   extension state, screenshots.
 //!
 //! Needs root, `dbus-daemon`, `busctl`, `setpriv`, `unshare`, `nsenter`,
 //! polkitd, `qemu-system-x86_64` and libvirt's daemons and `virsh` (see
@@ -31,6 +34,7 @@ pub mod dead_fuse;
 pub mod fake_kernel;
 #[path = "../../src/test_support/fd_copies.rs"]
 pub mod fd_copies;
+pub mod gnome_shell;
 pub mod images;
 pub mod inproc;
 pub mod libvirt;

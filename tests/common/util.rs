@@ -1,9 +1,11 @@
 //! Process guards, bounded waits and small file helpers shared by the harness.
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -350,4 +352,17 @@ pub fn run_test_alone(name: &str, flag: &str) {
     eprintln!("{stderr}");
     assert!(out.status.success(), "{name} failed: {}", out.status);
     assert!(stdout.contains("1 passed"), "{name} did not run");
+}
+
+/// The first line a child prints on stdout, read on a thread so a wedged
+/// child cannot hang the test ("" on timeout).
+pub fn first_line(child: &mut ChildGuard, timeout: Duration) -> String {
+    let stdout = child.take_stdout().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(timeout).unwrap_or_default()
 }
