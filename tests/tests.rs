@@ -27,5 +27,6 @@ mod opener;
 mod polkit_limits;
 mod qemu_img;
 mod scan_bounds;
+mod tray;
 mod units;
 mod vmctl_cli;

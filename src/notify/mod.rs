@@ -163,6 +163,10 @@ async fn single_instance() -> Instance {
         Ok(c) => c,
         Err(e) => return Instance::Unknown(e),
     };
+    // Answer calls on the name (Peer, Introspectable; UnknownObject for
+    // what is not served, e.g. the tray with --no-tray): a connection
+    // without an object server leaves callers waiting forever.
+    let _ = connection.object_server();
     match connection
         .request_name_with_flags(SESSION_NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await

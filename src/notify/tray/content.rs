@@ -183,11 +183,13 @@ fn device(device: &DeviceProperties) -> Entry {
     children.push(Entry::separator(key("separator")));
     // The service refuses either while a VM holds the group; the menu
     // says so by greying the item out.
+    // One key for both: after a Detach the same item turns into Reattach
+    // (a property change, where a host keeps the item in its place).
     let action = if is_vfio_driver(&device.driver) {
-        label(key("reattach"), "Reattach to the host driver")
+        label(key("binding"), "Reattach to the host driver")
             .on_click(MenuAction::Reattach(address.clone()))
     } else {
-        label(key("detach"), "Detach for passthrough (bind to vfio-pci)")
+        label(key("binding"), "Detach for passthrough (bind to vfio-pci)")
             .on_click(MenuAction::Detach(address.clone()))
     };
     children.push(match device.in_use_by.is_empty() {
