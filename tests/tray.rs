@@ -27,7 +27,7 @@ use zbus::{Connection, MatchRule, MessageStream, OwnedVariant, Variant};
 use common::fake_kernel::FakeKernel;
 use common::gnome_shell::{GnomeShell, MenuItem, js_string};
 use common::images::make_leaky_qcow2;
-use common::inproc::InProcService;
+use common::inproc::{self, InProcService};
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, public_tempdir, read_lossy};
 use common::{Polkit, TestBus};
@@ -396,7 +396,13 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
     .await
     .unwrap();
     let mut polkit = Some(polkit);
-    let service = InProcService::start(&bus, &fs, &[], FakeKernel::new(&fs.root())).await;
+    // /dev with the group's node, which a "VM" will hold open.
+    let dev = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dev.path().join("vfio")).unwrap();
+    let group_node = dev.path().join("vfio/7");
+    std::fs::write(&group_node, "").unwrap();
+    let config = inproc::config(&fs, dev.path(), &[]);
+    let service = InProcService::start_with(&bus, &config, FakeKernel::new(&fs.root()), dev).await;
     let mut shell = blocking(|| {
         GnomeShell::builder(bus.address())
             .enable(APPINDICATOR)
@@ -513,7 +519,34 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
         "{gpu_items:#?}"
     );
 
-    // The screenshot: the menu open with the GPU's submenu.
+    // A process holds the group open. Nothing signals that (InUseBy is
+    // computed when read): opening the menu makes the companion re-read
+    // it (AboutToShow), and the menu says who, greying out Reattach.
+    let mut holder = util::hold_open(&group_node, false);
+    let held = format!("In use by PID {}", holder.pid());
+    blocking(|| shell.open_panel_menu(&role(&item)));
+    let menu = blocking(|| {
+        wait_menu(&shell, &companion, &item, "who holds the GPU", |labels| {
+            has(labels, &held)
+        })
+    });
+    let gpu = menu.iter().find(|m| m.text().starts_with(GPU)).unwrap();
+    assert!(
+        gpu.text()
+            .ends_with(&format!("in use by PID {}", holder.pid())),
+        "{gpu:#?}"
+    );
+    let reattach = gpu
+        .children
+        .iter()
+        .find(|m| m.text() == "Reattach to the host driver")
+        .unwrap();
+    assert!(!reattach.sensitive, "{gpu:#?}");
+    blocking(|| shell.close_menus().unwrap());
+    holder.kill_and_wait();
+
+    // The screenshot: the menu open with the GPU's submenu (opening it
+    // re-reads the holders: nobody now).
     blocking(|| {
         shell.tidy_for_screenshot();
         shell.open_panel_menu(&role(&item));
@@ -525,6 +558,9 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
                 js_string(GPU)
             ))
             .expect("open the GPU's submenu");
+        wait_menu(&shell, &companion, &item, "the GPU free again", |labels| {
+            !labels.iter().any(|l| l.starts_with("In use by"))
+        });
         std::thread::sleep(Duration::from_millis(500));
         let png = match std::env::var_os("VMM_TRAY_SCREENSHOT") {
             Some(to) => PathBuf::from(to),
