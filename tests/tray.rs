@@ -550,17 +550,26 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
     blocking(|| {
         shell.tidy_for_screenshot();
         shell.open_panel_menu(&role(&item));
-        shell
-            .eval(&format!(
-                "Main.panel.statusArea[{}].menu._getMenuItems().find(i => i.label && \
-                 i.label.get_text().startsWith({})).setSubmenuShown(true); true",
-                js_string(&role(&item)),
-                js_string(GPU)
-            ))
-            .expect("open the GPU's submenu");
         wait_menu(&shell, &companion, &item, "the GPU free again", |labels| {
             !labels.iter().any(|l| l.starts_with("In use by"))
+                && labels
+                    .iter()
+                    .any(|l| l.starts_with(GPU) && l.ends_with("— not ready"))
         });
+        let gpu_submenu = format!(
+            "Main.panel.statusArea[{}].menu._getMenuItems().find(i => i.label && \
+             i.label.get_text().startsWith({}))",
+            js_string(&role(&item)),
+            js_string(GPU)
+        );
+        shell
+            .eval(&format!("{gpu_submenu}.setSubmenuShown(true); true"))
+            .expect("open the GPU's submenu");
+        shell.wait_eval(
+            "the GPU's submenu to be open",
+            &format!("{gpu_submenu}.menu.isOpen"),
+            WAIT,
+        );
         std::thread::sleep(Duration::from_millis(500));
         let png = match std::env::var_os("VMM_TRAY_SCREENSHOT") {
             Some(to) => PathBuf::from(to),
