@@ -77,8 +77,9 @@ fn service_line(service: &Service) -> String {
 /// The menu: the root's children.
 pub fn menu(status: &Status) -> Vec<Entry> {
     let mut entries = vec![label("service", &service_line(&status.service)).disabled()];
-    for reason in status.attention() {
-        entries.push(label(format!("attention/{reason}"), &reason).icon("dialog-warning-symbolic"));
+    // By position: two images of the same file name give the same words.
+    for (i, reason) in status.attention().iter().enumerate() {
+        entries.push(label(format!("attention/{i}"), reason).icon("dialog-warning-symbolic"));
     }
 
     if status.service != Service::NotRunning {
@@ -399,6 +400,26 @@ mod tests {
             "VM Manager 0.1.0 is running\n1 PCI device, 0 ready for passthrough\n\
              b.qcow2 is corrupt\n0000:01:00.0 is allow-listed but not ready for passthrough"
         );
+    }
+
+    #[test]
+    fn two_images_of_the_same_name_are_two_items() {
+        let mut status = running();
+        for image in ["/a/disk.qcow2", "/b/disk.qcow2"] {
+            status.push_check(CheckReport {
+                image: image.into(),
+                result: Some(CheckResult::Corrupt),
+                ..CheckReport::default()
+            });
+        }
+        let entries = menu(&status);
+        // Keys are unique (Layout::update asserts it).
+        Layout::new().update(&entries);
+        let corrupt = labels(&entries)
+            .iter()
+            .filter(|l| **l == "disk.qcow2 is corrupt")
+            .count();
+        assert_eq!(corrupt, 2);
     }
 
     #[test]

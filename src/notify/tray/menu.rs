@@ -280,16 +280,19 @@ impl Layout {
     ) -> Vec<i32> {
         let mut ids = Vec::with_capacity(entries.len());
         for entry in entries {
-            let id = match self.ids.get(&entry.key) {
-                Some(id) => *id,
-                None => {
+            let reused = self.ids.get(&entry.key).copied();
+            let twice = keys.contains_key(&entry.key);
+            debug_assert!(!twice, "menu key {} used twice", entry.key);
+            // A key used twice (a bug) still gives two items.
+            let id = match reused {
+                Some(id) if !twice => id,
+                _ => {
                     let id = self.next_id;
                     self.next_id += 1;
                     id
                 }
             };
-            let previous = keys.insert(entry.key.clone(), id);
-            debug_assert!(previous.is_none(), "menu key {} used twice", entry.key);
+            keys.entry(entry.key.clone()).or_insert(id);
             let children = self.number(&entry.children, items, keys);
             items.insert(
                 id,
