@@ -36,8 +36,8 @@
 #   $(PREFIX)/libexec/vmmanager-opener         opens images for repairs, started by
 #                                              vmmanager-opener.socket only
 #   $(PREFIX)/share/dbus-1/interfaces/         introspection XML (for developers)
-#   $(PREFIX)/share/man/man1, man8/            vmctl(1), vmctl-*(1), vmmanagerd(8),
-#                                              vmmanager-opener(8)
+#   $(PREFIX)/share/man/man1, man8/            vmctl(1), vmctl-*(1), vmmanager-notify(1),
+#                                              vmmanagerd(8), vmmanager-opener(8)
 #   $(PREFIX)/share/bash-completion/completions/vmctl, fish/vendor_completions.d/
 #                                              completions; zsh: zsh/vendor-completions
 #                                              if PREFIX=/usr, else zsh/site-functions
@@ -157,8 +157,8 @@ build:
 	$(CARGO) build --release --locked
 
 # Completions and man pages come from the binaries' own clap definitions
-# (hidden `vmctl generate` and `vmmanagerd --generate-man`), so they always
-# match --help.
+# (hidden `vmctl generate`, `vmmanagerd --generate-man` and
+# `vmmanager-notify --generate-man`), so they always match --help.
 generate: build
 	rm -rf $(COMPLETIONS_OUT) $(MAN_OUT)
 	mkdir -p $(COMPLETIONS_OUT) $(MAN_OUT)
@@ -167,6 +167,7 @@ generate: build
 	$(RELEASE)/vmctl generate completions fish > $(COMPLETIONS_OUT)/vmctl.fish
 	$(RELEASE)/vmctl generate man $(MAN_OUT)
 	$(RELEASE)/vmmanagerd --generate-man $(MAN_OUT)
+	$(RELEASE)/vmmanager-notify --generate-man $(MAN_OUT)
 
 # Both builds of the GNOME Shell extension (desktop/gnome-shell/build.py says
 # how one source becomes both).
@@ -297,6 +298,7 @@ uninstall:
 	rm -f $(DESTDIR)$(SYSTEMDUSERUNITDIR)/vmmanager-notify.service
 	rm -f $(DESTDIR)$(DBUS_INTERFACESDIR)/org.example.VmManager1.xml
 	rm -f $(DESTDIR)$(MANDIR)/man1/vmctl.1 $(DESTDIR)$(MANDIR)/man1/vmctl-*.1
+	rm -f $(DESTDIR)$(MANDIR)/man1/vmmanager-notify.1
 	rm -f $(DESTDIR)$(MANDIR)/man8/vmmanagerd.8 $(DESTDIR)$(MANDIR)/man8/vmmanager-opener.8
 	rm -f $(DESTDIR)$(BASH_COMPLETIONSDIR)/vmctl $(DESTDIR)$(ZSH_COMPLETIONSDIR)/_vmctl
 	rm -f $(DESTDIR)$(FISH_COMPLETIONSDIR)/vmctl.fish

@@ -24,9 +24,11 @@ use common::world::check_disk_as_root;
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
+use vmmanager::devices::DeviceAction;
 use vmmanager::devices::vfio::KernelSysfs;
-use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
-use vmmanager_client::PciAddress;
+use vmmanager::devices::{DeviceEvent, MonitorMessage};
+use vmmanager_client::{ManagerProxy, PciAddress};
+use zbus::Variant;
 
 const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");
 
@@ -517,15 +519,6 @@ async fn devices_that_change_while_the_service_restarts_are_one_notification() {
     assert_eq!(n.category, "device.removed");
 }
 
-fn event(action: DeviceAction, addr: &str) -> MonitorMessage {
-    MonitorMessage::Event(DeviceEvent {
-        action,
-        address: addr.parse::<PciAddress>().unwrap(),
-        vendor_name: None,
-        device_name: None,
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_device_events_are_coalesced() {
     // The real device component in-process, fed uevents, on a test bus:
@@ -546,7 +539,7 @@ async fn live_device_events_are_coalesced() {
     add_vfs(&fs, 40);
     for i in 0..40 {
         let addr = format!("0000:3b:{:02x}.{}", 2 + i / 8, i % 8);
-        service.send(event(DeviceAction::Add, &addr)).await;
+        service.uevent(DeviceAction::Add, &addr).await;
     }
     let n = desktop.wait_for("40 PCI devices added", &mut companion);
     assert_eq!(n.urgency, "LOW");
@@ -554,9 +547,7 @@ async fn live_device_events_are_coalesced() {
 
     // The GPU is bound to vfio-pci: ready for passthrough.
     fs.rebind("0000:01:00.0", "vfio-pci");
-    service
-        .send(event(DeviceAction::Bind, "0000:01:00.0"))
-        .await;
+    service.uevent(DeviceAction::Bind, "0000:01:00.0").await;
     let n = desktop.wait_for("0000:01:00.0 is ready for passthrough", &mut companion);
     assert_eq!(n.urgency, "NORMAL");
     assert_eq!(n.category, "device");
@@ -564,7 +555,7 @@ async fn live_device_events_are_coalesced() {
     remove_vfs(&fs, 40);
     for i in 0..40 {
         let addr = format!("0000:3b:{:02x}.{}", 2 + i / 8, i % 8);
-        service.send(event(DeviceAction::Remove, &addr)).await;
+        service.uevent(DeviceAction::Remove, &addr).await;
     }
     desktop.wait_for("40 PCI devices removed", &mut companion);
     drop(service);

@@ -27,6 +27,7 @@ mod opener;
 mod polkit_limits;
 mod qemu_img;
 mod scan_bounds;
+mod tray;
 mod units;
 mod vmctl_agent;
 mod vmctl_cli;

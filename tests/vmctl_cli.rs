@@ -159,7 +159,7 @@ fn assert_page(path: &Path, sections: &[&str]) -> String {
 }
 
 #[test]
-fn man_pages_for_vmctl_every_subcommand_and_the_daemon() {
+fn man_pages_for_vmctl_every_subcommand_the_daemon_and_the_companion() {
     let dir = public_tempdir("vmctl-man-");
     let out = vmctl(&["generate", "man", dir.path().to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
@@ -230,6 +230,24 @@ fn man_pages_for_vmctl_every_subcommand_and_the_daemon() {
             ".SH DESCRIPTION",
             ".SH EXIT STATUS",
             "/run/vmmanager\\-opener.socket",
+            "vmmanagerd (8)",
+        ],
+    );
+
+    let out = run(Command::new(env!("CARGO_BIN_EXE_vmmanager-notify"))
+        .arg("--generate-man")
+        .arg(dir.path()));
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_page(
+        &dir.path().join("vmmanager-notify.1"),
+        &[
+            ".TH VMMANAGER-NOTIFY 1",
+            ".SH OPTIONS",
+            "\\-\\-no\\-tray",
+            "StatusNotifierItem",
+            ".SH FILES",
+            ".SH ENVIRONMENT",
+            "DBUS_SESSION_BUS_ADDRESS",
             "vmmanagerd (8)",
         ],
     );

@@ -88,12 +88,28 @@ impl Notifier {
         let _ = self.messages.send(message).await;
     }
 
+    /// A handle that queues messages too, for other tasks (the tray).
+    pub fn messages(&self) -> Messages {
+        Messages(self.messages.clone())
+    }
+
     /// Stops the task, its action waiters and repairs, and waits for them.
     pub async fn stop(self) {
         self.cancel.cancel();
         if let Err(e) = self.task.await {
             tracing::error!("notifier task failed: {e}");
         }
+    }
+}
+
+/// Queues messages on a running [`Notifier`]; cheap to clone. Messages
+/// sent after the notifier stopped are dropped.
+#[derive(Debug, Clone)]
+pub struct Messages(mpsc::Sender<Message>);
+
+impl Messages {
+    pub async fn show(&self, message: Message) {
+        let _ = self.0.send(message).await;
     }
 }
 

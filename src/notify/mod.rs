@@ -12,18 +12,26 @@
 //!   restarts (`NameOwnerChanged`), subscribes per owner;
 //! - [`desktop`]: the session side: notify-rust, one notification id per
 //!   topic (replace, don't stack), retry with backoff while no notification
-//!   server answers, and the "Repair leaks" action.
+//!   server answers, and the "Repair leaks" action;
+//! - [`status`]: the at-a-glance state (service, devices, recent checks)
+//!   the watcher keeps from the same signals;
+//! - [`tray`]: the tray icon (StatusNotifierItem with a dbusmenu menu)
+//!   showing that state, with Detach/Reattach in its menu.
 
 pub mod coalesce;
 pub mod desktop;
 pub mod policy;
+pub mod status;
+pub mod tray;
 pub mod watch;
 
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use desktop::{Backoff, Notifier};
+use tray::{Tray, TrayLinks};
 
 /// How the companion runs; [`Options::default`] is what the binary uses.
 #[derive(Debug, Clone)]
@@ -39,6 +47,8 @@ pub struct Options {
     /// server answers.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Show the tray icon (when the session has a tray host).
+    pub tray: bool,
 }
 
 impl Default for Options {
@@ -49,6 +59,7 @@ impl Default for Options {
             max_delay: Duration::from_secs(2),
             retry_min: Duration::from_secs(1),
             retry_max: Duration::from_secs(60),
+            tray: true,
         }
     }
 }
@@ -73,8 +84,9 @@ pub enum NotifyError {
 pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), NotifyError> {
     // Autostart and the user unit may both start it: one instance per
     // session. Held until return; without a session bus there is nothing
-    // to guard (and no notifications until one appears).
-    let _instance = match single_instance().await {
+    // to guard (and no notifications or tray icon until one appears).
+    // The tray serves on this connection.
+    let session = match single_instance().await {
         Instance::Other => {
             tracing::info!("another vmmanager-notify owns {SESSION_NAME} in this session; exiting");
             return Ok(());
@@ -94,14 +106,47 @@ pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), No
         connection.clone(),
         Backoff::new(options.retry_min, options.retry_max),
     );
+    let (status, status_rx) = tokio::sync::watch::channel(status::Status::default());
+    // One pending refresh is enough: it re-reads everything.
+    let (refresh_tx, refresh) = mpsc::channel(1);
+    let tray = match (&session, options.tray) {
+        (Some(session), true) => {
+            let links = TrayLinks {
+                system: connection.clone(),
+                status: status_rx,
+                refresh: refresh_tx,
+                notifications: notifier.messages(),
+            };
+            match Tray::start(session.clone(), links).await {
+                Ok(tray) => Some(tray),
+                Err(e) => {
+                    tracing::warn!("{e}; running without a tray icon");
+                    None
+                }
+            }
+        }
+        (None, true) => None,
+        (_, false) => {
+            tracing::info!("tray icon turned off (--no-tray)");
+            None
+        }
+    };
+    let links = watch::Links {
+        notifier: &notifier,
+        status: &status,
+        refresh,
+    };
     let result = watch::watch(
         &connection,
-        &notifier,
+        links,
         options.quiet,
         options.max_delay,
         &shutdown,
     )
     .await;
+    if let Some(tray) = tray {
+        tray.stop().await;
+    }
     notifier.stop().await;
     result
 }
@@ -118,6 +163,10 @@ async fn single_instance() -> Instance {
         Ok(c) => c,
         Err(e) => return Instance::Unknown(e),
     };
+    // Answer calls on the name (Peer, Introspectable; UnknownObject for
+    // what is not served, e.g. the tray with --no-tray): a connection
+    // without an object server leaves callers waiting forever.
+    let _ = connection.object_server();
     match connection
         .request_name_with_flags(SESSION_NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await

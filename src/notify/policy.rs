@@ -36,6 +36,8 @@ pub enum Topic {
     DevicesAdded,
     DevicesRemoved,
     Passthrough,
+    /// A Detach or Reattach of one device (by address) from the tray.
+    Device(String),
 }
 
 /// A button on the notification.
@@ -73,7 +75,8 @@ pub fn escape_markup(text: &str) -> String {
     out
 }
 
-fn file_name(image: &str) -> &str {
+/// The image's file name, for short summaries and labels.
+pub fn file_name(image: &str) -> &str {
     Path::new(image)
         .file_name()
         .and_then(|n| n.to_str())
@@ -233,10 +236,9 @@ pub fn disk_checked(report: &CheckReport) -> Message {
     }
 }
 
-/// The notification for a "Repair leaks" call that failed before or
-/// without a `DiskChecked` (e.g. not authorized, or busy).
-pub fn repair_failed(image: &str, error: &Error) -> Message {
-    let detail = match error {
+/// What went wrong in a call, in the service's (or the bus's) words.
+fn error_detail(error: &Error) -> String {
+    match error {
         Error::ZBus(zbus::Error::MethodError(name, text, _)) => {
             text.clone().unwrap_or_else(|| name.to_string())
         }
@@ -244,14 +246,45 @@ pub fn repair_failed(image: &str, error: &Error) -> Message {
         service => zbus::DBusError::description(service)
             .unwrap_or_default()
             .to_owned(),
-    };
+    }
+}
+
+/// The notification for a "Repair leaks" call that failed before or
+/// without a `DiskChecked` (e.g. not authorized, or busy).
+pub fn repair_failed(image: &str, error: &Error) -> Message {
     Message {
         topic: Topic::Disk(image.to_owned()),
         summary: format!("Repair failed: {}", file_name(image)),
-        body: escape_markup(&detail),
+        body: escape_markup(&error_detail(error)),
         urgency: Urgency::Normal,
         icon: "dialog-warning",
         category: "x-vmmanager.disk.failed",
+        action: None,
+    }
+}
+
+/// A device call from the tray menu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceCall {
+    Detach,
+    Reattach,
+}
+
+/// The notification for a Detach or Reattach from the tray menu that
+/// failed (not authorized, in use, …); a success shows in the menu and as
+/// a readiness notification.
+pub fn device_call_failed(call: DeviceCall, address: &str, error: &Error) -> Message {
+    let verb = match call {
+        DeviceCall::Detach => "Detach",
+        DeviceCall::Reattach => "Reattach",
+    };
+    Message {
+        topic: Topic::Device(address.to_owned()),
+        summary: format!("{verb} failed: {address}"),
+        body: escape_markup(&error_detail(error)),
+        urgency: Urgency::Normal,
+        icon: "dialog-warning",
+        category: "device.error",
         action: None,
     }
 }
@@ -467,6 +500,19 @@ mod tests {
         let m = disk_checked(&r);
         assert_eq!(m.summary, "Disk check failed: disk.qcow2");
         assert_eq!(m.body, "qemu-img: &lt;boom&gt; &amp; more");
+        assert_eq!(m.urgency, Urgency::Normal);
+    }
+
+    #[test]
+    fn a_failed_device_call_names_the_device_and_the_reason() {
+        let m = device_call_failed(
+            DeviceCall::Detach,
+            "0000:01:00.0",
+            &Error::NotAuthorized("<not> authorized".into()),
+        );
+        assert_eq!(m.summary, "Detach failed: 0000:01:00.0");
+        assert_eq!(m.body, "&lt;not&gt; authorized");
+        assert_eq!(m.topic, Topic::Device("0000:01:00.0".into()));
         assert_eq!(m.urgency, Urgency::Normal);
     }
 

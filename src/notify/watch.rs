@@ -13,23 +13,25 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::SelectAll;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use zbus::fdo::{DBusProxy, ObjectManagerProxy};
 use zbus::message::Type as MessageType;
-use zbus::names::{BusName, UniqueName};
+use zbus::names::{BusName, OwnedUniqueName, UniqueName};
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath};
 
 use super::NotifyError;
 use super::coalesce::{Coalescer, DeviceChange, diff};
 use super::desktop::Notifier;
 use super::policy::{self, CheckReport, DeviceProperties};
+use super::status::{Service, StatusSender};
 
 use vmmanager_client::PciAddress;
 use vmmanager_client::dict::Dict;
 use vmmanager_client::names::{
     BUS_NAME as SERVICE_NAME, DEVICE_INTERFACE, DEVICES_PATH, MANAGER_INTERFACE, MANAGER_PATH,
-    signal,
+    property, signal,
 };
 
 /// Signals are queued up to this many per stream while a notification is
@@ -47,17 +49,35 @@ struct Watcher<'a> {
     /// `None` until the service was first seen: its first device list is
     /// the baseline, not news.
     devices: Option<DeviceView>,
+    /// The service's unique name while it is followed.
+    owner: Option<OwnedUniqueName>,
+    /// The at-a-glance state (for the tray), kept from the same signals.
+    status: &'a StatusSender,
+}
+
+/// What [`watch`] works with besides the bus.
+pub struct Links<'a> {
+    pub notifier: &'a Notifier,
+    pub status: &'a StatusSender,
+    /// Requests to re-read what has no change signal (`InUseBy`), e.g.
+    /// when the tray menu opens.
+    pub refresh: mpsc::Receiver<()>,
 }
 
 /// Runs until `shutdown`; an error only when the system bus connection
 /// itself is lost.
 pub async fn watch(
     connection: &Connection,
-    notifier: &Notifier,
+    links: Links<'_>,
     quiet: Duration,
     max_delay: Duration,
     shutdown: &CancellationToken,
 ) -> Result<(), NotifyError> {
+    let Links {
+        notifier,
+        status,
+        mut refresh,
+    } = links;
     let dbus = DBusProxy::new(connection).await.map_err(NotifyError::Bus)?;
     // Subscribe to owner changes before asking for the owner, so an owner
     // that appears in between is not missed.
@@ -71,6 +91,8 @@ pub async fn watch(
         notifier,
         coalescer: Coalescer::new(quiet, max_delay),
         devices: None,
+        owner: None,
+        status,
     };
     let mut signals = match dbus.get_name_owner(service).await {
         Ok(owner) => watcher.follow(owner.inner()).await,
@@ -105,6 +127,7 @@ pub async fn watch(
                 }
             }
             () = sleep_until(deadline) => watcher.flush().await,
+            Some(()) = refresh.recv() => watcher.refresh().await,
         }
     }
 }
@@ -178,6 +201,11 @@ impl Watcher<'_> {
                 }
                 tracing::info!(owner = %owner, devices = view.len(), "following {SERVICE_NAME}");
                 self.devices = Some(view);
+                self.owner = Some(owner.to_owned().into());
+                let version = self.version(owner).await;
+                self.status
+                    .send_modify(|s| s.service = Service::Running { version });
+                self.publish_devices();
                 Some(signals)
             }
             Err(e) => {
@@ -185,6 +213,96 @@ impl Watcher<'_> {
                 None
             }
         }
+    }
+
+    /// The service's `Version`, "" when it cannot be read.
+    async fn version(&self, owner: &UniqueName<'_>) -> String {
+        let read = async {
+            zbus::fdo::PropertiesProxy::builder(self.connection)
+                .destination(owner.to_owned())
+                .path(MANAGER_PATH)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await?
+                .get(
+                    zbus::names::InterfaceName::from_static_str_unchecked(MANAGER_INTERFACE),
+                    "Version",
+                )
+                .await
+                .map_err(zbus::Error::from)
+        };
+        match read.await.map(String::try_from) {
+            Ok(Ok(version)) => version,
+            Ok(Err(e)) => {
+                tracing::debug!("unreadable Version: {e}");
+                String::new()
+            }
+            Err(e) => {
+                tracing::debug!("cannot read the service's Version: {e}");
+                String::new()
+            }
+        }
+    }
+
+    /// The device view as the tray shows it: sorted, none while the
+    /// service is away.
+    fn publish_devices(&self) {
+        let devices = match (&self.owner, &self.devices) {
+            (Some(_), Some(view)) => {
+                let mut devices: Vec<DeviceProperties> = view.values().cloned().collect();
+                devices.sort_by(|a, b| a.address.cmp(&b.address));
+                devices
+            }
+            _ => Vec::new(),
+        };
+        self.status.send_if_modified(|s| {
+            let changed = s.devices != devices;
+            s.devices = devices;
+            changed
+        });
+    }
+
+    /// Re-reads `InUseBy`, which the service computes when read and never
+    /// signals. Only that: every other property arrives by signal, and the
+    /// notifications are made from those.
+    async fn refresh(&mut self) {
+        let Some(owner) = self.owner.clone() else {
+            return;
+        };
+        let objects = async {
+            ObjectManagerProxy::builder(self.connection)
+                .destination(owner.clone())
+                .path(MANAGER_PATH)
+                .build()
+                .await?
+                .get_managed_objects()
+                .await
+                .map_err(zbus::Error::from)
+        };
+        let objects = match objects.await {
+            Ok(objects) => objects,
+            Err(e) => {
+                tracing::debug!("cannot re-read the devices: {e}");
+                return;
+            }
+        };
+        let Some(view) = &mut self.devices else {
+            return;
+        };
+        for (path, interfaces) in &objects {
+            let users = interfaces
+                .iter()
+                .find(|(name, _)| name.as_str() == DEVICE_INTERFACE)
+                .and_then(|(_, props)| props.get(property::IN_USE_BY));
+            if let (Some(device), Some(users)) = (view.get_mut(path.as_str()), users) {
+                let only_users = std::collections::HashMap::from([(
+                    property::IN_USE_BY.to_owned(),
+                    users.try_clone().expect("no fds in InUseBy"),
+                )]);
+                device.update(&only_users);
+            }
+        }
+        self.publish_devices();
     }
 
     async fn subscribe(&self, owner: &UniqueName<'_>) -> zbus::Result<(Signals, DeviceView)> {
@@ -223,6 +341,11 @@ impl Watcher<'_> {
     /// devices leaving the host: they go back into the view (a restart
     /// compares against it) and are not reported.
     async fn owner_lost(&mut self) {
+        self.owner = None;
+        self.status.send_if_modified(|s| {
+            std::mem::replace(&mut s.service, Service::NotRunning) != Service::NotRunning
+        });
+        self.publish_devices();
         let mut batch = self.coalescer.take();
         if let Some(view) = &mut self.devices {
             for device in batch.removed.drain(..) {
@@ -261,6 +384,7 @@ impl Watcher<'_> {
                 };
                 let report = CheckReport::from_signal(&image, &report);
                 let message = policy::disk_checked(&report);
+                self.status.send_modify(|s| s.push_check(report));
                 tracing::info!(image, summary = message.summary, "disk check notification");
                 self.notifier.show(message).await;
             }
@@ -277,6 +401,7 @@ impl Watcher<'_> {
                 if let Some(view) = &mut self.devices {
                     view.insert(object.to_string(), info.clone());
                 }
+                self.publish_devices();
                 self.coalescer.push(DeviceChange::Added(info), now);
             }
             "InterfacesRemoved" => {
@@ -295,6 +420,7 @@ impl Watcher<'_> {
                     address: address_of(object.as_str()),
                     ..DeviceProperties::default()
                 });
+                self.publish_devices();
                 self.coalescer.push(DeviceChange::Removed(info), now);
             }
             "PropertiesChanged" => {
@@ -306,11 +432,13 @@ impl Watcher<'_> {
                 };
                 let was = device.passthrough_ready;
                 device.update(&changed);
-                if device.passthrough_ready != was {
-                    let change = DeviceChange::Readiness {
+                let readiness =
+                    (device.passthrough_ready != was).then(|| DeviceChange::Readiness {
                         device: device.clone(),
                         was,
-                    };
+                    });
+                self.publish_devices();
+                if let Some(change) = readiness {
                     self.coalescer.push(change, now);
                 }
             }

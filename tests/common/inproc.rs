@@ -22,8 +22,8 @@ use zbus::message::Type;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
 
 use vmmanager::config::{Config, EventsSetting, PermittedDevice};
-use vmmanager::devices::MonitorMessage;
 use vmmanager::devices::vfio::SysfsWriter;
+use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager::service::BUS_NAME;
 use vmmanager::service::daemon::{self, DaemonError, Roots};
 
@@ -159,6 +159,17 @@ impl InProcService {
             .send(message)
             .await
             .expect("the device service is listening");
+    }
+
+    /// Feeds a uevent (no udev names) for the device at `address`.
+    pub async fn uevent(&self, action: DeviceAction, address: &str) {
+        self.send(MonitorMessage::Event(DeviceEvent {
+            action,
+            address: address.parse().expect("a PCI address"),
+            vendor_name: None,
+            device_name: None,
+        }))
+        .await;
     }
 
     /// The event channel itself (to show it is closed after `stop`).
