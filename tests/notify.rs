@@ -26,9 +26,6 @@ use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
 use vmmanager::devices::DeviceAction;
 use vmmanager::devices::vfio::KernelSysfs;
-use vmmanager::devices::{DeviceEvent, MonitorMessage};
-use vmmanager_client::{ManagerProxy, PciAddress};
-use zbus::Variant;
 
 const NOTIFY_BIN: &str = env!("CARGO_BIN_EXE_vmmanager-notify");
 
