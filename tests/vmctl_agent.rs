@@ -297,21 +297,41 @@ fn no_agent_without_a_terminal_with_no_ask_password_or_as_root() {
     assert!(registrations.is_empty(), "{registrations:#?}");
 }
 
-/// pkttyagent missing from PATH, or unable to register (polkitd gone):
-/// vmctl goes on without it and answers "not authorized" at once.
+/// pkttyagent not there (not executable), or unable to register (polkitd
+/// gone): vmctl goes on without it and answers "not authorized" at once.
+/// vmctl runs it by its absolute path, so one earlier on `PATH` is never
+/// run.
 #[test]
 fn without_a_working_agent_vmctl_answers_not_authorized() {
     let mut setup = Setup::start();
-    let empty = public_tempdir("vmm-empty-path-");
+    let decoy_dir = public_tempdir("vmm-decoy-path-");
+    write_file(
+        &decoy_dir.path().join("pkttyagent"),
+        "#!/bin/sh\necho DECOY-AGENT-RAN\n",
+        0o755,
+    );
 
-    let mut missing = setup.vmctl_as_nobody(&["check-disk"]);
-    missing.env("PATH", empty.path());
+    // In a private mount namespace, /dev/null over the real pkttyagent.
+    let vmctl = setup.vmctl_as_nobody(&["check-disk"]);
+    let mut missing = Command::new("unshare");
+    missing
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind /dev/null /usr/bin/pkttyagent && exec \"$@\"")
+        .arg("sh")
+        .arg(vmctl.get_program())
+        .args(vmctl.get_args())
+        .env_remove("NO_COLOR")
+        .env(
+            "PATH",
+            format!("{}:/usr/bin:/bin", decoy_dir.path().display()),
+        );
     let mut terminal = Terminal::spawn(missing);
     let status = terminal.wait(PROMPT_TIMEOUT).expect("vmctl to finish");
     let screen = terminal.screen();
     println!("{screen}");
     assert_eq!(status.code(), Some(NOT_AUTHORIZED), "{screen}");
     assert!(!screen.contains("AUTHENTICATING"), "{screen}");
+    assert!(!screen.contains("DECOY-AGENT-RAN"), "{screen}");
     let registrations = setup.registrations();
     assert!(registrations.is_empty(), "{registrations:#?}");
 

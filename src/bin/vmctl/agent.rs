@@ -26,8 +26,14 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-/// Found on `PATH` (Debian: package polkitd, which the service needs anyway).
-const PKTTYAGENT: &str = "pkttyagent";
+/// An absolute path, as systemd's, never a `PATH` lookup: a `pkttyagent`
+/// earlier on a user's `PATH` would be shown the password. Debian's
+/// package polkitd (which the service needs anyway) puts it here; a distro
+/// with another location sets `VMCTL_PKTTYAGENT` when building.
+const PKTTYAGENT: &str = match option_env!("VMCTL_PKTTYAGENT") {
+    Some(path) => path,
+    None => "/usr/bin/pkttyagent",
+};
 /// pkttyagent registers in milliseconds; past this the call goes ahead
 /// without waiting (the agent may still register in time, and is stopped
 /// with the call either way), so a wedged bus cannot hang vmctl.
