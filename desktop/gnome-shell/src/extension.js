@@ -286,6 +286,9 @@ class VmManagerIndicator extends PanelMenu.Button {
         this._inUseQueue = [];
         this._inUseBusy = false;
         this._startError = null;
+        /** The session's user: DiskChecked reaches every local user, the
+         * menu shows only this user's own checks. */
+        this._uid = Gio.Credentials.new().get_unix_user();
 
         this._icon = new St.Icon({icon_name: ICON, style_class: 'system-status-icon'});
         this.add_child(this._icon);
@@ -552,7 +555,16 @@ class VmManagerIndicator extends PanelMenu.Button {
             });
     }
 
+    /** Whether a check is this user's: started by them, or of an image of
+     * theirs (qemu-img runs as the image's owner). Another user's checks
+     * would otherwise bury this user's results or fake a warning. */
+    _isOwnCheck(report) {
+        return report['started-by-uid'] === this._uid || report['run-as-uid'] === this._uid;
+    }
+
     _diskChecked(image, report) {
+        if (!this._isOwnCheck(report))
+            return;
         const check = describeCheck(image, report);
         const item = infoItem('', check.problem ? 'vmmanager-attention' : 'vmmanager-check');
         const escape = text => GLib.markup_escape_text(text, -1);
