@@ -760,3 +760,44 @@ async fn extension_detaches_and_reattaches_and_follows_live_devices() {
     drop(shell);
     drop(service);
 }
+
+/// The service owns its name but never answers (hung at startup): the
+/// extension's first GetManagedObjects times out (25 s). Once that owner is
+/// gone and a working service comes, the devices are listed all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_follows_the_service_after_it_hung_at_startup() {
+    let (_build, extension) = build_extension();
+    let fs = host();
+    let config = DaemonConfig::default()
+        .sysfs_root(fs.root())
+        .udev_data_dir(fs.udev_data_dir())
+        .events(EventsSetting::None);
+    let (bus, polkit) = Polkit::builder().start_with_bus().await;
+    let mut hung = tokio::task::block_in_place(|| Daemon::start(&bus, &config));
+    hung.signal(libc::SIGSTOP);
+    let shell = tokio::task::block_in_place(|| {
+        GnomeShell::builder(bus.address())
+            .install(&extension)
+            .start()
+    });
+    shell.assert_extension_ok(UUID);
+    // Past D-Bus's default call timeout (25 s): the extension's first
+    // GetManagedObjects has failed.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(device_rows(&shell.panel_menu(ROLE)).is_empty());
+    hung.signal(libc::SIGKILL);
+    assert!(hung.wait_exit(Duration::from_secs(10)).is_some());
+    let daemon = tokio::task::block_in_place(|| Daemon::start(&bus, &config));
+    let menu = wait_menu(&shell, "the devices of the working service", |m| {
+        addresses(m) == [USB, GPU, AUDIO, NIC]
+    });
+    assert!(
+        !menu.iter().any(|i| i.text().starts_with("Cannot follow")),
+        "{}",
+        dump(&menu)
+    );
+    assert_no_extension_messages(&shell);
+    drop(shell);
+    drop(daemon);
+    drop(polkit);
+}

@@ -286,6 +286,8 @@ class VmManagerIndicator extends PanelMenu.Button {
         this._inUseQueue = [];
         this._inUseBusy = false;
         this._startError = null;
+        /** NameOwnerChanged subscription while waiting to follow again. */
+        this._ownerWatch = null;
         /** The session's user: DiskChecked reaches every local user, the
          * menu shows only this user's own checks. */
         this._uid = Gio.Credentials.new().get_unix_user();
@@ -355,23 +357,59 @@ class VmManagerIndicator extends PanelMenu.Button {
             Gio.DBusProxy.new(this._bus, Gio.DBusProxyFlags.DO_NOT_AUTO_START, null,
                 BUS_NAME, MANAGER_PATH, MANAGER_IFACE, this._cancellable,
                 (_s, res) => this._managerReady(res));
-            const objects = new Gio.DBusObjectManagerClient({
-                connection: this._bus,
-                flags: Gio.DBusObjectManagerClientFlags.DO_NOT_AUTO_START,
-                name: BUS_NAME,
-                object_path: MANAGER_PATH,
-            });
-            objects.init_async(GLib.PRIORITY_DEFAULT, this._cancellable, (_s, res) => {
-                try {
-                    objects.init_finish(res);
-                } catch (e) {
-                    if (!isCancelled(e))
-                        this._showServiceError(`Cannot follow the service: ${e.message}`);
-                    return;
-                }
-                this._objectsReady(objects);
-            });
+            this._followObjects();
         });
+    }
+
+    _followObjects() {
+        const objects = new Gio.DBusObjectManagerClient({
+            connection: this._bus,
+            flags: Gio.DBusObjectManagerClientFlags.DO_NOT_AUTO_START,
+            name: BUS_NAME,
+            object_path: MANAGER_PATH,
+        });
+        objects.init_async(GLib.PRIORITY_DEFAULT, this._cancellable, (_s, res) => {
+            try {
+                objects.init_finish(res);
+            } catch (e) {
+                if (isCancelled(e))
+                    return;
+                this._showServiceError(`Cannot follow the service: ${e.message}`);
+                this._retryOnOwnerChange(objects.name_owner);
+                return;
+            }
+            this._objectsReady(objects);
+        });
+    }
+
+    /** A client whose GetManagedObjects failed at init (an owner that never
+     * answered) is dead for good: make a new one once the name changes
+     * hands, which may already have happened while the call waited. */
+    _retryOnOwnerChange(failedOwner) {
+        this._ownerWatch = this._bus.signal_subscribe('org.freedesktop.DBus',
+            'org.freedesktop.DBus', 'NameOwnerChanged', '/org/freedesktop/DBus', BUS_NAME,
+            Gio.DBusSignalFlags.NONE, () => this._retryObjects());
+        this._bus.call('org.freedesktop.DBus', '/org/freedesktop/DBus', 'org.freedesktop.DBus',
+            'GetNameOwner', new GLib.Variant('(s)', [BUS_NAME]), new GLib.VariantType('(s)'),
+            Gio.DBusCallFlags.NONE, -1, this._cancellable, (bus, result) => {
+                let owner = null;
+                try {
+                    [owner] = bus.call_finish(result).deepUnpack();
+                } catch (e) {
+                    if (isCancelled(e))
+                        return;
+                }
+                if (owner !== failedOwner)
+                    this._retryObjects();
+            });
+    }
+
+    _retryObjects() {
+        if (this._ownerWatch === null)
+            return;
+        this._bus.signal_unsubscribe(this._ownerWatch);
+        this._ownerWatch = null;
+        this._followObjects();
     }
 
     _managerReady(result) {
@@ -594,6 +632,9 @@ class VmManagerIndicator extends PanelMenu.Button {
     /** Before PanelMenu.Button destroys the menu (and every row in it). */
     _onDestroy() {
         this._cancellable.cancel();
+        if (this._ownerWatch !== null)
+            this._bus.signal_unsubscribe(this._ownerWatch);
+        this._ownerWatch = null;
         this._manager?.disconnectObject(this);
         this._objects?.disconnectObject(this);
         this._devices.forEach(row => {
