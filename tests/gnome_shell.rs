@@ -567,6 +567,41 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
     assert!(vf.contains(&format!("Virtual function of {NIC}")), "{vf:?}");
     assert_eq!(check_rows(&menu).len(), 2);
 
+    // The screen locks (the shell's screen shield pushes this session
+    // mode): the extension stays enabled, hidden, and keeps listening; a
+    // check finishing meanwhile is there after unlocking, with the older
+    // ones and the attention it needs.
+    let visible = || -> bool {
+        shell.eval_json(&format!(
+            "Main.panel.statusArea[{}].visible",
+            gnome_shell::js_string(ROLE)
+        ))
+    };
+    assert!(visible());
+    shell
+        .eval("Main.sessionMode.pushMode('unlock-dialog')")
+        .unwrap();
+    assert_eq!(shell.extension_info(UUID).state, ExtensionState::Enabled);
+    assert!(!visible(), "nothing of it on the lock screen");
+    let while_locked = images.path().join("while-locked.qcow2");
+    make_corrupt_qcow2(&while_locked);
+    check_disk_as_root(&bus, &while_locked).await;
+    shell
+        .eval("Main.sessionMode.popMode('unlock-dialog')")
+        .unwrap();
+    assert!(visible());
+    let menu = wait_menu(&shell, "the check made while locked", |m| {
+        check_rows(m).len() == 3
+    });
+    let checks = check_rows(&menu);
+    assert!(
+        checks[0].starts_with("while-locked.qcow2: corrupt, 1 corruption\n")
+            && checks[1].starts_with("corrupt.qcow2: ")
+            && checks[2].starts_with("clean.qcow2: "),
+        "{checks:?}"
+    );
+    assert_eq!(icon(&shell), "dialog-warning-symbolic");
+
     shell.assert_extension_ok(UUID);
     assert_no_extension_messages(&shell);
     drop(shell);
@@ -715,8 +750,9 @@ async fn extension_detaches_and_reattaches_and_follows_live_devices() {
         addresses(m) == [GPU, AUDIO, NIC, VF]
     });
 
-    // disable() leaves nothing behind and stays deaf to the service;
-    // enable() starts over.
+    // disable() (the user turning it off; a screen lock does not disable
+    // it) leaves nothing behind and stays deaf to the service; enable()
+    // starts over.
     assert!(extension_actors(&shell) > 0);
     shell
         .eval(&format!("Main.extensionManager.disableExtension({UUID:?})"))

@@ -14,6 +14,8 @@
 // service is followed through its ObjectManager (GDBusObjectManagerClient),
 // which also notices it going away and coming back; it is never started
 // behind the user's back (DO_NOT_AUTO_START), only by "Start the service".
+// It stays enabled while the screen is locked (session mode unlock-dialog),
+// hidden, so that the checks of the session survive a lock (see disable()).
 
 import Gio from 'gi://Gio';
 import GLib from 'gi://GLib';
@@ -653,9 +655,27 @@ export default class VmManagerExtension extends Extension {
     enable() {
         this._indicator = new VmManagerIndicator();
         Main.panel.addToStatusArea(ROLE, this._indicator);
+        Main.sessionMode.connectObject('updated', () => this._showUnlessLocked(), this);
+        this._showUnlessLocked();
     }
 
+    /** Nothing of it on the lock screen (device names, image paths, actions);
+     * it keeps listening behind it. */
+    _showUnlessLocked() {
+        const locked = Main.sessionMode.isLocked;
+        if (locked)
+            this._indicator.menu.close();
+        this._indicator.visible = !locked;
+    }
+
+    // metadata.json lists the unlock-dialog session mode so that locking the
+    // screen does not disable the extension: disabled, it would lose the
+    // session's disk checks and what needs attention, and miss the checks
+    // that finish while the screen is locked (DiskChecked is a signal, never
+    // sent again). While locked the indicator is hidden and its menu closed
+    // (_showUnlessLocked); it only keeps listening to the system bus.
     disable() {
+        Main.sessionMode.disconnectObject(this);
         this._indicator.destroy();
         this._indicator = null;
     }
