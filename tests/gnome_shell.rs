@@ -800,8 +800,10 @@ async fn extension_detaches_and_reattaches_and_follows_live_devices() {
 /// The service owns its name but never answers (hung at startup): the
 /// extension's first GetManagedObjects times out (25 s). Once that owner is
 /// gone and a working service comes, the devices are listed all the same.
+/// Then: an image name that is markup shows literally, and idle, the shell
+/// makes no call to the service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn extension_follows_the_service_after_it_hung_at_startup() {
+async fn extension_follows_a_service_that_hung_escapes_names_and_never_polls() {
     let (_build, extension) = build_extension();
     let fs = host();
     let config = DaemonConfig::default()
@@ -831,6 +833,59 @@ async fn extension_follows_the_service_after_it_hung_at_startup() {
         !menu.iter().any(|i| i.text().starts_with("Cannot follow")),
         "{}",
         dump(&menu)
+    );
+
+    // An image name that is Pango markup shows literally (escaped).
+    let images = util::public_tempdir("vmm-gnome-images-");
+    let marked_up = images.path().join("a&amp;<b>x.qcow2");
+    make_clean_qcow2(&marked_up);
+    check_disk_as_root(&bus, &marked_up).await;
+    let menu = wait_menu(&shell, "the check of the marked-up name", |m| {
+        check_rows(m).len() == 1 && !check_rows(m)[0].starts_with("No disk")
+    });
+    let check = &check_rows(&menu)[0];
+    assert!(
+        check.starts_with("a&amp;<b>x.qcow2: no errors\n")
+            && check.contains(&format!("{} (qcow2) · ", marked_up.display())),
+        "{check:?}"
+    );
+
+    // Idle with the menu closed, the shell calls nothing on the service:
+    // it never polls. (InUseBy reads on appearing devices are done: the
+    // check above came after them.)
+    assert!(!device_rows(&menu).is_empty());
+    shell.close_menus().unwrap();
+    let owner = common::bus::name_owner_at(bus.address(), "org.example.VmManager");
+    let monitor =
+        tokio::task::block_in_place(|| common::bus::BusMonitor::start(&bus, "type='method_call'"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let to_service = |messages: Vec<String>| -> Vec<String> {
+        messages
+            .into_iter()
+            .filter(|m| {
+                m.starts_with("method call ")
+                    && [&owner, "org.example.VmManager"]
+                        .iter()
+                        .any(|d| m.contains(&format!(" destination={d} ")))
+            })
+            .collect()
+    };
+    let calls = to_service(monitor.messages());
+    assert!(calls.is_empty(), "the shell polled the service: {calls:#?}");
+    // The monitor does see a call to the service (so zero means zero).
+    bus.busctl(&[
+        "get-property",
+        "org.example.VmManager",
+        "/org/example/VmManager",
+        "org.example.VmManager1",
+        "Version",
+    ])
+    .expect_success("busctl get-property Version");
+    util::wait_until(
+        Duration::from_secs(10),
+        "the monitor to see busctl's call",
+        || !to_service(monitor.messages()).is_empty(),
+        String::new,
     );
     assert_no_extension_messages(&shell);
     drop(shell);

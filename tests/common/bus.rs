@@ -242,6 +242,28 @@ pub fn busctl_at(address: &str, user: Option<(u32, u32)>, args: &[&str]) -> CmdO
     util::run(&mut cmd)
 }
 
+/// The unique name owning `name` on the bus at `address`; panics when none.
+pub fn name_owner_at(address: &str, name: &str) -> String {
+    let out = busctl_at(
+        address,
+        None,
+        &[
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "GetNameOwner",
+            "s",
+            name,
+        ],
+    );
+    // busctl prints `s ":1.5"`.
+    match out.stdout.trim().strip_prefix("s ") {
+        Some(owner) if out.success() => owner.trim_matches('"').to_owned(),
+        _ => panic!("GetNameOwner({name}) failed: {out:#?}"),
+    }
+}
+
 pub fn name_has_owner_at(address: &str, name: &str) -> bool {
     let out = busctl_at(
         address,
