@@ -35,6 +35,7 @@ const ALL_REPORT_KEYS: &[&str] = &[
     "users",
     "stale-pidfiles",
     "run-as-uid",
+    "started-by-uid",
     "duration-ms",
 ];
 
@@ -422,6 +423,7 @@ async fn non_root_callers_are_decided_by_polkit() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(doc["run-as-uid"], NOBODY);
+    assert_eq!(doc["started-by-uid"], NOBODY);
     assert_eq!(doc["result"], "leaks");
     let out = w.check_as_nobody(&[], &roots);
     assert_eq!(out.status.code(), Some(5), "{out:?}");
@@ -441,9 +443,11 @@ async fn non_root_callers_are_decided_by_polkit() {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(doc["run-as-uid"], 0);
+    assert_eq!(doc["started-by-uid"], NOBODY, "who asked, not whose image");
     let own = nobody_image(&w, "theirs.qcow2");
     let r = w.check(&own, &[]).await.unwrap();
     assert_eq!(u64_of(&r, "run-as-uid"), u64::from(NOBODY));
+    assert_eq!(u64_of(&r, "started-by-uid"), 0);
 
     // polkitd gone: fail closed, even for root.
     let mut w = w;

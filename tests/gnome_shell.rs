@@ -18,7 +18,7 @@ use common::images::{make_clean_qcow2, make_corrupt_qcow2};
 use common::inproc::InProcService;
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard};
-use common::world::check_disk_as_root;
+use common::world::{check_disk_as_root, check_own_disk_as_nobody};
 use common::{Daemon, DaemonConfig, Polkit, TestBus};
 use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
@@ -417,7 +417,11 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
 
     // The shell starts before the service, as at a login where nothing
     // has used the service yet.
-    let (bus, polkit) = Polkit::builder().start_with_bus().await;
+    // nobody may check their own images: another local user's checks.
+    let (bus, polkit) = Polkit::builder()
+        .allow_user("org.example.vmmanager.check-disk", "nobody")
+        .start_with_bus()
+        .await;
     let shell = tokio::task::block_in_place(|| {
         GnomeShell::builder(bus.address())
             .install(&extension)
@@ -474,6 +478,12 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
     let corrupt = images.path().join("corrupt.qcow2");
     make_clean_qcow2(&clean);
     make_corrupt_qcow2(&corrupt);
+    // Another user's check of their own corrupt image is not shown: it
+    // would push this user's checks out and fake a warning. Signals come
+    // in order: once the next check shows, this one was passed over.
+    let others = images.path().join("others.qcow2");
+    make_corrupt_qcow2(&others);
+    check_own_disk_as_nobody(&bus, &others).await;
     check_disk_as_root(&bus, &clean).await;
     let menu = wait_menu(&shell, "the clean check", |m| {
         !check_rows(m).is_empty() && !check_rows(m)[0].starts_with("No disk")
@@ -483,6 +493,7 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
         "{:?}",
         check_rows(&menu)
     );
+    assert_eq!(check_rows(&menu).len(), 1, "{:?}", check_rows(&menu));
     assert_eq!(
         icon(&shell),
         "computer-symbolic",
@@ -555,6 +566,41 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
         .unwrap();
     assert!(vf.contains(&format!("Virtual function of {NIC}")), "{vf:?}");
     assert_eq!(check_rows(&menu).len(), 2);
+
+    // The screen locks (the shell's screen shield pushes this session
+    // mode): the extension stays enabled, hidden, and keeps listening; a
+    // check finishing meanwhile is there after unlocking, with the older
+    // ones and the attention it needs.
+    let visible = || -> bool {
+        shell.eval_json(&format!(
+            "Main.panel.statusArea[{}].visible",
+            gnome_shell::js_string(ROLE)
+        ))
+    };
+    assert!(visible());
+    shell
+        .eval("Main.sessionMode.pushMode('unlock-dialog')")
+        .unwrap();
+    assert_eq!(shell.extension_info(UUID).state, ExtensionState::Enabled);
+    assert!(!visible(), "nothing of it on the lock screen");
+    let while_locked = images.path().join("while-locked.qcow2");
+    make_corrupt_qcow2(&while_locked);
+    check_disk_as_root(&bus, &while_locked).await;
+    shell
+        .eval("Main.sessionMode.popMode('unlock-dialog')")
+        .unwrap();
+    assert!(visible());
+    let menu = wait_menu(&shell, "the check made while locked", |m| {
+        check_rows(m).len() == 3
+    });
+    let checks = check_rows(&menu);
+    assert!(
+        checks[0].starts_with("while-locked.qcow2: corrupt, 1 corruption\n")
+            && checks[1].starts_with("corrupt.qcow2: ")
+            && checks[2].starts_with("clean.qcow2: "),
+        "{checks:?}"
+    );
+    assert_eq!(icon(&shell), "dialog-warning-symbolic");
 
     shell.assert_extension_ok(UUID);
     assert_no_extension_messages(&shell);
@@ -704,8 +750,9 @@ async fn extension_detaches_and_reattaches_and_follows_live_devices() {
         addresses(m) == [GPU, AUDIO, NIC, VF]
     });
 
-    // disable() leaves nothing behind and stays deaf to the service;
-    // enable() starts over.
+    // disable() (the user turning it off; a screen lock does not disable
+    // it) leaves nothing behind and stays deaf to the service; enable()
+    // starts over.
     assert!(extension_actors(&shell) > 0);
     shell
         .eval(&format!("Main.extensionManager.disableExtension({UUID:?})"))
@@ -748,4 +795,100 @@ async fn extension_detaches_and_reattaches_and_follows_live_devices() {
     assert_no_extension_messages(&shell);
     drop(shell);
     drop(service);
+}
+
+/// The service owns its name but never answers (hung at startup): the
+/// extension's first GetManagedObjects times out (25 s). Once that owner is
+/// gone and a working service comes, the devices are listed all the same.
+/// Then: an image name that is markup shows literally, and idle, the shell
+/// makes no call to the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extension_follows_a_service_that_hung_escapes_names_and_never_polls() {
+    let (_build, extension) = build_extension();
+    let fs = host();
+    let config = DaemonConfig::default()
+        .sysfs_root(fs.root())
+        .udev_data_dir(fs.udev_data_dir())
+        .events(EventsSetting::None);
+    let (bus, polkit) = Polkit::builder().start_with_bus().await;
+    let mut hung = tokio::task::block_in_place(|| Daemon::start(&bus, &config));
+    hung.signal(libc::SIGSTOP);
+    let shell = tokio::task::block_in_place(|| {
+        GnomeShell::builder(bus.address())
+            .install(&extension)
+            .start()
+    });
+    shell.assert_extension_ok(UUID);
+    // Past D-Bus's default call timeout (25 s): the extension's first
+    // GetManagedObjects has failed.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(device_rows(&shell.panel_menu(ROLE)).is_empty());
+    hung.signal(libc::SIGKILL);
+    assert!(hung.wait_exit(Duration::from_secs(10)).is_some());
+    let daemon = tokio::task::block_in_place(|| Daemon::start(&bus, &config));
+    let menu = wait_menu(&shell, "the devices of the working service", |m| {
+        addresses(m) == [USB, GPU, AUDIO, NIC]
+    });
+    assert!(
+        !menu.iter().any(|i| i.text().starts_with("Cannot follow")),
+        "{}",
+        dump(&menu)
+    );
+
+    // An image name that is Pango markup shows literally (escaped).
+    let images = util::public_tempdir("vmm-gnome-images-");
+    let marked_up = images.path().join("a&amp;<b>x.qcow2");
+    make_clean_qcow2(&marked_up);
+    check_disk_as_root(&bus, &marked_up).await;
+    let menu = wait_menu(&shell, "the check of the marked-up name", |m| {
+        check_rows(m).len() == 1 && !check_rows(m)[0].starts_with("No disk")
+    });
+    let check = &check_rows(&menu)[0];
+    assert!(
+        check.starts_with("a&amp;<b>x.qcow2: no errors\n")
+            && check.contains(&format!("{} (qcow2) · ", marked_up.display())),
+        "{check:?}"
+    );
+
+    // Idle with the menu closed, the shell calls nothing on the service:
+    // it never polls. (InUseBy reads on appearing devices are done: the
+    // check above came after them.)
+    assert!(!device_rows(&menu).is_empty());
+    shell.close_menus().unwrap();
+    let owner = common::bus::name_owner_at(bus.address(), "org.example.VmManager");
+    let monitor =
+        tokio::task::block_in_place(|| common::bus::BusMonitor::start(&bus, "type='method_call'"));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let to_service = |messages: Vec<String>| -> Vec<String> {
+        messages
+            .into_iter()
+            .filter(|m| {
+                m.starts_with("method call ")
+                    && [&owner, "org.example.VmManager"]
+                        .iter()
+                        .any(|d| m.contains(&format!(" destination={d} ")))
+            })
+            .collect()
+    };
+    let calls = to_service(monitor.messages());
+    assert!(calls.is_empty(), "the shell polled the service: {calls:#?}");
+    // The monitor does see a call to the service (so zero means zero).
+    bus.busctl(&[
+        "get-property",
+        "org.example.VmManager",
+        "/org/example/VmManager",
+        "org.example.VmManager1",
+        "Version",
+    ])
+    .expect_success("busctl get-property Version");
+    util::wait_until(
+        Duration::from_secs(10),
+        "the monitor to see busctl's call",
+        || !to_service(monitor.messages()).is_empty(),
+        String::new,
+    );
+    assert_no_extension_messages(&shell);
+    drop(shell);
+    drop(daemon);
+    drop(polkit);
 }

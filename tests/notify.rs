@@ -20,7 +20,7 @@ use common::images::{make_clean_qcow2, make_corrupt_qcow2, make_leaky_qcow2, qem
 use common::inproc::InProcService;
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, CmdOutput, public_tempdir, read_lossy, write_file};
-use common::world::check_disk_as_root;
+use common::world::{check_disk_as_root, check_own_disk_as_nobody};
 use common::{Daemon, DaemonConfig, Polkit, Stack, TestBus, Vm};
 use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
@@ -331,7 +331,9 @@ impl Companion {
 }
 
 async fn start_stack(config: DaemonConfig) -> Stack {
-    tokio::task::spawn_blocking(move || Stack::start(Polkit::builder(), &config))
+    // nobody may check their own images: another local user's checks.
+    let polkit = Polkit::builder().allow_user("org.example.vmmanager.check-disk", "nobody");
+    tokio::task::spawn_blocking(move || Stack::start(polkit, &config))
         .await
         .unwrap()
 }
@@ -351,10 +353,21 @@ async fn disk_checks_notify_and_the_companion_follows_a_restart() {
     let images = public_tempdir("vmm-notify-images-");
     let path = |name: &str| images.path().join(name);
 
+    // Another user's check of their own corrupt image is theirs alone: no
+    // notification (DiskChecked reaches everyone). Signals come in order,
+    // so once the next check shows, this one was seen and passed over.
+    make_corrupt_qcow2(&path("others.qcow2"));
+    check_own_disk_as_nobody(&stack.bus, &path("others.qcow2")).await;
+
     // Clean: low urgency.
     make_clean_qcow2(&path("clean.qcow2"));
     check_disk_as_root(&stack.bus, &path("clean.qcow2")).await;
     let n = desktop.wait_for("Disk check passed: clean.qcow2", &mut companion);
+    let summaries = desktop.summaries();
+    assert!(
+        !summaries.iter().any(|s| s.contains("others.qcow2")),
+        "{summaries:?}"
+    );
     assert_common(&n);
     assert_eq!(n.urgency, "LOW");
     assert_eq!(

@@ -26,10 +26,11 @@ use zbus::{Connection, MatchRule, MessageStream, OwnedVariant, Variant};
 
 use common::fake_kernel::FakeKernel;
 use common::gnome_shell::{GnomeShell, MenuItem, js_string};
-use common::images::make_leaky_qcow2;
+use common::images::{make_corrupt_qcow2, make_leaky_qcow2};
 use common::inproc::{self, InProcService};
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, public_tempdir, read_lossy};
+use common::world::check_own_disk_as_nobody;
 use common::{Polkit, TestBus};
 use vmmanager::devices::DeviceAction;
 use vmmanager_client::ManagerProxy;
@@ -390,7 +391,10 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
     let fs = host_tree();
     let (bus, polkit) = tokio::task::spawn_blocking(|| {
         let bus = TestBus::start();
-        let polkit = Polkit::start(&bus);
+        // nobody may check their own images: another local user's checks.
+        let polkit = Polkit::builder()
+            .allow_user("org.example.vmmanager.check-disk", "nobody")
+            .start(&bus);
         (bus, polkit)
     })
     .await
@@ -477,8 +481,15 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
     });
     assert_eq!(layout_labels(&session, &owner).await, shell_labels(&menu));
 
-    // A disk check with leaks: listed, and the icon asks for attention.
+    // Another user's check of their own corrupt image: neither listed nor
+    // a reason for attention (DiskChecked reaches everyone). Signals come
+    // in order: once the next check shows, this one was passed over.
     let images = public_tempdir("vmm-tray-images-");
+    let others = images.path().join("others.qcow2");
+    make_corrupt_qcow2(&others);
+    check_own_disk_as_nobody(&bus, &others).await;
+
+    // A disk check with leaks: listed, and the icon asks for attention.
     let image = images.path().join("leaky.qcow2");
     make_leaky_qcow2(&image);
     let client = bus.connect().await;
@@ -492,6 +503,11 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
                 && has(labels, "leaky.qcow2 has leaked clusters")
         })
     });
+    let labels = layout_labels(&session, &owner).await;
+    assert!(
+        !labels.iter().any(|l| l.contains("others.qcow2")),
+        "{labels:#?}"
+    );
     let status = item_property(&session, &owner, "Status").await.unwrap();
     assert_eq!(String::try_from(status).unwrap(), "NeedsAttention");
     let shown_status: String = blocking(|| {

@@ -89,6 +89,9 @@ pub mod report {
     pub const STALE_PIDFILES: &str = "stale-pidfiles";
     /// `u`: the uid qemu-img ran as.
     pub const RUN_AS_UID: &str = "run-as-uid";
+    /// `u`: the uid of the caller that asked for the check (the job's
+    /// `StartedByUid`): DiskChecked is public, applets show their user's own.
+    pub const STARTED_BY_UID: &str = "started-by-uid";
     /// `t`: how long the check took, in milliseconds.
     pub const DURATION_MS: &str = "duration-ms";
     /// DiskChecked only, after an error: the D-Bus error name.

@@ -233,6 +233,8 @@ pub struct CheckReport {
     pub stale_pidfiles: Vec<String>,
     /// The uid qemu-img ran as.
     pub run_as_uid: u32,
+    /// The uid of the caller that asked for the check.
+    pub started_by_uid: u32,
     /// How long the check took, in milliseconds.
     pub duration_ms: u64,
     /// DiskChecked only: the error the check ended in.
@@ -274,9 +276,18 @@ impl CheckReport {
                 .collect(),
             stale_pidfiles: dict::strings(d, report::STALE_PIDFILES).unwrap_or_default(),
             run_as_uid: dict::u32(d, report::RUN_AS_UID).unwrap_or_default(),
+            started_by_uid: dict::u32(d, report::STARTED_BY_UID).unwrap_or_default(),
             duration_ms: u64(report::DURATION_MS),
             error,
         }
+    }
+
+    /// Whether this check is `uid`'s own: started by them, or of an image of
+    /// theirs (qemu-img runs as the image's owner). DiskChecked reaches every
+    /// local user; a per-user applet shows only its user's checks, so that
+    /// others can neither bury nor fake them.
+    pub fn concerns(&self, uid: u32) -> bool {
+        self.started_by_uid == uid || self.run_as_uid == uid
     }
 
     /// Reads a DiskChecked signal's arguments; the image argument stands in
@@ -335,6 +346,10 @@ impl CheckReport {
                 variant(self.stale_pidfiles.clone()),
             ),
             (report::RUN_AS_UID.to_owned(), variant(self.run_as_uid)),
+            (
+                report::STARTED_BY_UID.to_owned(),
+                variant(self.started_by_uid),
+            ),
             (report::DURATION_MS.to_owned(), variant(self.duration_ms)),
         ]);
         if let Some(error) = &self.error {
@@ -375,17 +390,29 @@ mod tests {
             }],
             stale_pidfiles: vec!["/vms/old.pid".into()],
             run_as_uid: 1000,
+            started_by_uid: 1001,
             duration_ms: 7,
             error: Some(ReportError::from(&Error::InUse("used".into()))),
             ..CheckReport::default()
         };
         let dict = report.to_dict();
-        assert_eq!(dict.len(), 20);
+        assert_eq!(dict.len(), 21);
         assert_eq!(CheckReport::from_dict(&dict), report);
         assert!(matches!(
             report.error.unwrap().to_error(),
             Error::InUse(m) if m == "used"
         ));
+    }
+
+    #[test]
+    fn a_check_concerns_who_started_it_and_the_image_owner_only() {
+        let report = CheckReport {
+            started_by_uid: 1000,
+            run_as_uid: 1001,
+            ..CheckReport::default()
+        };
+        assert!(report.concerns(1000) && report.concerns(1001));
+        assert!(!report.concerns(1002) && !report.concerns(0));
     }
 
     #[test]

@@ -53,6 +53,8 @@ struct Watcher<'a> {
     owner: Option<OwnedUniqueName>,
     /// The at-a-glance state (for the tray), kept from the same signals.
     status: &'a StatusSender,
+    /// The session user's uid: only their own disk checks are shown.
+    uid: u32,
 }
 
 /// What [`watch`] works with besides the bus.
@@ -93,6 +95,8 @@ pub async fn watch(
         devices: None,
         owner: None,
         status,
+        // SAFETY: getuid cannot fail and touches no memory.
+        uid: unsafe { libc::getuid() },
     };
     let mut signals = match dbus.get_name_owner(service).await {
         Ok(owner) => watcher.follow(owner.inner()).await,
@@ -383,6 +387,12 @@ impl Watcher<'_> {
                     return;
                 };
                 let report = CheckReport::from_signal(&image, &report);
+                // DiskChecked is public: another user's checks would bury
+                // or fake this user's results.
+                if !report.concerns(self.uid) {
+                    tracing::debug!(image, "another user's disk check, not shown");
+                    return;
+                }
                 let message = policy::disk_checked(&report);
                 self.status.send_modify(|s| s.push_check(report));
                 tracing::info!(image, summary = message.summary, "disk check notification");

@@ -472,7 +472,7 @@ impl Manager {
                 }
             };
             report.duration = started.elapsed();
-            let dict = report_dict(&report, error.as_ref());
+            let dict = report_dict(&report, caller, error.as_ref());
             log_outcome(&report, error.as_ref());
 
             let image_path = path_text(&report.image);

@@ -35,9 +35,9 @@ pub fn users_list(users: &[DiskUser]) -> Vec<Dict> {
     users.iter().map(|u| contract_user(u).to_dict()).collect()
 }
 
-/// The CheckDisk report; with `error` set, also the `error` and
-/// `error-message` keys of the `DiskChecked` signal.
-pub fn report_dict(report: &DiskReport, error: Option<&VmError>) -> Dict {
+/// The CheckDisk report of a check `started_by_uid` asked for; with `error`
+/// set, also the `error` and `error-message` keys of the `DiskChecked` signal.
+pub fn report_dict(report: &DiskReport, started_by_uid: u32, error: Option<&VmError>) -> Dict {
     let c = &report.counts;
     CheckReport {
         image: path_text(&report.image),
@@ -62,6 +62,7 @@ pub fn report_dict(report: &DiskReport, error: Option<&VmError>) -> Dict {
             .map(|p| path_text(p))
             .collect(),
         run_as_uid: report.run_as_uid,
+        started_by_uid,
         duration_ms: u64::try_from(report.duration.as_millis()).unwrap_or(u64::MAX),
         error: error.map(ReportError::from),
     }

@@ -242,8 +242,19 @@ pub fn busctl_at(address: &str, user: Option<(u32, u32)>, args: &[&str]) -> CmdO
     util::run(&mut cmd)
 }
 
-pub fn name_has_owner_at(address: &str, name: &str) -> bool {
-    let out = busctl_at(
+/// The unique name owning `name` on the bus at `address`; panics when none.
+pub fn name_owner_at(address: &str, name: &str) -> String {
+    let out = ask_bus_about(address, "GetNameOwner", name);
+    // busctl prints `s ":1.5"`.
+    match out.stdout.trim().strip_prefix("s ") {
+        Some(owner) if out.success() => owner.trim_matches('"').to_owned(),
+        _ => panic!("GetNameOwner({name}) failed: {out:#?}"),
+    }
+}
+
+/// `busctl call` of the bus's own `method(s name)`, as root.
+fn ask_bus_about(address: &str, method: &str, name: &str) -> CmdOutput {
+    busctl_at(
         address,
         None,
         &[
@@ -251,11 +262,15 @@ pub fn name_has_owner_at(address: &str, name: &str) -> bool {
             "org.freedesktop.DBus",
             "/org/freedesktop/DBus",
             "org.freedesktop.DBus",
-            "NameHasOwner",
+            method,
             "s",
             name,
         ],
-    );
+    )
+}
+
+pub fn name_has_owner_at(address: &str, name: &str) -> bool {
+    let out = ask_bus_about(address, "NameHasOwner", name);
     match out.stdout.trim() {
         "b true" => true,
         "b false" => false,

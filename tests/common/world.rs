@@ -155,11 +155,28 @@ pub fn split_error(e: zbus::Error) -> (String, String) {
 /// CheckDisk of `image` as root on `bus`, its outcome ignored (an error
 /// included): for tests of clients that show what DiskChecked reports.
 pub async fn check_disk_as_root(bus: &super::TestBus, image: &Path) {
-    let connection = bus.connect().await;
-    let manager = ManagerProxy::new(&connection).await.unwrap();
-    let _ = manager
+    let _ = check_disk_on(&bus.connect().await, image).await;
+}
+
+/// Another local user's check of their own image: `image` is handed to
+/// [`NOBODY`], who checks it (polkit must allow it:
+/// `allow_user("org.example.vmmanager.check-disk", "nobody")`). Panics when
+/// the check did not run, since then no DiskChecked was sent either and a
+/// client that shows nothing would prove nothing.
+pub async fn check_own_disk_as_nobody(bus: &super::TestBus, image: &Path) {
+    super::util::give(image, NOBODY, 0o644);
+    let outcome = check_disk_on(&bus.connect_as(NOBODY, NOBODY).await, image).await;
+    if let Err(e) = outcome {
+        panic!("nobody's CheckDisk({}): {e}", image.display());
+    }
+}
+
+async fn check_disk_on(connection: &Connection, image: &Path) -> zbus::Result<()> {
+    let manager = ManagerProxy::new(connection).await?;
+    manager
         .check_disk(image.to_str().unwrap(), HashMap::<&str, Variant<'_>>::new())
-        .await;
+        .await
+        .map(drop)
 }
 
 pub fn str_of<'a>(report: &'a Report, key: &str) -> &'a str {

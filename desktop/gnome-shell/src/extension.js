@@ -14,6 +14,8 @@
 // service is followed through its ObjectManager (GDBusObjectManagerClient),
 // which also notices it going away and coming back; it is never started
 // behind the user's back (DO_NOT_AUTO_START), only by "Start the service".
+// It stays enabled while the screen is locked (session mode unlock-dialog),
+// hidden, so that the checks of the session survive a lock (see disable()).
 
 import Gio from 'gi://Gio';
 import GLib from 'gi://GLib';
@@ -286,6 +288,11 @@ class VmManagerIndicator extends PanelMenu.Button {
         this._inUseQueue = [];
         this._inUseBusy = false;
         this._startError = null;
+        /** NameOwnerChanged subscription while waiting to follow again. */
+        this._ownerWatch = null;
+        /** The session's user: DiskChecked reaches every local user, the
+         * menu shows only this user's own checks. */
+        this._uid = Gio.Credentials.new().get_unix_user();
 
         this._icon = new St.Icon({icon_name: ICON, style_class: 'system-status-icon'});
         this.add_child(this._icon);
@@ -352,23 +359,59 @@ class VmManagerIndicator extends PanelMenu.Button {
             Gio.DBusProxy.new(this._bus, Gio.DBusProxyFlags.DO_NOT_AUTO_START, null,
                 BUS_NAME, MANAGER_PATH, MANAGER_IFACE, this._cancellable,
                 (_s, res) => this._managerReady(res));
-            const objects = new Gio.DBusObjectManagerClient({
-                connection: this._bus,
-                flags: Gio.DBusObjectManagerClientFlags.DO_NOT_AUTO_START,
-                name: BUS_NAME,
-                object_path: MANAGER_PATH,
-            });
-            objects.init_async(GLib.PRIORITY_DEFAULT, this._cancellable, (_s, res) => {
-                try {
-                    objects.init_finish(res);
-                } catch (e) {
-                    if (!isCancelled(e))
-                        this._showServiceError(`Cannot follow the service: ${e.message}`);
-                    return;
-                }
-                this._objectsReady(objects);
-            });
+            this._followObjects();
         });
+    }
+
+    _followObjects() {
+        const objects = new Gio.DBusObjectManagerClient({
+            connection: this._bus,
+            flags: Gio.DBusObjectManagerClientFlags.DO_NOT_AUTO_START,
+            name: BUS_NAME,
+            object_path: MANAGER_PATH,
+        });
+        objects.init_async(GLib.PRIORITY_DEFAULT, this._cancellable, (_s, res) => {
+            try {
+                objects.init_finish(res);
+            } catch (e) {
+                if (isCancelled(e))
+                    return;
+                this._showServiceError(`Cannot follow the service: ${e.message}`);
+                this._retryOnOwnerChange(objects.name_owner);
+                return;
+            }
+            this._objectsReady(objects);
+        });
+    }
+
+    /** A client whose GetManagedObjects failed at init (an owner that never
+     * answered) is dead for good: make a new one once the name changes
+     * hands, which may already have happened while the call waited. */
+    _retryOnOwnerChange(failedOwner) {
+        this._ownerWatch = this._bus.signal_subscribe('org.freedesktop.DBus',
+            'org.freedesktop.DBus', 'NameOwnerChanged', '/org/freedesktop/DBus', BUS_NAME,
+            Gio.DBusSignalFlags.NONE, () => this._retryObjects());
+        this._bus.call('org.freedesktop.DBus', '/org/freedesktop/DBus', 'org.freedesktop.DBus',
+            'GetNameOwner', new GLib.Variant('(s)', [BUS_NAME]), new GLib.VariantType('(s)'),
+            Gio.DBusCallFlags.NONE, -1, this._cancellable, (bus, result) => {
+                let owner = null;
+                try {
+                    [owner] = bus.call_finish(result).deepUnpack();
+                } catch (e) {
+                    if (isCancelled(e))
+                        return;
+                }
+                if (owner !== failedOwner)
+                    this._retryObjects();
+            });
+    }
+
+    _retryObjects() {
+        if (this._ownerWatch === null)
+            return;
+        this._bus.signal_unsubscribe(this._ownerWatch);
+        this._ownerWatch = null;
+        this._followObjects();
     }
 
     _managerReady(result) {
@@ -552,7 +595,16 @@ class VmManagerIndicator extends PanelMenu.Button {
             });
     }
 
+    /** Whether a check is this user's: started by them, or of an image of
+     * theirs (qemu-img runs as the image's owner). Another user's checks
+     * would otherwise bury this user's results or fake a warning. */
+    _isOwnCheck(report) {
+        return report['started-by-uid'] === this._uid || report['run-as-uid'] === this._uid;
+    }
+
     _diskChecked(image, report) {
+        if (!this._isOwnCheck(report))
+            return;
         const check = describeCheck(image, report);
         const item = infoItem('', check.problem ? 'vmmanager-attention' : 'vmmanager-check');
         const escape = text => GLib.markup_escape_text(text, -1);
@@ -582,6 +634,9 @@ class VmManagerIndicator extends PanelMenu.Button {
     /** Before PanelMenu.Button destroys the menu (and every row in it). */
     _onDestroy() {
         this._cancellable.cancel();
+        if (this._ownerWatch !== null)
+            this._bus.signal_unsubscribe(this._ownerWatch);
+        this._ownerWatch = null;
         this._manager?.disconnectObject(this);
         this._objects?.disconnectObject(this);
         this._devices.forEach(row => {
@@ -600,9 +655,27 @@ export default class VmManagerExtension extends Extension {
     enable() {
         this._indicator = new VmManagerIndicator();
         Main.panel.addToStatusArea(ROLE, this._indicator);
+        Main.sessionMode.connectObject('updated', () => this._showUnlessLocked(), this);
+        this._showUnlessLocked();
     }
 
+    /** Nothing of it on the lock screen (device names, image paths, actions);
+     * it keeps listening behind it. */
+    _showUnlessLocked() {
+        const locked = Main.sessionMode.isLocked;
+        if (locked)
+            this._indicator.menu.close();
+        this._indicator.visible = !locked;
+    }
+
+    // metadata.json lists the unlock-dialog session mode so that locking the
+    // screen does not disable the extension: disabled, it would lose the
+    // session's disk checks and what needs attention, and miss the checks
+    // that finish while the screen is locked (DiskChecked is a signal, never
+    // sent again). While locked the indicator is hidden and its menu closed
+    // (_showUnlessLocked); it only keeps listening to the system bus.
     disable() {
+        Main.sessionMode.disconnectObject(this);
         this._indicator.destroy();
         this._indicator = null;
     }
