@@ -65,6 +65,11 @@ impl Hwdb {
         if let Some(names) = self.answers.get(&modalias) {
             return names.clone();
         }
+        // The kernel never writes a NUL, and the udev crate panics on one
+        // (a C string): a tree that has one gets no names, not a crash.
+        if modalias.contains('\0') {
+            return HwdbNames::default();
+        }
         self.open();
         let Handle::Open(hwdb) = &self.handle else {
             return HwdbNames::default();
@@ -145,6 +150,16 @@ mod tests {
             });
             assert_eq!(built, device.modalias);
         }
+    }
+
+    /// A modalias with a NUL is not asked (the udev crate would panic).
+    #[test]
+    fn a_modalias_with_a_nul_gets_no_names() {
+        let mut hwdb = Hwdb::default();
+        let mut device = sysfs::enumerate(Path::new("/sys")).unwrap().remove(0);
+        device.modalias = "pci:v00008086\0d00001234".into();
+        assert_eq!(hwdb.names(&device), HwdbNames::default());
+        assert_eq!(hwdb.queries(), 0);
     }
 
     /// Each modalias is asked once, whatever the hwdb says (a device it
