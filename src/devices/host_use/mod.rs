@@ -5,7 +5,7 @@
 //! One call, [`host_uses`], walks the device's sysfs subtree once and
 //! collects its block devices, network interfaces, DRM connectors,
 //! framebuffers and device nodes; then:
-//! - **storage** ([`storage`]): the block devices and what stacks on them
+//! - **storage** (`host_use/storage.rs`): the block devices and what stacks on them
 //!   (`holders/`: dm, md, LVM), matched against the service's mount table
 //!   and `/proc/swaps`;
 //! - **network** ([`netlink`]): interfaces that are up with a global

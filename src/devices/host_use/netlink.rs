@@ -53,7 +53,8 @@ pub struct Address {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NetworkSnapshot {
     pub links: Vec<Link>,
-    /// Global and site scope only (see [`RT_SCOPE_LINK`]).
+    /// Global and site scope only: link-local and host addresses are on every
+    /// interface that is up.
     pub addresses: Vec<Address>,
     /// Interface indexes that carry a default route (IPv4 or IPv6, main
     /// table, any of a multipath route's next hops).

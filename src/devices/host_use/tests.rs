@@ -201,7 +201,7 @@ fn interfaces_up_with_addresses_or_the_default_route() {
     let host = Host::new();
     let nic = "0000:00:03.0";
     host.sys.device(nic, 0x1af4, 0x1000, 0x020000);
-    for (name, index) in [("eth0", 2), ("eth1", 3), ("eth2", 4)] {
+    for (name, index) in [("eth0", 2), ("eth1", 3), ("eth2", 4), ("eth3", 5)] {
         let dir = host.device(nic, &format!("virtio2/net/{name}"), "net", None);
         fs::write(dir.join("ifindex"), format!("{index}\n")).unwrap();
     }
@@ -210,34 +210,36 @@ fn interfaces_up_with_addresses_or_the_default_route() {
         name: name.into(),
         up,
     };
+    let address = |index, address: &str, prefix| netlink::Address {
+        index,
+        address: address.parse().unwrap(),
+        prefix,
+    };
     let network = NetworkSnapshot {
         links: vec![
             link(1, "lo", true),
             link(2, "eth0", true),
             link(3, "eth1", true),
-            link(4, "eth2", false),
+            link(4, "eth2", true),
+            link(5, "eth3", false),
         ],
         addresses: vec![
-            netlink::Address {
-                index: 2,
-                address: "192.0.2.2".parse().unwrap(),
-                prefix: 24,
-            },
+            address(2, "192.0.2.2", 24),
+            address(3, "2001:db8::1", 64),
             // Down: an address alone is no use.
-            netlink::Address {
-                index: 4,
-                address: "198.51.100.1".parse().unwrap(),
-                prefix: 24,
-            },
+            address(5, "198.51.100.1", 24),
         ],
         default_route_interfaces: vec![2],
     };
     let uses = host.uses(nic, network);
     let sentences: Vec<String> = uses.uses.iter().map(ToString::to_string).collect();
-    // eth1 is up without an address: unused.
+    // eth2 is up without an address, eth3 down: unused.
     assert_eq!(
         sentences,
-        ["network interface eth0 is up with 192.0.2.2/24 and carries the host's default route"]
+        [
+            "network interface eth0 is up with 192.0.2.2/24 and carries the host's default route",
+            "network interface eth1 is up with 2001:db8::1/64",
+        ]
     );
 }
 
