@@ -378,6 +378,11 @@ pub fn host_uses(
     }
     let mut subtree = Subtree::default();
     subtree.walk(address, &dir, 0)?;
+    // Directory order is no order: the same device, the same sentences.
+    subtree.interfaces.sort();
+    subtree.connectors.sort();
+    subtree.framebuffers.sort();
+    subtree.nodes.sort_by(|a, b| a.path.cmp(&b.path));
     let mut found = HostUses::default();
 
     // Storage.
