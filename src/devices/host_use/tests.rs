@@ -306,6 +306,25 @@ fn processes_holding_the_nodes_are_named_in_one_pass() {
     host.process_holding(101, "/usr/bin/cryptsetup", &copy);
     host.process_holding(102, "/usr/bin/cat", &other);
     let uses = host.uses(DISK, NetworkSnapshot::default());
+    // A GPU's card node, a character device.
+    let gpu = "0000:01:00.0";
+    host.sys.device(gpu, 0x10de, 0x2484, 0x030000);
+    host.device(gpu, "drm/card1", "drm", Some((226, 1)));
+    let card = host.dev.path().join("card1");
+    let c = CString::new(card.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(226, 1)) };
+    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    host.process_holding(103, "/usr/bin/gnome-shell", &card);
+    let gpu_uses = host.uses(gpu, NetworkSnapshot::default());
+    assert_eq!(
+        gpu_uses.uses,
+        [HostUse::Process {
+            pid: 103,
+            program: "/usr/bin/gnome-shell".into(),
+            node: "/dev/dri/card1".into()
+        }]
+    );
     let processes: Vec<String> = uses
         .uses
         .iter()
