@@ -38,6 +38,13 @@
 //!   - [`devices::passthrough`]: Detach/Reattach's decisions: refuse while a
 //!     VM holds the VFIO group, fail closed when that is unknown; and the
 //!     bounded scans behind the public `InUseBy` property.
+//!   - [`devices::host_use`]: who on the host uses a device (issue 13's
+//!     safety gates, not yet wired): mounts and swap on its block devices
+//!     and what stacks on them, its interfaces that are up with addresses
+//!     or carry the default route (rtnetlink, `host_use/netlink.rs`), the
+//!     boot display, connected outputs and framebuffers, and processes
+//!     holding its nodes (one /proc pass); each a sentence naming what and
+//!     who, and what could not be looked at said as such.
 //! - [`kernel_files`]: reading kernel-provided files (/proc, /sys) safely:
 //!   the one bounded read (never blocking, regular files only, the caller
 //!   says whether the bound truncates or refuses), the one `/proc/PID/stat`

@@ -12,7 +12,10 @@
 //!   drivers count as VFIO, and who holds a VFIO group.
 //! - [`passthrough`]: the decisions around those writes: refuse while a
 //!   process holds the device's VFIO group, and when that is unknown.
+//! - [`host_use`]: who on the host uses a device (mounts, swap, network,
+//!   display, processes holding its nodes), for the safety gates.
 
+pub mod host_use;
 pub mod hwdb;
 pub mod inventory;
 pub mod monitor;

@@ -32,6 +32,9 @@ pub enum Target {
     /// opened: a QEMU in its own mount namespace (libvirt's default) opens a
     /// private copy of `/dev/vfio/N` with another inode.
     CharDevice { rdev: u64 },
+    /// A block device by number (st_rdev), through whichever node it was
+    /// opened (`/dev/vda`, `/dev/disk/by-…`, a container's own copy).
+    BlockDevice { rdev: u64 },
 }
 
 impl Target {
@@ -673,23 +676,28 @@ struct TargetIndex {
     inodes: Vec<((u64, u64), usize)>,
     /// (st_rdev, index into the caller's targets).
     char_devices: Vec<(u64, usize)>,
+    block_devices: Vec<(u64, usize)>,
 }
 
 impl TargetIndex {
     fn new(targets: &[Target]) -> TargetIndex {
         let mut inodes = Vec::new();
         let mut char_devices = Vec::new();
+        let mut block_devices = Vec::new();
         for (i, target) in targets.iter().enumerate() {
             match *target {
                 Target::Inode { dev, ino } => inodes.push(((dev, ino), i)),
                 Target::CharDevice { rdev } => char_devices.push((rdev, i)),
+                Target::BlockDevice { rdev } => block_devices.push((rdev, i)),
             }
         }
         inodes.sort_unstable();
         char_devices.sort_unstable();
+        block_devices.sort_unstable();
         TargetIndex {
             inodes,
             char_devices,
+            block_devices,
         }
     }
 
@@ -701,12 +709,13 @@ impl TargetIndex {
             libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
             stx.stx_ino,
         );
-        let rdev = (u32::from(stx.stx_mode) & libc::S_IFMT == libc::S_IFCHR)
-            .then(|| libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor));
-        equal_range(&self.inodes, inode).chain(
-            rdev.into_iter()
-                .flat_map(|rdev| equal_range(&self.char_devices, rdev)),
-        )
+        let rdev = libc::makedev(stx.stx_rdev_major, stx.stx_rdev_minor);
+        let devices: &[(u64, usize)] = match u32::from(stx.stx_mode) & libc::S_IFMT {
+            libc::S_IFCHR => &self.char_devices,
+            libc::S_IFBLK => &self.block_devices,
+            _ => &[],
+        };
+        equal_range(&self.inodes, inode).chain(equal_range(devices, rdev))
     }
 }
 

@@ -406,7 +406,9 @@ async fn random_requests_cancellations_failures_and_panics() {
                         writable: true,
                     },
                 ],
-                Target::CharDevice { .. } => unreachable!("inodes only"),
+                Target::CharDevice { .. } | Target::BlockDevice { .. } => {
+                    unreachable!("inodes only")
+                }
             };
             Ok(targets.iter().map(answer).collect())
         })))

@@ -1,0 +1,575 @@
+//! Who on the host uses a PCI device: the facts behind Detach's safety
+//! gates and the host-users property (issue 13, item 2). Free of D-Bus;
+//! nothing here is written or unbound.
+//!
+//! One call, [`host_uses`], walks the device's sysfs subtree once and
+//! collects its block devices, network interfaces, DRM connectors,
+//! framebuffers and device nodes; then:
+//! - **storage** (`host_use/storage.rs`): the block devices and what stacks on them
+//!   (`holders/`: dm, md, LVM), matched against the service's mount table
+//!   and `/proc/swaps`;
+//! - **network** ([`netlink`]): interfaces that are up with a global
+//!   address, or carry a default route, from rtnetlink dumps;
+//! - **display**: `boot_vga`/`boot_display`, connected DRM outputs, a
+//!   framebuffer below the device, and a firmware framebuffer (efifb,
+//!   simpledrm, vesafb) when the device is the boot display;
+//! - **processes**: every process holding one of the device's nodes (from
+//!   sysfs `dev` files, by number, so a container's copy of a node counts
+//!   too; `/dev/nvidiaN` for the nvidia driver), in one /proc pass.
+//!
+//! What cannot be looked at is said ([`Unknown`]), never taken for "no
+//! use": the unit's ProcSubset=pid hides `/proc/swaps`.
+
+use std::fs;
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use tokio_util::sync::CancellationToken;
+
+use super::sysfs;
+use crate::kernel_files::{self, AtLimit};
+use crate::procfs::{self, HoldersError, Target};
+use vmmanager_client::PciAddress;
+
+pub mod netlink;
+mod storage;
+
+pub use netlink::NetworkSnapshot;
+
+/// Directories of one device's sysfs subtree looked at, at most (a GPU
+/// has a few hundred).
+pub const MAX_SUBTREE_DIRS: usize = 20_000;
+/// Deeper than any device's sysfs subtree (`virtio1/block/vda/vda1` is 4).
+const MAX_SUBTREE_DEPTH: usize = 12;
+const NVIDIA_MAJOR: u32 = 195;
+/// `/dev/nvidiactl` and `/dev/nvidia-modeset`: shared by every GPU.
+const NVIDIA_FIRST_SHARED_MINOR: u32 = 254;
+
+/// Where the host's kernel trees are (`/sys`, `/proc`, `/dev`).
+#[derive(Debug, Clone)]
+pub struct HostRoots {
+    pub sysfs: PathBuf,
+    pub proc: PathBuf,
+    pub dev: PathBuf,
+}
+
+impl HostRoots {
+    pub fn host() -> HostRoots {
+        HostRoots {
+            sysfs: "/sys".into(),
+            proc: "/proc".into(),
+            dev: "/dev".into(),
+        }
+    }
+}
+
+/// Where the network facts come from.
+#[derive(Debug, Clone)]
+pub enum Network {
+    /// rtnetlink dumps of the service's network namespace (the host's).
+    Kernel,
+    /// Given (tests).
+    Given(NetworkSnapshot),
+}
+
+/// One way the host uses the device. [`std::fmt::Display`] is the sentence
+/// shown to a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostUse {
+    /// A block device of the device (or one stacked on it) is mounted.
+    Mount {
+        mount_point: String,
+        fs_type: String,
+        /// The mount table's source (`/dev/vda1`, `/dev/mapper/vg-root`).
+        source: String,
+        /// Kernel names from the device's own block device to the mounted
+        /// one (`["vda2", "dm-0"]`).
+        chain: Vec<String>,
+    },
+    /// Swap on a block device of the device, or a swap file on one.
+    Swap { path: String, chain: Vec<String> },
+    /// An interface of the device is up with addresses, or carries a
+    /// default route.
+    Interface {
+        name: String,
+        up: bool,
+        addresses: Vec<(IpAddr, u8)>,
+        default_route: bool,
+    },
+    /// The firmware's boot display (`boot_vga` or `boot_display` is 1).
+    BootDisplay,
+    /// A DRM connector with status `connected` (`card1-HDMI-A-1`).
+    Connector { name: String },
+    /// A framebuffer device: below the device (`firmware` false) or a
+    /// firmware one (efifb, simpledrm, vesafb) while the device is the
+    /// boot display.
+    Framebuffer {
+        name: String,
+        label: String,
+        firmware: bool,
+    },
+    /// A process holds one of the device's nodes open.
+    Process {
+        pid: u32,
+        program: String,
+        node: String,
+    },
+}
+
+impl HostUse {
+    /// Whether Detach refuses because of it unless forced: every use does.
+    pub fn blocks_by_default(&self) -> bool {
+        true
+    }
+}
+
+fn chain_text(chain: &[String]) -> String {
+    match chain {
+        [one] => one.clone(),
+        _ => chain.join(" → "),
+    }
+}
+
+impl std::fmt::Display for HostUse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostUse::Mount {
+                mount_point,
+                fs_type,
+                source,
+                chain,
+            } => write!(
+                f,
+                "block device {} backs {mount_point} ({fs_type} on {source})",
+                chain_text(chain)
+            ),
+            HostUse::Swap { path, chain } => {
+                write!(
+                    f,
+                    "block device {} is used for swap ({path})",
+                    chain_text(chain)
+                )
+            }
+            HostUse::Interface {
+                name,
+                up,
+                addresses,
+                default_route,
+            } => {
+                write!(f, "network interface {name}")?;
+                if *up && !addresses.is_empty() {
+                    let list: Vec<String> =
+                        addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+                    write!(f, " is up with {}", list.join(", "))?;
+                    if *default_route {
+                        write!(f, " and")?;
+                    }
+                }
+                if *default_route {
+                    write!(f, " carries the host's default route")?;
+                }
+                Ok(())
+            }
+            HostUse::BootDisplay => {
+                write!(f, "it is the boot display (the firmware's console)")
+            }
+            HostUse::Connector { name } => write!(f, "display output {name} is connected"),
+            HostUse::Framebuffer {
+                name,
+                label,
+                firmware: false,
+            } => write!(f, "framebuffer {name} ({label}) is on it"),
+            HostUse::Framebuffer {
+                name,
+                label,
+                firmware: true,
+            } => write!(
+                f,
+                "firmware framebuffer {name} ({label}) is on the boot display, which this is"
+            ),
+            HostUse::Process { pid, program, node } => {
+                write!(f, "process {pid} ({program}) holds {node} open")
+            }
+        }
+    }
+}
+
+/// What could not be looked at: not "no use" (callers fail closed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unknown {
+    /// Whether a block device of the device holds swap.
+    Swap { reason: String },
+    /// Whether an interface of the device is up or routes.
+    Network { reason: String },
+}
+
+impl std::fmt::Display for Unknown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unknown::Swap { reason } => write!(f, "whether it holds swap is unknown: {reason}"),
+            Unknown::Network { reason } => {
+                write!(
+                    f,
+                    "whether its network interfaces are in use is unknown: {reason}"
+                )
+            }
+        }
+    }
+}
+
+/// Everything found about one device.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostUses {
+    pub uses: Vec<HostUse>,
+    pub unknown: Vec<Unknown>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostUseError {
+    #[error("PCI device {0} is gone")]
+    Gone(PciAddress),
+    #[error("cannot read {}: {source}", path.display())]
+    Sysfs {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the sysfs tree of {0} has more than {MAX_SUBTREE_DIRS} directories")]
+    TooLarge(PciAddress),
+    #[error("cannot read the mount table {}: {source}", path.display())]
+    MountTable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot find out who holds the device's nodes: {0}")]
+    Holders(#[from] HoldersError),
+}
+
+/// A device node below the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Node {
+    /// `/dev/dri/card1`.
+    path: String,
+    target: Target,
+}
+
+/// What one walk of the device's sysfs subtree finds.
+#[derive(Debug, Default)]
+struct Subtree {
+    block: Vec<(PathBuf, storage::BlockDevice)>,
+    nodes: Vec<Node>,
+    /// (name, ifindex).
+    interfaces: Vec<(String, u32)>,
+    connectors: Vec<String>,
+    /// (fbN, its `name`).
+    framebuffers: Vec<(String, String)>,
+    dirs: usize,
+}
+
+/// A sysfs attribute's text without the trailing newline.
+fn read_attribute(path: &Path) -> io::Result<String> {
+    let bytes = kernel_files::read_bounded(path, sysfs::MAX_ATTRIBUTE_BYTES, AtLimit::Refuse)
+        .map_err(kernel_files::KernelFileError::into_io)?;
+    Ok(String::from_utf8_lossy(&bytes).trim_end().to_owned())
+}
+
+/// `DEVNAME=` of a device's `uevent`: its node's path below /dev.
+fn dev_name(dir: &Path) -> Option<String> {
+    let uevent = read_attribute(&dir.join("uevent")).ok()?;
+    uevent
+        .lines()
+        .find_map(|l| l.strip_prefix("DEVNAME="))
+        .map(str::to_owned)
+}
+
+impl Subtree {
+    fn walk(&mut self, address: &PciAddress, dir: &Path, depth: usize) -> Result<(), HostUseError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            // Gone while walking (a hot-unplugged child): nothing below.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && depth > 0 => return Ok(()),
+            Err(source) => {
+                return Err(HostUseError::Sysfs {
+                    path: dir.to_owned(),
+                    source,
+                });
+            }
+        };
+        for entry in entries.flatten() {
+            // Real directories only: `subsystem`, `driver`, `device`,
+            // `holders/*` are links out of the subtree.
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            self.dirs += 1;
+            if self.dirs > MAX_SUBTREE_DIRS {
+                return Err(HostUseError::TooLarge(*address));
+            }
+            let child = entry.path();
+            if child.join("uevent").is_file() {
+                self.device(&child);
+            }
+            if depth + 1 < MAX_SUBTREE_DEPTH {
+                self.walk(address, &child, depth + 1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One device directory below the PCI device.
+    fn device(&mut self, dir: &Path) {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let subsystem = kernel_files::link_name(&dir.join("subsystem")).unwrap_or_default();
+        if let Some(rdev) = storage::device_number(dir) {
+            let path = format!("/dev/{}", dev_name(dir).unwrap_or_else(|| name.clone()));
+            let target = if subsystem == "block" {
+                self.block.push((
+                    dir.to_owned(),
+                    storage::BlockDevice {
+                        name: name.clone(),
+                        rdev,
+                        chain: vec![name.clone()],
+                    },
+                ));
+                Target::BlockDevice { rdev }
+            } else {
+                Target::CharDevice { rdev }
+            };
+            self.nodes.push(Node { path, target });
+        }
+        match subsystem.as_str() {
+            "net" => {
+                if let Some(index) = read_attribute(&dir.join("ifindex"))
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                {
+                    self.interfaces.push((name, index));
+                }
+            }
+            "drm" if read_attribute(&dir.join("status")).is_ok_and(|s| s == "connected") => {
+                self.connectors.push(name);
+            }
+            "graphics" => {
+                let label = read_attribute(&dir.join("name")).unwrap_or_default();
+                self.framebuffers.push((name, label));
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How the host uses the PCI device at `address`. `cancel` stops the /proc
+/// pass (an error then, never "nobody"). Blocking: run it off the async
+/// workers, bounded in time, like the VFIO user scans.
+pub fn host_uses(
+    roots: &HostRoots,
+    address: &PciAddress,
+    network: &Network,
+    cancel: &CancellationToken,
+) -> Result<HostUses, HostUseError> {
+    let dir = sysfs::device_dir(&roots.sysfs, address);
+    if !dir.is_dir() {
+        return Err(HostUseError::Gone(*address));
+    }
+    let mut subtree = Subtree::default();
+    subtree.walk(address, &dir, 0)?;
+    // Directory order is no order: the same device, the same sentences.
+    subtree.interfaces.sort();
+    subtree.connectors.sort();
+    subtree.framebuffers.sort();
+    subtree.nodes.sort_by(|a, b| a.path.cmp(&b.path));
+    let mut found = HostUses::default();
+
+    // Storage.
+    if !subtree.block.is_empty() {
+        let devices = storage::with_holders(std::mem::take(&mut subtree.block));
+        for device in &devices {
+            // Holders' nodes (`/dev/dm-0`) can be held open as well.
+            if device.chain.len() > 1 {
+                subtree.nodes.push(Node {
+                    path: format!("/dev/{}", device.name),
+                    target: Target::BlockDevice { rdev: device.rdev },
+                });
+            }
+        }
+        found
+            .uses
+            .extend(storage::mounts(&roots.proc, &roots.dev, &devices)?);
+        match storage::swaps(&roots.proc, &roots.dev, &devices) {
+            Ok(swaps) => found.uses.extend(swaps),
+            Err(unknown) => found.unknown.push(unknown),
+        }
+    }
+
+    // Network.
+    if !subtree.interfaces.is_empty() {
+        let snapshot = match network {
+            Network::Given(snapshot) => Ok(snapshot.clone()),
+            Network::Kernel => NetworkSnapshot::from_kernel(),
+        };
+        match snapshot {
+            Ok(snapshot) => found
+                .uses
+                .extend(interface_uses(&subtree.interfaces, &snapshot)),
+            Err(e) => found.unknown.push(Unknown::Network {
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    // Display.
+    let boot_display = ["boot_vga", "boot_display"]
+        .iter()
+        .any(|attribute| read_attribute(&dir.join(attribute)).is_ok_and(|v| v == "1"));
+    if boot_display {
+        found.uses.push(HostUse::BootDisplay);
+    }
+    found.uses.extend(
+        subtree
+            .connectors
+            .iter()
+            .map(|name| HostUse::Connector { name: name.clone() }),
+    );
+    found.uses.extend(
+        subtree
+            .framebuffers
+            .iter()
+            .map(|(name, label)| HostUse::Framebuffer {
+                name: name.clone(),
+                label: label.clone(),
+                firmware: false,
+            }),
+    );
+    if boot_display {
+        found.uses.extend(firmware_framebuffers(&roots.sysfs));
+    }
+
+    // Processes.
+    if sysfs::driver(&dir).ok().flatten().as_deref() == Some("nvidia") {
+        subtree.nodes.extend(nvidia_nodes(roots, address));
+    }
+    if !subtree.nodes.is_empty() {
+        let targets: Vec<Target> = subtree.nodes.iter().map(|n| n.target).collect();
+        let holders = procfs::holders_of_any(&roots.proc, &targets, std::process::id(), cancel)?;
+        for (node, holders) in subtree.nodes.iter().zip(holders) {
+            for holder in holders {
+                found.uses.push(HostUse::Process {
+                    pid: holder.pid,
+                    program: program(&roots.proc, holder.pid),
+                    node: node.path.clone(),
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The interfaces of `interfaces` that are up with a global address or
+/// carry a default route.
+fn interface_uses(interfaces: &[(String, u32)], snapshot: &NetworkSnapshot) -> Vec<HostUse> {
+    let mut uses = Vec::new();
+    for (name, index) in interfaces {
+        let up = snapshot
+            .links
+            .iter()
+            .any(|link| link.index == *index && link.up);
+        let addresses: Vec<(IpAddr, u8)> = snapshot
+            .addresses
+            .iter()
+            .filter(|a| a.index == *index)
+            .map(|a| (a.address, a.prefix))
+            .collect();
+        let default_route = snapshot.default_route_interfaces.contains(index);
+        if (up && !addresses.is_empty()) || default_route {
+            uses.push(HostUse::Interface {
+                name: name.clone(),
+                up,
+                addresses,
+                default_route,
+            });
+        }
+    }
+    uses
+}
+
+/// Framebuffers of the firmware's (`<sysfs>/class/graphics/fb*` whose
+/// device is an efi-, simple- or vesa-framebuffer platform device): they
+/// live in the boot display's memory. (Matching their address against the
+/// device's BARs would need /proc/iomem, hidden by ProcSubset=pid.)
+fn firmware_framebuffers(sysfs_root: &Path) -> Vec<HostUse> {
+    let class = sysfs_root.join("class/graphics");
+    let mut uses = Vec::new();
+    for entry in fs::read_dir(&class).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("fb") {
+            continue;
+        }
+        let fb = entry.path();
+        let parent = kernel_files::link_name(&fb.join("device")).unwrap_or_default();
+        let firmware = ["efi-framebuffer", "simple-framebuffer", "vesa-framebuffer"]
+            .iter()
+            .any(|p| parent.starts_with(p));
+        if firmware {
+            uses.push(HostUse::Framebuffer {
+                name,
+                label: read_attribute(&fb.join("name")).unwrap_or_default(),
+                firmware: true,
+            });
+        }
+    }
+    uses.sort_by_key(ToString::to_string);
+    uses
+}
+
+/// `/dev/nvidiaN` of a device bound to nvidia: the driver makes no sysfs
+/// node for it. The minor is in `/proc/driver/nvidia/gpus/<address>/
+/// information` where visible; else every `/dev/nvidiaN` (holding any GPU
+/// of the driver counts: fail closed).
+fn nvidia_nodes(roots: &HostRoots, address: &PciAddress) -> Vec<Node> {
+    let information = roots
+        .proc
+        .join("driver/nvidia/gpus")
+        .join(address.to_string())
+        .join("information");
+    let minor: Option<u32> = read_attribute(&information).ok().and_then(|text| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("Device Minor:"))
+            .and_then(|m| m.trim().parse().ok())
+    });
+    let node = |minor: u32| Node {
+        path: format!("/dev/nvidia{minor}"),
+        target: Target::CharDevice {
+            rdev: libc::makedev(NVIDIA_MAJOR, minor),
+        },
+    };
+    if let Some(minor) = minor {
+        return vec![node(minor)];
+    }
+    let mut nodes: Vec<Node> = fs::read_dir(&roots.dev)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let minor: u32 = name.to_str()?.strip_prefix("nvidia")?.parse().ok()?;
+            (minor < NVIDIA_FIRST_SHARED_MINOR).then(|| node(minor))
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.path.cmp(&b.path));
+    nodes
+}
+
+/// A holder's executable, else its `comm`, else "unknown program".
+fn program(proc_root: &Path, pid: u32) -> String {
+    procfs::exe(proc_root, pid)
+        .or_else(|| read_attribute(&proc_root.join(pid.to_string()).join("comm")).ok())
+        .unwrap_or_else(|| "unknown program".to_owned())
+}
+
+#[cfg(test)]
+mod tests;
