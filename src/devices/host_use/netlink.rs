@@ -164,13 +164,20 @@ fn dump(
     let mut buffer = vec![0u8; 64 * 1024];
     let mut received = 0usize;
     loop {
-        // SAFETY: valid fd and buffer of the size passed.
+        // Any local process may send to our port: only the kernel's
+        // datagrams count (a forged early NLMSG_DONE would hide a route).
+        // SAFETY: zeroed sockaddr_nl is valid.
+        let mut sender: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        let mut sender_len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: valid fd, buffer and address of the sizes passed.
         let n = unsafe {
-            libc::recv(
+            libc::recvfrom(
                 socket.as_raw_fd(),
                 buffer.as_mut_ptr().cast(),
                 buffer.len(),
                 0,
+                (&raw mut sender).cast(),
+                &raw mut sender_len,
             )
         };
         if n < 0 {
@@ -184,6 +191,9 @@ fn dump(
             });
         }
         let n = n as usize;
+        if sender.nl_pid != 0 {
+            continue;
+        }
         received += n;
         if received > MAX_DUMP_BYTES {
             return Err(io::Error::other(format!(
@@ -420,5 +430,79 @@ mod tests {
     fn the_kernel_answers() {
         let snapshot = NetworkSnapshot::from_kernel().unwrap();
         assert!(snapshot.links.iter().any(|l| l.name == "lo" && l.up));
+    }
+}
+
+#[cfg(test)]
+mod forged_replies {
+    use super::*;
+
+    /// The port the kernel gives `socket` (bound now, as the first send
+    /// would bind it).
+    fn port_of(socket: &OwnedFd) -> u32 {
+        // SAFETY: zeroed sockaddr_nl is valid.
+        let mut address: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        address.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        // SAFETY: valid fd and address of the size passed; port 0 = any.
+        let rc = unsafe {
+            libc::bind(
+                socket.as_raw_fd(),
+                (&raw const address).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        let mut len = std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+        // SAFETY: valid fd and address of the size passed.
+        let rc = unsafe {
+            libc::getsockname(socket.as_raw_fd(), (&raw mut address).cast(), &raw mut len)
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        address.nl_pid
+    }
+
+    /// Another local process sends an NLMSG_DONE with the dump's sequence
+    /// number to our port before the kernel answers: the dump must not
+    /// end there (it would hide every interface, address and route).
+    #[test]
+    fn a_forged_done_from_another_socket_does_not_end_the_dump() {
+        let socket = open().unwrap();
+        let forger = open().unwrap();
+        let seq = 7u32;
+        let mut done = Vec::new();
+        done.extend_from_slice(&20u32.to_ne_bytes());
+        done.extend_from_slice(&(libc::NLMSG_DONE as u16).to_ne_bytes());
+        done.extend_from_slice(&(libc::NLM_F_MULTI as u16).to_ne_bytes());
+        done.extend_from_slice(&seq.to_ne_bytes());
+        done.extend_from_slice(&0u32.to_ne_bytes());
+        done.extend_from_slice(&0i32.to_ne_bytes());
+        // SAFETY: zeroed sockaddr_nl is valid.
+        let mut victim: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        victim.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        victim.nl_pid = port_of(&socket);
+        // SAFETY: valid fd, buffer and address of the sizes passed.
+        let sent = unsafe {
+            libc::sendto(
+                forger.as_raw_fd(),
+                done.as_ptr().cast(),
+                done.len(),
+                0,
+                (&raw const victim).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(sent, done.len() as isize, "{}", io::Error::last_os_error());
+
+        let mut links = 0;
+        dump(&socket, libc::RTM_GETLINK, &[0u8; 16], seq, |kind, _| {
+            if kind == libc::RTM_NEWLINK {
+                links += 1;
+            }
+        })
+        .unwrap();
+        assert!(
+            links >= 1,
+            "the forged NLMSG_DONE ended the dump (lo is always there)"
+        );
     }
 }
