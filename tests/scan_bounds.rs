@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::fd_copies::sleep_holding_copies;
+use common::fd_copies::{sleep_holding_copies, wait_for_exec};
 use common::images::make_clean_qcow2;
 use common::util::{
     ChildGuard, busctl_call_in_background, fd_count, give, make_dir, public_tempdir, wait_until,
@@ -36,7 +36,9 @@ impl FdHolders {
         let holders = (0..processes)
             .map(|_| {
                 let mut cmd = sleep_holding_copies(Stdio::null(), fds_each);
-                ChildGuard::new(cmd.spawn().expect("spawn sleep"), "fd holder")
+                let child = ChildGuard::new(cmd.spawn().expect("spawn sleep"), "fd holder");
+                wait_for_exec(child.pid(), cmd.get_program());
+                child
             })
             .collect();
         FdHolders(holders)

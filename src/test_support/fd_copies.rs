@@ -2,8 +2,11 @@
 //! processes with large fd tables. Also included by the integration tests
 //! (`tests/common/mod.rs`).
 
+use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// `sleep 600` with `stdin` on fd 0 and `copies` more copies of it on fds
 /// 3 and up (its fd limit raised to fit); stdout and stderr on /dev/null.
@@ -33,4 +36,29 @@ pub fn sleep_holding_copies(stdin: impl Into<Stdio>, copies: i32) -> Command {
         });
     }
     cmd
+}
+
+/// Waits until process `pid` runs `program` (its `/proc/PID/exe` has that
+/// file name): only then are the fds a `pre_exec` set up all in place.
+/// `Command::spawn` alone does not promise that when the `pre_exec`
+/// dup2()s over a range of fds: std learns of the exec through a
+/// close-on-exec pipe, and a dup2 onto that pipe's end closes it early, so
+/// spawn returns while the child is still making its copies (seen under
+/// parallel tests, where the pipe's number falls in the range).
+pub fn wait_for_exec(pid: u32, program: &OsStr) {
+    let program = Path::new(program).file_name().unwrap_or(program);
+    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_link(&exe)
+        .ok()
+        .as_deref()
+        .and_then(Path::file_name)
+        != Some(program)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{exe:?} never became {program:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }

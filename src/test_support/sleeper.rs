@@ -6,6 +6,8 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 
+use super::fd_copies::wait_for_exec;
+
 /// A `sleep 600` (or another command spawned through [`Sleeper::spawn`]);
 /// killed and reaped on drop.
 pub struct Sleeper(Child);
@@ -37,10 +39,12 @@ impl Sleeper {
         Sleeper::spawn(&mut cmd)
     }
 
-    /// Spawns `cmd` (a long sleep the caller set up). spawn() returns once
-    /// the child exec'd (or failed to): its fds are in place.
+    /// Spawns `cmd` (a long sleep the caller set up) and returns once the
+    /// child runs it, so its fds are in place (see [`wait_for_exec`]).
     pub fn spawn(cmd: &mut Command) -> Sleeper {
-        Sleeper(cmd.spawn().expect("spawn sleep"))
+        let sleeper = Sleeper(cmd.spawn().expect("spawn sleep"));
+        wait_for_exec(sleeper.pid(), cmd.get_program());
+        sleeper
     }
 
     pub fn pid(&self) -> u32 {
