@@ -524,23 +524,34 @@ impl PciDeviceObject {
         );
         guard.until_gone(check).await?;
         let passthrough = &self.shared.passthrough;
-        let mut moved = vec![target];
-        if options.group {
-            let outcome = passthrough.change_group(target, group, action).await?;
-            moved.extend(outcome.moved.into_iter().filter(|m| *m != target));
+        let (result, reread) = if options.group {
+            let result = passthrough.change_group(target, group, action).await;
+            // Also after a failure: a rollback that failed left a member
+            // elsewhere, and its object must say where.
+            let members = group_devices
+                .split(',')
+                .filter_map(|a| a.parse::<PciAddress>().ok())
+                .collect();
+            (result.map(drop), members)
         } else {
-            passthrough.change(target, group, action).await?;
-        }
+            let result = passthrough.change(target, group, action).await;
+            let reread = if result.is_ok() {
+                vec![target]
+            } else {
+                Vec::new()
+            };
+            (result.map(drop), reread)
+        };
         // Re-read now, and answer only when the objects show the result,
         // rather than waiting for the kernel's bind/unbind events.
-        for address in moved {
+        for address in reread {
             let (done, answered) = oneshot::channel();
             let reread = Reread { address, done };
             if self.shared.rereads.send(reread).await.is_ok() {
                 let _ = answered.await;
             }
         }
-        Ok(())
+        Ok(result?)
     }
 }
 
