@@ -1696,3 +1696,30 @@ async fn vmctl_moves_a_whole_group_and_reports_a_rollback() {
     );
     assert_eq!(world.driver(GPU).await, "");
 }
+
+/// polkit sees a group move's addresses as `group-devices`, so a rule can
+/// tell it from a single device's: this one allows `nobody` group moves of
+/// exactly group 1 and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn polkit_rules_see_the_group_devices() {
+    let rule = format!(
+        "polkit.addRule(function(action, subject) {{ \
+         if (action.id == 'org.example.vmmanager.manage-devices' && subject.user == 'nobody') \
+         return action.lookup('group-devices') == '{GPU},{AUDIO}' \
+         ? polkit.Result.YES : polkit.Result.NO; }});"
+    );
+    let (world, kernel) = gpu_world(true, Polkit::builder().rule(rule)).await;
+    let nobody = Some((NOBODY, NOBODY));
+    let out = world.call(nobody, AUDIO, "Detach", &["0"]).await;
+    assert!(
+        out.stderr.contains("NotAuthorized") || out.stderr.contains("not authorized"),
+        "{out:?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    world
+        .call(nobody, AUDIO, "Detach", &["1", "group", "b", "true"])
+        .await
+        .expect_success("group Detach as nobody");
+    assert_eq!(world.driver(GPU).await, "vfio-pci");
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+}
