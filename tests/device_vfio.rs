@@ -1074,5 +1074,8 @@ fn group_moves_need_an_endpoint_with_a_group() {
         err.to_string(),
         format!("{G_BRIDGE} is not an endpoint of IOMMU group 5")
     );
+    fs::remove_dir_all(fs.root().join("bus/pci/drivers/vfio-pci")).unwrap();
+    let err = binder.detach_group(addr(G_GPU)).unwrap_err();
+    assert!(matches!(err, VfioError::VfioUnavailable(_)), "{err:?}");
     assert_eq!(kernel.take_log(), vec![]);
 }

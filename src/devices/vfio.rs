@@ -572,6 +572,12 @@ impl VfioBinder {
     pub fn detach_group(&self, address: PciAddress) -> Result<GroupOutcome, VfioError> {
         let mut originals = self.lock();
         let members = self.group_endpoints(address)?;
+        // Said once, as NotSupported, rather than as the first member's
+        // failure.
+        let vfio = driver_dir(&self.sysfs_root, VFIO_DRIVER);
+        if !vfio.is_dir() {
+            return Err(VfioError::VfioUnavailable(vfio));
+        }
         self.move_all(
             &mut originals,
             GroupMove::Detach,
