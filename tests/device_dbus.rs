@@ -1584,3 +1584,142 @@ async fn stop_right_after_start_and_guard_on_panic() {
         .unwrap();
     assert!(!owner, "the panicked service's connection is still open");
 }
+
+/// `vmctl detach --group` / `reattach --group` against the service: the
+/// root port stays on pcieport, the three endpoints move and come back,
+/// each to its own driver; a failure midway is rolled back and vmctl says
+/// so (exit 1, the service's message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vmctl_moves_a_whole_group_and_reports_a_rollback() {
+    const SERIAL: &str = "0000:01:00.2";
+    let fs = gpu_tree(true);
+    fs.device(BRIDGE, 0x8086, 0xa110, 0x060400)
+        .driver("pcieport")
+        .iommu_group(1);
+    fs.device(SERIAL, 0x10de, 0x1ad8, 0x0c8000)
+        .driver("nvidia-serial")
+        .iommu_group(1);
+    let kernel = FakeKernel::new(&fs.root());
+    let world = DeviceWorld::start(fs, Some(Polkit::builder()), Some(kernel.clone())).await;
+    let bus = world.bus.address().to_owned();
+    let vmctl = move |args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::world::VMCTL);
+        cmd.arg("--bus-address").arg(&bus).args(args);
+        common::util::run(&mut cmd)
+    };
+    let vmctl = Arc::new(vmctl);
+    let call = |args: &'static [&'static str]| {
+        let vmctl = vmctl.clone();
+        async move {
+            tokio::task::spawn_blocking(move || vmctl(args))
+                .await
+                .unwrap()
+        }
+    };
+
+    let out = call(&["detach", "--group", AUDIO]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        format!("{BRIDGE}: pcieport\n{GPU}: vfio-pci\n{AUDIO}: vfio-pci\n{SERIAL}: vfio-pci\n")
+    );
+    assert!(
+        kernel
+            .take_log()
+            .iter()
+            .all(|(p, v)| !p.contains(BRIDGE) && v != BRIDGE)
+    );
+    // Every member's object shows it, not only the one called.
+    assert_eq!(world.driver(GPU).await, "vfio-pci");
+    assert_eq!(world.driver(SERIAL).await, "vfio-pci");
+
+    let out = call(&["reattach", "--group", "--json", GPU]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let doc: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(doc["driver"], "nvidia", "{doc}");
+    let members: Vec<(String, String)> = doc["group"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["address"].as_str().unwrap().to_owned(),
+                m["driver"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let pair = |a: &str, d: &str| (a.to_owned(), d.to_owned());
+    assert_eq!(
+        members,
+        vec![
+            pair(BRIDGE, "pcieport"),
+            pair(GPU, "nvidia"),
+            pair(AUDIO, "snd_hda_intel"),
+            pair(SERIAL, "nvidia-serial"),
+        ]
+    );
+    kernel.take_log();
+
+    kernel.set(|k| k.fail = Some(format!("bus/pci/devices/{AUDIO}/driver/unbind")));
+    let out = call(&["detach", "--group", GPU]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "the group detach of {GPU} failed at {AUDIO}: writing \"{AUDIO}\" to "
+        )),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .trim_end()
+            .ends_with(&format!("; rolled back: {AUDIO}, {GPU}")),
+        "{out:?}"
+    );
+    assert_eq!(world.driver(GPU).await, "nvidia");
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    assert_eq!(world.driver(SERIAL).await, "nvidia-serial");
+
+    // The rollback fails too: the message names the device left behind,
+    // and its object shows where it was left (re-read, no uevent needed).
+    kernel.set(|k| k.fail_also = vec!["bus/pci/drivers/nvidia/bind".into()]);
+    let out = call(&["detach", "--group", GPU]).await;
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "; rolled back: {AUDIO}; rolling back {GPU} failed (writing \"{GPU}\" to "
+        )),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.trim_end().ends_with(", left on no driver"),
+        "{out:?}"
+    );
+    assert_eq!(world.driver(GPU).await, "");
+}
+
+/// polkit sees a group move's addresses as `group-devices`, so a rule can
+/// tell it from a single device's: this one allows `nobody` group moves of
+/// exactly group 1 and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn polkit_rules_see_the_group_devices() {
+    let rule = format!(
+        "polkit.addRule(function(action, subject) {{ \
+         if (action.id == 'org.example.vmmanager.manage-devices' && subject.user == 'nobody') \
+         return action.lookup('group-devices') == '{GPU},{AUDIO}' \
+         ? polkit.Result.YES : polkit.Result.NO; }});"
+    );
+    let (world, kernel) = gpu_world(true, Polkit::builder().rule(rule)).await;
+    let nobody = Some((NOBODY, NOBODY));
+    let out = world.call(nobody, AUDIO, "Detach", &["0"]).await;
+    assert!(
+        out.stderr.contains("NotAuthorized") || out.stderr.contains("not authorized"),
+        "{out:?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    world
+        .call(nobody, AUDIO, "Detach", &["1", "group", "b", "true"])
+        .await
+        .expect_success("group Detach as nobody");
+    assert_eq!(world.driver(GPU).await, "vfio-pci");
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+}

@@ -826,3 +826,256 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
         vec![]
     );
 }
+
+// ---------------------------------------------------------------------------
+// Group operations
+// ---------------------------------------------------------------------------
+
+/// IOMMU group 5: a root port (a bridge, keeps pcieport), a GPU (amdgpu),
+/// its audio function (snd_hda_intel), a USB controller (xhci_hcd) and a
+/// function someone else put on vfio-pci (not detached by us).
+const G_BRIDGE: &str = "0000:00:1c.0";
+const G_GPU: &str = "0000:01:00.0";
+const G_AUDIO: &str = "0000:01:00.1";
+const G_USB: &str = "0000:01:00.2";
+const G_PREBOUND: &str = "0000:01:00.3";
+
+fn group_tree() -> common::sysfs::FakeSysfs {
+    let fs = common::sysfs::FakeSysfs::new();
+    fs.driver_dir("vfio-pci");
+    for (address, class, driver) in [
+        (G_BRIDGE, 0x060400, "pcieport"),
+        (G_GPU, 0x030000, "amdgpu"),
+        (G_AUDIO, 0x040300, "snd_hda_intel"),
+        (G_USB, 0x0c0330, "xhci_hcd"),
+        (G_PREBOUND, 0x0c8000, "vfio-pci"),
+    ] {
+        fs.device(address, 0x1002, 0x73bf, class)
+            .driver(driver)
+            .iommu_group(5);
+    }
+    fs
+}
+
+fn drivers(fs: &common::sysfs::FakeSysfs) -> Vec<(String, Option<String>)> {
+    [G_BRIDGE, G_GPU, G_AUDIO, G_USB, G_PREBOUND]
+        .iter()
+        .map(|a| (a.to_string(), fs.driver_of(a)))
+        .collect()
+}
+
+fn bound(pairs: &[(&str, &str)]) -> Vec<(String, Option<String>)> {
+    pairs
+        .iter()
+        .map(|(a, d)| (a.to_string(), Some(d.to_string())))
+        .collect()
+}
+
+fn addrs(list: &[&str]) -> Vec<PciAddress> {
+    list.iter().map(|a| addr(a)).collect()
+}
+
+#[test]
+fn group_detach_binds_every_endpoint_and_reattach_gives_each_its_own_driver() {
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+
+    let outcome = binder.detach_group(addr(G_AUDIO)).unwrap();
+    assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
+    assert_eq!(outcome.unchanged, addrs(&[G_PREBOUND]));
+    assert_eq!(
+        drivers(&fs),
+        bound(&[
+            (G_BRIDGE, "pcieport"),
+            (G_GPU, "vfio-pci"),
+            (G_AUDIO, "vfio-pci"),
+            (G_USB, "vfio-pci"),
+            (G_PREBOUND, "vfio-pci"),
+        ])
+    );
+    for (member, original) in [
+        (G_GPU, "amdgpu"),
+        (G_AUDIO, "snd_hda_intel"),
+        (G_USB, "xhci_hcd"),
+    ] {
+        assert_eq!(
+            binder.original_driver(addr(member)),
+            Some(Some(original.to_owned())),
+            "{member}"
+        );
+    }
+    assert_eq!(binder.original_driver(addr(G_PREBOUND)), None);
+    let log = kernel.take_log();
+    assert!(
+        log.iter()
+            .all(|(path, value)| !path.contains(G_BRIDGE) && value != G_BRIDGE),
+        "the bridge was written to: {log:?}"
+    );
+    // Three members, three writes each, in address order.
+    assert_eq!(log.len(), 9, "{log:?}");
+    assert_eq!(log[0].0, format!("bus/pci/devices/{G_GPU}/driver_override"));
+    assert_eq!(log[8], w("bus/pci/drivers_probe", G_USB));
+
+    let outcome = binder.reattach_group(addr(G_GPU)).unwrap();
+    assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
+    assert_eq!(
+        drivers(&fs),
+        bound(&[
+            (G_BRIDGE, "pcieport"),
+            (G_GPU, "amdgpu"),
+            (G_AUDIO, "snd_hda_intel"),
+            (G_USB, "xhci_hcd"),
+            // Not ours: stays where someone else put it.
+            (G_PREBOUND, "vfio-pci"),
+        ])
+    );
+    for member in [G_GPU, G_AUDIO, G_USB] {
+        assert_eq!(binder.original_driver(addr(member)), None, "{member}");
+        assert_eq!(fs.read_attr(member, "driver_override"), "(null)\n");
+    }
+    assert!(
+        kernel
+            .take_log()
+            .iter()
+            .all(|(path, value)| !path.contains(G_PREBOUND) && value != G_PREBOUND)
+    );
+}
+
+/// The second member's unbind fails: the call gives back what it did, the
+/// failed member's half-done detach first, then the first member; the error
+/// names the failure and the rollback.
+#[test]
+fn a_failure_at_the_second_member_rolls_back_in_reverse_order() {
+    let fs = group_tree();
+    let before = drivers(&fs);
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    kernel.set(|k| k.fail = Some(format!("bus/pci/devices/{G_AUDIO}/driver/unbind")));
+
+    let err = binder.detach_group(addr(G_GPU)).unwrap_err();
+    let VfioError::Group(failure) = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(failure.failed, addr(G_AUDIO));
+    assert_eq!(failure.rolled_back, addrs(&[G_AUDIO, G_GPU]));
+    assert!(failure.rollback_failed.is_empty());
+    let message = err.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "the group detach of {G_GPU} failed at {G_AUDIO}: writing \"{G_AUDIO}\" to "
+        )),
+        "{message}"
+    );
+    assert!(
+        message.ends_with(&format!("; rolled back: {G_AUDIO}, {G_GPU}")),
+        "{message}"
+    );
+    assert_eq!(drivers(&fs), before);
+    for member in [G_GPU, G_AUDIO, G_USB] {
+        assert_eq!(fs.read_attr(member, "driver_override"), "(null)\n");
+    }
+
+    let log = kernel.take_log();
+    let at = |entry: (String, String)| {
+        log.iter()
+            .position(|e| *e == entry)
+            .unwrap_or_else(|| panic!("{entry:?} not in {log:?}"))
+    };
+    let audio_undone = at(w(
+        &format!("bus/pci/devices/{G_AUDIO}/driver_override"),
+        "\n",
+    ));
+    let gpu_undone = at(w(&format!("bus/pci/devices/{G_GPU}/driver_override"), "\n"));
+    let gpu_back = at(w("bus/pci/drivers/amdgpu/bind", G_GPU));
+    assert!(
+        audio_undone < gpu_undone && gpu_undone < gpu_back,
+        "{log:?}"
+    );
+    // The third member was never touched.
+    assert!(log.iter().all(|(p, v)| !p.contains(G_USB) && v != G_USB));
+}
+
+/// A rollback that fails itself names the device it left behind and where.
+#[test]
+fn a_failed_rollback_names_the_device_left_behind() {
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    kernel.set(|k| {
+        k.fail = Some(format!("bus/pci/devices/{G_AUDIO}/driver/unbind"));
+        k.fail_also = vec!["bus/pci/drivers/amdgpu/bind".into()];
+    });
+    let message = binder.detach_group(addr(G_GPU)).unwrap_err().to_string();
+    assert!(
+        message.contains(&format!(
+            "; rolled back: {G_AUDIO}; rolling back {G_GPU} failed (writing \"{G_GPU}\" to "
+        )),
+        "{message}"
+    );
+    assert!(message.ends_with(", left on no driver"), "{message}");
+    assert_eq!(fs.driver_of(G_GPU), None);
+    // Still remembered, so a later Reattach can finish the job.
+    assert_eq!(
+        binder.original_driver(addr(G_GPU)),
+        Some(Some("amdgpu".into()))
+    );
+    kernel.set(|k| {
+        k.fail = None;
+        k.fail_also.clear();
+    });
+    binder.reattach(addr(G_GPU)).unwrap();
+    assert_eq!(fs.driver_of(G_GPU).as_deref(), Some("amdgpu"));
+}
+
+/// A VM holding /dev/vfio/5 keeps the whole group where it is: refused
+/// before anything is written, for Detach and Reattach alike.
+#[tokio::test]
+async fn a_vm_holding_the_group_refuses_group_moves_without_writes() {
+    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError};
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/5");
+    fs::write(&node, "").unwrap();
+    let passthrough = Passthrough::new(kernel.binder(), "/proc".into(), dev.path().to_owned());
+    let vm = Holder::spawn(&node, &["-name", "gaming"]);
+    wait_for_users(dev.path(), 5, &[vm.pid()]);
+    for action in [Move::Detach, Move::Reattach] {
+        let err = passthrough
+            .change_group(addr(G_AUDIO), Some(5), action)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PassthroughError::InUse { .. }), "{err:?}");
+    }
+    assert_eq!(kernel.take_log(), vec![]);
+    drop(vm);
+    let outcome = passthrough
+        .change_group(addr(G_AUDIO), Some(5), Move::Detach)
+        .await
+        .unwrap();
+    assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
+}
+
+/// The group option on a device without a group, or on the bridge itself,
+/// writes nothing.
+#[test]
+fn group_moves_need_an_endpoint_with_a_group() {
+    let fs = group_tree();
+    fs.device("0000:02:00.0", 0x8086, 0x10ca, 0x020000)
+        .driver("igb");
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    let err = binder.detach_group(addr("0000:02:00.0")).unwrap_err();
+    assert_eq!(err.to_string(), "0000:02:00.0 has no IOMMU group");
+    let err = binder.detach_group(addr(G_BRIDGE)).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!("{G_BRIDGE} is not an endpoint of IOMMU group 5")
+    );
+    fs::remove_dir_all(fs.root().join("bus/pci/drivers/vfio-pci")).unwrap();
+    let err = binder.detach_group(addr(G_GPU)).unwrap_err();
+    assert!(matches!(err, VfioError::VfioUnavailable(_)), "{err:?}");
+    assert_eq!(kernel.take_log(), vec![]);
+}

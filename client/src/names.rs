@@ -49,6 +49,9 @@ pub mod option {
     pub const REPAIR: &str = "repair";
     /// `u`, CheckDisk: upper bound in seconds for the whole check.
     pub const TIMEOUT_SEC: &str = "timeout-sec";
+    /// `b`, PciDevice.Detach and Reattach: move every non-bridge endpoint
+    /// of the device's IOMMU group, rolled back on a failure.
+    pub const GROUP: &str = "group";
 }
 
 /// Keys of the CheckDisk report and the DiskChecked signal's dictionary.
@@ -195,4 +198,10 @@ pub mod polkit_detail {
     /// ([`MANAGE_DEVICES`](super::action::MANAGE_DEVICES)), e.g.
     /// `action.lookup("device") == "0000:03:00.0"`.
     pub const DEVICE: &str = "device";
+    /// With Detach's or Reattach's `group` option only: the addresses of
+    /// the device's IOMMU group as the service last read them, joined by
+    /// `,` (bridges included; they are not moved), e.g.
+    /// `action.lookup("group-devices") == undefined` to allow single
+    /// devices only.
+    pub const GROUP_DEVICES: &str = "group-devices";
 }

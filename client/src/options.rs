@@ -1,8 +1,8 @@
 //! Typed builders of the `a{sv} options` argument that every method takes
 //! last: [`CheckDiskOptions`] for [`ManagerProxy::check_disk`],
 //! [`GetDiskUsersOptions`] for [`ManagerProxy::get_disk_users`], and
-//! [`AuthOptions`] for [`JobProxy::cancel`], [`PciDeviceProxy::detach`] and
-//! [`PciDeviceProxy::reattach`].
+//! [`AuthOptions`] for [`JobProxy::cancel`], and [`BindingOptions`] for
+//! [`PciDeviceProxy::detach`] and [`PciDeviceProxy::reattach`].
 //!
 //! Each builds only the keys that were set, so the service's defaults apply
 //! to the rest. The service answers an unknown key or a value of the wrong
@@ -90,8 +90,8 @@ fn with_interaction(mut options: Options, no_user_interaction: bool) -> Options 
     options
 }
 
-/// Options of `Job.Cancel`, `PciDevice.Detach` and `PciDevice.Reattach`:
-/// only [`no_user_interaction`](Self::no_user_interaction).
+/// Options of `Job.Cancel` (and the authorization part of
+/// [`BindingOptions`]): only [`no_user_interaction`](Self::no_user_interaction).
 #[derive(Debug, Clone, Default)]
 pub struct AuthOptions {
     no_user_interaction: bool,
@@ -114,6 +114,50 @@ impl AuthOptions {
     /// The options dictionary, with only the keys that were set.
     pub fn build(&self) -> Options {
         with_interaction(Options::new(), self.no_user_interaction)
+    }
+}
+
+/// Options of `PciDevice.Detach` and `PciDevice.Reattach`.
+///
+/// ```
+/// use vmmanager_client::options::BindingOptions;
+///
+/// let options = BindingOptions::new().group(true).build();
+/// assert_eq!(options.len(), 1);
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct BindingOptions {
+    auth: AuthOptions,
+    group: bool,
+}
+
+impl BindingOptions {
+    /// No option set: the device alone; polkit may ask for a password.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `group`: move every non-bridge endpoint of the device's IOMMU group
+    /// (each given back to its own driver on Reattach); a failure midway
+    /// rolls back what the call did and says so.
+    pub fn group(mut self, yes: bool) -> Self {
+        self.group = yes;
+        self
+    }
+
+    /// `auth.no-user-interaction`, as [`AuthOptions::no_user_interaction`].
+    pub fn no_user_interaction(mut self, yes: bool) -> Self {
+        self.auth = self.auth.no_user_interaction(yes);
+        self
+    }
+
+    /// The options dictionary, with only the keys that were set.
+    pub fn build(&self) -> Options {
+        let mut options = self.auth.build();
+        if self.group {
+            options.insert(option::GROUP, Variant::from(true));
+        }
+        options
     }
 }
 
@@ -247,6 +291,13 @@ mod tests {
             AuthOptions::new().no_user_interaction(true).build()[option::NO_USER_INTERACTION],
             Variant::from(true)
         );
+        assert!(BindingOptions::new().build().is_empty());
+        let binding = BindingOptions::new()
+            .group(true)
+            .no_user_interaction(true)
+            .build();
+        assert_eq!(binding.len(), 2);
+        assert_eq!(binding[option::GROUP], Variant::from(true));
         assert_eq!("leaks".parse(), Ok(Repair::Leaks));
         assert!("some".parse::<Repair>().is_err());
     }

@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::sysfs::{self, SysfsError};
-use super::vfio::{self, Outcome, VfioBinder, VfioError, VfioUser};
+use super::vfio::{self, GroupOutcome, Outcome, VfioBinder, VfioError, VfioUser};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
 use crate::uid_counts::{self, Unfinished};
 use vmmanager_client::PciAddress;
@@ -43,6 +43,16 @@ pub enum Move {
     Detach,
     /// Back to a host driver ([`VfioBinder::reattach`]).
     Reattach,
+}
+
+/// What a Detach or Reattach moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The device alone.
+    Device,
+    /// Every non-bridge endpoint of its IOMMU group
+    /// ([`VfioBinder::detach_group`], [`VfioBinder::reattach_group`]).
+    Group,
 }
 
 impl fmt::Display for Move {
@@ -140,7 +150,7 @@ impl Passthrough {
             tracing::warn!(group, "{refused}");
             return Err(refused);
         };
-        self.users(address, Some(group), place).await
+        self.users(address, Some(group), Scope::Device, place).await
     }
 
     /// Who holds the device at `address` open, through its VFIO group
@@ -150,10 +160,14 @@ impl Passthrough {
     /// a /proc scan. A scan whose answer is abandoned (timeout, or this
     /// future dropped) is told to stop; `held_until_done` goes with its
     /// thread and is dropped when that ends.
+    ///
+    /// With [`Scope::Group`], the cdevs of every member of the group count
+    /// too: each member is about to move.
     async fn users(
         &self,
         address: PciAddress,
         group: Option<u32>,
+        scope: Scope,
         held_until_done: impl Send + 'static,
     ) -> Result<Vec<VfioUser>, UsersError> {
         let Some(group) = group else {
@@ -165,13 +179,24 @@ impl Passthrough {
         // Only abandoning the answer stops the scan.
         let never = CancellationToken::new();
         let scan = uid_counts::spawn_stoppable(held_until_done, &never, move |stop| {
-            let cdevs = sysfs::vfio_cdevs(&sysfs_root, &address).map_err(|e| match e {
-                SysfsError::Io { path, source } => HoldersError::Unreadable { path, source },
-                other => HoldersError::Unreadable {
-                    path: sysfs::device_dir(&sysfs_root, &address),
-                    source: std::io::Error::other(other),
-                },
-            })?;
+            let devices = match scope {
+                Scope::Device => vec![address],
+                Scope::Group => sysfs::iommu_group_members(&sysfs_root, group),
+            };
+            let mut cdevs = Vec::new();
+            for device in devices {
+                cdevs.extend(
+                    sysfs::vfio_cdevs(&sysfs_root, &device).map_err(|e| match e {
+                        SysfsError::Io { path, source } => {
+                            HoldersError::Unreadable { path, source }
+                        }
+                        other => HoldersError::Unreadable {
+                            path: sysfs::device_dir(&sysfs_root, &device),
+                            source: std::io::Error::other(other),
+                        },
+                    })?,
+                );
+            }
             vfio::device_users(&proc_root, &dev_root, group, &cdevs, stop)
         });
         let result = match scan.finish(SCAN_TIMEOUT, &never).await {
@@ -207,13 +232,7 @@ impl Passthrough {
         group: Option<u32>,
         action: Move,
     ) -> Result<Outcome, PassthroughError> {
-        let users = self
-            .users(address, group, ())
-            .await
-            .map_err(|source| PassthroughError::UsersUnknown { address, source })?;
-        if let Some(user) = users.into_iter().next() {
-            return Err(PassthroughError::InUse { address, user });
-        }
+        self.refuse_if_used(address, group, Scope::Device).await?;
         let binder = self.binder.clone();
         let outcome = tokio::task::spawn_blocking(move || match action {
             Move::Detach => binder.detach(address),
@@ -225,6 +244,51 @@ impl Passthrough {
             tracing::info!(device = %address, %action, "binding changed");
         }
         Ok(outcome)
+    }
+
+    /// [`change`](Self::change) for the whole IOMMU group `group` of the
+    /// device at `address`: refused when a process holds the group or a
+    /// member's cdev; the binder reads the members once, in the thread that
+    /// moves them, and rolls back on a failure.
+    pub async fn change_group(
+        &self,
+        address: PciAddress,
+        group: Option<u32>,
+        action: Move,
+    ) -> Result<GroupOutcome, PassthroughError> {
+        if group.is_none() {
+            return Err(VfioError::NoGroup(address).into());
+        }
+        self.refuse_if_used(address, group, Scope::Group).await?;
+        let binder = self.binder.clone();
+        let outcome = tokio::task::spawn_blocking(move || match action {
+            Move::Detach => binder.detach_group(address),
+            Move::Reattach => binder.reattach_group(address),
+        })
+        .await
+        .map_err(|_| PassthroughError::Panicked { address, action })??;
+        if !outcome.moved.is_empty() {
+            let moved: Vec<String> = outcome.moved.iter().map(ToString::to_string).collect();
+            tracing::info!(device = %address, %action, ?moved, "group binding changed");
+        }
+        Ok(outcome)
+    }
+
+    /// Fails closed: an unknown answer refuses as a holder does.
+    async fn refuse_if_used(
+        &self,
+        address: PciAddress,
+        group: Option<u32>,
+        scope: Scope,
+    ) -> Result<(), PassthroughError> {
+        let users = self
+            .users(address, group, scope, ())
+            .await
+            .map_err(|source| PassthroughError::UsersUnknown { address, source })?;
+        match users.into_iter().next() {
+            Some(user) => Err(PassthroughError::InUse { address, user }),
+            None => Ok(()),
+        }
     }
 }
 

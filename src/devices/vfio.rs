@@ -268,6 +268,15 @@ pub enum VfioError {
         source: io::Error,
         done: Writes,
     },
+    /// The group option on a device without an IOMMU group.
+    #[error("{0} has no IOMMU group")]
+    NoGroup(PciAddress),
+    /// The device is not among its group's endpoints (a bridge, or the
+    /// group changed while it was read).
+    #[error("{address} is not an endpoint of IOMMU group {group}")]
+    NotInGroup { address: PciAddress, group: u32 },
+    #[error("{0}")]
+    Group(Box<GroupFailure>),
     #[error(
         "{address} ended up bound to {} instead of {expected}; written: {done}",
         actual.as_deref().unwrap_or("no driver")
@@ -279,6 +288,100 @@ pub enum VfioError {
         actual: Option<String>,
         done: Writes,
     },
+}
+
+/// One device's move, with the binder's map of original drivers locked.
+type MoveFn = fn(
+    &VfioBinder,
+    &mut BTreeMap<PciAddress, Option<String>>,
+    PciAddress,
+) -> Result<Outcome, VfioError>;
+
+/// Which way a group moved, for messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupMove {
+    Detach,
+    Reattach,
+}
+
+impl fmt::Display for GroupMove {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GroupMove::Detach => "detach",
+            GroupMove::Reattach => "reattach",
+        })
+    }
+}
+
+/// What a group detach or reattach did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupOutcome {
+    /// Members moved, in the order they were.
+    pub moved: Vec<PciAddress>,
+    /// Members already where they should be: nothing written.
+    pub unchanged: Vec<PciAddress>,
+}
+
+/// A member the rollback could not give back.
+#[derive(Debug)]
+pub struct RollbackFailure {
+    pub address: PciAddress,
+    pub error: VfioError,
+    /// The driver it was left on (None: none, or unreadable).
+    pub left_on: Option<String>,
+}
+
+/// A group move that failed at one member, and what its rollback did.
+#[derive(Debug)]
+pub struct GroupFailure {
+    pub action: GroupMove,
+    /// The device the call was made on.
+    pub address: PciAddress,
+    /// The member whose move failed.
+    pub failed: PciAddress,
+    pub source: VfioError,
+    /// Members given back, in the order they were (newest first).
+    pub rolled_back: Vec<PciAddress>,
+    pub rollback_failed: Vec<RollbackFailure>,
+}
+
+impl fmt::Display for GroupFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the group {} of {} failed at {}: {}; ",
+            self.action, self.address, self.failed, self.source
+        )?;
+        if self.rolled_back.is_empty() {
+            f.write_str("nothing to roll back")?;
+        } else {
+            let names: Vec<String> = self.rolled_back.iter().map(ToString::to_string).collect();
+            write!(f, "rolled back: {}", names.join(", "))?;
+        }
+        for failure in &self.rollback_failed {
+            write!(
+                f,
+                "; rolling back {} failed ({}), left on {}",
+                failure.address,
+                failure.error,
+                failure.left_on.as_deref().unwrap_or("no driver")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl VfioError {
+    /// Whether the failed move wrote anything before failing (then it has
+    /// something to undo).
+    fn wrote_something(&self) -> bool {
+        match self {
+            VfioError::Write { done, .. } | VfioError::WrongDriver { done, .. } => {
+                !done.0.is_empty()
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Moves devices to and from vfio-pci and remembers where they came from.
@@ -355,7 +458,14 @@ impl VfioBinder {
     /// driver already (a variant included). Blocking (an unbind can take
     /// seconds).
     pub fn detach(&self, address: PciAddress) -> Result<Outcome, VfioError> {
-        let mut originals = self.lock();
+        self.detach_locked(&mut self.lock(), address)
+    }
+
+    fn detach_locked(
+        &self,
+        originals: &mut BTreeMap<PciAddress, Option<String>>,
+        address: PciAddress,
+    ) -> Result<Outcome, VfioError> {
         let dev = self.existing_device(address)?;
         let current = read_driver(&dev)?;
         if current.as_deref().is_some_and(is_vfio_driver) {
@@ -370,7 +480,7 @@ impl VfioBinder {
         // failed after the unbind: keep its real original.
         if current.is_some() || !originals.contains_key(&address) {
             originals.insert(address, current.clone());
-            self.save(&originals);
+            self.save(originals);
         }
 
         let addr = address.to_string();
@@ -392,7 +502,14 @@ impl VfioBinder {
     /// it back to its original driver (or lets the kernel probe one when
     /// that is unknown). Blocking.
     pub fn reattach(&self, address: PciAddress) -> Result<Outcome, VfioError> {
-        let mut originals = self.lock();
+        self.reattach_locked(&mut self.lock(), address)
+    }
+
+    fn reattach_locked(
+        &self,
+        originals: &mut BTreeMap<PciAddress, Option<String>>,
+        address: PciAddress,
+    ) -> Result<Outcome, VfioError> {
         let dev = self.existing_device(address)?;
         let current = read_driver(&dev)?;
         let on_vfio = current.as_deref().is_some_and(is_vfio_driver);
@@ -406,7 +523,7 @@ impl VfioBinder {
         let pending = current.is_none() && original.is_some();
         if !on_vfio && !overridden && !pending {
             if originals.remove(&address).is_some() {
-                self.save(&originals);
+                self.save(originals);
             }
             return Ok(Outcome::AlreadyDone { driver: current });
         }
@@ -442,8 +559,133 @@ impl VfioBinder {
             return Err(seq.wrong_driver(address, expected, now));
         }
         originals.remove(&address);
-        self.save(&originals);
+        self.save(originals);
         Ok(seq.done(now))
+    }
+
+    /// [`detach`](Self::detach) for every non-bridge endpoint of the
+    /// device's IOMMU group, in address order, each remembering its own
+    /// original driver; members already on a VFIO driver are left alone.
+    /// When one fails, what this call moved is given back in reverse order
+    /// ([`GroupFailure`]). The group is read here, under the lock, so what
+    /// is decided is what is acted on. Blocking.
+    pub fn detach_group(&self, address: PciAddress) -> Result<GroupOutcome, VfioError> {
+        let mut originals = self.lock();
+        let members = self.group_endpoints(address)?;
+        // Said once, as NotSupported, rather than as the first member's
+        // failure.
+        let vfio = driver_dir(&self.sysfs_root, VFIO_DRIVER);
+        if !vfio.is_dir() {
+            return Err(VfioError::VfioUnavailable(vfio));
+        }
+        self.move_all(
+            &mut originals,
+            GroupMove::Detach,
+            address,
+            &members,
+            Self::detach_locked,
+            Self::reattach_locked,
+        )
+    }
+
+    /// [`reattach`](Self::reattach) for the device and every member of its
+    /// group that this service detached (its original driver is
+    /// remembered). Members on vfio-pci that we did not detach (bound at
+    /// boot by `vfio-pci.ids`, driverctl, by hand) stay there: someone put
+    /// them there on purpose. Rolled back like
+    /// [`detach_group`](Self::detach_group). Blocking.
+    pub fn reattach_group(&self, address: PciAddress) -> Result<GroupOutcome, VfioError> {
+        let mut originals = self.lock();
+        let members: Vec<PciAddress> = self
+            .group_endpoints(address)?
+            .into_iter()
+            .filter(|m| *m == address || originals.contains_key(m))
+            .collect();
+        self.move_all(
+            &mut originals,
+            GroupMove::Reattach,
+            address,
+            &members,
+            Self::reattach_locked,
+            Self::detach_locked,
+        )
+    }
+
+    /// The endpoints of `address`'s IOMMU group, bridges left out (they
+    /// keep pcieport; vfio-pci refuses them), sorted. Fails closed: a
+    /// member whose class cannot be read is an error, not a guess.
+    fn group_endpoints(&self, address: PciAddress) -> Result<Vec<PciAddress>, VfioError> {
+        self.existing_device(address)?;
+        let group = iommu_group_of(&self.sysfs_root, address).ok_or(VfioError::NoGroup(address))?;
+        let mut endpoints = Vec::new();
+        for member in sysfs::iommu_group_members(&self.sysfs_root, group) {
+            let info =
+                sysfs::read_device(&self.sysfs_root, &member).map_err(|e| VfioError::Read {
+                    path: device_dir(&self.sysfs_root, member),
+                    source: io::Error::other(e),
+                })?;
+            if !info.is_bridge() {
+                endpoints.push(member);
+            }
+        }
+        if !endpoints.contains(&address) {
+            // The group changed under us or the device is a bridge itself.
+            return Err(VfioError::NotInGroup { address, group });
+        }
+        Ok(endpoints)
+    }
+
+    /// Applies `forward` to each member; on a failure, `back` to what was
+    /// moved (the failed member first, when it wrote something), newest
+    /// first.
+    fn move_all(
+        &self,
+        originals: &mut BTreeMap<PciAddress, Option<String>>,
+        action: GroupMove,
+        address: PciAddress,
+        members: &[PciAddress],
+        forward: MoveFn,
+        back: MoveFn,
+    ) -> Result<GroupOutcome, VfioError> {
+        let mut moved = Vec::new();
+        let mut unchanged = Vec::new();
+        for &member in members {
+            match forward(self, originals, member) {
+                Ok(Outcome::Done { .. }) => moved.push(member),
+                Ok(Outcome::AlreadyDone { .. }) => unchanged.push(member),
+                Err(source) => {
+                    if source.wrote_something() {
+                        moved.push(member);
+                    }
+                    let mut rolled_back = Vec::new();
+                    let mut rollback_failed = Vec::new();
+                    for &undo in moved.iter().rev() {
+                        match back(self, originals, undo) {
+                            Ok(_) => rolled_back.push(undo),
+                            Err(error) => {
+                                let left_on = read_driver(&device_dir(&self.sysfs_root, undo))
+                                    .ok()
+                                    .flatten();
+                                rollback_failed.push(RollbackFailure {
+                                    address: undo,
+                                    error,
+                                    left_on,
+                                });
+                            }
+                        }
+                    }
+                    return Err(VfioError::Group(Box::new(GroupFailure {
+                        action,
+                        address,
+                        failed: member,
+                        source,
+                        rolled_back,
+                        rollback_failed,
+                    })));
+                }
+            }
+        }
+        Ok(GroupOutcome { moved, unchanged })
     }
 
     fn lock(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Option<String>>> {

@@ -30,7 +30,7 @@ use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant, interface};
 use super::callers::Callers;
 use super::device_properties;
 use super::error::VmError;
-use super::options::parse_interactive_only;
+use super::options::parse_binding;
 use super::values::Dict;
 use crate::auth::{Action, Authority};
 use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
@@ -482,10 +482,6 @@ impl PciDeviceObject {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pci_address(&self) -> PciAddress {
-        self.state().info.address
-    }
-
     /// What the getters return ([`device_properties::of`], as the signals).
     fn properties(&self) -> DeviceProperties {
         device_properties::of(&self.state())
@@ -500,10 +496,22 @@ impl PciDeviceObject {
         header: &Header<'_>,
         action: Move,
     ) -> Result<(), VmError> {
-        let interactive = parse_interactive_only(method, options)?;
-        let target = self.pci_address();
+        let options = parse_binding(method, options)?;
+        let (target, group, group_devices) = {
+            let state = self.state();
+            (
+                state.info.address,
+                state.info.iommu_group,
+                state.iommu_group_devices.join(","),
+            )
+        };
         let address = target.to_string();
-        let details = HashMap::from([(polkit_detail::DEVICE, address.as_str())]);
+        let mut details = HashMap::from([(polkit_detail::DEVICE, address.as_str())]);
+        if options.group {
+            // What polkit shows and rules see; the move itself reads the
+            // group again, in the thread that acts.
+            details.insert(polkit_detail::GROUP_DEVICES, group_devices.as_str());
+        }
         let guard = self.shared.callers.guard(header)?;
         let authority = &self.shared.authority;
         let caller = authority.caller(header).await?;
@@ -511,26 +519,39 @@ impl PciDeviceObject {
             header,
             &caller,
             Action::ManageDevices,
-            interactive,
+            options.interactive,
             &details,
         );
         guard.until_gone(check).await?;
-        let group = self.state().info.iommu_group;
-        self.shared
-            .passthrough
-            .change(target, group, action)
-            .await?;
+        let passthrough = &self.shared.passthrough;
+        let (result, reread) = if options.group {
+            let result = passthrough.change_group(target, group, action).await;
+            // Also after a failure: a rollback that failed left a member
+            // elsewhere, and its object must say where.
+            let members = group_devices
+                .split(',')
+                .filter_map(|a| a.parse::<PciAddress>().ok())
+                .collect();
+            (result.map(drop), members)
+        } else {
+            let result = passthrough.change(target, group, action).await;
+            let reread = if result.is_ok() {
+                vec![target]
+            } else {
+                Vec::new()
+            };
+            (result.map(drop), reread)
+        };
         // Re-read now, and answer only when the objects show the result,
         // rather than waiting for the kernel's bind/unbind events.
-        let (done, answered) = oneshot::channel();
-        let reread = Reread {
-            address: target,
-            done,
-        };
-        if self.shared.rereads.send(reread).await.is_ok() {
-            let _ = answered.await;
+        for address in reread {
+            let (done, answered) = oneshot::channel();
+            let reread = Reread { address, done };
+            if self.shared.rereads.send(reread).await.is_ok() {
+                let _ = answered.await;
+            }
         }
-        Ok(())
+        Ok(result?)
     }
 }
 
@@ -549,7 +570,10 @@ impl PciDeviceObject {
     /// group; nothing happens when it is already bound to vfio-pci or a
     /// variant of it (`devices::vfio::is_vfio_driver`). Action
     /// `org.example.vmmanager.manage-devices`. Options:
-    /// `auth.no-user-interaction` (b).
+    /// `auth.no-user-interaction` (b); `group` (b): every non-bridge
+    /// endpoint of the IOMMU group, rolled back in reverse order when one
+    /// fails (`Failed` names the member, what was rolled back, and any
+    /// device the rollback left behind).
     async fn detach(
         &self,
         options: HashMap<String, OwnedVariant>,
@@ -562,7 +586,8 @@ impl PciDeviceObject {
     /// Gives the device back to the driver it had before Detach (or lets the
     /// kernel pick one). `InUse` when a VM holds its VFIO group; nothing
     /// happens when it is not bound to a VFIO driver. Options:
-    /// `auth.no-user-interaction` (b).
+    /// `auth.no-user-interaction` (b); `group` (b): the device and every
+    /// group member this service detached, each to its own driver.
     async fn reattach(
         &self,
         options: HashMap<String, OwnedVariant>,

@@ -92,9 +92,13 @@ impl From<VfioError> for VmError {
             VfioError::VfioUnavailable(_) => VmError::NotSupported(e.to_string()),
             // A failed sysfs read or write (EACCES included: the service's
             // own, not polkit's refusal) or a device that would not move.
-            VfioError::Read { .. } | VfioError::Write { .. } | VfioError::WrongDriver { .. } => {
-                VmError::Failed(e.to_string())
-            }
+            VfioError::Read { .. }
+            | VfioError::Write { .. }
+            | VfioError::WrongDriver { .. }
+            | VfioError::NotInGroup { .. }
+            | VfioError::Group(_) => VmError::Failed(e.to_string()),
+            // Asking for a group the device does not have.
+            VfioError::NoGroup(_) => VmError::NotSupported(e.to_string()),
         }
     }
 }

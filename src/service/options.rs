@@ -13,7 +13,7 @@ use crate::disk::image::{MAX_NAME_LEN, MAX_PATH_LEN, over_long_name};
 use crate::disk::qemu_img::RepairMode;
 
 use vmmanager_client::names::option::{
-    FORCE_SHARE, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
+    FORCE_SHARE, GROUP, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
 };
 use vmmanager_client::options::Repair;
 
@@ -234,6 +234,25 @@ pub fn parse_interactive_only(
     Ok(interactive)
 }
 
+/// Options of PciDevice.Detach and Reattach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindingOptions {
+    pub interactive: bool,
+    /// `group`: the whole IOMMU group, not the device alone.
+    pub group: bool,
+}
+
+pub fn parse_binding(
+    method: &'static str,
+    options: HashMap<String, OwnedVariant>,
+) -> Result<BindingOptions, VmError> {
+    let mut reader = OptionReader::new(method, options)?;
+    let interactive = !reader.bool(NO_USER_INTERACTION)?.unwrap_or(false);
+    let group = reader.bool(GROUP)?.unwrap_or(false);
+    reader.finish()?;
+    Ok(BindingOptions { interactive, group })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,6 +353,29 @@ mod tests {
         assert!(named.contains("unknown option(s)"), "{named}");
         let odd = invalid(parse_check_disk(opts(&[("a\"b\nc", variant(true))])));
         assert!(odd.ends_with(r#"unknown option(s): "a\"b\nc""#), "{odd}");
+    }
+
+    #[test]
+    fn binding_options() {
+        assert_eq!(
+            parse_binding("Detach", HashMap::new()).unwrap(),
+            BindingOptions {
+                interactive: true,
+                group: false
+            }
+        );
+        let both = opts(&[(GROUP, variant(true)), (NO_USER_INTERACTION, variant(true))]);
+        assert_eq!(
+            parse_binding("Detach", both).unwrap(),
+            BindingOptions {
+                interactive: false,
+                group: true
+            }
+        );
+        match parse_binding("Reattach", opts(&[(GROUP, variant("yes"))])) {
+            Err(VmError::InvalidArgument(m)) => assert!(m.contains("\"group\""), "{m}"),
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct KernelState {
     pub log: Vec<(String, String)>,
     /// Writes to this path (relative to the root) fail with EACCES.
     pub fail: Option<String>,
+    /// More paths whose writes fail so (e.g. a rollback's own write).
+    pub fail_also: Vec<String>,
     /// drivers_probe binds nothing (e.g. vfio-pci refuses the device).
     pub probe_binds_nothing: bool,
     /// What drivers_probe picks for a device without an override.
@@ -133,7 +135,11 @@ impl SysfsWriter for FakeKernel {
             .unwrap()
             .to_owned();
         let value = String::from_utf8(value.to_vec()).unwrap();
-        if self.state.lock().unwrap().fail.as_deref() == Some(rel.as_str()) {
+        let fails = {
+            let state = self.state.lock().unwrap();
+            state.fail.as_deref() == Some(rel.as_str()) || state.fail_also.contains(&rel)
+        };
+        if fails {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
         self.apply(&rel, &value)?;

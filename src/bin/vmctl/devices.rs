@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use vmmanager_client::dict::Dict;
 use vmmanager_client::json::variant_to_json;
 use vmmanager_client::names::{DEVICE_INTERFACE, property};
-use vmmanager_client::options::AuthOptions;
+use vmmanager_client::options::BindingOptions;
 use vmmanager_client::{DeviceProperties, Error, PciAddress, PciDeviceProxy, object_manager};
 use zbus::Connection;
 
@@ -245,21 +245,21 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
     Ok(exit::CLEAN)
 }
 
-/// Detach (`to_vfio`) or Reattach, then say where the device is now.
+/// Detach (`to_vfio`) or Reattach, of the device or its whole group, then
+/// say where the device (each member) is now.
 pub async fn rebind(
     connection: &Connection,
     ask: bool,
     address: &str,
     to_vfio: bool,
+    group: bool,
     json: bool,
 ) -> Result<u8, Failure> {
-    let path = parse_address(address)?;
-    let device = PciDeviceProxy::builder(connection)
-        .path(path)
-        .cache_properties(zbus::proxy::CacheProperties::No)
-        .build()
-        .await?;
-    let options = AuthOptions::new().no_user_interaction(!ask).build();
+    let device = device_proxy(connection, address).await?;
+    let options = BindingOptions::new()
+        .group(group)
+        .no_user_interaction(!ask)
+        .build();
     let result = if to_vfio {
         device.detach(options).await
     } else {
@@ -267,19 +267,53 @@ pub async fn rebind(
     };
     result.map_err(|e| no_such_device(address, e))?;
     let driver = device.driver().await.unwrap_or_default();
+    let mut members = Vec::new();
+    if group {
+        for member in device.iommu_group_devices().await.unwrap_or_default() {
+            let driver = match device_proxy(connection, &member).await {
+                Ok(proxy) => proxy.driver().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            members.push((member, driver));
+        }
+    }
     if json {
         // "" for no driver, as in the Driver property.
-        outln!(
-            "{:#}",
-            serde_json::json!({ "address": address, "driver": driver })
-        );
+        let mut out = serde_json::json!({ "address": address, "driver": driver });
+        if group {
+            out["group"] = members
+                .iter()
+                .map(|(a, d)| serde_json::json!({ "address": a, "driver": d }))
+                .collect();
+        }
+        outln!("{out:#}");
         return Ok(exit::CLEAN);
     }
-    let driver = if driver.is_empty() {
-        "no driver".to_owned()
-    } else {
-        driver
+    let shown = |driver: &str| {
+        if driver.is_empty() {
+            "no driver".to_owned()
+        } else {
+            driver.to_owned()
+        }
     };
-    outln!("{address}: {driver}");
+    if group {
+        for (member, driver) in &members {
+            outln!("{member}: {}", shown(driver));
+        }
+    } else {
+        outln!("{address}: {}", shown(&driver));
+    }
     Ok(exit::CLEAN)
+}
+
+async fn device_proxy(
+    connection: &Connection,
+    address: &str,
+) -> Result<PciDeviceProxy<'static>, Failure> {
+    let path = parse_address(address)?;
+    Ok(PciDeviceProxy::builder(connection)
+        .path(path)
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await?)
 }

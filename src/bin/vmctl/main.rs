@@ -94,7 +94,8 @@ Exit status:
 
 const REBIND_EXIT_HELP: &str = "\
 Exit status:
-  0   done; the device's driver now is printed
+  0   done; the device's driver now is printed (with --group, each
+      member's)
   1   error (message on stderr)
   4   a running VM holds the device's IOMMU group
   5   not authorized (polkit said no)
@@ -208,12 +209,21 @@ enum Command {
     /// lets the kernel probe it again; the original driver is remembered for
     /// reattach. Refused while a VM holds the device's IOMMU group. Every
     /// device in the group must be on vfio-pci before QEMU can use any of
-    /// them (see `vmctl device ADDRESS`, PassthroughBlockers).
+    /// them (see `vmctl device ADDRESS`, PassthroughBlockers); --group
+    /// binds them all at once.
     #[command(after_long_help = REBIND_EXIT_HELP)]
     Detach {
         /// The PCI address, e.g. 0000:03:00.0.
         address: String,
-        /// Print {"address", "driver"} (or the error) as one JSON object.
+        /// Bind every device of its IOMMU group (bridges excepted) to
+        /// vfio-pci, each one's driver remembered; members already on
+        /// vfio-pci are left alone. If one fails, those bound by this call
+        /// are given back and the error says what failed and what was
+        /// rolled back.
+        #[arg(long)]
+        group: bool,
+        /// Print {"address", "driver"} (or the error) as one JSON object;
+        /// with --group, "group" lists each member's address and driver.
         #[arg(long)]
         json: bool,
     },
@@ -222,7 +232,14 @@ enum Command {
     Reattach {
         /// The PCI address, e.g. 0000:03:00.0.
         address: String,
-        /// Print {"address", "driver"} (or the error) as one JSON object.
+        /// Give back the device and every member of its IOMMU group that
+        /// `detach` bound to vfio-pci, each to its own original driver.
+        /// Members put on vfio-pci otherwise (at boot, by driverctl or by
+        /// hand) stay there. Rolled back like `detach --group`.
+        #[arg(long)]
+        group: bool,
+        /// Print {"address", "driver"} (or the error) as one JSON object;
+        /// with --group, "group" lists each member's address and driver.
         #[arg(long)]
         json: bool,
     },
@@ -419,10 +436,12 @@ fn json_subject(command: &Command) -> Option<Option<(&'static str, String)>> {
         | Command::Detach {
             address,
             json: true,
+            ..
         }
         | Command::Reattach {
             address,
             json: true,
+            ..
         } => Some(Some(("address", address.clone()))),
         Command::Devices { json: true } | Command::Monitor { json: true } => Some(None),
         _ => None,
@@ -484,12 +503,16 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
         } => disk::disk_users(&connection, ask, path, pidfile.as_deref(), *json).await,
         Command::Devices { json } => devices::devices(&connection, *json).await,
         Command::Device { address, json } => devices::device(&connection, address, *json).await,
-        Command::Detach { address, json } => {
-            devices::rebind(&connection, ask, address, true, *json).await
-        }
-        Command::Reattach { address, json } => {
-            devices::rebind(&connection, ask, address, false, *json).await
-        }
+        Command::Detach {
+            address,
+            group,
+            json,
+        } => devices::rebind(&connection, ask, address, true, *group, *json).await,
+        Command::Reattach {
+            address,
+            group,
+            json,
+        } => devices::rebind(&connection, ask, address, false, *group, *json).await,
         Command::Monitor { json } => monitor::monitor(&connection, *json).await,
     }
 }
