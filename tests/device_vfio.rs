@@ -1058,6 +1058,59 @@ async fn a_vm_holding_the_group_refuses_group_moves_without_writes() {
     assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
 }
 
+/// Until the host-use checks gate it, a group detach refuses, before any
+/// write, a sibling bound to a driver the host may run on (a chipset's LPC
+/// bridge, its SMBus, a NIC), and any member with SR-IOV VFs enabled; the
+/// other functions of a graphics card go with it whatever their class.
+#[test]
+fn group_detach_refuses_siblings_the_host_may_run_on() {
+    // A chipset group: audio asked for, LPC bridge and SMBus beside it.
+    let fs = common::sysfs::FakeSysfs::new();
+    fs.driver_dir("vfio-pci");
+    for (address, class, driver) in [
+        ("0000:00:1f.0", 0x060100, "lpc_ich"),
+        ("0000:00:1f.3", 0x040300, "snd_hda_intel"),
+        ("0000:00:1f.4", 0x0c0500, "i801_smbus"),
+    ] {
+        fs.device(address, 0x8086, 0xa348, class)
+            .driver(driver)
+            .iommu_group(9);
+    }
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    let err = binder.detach_group(addr("0000:00:1f.3")).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "not detaching the group: 0000:00:1f.0 (class 060100) is bound to lpc_ich and may be \
+         what the host runs on; detach the devices one by one if you are sure"
+    );
+    assert!(
+        matches!(err, VfioError::GroupMemberRefused { .. }),
+        "{err:?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(
+        fs.driver_of("0000:00:1f.3").as_deref(),
+        Some("snd_hda_intel")
+    );
+
+    // A NIC with VFs in a GPU's group: refused, whatever its class.
+    let fs = group_tree();
+    fs.device("0000:01:00.4", 0x8086, 0x1521, 0x020000)
+        .driver("igb")
+        .iommu_group(5)
+        .sriov(7, 2);
+    let kernel = FakeKernel::new(&fs.root());
+    let err = kernel.binder().detach_group(addr(G_GPU)).unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "0000:01:00.4 has 2 SR-IOV virtual functions enabled (unbinding its driver destroys them)"
+        ),
+        "{err}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+}
+
 /// The group option on a device without a group, or on the bridge itself,
 /// writes nothing.
 #[test]

@@ -277,6 +277,12 @@ pub enum VfioError {
     NotInGroup { address: PciAddress, group: u32 },
     #[error("{0}")]
     Group(Box<GroupFailure>),
+    /// A group detach refused before anything was written: a sibling that
+    /// is not safe to move with the group (see `refuse_unsafe_siblings`).
+    #[error(
+        "not detaching the group: {member} {reason}; detach the devices one by one if you are sure"
+    )]
+    GroupMemberRefused { member: PciAddress, reason: String },
     #[error(
         "{address} ended up bound to {} instead of {expected}; written: {done}",
         actual.as_deref().unwrap_or("no driver")
@@ -572,6 +578,7 @@ impl VfioBinder {
     pub fn detach_group(&self, address: PciAddress) -> Result<GroupOutcome, VfioError> {
         let mut originals = self.lock();
         let members = self.group_endpoints(address)?;
+        self.refuse_unsafe_siblings(address, &members)?;
         // Said once, as NotSupported, rather than as the first member's
         // failure.
         let vfio = driver_dir(&self.sysfs_root, VFIO_DRIVER);
@@ -609,6 +616,67 @@ impl VfioBinder {
             Self::reattach_locked,
             Self::detach_locked,
         )
+    }
+
+    /// Until the host-use checks (issue 13's safety gates) decide, a group
+    /// detach moves only siblings that cannot be holding the host up:
+    /// display, audio and USB controllers, the other functions of the
+    /// graphics card the device asked for is on (its USB-C/UCSI
+    /// controllers), and devices with no driver
+    /// or already on a VFIO driver. A chipset's ISA/LPC bridge, SMBus, SPI
+    /// or memory controller, a disk controller or a NIC sharing the group
+    /// refuses the whole call, naming the sibling (the device asked for is
+    /// the caller's choice, as for a single detach). A member with SR-IOV
+    /// VFs enabled refuses too: unbinding its driver destroys the VFs,
+    /// which no rollback brings back.
+    fn refuse_unsafe_siblings(
+        &self,
+        address: PciAddress,
+        members: &[PciAddress],
+    ) -> Result<(), VfioError> {
+        let read = |member: PciAddress| {
+            sysfs::read_device(&self.sysfs_root, &member).map_err(|e| VfioError::Read {
+                path: device_dir(&self.sysfs_root, member),
+                source: io::Error::other(e),
+            })
+        };
+        let slot_of = |a: PciAddress| (a.domain, a.bus, a.slot);
+        let infos = members
+            .iter()
+            .map(|&member| Ok((member, read(member)?)))
+            .collect::<Result<Vec<_>, VfioError>>()?;
+        // The asked device is a function of a graphics card: the card's
+        // other functions (audio, USB-C, UCSI) go with it.
+        let on_a_graphics_card = infos
+            .iter()
+            .any(|(m, info)| slot_of(*m) == slot_of(address) && info.class >> 16 == 0x03);
+        for (member, info) in infos {
+            let same_card = on_a_graphics_card && slot_of(member) == slot_of(address);
+            let reason = if info.sriov_num_vfs > 0 {
+                Some(format!(
+                    "has {} SR-IOV virtual functions enabled (unbinding its driver destroys them)",
+                    info.sriov_num_vfs
+                ))
+            } else if member == address || same_card {
+                None
+            } else {
+                match info.driver.as_deref() {
+                    Some(driver)
+                        if !is_vfio_driver(driver) && !safe_to_move_with_its_group(info.class) =>
+                    {
+                        Some(format!(
+                            "(class {:06x}) is bound to {driver} and may be what the host runs on",
+                            info.class
+                        ))
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(reason) = reason {
+                return Err(VfioError::GroupMemberRefused { member, reason });
+            }
+        }
+        Ok(())
     }
 
     /// The endpoints of `address`'s IOMMU group, bridges left out (they
@@ -818,6 +886,14 @@ fn read_driver(dev: &Path) -> Result<Option<String>, VfioError> {
 /// The `driver_override` value; `None` when unset (`(null)`) or unreadable.
 fn read_override(dev: &Path) -> Option<String> {
     sysfs::driver_override(dev).ok().flatten()
+}
+
+/// Classes a group detach may move along with the device asked for while
+/// bound to a host driver: display (03), multimedia/audio (04) and USB
+/// controllers (0c 03) — what shares a GPU's or a USB card's group.
+fn safe_to_move_with_its_group(class: u32) -> bool {
+    let base = class >> 16;
+    base == 0x03 || base == 0x04 || class >> 8 == 0x0c03
 }
 
 #[cfg(test)]

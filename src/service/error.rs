@@ -97,8 +97,11 @@ impl From<VfioError> for VmError {
             | VfioError::WrongDriver { .. }
             | VfioError::NotInGroup { .. }
             | VfioError::Group(_) => VmError::Failed(e.to_string()),
-            // Asking for a group the device does not have.
-            VfioError::NoGroup(_) => VmError::NotSupported(e.to_string()),
+            // Asking for a group the device does not have, or one with a
+            // member that must not move with it.
+            VfioError::NoGroup(_) | VfioError::GroupMemberRefused { .. } => {
+                VmError::NotSupported(e.to_string())
+            }
         }
     }
 }

@@ -200,12 +200,16 @@ pub fn set_mode(path: &Path, mode: u32) {
         .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
 }
 
-/// Whether process `pid` is alive (a zombie is not).
+/// Whether process `pid` is alive (a zombie is not, once its last thread
+/// is gone).
 pub fn alive(pid: u32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
+    let running = fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.trim_start().to_owned()))
-        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'))
+        .is_some_and(|r| !r.starts_with('Z') && !r.starts_with('X'));
+    // A zombie leader whose other threads are still exiting still holds
+    // its files (and QEMU's image locks): they close with the last thread.
+    running || fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| tasks.count() > 1)
 }
 
 /// VmRSS of process `pid` in KiB.
