@@ -606,9 +606,18 @@ fn group_users_of_a_regular_stand_in() {
 /// A character device node at `node` with /dev/zero's number (1:5): a
 /// stand-in any process can open without effect.
 fn mknod_dev_zero(node: &Path) {
+    mknod_char(node, "1:5");
+}
+
+/// A character device node at `node` with number `major:minor`. Holders
+/// are matched by number, so tests that run at the same time each use a
+/// number of their own (/dev/zero's, /dev/full's): one test's holder is
+/// never another's user.
+fn mknod_char(node: &Path, number: &str) {
+    let (major, minor) = number.split_once(':').unwrap();
     let status = Command::new("mknod")
         .arg(node)
-        .args(["c", "1", "5"])
+        .args(["c", major, minor])
         .status()
         .unwrap();
     assert!(status.success(), "mknod needs root");
@@ -755,12 +764,14 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
         .device(AUDIO, Some("vfio-pci"), Some(12));
     let cdev = tree.dev_dir(AUDIO).join("vfio-dev/vfio3");
     fs::create_dir_all(&cdev).unwrap();
-    fs::write(cdev.join("dev"), "1:5\n").unwrap();
+    // /dev/full's number: group_users_of_a_char_device_match_any_node_of_it
+    // holds /dev/zero's at the same time.
+    fs::write(cdev.join("dev"), "1:7\n").unwrap();
     // No /dev/vfio/12 here: only the cdev ties the holder to the device.
     let dev = tempfile::tempdir().unwrap();
     fs::create_dir_all(dev.path().join("vfio/devices")).unwrap();
     let node = dev.path().join("vfio/devices/vfio3");
-    mknod_dev_zero(&node);
+    mknod_char(&node, "1:7");
     let kernel = FakeKernel::new(tree.root());
     let passthrough = Passthrough::new(kernel.binder(), "/proc".into(), dev.path().to_owned());
     let pids = || async {
