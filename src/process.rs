@@ -131,7 +131,7 @@ where
         result
     });
     runtime.shutdown_timeout(SHUTDOWN_GRACE);
-    let left = other_threads();
+    let left = threads_left_after_exit_settles();
     if !left.is_empty() {
         tracing::warn!(
             "{} threads still running {} s after stopping (stuck in a file system that does not \
@@ -153,6 +153,24 @@ where
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// How long threads that are done get to finish exiting: the runtime's
+/// threads are detached, and `shutdown_timeout` returns once each has said
+/// it is done, before the kernel has removed it (a window seen under TCG in
+/// the booted guest as "tokio-rt-worker (in 0)", i.e. running).
+const EXIT_SETTLE: Duration = Duration::from_millis(500);
+
+/// [`other_threads`] once no thread is left, or after [`EXIT_SETTLE`].
+fn threads_left_after_exit_settles() -> Vec<String> {
+    let deadline = std::time::Instant::now() + EXIT_SETTLE;
+    loop {
+        let left = other_threads();
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
