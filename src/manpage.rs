@@ -16,6 +16,17 @@ pub enum Body {
     SeeAlso(Vec<(String, String)>),
 }
 
+impl Body {
+    /// [`Body::Items`] from borrowed (term, description) pairs.
+    pub fn items(list: &[(&str, &str)]) -> Body {
+        Body::Items(
+            list.iter()
+                .map(|(term, text)| (term.to_string(), text.to_string()))
+                .collect(),
+        )
+    }
+}
+
 /// A section clap has no field for, e.g. `("ENVIRONMENT", Body::Items(…))`.
 pub struct Section {
     pub title: String,

@@ -59,10 +59,7 @@ struct Args {
 fn generate_man(dir: &std::path::Path) -> std::io::Result<()> {
     use clap::CommandFactory;
     use vmmanager::manpage::{self, Body, Section};
-    let items = |list: &[(&str, &str)]| {
-        let list = list.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        Body::Items(list.collect())
-    };
+    let items = Body::items;
     let extra = [
         Section::new(
             "FILES",
