@@ -48,6 +48,7 @@ pub enum Action {
     CheckDiskOtherUser,
     RepairDisk,
     ManageDevices,
+    ForceDetach,
 }
 
 impl Action {
@@ -57,6 +58,7 @@ impl Action {
             Action::CheckDiskOtherUser => action::CHECK_DISK_OTHER_USER,
             Action::RepairDisk => action::REPAIR_DISK,
             Action::ManageDevices => action::MANAGE_DEVICES,
+            Action::ForceDetach => action::FORCE_DETACH,
         }
     }
 }

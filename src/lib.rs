@@ -107,7 +107,7 @@
 //! | `CheckDisk` | `check-disk` (the caller's own image, or one libvirt remembers as the caller's), else `check-disk-other-user`; plus `repair-disk` for `repair` | [`service::manager`] (`authorize_image`) → [`disk::checker`] |
 //! | `GetDiskUsers` | as `CheckDisk`, without `repair-disk` | [`service::manager`] → [`disk::usage`] |
 //! | `Job.Cancel` | none for the job's own caller, else `check-disk-other-user` | [`service::job`] |
-//! | `PciDevice.Detach`, `Reattach` | `manage-devices` | [`service::devices`] → [`devices::passthrough`] |
+//! | `PciDevice.Detach`, `Reattach` | `manage-devices`; plus `force-detach` for a forced Detach the safety gates refused | [`service::devices`] → [`devices::gate`], [`devices::passthrough`] |
 //!
 //! Properties and signals need no action: `Jobs`, `DiskChecked`, the
 //! `PciDevice` properties ([`service::device_properties`]) and `Uevent` are

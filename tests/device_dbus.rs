@@ -203,6 +203,7 @@ fn expected(address: &str) -> BTreeMap<String, Val> {
         ("PassthroughReady", Val::B(blockers.is_empty())),
         ("PassthroughBlockers", Val::As(blockers)),
         ("InUseBy", Val::Dicts(vec![])),
+        ("HostUsers", Val::Dicts(vec![])),
     ])
 }
 
@@ -621,6 +622,7 @@ async fn events_produce_exactly_the_signals_of_the_changes() {
             strs(&["bound to xhci_hcd, not vfio-pci"]),
         ),
         ("InUseBy", Val::Dicts(vec![])),
+        ("HostUsers", Val::Dicts(vec![])),
     ]);
     let device_props = interfaces
         .get(DEVICE_IFACE)
@@ -1103,10 +1105,10 @@ async fn bad_options_are_invalid_arguments_without_writes() {
         }
     }
     // The same from busctl, as root and as nobody (options are checked
-    // before polkit is asked).
+    // before polkit is asked); Reattach has nothing to force.
     for user in [None, Some((NOBODY, NOBODY))] {
         let out = world
-            .call(user, AUDIO, "Detach", &["1", "force", "b", "true"])
+            .call(user, AUDIO, "Reattach", &["1", "force", "b", "true"])
             .await;
         assert!(!out.success(), "{out:#?}");
         assert!(out.stderr.contains("unknown option"), "{out:#?}");
@@ -1722,4 +1724,244 @@ async fn polkit_rules_see_the_group_devices() {
         .expect_success("group Detach as nobody");
     assert_eq!(world.driver(GPU).await, "vfio-pci");
     assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+}
+
+// ---------------------------------------------------------------------------
+// 7. Safety gates: Detach refuses while the host uses the device
+// ---------------------------------------------------------------------------
+
+/// A pseudo-terminal pair: its `/dev/pts/N` is a char device no other test
+/// or process holds, for a prepared device node to stand for (holders are
+/// matched by device number).
+struct Pts {
+    _master: std::os::fd::OwnedFd,
+    path: std::path::PathBuf,
+    major: u32,
+    minor: u32,
+}
+
+impl Pts {
+    fn open() -> Pts {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: plain libc calls on a descriptor this function owns.
+        let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        assert!(
+            master >= 0,
+            "posix_openpt: {}",
+            std::io::Error::last_os_error()
+        );
+        let master = unsafe { std::os::fd::OwnedFd::from_raw_fd(master) };
+        use std::os::fd::AsRawFd;
+        let mut name = [0u8; 64];
+        unsafe {
+            assert_eq!(libc::grantpt(master.as_raw_fd()), 0);
+            assert_eq!(libc::unlockpt(master.as_raw_fd()), 0);
+            assert_eq!(
+                libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr().cast(), name.len()),
+                0
+            );
+        }
+        let end = name.iter().position(|b| *b == 0).unwrap();
+        let path = std::path::PathBuf::from(String::from_utf8_lossy(&name[..end]).into_owned());
+        let rdev = fs::metadata(&path).unwrap().rdev();
+        Pts {
+            _master: master,
+            path,
+            major: libc::major(rdev),
+            minor: libc::minor(rdev),
+        }
+    }
+}
+
+/// Gives the GPU of `fs` what a desktop's graphics card has: it is the boot
+/// display, its DRM node `card1` (standing for `pts`) and a connected
+/// output `card1-HDMI-A-1`.
+fn make_it_the_desktops_gpu(fs: &FakeSysfs, pts: &Pts) {
+    fs.write_attr(GPU, "boot_vga", "1\n");
+    let drm_class = fs.root().join("class/drm");
+    fs::create_dir_all(&drm_class).unwrap();
+    let card = fs.device_dir(GPU).join("drm/card1");
+    let connector = card.join("card1-HDMI-A-1");
+    fs::create_dir_all(&connector).unwrap();
+    for dir in [&card, &connector] {
+        symlink(&drm_class, dir.join("subsystem")).unwrap();
+    }
+    fs::write(
+        card.join("uevent"),
+        format!(
+            "MAJOR={}\nMINOR={}\nDEVNAME=dri/card1\n",
+            pts.major, pts.minor
+        ),
+    )
+    .unwrap();
+    fs::write(card.join("dev"), format!("{}:{}\n", pts.major, pts.minor)).unwrap();
+    fs::write(connector.join("uevent"), "").unwrap();
+    fs::write(connector.join("status"), "connected\n").unwrap();
+}
+
+fn host_users(dicts: &[vmmanager_client::dict::Dict]) -> Vec<(String, String)> {
+    dicts
+        .iter()
+        .map(vmmanager_client::HostUser::from_dict)
+        .map(|u| (u.kind, u.text))
+        .collect()
+}
+
+/// The desktop's GPU: Detach is refused, naming every use, before anything
+/// is written — for root too; `HostUsers` shows the same to anyone, with
+/// processes counted, not named. `force` needs force-detach on top of
+/// manage-devices (its details carry the uses), then detaches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn detach_refuses_while_the_host_uses_the_device_unless_forced() {
+    // nobody may manage devices, and force a detach only when no process
+    // holds the device (the details are what rules see).
+    let polkit = Polkit::builder()
+        .allow_user("org.example.vmmanager.manage-devices", "nobody")
+        .rule(
+            "polkit.addRule(function(action, subject) { \
+             if (action.id == 'org.example.vmmanager.force-detach' && subject.user == 'nobody' \
+                 && action.lookup('device') == '0000:01:00.0' \
+                 && action.lookup('host-uses').indexOf('display output card1-HDMI-A-1 is connected') >= 0 \
+                 && action.lookup('host-uses').indexOf('holds') < 0) \
+             return polkit.Result.YES; });",
+        );
+    let fs = gpu_tree(true);
+    let pts = Pts::open();
+    make_it_the_desktops_gpu(&fs, &pts);
+    let kernel = FakeKernel::new(&fs.root());
+    let world = DeviceWorld::start(fs, Some(polkit), Some(kernel.clone())).await;
+    let mut compositor = hold_open(&pts.path, true);
+    let pid = compositor.pid();
+    let nobody = Some((NOBODY, NOBODY));
+    let no_prompt = ["1", "auth.no-user-interaction", "b", "true"];
+
+    let uses = [
+        "it is the boot display (the firmware's console)".to_owned(),
+        "display output card1-HDMI-A-1 is connected".to_owned(),
+        format!("process {pid} (/usr/bin/sleep) holds /dev/dri/card1 open"),
+    ];
+    let refusal = format!(
+        "{GPU} is in use by the host: {}; nothing was changed (the force option detaches anyway)",
+        uses.join("; ")
+    );
+    let gpu = world.device(GPU).await;
+    for user in [None, nobody] {
+        let out = world.call(user, GPU, "Detach", &no_prompt).await;
+        assert!(!out.success(), "{out:#?}");
+        assert!(
+            out.stderr.contains(&refusal),
+            "{user:?}: {}\nwanted: {refusal}",
+            out.stderr
+        );
+    }
+    let (name, message) = method_error(gpu.detach(HashMap::new()).await.unwrap_err());
+    assert_eq!(
+        (name.as_str(), message.as_str()),
+        ("org.example.VmManager1.Error.HostInUse", refusal.as_str())
+    );
+    // The audio function has nothing of the host's: it moves alone.
+    assert_eq!(kernel.take_log(), vec![]);
+
+    // Any reader sees the uses before clicking; the holder is counted.
+    let public = vec![
+        ("boot-display".to_owned(), uses[0].clone()),
+        ("connector".to_owned(), uses[1].clone()),
+        (
+            "processes".to_owned(),
+            "a process holds /dev/dri/card1 open".to_owned(),
+        ),
+    ];
+    let out = world
+        .busctl(
+            nobody,
+            &[
+                "get-property",
+                BUS_NAME,
+                &path(GPU),
+                DEVICE_IFACE,
+                "HostUsers",
+                "--json=short",
+            ],
+        )
+        .await;
+    let json: serde_json::Value =
+        serde_json::from_str(out.expect_success("HostUsers as nobody")).unwrap();
+    let from_busctl: Vec<(String, String)> = json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["kind"]["data"].as_str().unwrap().to_owned(),
+                d["text"]["data"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(from_busctl, public);
+    assert!(!out.stdout.contains(&pid.to_string()), "{}", out.stdout);
+    assert_eq!(host_users(&gpu.host_users().await.unwrap()), public);
+    assert_eq!(
+        world.device(AUDIO).await.host_users().await.unwrap(),
+        vec![]
+    );
+
+    // vmctl: the refusal (exit 4) and the uses beforehand.
+    let bus = world.bus.address().to_owned();
+    let vmctl = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::world::VMCTL);
+        cmd.arg("--bus-address").arg(&bus).args(args);
+        common::util::run(&mut cmd)
+    };
+    let out = tokio::task::block_in_place(|| vmctl(&["detach", GPU]));
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(out.stderr.contains(&refusal), "{out:?}");
+    let out = tokio::task::block_in_place(|| vmctl(&["device", GPU]));
+    assert!(
+        out.stdout.contains(&format!(
+            "HostUsers: {}; {}; a process holds /dev/dri/card1 open",
+            uses[0], uses[1]
+        )),
+        "{out:?}"
+    );
+
+    // Forcing needs force-detach: nobody's rule does not cover a held node.
+    let force = [
+        "2",
+        "auth.no-user-interaction",
+        "b",
+        "true",
+        "force",
+        "b",
+        "true",
+    ];
+    let out = world.call(nobody, GPU, "Detach", &force).await;
+    assert!(
+        out.stderr
+            .contains("not authorized for org.example.vmmanager.force-detach"),
+        "{out:#?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    // The compositor is gone; the display is still the host's, and the
+    // rule now allows forcing it.
+    compositor.kill_and_wait();
+    let out = world.call(nobody, GPU, "Detach", &no_prompt).await;
+    assert!(
+        out.stderr.contains(&format!(
+            "{GPU} is in use by the host: {}; {}; nothing was changed",
+            uses[0], uses[1]
+        )),
+        "{out:#?}"
+    );
+    world
+        .call(nobody, GPU, "Detach", &force)
+        .await
+        .expect_success("forced Detach as nobody with the rule");
+    assert_eq!(world.driver(GPU).await, "vfio-pci");
+    assert_eq!(kernel.take_log(), detach_writes(GPU));
+    // Already on vfio-pci: nothing of the host's left to lose.
+    world
+        .call(nobody, GPU, "Detach", &no_prompt)
+        .await
+        .expect_success("Detach again");
 }

@@ -17,6 +17,7 @@ use common::udevd::{FileLock, UDEVD_LOCK, device, write_change};
 use common::util::threads_named;
 use futures_util::StreamExt;
 use vmmanager::auth::Authority;
+use vmmanager::devices::host_use::Network;
 use vmmanager::devices::monitor::{EventGroup, MonitorOptions, THREAD_NAME};
 use vmmanager::devices::vfio::VfioBinder;
 use vmmanager::service::callers::Callers;
@@ -33,6 +34,7 @@ fn settings() -> DeviceSettings {
         hwdb: false,
         proc_root: "/proc".into(),
         dev_root: "/dev".into(),
+        network: Network::Kernel,
         allow_list: Vec::new(),
     }
 }

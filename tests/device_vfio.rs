@@ -886,13 +886,18 @@ fn addrs(list: &[&str]) -> Vec<PciAddress> {
     list.iter().map(|a| addr(a)).collect()
 }
 
+/// Group 5 as polkit is shown it: every member, the bridge included.
+fn group5() -> Vec<PciAddress> {
+    addrs(&[G_BRIDGE, G_GPU, G_AUDIO, G_USB, G_PREBOUND])
+}
+
 #[test]
 fn group_detach_binds_every_endpoint_and_reattach_gives_each_its_own_driver() {
     let fs = group_tree();
     let kernel = FakeKernel::new(&fs.root());
     let binder = kernel.binder();
 
-    let outcome = binder.detach_group(addr(G_AUDIO)).unwrap();
+    let outcome = binder.detach_group(addr(G_AUDIO), &group5()).unwrap();
     assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
     assert_eq!(outcome.unchanged, addrs(&[G_PREBOUND]));
     assert_eq!(
@@ -928,7 +933,7 @@ fn group_detach_binds_every_endpoint_and_reattach_gives_each_its_own_driver() {
     assert_eq!(log[0].0, format!("bus/pci/devices/{G_GPU}/driver_override"));
     assert_eq!(log[8], w("bus/pci/drivers_probe", G_USB));
 
-    let outcome = binder.reattach_group(addr(G_GPU)).unwrap();
+    let outcome = binder.reattach_group(addr(G_GPU), &group5()).unwrap();
     assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
     assert_eq!(
         drivers(&fs),
@@ -964,7 +969,7 @@ fn a_failure_at_the_second_member_rolls_back_in_reverse_order() {
     let binder = kernel.binder();
     kernel.set(|k| k.fail = Some(format!("bus/pci/devices/{G_AUDIO}/driver/unbind")));
 
-    let err = binder.detach_group(addr(G_GPU)).unwrap_err();
+    let err = binder.detach_group(addr(G_GPU), &group5()).unwrap_err();
     let VfioError::Group(failure) = &err else {
         panic!("{err:?}")
     };
@@ -1017,7 +1022,10 @@ fn a_failed_rollback_names_the_device_left_behind() {
         k.fail = Some(format!("bus/pci/devices/{G_AUDIO}/driver/unbind"));
         k.fail_also = vec!["bus/pci/drivers/amdgpu/bind".into()];
     });
-    let message = binder.detach_group(addr(G_GPU)).unwrap_err().to_string();
+    let message = binder
+        .detach_group(addr(G_GPU), &group5())
+        .unwrap_err()
+        .to_string();
     assert!(
         message.contains(&format!(
             "; rolled back: {G_AUDIO}; rolling back {G_GPU} failed (writing \"{G_GPU}\" to "
@@ -1055,7 +1063,7 @@ async fn a_vm_holding_the_group_refuses_group_moves_without_writes() {
     wait_for_users(dev.path(), 5, &[vm.pid()]);
     for action in [Move::Detach, Move::Reattach] {
         let err = passthrough
-            .change_group(addr(G_AUDIO), Some(5), action)
+            .change_group(addr(G_AUDIO), Some(5), action, &group5())
             .await
             .unwrap_err();
         assert!(matches!(err, PassthroughError::InUse { .. }), "{err:?}");
@@ -1063,18 +1071,29 @@ async fn a_vm_holding_the_group_refuses_group_moves_without_writes() {
     assert_eq!(kernel.take_log(), vec![]);
     drop(vm);
     let outcome = passthrough
-        .change_group(addr(G_AUDIO), Some(5), Move::Detach)
+        .change_group(addr(G_AUDIO), Some(5), Move::Detach, &group5())
         .await
         .unwrap();
     assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
 }
 
-/// Until the host-use checks gate it, a group detach refuses, before any
-/// write, a sibling bound to a driver the host may run on (a chipset's LPC
-/// bridge, its SMBus, a NIC), and any member with SR-IOV VFs enabled; the
-/// other functions of a graphics card go with it whatever their class.
+/// The safety gates of a group detach name, for each member that would
+/// move, a sibling bound to a driver the host may run on (a chipset's LPC
+/// bridge, its SMBus, a NIC) and a member with SR-IOV VFs enabled; the
+/// other functions of a graphics card go with it whatever their class, and
+/// the device asked for is the caller's choice.
 #[test]
-fn group_detach_refuses_siblings_the_host_may_run_on() {
+fn group_gates_name_siblings_the_host_may_run_on() {
+    use vmmanager::devices::gate;
+    use vmmanager::devices::host_use::{Network, NetworkSnapshot};
+    let dev = tempfile::tempdir().unwrap();
+    let blockers = |fs: &common::sysfs::FakeSysfs, asked: &str, members: &[&str]| {
+        let roots = gate::roots(&fs.root(), Path::new("/proc"), dev.path());
+        let network = Network::Given(NetworkSnapshot::default());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        gate::blockers(&roots, &network, addr(asked), &addrs(members), &cancel)
+            .sentences(addr(asked))
+    };
     // A chipset group: audio asked for, LPC bridge and SMBus beside it.
     let fs = common::sysfs::FakeSysfs::new();
     fs.driver_dir("vfio-pci");
@@ -1087,39 +1106,62 @@ fn group_detach_refuses_siblings_the_host_may_run_on() {
             .driver(driver)
             .iommu_group(9);
     }
-    let kernel = FakeKernel::new(&fs.root());
-    let binder = kernel.binder();
-    let err = binder.detach_group(addr("0000:00:1f.3")).unwrap_err();
     assert_eq!(
-        err.to_string(),
-        "not detaching the group: 0000:00:1f.0 (class 060100) is bound to lpc_ich and may be \
-         what the host runs on; detach the devices one by one if you are sure"
-    );
-    assert!(
-        matches!(err, VfioError::GroupMemberRefused { .. }),
-        "{err:?}"
-    );
-    assert_eq!(kernel.take_log(), vec![]);
-    assert_eq!(
-        fs.driver_of("0000:00:1f.3").as_deref(),
-        Some("snd_hda_intel")
+        blockers(
+            &fs,
+            "0000:00:1f.3",
+            &["0000:00:1f.0", "0000:00:1f.3", "0000:00:1f.4"]
+        ),
+        [
+            "0000:00:1f.0: (class 060100) is bound to lpc_ich and may be what the host runs on",
+            "0000:00:1f.4: (class 0c0500) is bound to i801_smbus and may be what the host runs on",
+        ]
     );
 
-    // A NIC with VFs in a GPU's group: refused, whatever its class.
+    // A graphics card's group: nothing to say about its functions; a NIC
+    // with VFs beside it is named, whatever its class.
     let fs = group_tree();
-    fs.device("0000:01:00.4", 0x8086, 0x1521, 0x020000)
+    assert_eq!(
+        blockers(&fs, G_GPU, &[G_GPU, G_AUDIO, G_USB, G_PREBOUND]),
+        Vec::<String>::new()
+    );
+    fs.device("0000:02:00.0", 0x8086, 0x1521, 0x020000)
         .driver("igb")
         .iommu_group(5)
         .sriov(7, 2);
-    let kernel = FakeKernel::new(&fs.root());
-    let err = kernel.binder().detach_group(addr(G_GPU)).unwrap_err();
-    assert!(
-        err.to_string().contains(
-            "0000:01:00.4 has 2 SR-IOV virtual functions enabled (unbinding its driver destroys them)"
-        ),
-        "{err}"
+    assert_eq!(
+        blockers(&fs, G_GPU, &[G_GPU, "0000:02:00.0"]),
+        [
+            "0000:02:00.0: has 2 SR-IOV virtual functions enabled (unbinding its driver destroys them)",
+            "0000:02:00.0: (class 020000) is bound to igb and may be what the host runs on",
+        ]
     );
+}
+
+/// A group that changed after it was authorized (a member hot-plugged or
+/// removed) moves nothing.
+#[test]
+fn a_group_that_changed_since_it_was_authorized_moves_nothing() {
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    let shown = addrs(&[G_BRIDGE, G_GPU, G_AUDIO, G_USB]);
+    for result in [
+        binder.detach_group(addr(G_GPU), &shown),
+        binder.reattach_group(addr(G_GPU), &shown),
+    ] {
+        let err = result.unwrap_err();
+        assert!(
+            matches!(err, VfioError::GroupChanged { group: 5, .. }),
+            "{err:?}"
+        );
+    }
     assert_eq!(kernel.take_log(), vec![]);
+    // In another order, and with a duplicate, it is the same group.
+    let mut shuffled = group5();
+    shuffled.reverse();
+    shuffled.push(addr(G_GPU));
+    binder.detach_group(addr(G_GPU), &shuffled).unwrap();
 }
 
 /// The group option on a device without a group, or on the bridge itself,
@@ -1131,15 +1173,15 @@ fn group_moves_need_an_endpoint_with_a_group() {
         .driver("igb");
     let kernel = FakeKernel::new(&fs.root());
     let binder = kernel.binder();
-    let err = binder.detach_group(addr("0000:02:00.0")).unwrap_err();
+    let err = binder.detach_group(addr("0000:02:00.0"), &[]).unwrap_err();
     assert_eq!(err.to_string(), "0000:02:00.0 has no IOMMU group");
-    let err = binder.detach_group(addr(G_BRIDGE)).unwrap_err();
+    let err = binder.detach_group(addr(G_BRIDGE), &group5()).unwrap_err();
     assert_eq!(
         err.to_string(),
         format!("{G_BRIDGE} is not an endpoint of IOMMU group 5")
     );
     fs::remove_dir_all(fs.root().join("bus/pci/drivers/vfio-pci")).unwrap();
-    let err = binder.detach_group(addr(G_GPU)).unwrap_err();
+    let err = binder.detach_group(addr(G_GPU), &group5()).unwrap_err();
     assert!(matches!(err, VfioError::VfioUnavailable(_)), "{err:?}");
     assert_eq!(kernel.take_log(), vec![]);
 }

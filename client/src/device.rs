@@ -10,7 +10,7 @@
 use zbus::OwnedVariant;
 
 use crate::dict::{self, Dict, variant};
-use crate::names::{property, user};
+use crate::names::{host_use, property, user};
 
 /// A process holding a device's VFIO group open (one entry of `InUseBy`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +39,35 @@ impl VfioUser {
             (user::PID.to_owned(), variant(self.pid)),
             (user::EXE.to_owned(), variant(self.exe.as_str())),
             (user::VM_NAME.to_owned(), variant(self.vm_name.as_str())),
+        ])
+    }
+}
+
+/// One way the host uses a device (one entry of `HostUsers`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostUser {
+    /// `mount`, `swap`, `block-device`, `interface`, `boot-display`,
+    /// `connector`, `framebuffer`, `processes` or `unknown` (see
+    /// [`names::host_use::KIND`](crate::names::host_use::KIND)).
+    pub kind: String,
+    /// The sentence shown to a user.
+    pub text: String,
+}
+
+impl HostUser {
+    /// Reads one entry of `HostUsers`.
+    pub fn from_dict(d: &Dict) -> HostUser {
+        HostUser {
+            kind: dict::string(d, host_use::KIND).unwrap_or_default(),
+            text: dict::string(d, host_use::TEXT).unwrap_or_default(),
+        }
+    }
+
+    /// The entry as the service sends it.
+    pub fn to_dict(&self) -> Dict {
+        Dict::from([
+            (host_use::KIND.to_owned(), variant(self.kind.as_str())),
+            (host_use::TEXT.to_owned(), variant(self.text.as_str())),
         ])
     }
 }
@@ -93,6 +122,9 @@ pub struct DeviceProperties {
     /// in PropertiesChanged: empty unless the dictionary came from GetAll,
     /// GetManagedObjects or InterfacesAdded.
     pub in_use_by: Vec<VfioUser>,
+    /// How the host uses the device (what Detach refuses for unless
+    /// forced). Computed when read, like `in_use_by`.
+    pub host_users: Vec<HostUser>,
 }
 
 impl Default for DeviceProperties {
@@ -118,6 +150,7 @@ impl Default for DeviceProperties {
             passthrough_ready: false,
             passthrough_blockers: Vec::new(),
             in_use_by: Vec::new(),
+            host_users: Vec::new(),
         }
     }
 }
@@ -194,12 +227,16 @@ impl DeviceProperties {
         if let Some(users) = dict::dicts(d, property::IN_USE_BY) {
             self.in_use_by = users.iter().map(VfioUser::from_dict).collect();
         }
+        if let Some(uses) = dict::dicts(d, property::HOST_USERS) {
+            self.host_users = uses.iter().map(HostUser::from_dict).collect();
+        }
     }
 
     /// `(name, value)` of every property, in the order of this type's
-    /// fields (the order the service declares them), `InUseBy` last: what
-    /// [`from_properties`](Self::from_properties) reads back. The service
-    /// sends its changed ones in PropertiesChanged, never `InUseBy`.
+    /// fields (the order the service declares them), `InUseBy` and
+    /// `HostUsers` last: what [`from_properties`](Self::from_properties)
+    /// reads back. The service sends its changed ones in PropertiesChanged,
+    /// never those two.
     pub fn to_entries(&self) -> Vec<(&'static str, OwnedVariant)> {
         vec![
             (property::ADDRESS, variant(self.address.as_str())),
@@ -245,6 +282,15 @@ impl DeviceProperties {
                     self.in_use_by
                         .iter()
                         .map(VfioUser::to_dict)
+                        .collect::<Vec<_>>(),
+                ),
+            ),
+            (
+                property::HOST_USERS,
+                variant(
+                    self.host_users
+                        .iter()
+                        .map(HostUser::to_dict)
                         .collect::<Vec<_>>(),
                 ),
             ),
@@ -312,6 +358,10 @@ mod tests {
                 pid: 42,
                 exe: "/usr/bin/qemu-system-x86_64".into(),
                 vm_name: "win11".into(),
+            }],
+            host_users: vec![HostUser {
+                kind: "mount".into(),
+                text: "block device nvme0n1p2 backs /".into(),
             }],
         }
     }

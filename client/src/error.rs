@@ -49,6 +49,13 @@ pub enum Error {
     /// also for a repair), or a VM holds the device's VFIO group (Detach,
     /// Reattach). The message names the VM and its PID.
     InUse(String),
+    /// `HostInUse`: the host itself uses the device or a member of its
+    /// group (Detach): a mounted file system or swap on it, an interface
+    /// that is up with addresses or carries the default route, the boot
+    /// display, a connected output, a framebuffer, or processes holding
+    /// its device nodes. The message names each use; the `force` option
+    /// (with its own polkit action) detaches anyway.
+    HostInUse(String),
     /// `NotFound`: the image does not exist (CheckDisk, GetDiskUsers), or
     /// the PCI device went away (Detach, Reattach).
     NotFound(String),

@@ -16,7 +16,7 @@
 //! - [`CheckReport`], [`DiskUser`]: the CheckDisk report / DiskChecked
 //!   dictionary and the GetDiskUsers entries, decoded and encoded, with
 //!   their values [`CheckResult`] and [`FoundBy`] (unknown ones kept).
-//! - [`DeviceProperties`], [`VfioUser`]: a device object's properties.
+//! - [`DeviceProperties`], [`VfioUser`], [`HostUser`]: a device object's properties.
 //! - [`PciAddress`]: PCI address ↔ device object path.
 //! - [`dict`]: the `a{sv}` type and helpers; [`json`]: D-Bus values as JSON.
 //!
@@ -65,7 +65,7 @@ mod report;
 mod address;
 
 pub use address::{AddressError, PciAddress};
-pub use device::{DeviceProperties, VfioUser};
+pub use device::{DeviceProperties, HostUser, VfioUser};
 pub use error::Error;
 pub use proxies::{
     Completed, CompletedArgs, CompletedStream, DiskChecked, DiskCheckedArgs, DiskCheckedStream,

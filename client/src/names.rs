@@ -34,6 +34,10 @@ pub mod action {
     pub const REPAIR_DISK: &str = "org.example.vmmanager.repair-disk";
     /// PciDevice.Detach and Reattach.
     pub const MANAGE_DEVICES: &str = "org.example.vmmanager.manage-devices";
+    /// PciDevice.Detach with the `force` option while the host uses the
+    /// device (or a member of its group): asked in addition to
+    /// [`MANAGE_DEVICES`], `auth_admin` every time.
+    pub const FORCE_DETACH: &str = "org.example.vmmanager.force-detach";
 }
 
 /// Keys of the `a{sv} options` argument every method takes. Build them with
@@ -52,6 +56,10 @@ pub mod option {
     /// `b`, PciDevice.Detach and Reattach: move every non-bridge endpoint
     /// of the device's IOMMU group, rolled back on a failure.
     pub const GROUP: &str = "group";
+    /// `b`, PciDevice.Detach: detach even though the host uses the device
+    /// (a mount, swap, an interface, the display, processes holding its
+    /// nodes); needs [`FORCE_DETACH`](super::action::FORCE_DETACH).
+    pub const FORCE: &str = "force";
 }
 
 /// Keys of the CheckDisk report and the DiskChecked signal's dictionary.
@@ -122,6 +130,15 @@ pub mod user {
     pub const PIDFILE: &str = "pidfile";
 }
 
+/// Keys of one entry of the `HostUsers` property.
+pub mod host_use {
+    /// `s`: what kind of use: `mount`, `swap`, `block-device`, `interface`,
+    /// `boot-display`, `connector`, `framebuffer`, `processes`, `unknown`.
+    pub const KIND: &str = "kind";
+    /// `s`: the sentence shown to a user.
+    pub const TEXT: &str = "text";
+}
+
 /// Property names of the PciDevice interface, as in PropertiesChanged and
 /// GetManagedObjects. Decode them with
 /// [`DeviceProperties`](crate::DeviceProperties).
@@ -139,6 +156,9 @@ pub mod property {
     /// `aa{sv}`: processes holding the VFIO group open (the first three
     /// keys of [`user`](super::user)); computed when read, no change signal.
     pub const IN_USE_BY: &str = "InUseBy";
+    /// `aa{sv}`: how the host uses the device (computed when read; keys in
+    /// [`host_use`](super::host_use)).
+    pub const HOST_USERS: &str = "HostUsers";
     /// `i`: the IOMMU group, -1 when none.
     pub const IOMMU_GROUP: &str = "IommuGroup";
     /// `as`: addresses of every device in the same IOMMU group.
@@ -204,4 +224,8 @@ pub mod polkit_detail {
     /// `action.lookup("group-devices") == undefined` to allow single
     /// devices only.
     pub const GROUP_DEVICES: &str = "group-devices";
+    /// With [`FORCE_DETACH`](super::action::FORCE_DETACH) only: every way
+    /// the host uses the device(s), the sentences of the `HostInUse`
+    /// error joined by `; ` (also shown in polkit's message).
+    pub const HOST_USES: &str = "host-uses";
 }

@@ -129,6 +129,7 @@ impl AuthOptions {
 pub struct BindingOptions {
     auth: AuthOptions,
     group: bool,
+    force: bool,
 }
 
 impl BindingOptions {
@@ -145,6 +146,15 @@ impl BindingOptions {
         self
     }
 
+    /// `force` (Detach only): detach even though the host uses the device
+    /// (the uses `HostInUse` would name); polkit asks for
+    /// [`FORCE_DETACH`](crate::names::action::FORCE_DETACH) as well, with
+    /// an administrator's password every time.
+    pub fn force(mut self, yes: bool) -> Self {
+        self.force = yes;
+        self
+    }
+
     /// `auth.no-user-interaction`, as [`AuthOptions::no_user_interaction`].
     pub fn no_user_interaction(mut self, yes: bool) -> Self {
         self.auth = self.auth.no_user_interaction(yes);
@@ -156,6 +166,9 @@ impl BindingOptions {
         let mut options = self.auth.build();
         if self.group {
             options.insert(option::GROUP, Variant::from(true));
+        }
+        if self.force {
+            options.insert(option::FORCE, Variant::from(true));
         }
         options
     }

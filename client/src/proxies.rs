@@ -358,6 +358,11 @@ pub trait PciDevice {
     ///
     /// - [`InUse`](crate::Error::InUse): a VM holds the device's VFIO group
     ///   (the message names it).
+    /// - [`HostInUse`](crate::Error::HostInUse): the host uses the device
+    ///   or (with `group`) a member (the message names each use: mount,
+    ///   swap, interface, display, processes); nothing was written. The
+    ///   `force` option detaches anyway, after
+    ///   [`FORCE_DETACH`](crate::names::action::FORCE_DETACH).
     /// - [`NotSupported`](crate::Error::NotSupported): vfio-pci is not
     ///   available (`modprobe vfio-pci`).
     /// - [`NotAuthorized`](crate::Error::NotAuthorized): polkit said no.
@@ -419,6 +424,15 @@ pub trait PciDevice {
     /// read, so never cached and without a change signal.
     #[zbus(property(emits_changed_signal = "false"))]
     fn in_use_by(&self) -> zbus::Result<Vec<Dict>>;
+
+    /// `HostUsers` (`aa{sv}`): how the host uses the device — what Detach
+    /// refuses for unless forced — each with kind and text (decode with
+    /// [`HostUser::from_dict`](crate::HostUser::from_dict)). Processes are
+    /// counted per device node, not named (their open files are not every
+    /// reader's to see; Detach's `HostInUse` error names them). Computed
+    /// when read, without a change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn host_users(&self) -> zbus::Result<Vec<Dict>>;
 
     /// `IommuGroup` (`i`): the IOMMU group, -1 when the device has none.
     #[zbus(property)]

@@ -10,6 +10,10 @@
 //! no authorization): those scans are bounded in number, each counting until
 //! its thread has ended ([`Passthrough::users_for_anyone`]).
 //!
+//! Before a Detach unbinds anything, the safety gates ([`gate`]) say what
+//! the host would lose ([`Passthrough::detach_blockers`]); the caller
+//! refuses with [`PassthroughError::HostInUse`] unless it was forced.
+//!
 //! Errors are typed ([`PassthroughError`]); the D-Bus layer maps them to its
 //! error names in one place (`service::error`).
 
@@ -20,6 +24,8 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::gate::{self, Blocker, Blockers, Described, PublicUse};
+use super::host_use::{self, HostRoots, Network};
 use super::sysfs::{self, SysfsError};
 use super::vfio::{self, GroupOutcome, Outcome, VfioBinder, VfioError, VfioUser};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
@@ -101,6 +107,16 @@ pub enum PassthroughError {
     },
     #[error(transparent)]
     Vfio(#[from] VfioError),
+    /// The host uses the device or a member of its group (the safety
+    /// gates); nothing was written.
+    #[error(
+        "{address} is in use by the host: {}; nothing was changed (the force option detaches anyway)",
+        Described { asked: *address, blockers }
+    )]
+    HostInUse {
+        address: PciAddress,
+        blockers: Blockers,
+    },
     /// The blocking sysfs work panicked; what it wrote is unknown.
     #[error("the {action} of {address} stopped unexpectedly; see the service's log")]
     Panicked { address: PciAddress, action: Move },
@@ -113,9 +129,12 @@ pub struct Passthrough {
     binder: Arc<VfioBinder>,
     proc_root: PathBuf,
     dev_root: PathBuf,
-    /// The places of [`Passthrough::users_for_anyone`]'s scans; a scan's
-    /// thread holds its place until it ends.
+    /// The places of [`Passthrough::users_for_anyone`]'s and
+    /// [`Passthrough::host_users_for_anyone`]'s scans; a scan's thread
+    /// holds its place until it ends.
     public_scans: Arc<Semaphore>,
+    /// Where the safety gates read the host's network state.
+    network: Network,
 }
 
 impl Passthrough {
@@ -127,6 +146,87 @@ impl Passthrough {
             proc_root,
             dev_root,
             public_scans: Arc::new(Semaphore::new(PUBLIC_SCANS)),
+            network: Network::Kernel,
+        }
+    }
+
+    /// The safety gates read the network state from `network` instead of
+    /// the kernel's (tests on a prepared tree).
+    pub fn with_network(mut self, network: Network) -> Self {
+        self.network = network;
+        self
+    }
+
+    fn host_roots(&self) -> HostRoots {
+        gate::roots(self.binder.sysfs_root(), &self.proc_root, &self.dev_root)
+    }
+
+    /// What the host would lose if the device at `address` — or with
+    /// [`Scope::Group`] every endpoint of its IOMMU group `group`, whose
+    /// members must still be `approved` (what polkit was shown) — were
+    /// detached ([`gate::blockers`]). Bounded by [`SCAN_TIMEOUT`]; a look
+    /// that did not finish is a blocker itself (fail closed, and a
+    /// forced detach may still go ahead).
+    pub async fn detach_blockers(
+        &self,
+        address: PciAddress,
+        group: Option<u32>,
+        scope: Scope,
+        approved: &[PciAddress],
+    ) -> Result<Blockers, PassthroughError> {
+        let roots = self.host_roots();
+        let network = self.network.clone();
+        let binder = self.binder.clone();
+        let approved = approved.to_vec();
+        let never = CancellationToken::new();
+        let scan = uid_counts::spawn_stoppable((), &never, move |stop| {
+            let members = match scope {
+                Scope::Device => vec![address],
+                Scope::Group => {
+                    let group = group.ok_or(VfioError::NoGroup(address))?;
+                    binder.still_approved(address, group, &approved)?;
+                    binder.group_endpoints(address)?
+                }
+            };
+            Ok::<_, VfioError>(gate::blockers(&roots, &network, address, &members, stop))
+        });
+        let unfinished = match scan.finish(SCAN_TIMEOUT, &never).await {
+            Ok(result) => return Ok(result?),
+            Err(Unfinished::Panicked(_)) => "stopped unexpectedly".to_owned(),
+            Err(Unfinished::TimedOut | Unfinished::Cancelled) => {
+                format!("took longer than {}s", SCAN_TIMEOUT.as_secs())
+            }
+        };
+        tracing::warn!(device = %address, "the safety gates' look at the host {unfinished}");
+        Ok(Blockers(vec![Blocker {
+            member: address,
+            text: format!("finding out how the host uses it {unfinished}"),
+        }]))
+    }
+
+    /// How the host uses the device at `address`, as any local user may
+    /// see it ([`gate::public_view`]): within [`PUBLIC_SCANS`] scans at
+    /// once, like [`users_for_anyone`](Self::users_for_anyone). What could
+    /// not be looked at reads as an `unknown` entry, never as "no use".
+    pub async fn host_users_for_anyone(&self, address: PciAddress) -> Vec<PublicUse> {
+        let unknown =
+            |why: &str| vec![("unknown", format!("how the host uses it is unknown: {why}"))];
+        let Ok(place) = self.public_scans.clone().try_acquire_owned() else {
+            return unknown("too many such reads at once; read it again");
+        };
+        let roots = self.host_roots();
+        let network = self.network.clone();
+        let never = CancellationToken::new();
+        let scan = uid_counts::spawn_stoppable(place, &never, move |stop| {
+            host_use::host_uses(&roots, &address, &network, stop)
+        });
+        match scan.finish(SCAN_TIMEOUT, &never).await {
+            Ok(Ok(found)) => gate::public_view(&found),
+            Ok(Err(e)) => {
+                tracing::warn!(device = %address, "host users: {e}");
+                unknown(&e.to_string())
+            }
+            Err(e) => unknown(&format!("looking {e}")),
         }
     }
 
@@ -250,20 +350,25 @@ impl Passthrough {
     /// device at `address`: refused when a process holds the group or a
     /// member's cdev; the binder reads the members once, in the thread that
     /// moves them, and rolls back on a failure.
+    ///
+    /// `approved` is the group as polkit was shown it (all members,
+    /// bridges included): a group that changed since is refused.
     pub async fn change_group(
         &self,
         address: PciAddress,
         group: Option<u32>,
         action: Move,
+        approved: &[PciAddress],
     ) -> Result<GroupOutcome, PassthroughError> {
         if group.is_none() {
             return Err(VfioError::NoGroup(address).into());
         }
         self.refuse_if_used(address, group, Scope::Group).await?;
         let binder = self.binder.clone();
+        let approved = approved.to_vec();
         let outcome = tokio::task::spawn_blocking(move || match action {
-            Move::Detach => binder.detach_group(address),
-            Move::Reattach => binder.reattach_group(address),
+            Move::Detach => binder.detach_group(address, &approved),
+            Move::Reattach => binder.reattach_group(address, &approved),
         })
         .await
         .map_err(|_| PassthroughError::Panicked { address, action })??;

@@ -277,12 +277,12 @@ pub enum VfioError {
     NotInGroup { address: PciAddress, group: u32 },
     #[error("{0}")]
     Group(Box<GroupFailure>),
-    /// A group detach refused before anything was written: a sibling that
-    /// is not safe to move with the group (see `refuse_unsafe_siblings`).
+    /// The group's members are not those authorized (and gated): a device
+    /// was added to or removed from it meanwhile.
     #[error(
-        "not detaching the group: {member} {reason}; detach the devices one by one if you are sure"
+        "the IOMMU group {group} of {address} changed since the call was authorized; nothing was changed, try again"
     )]
-    GroupMemberRefused { member: PciAddress, reason: String },
+    GroupChanged { address: PciAddress, group: u32 },
     #[error(
         "{address} ended up bound to {} instead of {expected}; written: {done}",
         actual.as_deref().unwrap_or("no driver")
@@ -575,10 +575,16 @@ impl VfioBinder {
     /// When one fails, what this call moved is given back in reverse order
     /// ([`GroupFailure`]). The group is read here, under the lock, so what
     /// is decided is what is acted on. Blocking.
-    pub fn detach_group(&self, address: PciAddress) -> Result<GroupOutcome, VfioError> {
+    /// `approved`: the whole group as it was authorized and gated
+    /// ([`still_approved`](Self::still_approved)).
+    pub fn detach_group(
+        &self,
+        address: PciAddress,
+        approved: &[PciAddress],
+    ) -> Result<GroupOutcome, VfioError> {
         let mut originals = self.lock();
+        self.check_approved(address, approved)?;
         let members = self.group_endpoints(address)?;
-        self.refuse_unsafe_siblings(address, &members)?;
         // Said once, as NotSupported, rather than as the first member's
         // failure.
         let vfio = driver_dir(&self.sysfs_root, VFIO_DRIVER);
@@ -601,8 +607,13 @@ impl VfioBinder {
     /// boot by `vfio-pci.ids`, driverctl, by hand) stay there: someone put
     /// them there on purpose. Rolled back like
     /// [`detach_group`](Self::detach_group). Blocking.
-    pub fn reattach_group(&self, address: PciAddress) -> Result<GroupOutcome, VfioError> {
+    pub fn reattach_group(
+        &self,
+        address: PciAddress,
+        approved: &[PciAddress],
+    ) -> Result<GroupOutcome, VfioError> {
         let mut originals = self.lock();
+        self.check_approved(address, approved)?;
         let members: Vec<PciAddress> = self
             .group_endpoints(address)?
             .into_iter()
@@ -618,71 +629,39 @@ impl VfioBinder {
         )
     }
 
-    /// Until the host-use checks (issue 13's safety gates) decide, a group
-    /// detach moves only siblings that cannot be holding the host up:
-    /// display, audio and USB controllers, the other functions of the
-    /// graphics card the device asked for is on (its USB-C/UCSI
-    /// controllers), and devices with no driver
-    /// or already on a VFIO driver. A chipset's ISA/LPC bridge, SMBus, SPI
-    /// or memory controller, a disk controller or a NIC sharing the group
-    /// refuses the whole call, naming the sibling (the device asked for is
-    /// the caller's choice, as for a single detach). A member with SR-IOV
-    /// VFs enabled refuses too: unbinding its driver destroys the VFs,
-    /// which no rollback brings back.
-    fn refuse_unsafe_siblings(
+    /// Refuses when `address`'s IOMMU group `group` no longer has exactly
+    /// the members `approved` (in any order): what polkit was shown and
+    /// the safety gates looked at is what moves, or nothing does.
+    pub fn still_approved(
         &self,
         address: PciAddress,
-        members: &[PciAddress],
+        group: u32,
+        approved: &[PciAddress],
     ) -> Result<(), VfioError> {
-        let read = |member: PciAddress| {
-            sysfs::read_device(&self.sysfs_root, &member).map_err(|e| VfioError::Read {
-                path: device_dir(&self.sysfs_root, member),
-                source: io::Error::other(e),
-            })
-        };
-        let slot_of = |a: PciAddress| (a.domain, a.bus, a.slot);
-        let infos = members
-            .iter()
-            .map(|&member| Ok((member, read(member)?)))
-            .collect::<Result<Vec<_>, VfioError>>()?;
-        // The asked device is a function of a graphics card: the card's
-        // other functions (audio, USB-C, UCSI) go with it.
-        let on_a_graphics_card = infos
-            .iter()
-            .any(|(m, info)| slot_of(*m) == slot_of(address) && info.class >> 16 == 0x03);
-        for (member, info) in infos {
-            let same_card = on_a_graphics_card && slot_of(member) == slot_of(address);
-            let reason = if info.sriov_num_vfs > 0 {
-                Some(format!(
-                    "has {} SR-IOV virtual functions enabled (unbinding its driver destroys them)",
-                    info.sriov_num_vfs
-                ))
-            } else if member == address || same_card {
-                None
-            } else {
-                match info.driver.as_deref() {
-                    Some(driver)
-                        if !is_vfio_driver(driver) && !safe_to_move_with_its_group(info.class) =>
-                    {
-                        Some(format!(
-                            "(class {:06x}) is bound to {driver} and may be what the host runs on",
-                            info.class
-                        ))
-                    }
-                    _ => None,
-                }
-            };
-            if let Some(reason) = reason {
-                return Err(VfioError::GroupMemberRefused { member, reason });
-            }
+        let now = sysfs::iommu_group_members(&self.sysfs_root, group);
+        let mut expected = approved.to_vec();
+        expected.sort();
+        expected.dedup();
+        if now != expected || iommu_group_of(&self.sysfs_root, address) != Some(group) {
+            return Err(VfioError::GroupChanged { address, group });
         }
         Ok(())
+    }
+
+    fn check_approved(
+        &self,
+        address: PciAddress,
+        approved: &[PciAddress],
+    ) -> Result<(), VfioError> {
+        self.existing_device(address)?;
+        let group = iommu_group_of(&self.sysfs_root, address).ok_or(VfioError::NoGroup(address))?;
+        self.still_approved(address, group, approved)
     }
 
     /// The endpoints of `address`'s IOMMU group, bridges left out (they
     /// keep pcieport; vfio-pci refuses them), sorted. Fails closed: a
     /// member whose class cannot be read is an error, not a guess.
-    fn group_endpoints(&self, address: PciAddress) -> Result<Vec<PciAddress>, VfioError> {
+    pub fn group_endpoints(&self, address: PciAddress) -> Result<Vec<PciAddress>, VfioError> {
         self.existing_device(address)?;
         let group = iommu_group_of(&self.sysfs_root, address).ok_or(VfioError::NoGroup(address))?;
         let mut endpoints = Vec::new();
@@ -886,14 +865,6 @@ fn read_driver(dev: &Path) -> Result<Option<String>, VfioError> {
 /// The `driver_override` value; `None` when unset (`(null)`) or unreadable.
 fn read_override(dev: &Path) -> Option<String> {
     sysfs::driver_override(dev).ok().flatten()
-}
-
-/// Classes a group detach may move along with the device asked for while
-/// bound to a host driver: display (03), multimedia/audio (04) and USB
-/// controllers (0c 03) — what shares a GPU's or a USB card's group.
-fn safe_to_move_with_its_group(class: u32) -> bool {
-    let base = class >> 16;
-    base == 0x03 || base == 0x04 || class >> 8 == 0x0c03
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //!   stop every job (and every qemu-img with it) and the device monitor,
 //!   and return only when all of them are gone.
 
+use crate::devices::host_use::Network;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,14 +48,17 @@ pub enum DaemonError {
 
 /// Where the service meets the kernel beyond the paths the configuration
 /// names (every root, udevd's control socket included, is a config key):
-/// device events and sysfs writes. The daemon uses [`Roots::host`];
-/// in-process tests feed events through a channel and let a fake kernel
-/// answer the writes on a prepared tree.
+/// device events, sysfs writes and the network state the safety gates
+/// read. The daemon uses [`Roots::host`]; in-process tests feed events
+/// through a channel, let a fake kernel answer the writes on a prepared
+/// tree and give the network state its interfaces are in.
 pub struct Roots {
     /// Replaces the netlink monitor (and `devices.events`) when given.
     pub device_events: Option<mpsc::Receiver<MonitorMessage>>,
     /// Does the sysfs writes of Detach and Reattach.
     pub sysfs_writer: Arc<dyn SysfsWriter>,
+    /// Where Detach's safety gates see the host's interfaces and routes.
+    pub network: Network,
 }
 
 impl Roots {
@@ -63,6 +67,7 @@ impl Roots {
         Roots {
             device_events: None,
             sysfs_writer: Arc::new(KernelSysfs),
+            network: Network::Kernel,
         }
     }
 }
@@ -105,6 +110,7 @@ pub fn build(config: &Config, roots: Roots) -> Parts {
         hwdb: devices.hwdb,
         proc_root: config.system.proc_root.clone(),
         dev_root: devices.dev_root.clone(),
+        network: roots.network,
         allow_list: devices
             .permitted
             .iter()

@@ -6,17 +6,19 @@
 //!
 //! The domain says "none" with `Option`; the API says it with `""` (names,
 //! driver, physical function, resource name) and `-1` (IOMMU group, NUMA
-//! node). `InUseBy` is computed when read ([`vfio_user`] for each holder)
-//! and never signalled.
+//! node). `InUseBy` and `HostUsers` are computed when read ([`vfio_user`],
+//! [`host_user`]) and never signalled.
 
 use vmmanager_client::names::property;
-use vmmanager_client::{DeviceProperties, VfioUser};
+use vmmanager_client::{DeviceProperties, HostUser, VfioUser};
 use zbus::OwnedVariant;
 
+use crate::devices::gate::PublicUse;
 use crate::devices::inventory::DeviceState;
 use crate::devices::vfio;
 
-/// The one conversion from the domain state; `in_use_by` is left empty.
+/// The one conversion from the domain state; `in_use_by` and `host_users`
+/// (computed when read) are left empty.
 pub fn of(state: &DeviceState) -> DeviceProperties {
     let info = &state.info;
     let text = |value: &Option<String>| value.clone().unwrap_or_default();
@@ -44,6 +46,7 @@ pub fn of(state: &DeviceState) -> DeviceProperties {
         passthrough_ready: state.passthrough_ready,
         passthrough_blockers: state.passthrough_blockers.clone(),
         in_use_by: Vec::new(),
+        host_users: Vec::new(),
     }
 }
 
@@ -61,9 +64,17 @@ pub fn vfio_user(user: &vfio::VfioUser) -> VfioUser {
     }
 }
 
+/// One public host use as a `HostUsers` entry.
+pub fn host_user((kind, text): PublicUse) -> HostUser {
+    HostUser {
+        kind: kind.to_owned(),
+        text,
+    }
+}
+
 /// The properties whose values differ between `old` and `new`, with their
 /// new values, in [`DeviceProperties::to_entries`]'s order: what one
-/// PropertiesChanged carries. `InUseBy` never counts, nor do domain fields
+/// PropertiesChanged carries. `InUseBy` and `HostUsers` never count, nor do domain fields
 /// the API does not show (`driver_override`, `modalias`).
 pub fn changed(old: &DeviceState, new: &DeviceState) -> Vec<(&'static str, OwnedVariant)> {
     let old = of(old).to_entries();
@@ -71,7 +82,9 @@ pub fn changed(old: &DeviceState, new: &DeviceState) -> Vec<(&'static str, Owned
         .to_entries()
         .into_iter()
         .zip(old)
-        .filter(|(new, old)| new.0 != property::IN_USE_BY && new.1 != old.1)
+        .filter(|(new, old)| {
+            ![property::IN_USE_BY, property::HOST_USERS].contains(&new.0) && new.1 != old.1
+        })
         .map(|(new, _)| new)
         .collect()
 }

@@ -33,9 +33,10 @@ use super::error::VmError;
 use super::options::parse_binding;
 use super::values::Dict;
 use crate::auth::{Action, Authority};
+use crate::devices::host_use::Network;
 use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
-use crate::devices::passthrough::{Move, Passthrough};
+use crate::devices::passthrough::{Move, Passthrough, PassthroughError, Scope};
 use crate::devices::vfio::VfioBinder;
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager_client::PciAddress;
@@ -66,6 +67,8 @@ pub struct DeviceSettings {
     pub hwdb: bool,
     pub proc_root: PathBuf,
     pub dev_root: PathBuf,
+    /// Where Detach's safety gates see the host's interfaces and routes.
+    pub network: Network,
     pub allow_list: Vec<AllowEntry>,
 }
 
@@ -124,7 +127,8 @@ impl DeviceService {
                 binder,
                 settings.proc_root.clone(),
                 settings.dev_root.clone(),
-            ),
+            )
+            .with_network(settings.network.clone()),
             rereads: reread_sender,
         });
         let mut inventory = Inventory::new(
@@ -524,23 +528,65 @@ impl PciDeviceObject {
         );
         guard.until_gone(check).await?;
         let passthrough = &self.shared.passthrough;
-        let (result, reread) = if options.group {
-            let result = passthrough.change_group(target, group, action).await;
-            // Also after a failure: a rollback that failed left a member
-            // elsewhere, and its object must say where.
-            let members = group_devices
-                .split(',')
-                .filter_map(|a| a.parse::<PciAddress>().ok())
-                .collect();
-            (result.map(drop), members)
+        let scope = if options.group {
+            Scope::Group
         } else {
-            let result = passthrough.change(target, group, action).await;
-            let reread = if result.is_ok() {
-                vec![target]
-            } else {
-                Vec::new()
-            };
-            (result.map(drop), reread)
+            Scope::Device
+        };
+        // The group as polkit was shown it: what the gates look at and the
+        // binder moves, or nothing moves.
+        let approved: Vec<PciAddress> = group_devices
+            .split(',')
+            .filter_map(|a| a.parse::<PciAddress>().ok())
+            .collect();
+        if action == Move::Detach {
+            let blockers = guard
+                .until_gone(passthrough.detach_blockers(target, group, scope, &approved))
+                .await?;
+            if !blockers.is_empty() {
+                if !options.force {
+                    return Err(PassthroughError::HostInUse {
+                        address: target,
+                        blockers,
+                    }
+                    .into());
+                }
+                let uses = blockers.sentences(target).join("; ");
+                let mut details = details.clone();
+                details.insert(polkit_detail::HOST_USES, uses.as_str());
+                let check = authority.check(
+                    header,
+                    &caller,
+                    Action::ForceDetach,
+                    options.interactive,
+                    &details,
+                );
+                guard.until_gone(check).await?;
+                tracing::warn!(
+                    device = %target,
+                    uid = caller.uid,
+                    "detaching although the host uses it (forced): {uses}"
+                );
+            }
+        }
+        let (result, reread) = match scope {
+            Scope::Group => {
+                let result = passthrough
+                    .change_group(target, group, action, &approved)
+                    .await;
+                // Also after a failure: a rollback that failed left a member
+                // elsewhere, and its object must say where.
+                (result.map(drop), approved)
+            }
+            Scope::Device => {
+                let result = passthrough.change(target, group, action).await;
+                let reread = if result.is_ok() {
+                    vec![target]
+                } else {
+                    Vec::new()
+                };
+                (result.map(drop), reread)
+            }
         };
         // Re-read now, and answer only when the objects show the result,
         // rather than waiting for the kernel's bind/unbind events.
@@ -710,6 +756,21 @@ impl PciDeviceObject {
     #[zbus(property)]
     fn passthrough_blockers(&self) -> Vec<String> {
         self.properties().passthrough_blockers
+    }
+
+    /// How the host uses the device — what Detach refuses for unless
+    /// forced: `kind` (s) and `text` (s) per use; processes counted per
+    /// device node, not named. Computed when read; no change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn host_users(&self) -> Vec<Dict> {
+        let address = self.state().info.address;
+        self.shared
+            .passthrough
+            .host_users_for_anyone(address)
+            .await
+            .into_iter()
+            .map(|u| device_properties::host_user(u).to_dict())
+            .collect()
     }
 
     /// Processes holding /dev/vfio/<group> or the device's iommufd cdev

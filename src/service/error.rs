@@ -96,12 +96,10 @@ impl From<VfioError> for VmError {
             | VfioError::Write { .. }
             | VfioError::WrongDriver { .. }
             | VfioError::NotInGroup { .. }
+            | VfioError::GroupChanged { .. }
             | VfioError::Group(_) => VmError::Failed(e.to_string()),
-            // Asking for a group the device does not have, or one with a
-            // member that must not move with it.
-            VfioError::NoGroup(_) | VfioError::GroupMemberRefused { .. } => {
-                VmError::NotSupported(e.to_string())
-            }
+            // Asking for a group the device does not have.
+            VfioError::NoGroup(_) => VmError::NotSupported(e.to_string()),
         }
     }
 }
@@ -110,6 +108,7 @@ impl From<PassthroughError> for VmError {
     fn from(e: PassthroughError) -> Self {
         match e {
             PassthroughError::InUse { .. } => VmError::InUse(e.to_string()),
+            PassthroughError::HostInUse { .. } => VmError::HostInUse(e.to_string()),
             // Fail closed: refused, and not the caller's fault.
             PassthroughError::UsersUnknown { .. } | PassthroughError::Panicked { .. } => {
                 VmError::Failed(e.to_string())

@@ -13,7 +13,7 @@ use crate::disk::image::{MAX_NAME_LEN, MAX_PATH_LEN, over_long_name};
 use crate::disk::qemu_img::RepairMode;
 
 use vmmanager_client::names::option::{
-    FORCE_SHARE, GROUP, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
+    FORCE, FORCE_SHARE, GROUP, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
 };
 use vmmanager_client::options::Repair;
 
@@ -240,6 +240,8 @@ pub struct BindingOptions {
     pub interactive: bool,
     /// `group`: the whole IOMMU group, not the device alone.
     pub group: bool,
+    /// `force` (Detach only): detach although the host uses it.
+    pub force: bool,
 }
 
 pub fn parse_binding(
@@ -249,8 +251,19 @@ pub fn parse_binding(
     let mut reader = OptionReader::new(method, options)?;
     let interactive = !reader.bool(NO_USER_INTERACTION)?.unwrap_or(false);
     let group = reader.bool(GROUP)?.unwrap_or(false);
+    // Reattach has no `force`: left in the dictionary, `finish` refuses it
+    // as unknown there.
+    let force = if method == "Detach" {
+        reader.bool(FORCE)?.unwrap_or(false)
+    } else {
+        false
+    };
     reader.finish()?;
-    Ok(BindingOptions { interactive, group })
+    Ok(BindingOptions {
+        interactive,
+        group,
+        force,
+    })
 }
 
 #[cfg(test)]
@@ -361,17 +374,30 @@ mod tests {
             parse_binding("Detach", HashMap::new()).unwrap(),
             BindingOptions {
                 interactive: true,
-                group: false
+                group: false,
+                force: false,
             }
         );
-        let both = opts(&[(GROUP, variant(true)), (NO_USER_INTERACTION, variant(true))]);
+        let all = opts(&[
+            (GROUP, variant(true)),
+            (NO_USER_INTERACTION, variant(true)),
+            (FORCE, variant(true)),
+        ]);
         assert_eq!(
-            parse_binding("Detach", both).unwrap(),
+            parse_binding("Detach", all).unwrap(),
             BindingOptions {
                 interactive: false,
-                group: true
+                group: true,
+                force: true,
             }
         );
+        // Reattach has nothing to force.
+        match parse_binding("Reattach", opts(&[(FORCE, variant(true))])) {
+            Err(VmError::InvalidArgument(m)) => {
+                assert!(m.ends_with("unknown option(s): \"force\""), "{m}")
+            }
+            other => panic!("expected InvalidArgument, got {other:?}"),
+        }
         match parse_binding("Reattach", opts(&[(GROUP, variant("yes"))])) {
             Err(VmError::InvalidArgument(m)) => assert!(m.contains("\"group\""), "{m}"),
             other => panic!("expected InvalidArgument, got {other:?}"),

@@ -22,6 +22,7 @@ use zbus::message::Type;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant};
 
 use vmmanager::config::{Config, EventsSetting, PermittedDevice};
+use vmmanager::devices::host_use::{Network, NetworkSnapshot};
 use vmmanager::devices::vfio::SysfsWriter;
 use vmmanager::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager::service::BUS_NAME;
@@ -101,6 +102,9 @@ impl InProcService {
         let roots = Roots {
             device_events: Some(receiver),
             sysfs_writer: Arc::new(writer),
+            // The tree's interfaces are in no real namespace: none up, no
+            // routes, unless a test gives its own.
+            network: Network::Given(NetworkSnapshot::default()),
         };
         let parts = daemon::build(config, roots);
         let shutdown = CancellationToken::new();

@@ -66,6 +66,15 @@ fn users(device: &DeviceProperties) -> String {
         .join(", ")
 }
 
+/// `HostUsers` as one line: each use's sentence, `-` for none.
+fn host_uses(device: &DeviceProperties) -> String {
+    if device.host_users.is_empty() {
+        return "-".into();
+    }
+    let texts: Vec<&str> = device.host_users.iter().map(|u| u.text.as_str()).collect();
+    texts.join("; ")
+}
+
 fn readiness(device: &DeviceProperties) -> String {
     if device.passthrough_ready {
         return "ready".into();
@@ -219,6 +228,7 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
                 .as_u64()
                 .map_or_else(|| v.to_string(), |n| format!("0x{n:06x}")),
             (property::IN_USE_BY, _) => users(&device),
+            (property::HOST_USERS, _) => host_uses(&device),
             (_, serde_json::Value::String(s)) if s.is_empty() => "-".into(),
             (_, value) => match value {
                 serde_json::Value::String(s) => s.clone(),
@@ -234,7 +244,7 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
         let colour = match (key.as_str(), value) {
             (property::PASSTHROUGH_READY, serde_json::Value::Bool(true)) => Some(style::GREEN),
             (
-                property::PASSTHROUGH_BLOCKERS | property::IN_USE_BY,
+                property::PASSTHROUGH_BLOCKERS | property::IN_USE_BY | property::HOST_USERS,
                 serde_json::Value::Array(items),
             ) if !items.is_empty() => Some(style::YELLOW),
             _ => None,
@@ -245,19 +255,35 @@ pub async fn device(connection: &Connection, address: &str, json: bool) -> Resul
     Ok(exit::CLEAN)
 }
 
-/// Detach (`to_vfio`) or Reattach, of the device or its whole group, then
-/// say where the device (each member) is now.
+/// Which way a device moves, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct Rebind {
+    /// Detach (else Reattach).
+    pub to_vfio: bool,
+    /// The whole IOMMU group.
+    pub group: bool,
+    /// Detach although the host uses it.
+    pub force: bool,
+}
+
+/// Detach or Reattach, of the device or its whole group, then say where
+/// the device (each member) is now.
 pub async fn rebind(
     connection: &Connection,
     ask: bool,
     address: &str,
-    to_vfio: bool,
-    group: bool,
+    how: Rebind,
     json: bool,
 ) -> Result<u8, Failure> {
+    let Rebind {
+        to_vfio,
+        group,
+        force,
+    } = how;
     let device = device_proxy(connection, address).await?;
     let options = BindingOptions::new()
         .group(group)
+        .force(force)
         .no_user_interaction(!ask)
         .build();
     let result = if to_vfio {

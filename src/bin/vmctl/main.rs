@@ -97,7 +97,9 @@ Exit status:
   0   done; the device's driver now is printed (with --group, each
       member's)
   1   error (message on stderr)
-  4   a running VM holds the device's IOMMU group
+  4   a running VM holds the device's IOMMU group, or (detach) the host
+      uses the device or a member of its group: the message names each
+      use; --force detaches anyway
   5   not authorized (polkit said no)
   64  wrong command-line usage (e.g. not a PCI address)";
 
@@ -207,14 +209,25 @@ enum Command {
     ///
     /// Writes vfio-pci to its driver_override, unbinds it from its driver and
     /// lets the kernel probe it again; the original driver is remembered for
-    /// reattach. Refused while a VM holds the device's IOMMU group. Every
-    /// device in the group must be on vfio-pci before QEMU can use any of
-    /// them (see `vmctl device ADDRESS`, PassthroughBlockers); --group
-    /// binds them all at once.
+    /// reattach. Refused while a VM holds the device's IOMMU group, and
+    /// while the host uses the device (or, with --group, a member): a
+    /// mounted file system or swap on its disks, an interface that is up
+    /// with addresses or carries the default route, the boot display or a
+    /// connected monitor, a framebuffer, processes holding its device
+    /// nodes -- each use is named (`vmctl device ADDRESS` shows them
+    /// beforehand, as HostUsers). Every device in the group must be on
+    /// vfio-pci before QEMU can use any of them (see PassthroughBlockers);
+    /// --group binds them all at once.
     #[command(after_long_help = REBIND_EXIT_HELP)]
     Detach {
         /// The PCI address, e.g. 0000:03:00.0.
         address: String,
+        /// Detach even though the host uses the device: the host loses
+        /// what the refusal named (a file system mounted from it, a
+        /// network, the display). polkit asks for an administrator's
+        /// password every time (org.example.vmmanager.force-detach).
+        #[arg(long)]
+        force: bool,
         /// Bind every device of its IOMMU group (bridges excepted) to
         /// vfio-pci, each one's driver remembered; members already on
         /// vfio-pci are left alone. If one fails, those bound by this call
@@ -316,7 +329,7 @@ impl Failure {
 impl From<Error> for Failure {
     fn from(error: Error) -> Self {
         let code = match &error {
-            Error::InUse(_) => exit::IN_USE,
+            Error::InUse(_) | Error::HostInUse(_) => exit::IN_USE,
             Error::NotAuthorized(_) => exit::NOT_AUTHORIZED,
             _ => exit::ERROR,
         };
@@ -505,14 +518,29 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::Device { address, json } => devices::device(&connection, address, *json).await,
         Command::Detach {
             address,
+            force,
             group,
             json,
-        } => devices::rebind(&connection, ask, address, true, *group, *json).await,
+        } => {
+            let how = devices::Rebind {
+                to_vfio: true,
+                group: *group,
+                force: *force,
+            };
+            devices::rebind(&connection, ask, address, how, *json).await
+        }
         Command::Reattach {
             address,
             group,
             json,
-        } => devices::rebind(&connection, ask, address, false, *group, *json).await,
+        } => {
+            let how = devices::Rebind {
+                to_vfio: false,
+                group: *group,
+                force: false,
+            };
+            devices::rebind(&connection, ask, address, how, *json).await
+        }
         Command::Monitor { json } => monitor::monitor(&connection, *json).await,
     }
 }
