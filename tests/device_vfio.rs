@@ -20,7 +20,7 @@ use common::fake_kernel::FakeKernel;
 use tokio_util::sync::CancellationToken;
 
 use vmmanager::devices::vfio::{
-    KernelSysfs, Outcome, SysfsWrite, SysfsWriter, VfioBinder, VfioError, group_users,
+    Binding, KernelSysfs, Outcome, SysfsWrite, SysfsWriter, VfioBinder, VfioError, group_users,
     iommu_group_of,
 };
 use vmmanager_client::PciAddress;
@@ -100,6 +100,15 @@ impl Tree {
         fs::read_link(self.dev_dir(address).join("driver"))
             .ok()
             .map(|t| t.file_name().unwrap().to_string_lossy().into_owned())
+    }
+
+    /// An override someone set (`pci-stub`, `none`, driverctl's).
+    fn set_override(&self, address: &str, value: &str) {
+        fs::write(
+            self.dev_dir(address).join("driver_override"),
+            format!("{value}\n"),
+        )
+        .unwrap();
     }
 
     fn override_of(&self, address: &str) -> String {
@@ -457,6 +466,151 @@ fn state_file_survives_a_restart_and_ignores_garbage() {
     assert_eq!(binder(&kernel).original_driver(addr(AUDIO)), None);
 }
 
+fn binding(driver: Option<&str>, driver_override: Option<&str>) -> Binding {
+    Binding {
+        driver: driver.map(str::to_owned),
+        driver_override: driver_override.map(str::to_owned),
+    }
+}
+
+/// An override someone else set before the detach is remembered (across a
+/// restart too) and written back by Reattach, so each device ends where it
+/// was: on pci-stub with `pci-stub`; unbound with `none` (probed with it in
+/// place, so nothing binds); on igb with a `pci-stub` set while it stayed
+/// bound (written back after the bind, which the kernel would refuse with
+/// it in place). A `vfio-pci` override is not given back: it would hand
+/// the device to VFIO again at its next probe.
+#[test]
+fn reattach_gives_back_the_override_a_device_had() {
+    const STUBBED: &str = "0000:02:00.0";
+    const KEPT_OFF: &str = "0000:03:00.0";
+    const PENDING: &str = "0000:04:00.0";
+    const VFIO_PENDING: &str = "0000:05:00.0";
+    let tree = Tree::audio();
+    tree.driver("pci-stub")
+        .driver("igb")
+        .device(STUBBED, Some("pci-stub"), None)
+        .device(KEPT_OFF, None, None)
+        .device(PENDING, Some("igb"), None)
+        .device(VFIO_PENDING, Some("igb"), None);
+    for (device, value) in [
+        (STUBBED, "pci-stub"),
+        (KEPT_OFF, "none"),
+        (PENDING, "pci-stub"),
+        (VFIO_PENDING, "vfio-pci"),
+    ] {
+        tree.set_override(device, value);
+    }
+    let kernel = FakeKernel::new(tree.root());
+    // A probe without its override would give it to igb.
+    kernel.set(|s| {
+        s.natural.insert(KEPT_OFF.to_owned(), "igb".to_owned());
+    });
+    let state = tree.root().join("run/vmmanager/vfio-drivers");
+    let binder = || {
+        let writer = Box::new(kernel.clone());
+        VfioBinder::with_writer(kernel.root.clone(), Some(state.clone()), writer)
+    };
+    let first = binder();
+    for device in [STUBBED, KEPT_OFF, PENDING, VFIO_PENDING] {
+        first.detach(addr(device)).unwrap();
+        assert_eq!(tree.driver_of(device).as_deref(), Some("vfio-pci"));
+        assert_eq!(tree.override_of(device), "vfio-pci\n");
+    }
+    kernel.take_log();
+
+    let restarted = binder();
+    assert_eq!(
+        restarted.remembered(addr(STUBBED)),
+        Some(binding(Some("pci-stub"), Some("pci-stub")))
+    );
+    assert_eq!(
+        restarted.remembered(addr(KEPT_OFF)),
+        Some(binding(None, Some("none")))
+    );
+    let over = |device: &str| format!("bus/pci/devices/{device}/driver_override");
+    let vfio_unbind = "bus/pci/drivers/vfio-pci/unbind";
+
+    let bind = |driver: &str| format!("bus/pci/drivers/{driver}/bind");
+    let probe = "bus/pci/drivers_probe".to_owned();
+    // Each device: its writes (after the override's first write and the
+    // unbind from vfio-pci), where it ends, and its override then.
+    let cases = [
+        (
+            STUBBED,
+            "pci-stub",
+            vec![w(&bind("pci-stub"), STUBBED)],
+            Some("pci-stub"),
+            "pci-stub",
+        ),
+        (KEPT_OFF, "none", vec![w(&probe, KEPT_OFF)], None, "none"),
+        (
+            PENDING,
+            "\n",
+            vec![w(&bind("igb"), PENDING), w(&over(PENDING), "pci-stub")],
+            Some("igb"),
+            "pci-stub",
+        ),
+        (
+            VFIO_PENDING,
+            "\n",
+            vec![w(&bind("igb"), VFIO_PENDING)],
+            Some("igb"),
+            "(null)",
+        ),
+    ];
+    for (device, first, then, driver, last_override) in cases {
+        let outcome = restarted.reattach(addr(device)).unwrap();
+        let mut want = vec![w(&over(device), first), w(vfio_unbind, device)];
+        want.extend(then);
+        assert_done(&kernel, outcome, &want, driver);
+        assert_eq!(tree.override_of(device), format!("{last_override}\n"));
+    }
+
+    for device in [STUBBED, KEPT_OFF, PENDING, VFIO_PENDING] {
+        assert_eq!(restarted.remembered(addr(device)), None, "{device}");
+    }
+    assert_eq!(binder().remembered(addr(PENDING)), None);
+}
+
+/// A detach that failed after writing `vfio-pci` to the override, then
+/// retried, still remembers the override from before the first one.
+#[test]
+fn a_retried_detach_keeps_the_override_from_before_the_first() {
+    let tree = Tree::audio();
+    tree.driver("pci-stub");
+    tree.set_override(AUDIO, "pci-stub");
+    let kernel = FakeKernel::new(tree.root());
+    let binder = kernel.binder();
+    kernel.set(|s| s.fail = Some(format!("bus/pci/devices/{AUDIO}/driver/unbind")));
+    binder.detach(addr(AUDIO)).unwrap_err();
+    assert_eq!(tree.override_of(AUDIO), "vfio-pci\n");
+    kernel.set(|s| s.fail = None);
+    binder.detach(addr(AUDIO)).unwrap();
+    assert_eq!(
+        binder.remembered(addr(AUDIO)),
+        Some(binding(Some("snd_hda_intel"), Some("pci-stub")))
+    );
+}
+
+/// An override that is not a driver name could not be kept in the state
+/// file nor given back: the detach refuses before writing anything.
+#[test]
+fn an_override_that_could_not_be_given_back_refuses_the_detach() {
+    let tree = Tree::audio();
+    tree.set_override(AUDIO, "a b");
+    let kernel = FakeKernel::new(tree.root());
+    let err = kernel.binder().detach(addr(AUDIO)).unwrap_err();
+    assert!(matches!(err, VfioError::Read { .. }), "{err:?}");
+    assert!(
+        err.to_string().ends_with(
+            "driver_override: \"a b\" is not a driver name, so it could not be given back"
+        ),
+        "{err}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+}
+
 #[test]
 fn addresses_are_parsed_never_paths() {
     for bad in [
@@ -653,11 +807,7 @@ fn variant_vfio_driver_counts_as_detached() {
         .driver(VARIANT)
         .driver("vfio-pci")
         .device(GPU, Some(VARIANT), Some(3));
-    fs::write(
-        tree.dev_dir(GPU).join("driver_override"),
-        format!("{VARIANT}\n"),
-    )
-    .unwrap();
+    tree.set_override(GPU, VARIANT);
     let kernel = FakeKernel::new(tree.root());
     kernel.set(|s| {
         s.natural.insert(GPU.to_owned(), "mlx5_core".to_owned());
@@ -889,6 +1039,16 @@ fn addrs(list: &[&str]) -> Vec<PciAddress> {
 /// Group 5 as polkit is shown it: every member, the bridge included.
 fn group5() -> Vec<PciAddress> {
     addrs(&[G_BRIDGE, G_GPU, G_AUDIO, G_USB, G_PREBOUND])
+}
+
+/// Group 5 of `fs` as it is now (a test added members to it).
+fn group_now(fs: &common::sysfs::FakeSysfs) -> Vec<PciAddress> {
+    let mut members: Vec<PciAddress> = fs::read_dir(fs.group_dir(5).join("devices"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_str().unwrap().parse().unwrap())
+        .collect();
+    members.sort();
+    members
 }
 
 #[test]
@@ -1184,4 +1344,180 @@ fn group_moves_need_an_endpoint_with_a_group() {
     let err = binder.detach_group(addr(G_GPU), &group5()).unwrap_err();
     assert!(matches!(err, VfioError::VfioUnavailable(_)), "{err:?}");
     assert_eq!(kernel.take_log(), vec![]);
+}
+
+/// The group's failure, unwrapped.
+fn group_failure(err: &VfioError) -> &vmmanager::devices::vfio::GroupFailure {
+    match err {
+        VfioError::Group(failure) => failure,
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A rollback whose back-move fails after writing part of its sequence (the
+/// override cleared, then the unbind from vfio-pci refused) does not count
+/// the member as rolled back: it is named, with where it started and where
+/// it was left.
+#[test]
+fn a_rollback_that_fails_midway_names_where_the_member_was_left() {
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    kernel.set(|k| {
+        k.fail_at = vec![
+            ("bus/pci/drivers_probe".into(), G_USB.into()),
+            ("bus/pci/drivers/vfio-pci/unbind".into(), G_AUDIO.into()),
+        ]
+    });
+    let err = binder
+        .detach_group(addr(G_GPU), &group_now(&fs))
+        .unwrap_err();
+    let failure = group_failure(&err);
+    assert_eq!(failure.failed, addr(G_USB));
+    assert_eq!(failure.rolled_back, addrs(&[G_USB, G_GPU]));
+    let [left_behind] = &failure.rollback_failed[..] else {
+        panic!("{err}")
+    };
+    assert_eq!(left_behind.address, addr(G_AUDIO));
+    assert!(
+        matches!(&left_behind.error, Some(VfioError::Write { path, .. })
+            if path.ends_with("bus/pci/drivers/vfio-pci/unbind")),
+        "{err}"
+    );
+    assert_eq!(left_behind.was, binding(Some("snd_hda_intel"), None));
+    assert_eq!(left_behind.left, Some(binding(Some("vfio-pci"), None)));
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!(
+            "; rolled back: {G_USB}, {G_GPU}; rolling back {G_AUDIO} failed (writing \"{G_AUDIO}\" to "
+        )),
+        "{message}"
+    );
+    assert!(message.ends_with(", left on vfio-pci"), "{message}");
+    assert_eq!(fs.driver_of(G_USB).as_deref(), Some("xhci_hcd"));
+    assert_eq!(fs.driver_of(G_GPU).as_deref(), Some("amdgpu"));
+}
+
+/// A back-move that succeeds but leaves the member elsewhere is a failure
+/// too: a reattach_group that cleared a member's override and then could
+/// not unbind it is rolled back by a detach that finds it still on
+/// vfio-pci (nothing to do), so the override stays cleared.
+#[test]
+fn a_rollback_that_leaves_a_member_elsewhere_is_a_failure() {
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    binder.detach_group(addr(G_GPU), &group_now(&fs)).unwrap();
+    kernel.set(|k| k.fail_at = vec![("bus/pci/drivers/vfio-pci/unbind".into(), G_AUDIO.into())]);
+    let err = binder
+        .reattach_group(addr(G_GPU), &group_now(&fs))
+        .unwrap_err();
+    let failure = group_failure(&err);
+    assert_eq!(failure.failed, addr(G_AUDIO));
+    assert_eq!(failure.rolled_back, addrs(&[G_GPU]));
+    let [left_behind] = &failure.rollback_failed[..] else {
+        panic!("{err}")
+    };
+    assert_eq!(left_behind.address, addr(G_AUDIO));
+    assert!(left_behind.error.is_none(), "{err}");
+    assert_eq!(left_behind.was, binding(Some("vfio-pci"), Some("vfio-pci")));
+    assert_eq!(left_behind.left, Some(binding(Some("vfio-pci"), None)));
+    assert!(
+        err.to_string().ends_with(&format!(
+            "; rolled back: {G_GPU}; rolling back {G_AUDIO} left it on vfio-pci instead of \
+             vfio-pci with driver_override vfio-pci"
+        )),
+        "{err}"
+    );
+    assert_eq!(fs.read_attr(G_GPU, "driver_override"), "vfio-pci\n");
+}
+
+/// A member that had no driver is rolled back to no driver (not probed
+/// onto a host driver), and counts as rolled back.
+#[test]
+fn a_member_without_a_driver_is_rolled_back_to_none() {
+    const UNBOUND: &str = "0000:01:00.4";
+    const FAILS: &str = "0000:01:00.5";
+    let fs = group_tree();
+    for member in [UNBOUND, FAILS] {
+        fs.device(member, 0x1002, 0xab28, 0x040300).iommu_group(5);
+    }
+    fs.driver_dir("snd_hda_intel");
+    let kernel = FakeKernel::new(&fs.root());
+    kernel.set(|k| {
+        k.natural.insert(UNBOUND.into(), "snd_hda_intel".into());
+        k.fail_at = vec![("bus/pci/drivers_probe".into(), FAILS.into())];
+    });
+    let err = kernel
+        .binder()
+        .detach_group(addr(G_GPU), &group_now(&fs))
+        .unwrap_err();
+    let failure = group_failure(&err);
+    assert_eq!(failure.failed, addr(FAILS));
+    assert_eq!(
+        failure.rolled_back,
+        addrs(&[FAILS, UNBOUND, G_USB, G_AUDIO, G_GPU])
+    );
+    assert!(failure.rollback_failed.is_empty(), "{err}");
+    assert_eq!(fs.driver_of(UNBOUND), None);
+    assert_eq!(fs.read_attr(UNBOUND, "driver_override"), "(null)\n");
+}
+
+/// The group is read whole or not at all: a listing that fails refuses the
+/// call before any write, rather than moving (and checking) a part.
+#[test]
+fn an_unreadable_group_listing_refuses_without_writes() {
+    let fs = group_tree();
+    let listing = fs.group_dir(5).join("devices");
+    fs::rename(&listing, fs.group_dir(5).join("moved")).unwrap();
+    fs::write(&listing, "").unwrap();
+    let kernel = FakeKernel::new(&fs.root());
+    let err = kernel
+        .binder()
+        .detach_group(addr(G_GPU), &group5())
+        .unwrap_err();
+    assert!(
+        matches!(&err, VfioError::Read { path, .. } if *path == listing),
+        "{err:?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+}
+
+/// A member unplugged after the group was read is not written to: the
+/// call fails at it with NotFound and gives back what it moved.
+#[test]
+fn a_member_that_vanished_midway_is_not_found_and_rolled_back() {
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    kernel.set(|k| {
+        k.unplug_after = Some(("bus/pci/drivers_probe".into(), G_GPU.into(), G_USB.into()))
+    });
+    let before = drivers(&fs);
+    let err = kernel
+        .binder()
+        .detach_group(addr(G_GPU), &group_now(&fs))
+        .unwrap_err();
+    let failure = group_failure(&err);
+    assert_eq!(failure.failed, addr(G_USB));
+    assert!(
+        matches!(failure.source, VfioError::NotFound(a) if a == addr(G_USB)),
+        "{err}"
+    );
+    assert_eq!(failure.rolled_back, addrs(&[G_AUDIO, G_GPU]));
+    assert!(failure.rollback_failed.is_empty(), "{err}");
+    assert!(
+        err.to_string().contains(&format!(
+            "failed at {G_USB}: PCI device {G_USB} not found; rolled back: {G_AUDIO}, {G_GPU}"
+        )),
+        "{err}"
+    );
+    assert!(!fs.device_dir(G_USB).exists());
+    let after = drivers(&fs);
+    assert_eq!(after[..3], before[..3]);
+    assert!(
+        kernel
+            .take_log()
+            .iter()
+            .all(|(path, value)| !path.contains(G_USB) && value != G_USB)
+    );
 }

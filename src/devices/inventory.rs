@@ -19,8 +19,19 @@
 //! A group member the kernel lists but that could not be read blocks too:
 //! we cannot tell it is harmless.
 //!
+//! With `pcie_acs_override=` on the kernel command line (read once, from
+//! `<proc root>/cmdline`, see [`Inventory::with_proc_root`]) the kernel
+//! builds IOMMU groups as if devices were isolated that may not be: every
+//! device with a group gets [`acs_override_blocker`]. It blocks readiness
+//! rather than being a note beside it: `PassthroughReady` is this service
+//! vouching that the group is what isolates the device, which it then
+//! cannot, and `PassthroughBlockers` is documented as the reasons a device
+//! is not ready (a note that does not block would need a property of its
+//! own). QEMU can still open the group; the user sees why it is not
+//! vouched for.
+//!
 //! Blockers are in a fixed order: the device's own (group, bridge, driver),
-//! then one per blocking group member in address order.
+//! the ACS override, then one per blocking group member in address order.
 //!
 //! # Names
 //! Vendor/device names come from the udev event when it carries them, else
@@ -36,6 +47,7 @@ use super::hwdb::Hwdb;
 use super::sysfs::{self, PciDeviceInfo, SysfsError};
 use super::vfio::{VFIO_DRIVER, is_vfio_driver};
 use super::{DeviceAction, DeviceEvent};
+use crate::kernel_files::{self, AtLimit};
 use vmmanager_client::PciAddress;
 
 /// The stub driver the kernel accepts in a viable group.
@@ -44,6 +56,49 @@ pub const NO_IOMMU_GROUP_BLOCKER: &str =
     "no IOMMU group (is the IOMMU enabled? intel_iommu=on / amd_iommu=on)";
 pub const BRIDGE_BLOCKER: &str = "is a PCI bridge; bridges cannot be passed through";
 pub const NO_DRIVER_BLOCKER: &str = "not bound to any driver, not vfio-pci";
+/// The kernel's own bound is 2048 bytes on x86 (4096 on some arches).
+const MAX_CMDLINE_BYTES: u64 = 16 * 1024;
+
+/// The blocker of every device with an IOMMU group when the kernel command
+/// line has `pcie_acs_override=VALUE` (see the module docs).
+pub fn acs_override_blocker(value: &str) -> String {
+    format!(
+        "isolation weakened: the kernel command line has pcie_acs_override={value}, \
+         so IOMMU groups may not reflect real isolation"
+    )
+}
+
+/// The value of the last `pcie_acs_override=` on a kernel command line
+/// (`-` and `_` alike in the name, as the kernel reads it); words after
+/// `--` are init's, not the kernel's.
+fn acs_override(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_ascii_whitespace()
+        .take_while(|word| *word != "--")
+        .filter_map(|word| {
+            let (name, value) = word.split_once('=')?;
+            (name.replace('-', "_") == "pcie_acs_override").then_some(value)
+        })
+        .last()
+}
+
+/// [`acs_override_blocker`] for the command line in `<proc_root>/cmdline`;
+/// `None` when it has no `pcie_acs_override=` or cannot be read (logged:
+/// under the unit's ProcSubset=pid it is not visible).
+fn read_acs_override_blocker(proc_root: &Path) -> Option<String> {
+    let path = proc_root.join("cmdline");
+    match kernel_files::read_bounded(&path, MAX_CMDLINE_BYTES, AtLimit::Refuse) {
+        Ok(bytes) => acs_override(&String::from_utf8_lossy(&bytes)).map(acs_override_blocker),
+        Err(e) => {
+            tracing::warn!(
+                "cannot tell whether the kernel command line has pcie_acs_override= \
+                 (readiness does not say it): {}: {e}",
+                path.display()
+            );
+            None
+        }
+    }
+}
 
 /// One allow-list entry: devices that may be passed through, with the
 /// resource name reported for them (KubeVirt's `permittedHostDevices`).
@@ -145,6 +200,8 @@ pub struct Inventory {
     devices: BTreeMap<PciAddress, DeviceState>,
     /// Names for devices that have none otherwise; `None`: not looked up.
     hwdb: Option<Hwdb>,
+    /// Blocks every device with a group (see the module docs); read once.
+    acs_override_blocker: Option<String>,
 }
 
 impl Inventory {
@@ -161,7 +218,16 @@ impl Inventory {
             allow_list,
             devices: BTreeMap::new(),
             hwdb: None,
+            acs_override_blocker: None,
         }
+    }
+
+    /// Reads the kernel command line from `<proc_root>/cmdline`, once, for
+    /// `pcie_acs_override=` (see the module docs). Without this call the
+    /// inventory assumes the groups are real (a prepared tree's tests).
+    pub fn with_proc_root(mut self, proc_root: &Path) -> Self {
+        self.acs_override_blocker = read_acs_override_blocker(proc_root);
+        self
     }
 
     /// Also looks names up in this machine's udev hwdb when the event,
@@ -452,7 +518,12 @@ impl Inventory {
         let updates: Vec<(PciAddress, bool, Vec<String>)> = known
             .iter()
             .map(|a| {
-                let (ready, blockers) = readiness(&self.devices[a].info, &members, &self.devices);
+                let (ready, blockers) = readiness(
+                    &self.devices[a].info,
+                    &members,
+                    &self.devices,
+                    self.acs_override_blocker.as_deref(),
+                );
                 (*a, ready, blockers)
             })
             .collect();
@@ -470,7 +541,12 @@ impl Inventory {
         let Some(state) = self.devices.get(address) else {
             return;
         };
-        let (ready, blockers) = readiness(&state.info, &[], &self.devices);
+        let (ready, blockers) = readiness(
+            &state.info,
+            &[],
+            &self.devices,
+            self.acs_override_blocker.as_deref(),
+        );
         if let Some(state) = self.devices.get_mut(address) {
             state.iommu_group_devices = Vec::new();
             state.passthrough_ready = ready;
@@ -490,6 +566,7 @@ fn readiness(
     info: &PciDeviceInfo,
     members: &[PciAddress],
     devices: &BTreeMap<PciAddress, DeviceState>,
+    acs_override_blocker: Option<&str>,
 ) -> (bool, Vec<String>) {
     let mut blockers = Vec::new();
     if info.iommu_group.is_none() {
@@ -503,6 +580,9 @@ fn readiness(
             Some(d) => blockers.push(format!("bound to {d}, not {VFIO_DRIVER}")),
             None => blockers.push(NO_DRIVER_BLOCKER.to_owned()),
         }
+    }
+    if let Some(blocker) = acs_override_blocker.filter(|_| info.iommu_group.is_some()) {
+        blockers.push(blocker.to_owned());
     }
     for member in members.iter().filter(|m| **m != info.address) {
         match devices.get(member).map(|s| &s.info) {
@@ -580,6 +660,97 @@ fn diff(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::FakeSysfs;
+
+    const ON_VFIO: &str = "0000:01:00.0";
+    const NO_GROUP: &str = "0000:02:00.0";
+
+    /// A device on vfio-pci alone in group 1 (ready but for the override)
+    /// and one without a group.
+    fn acs_tree() -> FakeSysfs {
+        let tree = FakeSysfs::new();
+        tree.add(ON_VFIO, 0x10de, 0x1eb8, 0x030000)
+            .driver("vfio-pci")
+            .iommu_group(1);
+        tree.add(NO_GROUP, 0x8086, 0x10ca, 0x020000).driver("igb");
+        tree
+    }
+
+    /// The blockers of each device after a resync, read with `proc_root`.
+    fn blockers_with(tree: &FakeSysfs, proc_root: &Path) -> Vec<(bool, Vec<String>)> {
+        let mut inventory =
+            Inventory::new(tree.root(), tree.udev_data_dir(), Vec::new()).with_proc_root(proc_root);
+        inventory.resync();
+        inventory
+            .devices()
+            .map(|d| (d.passthrough_ready, d.passthrough_blockers.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn an_acs_override_blocks_every_device_with_a_group() {
+        let tree = acs_tree();
+        let proc_root = tempfile::tempdir().unwrap();
+        let cmdline = proc_root.path().join("cmdline");
+        let no_group = vec![
+            NO_IOMMU_GROUP_BLOCKER.to_owned(),
+            format!("bound to igb, not {VFIO_DRIVER}"),
+        ];
+        std::fs::write(
+            &cmdline,
+            "BOOT_IMAGE=/vmlinuz root=UUID=1 ro intel_iommu=on \
+             pcie_acs_override=downstream,multifunction quiet\n",
+        )
+        .unwrap();
+        let blocker = acs_override_blocker("downstream,multifunction");
+        assert_eq!(
+            blocker,
+            "isolation weakened: the kernel command line has \
+             pcie_acs_override=downstream,multifunction, so IOMMU groups may not reflect real \
+             isolation"
+        );
+        assert_eq!(
+            blockers_with(&tree, proc_root.path()),
+            [(false, vec![blocker]), (false, no_group.clone())]
+        );
+
+        // Without it, or with no cmdline to read: ready.
+        std::fs::write(&cmdline, "BOOT_IMAGE=/vmlinuz intel_iommu=on\n").unwrap();
+        let ready = [(true, vec![]), (false, no_group.clone())];
+        assert_eq!(blockers_with(&tree, proc_root.path()), ready);
+        std::fs::remove_file(&cmdline).unwrap();
+        assert_eq!(blockers_with(&tree, proc_root.path()), ready);
+    }
+
+    /// This machine boots without pcie_acs_override: its own command line
+    /// (read, not missing) blocks nothing.
+    #[test]
+    fn this_machines_command_line_blocks_nothing() {
+        let real = std::fs::read_to_string("/proc/cmdline").unwrap();
+        assert!(!real.trim().is_empty());
+        let tree = acs_tree();
+        let [on_vfio, _] = &blockers_with(&tree, Path::new("/proc"))[..] else {
+            panic!("two devices")
+        };
+        assert_eq!(*on_vfio, (true, vec![]), "{real}");
+    }
+
+    #[test]
+    fn acs_override_on_a_command_line() {
+        for (cmdline, value) in [
+            ("ro pcie_acs_override=downstream quiet", Some("downstream")),
+            ("pcie-acs-override=id:10de:1eb8", Some("id:10de:1eb8")),
+            ("pcie_acs_override=a pcie_acs_override=b\n", Some("b")),
+            ("pcie_acs_override=", Some("")),
+            ("ro quiet", None),
+            ("pcie_acs_override", None),
+            ("xpcie_acs_override=a pcie_acs_override_x=b", None),
+            ("ro -- pcie_acs_override=downstream", None),
+            ("", None),
+        ] {
+            assert_eq!(acs_override(cmdline), value, "{cmdline:?}");
+        }
+    }
 
     #[test]
     fn selectors() {

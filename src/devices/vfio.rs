@@ -7,12 +7,34 @@
 //!    vfio-pci.
 //!
 //! Reattach gives the device back:
-//! 1. `"\n"` → `driver_override` (an empty write clears it; libvirt writes
+//! 1. the `driver_override` it had before the detach → `driver_override`,
+//!    or `"\n"` when it had none (an empty write clears it; libvirt writes
 //!    the same)
 //! 2. `ADDR` → `bus/pci/drivers/CURRENT/unbind` (only when bound to a VFIO
 //!    driver, see below)
 //! 3. `ADDR` → `bus/pci/drivers/ORIGINAL/bind` when the original driver is
-//!    remembered and still loaded, else `ADDR` → `bus/pci/drivers_probe`.
+//!    remembered and still loaded, else `ADDR` → `bus/pci/drivers_probe`
+//!    (a group rollback leaves a device that had no driver without one)
+//! 4. only when the override it had names another driver than ORIGINAL:
+//!    that override → `driver_override` (see below).
+//!
+//! # The override a device had before
+//! An override someone else set (`pci-stub`, `none` to keep every driver
+//! off, driverctl's) is theirs: Detach remembers it with the original
+//! driver and Reattach writes it back instead of clearing it, so the device
+//! ends where it was, on the same driver with the same override. With an
+//! override set, the kernel binds the device only to the driver it names,
+//! an explicit `bind` included. So when the override names the original
+//! driver (the usual case: on pci-stub with `pci-stub`), it goes back in
+//! step 1 and the bind agrees with it; when it names another driver (set
+//! while the device stayed bound), step 1 clears it, the device is bound
+//! to its original driver, and the override is written back in step 4: the
+//! device is where it was, and its next probe follows the override as it
+//! would have. A device that had no driver is probed with its override in
+//! place, so the kernel's pick agrees with it (`none` keeps it unbound).
+//! A VFIO override (`vfio-pci`) is not given back by Reattach, which would
+//! hand the device to VFIO again at its next probe; a group rollback does
+//! give it back, to leave the device exactly as it found it.
 //!
 //! The original drivers live in [`VfioBinder`] and, when configured, in a
 //! small state file so a daemon restart does not forget them; what no longer
@@ -296,12 +318,53 @@ pub enum VfioError {
     },
 }
 
+/// Where a device is bound: its driver and its `driver_override`. What
+/// Detach remembers of a device, and what a group rollback checks a member
+/// against.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Binding {
+    /// None: no driver.
+    pub driver: Option<String>,
+    /// None: unset (`(null)`).
+    pub driver_override: Option<String>,
+}
+
+impl fmt::Display for Binding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.driver.as_deref().unwrap_or("no driver"))?;
+        if let Some(name) = &self.driver_override {
+            write!(f, " with driver_override {name}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What Reattach needs of each device we detached, by address.
+type Remembered = BTreeMap<PciAddress, Binding>;
+
 /// One device's move, with the binder's map of original drivers locked.
-type MoveFn = fn(
-    &VfioBinder,
-    &mut BTreeMap<PciAddress, Option<String>>,
-    PciAddress,
-) -> Result<Outcome, VfioError>;
+type MoveFn = fn(&VfioBinder, &mut Remembered, PciAddress) -> Result<Outcome, VfioError>;
+
+/// Why a device is given back: asked for, or undoing a group detach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GiveBack {
+    /// Reattach: to a host driver.
+    Reattach,
+    /// A group detach's rollback: exactly where it was, so a device that
+    /// had no driver stays without one and a VFIO override goes back too.
+    Undo,
+}
+
+/// How a device given back gets its driver.
+enum BackTo {
+    /// Still on its own driver (a detach failed before the unbind).
+    Stays,
+    Bind(String),
+    /// The kernel picks (by the override, when one is given back).
+    Probe,
+    /// None: it had none (a rollback only).
+    Unbound,
+}
 
 /// Which way a group moved, for messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -328,13 +391,18 @@ pub struct GroupOutcome {
     pub unchanged: Vec<PciAddress>,
 }
 
-/// A member the rollback could not give back.
+/// A member the rollback did not bring back to where it started.
 #[derive(Debug)]
 pub struct RollbackFailure {
     pub address: PciAddress,
-    pub error: VfioError,
-    /// The driver it was left on (None: none, or unreadable).
-    pub left_on: Option<String>,
+    /// Why: the failed back-move, or reading where it was left. None when
+    /// the back-move succeeded but left it elsewhere (e.g. on vfio-pci
+    /// with its override cleared).
+    pub error: Option<VfioError>,
+    /// Where it was before this call.
+    pub was: Binding,
+    /// Where it was left; None when that could not be read.
+    pub left: Option<Binding>,
 }
 
 /// A group move that failed at one member, and what its rollback did.
@@ -346,7 +414,8 @@ pub struct GroupFailure {
     /// The member whose move failed.
     pub failed: PciAddress,
     pub source: VfioError,
-    /// Members given back, in the order they were (newest first).
+    /// Members given back and found where they started (driver and
+    /// override), in the order they were (newest first).
     pub rolled_back: Vec<PciAddress>,
     pub rollback_failed: Vec<RollbackFailure>,
 }
@@ -365,13 +434,22 @@ impl fmt::Display for GroupFailure {
             write!(f, "rolled back: {}", names.join(", "))?;
         }
         for failure in &self.rollback_failed {
-            write!(
-                f,
-                "; rolling back {} failed ({}), left on {}",
-                failure.address,
-                failure.error,
-                failure.left_on.as_deref().unwrap_or("no driver")
-            )?;
+            let left = match &failure.left {
+                Some(left) => left.to_string(),
+                None => "an unknown driver".to_owned(),
+            };
+            match &failure.error {
+                Some(error) => write!(
+                    f,
+                    "; rolling back {} failed ({error}), left on {left}",
+                    failure.address
+                )?,
+                None => write!(
+                    f,
+                    "; rolling back {} left it on {left} instead of {}",
+                    failure.address, failure.was
+                )?,
+            }
         }
         Ok(())
     }
@@ -395,9 +473,9 @@ pub struct VfioBinder {
     sysfs_root: PathBuf,
     state_file: Option<PathBuf>,
     writer: Box<dyn SysfsWriter>,
-    /// Original driver (None: was unbound) per device detached by us. The
-    /// lock is held for a whole operation, so they never interleave.
-    originals: Mutex<BTreeMap<PciAddress, Option<String>>>,
+    /// Original driver and override per device detached by us. The lock
+    /// is held for a whole operation, so they never interleave.
+    originals: Mutex<Remembered>,
 }
 
 impl fmt::Debug for VfioBinder {
@@ -457,6 +535,12 @@ impl VfioBinder {
     /// The remembered original driver: `None` when the device was not
     /// detached by us, `Some(None)` when it had no driver.
     pub fn original_driver(&self, address: PciAddress) -> Option<Option<String>> {
+        self.lock().get(&address).map(|b| b.driver.clone())
+    }
+
+    /// What Reattach will give the device back to: `None` when it was not
+    /// detached by us.
+    pub fn remembered(&self, address: PciAddress) -> Option<Binding> {
         self.lock().get(&address).cloned()
     }
 
@@ -469,7 +553,7 @@ impl VfioBinder {
 
     fn detach_locked(
         &self,
-        originals: &mut BTreeMap<PciAddress, Option<String>>,
+        originals: &mut Remembered,
         address: PciAddress,
     ) -> Result<Outcome, VfioError> {
         let dev = self.existing_device(address)?;
@@ -481,11 +565,37 @@ impl VfioBinder {
         if !vfio.is_dir() {
             return Err(VfioError::VfioUnavailable(vfio));
         }
+        // Nothing written yet: an override that could not be given back
+        // refuses the detach rather than be lost.
+        let seen_override = read_override_strictly(&dev)?;
+        if let Some(name) = seen_override
+            .as_deref()
+            .filter(|name| !state::valid_driver_name(name))
+        {
+            return Err(VfioError::Read {
+                path: dev.join("driver_override"),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{name:?} is not a driver name, so it could not be given back"),
+                ),
+            });
+        }
         // Remember first, so a failure midway still leaves Reattach a way
         // back. An unbound device we already know is an earlier detach that
-        // failed after the unbind: keep its real original.
-        if current.is_some() || !originals.contains_key(&address) {
-            originals.insert(address, current.clone());
+        // failed after the unbind: keep its real original. A VFIO override
+        // on a device we know is that detach's own write: keep the one
+        // saved before it.
+        let known = originals.get(&address).cloned();
+        let ours = known.is_some() && seen_override.as_deref().is_some_and(is_vfio_driver);
+        let mut remember = known.clone().unwrap_or_default();
+        if current.is_some() || known.is_none() {
+            remember.driver = current.clone();
+        }
+        if !ours {
+            remember.driver_override = seen_override;
+        }
+        if known.as_ref() != Some(&remember) {
+            originals.insert(address, remember);
             self.save(originals);
         }
 
@@ -513,17 +623,35 @@ impl VfioBinder {
 
     fn reattach_locked(
         &self,
-        originals: &mut BTreeMap<PciAddress, Option<String>>,
+        originals: &mut Remembered,
         address: PciAddress,
+    ) -> Result<Outcome, VfioError> {
+        self.give_back(originals, address, GiveBack::Reattach)
+    }
+
+    /// A group detach's rollback (see [`GiveBack::Undo`]).
+    fn undo_detach_locked(
+        &self,
+        originals: &mut Remembered,
+        address: PciAddress,
+    ) -> Result<Outcome, VfioError> {
+        self.give_back(originals, address, GiveBack::Undo)
+    }
+
+    fn give_back(
+        &self,
+        originals: &mut Remembered,
+        address: PciAddress,
+        why: GiveBack,
     ) -> Result<Outcome, VfioError> {
         let dev = self.existing_device(address)?;
         let current = read_driver(&dev)?;
         let on_vfio = current.as_deref().is_some_and(is_vfio_driver);
         let overridden = read_override(&dev).as_deref().is_some_and(is_vfio_driver);
-        let original = originals
-            .get(&address)
-            .cloned()
-            .flatten()
+        let remembered = originals.get(&address).cloned().unwrap_or_default();
+        let original = remembered
+            .driver
+            .clone()
             .filter(|d| driver_dir(&self.sysfs_root, d).is_dir());
         // A device still unbound after a failed detach is brought back too.
         let pending = current.is_none() && original.is_some();
@@ -534,35 +662,59 @@ impl VfioBinder {
             return Ok(Outcome::AlreadyDone { driver: current });
         }
 
+        let give_back_override = remembered
+            .driver_override
+            .filter(|name| why == GiveBack::Undo || !is_vfio_driver(name));
+        // Still on its own driver (a detach failed before the unbind): the
+        // override was all that was left to undo.
+        let target = if current.is_some() && !on_vfio {
+            BackTo::Stays
+        } else if let Some(name) = original {
+            BackTo::Bind(name)
+        } else if why == GiveBack::Undo && remembered.driver.is_none() {
+            BackTo::Unbound
+        } else {
+            BackTo::Probe
+        };
+        // The kernel would refuse to bind the original driver while an
+        // override names another one: that override goes back last.
+        let override_last = match (&give_back_override, &target) {
+            (Some(name), BackTo::Bind(driver)) if name != driver => give_back_override.clone(),
+            _ => None,
+        };
+        let override_first = match override_last {
+            Some(_) => "\n",
+            None => give_back_override.as_deref().unwrap_or("\n"),
+        };
+
         let addr = address.to_string();
         let mut seq = Sequence::new(&*self.writer);
-        seq.write(dev.join("driver_override"), "\n")?;
+        seq.write(dev.join("driver_override"), override_first)?;
         if let Some(vfio) = current.as_deref().filter(|_| on_vfio) {
             seq.write(driver_dir(&self.sysfs_root, vfio).join("unbind"), &addr)?;
         }
-        // Still on its own driver (a detach failed before the unbind): the
-        // cleared override was all that was left to undo.
-        let rebind = current.is_none() || on_vfio;
-        if rebind {
-            match &original {
-                Some(name) => {
-                    let bind = driver_dir(&self.sysfs_root, name).join("bind");
-                    seq.write(bind, &addr)?;
-                }
-                None => seq.write(self.sysfs_root.join("bus/pci/drivers_probe"), &addr)?,
+        match &target {
+            BackTo::Bind(name) => {
+                seq.write(driver_dir(&self.sysfs_root, name).join("bind"), &addr)?
             }
+            BackTo::Probe => seq.write(self.sysfs_root.join("bus/pci/drivers_probe"), &addr)?,
+            BackTo::Stays | BackTo::Unbound => {}
         }
 
         let now = read_driver(&dev).unwrap_or(None);
-        let wrong = match &original {
-            Some(name) if rebind => (now.as_ref() != Some(name)).then(|| name.clone()),
-            _ => now
+        let wrong = match &target {
+            BackTo::Bind(name) => (now.as_ref() != Some(name)).then(|| name.clone()),
+            BackTo::Unbound => now.is_some().then(|| "no driver".to_owned()),
+            BackTo::Stays | BackTo::Probe => now
                 .as_deref()
                 .is_some_and(is_vfio_driver)
                 .then(|| format!("a driver other than {VFIO_DRIVER}")),
         };
         if let Some(expected) = wrong {
             return Err(seq.wrong_driver(address, expected, now));
+        }
+        if let Some(name) = override_last {
+            seq.write(dev.join("driver_override"), &name)?;
         }
         originals.remove(&address);
         self.save(originals);
@@ -597,7 +749,7 @@ impl VfioBinder {
             address,
             &members,
             Self::detach_locked,
-            Self::reattach_locked,
+            Self::undo_detach_locked,
         )
     }
 
@@ -638,7 +790,7 @@ impl VfioBinder {
         group: u32,
         approved: &[PciAddress],
     ) -> Result<(), VfioError> {
-        let now = sysfs::iommu_group_members(&self.sysfs_root, group);
+        let now = group_members(&self.sysfs_root, group)?;
         let mut expected = approved.to_vec();
         expected.sort();
         expected.dedup();
@@ -660,12 +812,13 @@ impl VfioBinder {
 
     /// The endpoints of `address`'s IOMMU group, bridges left out (they
     /// keep pcieport; vfio-pci refuses them), sorted. Fails closed: a
-    /// member whose class cannot be read is an error, not a guess.
+    /// group that cannot be listed whole, or a member whose class cannot
+    /// be read (or that is gone), is an error, not a guess.
     pub fn group_endpoints(&self, address: PciAddress) -> Result<Vec<PciAddress>, VfioError> {
         self.existing_device(address)?;
         let group = iommu_group_of(&self.sysfs_root, address).ok_or(VfioError::NoGroup(address))?;
         let mut endpoints = Vec::new();
-        for member in sysfs::iommu_group_members(&self.sysfs_root, group) {
+        for member in group_members(&self.sysfs_root, group)? {
             let info =
                 sysfs::read_device(&self.sysfs_root, &member).map_err(|e| VfioError::Read {
                     path: device_dir(&self.sysfs_root, member),
@@ -684,58 +837,99 @@ impl VfioBinder {
 
     /// Applies `forward` to each member; on a failure, `back` to what was
     /// moved (the failed member first, when it wrote something), newest
-    /// first.
+    /// first. A member that vanished since the group was read is NotFound,
+    /// rolled back like any failure.
     fn move_all(
         &self,
-        originals: &mut BTreeMap<PciAddress, Option<String>>,
+        originals: &mut Remembered,
         action: GroupMove,
         address: PciAddress,
         members: &[PciAddress],
         forward: MoveFn,
         back: MoveFn,
     ) -> Result<GroupOutcome, VfioError> {
-        let mut moved = Vec::new();
+        let mut moved: Vec<(PciAddress, Binding)> = Vec::new();
         let mut unchanged = Vec::new();
+        let fail = |originals: &mut Remembered, failed, source, moved: &[(PciAddress, Binding)]| {
+            let (rolled_back, rollback_failed) = self.roll_back(originals, moved, back);
+            VfioError::Group(Box::new(GroupFailure {
+                action,
+                address,
+                failed,
+                source,
+                rolled_back,
+                rollback_failed,
+            }))
+        };
         for &member in members {
+            // Where it starts, for the rollback to be checked against.
+            let start = match self.binding_of(member) {
+                Ok(start) => start,
+                Err(source) => return Err(fail(originals, member, source, &moved)),
+            };
             match forward(self, originals, member) {
-                Ok(Outcome::Done { .. }) => moved.push(member),
+                Ok(Outcome::Done { .. }) => moved.push((member, start)),
                 Ok(Outcome::AlreadyDone { .. }) => unchanged.push(member),
                 Err(source) => {
                     if source.wrote_something() {
-                        moved.push(member);
+                        moved.push((member, start));
                     }
-                    let mut rolled_back = Vec::new();
-                    let mut rollback_failed = Vec::new();
-                    for &undo in moved.iter().rev() {
-                        match back(self, originals, undo) {
-                            Ok(_) => rolled_back.push(undo),
-                            Err(error) => {
-                                let left_on = read_driver(&device_dir(&self.sysfs_root, undo))
-                                    .ok()
-                                    .flatten();
-                                rollback_failed.push(RollbackFailure {
-                                    address: undo,
-                                    error,
-                                    left_on,
-                                });
-                            }
-                        }
-                    }
-                    return Err(VfioError::Group(Box::new(GroupFailure {
-                        action,
-                        address,
-                        failed: member,
-                        source,
-                        rolled_back,
-                        rollback_failed,
-                    })));
+                    return Err(fail(originals, member, source, &moved));
                 }
             }
         }
-        Ok(GroupOutcome { moved, unchanged })
+        Ok(GroupOutcome {
+            moved: moved.into_iter().map(|(member, _)| member).collect(),
+            unchanged,
+        })
     }
 
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<PciAddress, Option<String>>> {
+    /// `back` for each of `moved`, newest first. Only a member found where
+    /// it started, on the same driver with the same override, counts as
+    /// rolled back: a back-move that failed midway (the override cleared,
+    /// the unbind refused) or that succeeded elsewhere is a failure naming
+    /// where the member was left.
+    fn roll_back(
+        &self,
+        originals: &mut Remembered,
+        moved: &[(PciAddress, Binding)],
+        back: MoveFn,
+    ) -> (Vec<PciAddress>, Vec<RollbackFailure>) {
+        let mut rolled_back = Vec::new();
+        let mut failures = Vec::new();
+        for (member, start) in moved.iter().rev() {
+            let result = back(self, originals, *member);
+            let left = self.binding_of(*member);
+            let (error, left) = match (result, left) {
+                (Ok(_), Ok(left)) if left == *start => {
+                    rolled_back.push(*member);
+                    continue;
+                }
+                (Ok(_), Ok(left)) => (None, Some(left)),
+                (Ok(_), Err(unreadable)) => (Some(unreadable), None),
+                (Err(error), left) => (Some(error), left.ok()),
+            };
+            failures.push(RollbackFailure {
+                address: *member,
+                error,
+                was: start.clone(),
+                left,
+            });
+        }
+        (rolled_back, failures)
+    }
+
+    /// The device's driver and override, both read (an unreadable one is
+    /// an error, not a guess).
+    fn binding_of(&self, address: PciAddress) -> Result<Binding, VfioError> {
+        let dev = self.existing_device(address)?;
+        Ok(Binding {
+            driver: read_driver(&dev)?,
+            driver_override: read_override_strictly(&dev)?,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Remembered> {
         // The map is whole after every statement: a panic elsewhere cannot
         // leave it half-updated.
         self.originals
@@ -753,7 +947,7 @@ impl VfioBinder {
     }
 
     /// Persistence is best effort: the detach itself has happened.
-    fn save(&self, originals: &BTreeMap<PciAddress, Option<String>>) {
+    fn save(&self, originals: &Remembered) {
         if let Some(path) = &self.state_file
             && let Err(e) = state::save(path, originals)
         {
@@ -769,17 +963,14 @@ impl VfioBinder {
 /// is remembered to give it back to. A device on a VFIO driver, with a
 /// VFIO override, or unbound after a detach that failed midway keeps its
 /// entry; so does one whose driver cannot be read (kept rather than lost).
-fn drop_stale(
-    sysfs_root: &Path,
-    originals: &mut BTreeMap<PciAddress, Option<String>>,
-) -> Vec<PciAddress> {
+fn drop_stale(sysfs_root: &Path, originals: &mut Remembered) -> Vec<PciAddress> {
     let mut dropped = Vec::new();
     originals.retain(|&address, original| {
         let dev = device_dir(sysfs_root, address);
         let keep = dev.is_dir()
             && match read_driver(&dev) {
                 Ok(Some(driver)) if is_vfio_driver(&driver) => true,
-                Ok(None) if original.is_some() => true,
+                Ok(None) if original.driver.is_some() => true,
                 Ok(_) => read_override(&dev).is_some_and(|o| is_vfio_driver(&o)),
                 Err(_) => true,
             };
@@ -867,6 +1058,40 @@ fn read_override(dev: &Path) -> Option<String> {
     sysfs::driver_override(dev).ok().flatten()
 }
 
+/// The `driver_override` value, `None` when unset; unreadable is an error.
+fn read_override_strictly(dev: &Path) -> Result<Option<String>, VfioError> {
+    sysfs::driver_override(dev).map_err(|e| VfioError::Read {
+        path: dev.join("driver_override"),
+        source: e.into_io(),
+    })
+}
+
+/// The PCI devices the kernel lists in IOMMU group `group`, sorted. Unlike
+/// [`sysfs::iommu_group_members`] (readiness, which shows what it can), a
+/// listing that fails, even at one entry, is an error: a member left out
+/// would be neither checked nor moved.
+fn group_members(sysfs_root: &Path, group: u32) -> Result<Vec<PciAddress>, VfioError> {
+    let path = sysfs_root
+        .join("kernel/iommu_groups")
+        .join(group.to_string())
+        .join("devices");
+    let unreadable = |source| VfioError::Read {
+        path: path.clone(),
+        source,
+    };
+    let mut members = Vec::new();
+    for entry in std::fs::read_dir(&path).map_err(unreadable)? {
+        let name = entry.map_err(unreadable)?.file_name();
+        // Non-PCI members (platform devices on ARM) are not ours to move.
+        if let Some(address) = name.to_str().and_then(|n| n.parse().ok()) {
+            members.push(address);
+        }
+    }
+    members.sort();
+    members.dedup();
+    Ok(members)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -900,9 +1125,14 @@ mod tests {
         add(DESTROYED_VF).driver("vfio-pci").physfn("0000:05:00.0");
         tree.remove(DESTROYED_VF);
 
-        let entry =
-            |addr: &str, driver: Option<&str>| (addr.parse().unwrap(), driver.map(str::to_owned));
-        let mut originals: BTreeMap<PciAddress, Option<String>> = [
+        let entry = |addr: &str, driver: Option<&str>| {
+            let binding = Binding {
+                driver: driver.map(str::to_owned),
+                driver_override: None,
+            };
+            (addr.parse().unwrap(), binding)
+        };
+        let mut originals: Remembered = [
             entry(ON_VFIO, Some("igb")),
             entry(ON_VARIANT, Some("mlx5_core")),
             entry(DETACH_FAILED_BEFORE_UNBIND, Some("igb")),
@@ -957,7 +1187,13 @@ mod tests {
         assert_eq!(binder.original_driver(gone), None);
         assert_eq!(
             state::load(&state_file).into_iter().collect::<Vec<_>>(),
-            [(detached, Some("igb".to_owned()))]
+            [(
+                detached,
+                Binding {
+                    driver: Some("igb".to_owned()),
+                    driver_override: None
+                }
+            )]
         );
 
         // A device that goes while the daemon runs: forgotten when told.

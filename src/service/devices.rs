@@ -139,6 +139,8 @@ impl DeviceService {
         if settings.hwdb {
             inventory = inventory.with_hwdb();
         }
+        // The kernel command line, for the ACS override's readiness note.
+        inventory = inventory.with_proc_root(&settings.proc_root);
         let initial = tokio::task::spawn_blocking(move || {
             let changes = inventory.resync();
             (inventory, changes)

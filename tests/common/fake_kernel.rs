@@ -1,7 +1,8 @@
 //! A [`SysfsWriter`] that records every write and plays the kernel's part in
 //! a prepared sysfs tree: it moves the `driver` link on unbind, bind and
 //! drivers_probe (and keeps the driver directory's `<addr>` back-link in
-//! step), so the binder's own checks and the inventory see what they would
+//! step), and binds only the driver a `driver_override` names when one is
+//! set, so the binder's own checks and the inventory see what they would
 //! on a real host. Never point it at the real /sys.
 
 use std::collections::HashMap;
@@ -21,6 +22,13 @@ pub struct KernelState {
     pub fail: Option<String>,
     /// More paths whose writes fail so (e.g. a rollback's own write).
     pub fail_also: Vec<String>,
+    /// (path, value): only that value's writes to the path fail so (one
+    /// device's unbind from a driver several are bound to).
+    pub fail_at: Vec<(String, String)>,
+    /// (path, value, device): after that write succeeds, the device is
+    /// hot-unplugged (its directory, bus link, group entry and driver link
+    /// go, as in the kernel).
+    pub unplug_after: Option<(String, String, String)>,
     /// drivers_probe binds nothing (e.g. vfio-pci refuses the device).
     pub probe_binds_nothing: bool,
     /// What drivers_probe picks for a device without an override.
@@ -55,6 +63,26 @@ impl FakeKernel {
 
     pub fn set(&self, f: impl FnOnce(&mut KernelState)) {
         f(&mut self.state.lock().unwrap());
+    }
+
+    /// Hot-unplug, as `FakeSysfs::remove` does it, from the kernel's side.
+    fn unplug(&self, device: &str) {
+        let link = self.root.join("bus/pci/devices").join(device);
+        let dir = fs::canonicalize(&link).unwrap();
+        let name_of = |attr: &str| {
+            let target = fs::read_link(dir.join(attr)).ok()?;
+            Some(target.file_name()?.to_owned())
+        };
+        if let Some(driver) = name_of("driver") {
+            let back_link = self.root.join("bus/pci/drivers").join(driver);
+            let _ = fs::remove_file(back_link.join(device));
+        }
+        if let Some(group) = name_of("iommu_group") {
+            let groups = self.root.join("kernel/iommu_groups");
+            let _ = fs::remove_file(groups.join(group).join("devices").join(device));
+        }
+        fs::remove_dir_all(dir).unwrap();
+        fs::remove_file(link).unwrap();
     }
 
     fn apply(&self, rel: &str, value: &str) -> io::Result<()> {
@@ -96,8 +124,13 @@ impl FakeKernel {
             ["bus", "pci", "drivers", d, op @ ("bind" | "unbind")] => {
                 let current = fs::read_link(at(value).join("driver")).ok();
                 let on_d = current.is_some_and(|t| t.ends_with(d));
+                // With an override set, only the driver it names matches,
+                // an explicit bind included (pci_match_device).
+                let over = fs::read_to_string(at(value).join("driver_override")).unwrap();
+                let allowed = matches!(over.trim(), "(null)" | "") || over.trim() == *d;
                 match *op {
                     "unbind" if on_d => unlink(value),
+                    "bind" if !allowed => err(libc::ENODEV),
                     "bind" if !bound(value) => link(value, d),
                     "bind" => err(libc::EBUSY),
                     _ => err(libc::ENODEV),
@@ -137,13 +170,24 @@ impl SysfsWriter for FakeKernel {
         let value = String::from_utf8(value.to_vec()).unwrap();
         let fails = {
             let state = self.state.lock().unwrap();
-            state.fail.as_deref() == Some(rel.as_str()) || state.fail_also.contains(&rel)
+            state.fail.as_deref() == Some(rel.as_str())
+                || state.fail_also.contains(&rel)
+                || state.fail_at.iter().any(|(p, v)| *p == rel && *v == value)
         };
         if fails {
             return Err(io::Error::from_raw_os_error(libc::EACCES));
         }
         self.apply(&rel, &value)?;
-        self.state.lock().unwrap().log.push((rel, value));
+        let mut state = self.state.lock().unwrap();
+        let unplug = match &state.unplug_after {
+            Some((p, v, device)) if *p == rel && *v == value => Some(device.clone()),
+            _ => None,
+        };
+        state.log.push((rel, value));
+        drop(state);
+        if let Some(device) = unplug {
+            self.unplug(&device);
+        }
         Ok(())
     }
 }

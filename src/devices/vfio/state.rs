@@ -1,8 +1,12 @@
-//! The original drivers of detached devices, kept in a small file (normally
-//! under /run/vmmanager) so a daemon restart does not forget them.
+//! The original drivers (and `driver_override`s) of detached devices, kept
+//! in a small file (normally under /run/vmmanager) so a daemon restart does
+//! not forget them.
 //!
 //! One line per device: `0000:03:00.0 snd_hda_intel`, or `0000:03:00.0 -`
-//! when it had no driver. Reading is bounded and skips anything else.
+//! when it had no driver, then ` override=pci-stub` when it had an
+//! override. A line without it (every line of a file written before
+//! overrides were kept) means no override. Reading is bounded and skips
+//! anything else.
 
 use std::collections::BTreeMap;
 use std::fs::{DirBuilder, OpenOptions};
@@ -10,6 +14,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
+use super::Binding;
 use crate::kernel_files::{self, AtLimit};
 use vmmanager_client::PciAddress;
 
@@ -19,9 +24,10 @@ const MAX_ENTRIES: usize = 1024;
 /// Kernel driver names are short (`snd_hda_intel`, `vfio-pci`).
 const MAX_DRIVER_NAME: usize = 64;
 const NO_DRIVER: &str = "-";
+const OVERRIDE: &str = "override=";
 
 /// What `path` says; empty when missing or unreadable. Bad lines are skipped.
-pub(super) fn load(path: &Path) -> BTreeMap<PciAddress, Option<String>> {
+pub(super) fn load(path: &Path) -> BTreeMap<PciAddress, Binding> {
     // Cut at the bound rather than forget every device (as before; a cut
     // last line can name a wrong driver).
     let raw = match kernel_files::read_bounded(path, MAX_BYTES, AtLimit::Truncate) {
@@ -41,7 +47,7 @@ pub(super) fn load(path: &Path) -> BTreeMap<PciAddress, Option<String>> {
 }
 
 /// The entries and how many non-empty lines were not one.
-fn parse(raw: &[u8]) -> (BTreeMap<PciAddress, Option<String>>, usize) {
+fn parse(raw: &[u8]) -> (BTreeMap<PciAddress, Binding>, usize) {
     let text = String::from_utf8_lossy(raw);
     let mut map = BTreeMap::new();
     let mut skipped = 0;
@@ -50,8 +56,8 @@ fn parse(raw: &[u8]) -> (BTreeMap<PciAddress, Option<String>>, usize) {
             continue;
         }
         match parse_line(line) {
-            Some((addr, driver)) if map.len() < MAX_ENTRIES || map.contains_key(&addr) => {
-                map.insert(addr, driver);
+            Some((addr, binding)) if map.len() < MAX_ENTRIES || map.contains_key(&addr) => {
+                map.insert(addr, binding);
             }
             _ => skipped += 1,
         }
@@ -59,21 +65,34 @@ fn parse(raw: &[u8]) -> (BTreeMap<PciAddress, Option<String>>, usize) {
     (map, skipped)
 }
 
-fn parse_line(line: &str) -> Option<(PciAddress, Option<String>)> {
+fn parse_line(line: &str) -> Option<(PciAddress, Binding)> {
     let mut words = line.split_ascii_whitespace();
     let addr: PciAddress = words.next()?.parse().ok()?;
-    let driver = words.next()?;
+    let name = |word: &str| valid_driver_name(word).then(|| word.to_owned());
+    let driver = match words.next()? {
+        NO_DRIVER => None,
+        word => Some(name(word)?),
+    };
+    let driver_override = match words.next() {
+        None => None,
+        Some(word) => Some(name(word.strip_prefix(OVERRIDE)?)?),
+    };
     if words.next().is_some() {
         return None;
     }
-    if driver == NO_DRIVER {
-        return Some((addr, None));
-    }
-    valid_driver_name(driver).then(|| (addr, Some(driver.to_owned())))
+    Some((
+        addr,
+        Binding {
+            driver,
+            driver_override,
+        },
+    ))
 }
 
 /// A name that can only mean `bus/pci/drivers/<name>`: no `/`, no `..`.
-fn valid_driver_name(name: &str) -> bool {
+/// Also what a `driver_override` must look like to be kept (`none`,
+/// `pci-stub`: overrides name drivers).
+pub(super) fn valid_driver_name(name: &str) -> bool {
     name.len() <= MAX_DRIVER_NAME
         && name != NO_DRIVER
         && name
@@ -86,13 +105,19 @@ fn valid_driver_name(name: &str) -> bool {
 }
 
 /// Replaces `path` atomically (temp file + rename), creating its directory.
-pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Option<String>>) -> io::Result<()> {
-    let mut text = String::from("# vmmanager: original drivers of devices detached to vfio-pci\n");
-    for (addr, driver) in map {
+pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Binding>) -> io::Result<()> {
+    let mut text = String::from(
+        "# vmmanager: original drivers (and overrides) of devices detached to vfio-pci\n",
+    );
+    for (addr, binding) in map {
         text.push_str(&format!(
-            "{addr} {}\n",
-            driver.as_deref().unwrap_or(NO_DRIVER)
+            "{addr} {}",
+            binding.driver.as_deref().unwrap_or(NO_DRIVER)
         ));
+        if let Some(name) = &binding.driver_override {
+            text.push_str(&format!(" {OVERRIDE}{name}"));
+        }
+        text.push('\n');
     }
     if let Some(dir) = path.parent() {
         DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
@@ -118,6 +143,13 @@ mod tests {
 
     fn addr(s: &str) -> PciAddress {
         s.parse().unwrap()
+    }
+
+    fn binding(driver: Option<&str>, driver_override: Option<&str>) -> Binding {
+        Binding {
+            driver: driver.map(str::to_owned),
+            driver_override: driver_override.map(str::to_owned),
+        }
     }
 
     #[test]
@@ -160,15 +192,23 @@ mod tests {
             ../x nvidia\n\
             \xff\xfe garbage\n\
             \n\
-            0000:04:00.0 nvidia\n";
+            0000:04:00.0 nvidia\n\
+            0000:05:00.0 igb override=../../x\n\
+            0000:05:00.1 igb pci-stub\n\
+            0000:05:00.2 igb override=-\n\
+            0000:05:00.3 igb override=none x\n\
+            0000:06:00.0 igb override=pci-stub\n\
+            0000:06:00.1 - override=none\n";
         let (map, skipped) = parse(raw);
-        assert_eq!(skipped, 5);
+        assert_eq!(skipped, 9);
         assert_eq!(
             map.into_iter().collect::<Vec<_>>(),
             vec![
-                (addr("0000:03:00.0"), Some("snd_hda_intel".to_owned())),
-                (addr("0000:03:00.1"), None),
-                (addr("0000:04:00.0"), Some("nvidia".to_owned())),
+                (addr("0000:03:00.0"), binding(Some("snd_hda_intel"), None)),
+                (addr("0000:03:00.1"), binding(None, None)),
+                (addr("0000:04:00.0"), binding(Some("nvidia"), None)),
+                (addr("0000:06:00.0"), binding(Some("igb"), Some("pci-stub"))),
+                (addr("0000:06:00.1"), binding(None, Some("none"))),
             ]
         );
         assert_eq!(parse(&[0u8; 1000]).0.len(), 0);
@@ -192,12 +232,36 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run/vmmanager/vfio-drivers");
         let mut map = BTreeMap::new();
-        map.insert(addr("0000:00:1f.3"), Some("snd_hda_intel".to_owned()));
-        map.insert(addr("0000:01:00.0"), None);
+        map.insert(addr("0000:00:1f.3"), binding(Some("snd_hda_intel"), None));
+        map.insert(addr("0000:01:00.0"), binding(None, None));
+        map.insert(addr("0000:02:00.0"), binding(Some("igb"), Some("pci-stub")));
+        map.insert(addr("0000:02:00.1"), binding(None, Some("none")));
         save(&path, &map).unwrap();
         assert_eq!(load(&path), map);
         save(&path, &BTreeMap::new()).unwrap();
         assert!(load(&path).is_empty());
         assert!(load(&dir.path().join("missing")).is_empty());
+    }
+
+    /// A file from before overrides were kept, byte for byte as that
+    /// version's `save` wrote it: every entry loads, with no override.
+    #[test]
+    fn a_file_without_overrides_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vfio-drivers");
+        std::fs::write(
+            &path,
+            "# vmmanager: original drivers of devices detached to vfio-pci\n\
+             0000:00:1f.3 snd_hda_intel\n\
+             0000:01:00.0 -\n",
+        )
+        .unwrap();
+        assert_eq!(
+            load(&path).into_iter().collect::<Vec<_>>(),
+            [
+                (addr("0000:00:1f.3"), binding(Some("snd_hda_intel"), None)),
+                (addr("0000:01:00.0"), binding(None, None)),
+            ]
+        );
     }
 }
