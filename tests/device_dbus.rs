@@ -204,6 +204,7 @@ fn expected(address: &str) -> BTreeMap<String, Val> {
         ("PassthroughBlockers", Val::As(blockers)),
         ("InUseBy", Val::Dicts(vec![])),
         ("HostUsers", Val::Dicts(vec![])),
+        ("AutoReturn", Val::B(false)),
     ])
 }
 
@@ -623,6 +624,7 @@ async fn events_produce_exactly_the_signals_of_the_changes() {
         ),
         ("InUseBy", Val::Dicts(vec![])),
         ("HostUsers", Val::Dicts(vec![])),
+        ("AutoReturn", Val::B(false)),
     ]);
     let device_props = interfaces
         .get(DEVICE_IFACE)
@@ -1964,4 +1966,125 @@ async fn detach_refuses_while_the_host_uses_the_device_unless_forced() {
         .call(nobody, GPU, "Detach", &no_prompt)
         .await
         .expect_success("Detach again");
+}
+
+// ---------------------------------------------------------------------------
+// 8. auto-return: given back after the last VM user exits
+// ---------------------------------------------------------------------------
+
+/// Detach with `auto-return`: nothing happens while no VM has used the
+/// device; a VM opens its group (the node is watched with inotify, not
+/// polled) and exits; then the device is reset, reattached, verified, and
+/// `ReturnFinished` says so. A second time the host driver is gone:
+/// `driver-did-not-bind`, with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_return_gives_the_device_back_after_its_last_vm_user_exits() {
+    let fs = gpu_tree(true);
+    fs.write_attr(AUDIO, "reset", "");
+    let kernel = FakeKernel::new(&fs.root());
+    let (bus, polkit) = Polkit::builder().start_with_bus().await;
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    // What the kernel makes once the group is on vfio-pci.
+    let node = dev.path().join("vfio/1");
+    fs::write(&node, "").unwrap();
+    let config = inproc::config(&fs, dev.path(), PERMITTED);
+    let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
+    let client = bus.connect().await;
+    let world = DeviceWorld {
+        svc,
+        client,
+        _polkit: Some(polkit),
+        bus,
+        fs,
+    };
+    let audio = world.device(AUDIO).await;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface(DEVICE_IFACE)
+        .member("ReturnFinished")
+        .path(path(AUDIO))
+        .build()
+        .unwrap();
+    let mut finished = zbus::MessageStream::for_match_rule(rule, &world.client, None)
+        .await
+        .unwrap();
+    let auto_return = || {
+        vmmanager_client::options::BindingOptions::new()
+            .auto_return(true)
+            .build()
+    };
+
+    audio.detach(auto_return()).await.unwrap();
+    assert_eq!(kernel.take_log(), detach_writes(AUDIO));
+    assert!(audio.auto_return().await.unwrap());
+    assert!(!world.device(GPU).await.auto_return().await.unwrap());
+    // No VM has used it: it stays.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(kernel.take_log(), vec![]);
+
+    let mut vm = hold_open(&node, true);
+    wait_for(|| async { !audio.in_use_by().await.unwrap().is_empty() }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(kernel.take_log(), vec![], "given back under a running VM");
+    vm.kill_and_wait();
+    let (outcome, message) = next_return(&mut finished).await;
+    assert_eq!(
+        (outcome.as_str(), message.as_str()),
+        ("returned", "0000:01:00.1: back on snd_hda_intel")
+    );
+    let mut writes = vec![w(&format!("bus/pci/devices/{AUDIO}/reset"), "1")];
+    writes.extend(reattach_writes(AUDIO, "snd_hda_intel"));
+    assert_eq!(kernel.take_log(), writes);
+    // The objects showed it before the signal.
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    assert!(!audio.auto_return().await.unwrap());
+
+    // Again, and the host driver is unloaded while the VM runs.
+    audio.detach(auto_return()).await.unwrap();
+    kernel.take_log();
+    let mut vm = hold_open(&node, false);
+    wait_for(|| async { !audio.in_use_by().await.unwrap().is_empty() }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    fs::remove_dir_all(world.fs.root().join("bus/pci/drivers/snd_hda_intel")).unwrap();
+    vm.kill_and_wait();
+    let (outcome, message) = next_return(&mut finished).await;
+    assert_eq!(
+        (outcome.as_str(), message.as_str()),
+        (
+            "driver-did-not-bind",
+            "0000:01:00.1: snd_hda_intel did not take it back (the snd_hda_intel driver is \
+             not loaded); it is on no driver"
+        )
+    );
+    assert_eq!(world.driver(AUDIO).await, "");
+
+    // Reattach by hand takes the mark away with it.
+    let gpu = world.device(GPU).await;
+    gpu.detach(auto_return()).await.unwrap();
+    assert!(gpu.auto_return().await.unwrap());
+    gpu.reattach(HashMap::new()).await.unwrap();
+    assert!(!gpu.auto_return().await.unwrap());
+}
+
+/// The next `ReturnFinished` (outcome, message), within 10 s.
+async fn next_return(finished: &mut zbus::MessageStream) -> (String, String) {
+    let next = tokio::time::timeout(Duration::from_secs(10), finished.next());
+    let signal = next
+        .await
+        .expect("ReturnFinished within 10 s")
+        .unwrap()
+        .unwrap();
+    signal.body().deserialize().unwrap()
+}
+
+/// Polls `check` for up to 10 s.
+async fn wait_for<F: std::future::Future<Output = bool>>(check: impl Fn() -> F) {
+    for _ in 0..500 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not within 10 s");
 }

@@ -468,6 +468,7 @@ fn state_file_survives_a_restart_and_ignores_garbage() {
 
 fn binding(driver: Option<&str>, driver_override: Option<&str>) -> Binding {
     Binding {
+        auto_return: false,
         driver: driver.map(str::to_owned),
         driver_override: driver_override.map(str::to_owned),
     }

@@ -125,6 +125,9 @@ pub struct DeviceProperties {
     /// How the host uses the device (what Detach refuses for unless
     /// forced). Computed when read, like `in_use_by`.
     pub host_users: Vec<HostUser>,
+    /// Given back to its host driver after its last VM user exits.
+    /// Computed when read, like `in_use_by`.
+    pub auto_return: bool,
 }
 
 impl Default for DeviceProperties {
@@ -151,6 +154,7 @@ impl Default for DeviceProperties {
             passthrough_blockers: Vec::new(),
             in_use_by: Vec::new(),
             host_users: Vec::new(),
+            auto_return: false,
         }
     }
 }
@@ -227,16 +231,20 @@ impl DeviceProperties {
         if let Some(users) = dict::dicts(d, property::IN_USE_BY) {
             self.in_use_by = users.iter().map(VfioUser::from_dict).collect();
         }
+        set(
+            &mut self.auto_return,
+            dict::boolean(d, property::AUTO_RETURN),
+        );
         if let Some(uses) = dict::dicts(d, property::HOST_USERS) {
             self.host_users = uses.iter().map(HostUser::from_dict).collect();
         }
     }
 
     /// `(name, value)` of every property, in the order of this type's
-    /// fields (the order the service declares them), `InUseBy` and
-    /// `HostUsers` last: what [`from_properties`](Self::from_properties)
-    /// reads back. The service sends its changed ones in PropertiesChanged,
-    /// never those two.
+    /// fields (the order the service declares them), `InUseBy`,
+    /// `HostUsers` and `AutoReturn` last: what
+    /// [`from_properties`](Self::from_properties) reads back. The service
+    /// sends its changed ones in PropertiesChanged, never those three.
     pub fn to_entries(&self) -> Vec<(&'static str, OwnedVariant)> {
         vec![
             (property::ADDRESS, variant(self.address.as_str())),
@@ -294,6 +302,7 @@ impl DeviceProperties {
                         .collect::<Vec<_>>(),
                 ),
             ),
+            (property::AUTO_RETURN, variant(self.auto_return)),
         ]
     }
 }
@@ -363,6 +372,7 @@ mod tests {
                 kind: "mount".into(),
                 text: "block device nvme0n1p2 backs /".into(),
             }],
+            auto_return: true,
         }
     }
 

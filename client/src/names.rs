@@ -60,6 +60,10 @@ pub mod option {
     /// (a mount, swap, an interface, the display, processes holding its
     /// nodes); needs [`FORCE_DETACH`](super::action::FORCE_DETACH).
     pub const FORCE: &str = "force";
+    /// `b`, PciDevice.Detach: give the device (with `group`: every member
+    /// this service detached) back to its host driver once the last VM
+    /// holding its VFIO group exits; `ReturnFinished` says how it went.
+    pub const AUTO_RETURN: &str = "auto-return";
 }
 
 /// Keys of the CheckDisk report and the DiskChecked signal's dictionary.
@@ -159,6 +163,9 @@ pub mod property {
     /// `aa{sv}`: how the host uses the device (computed when read; keys in
     /// [`host_use`](super::host_use)).
     pub const HOST_USERS: &str = "HostUsers";
+    /// `b`: the device goes back to its host driver after its last VM
+    /// user exits (Detach's `auto-return`). Computed when read.
+    pub const AUTO_RETURN: &str = "AutoReturn";
     /// `i`: the IOMMU group, -1 when none.
     pub const IOMMU_GROUP: &str = "IommuGroup";
     /// `as`: addresses of every device in the same IOMMU group.
@@ -204,6 +211,10 @@ pub mod signal {
     /// On a device ([`DEVICE_INTERFACE`](super::DEVICE_INTERFACE)): a kernel
     /// or udev event, once the properties reflect it.
     pub const UEVENT: &str = "Uevent";
+    /// On a device: once per give-back after use (`auto-return`), with the
+    /// outcome (`returned`, `reset-failed`, `driver-did-not-bind`,
+    /// `failed`) and a message.
+    pub const RETURN_FINISHED: &str = "ReturnFinished";
 }
 
 /// Keys of the details the service passes with each polkit request: polkit

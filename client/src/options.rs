@@ -130,6 +130,7 @@ pub struct BindingOptions {
     auth: AuthOptions,
     group: bool,
     force: bool,
+    auto_return: bool,
 }
 
 impl BindingOptions {
@@ -155,6 +156,14 @@ impl BindingOptions {
         self
     }
 
+    /// `auto-return` (Detach only): give it back to its host driver once
+    /// the last VM holding it exits (reset, reattach, verified; the device
+    /// emits `ReturnFinished`).
+    pub fn auto_return(mut self, yes: bool) -> Self {
+        self.auto_return = yes;
+        self
+    }
+
     /// `auth.no-user-interaction`, as [`AuthOptions::no_user_interaction`].
     pub fn no_user_interaction(mut self, yes: bool) -> Self {
         self.auth = self.auth.no_user_interaction(yes);
@@ -164,6 +173,9 @@ impl BindingOptions {
     /// The options dictionary, with only the keys that were set.
     pub fn build(&self) -> Options {
         let mut options = self.auth.build();
+        if self.auto_return {
+            options.insert(option::AUTO_RETURN, Variant::from(true));
+        }
         if self.group {
             options.insert(option::GROUP, Variant::from(true));
         }

@@ -434,6 +434,16 @@ pub trait PciDevice {
     #[zbus(property(emits_changed_signal = "false"))]
     fn host_users(&self) -> zbus::Result<Vec<Dict>>;
 
+    /// `AutoReturn` (`b`): the device goes back to its host driver after
+    /// its last VM user exits (Detach's `auto-return`). Computed when read.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn auto_return(&self) -> zbus::Result<bool>;
+
+    /// `ReturnFinished(s outcome, s message)`: a give-back after use ended
+    /// (`returned`, `reset-failed`, `driver-did-not-bind`, `failed`).
+    #[zbus(signal)]
+    fn return_finished(&self, outcome: &str, message: &str) -> zbus::Result<()>;
+
     /// `IommuGroup` (`i`): the IOMMU group, -1 when the device has none.
     #[zbus(property)]
     fn iommu_group(&self) -> zbus::Result<i32>;

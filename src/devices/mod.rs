@@ -14,10 +14,13 @@
 //!   process holds the device's VFIO group, and when that is unknown.
 //! - [`host_use`]: who on the host uses a device (mounts, swap, network,
 //!   display, processes holding its nodes), for the safety gates.
+//! - [`auto_return`]: devices given back after their last VM user exits
+//!   (inotify on the group node, reset, reattach, verify, a report).
 //! - [`gate`]: Detach's safety gates: the blockers of detaching a device
 //!   or its group (host uses, siblings the host runs on, SR-IOV VFs), and
 //!   the public view of the `HostUsers` property.
 
+pub mod auto_return;
 pub mod gate;
 pub mod host_use;
 pub mod hwdb;

@@ -18,12 +18,14 @@
 //! error names in one place (`service::error`).
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::auto_return::ReturnOutcome;
 use super::gate::{self, Blocker, Blockers, Described, PublicUse};
 use super::host_use::{self, HostRoots, Network};
 use super::sysfs::{self, SysfsError};
@@ -41,6 +43,10 @@ use vmmanager_client::PciAddress;
 /// getter runs under the object server's lock, and a flood of reads that
 /// waited would hold up every other call and the device task.
 pub const PUBLIC_SCANS: usize = 4;
+
+/// How long a give-back after use waits for the original driver to bind
+/// after the reattach (drivers may probe asynchronously).
+pub const RETURN_VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Which way a device moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -308,6 +314,140 @@ impl Passthrough {
         };
         tracing::warn!(group, "{result}");
         Err(result)
+    }
+
+    pub fn sysfs_root(&self) -> &Path {
+        self.binder.sysfs_root()
+    }
+
+    /// Who holds VFIO group `group` (of the device at `address`) or one
+    /// of its members' cdevs; for the auto-return watch (not counted: the
+    /// service's own).
+    pub async fn group_users(
+        &self,
+        address: PciAddress,
+        group: u32,
+    ) -> Result<Vec<VfioUser>, UsersError> {
+        self.users(address, Some(group), Scope::Group, ()).await
+    }
+
+    /// The devices marked to be given back after use.
+    pub fn auto_return_marks(&self) -> Vec<PciAddress> {
+        self.binder.auto_return_marks()
+    }
+
+    /// Marks (`on`) a device this service detached to be given back after
+    /// its last VM user exits, or unmarks it.
+    pub async fn set_auto_return(
+        &self,
+        address: PciAddress,
+        on: bool,
+    ) -> Result<(), PassthroughError> {
+        let binder = self.binder.clone();
+        tokio::task::spawn_blocking(move || binder.set_auto_return(address, on))
+            .await
+            .map_err(|_| PassthroughError::Panicked {
+                address,
+                action: Move::Detach,
+            })??;
+        Ok(())
+    }
+
+    /// Whether the device is marked to be given back after use.
+    pub fn auto_return(&self, address: PciAddress) -> bool {
+        self.binder
+            .remembered(address)
+            .is_some_and(|b| b.auto_return)
+    }
+
+    /// Gives a marked device back now that no VM holds it: reset (when it
+    /// has a reset method), reattach to the driver remembered, and verify
+    /// within [`RETURN_VERIFY_TIMEOUT`] that this driver is bound. The
+    /// mark goes in every case: one attempt per use.
+    pub async fn give_back_after_use(
+        &self,
+        address: PciAddress,
+        group: Option<u32>,
+    ) -> ReturnOutcome {
+        let Some(remembered) = self.binder.remembered(address) else {
+            return ReturnOutcome::Failed {
+                reason: "it is no longer one this service detached".into(),
+            };
+        };
+        if let Err(e) = self.refuse_if_used(address, group, Scope::Device).await {
+            return ReturnOutcome::Failed {
+                reason: e.to_string(),
+            };
+        }
+        let binder = self.binder.clone();
+        let work = move || {
+            if let Err(e) = binder.reset(address) {
+                let _ = binder.set_auto_return(address, false);
+                return ReturnOutcome::ResetFailed {
+                    reason: e.to_string(),
+                };
+            }
+            let expected = remembered.driver.clone();
+            let dev = sysfs::device_dir(binder.sysfs_root(), &address);
+            let current = || sysfs::driver(&dev).ok().flatten();
+            if let Err(e) = binder.reattach(address) {
+                let _ = binder.set_auto_return(address, false);
+                return match expected {
+                    Some(expected) => ReturnOutcome::DidNotBind {
+                        expected,
+                        actual: current(),
+                        reason: e.to_string(),
+                    },
+                    None => ReturnOutcome::Failed {
+                        reason: e.to_string(),
+                    },
+                };
+            }
+            // A driver may probe asynchronously: wait for it, bounded (not
+            // for one that is not loaded at all).
+            let deadline = Instant::now() + RETURN_VERIFY_TIMEOUT;
+            loop {
+                let now = current();
+                let done = match &expected {
+                    Some(name) => now.as_ref() == Some(name),
+                    None => !now.as_deref().is_some_and(vfio::is_vfio_driver),
+                };
+                if done {
+                    return ReturnOutcome::Returned { driver: now };
+                }
+                let Some(expected) = &expected else {
+                    return ReturnOutcome::Failed {
+                        reason: format!("it is still on {}", now.unwrap_or_default()),
+                    };
+                };
+                let loaded = binder
+                    .sysfs_root()
+                    .join("bus/pci/drivers")
+                    .join(expected)
+                    .is_dir();
+                let reason = if !loaded {
+                    format!("the {expected} driver is not loaded")
+                } else if Instant::now() >= deadline {
+                    format!(
+                        "not bound {}s after the reattach",
+                        RETURN_VERIFY_TIMEOUT.as_secs()
+                    )
+                } else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                return ReturnOutcome::DidNotBind {
+                    expected: expected.clone(),
+                    actual: now,
+                    reason,
+                };
+            }
+        };
+        tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|_| ReturnOutcome::Failed {
+                reason: "the give-back stopped unexpectedly; see the service's log".into(),
+            })
     }
 
     /// Forgets the original drivers of devices gone or no longer detached

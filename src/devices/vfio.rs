@@ -290,6 +290,9 @@ pub enum VfioError {
         source: io::Error,
         done: Writes,
     },
+    /// `auto-return` for a device this service did not detach.
+    #[error("{0} was not detached by this service: there is no driver to give it back to")]
+    NotDetachedByUs(PciAddress),
     /// The group option on a device without an IOMMU group.
     #[error("{0} has no IOMMU group")]
     NoGroup(PciAddress),
@@ -327,6 +330,9 @@ pub struct Binding {
     pub driver: Option<String>,
     /// None: unset (`(null)`).
     pub driver_override: Option<String>,
+    /// Remembered only (false in what is read from a device): give the
+    /// device back after its last VM user exits (Detach's `auto-return`).
+    pub auto_return: bool,
 }
 
 impl fmt::Display for Binding {
@@ -542,6 +548,44 @@ impl VfioBinder {
     /// detached by us.
     pub fn remembered(&self, address: PciAddress) -> Option<Binding> {
         self.lock().get(&address).cloned()
+    }
+
+    /// Marks (or unmarks) a device this service detached to be given back
+    /// after its last VM user exits (see `devices::auto_return`); saved
+    /// with its original driver. [`VfioError::NotDetachedByUs`] for any
+    /// other device: there is nothing remembered to give it back to.
+    pub fn set_auto_return(&self, address: PciAddress, on: bool) -> Result<(), VfioError> {
+        let mut originals = self.lock();
+        let entry = originals
+            .get_mut(&address)
+            .ok_or(VfioError::NotDetachedByUs(address))?;
+        if entry.auto_return != on {
+            entry.auto_return = on;
+            self.save(&originals);
+        }
+        Ok(())
+    }
+
+    /// The devices marked to be given back after use.
+    pub fn auto_return_marks(&self) -> Vec<PciAddress> {
+        self.lock()
+            .iter()
+            .filter(|(_, b)| b.auto_return)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// Resets the device through its sysfs `reset` (a function-level,
+    /// bus or power-management reset, whichever the kernel picked). `false`
+    /// when the device has no reset method (no `reset` file).
+    pub fn reset(&self, address: PciAddress) -> Result<bool, VfioError> {
+        let dev = self.existing_device(address)?;
+        let reset = dev.join("reset");
+        if !reset.exists() {
+            return Ok(false);
+        }
+        Sequence::new(&*self.writer).write(reset, "1")?;
+        Ok(true)
     }
 
     /// Binds the device to vfio-pci; nothing to do when it is on a VFIO
@@ -926,6 +970,7 @@ impl VfioBinder {
         Ok(Binding {
             driver: read_driver(&dev)?,
             driver_override: read_override_strictly(&dev)?,
+            auto_return: false,
         })
     }
 
@@ -1127,6 +1172,7 @@ mod tests {
 
         let entry = |addr: &str, driver: Option<&str>| {
             let binding = Binding {
+                auto_return: false,
                 driver: driver.map(str::to_owned),
                 driver_override: None,
             };
@@ -1190,6 +1236,7 @@ mod tests {
             [(
                 detached,
                 Binding {
+                    auto_return: false,
                     driver: Some("igb".to_owned()),
                     driver_override: None
                 }

@@ -47,6 +47,7 @@ pub fn of(state: &DeviceState) -> DeviceProperties {
         passthrough_blockers: state.passthrough_blockers.clone(),
         in_use_by: Vec::new(),
         host_users: Vec::new(),
+        auto_return: false,
     }
 }
 
@@ -83,7 +84,13 @@ pub fn changed(old: &DeviceState, new: &DeviceState) -> Vec<(&'static str, Owned
         .into_iter()
         .zip(old)
         .filter(|(new, old)| {
-            ![property::IN_USE_BY, property::HOST_USERS].contains(&new.0) && new.1 != old.1
+            ![
+                property::IN_USE_BY,
+                property::HOST_USERS,
+                property::AUTO_RETURN,
+            ]
+            .contains(&new.0)
+                && new.1 != old.1
         })
         .map(|(new, _)| new)
         .collect()

@@ -33,11 +33,12 @@ use super::error::VmError;
 use super::options::parse_binding;
 use super::values::Dict;
 use crate::auth::{Action, Authority};
+use crate::devices::auto_return::{AutoReturn, ReturnReport, Watcher};
 use crate::devices::host_use::Network;
 use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
 use crate::devices::passthrough::{Move, Passthrough, PassthroughError, Scope};
-use crate::devices::vfio::VfioBinder;
+use crate::devices::vfio::{VfioBinder, VfioError};
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager_client::PciAddress;
 
@@ -119,16 +120,32 @@ impl DeviceService {
             EventSource::Channel(receiver) => (None, Some(receiver)),
             EventSource::None => (None, None),
         };
+        let passthrough = Passthrough::new(
+            binder,
+            settings.proc_root.clone(),
+            settings.dev_root.clone(),
+        )
+        .with_network(settings.network.clone());
+        let (report_sender, returns) = mpsc::channel(16);
+        let auto_return = match AutoReturn::start(
+            passthrough.clone(),
+            settings.dev_root.clone(),
+            report_sender,
+        ) {
+            Ok(auto_return) => Some(auto_return),
+            Err(e) => {
+                tracing::error!(
+                    "cannot watch VFIO groups (inotify: {e}); Detach's auto-return is not available"
+                );
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             connection: connection.clone(),
             authority,
             callers,
-            passthrough: Passthrough::new(
-                binder,
-                settings.proc_root.clone(),
-                settings.dev_root.clone(),
-            )
-            .with_network(settings.network.clone()),
+            passthrough,
+            returns: auto_return.as_ref().map(AutoReturn::watcher),
             rereads: reread_sender,
         });
         let mut inventory = Inventory::new(
@@ -155,8 +172,13 @@ impl DeviceService {
             own: receiver,
             external,
             rereads,
+            returns,
         };
-        let task = tokio::spawn(run(shared, inventory, sources, monitor, cancel.clone()));
+        let owned = Owned {
+            monitor,
+            auto_return,
+        };
+        let task = tokio::spawn(run(shared, inventory, sources, owned, cancel.clone()));
         Ok(DeviceService {
             cancel,
             task,
@@ -185,7 +207,26 @@ struct Shared {
     authority: Arc<Authority>,
     callers: Arc<Callers>,
     passthrough: Passthrough,
+    /// Watches the groups of devices to give back after use (None when
+    /// inotify is not available).
+    returns: Option<Watcher>,
     rereads: mpsc::Sender<Reread>,
+}
+
+/// What the task owns and stops when it ends.
+struct Owned {
+    monitor: Option<DeviceMonitor>,
+    auto_return: Option<AutoReturn>,
+}
+
+/// What to do once a batch is applied.
+enum After {
+    /// Events from the kernel: emit their Uevents.
+    Uevents,
+    /// A re-read of our own: answer it.
+    Answer(oneshot::Sender<()>),
+    /// A device given back after use: say how it went.
+    Report(ReturnReport),
 }
 
 /// Everything the task listens to.
@@ -195,35 +236,42 @@ struct Sources {
     /// A caller-fed event stream (tests).
     external: Option<mpsc::Receiver<MonitorMessage>>,
     rereads: mpsc::Receiver<Reread>,
+    /// Give-backs after use, each followed by a re-read of the device.
+    returns: mpsc::Receiver<ReturnReport>,
 }
 
 async fn run(
     shared: Arc<Shared>,
     mut inventory: Inventory,
     mut sources: Sources,
-    monitor: Option<DeviceMonitor>,
+    owned: Owned,
     cancel: CancellationToken,
 ) {
+    let reread = |address| {
+        MonitorMessage::Event(DeviceEvent {
+            action: DeviceAction::Change,
+            address,
+            vendor_name: None,
+            device_name: None,
+        })
+    };
     loop {
         // Whatever else is already queued joins the first message: events
         // that arrive together are handled as one batch.
-        let (messages, done) = tokio::select! {
+        let (messages, after) = tokio::select! {
             biased;
             () = cancel.cancelled() => break,
-            Some(first) = sources.own.recv() => (drain(first, &mut sources.own), None),
-            Some(messages) = recv_batch_optional(&mut sources.external) => (messages, None),
-            Some(reread) = sources.rereads.recv() => {
-                let event = DeviceEvent {
-                    action: DeviceAction::Change,
-                    address: reread.address,
-                    vendor_name: None,
-                    device_name: None,
-                };
-                (vec![MonitorMessage::Event(event)], Some(reread.done))
+            Some(first) = sources.own.recv() => (drain(first, &mut sources.own), After::Uevents),
+            Some(messages) = recv_batch_optional(&mut sources.external) => (messages, After::Uevents),
+            Some(asked) = sources.rereads.recv() => {
+                (vec![reread(asked.address)], After::Answer(asked.done))
+            }
+            Some(report) = sources.returns.recv() => {
+                (vec![reread(report.address)], After::Report(report))
             }
         };
         // A re-read of our own is no kernel event: no Uevent for it.
-        let from_kernel = done.is_none();
+        let from_kernel = matches!(after, After::Uevents);
         let (back, outcomes) = apply_steps(inventory, steps(messages)).await;
         inventory = back;
         for StepOutcome { step, changes } in outcomes {
@@ -232,14 +280,21 @@ async fn run(
                 emit_uevents(&shared, events).await;
             }
         }
-        if let Some(done) = done {
-            let _ = done.send(());
+        match after {
+            After::Uevents => {}
+            After::Answer(done) => {
+                let _ = done.send(());
+            }
+            After::Report(report) => emit_return(&shared, &report).await,
         }
     }
-    // Stop the source first, so nothing new arrives, then take the objects
+    // Stop the sources first, so nothing new arrives, then take the objects
     // down: when `stop` returns, nothing of this component is left.
-    if let Some(monitor) = monitor {
+    if let Some(monitor) = owned.monitor {
         monitor.stop().await;
+    }
+    if let Some(auto_return) = owned.auto_return {
+        auto_return.stop().await;
     }
     let server = shared.connection.object_server();
     for state in inventory.devices() {
@@ -439,6 +494,22 @@ async fn emit_uevents(shared: &Arc<Shared>, events: &[DeviceEvent]) {
     }
 }
 
+/// `ReturnFinished` on the object of a device given back after use.
+async fn emit_return(shared: &Arc<Shared>, report: &ReturnReport) {
+    let path = report.address.object_path();
+    let server = shared.connection.object_server();
+    let Ok(iface) = server.interface::<_, PciDeviceObject>(&path).await else {
+        return;
+    };
+    let message = format!("{}: {}", report.address, report.outcome);
+    if let Err(e) =
+        PciDeviceObject::return_finished(iface.signal_emitter(), report.outcome.kind(), &message)
+            .await
+    {
+        tracing::warn!("cannot emit ReturnFinished for {path}: {e}");
+    }
+}
+
 /// Replaces an object's state and emits one PropertiesChanged with exactly
 /// the properties that changed since what the object showed: this is where
 /// a uevent becomes PropertiesChanged.
@@ -511,6 +582,18 @@ impl PciDeviceObject {
                 state.iommu_group_devices.join(","),
             )
         };
+        // Said before polkit asks: nothing to authorize when it cannot be done.
+        if options.auto_return {
+            if self.shared.returns.is_none() {
+                return Err(VmError::NotSupported(
+                    "Detach: auto-return needs inotify, which the service could not set up (see its log)"
+                        .into(),
+                ));
+            }
+            if group.is_none() {
+                return Err(VfioError::NoGroup(target).into());
+            }
+        }
         let address = target.to_string();
         let mut details = HashMap::from([(polkit_detail::DEVICE, address.as_str())]);
         if options.group {
@@ -578,7 +661,7 @@ impl PciDeviceObject {
                     .await;
                 // Also after a failure: a rollback that failed left a member
                 // elsewhere, and its object must say where.
-                (result.map(drop), approved)
+                (result.map(drop), approved.clone())
             }
             Scope::Device => {
                 let result = passthrough.change(target, group, action).await;
@@ -599,7 +682,44 @@ impl PciDeviceObject {
                 let _ = answered.await;
             }
         }
-        Ok(result?)
+        result?;
+        if options.auto_return {
+            self.mark_for_return(target, group, scope, &approved)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Detach's `auto-return`: marks the device (with `group`, every
+    /// member this service detached) and watches its group.
+    async fn mark_for_return(
+        &self,
+        target: PciAddress,
+        group: Option<u32>,
+        scope: Scope,
+        approved: &[PciAddress],
+    ) -> Result<(), VmError> {
+        let passthrough = &self.shared.passthrough;
+        let members = match scope {
+            Scope::Device => vec![target],
+            Scope::Group => approved.to_vec(),
+        };
+        let mut marked = 0;
+        for member in members {
+            match passthrough.set_auto_return(member, true).await {
+                Ok(()) => marked += 1,
+                // A group's bridge, or a member someone else put on vfio-pci.
+                Err(_) if scope == Scope::Group => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if marked == 0 {
+            return Err(VfioError::NotDetachedByUs(target).into());
+        }
+        if let (Some(returns), Some(group)) = (&self.shared.returns, group) {
+            returns.watch(group);
+        }
+        Ok(())
     }
 }
 
@@ -612,6 +732,17 @@ impl PciDeviceObject {
     /// removal shows as InterfacesRemoved instead.
     #[zbus(signal)]
     async fn uevent(emitter: &SignalEmitter<'_>, action: &str) -> zbus::Result<()>;
+
+    /// Emitted once per give-back of a device detached with `auto-return`,
+    /// after its last VM user exited: `outcome` is `returned`,
+    /// `reset-failed`, `driver-did-not-bind` or `failed`; `message` says
+    /// it in words, with the reason.
+    #[zbus(signal)]
+    async fn return_finished(
+        emitter: &SignalEmitter<'_>,
+        outcome: &str,
+        message: &str,
+    ) -> zbus::Result<()>;
 
     /// Binds the device to vfio-pci (driver_override, unbind, drivers_probe),
     /// remembering its driver for Reattach. `InUse` when a VM holds its VFIO
@@ -758,6 +889,15 @@ impl PciDeviceObject {
     #[zbus(property)]
     fn passthrough_blockers(&self) -> Vec<String> {
         self.properties().passthrough_blockers
+    }
+
+    /// Whether the device goes back to its host driver after its last VM
+    /// user exits (Detach's `auto-return`). Computed when read; no change
+    /// signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn auto_return(&self) -> bool {
+        let address = self.state().info.address;
+        self.shared.passthrough.auto_return(address)
     }
 
     /// How the host uses the device — what Detach refuses for unless

@@ -98,8 +98,11 @@ impl From<VfioError> for VmError {
             | VfioError::NotInGroup { .. }
             | VfioError::GroupChanged { .. }
             | VfioError::Group(_) => VmError::Failed(e.to_string()),
-            // Asking for a group the device does not have.
-            VfioError::NoGroup(_) => VmError::NotSupported(e.to_string()),
+            // Asking for a group the device does not have, or to give back
+            // a device nobody told us where from.
+            VfioError::NoGroup(_) | VfioError::NotDetachedByUs(_) => {
+                VmError::NotSupported(e.to_string())
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::disk::image::{MAX_NAME_LEN, MAX_PATH_LEN, over_long_name};
 use crate::disk::qemu_img::RepairMode;
 
 use vmmanager_client::names::option::{
-    FORCE, FORCE_SHARE, GROUP, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
+    AUTO_RETURN, FORCE, FORCE_SHARE, GROUP, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
 };
 use vmmanager_client::options::Repair;
 
@@ -242,6 +242,8 @@ pub struct BindingOptions {
     pub group: bool,
     /// `force` (Detach only): detach although the host uses it.
     pub force: bool,
+    /// `auto-return` (Detach only): give it back after its last VM user.
+    pub auto_return: bool,
 }
 
 pub fn parse_binding(
@@ -253,16 +255,20 @@ pub fn parse_binding(
     let group = reader.bool(GROUP)?.unwrap_or(false);
     // Reattach has no `force`: left in the dictionary, `finish` refuses it
     // as unknown there.
-    let force = if method == "Detach" {
-        reader.bool(FORCE)?.unwrap_or(false)
-    } else {
-        false
+    let detach_only = |reader: &mut OptionReader, key| -> Result<bool, VmError> {
+        match method {
+            "Detach" => Ok(reader.bool(key)?.unwrap_or(false)),
+            _ => Ok(false),
+        }
     };
+    let force = detach_only(&mut reader, FORCE)?;
+    let auto_return = detach_only(&mut reader, AUTO_RETURN)?;
     reader.finish()?;
     Ok(BindingOptions {
         interactive,
         group,
         force,
+        auto_return,
     })
 }
 
@@ -376,12 +382,14 @@ mod tests {
                 interactive: true,
                 group: false,
                 force: false,
+                auto_return: false,
             }
         );
         let all = opts(&[
             (GROUP, variant(true)),
             (NO_USER_INTERACTION, variant(true)),
             (FORCE, variant(true)),
+            (AUTO_RETURN, variant(true)),
         ]);
         assert_eq!(
             parse_binding("Detach", all).unwrap(),
@@ -389,6 +397,7 @@ mod tests {
                 interactive: false,
                 group: true,
                 force: true,
+                auto_return: true,
             }
         );
         // Reattach has nothing to force.

@@ -228,6 +228,13 @@ enum Command {
         /// password every time (org.example.vmmanager.force-detach).
         #[arg(long)]
         force: bool,
+        /// Give the device back to its driver by itself once the last VM
+        /// using it exits: reset (when it can be), reattached, and checked
+        /// to be bound again; `vmctl monitor` and the desktop notifications
+        /// say how it went. With --group, every member detached here. On a
+        /// device already detached by vmctl, only marks it.
+        #[arg(long)]
+        auto_return: bool,
         /// Bind every device of its IOMMU group (bridges excepted) to
         /// vfio-pci, each one's driver remembered; members already on
         /// vfio-pci are left alone. If one fails, those bound by this call
@@ -519,6 +526,7 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
         Command::Detach {
             address,
             force,
+            auto_return,
             group,
             json,
         } => {
@@ -526,6 +534,7 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
                 to_vfio: true,
                 group: *group,
                 force: *force,
+                auto_return: *auto_return,
             };
             devices::rebind(&connection, ask, address, how, *json).await
         }
@@ -538,6 +547,7 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
                 to_vfio: false,
                 group: *group,
                 force: false,
+                auto_return: false,
             };
             devices::rebind(&connection, ask, address, how, *json).await
         }

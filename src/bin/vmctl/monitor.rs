@@ -121,6 +121,15 @@ fn describe(message: &zbus::Message) -> Option<(String, serde_json::Value)> {
             json["action"] = action.clone().into();
             format!("device {}: {action} event", device_address(&path)?)
         }
+        signal::RETURN_FINISHED => {
+            let (outcome, message): (String, String) = body.deserialize().ok()?;
+            json["outcome"] = outcome.clone().into();
+            json["message"] = message.clone().into();
+            format!(
+                "device {}: given back after use: {outcome}: {message}",
+                device_address(&path)?
+            )
+        }
         signal::COMPLETED => return None,
         other => format!("{path}: {interface}.{other}"),
     };

@@ -4,7 +4,7 @@
 //!
 //! One line per device: `0000:03:00.0 snd_hda_intel`, or `0000:03:00.0 -`
 //! when it had no driver, then ` override=pci-stub` when it had an
-//! override. A line without it (every line of a file written before
+//! override, then ` auto-return` when it is to be given back after use. A line without it (every line of a file written before
 //! overrides were kept) means no override. Reading is bounded and skips
 //! anything else.
 
@@ -25,6 +25,8 @@ const MAX_ENTRIES: usize = 1024;
 const MAX_DRIVER_NAME: usize = 64;
 const NO_DRIVER: &str = "-";
 const OVERRIDE: &str = "override=";
+/// Last word of a device marked to be given back after use.
+const AUTO_RETURN: &str = "auto-return";
 
 /// What `path` says; empty when missing or unreadable. Bad lines are skipped.
 pub(super) fn load(path: &Path) -> BTreeMap<PciAddress, Binding> {
@@ -73,18 +75,22 @@ fn parse_line(line: &str) -> Option<(PciAddress, Binding)> {
         NO_DRIVER => None,
         word => Some(name(word)?),
     };
-    let driver_override = match words.next() {
-        None => None,
-        Some(word) => Some(name(word.strip_prefix(OVERRIDE)?)?),
-    };
-    if words.next().is_some() {
-        return None;
+    let mut rest: Vec<&str> = words.collect();
+    let auto_return = rest.last() == Some(&AUTO_RETURN);
+    if auto_return {
+        rest.pop();
     }
+    let driver_override = match rest.as_slice() {
+        [] => None,
+        [word] => Some(name(word.strip_prefix(OVERRIDE)?)?),
+        _ => return None,
+    };
     Some((
         addr,
         Binding {
             driver,
             driver_override,
+            auto_return,
         },
     ))
 }
@@ -117,6 +123,9 @@ pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Binding>) -> io::Resu
         if let Some(name) = &binding.driver_override {
             text.push_str(&format!(" {OVERRIDE}{name}"));
         }
+        if binding.auto_return {
+            text.push_str(&format!(" {AUTO_RETURN}"));
+        }
         text.push('\n');
     }
     if let Some(dir) = path.parent() {
@@ -147,6 +156,7 @@ mod tests {
 
     fn binding(driver: Option<&str>, driver_override: Option<&str>) -> Binding {
         Binding {
+            auto_return: false,
             driver: driver.map(str::to_owned),
             driver_override: driver_override.map(str::to_owned),
         }

@@ -1,0 +1,373 @@
+//! Devices given back after use (issue 13, item 3): a device detached with
+//! `auto-return` goes back to its host driver once the last VM holding its
+//! VFIO group has exited — reset first when it has a reset method, then
+//! reattached, then verified — and every attempt ends in one
+//! [`ReturnReport`] (returned, reset failed, driver did not bind).
+//!
+//! Nothing is polled: the group node `/dev/vfio/<group>` is watched with
+//! inotify, which reports every open and close of it by any process (a
+//! VM's exit closes it too). An open makes the service look for holders
+//! (a brief opener that is gone by then does not count); a close after a
+//! holder was seen makes it look again, and when nobody holds the group
+//! any more, its marked devices are given back. [`AutoReturn`] owns the
+//! watch and its task; `stop().await` returns when the task has ended.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::passthrough::Passthrough;
+use super::vfio::iommu_group_of;
+use vmmanager_client::PciAddress;
+
+/// How one give-back ended. [`fmt::Display`] is the sentence for a user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReturnOutcome {
+    /// Back on its driver (`None`: it had none, and is off VFIO).
+    Returned { driver: Option<String> },
+    /// The reset failed: it stays on vfio-pci, its driver remembered.
+    ResetFailed { reason: String },
+    /// Reattached, but its driver is not bound to it within the bound.
+    DidNotBind {
+        expected: String,
+        actual: Option<String>,
+        reason: String,
+    },
+    /// Anything else (it is no longer ours to give back, the reattach
+    /// failed).
+    Failed { reason: String },
+}
+
+impl ReturnOutcome {
+    /// The outcome's name in the `ReturnFinished` signal.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ReturnOutcome::Returned { .. } => "returned",
+            ReturnOutcome::ResetFailed { .. } => "reset-failed",
+            ReturnOutcome::DidNotBind { .. } => "driver-did-not-bind",
+            ReturnOutcome::Failed { .. } => "failed",
+        }
+    }
+}
+
+impl fmt::Display for ReturnOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReturnOutcome::Returned { driver: Some(d) } => write!(f, "back on {d}"),
+            ReturnOutcome::Returned { driver: None } => {
+                f.write_str("off vfio-pci (it had no driver before)")
+            }
+            ReturnOutcome::ResetFailed { reason } => write!(
+                f,
+                "the reset failed, so it stays on vfio-pci: {reason}; `vmctl reattach` gives it back without one"
+            ),
+            ReturnOutcome::DidNotBind {
+                expected,
+                actual,
+                reason,
+            } => write!(
+                f,
+                "{expected} did not take it back ({reason}); it is on {}",
+                actual.as_deref().unwrap_or("no driver")
+            ),
+            ReturnOutcome::Failed { reason } => write!(f, "it could not be given back: {reason}"),
+        }
+    }
+}
+
+/// One give-back: which device, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReturnReport {
+    pub address: PciAddress,
+    pub outcome: ReturnOutcome,
+}
+
+/// The watch over the groups of marked devices; owns its task.
+pub struct AutoReturn {
+    commands: mpsc::UnboundedSender<u32>,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Asks an [`AutoReturn`] to watch a group; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Watcher(mpsc::UnboundedSender<u32>);
+
+impl Watcher {
+    /// Watches VFIO group `group` (again: harmless) for its last user.
+    pub fn watch(&self, group: u32) {
+        let _ = self.0.send(group);
+    }
+}
+
+impl AutoReturn {
+    /// Watches the groups of every device marked now, and those
+    /// [`Watcher::watch`] adds; reports each give-back to `reports`.
+    pub fn start(
+        passthrough: Passthrough,
+        dev_root: PathBuf,
+        reports: mpsc::Sender<ReturnReport>,
+    ) -> io::Result<AutoReturn> {
+        let inotify = Inotify::new()?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        let sysfs_root = passthrough.sysfs_root().to_owned();
+        for address in passthrough.auto_return_marks() {
+            if let Some(group) = iommu_group_of(&sysfs_root, address) {
+                let _ = commands.send(group);
+            }
+        }
+        let task = tokio::spawn(
+            Watch {
+                passthrough,
+                dev_root,
+                inotify,
+                groups: HashMap::new(),
+                reports,
+            }
+            .run(receiver, cancel.clone()),
+        );
+        Ok(AutoReturn {
+            commands,
+            cancel,
+            task,
+        })
+    }
+
+    pub fn watcher(&self) -> Watcher {
+        Watcher(self.commands.clone())
+    }
+
+    /// Ends the watch; returns once its task has (a give-back under way
+    /// finishes first: it is sysfs writes that must not be cut short).
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        if let Err(e) = self.task.await {
+            tracing::error!("the auto-return task failed: {e}");
+        }
+    }
+}
+
+/// One watched group.
+struct Group {
+    wd: i32,
+    /// A holder was seen since the watch began: its last close counts.
+    held: bool,
+}
+
+struct Watch {
+    passthrough: Passthrough,
+    dev_root: PathBuf,
+    inotify: Inotify,
+    groups: HashMap<u32, Group>,
+    reports: mpsc::Sender<ReturnReport>,
+}
+
+impl Watch {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<u32>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(group) = commands.recv() => self.watch(group).await,
+                events = self.inotify.read() => match events {
+                    Ok(events) => {
+                        for (wd, mask) in events {
+                            self.event(wd, mask).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("auto-return: reading inotify events failed: {e}; stopped watching");
+                        cancel.cancelled().await;
+                        break;
+                    }
+                },
+            }
+        }
+    }
+
+    async fn watch(&mut self, group: u32) {
+        if self.groups.contains_key(&group) {
+            return;
+        }
+        let node = self.dev_root.join("vfio").join(group.to_string());
+        let mask =
+            libc::IN_OPEN | libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE | libc::IN_DELETE_SELF;
+        match self.inotify.add_watch(&node, mask) {
+            Ok(wd) => {
+                let held = self.held(group).await;
+                tracing::info!(
+                    group,
+                    held,
+                    "watching for the last user of {}",
+                    node.display()
+                );
+                self.groups.insert(group, Group { wd, held });
+            }
+            Err(e) => tracing::warn!(
+                group,
+                "cannot watch {}: {e}; its devices will not be given back after use",
+                node.display()
+            ),
+        }
+    }
+
+    async fn event(&mut self, wd: i32, mask: u32) {
+        let Some((&group, watched)) = self.groups.iter_mut().find(|(_, g)| g.wd == wd) else {
+            return;
+        };
+        if mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF) != 0 {
+            // The node is gone (the group left vfio-pci): nothing to wait for.
+            self.groups.remove(&group);
+            return;
+        }
+        if mask & libc::IN_OPEN != 0 && !watched.held {
+            let held = self.held(group).await;
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.held = held;
+            }
+        } else if mask & (libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE) != 0 && watched.held {
+            if self.held(group).await {
+                return;
+            }
+            if let Some(g) = self.groups.remove(&group) {
+                self.inotify.remove_watch(g.wd);
+            }
+            self.give_back(group).await;
+        }
+    }
+
+    /// Whether a process holds the group; unknown counts as held (never
+    /// give a device back from under a VM).
+    async fn held(&self, group: u32) -> bool {
+        let sysfs_root = self.passthrough.sysfs_root();
+        let Some(member) = super::sysfs::iommu_group_members(sysfs_root, group)
+            .into_iter()
+            .next()
+        else {
+            return false;
+        };
+        match self.passthrough.group_users(member, group).await {
+            Ok(users) => !users.is_empty(),
+            Err(e) => {
+                tracing::warn!(group, "auto-return: {e}; taken as still in use");
+                true
+            }
+        }
+    }
+
+    async fn give_back(&self, group: u32) {
+        let sysfs_root = self.passthrough.sysfs_root().to_owned();
+        let marked: Vec<PciAddress> = self
+            .passthrough
+            .auto_return_marks()
+            .into_iter()
+            .filter(|a| iommu_group_of(&sysfs_root, *a) == Some(group))
+            .collect();
+        for address in marked {
+            let outcome = self
+                .passthrough
+                .give_back_after_use(address, Some(group))
+                .await;
+            match &outcome {
+                ReturnOutcome::Returned { .. } => {
+                    tracing::info!(device = %address, "given back after use: {outcome}")
+                }
+                _ => tracing::warn!(device = %address, "giving back after use failed: {outcome}"),
+            }
+            let _ = self.reports.send(ReturnReport { address, outcome }).await;
+        }
+    }
+}
+
+/// A non-blocking inotify descriptor on the runtime.
+struct Inotify(AsyncFd<OwnedFd>);
+
+impl Inotify {
+    fn new() -> io::Result<Inotify> {
+        // SAFETY: no pointers; the descriptor is owned from here on.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: the OwnedFd stays open, and the same descriptor, for as
+        // long as the AsyncFd owns it.
+        let registered = unsafe { AsyncFd::register(fd) };
+        Ok(Inotify(registered.map_err(io::Error::from)?))
+    }
+
+    fn add_watch(&self, path: &std::path::Path, mask: u32) -> io::Result<i32> {
+        let path = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a valid descriptor and a NUL-terminated path.
+        let wd = unsafe {
+            libc::inotify_add_watch(
+                self.0.get_ref().as_raw_fd(),
+                path.as_ptr(),
+                mask | libc::IN_DONT_FOLLOW,
+            )
+        };
+        if wd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(wd)
+    }
+
+    fn remove_watch(&self, wd: i32) {
+        // SAFETY: a valid descriptor; a stale `wd` is only EINVAL.
+        unsafe { libc::inotify_rm_watch(self.0.get_ref().as_raw_fd(), wd) };
+    }
+
+    /// The next batch of events: (watch descriptor, mask) each.
+    async fn read(&self) -> io::Result<Vec<(i32, u32)>> {
+        let mut buffer = [0u8; 4096];
+        loop {
+            let mut guard = self.0.readable().await?;
+            let result = guard.try_io(|fd| {
+                // SAFETY: reads into a buffer of the given length.
+                let n = unsafe {
+                    libc::read(
+                        fd.get_ref().as_raw_fd(),
+                        buffer.as_mut_ptr().cast(),
+                        buffer.len(),
+                    )
+                };
+                if n < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(n as usize)
+                }
+            });
+            let n = match result {
+                Ok(n) => n?,
+                Err(_would_block) => continue,
+            };
+            return Ok(parse_events(&buffer[..n]));
+        }
+    }
+}
+
+/// `struct inotify_event`s: wd (i32), mask (u32), cookie (u32), len (u32),
+/// then `len` bytes of name.
+fn parse_events(mut bytes: &[u8]) -> Vec<(i32, u32)> {
+    const HEADER: usize = 16;
+    let mut events = Vec::new();
+    while bytes.len() >= HEADER {
+        let word = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+        let (wd, mask, len) = (word(0) as i32, word(4), word(12) as usize);
+        events.push((wd, mask));
+        bytes = bytes.get(HEADER + len..).unwrap_or_default();
+    }
+    events
+}
