@@ -40,8 +40,11 @@ pub use netlink::NetworkSnapshot;
 /// Directories of one device's sysfs subtree looked at, at most (a GPU
 /// has a few hundred).
 pub const MAX_SUBTREE_DIRS: usize = 20_000;
-/// Deeper than any device's sysfs subtree (`virtio1/block/vda/vda1` is 4).
-const MAX_SUBTREE_DEPTH: usize = 12;
+/// Deeper than any device's sysfs subtree: `virtio1/block/vda/vda1` is 4,
+/// a USB disk behind five tiers of hubs below an xHCI controller about 16.
+/// A deeper directory is an error ([`HostUseError::TooDeep`]): a cut walk
+/// could miss a mounted partition.
+pub const MAX_SUBTREE_DEPTH: usize = 32;
 const NVIDIA_MAJOR: u32 = 195;
 /// `/dev/nvidiactl` and `/dev/nvidia-modeset`: shared by every GPU.
 const NVIDIA_FIRST_SHARED_MINOR: u32 = 254;
@@ -237,6 +240,8 @@ pub enum HostUseError {
     },
     #[error("the sysfs tree of {0} has more than {MAX_SUBTREE_DIRS} directories")]
     TooLarge(PciAddress),
+    #[error("the sysfs tree of {address} is deeper than {MAX_SUBTREE_DEPTH} directories (at {})", path.display())]
+    TooDeep { address: PciAddress, path: PathBuf },
     #[error("cannot read the mount table {}: {source}", path.display())]
     MountTable {
         path: PathBuf,
@@ -308,12 +313,16 @@ impl Subtree {
                 return Err(HostUseError::TooLarge(*address));
             }
             let child = entry.path();
+            if depth + 1 > MAX_SUBTREE_DEPTH {
+                return Err(HostUseError::TooDeep {
+                    address: *address,
+                    path: child,
+                });
+            }
             if child.join("uevent").is_file() {
                 self.device(&child);
             }
-            if depth + 1 < MAX_SUBTREE_DEPTH {
-                self.walk(address, &child, depth + 1)?;
-            }
+            self.walk(address, &child, depth + 1)?;
         }
         Ok(())
     }

@@ -367,6 +367,38 @@ fn an_unreadable_proc_is_an_error_never_nobody() {
     ));
 }
 
+/// A disk at the deepest level walked is found; one level deeper is an
+/// error, never a walk cut short (which would miss its mount).
+#[test]
+fn a_subtree_deeper_than_the_limit_is_an_error() {
+    let host = Host::new();
+    host.sys.device(DISK, 0x1af4, 0x1001, 0x010000);
+    let hubs = vec!["h"; MAX_SUBTREE_DEPTH - 2].join("/");
+    host.device(DISK, &format!("{hubs}/block/sdz"), "block", Some((8, 0)));
+    host.mountinfo("22 1 8:0 / /deep rw - ext4 /dev/sdz rw\n");
+    assert_eq!(
+        mounts_of(&host.uses(DISK, NetworkSnapshot::default())),
+        ["block device sdz backs /deep (ext4 on /dev/sdz)"]
+    );
+    fs::create_dir(
+        host.sys
+            .device_dir(DISK)
+            .join(&hubs)
+            .join("block/sdz/deeper"),
+    )
+    .unwrap();
+    let result = host_uses(
+        &host.roots(),
+        &DISK.parse().unwrap(),
+        &Network::Given(NetworkSnapshot::default()),
+        &CancellationToken::new(),
+    );
+    assert!(
+        matches!(&result, Err(HostUseError::TooDeep { path, .. }) if path.ends_with("sdz/deeper")),
+        "{result:?}"
+    );
+}
+
 // --- This machine's real devices, read only ---------------------------------
 
 /// The PCI device a sysfs device path is below (the last PCI address
