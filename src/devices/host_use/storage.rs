@@ -3,15 +3,23 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::io::{self, BufRead, BufReader, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::{HostUse, HostUseError, Unknown, read_attribute};
 use crate::kernel_files::{self, AtLimit};
 
-/// `/proc/self/mountinfo` of a host with thousands of mounts (containers)
-/// stays far below; a longer one is an error, never a cut table.
-pub const MAX_MOUNTINFO_BYTES: u64 = 8 * 1024 * 1024;
+/// The mount table is read line by line; FUSE lines are skipped unread
+/// past their type (any local user can mount thousands: were they counted,
+/// anyone could make the table "too long" and block Detach for everyone).
+/// The other lines of a host with thousands of mounts (containers) stay
+/// far below this; more is an error, never a cut table.
+pub const MAX_MOUNTINFO_BYTES: u64 = 64 * 1024 * 1024;
+/// One line at most: a mount point, a bind mount's root and a source are
+/// at most PATH_MAX each, four times that escaped; root's overlay mounts
+/// with many layers are the longest. Longer is an error.
+pub const MAX_MOUNTINFO_LINE: usize = 1024 * 1024;
 const MAX_SWAPS_BYTES: u64 = 1024 * 1024;
 /// Stacking deeper than this (dm on md on dm …) is not followed further.
 const MAX_HOLDER_DEPTH: usize = 8;
@@ -92,22 +100,70 @@ pub(super) fn mounts(
     devices: &[BlockDevice],
 ) -> Result<Vec<HostUse>, HostUseError> {
     let path = proc_root.join("self/mountinfo");
-    let bytes =
-        kernel_files::read_bounded(&path, MAX_MOUNTINFO_BYTES, AtLimit::Refuse).map_err(|e| {
-            HostUseError::MountTable {
-                path: path.clone(),
-                source: e.into_io(),
-            }
-        })?;
-    let text = String::from_utf8_lossy(&bytes);
+    let error = |source: io::Error| HostUseError::MountTable {
+        path: path.clone(),
+        source,
+    };
+    let file = kernel_files::open_regular(&path).map_err(|e| error(e.into_io()))?;
+    mounts_in(
+        file,
+        dev_root,
+        devices,
+        MAX_MOUNTINFO_BYTES,
+        MAX_MOUNTINFO_LINE,
+    )
+    .map_err(error)
+}
+
+/// [`mounts`] of the table `table`, at most `max_bytes` of lines that are
+/// not FUSE's and `max_line` bytes a line.
+fn mounts_in(
+    table: impl Read,
+    dev_root: &Path,
+    devices: &[BlockDevice],
+    max_bytes: u64,
+    max_line: usize,
+) -> io::Result<Vec<HostUse>> {
+    let mut reader = BufReader::with_capacity(64 * 1024, table);
+    let mut line = Vec::new();
+    let mut counted = 0u64;
     let mut uses = Vec::new();
-    for line in text.lines() {
-        let Some(mount) = parse_mountinfo_line(line) else {
+    loop {
+        line.clear();
+        let limit = u64::try_from(max_line)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
+        (&mut reader).take(limit).read_until(b'\n', &mut line)?;
+        if line.is_empty() {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() > max_line {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("a line is longer than {max_line} bytes"),
+            ));
+        }
+        let text = String::from_utf8_lossy(&line);
+        let Some(mount) = parse_mountinfo_line(&text) else {
             continue;
         };
+        if is_fuse(&mount.fs_type) {
+            continue;
+        }
+        counted += line.len() as u64 + 1;
+        if counted > max_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than {max_bytes} bytes of mounts that are not FUSE's"),
+            ));
+        }
         let by_number = devices.iter().find(|d| d.rdev == mount.rdev);
+        // Only a node's name is looked up: a source elsewhere could be on a
+        // hung network file system.
         let device = by_number.or_else(|| {
-            if !mount.source.starts_with('/') {
+            if !mount.source.starts_with("/dev/") {
                 return None;
             }
             let rdev = fs::metadata(host_path(dev_root, &mount.source))
@@ -126,6 +182,13 @@ pub(super) fn mounts(
         }
     }
     Ok(uses)
+}
+
+/// A FUSE file system, which no PCI device's block device backs. Not
+/// `fuseblk` (ntfs-3g and other FUSE servers of a block device), which
+/// only root can mount.
+fn is_fuse(fs_type: &str) -> bool {
+    fs_type == "fuse" || fs_type.starts_with("fuse.")
 }
 
 struct MountLine {
@@ -242,5 +305,74 @@ mod tests {
         assert!(parse_mountinfo_line("garbage").is_none());
         assert!(parse_mountinfo_line("1 2 x:y / / rw - ext4 /dev/x rw").is_none());
         assert_eq!(unescape("a\\134b\\"), "a\\b\\");
+    }
+
+    fn vda1() -> Vec<BlockDevice> {
+        vec![BlockDevice {
+            name: "vda1".into(),
+            rdev: libc::makedev(254, 1),
+            chain: vec!["vda1".into()],
+        }]
+    }
+
+    fn mount_points(uses: &[HostUse]) -> Vec<&str> {
+        uses.iter()
+            .filter_map(|u| match u {
+                HostUse::Mount { mount_point, .. } => Some(mount_point.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Any local user can mount FUSE file systems: thousands of their
+    /// lines neither count toward the bound nor hide the mount after them;
+    /// `fuseblk` (ntfs-3g on a partition) is matched like any other.
+    #[test]
+    fn fuse_mounts_do_not_count_toward_the_bound() {
+        let fuse = "40 22 0:50 / /home/u/m\\040ount rw - fuse.sshfs u@h:/x rw\n";
+        let mut table = fuse.repeat(1000);
+        table.push_str("41 22 254:1 / /mnt/win rw - fuseblk /dev/vda1 rw\n");
+        table.push_str(&"42 22 0:51 / /home/u/n rw - fuse /dev/fuse rw\n".repeat(1000));
+        let max = 4096;
+        assert!(table.len() > 20 * max);
+        let uses = mounts_in(
+            table.as_bytes(),
+            Path::new("/nonexistent"),
+            &vda1(),
+            max as u64,
+            256,
+        )
+        .unwrap();
+        assert_eq!(mount_points(&uses), ["/mnt/win"]);
+    }
+
+    /// Past the bound (other file systems) or a line longer than its bound:
+    /// an error, never a cut table.
+    #[test]
+    fn a_table_or_line_over_its_bound_is_an_error() {
+        let tmpfs = "40 22 0:50 / /run/x rw - tmpfs tmpfs rw\n";
+        let last = "41 22 254:1 / /srv rw - ext4 /dev/vda1 rw\n";
+        let table = format!("{}{last}", tmpfs.repeat(100));
+        let within = (tmpfs.len() * 100 + last.len()) as u64;
+        let devices = vda1();
+        let dev = Path::new("/nonexistent");
+        let uses = mounts_in(table.as_bytes(), dev, &devices, within, 256).unwrap();
+        assert_eq!(mount_points(&uses), ["/srv"]);
+        let over = mounts_in(table.as_bytes(), dev, &devices, within - 1, 256).unwrap_err();
+        assert_eq!(over.kind(), io::ErrorKind::InvalidData, "{over}");
+        let long = format!(
+            "40 22 0:50 / /{} rw - tmpfs tmpfs rw\n{last}",
+            "x".repeat(300)
+        );
+        let too_long = mounts_in(long.as_bytes(), dev, &devices, within, 256).unwrap_err();
+        assert!(
+            too_long.to_string().contains("longer than 256"),
+            "{too_long}"
+        );
+        // Exactly at the line bound, and a last line without a newline.
+        let at = format!("{}\n{}", &last[..last.len() - 1], &last[..last.len() - 1]);
+        let line = last.len() - 1;
+        let uses = mounts_in(at.as_bytes(), dev, &devices, within, line).unwrap();
+        assert_eq!(mount_points(&uses), ["/srv", "/srv"]);
     }
 }
