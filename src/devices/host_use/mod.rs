@@ -18,7 +18,8 @@
 //!   too; `/dev/nvidiaN` for the nvidia driver), in one /proc pass.
 //!
 //! What cannot be looked at is said ([`Unknown`]), never taken for "no
-//! use": the unit's ProcSubset=pid hides `/proc/swaps`.
+//! use": the unit's ProcSubset=pid hides `/proc/swaps`; a process whose
+//! open files the service is refused (an LSM) may hold a node.
 
 use std::fs;
 use std::io;
@@ -205,6 +206,9 @@ pub enum Unknown {
     Swap { reason: String },
     /// Whether an interface of the device is up or routes.
     Network { reason: String },
+    /// Whether processes hold the device's nodes: the service was refused
+    /// a look at some processes' open files (an LSM, ptrace's check).
+    Processes { reason: String },
 }
 
 impl std::fmt::Display for Unknown {
@@ -215,6 +219,12 @@ impl std::fmt::Display for Unknown {
                 write!(
                     f,
                     "whether its network interfaces are in use is unknown: {reason}"
+                )
+            }
+            Unknown::Processes { reason } => {
+                write!(
+                    f,
+                    "whether processes hold its device nodes is unknown: {reason}"
                 )
             }
         }
@@ -464,8 +474,14 @@ pub fn host_uses(
     }
     if !subtree.nodes.is_empty() {
         let targets: Vec<Target> = subtree.nodes.iter().map(|n| n.target).collect();
-        let holders = procfs::holders_of_any(&roots.proc, &targets, std::process::id(), cancel)?;
-        for (node, holders) in subtree.nodes.iter().zip(holders) {
+        let scanned =
+            procfs::holders_of_any_and_unseen(&roots.proc, &targets, std::process::id(), cancel)?;
+        if !scanned.unseen.is_empty() {
+            found.unknown.push(Unknown::Processes {
+                reason: unseen_reason(&roots.proc, &scanned.unseen),
+            });
+        }
+        for (node, holders) in subtree.nodes.iter().zip(scanned.holders) {
             for holder in holders {
                 found.uses.push(HostUse::Process {
                     pid: holder.pid,
@@ -571,6 +587,30 @@ fn nvidia_nodes(roots: &HostRoots, address: &PciAddress) -> Vec<Node> {
         .collect();
     nodes.sort_by(|a, b| a.path.cmp(&b.path));
     nodes
+}
+
+/// Processes named in an [`Unknown::Processes`] at most.
+const MAX_UNSEEN_NAMED: usize = 5;
+
+/// Why the processes `unseen` are unknown: named, a few of them.
+fn unseen_reason(proc_root: &Path, unseen: &[u32]) -> String {
+    let mut named: Vec<String> = unseen
+        .iter()
+        .take(MAX_UNSEEN_NAMED)
+        .map(|&pid| format!("{pid} ({})", program(proc_root, pid)))
+        .collect();
+    if unseen.len() > MAX_UNSEEN_NAMED {
+        named.push(format!("{} more", unseen.len() - MAX_UNSEEN_NAMED));
+    }
+    let processes = if unseen.len() == 1 {
+        "process"
+    } else {
+        "processes"
+    };
+    format!(
+        "the service was refused a look at the open files of {processes} {}",
+        named.join(", ")
+    )
 }
 
 /// A holder's executable, else its `comm`, else "unknown program".

@@ -2,7 +2,9 @@
 //! (read only: nothing is unbound or written).
 
 use super::*;
-use crate::test_support::{FakeSysfs, Sleeper};
+use crate::test_support::{
+    CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, FakeSysfs, Sleeper, without_capabilities,
+};
 use std::ffi::CString;
 use std::os::unix::fs::symlink;
 
@@ -127,12 +129,23 @@ fn disk(host: &Host) {
     symlink(&dm, vda2.join("holders/dm-0")).unwrap();
 }
 
-fn mounts_of(uses: &HostUses) -> Vec<String> {
+/// The sentences of the uses `keep` keeps.
+fn sentences(uses: &HostUses, keep: fn(&HostUse) -> bool) -> Vec<String> {
     uses.uses
         .iter()
-        .filter(|u| matches!(u, HostUse::Mount { .. } | HostUse::Swap { .. }))
+        .filter(|u| keep(u))
         .map(ToString::to_string)
         .collect()
+}
+
+fn mounts_of(uses: &HostUses) -> Vec<String> {
+    sentences(uses, |u| {
+        matches!(u, HostUse::Mount { .. } | HostUse::Swap { .. })
+    })
+}
+
+fn processes_of(uses: &HostUses) -> Vec<String> {
+    sentences(uses, |u| matches!(u, HostUse::Process { .. }))
 }
 
 #[test]
@@ -325,18 +338,55 @@ fn processes_holding_the_nodes_are_named_in_one_pass() {
             node: "/dev/dri/card1".into()
         }]
     );
-    let processes: Vec<String> = uses
-        .uses
-        .iter()
-        .filter(|u| matches!(u, HostUse::Process { .. }))
-        .map(ToString::to_string)
-        .collect();
     assert_eq!(
-        processes,
+        processes_of(&uses),
         [
             "process 100 (/usr/bin/sleep) holds /dev/vda open",
             "process 101 (/usr/bin/cryptsetup) holds /dev/dm-0 open",
         ]
+    );
+}
+
+/// A process whose open files the service may not see (here: its fd
+/// directory, mode 000, and no DAC override) is unknown, never "holds
+/// nothing"; the others are still named.
+#[test]
+fn a_process_refused_to_the_scan_is_unknown() {
+    use std::os::unix::fs::PermissionsExt;
+    let host = Host::new();
+    disk(&host);
+    let vda = host.block_node("vda", 254, 0);
+    host.process_holding(100, "/usr/bin/sleep", &vda);
+    host.process_holding(101, "/usr/bin/secret", &vda);
+    let fd = host.proc.path().join("101/fd");
+    fs::set_permissions(&fd, fs::Permissions::from_mode(0o000)).unwrap();
+    let uses = without_capabilities(&[CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH], || {
+        host.uses(DISK, NetworkSnapshot::default())
+    });
+    assert_eq!(
+        processes_of(&uses),
+        ["process 100 (/usr/bin/sleep) holds /dev/vda open"]
+    );
+    let unknown: Vec<String> = uses
+        .unknown
+        .iter()
+        .filter(|u| matches!(u, Unknown::Processes { .. }))
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        unknown,
+        [
+            "whether processes hold its device nodes is unknown: the service was refused a look at the open files of process 101 (/usr/bin/secret)"
+        ]
+    );
+    fs::set_permissions(&fd, fs::Permissions::from_mode(0o500)).unwrap();
+    let uses = host.uses(DISK, NetworkSnapshot::default());
+    assert!(
+        !uses
+            .unknown
+            .iter()
+            .any(|u| matches!(u, Unknown::Processes { .. })),
+        "{uses:?}"
     );
 }
 
