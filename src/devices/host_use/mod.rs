@@ -6,8 +6,9 @@
 //! collects its block devices, network interfaces, DRM connectors,
 //! framebuffers and device nodes; then:
 //! - **storage** (`host_use/storage.rs`): the block devices and what stacks on them
-//!   (`holders/`: dm, md, LVM), matched against the service's mount table
-//!   and `/proc/swaps`;
+//!   (holders: dm, md, LVM; their partitions; NVMe multipath heads; loop
+//!   devices on them), matched against the service's mount table and
+//!   `/proc/swaps`;
 //! - **network** ([`netlink`]): interfaces that are up with a global
 //!   address, or carry a default route, from rtnetlink dumps;
 //! - **display**: `boot_vga`/`boot_display`, connected DRM outputs, a
@@ -93,6 +94,12 @@ pub enum HostUse {
     },
     /// Swap on a block device of the device, or a swap file on one.
     Swap { path: String, chain: Vec<String> },
+    /// A loop device (the chain's last) whose backing file is a block
+    /// device of the device (or one stacked on it) or a file on one.
+    Loop {
+        chain: Vec<String>,
+        backing_file: String,
+    },
     /// An interface of the device is up with addresses, or carries a
     /// default route.
     Interface {
@@ -126,6 +133,16 @@ impl HostUse {
     pub fn blocks_by_default(&self) -> bool {
         true
     }
+
+    /// The block devices a storage use goes through.
+    fn chain(&self) -> Option<&[String]> {
+        match self {
+            HostUse::Mount { chain, .. }
+            | HostUse::Swap { chain, .. }
+            | HostUse::Loop { chain, .. } => Some(chain),
+            _ => None,
+        }
+    }
 }
 
 fn chain_text(chain: &[String]) -> String {
@@ -153,6 +170,20 @@ impl std::fmt::Display for HostUse {
                     f,
                     "block device {} is used for swap ({path})",
                     chain_text(chain)
+                )
+            }
+            HostUse::Loop {
+                chain,
+                backing_file,
+            } => {
+                let (device, under) = match chain.split_last() {
+                    Some((device, under)) if !under.is_empty() => (device.as_str(), under),
+                    _ => ("?", &chain[..]),
+                };
+                write!(
+                    f,
+                    "loop device {device} reads from block device {} (its backing file is {backing_file})",
+                    chain_text(under)
                 )
             }
             HostUse::Interface {
@@ -250,6 +281,8 @@ pub enum HostUseError {
     },
     #[error("the sysfs tree of {0} has more than {MAX_SUBTREE_DIRS} directories")]
     TooLarge(PciAddress),
+    #[error("block devices stacked deeper than {} on it: {}", storage::MAX_STACK_DEPTH, chain.join(" → "))]
+    TooDeeplyStacked { chain: Vec<String> },
     #[error("the sysfs tree of {address} is deeper than {MAX_SUBTREE_DEPTH} directories (at {})", path.display())]
     TooDeep { address: PciAddress, path: PathBuf },
     #[error("cannot read the mount table {}: {source}", path.display())]
@@ -273,7 +306,7 @@ struct Node {
 /// What one walk of the device's sysfs subtree finds.
 #[derive(Debug, Default)]
 struct Subtree {
-    block: Vec<(PathBuf, storage::BlockDevice)>,
+    block: Vec<storage::BlockDevice>,
     nodes: Vec<Node>,
     /// (name, ifindex).
     interfaces: Vec<(String, u32)>,
@@ -347,14 +380,8 @@ impl Subtree {
         if let Some(rdev) = storage::device_number(dir) {
             let path = format!("/dev/{}", dev_name(dir).unwrap_or_else(|| name.clone()));
             let target = if subsystem == "block" {
-                self.block.push((
-                    dir.to_owned(),
-                    storage::BlockDevice {
-                        name: name.clone(),
-                        rdev,
-                        chain: vec![name.clone()],
-                    },
-                ));
+                self.block
+                    .push(storage::BlockDevice::found(dir, &name, rdev));
                 Target::BlockDevice { rdev }
             } else {
                 Target::CharDevice { rdev }
@@ -406,7 +433,8 @@ pub fn host_uses(
 
     // Storage.
     if !subtree.block.is_empty() {
-        let devices = storage::with_holders(std::mem::take(&mut subtree.block));
+        let devices =
+            storage::stacked(std::mem::take(&mut subtree.block), &roots.sysfs, &roots.dev)?;
         for device in &devices {
             // Holders' nodes (`/dev/dm-0`) can be held open as well.
             if device.chain.len() > 1 {
@@ -423,6 +451,28 @@ pub fn host_uses(
             Ok(swaps) => found.uses.extend(swaps),
             Err(unknown) => found.unknown.push(unknown),
         }
+        // A loop device holds its backing file open in the kernel, seen by
+        // no process: said unless a use of it, or a loop above it, names
+        // it already.
+        let loops: Vec<HostUse> = devices
+            .iter()
+            .filter_map(|device| {
+                let backing_file = device.backing_file.clone()?;
+                let used = found
+                    .uses
+                    .iter()
+                    .any(|u| u.chain().is_some_and(|chain| chain.contains(&device.name)));
+                let below_a_loop = devices.iter().any(|other| {
+                    other.backing_file.is_some()
+                        && other.chain[..other.chain.len() - 1].contains(&device.name)
+                });
+                (!used && !below_a_loop).then(|| HostUse::Loop {
+                    chain: device.chain.clone(),
+                    backing_file,
+                })
+            })
+            .collect();
+        found.uses.extend(loops);
     }
 
     // Network.

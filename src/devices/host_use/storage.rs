@@ -1,5 +1,9 @@
-//! Block devices below a PCI device, what stacks on them (dm, md, LVM
-//! through `holders/`), and which of them back a mount or swap.
+//! Block devices below a PCI device, what stacks on them, and which of
+//! them back a mount or swap. Stacked: holders (`holders/`: dm, md, LVM,
+//! kpartx's dm partitions), partitions of those (`md126p1`), the NVMe
+//! multipath head of a path (`nvme0c0n1` → `nvme0n1`, under the
+//! nvme-subsystem, not the PCI device) and loop devices whose backing file
+//! is one of their nodes or a file on one (`loop/backing_file`).
 
 use std::collections::HashSet;
 use std::fs;
@@ -21,8 +25,8 @@ pub const MAX_MOUNTINFO_BYTES: u64 = 64 * 1024 * 1024;
 /// with many layers are the longest. Longer is an error.
 pub const MAX_MOUNTINFO_LINE: usize = 1024 * 1024;
 const MAX_SWAPS_BYTES: u64 = 1024 * 1024;
-/// Stacking deeper than this (dm on md on dm …) is not followed further.
-const MAX_HOLDER_DEPTH: usize = 8;
+/// Stacking deeper than this (dm on md on dm …) is an error, never cut.
+pub const MAX_STACK_DEPTH: usize = 16;
 
 /// One block device: its kernel name, number, and how it is reached from
 /// the PCI device (`["vda", "vda2", "dm-0"]`).
@@ -31,36 +35,173 @@ pub(super) struct BlockDevice {
     pub name: String,
     pub rdev: u64,
     pub chain: Vec<String>,
+    /// Its sysfs directory.
+    pub dir: PathBuf,
+    /// A loop device's backing file, as the kernel names it.
+    pub backing_file: Option<String>,
 }
 
-/// `found` (block devices below the PCI device, with their sysfs dirs)
-/// plus everything holding them, transitively.
-pub(super) fn with_holders(found: Vec<(PathBuf, BlockDevice)>) -> Vec<BlockDevice> {
-    let mut seen: HashSet<u64> = found.iter().map(|(_, b)| b.rdev).collect();
+impl BlockDevice {
+    /// The device at sysfs directory `dir` (with a `dev` attribute),
+    /// reached by `chain` and then `name`.
+    fn at(dir: PathBuf, name: String, chain: &[String]) -> Option<BlockDevice> {
+        let rdev = device_number(&dir)?;
+        let mut chain = chain.to_vec();
+        chain.push(name.clone());
+        Some(BlockDevice {
+            name,
+            rdev,
+            chain,
+            dir,
+            backing_file: None,
+        })
+    }
+
+    /// One the walk found below the PCI device.
+    pub(super) fn found(dir: &Path, name: &str, rdev: u64) -> BlockDevice {
+        BlockDevice {
+            name: name.to_owned(),
+            rdev,
+            chain: vec![name.to_owned()],
+            dir: dir.to_owned(),
+            backing_file: None,
+        }
+    }
+}
+
+/// `found` (block devices below the PCI device) plus everything stacked
+/// on them, transitively, sorted by chain. An error past
+/// [`MAX_STACK_DEPTH`].
+pub(super) fn stacked(
+    found: Vec<BlockDevice>,
+    sysfs_root: &Path,
+    dev_root: &Path,
+) -> Result<Vec<BlockDevice>, HostUseError> {
+    let mut seen: HashSet<u64> = found.iter().map(|b| b.rdev).collect();
     let mut all = Vec::new();
-    let mut queue: Vec<(PathBuf, BlockDevice, usize)> =
-        found.into_iter().map(|(dir, b)| (dir, b, 0)).collect();
-    while let Some((dir, device, depth)) = queue.pop() {
-        if depth < MAX_HOLDER_DEPTH {
-            let holders = dir.join("holders");
-            for entry in fs::read_dir(&holders).into_iter().flatten().flatten() {
-                // A link to the holder's directory (`../../../virtual/block/dm-0`).
-                let holder_dir = entry.path();
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let Some(rdev) = device_number(&holder_dir) else {
-                    continue;
-                };
-                if seen.insert(rdev) {
-                    let mut chain = device.chain.clone();
-                    chain.push(name.clone());
-                    queue.push((holder_dir, BlockDevice { name, rdev, chain }, depth + 1));
+    let mut queue = found;
+    let loops = loop_devices(sysfs_root);
+    while !queue.is_empty() {
+        while let Some(device) = queue.pop() {
+            if device.chain.len() > MAX_STACK_DEPTH {
+                return Err(HostUseError::TooDeeplyStacked {
+                    chain: device.chain,
+                });
+            }
+            for above in stacked_on(&device, sysfs_root) {
+                if seen.insert(above.rdev) {
+                    queue.push(above);
                 }
             }
+            all.push(device);
         }
-        all.push(device);
+        // Loops last: their backing files are matched against everything
+        // found so far (a loop on a partition of a loop …).
+        for (dir, name, backing_file) in &loops {
+            let Some(rdev) = device_number(dir) else {
+                continue;
+            };
+            if seen.contains(&rdev) {
+                continue;
+            }
+            let Some(under) = backing_number(dev_root, backing_file)
+                .and_then(|number| all.iter().find(|d: &&BlockDevice| d.rdev == number))
+            else {
+                continue;
+            };
+            let mut chain = under.chain.clone();
+            chain.push(name.clone());
+            seen.insert(rdev);
+            queue.push(BlockDevice {
+                name: name.clone(),
+                rdev,
+                chain,
+                dir: dir.clone(),
+                backing_file: Some(backing_file.clone()),
+            });
+        }
     }
     all.sort_by(|a, b| a.chain.cmp(&b.chain));
-    all
+    Ok(all)
+}
+
+/// What stacks directly on `device`: its holders, its partitions (a
+/// stacked device's: `md126p1`; the walk finds the PCI device's own) and,
+/// for an NVMe multipath path, its head.
+fn stacked_on(device: &BlockDevice, sysfs_root: &Path) -> Vec<BlockDevice> {
+    let mut above = Vec::new();
+    // Links to the holders' directories (`../../../virtual/block/dm-0`).
+    for entry in fs::read_dir(device.dir.join("holders"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        above.extend(BlockDevice::at(entry.path(), name, &device.chain));
+    }
+    for entry in fs::read_dir(&device.dir).into_iter().flatten().flatten() {
+        let dir = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) && dir.join("partition").is_file() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            above.extend(BlockDevice::at(dir, name, &device.chain));
+        }
+    }
+    if let Some(head) = multipath_head(&device.name) {
+        let dir = sysfs_root.join("class/block").join(&head);
+        above.extend(BlockDevice::at(dir, head, &device.chain));
+    }
+    above.sort_by(|a, b| a.name.cmp(&b.name));
+    above
+}
+
+#[cfg(test)]
+pub(super) fn multipath_head_of(path: &str) -> Option<String> {
+    multipath_head(path)
+}
+
+/// The NVMe multipath head of path `nvme<S>c<C>n<N>`: `nvme<S>n<N>`, a
+/// block device of the nvme-subsystem the controller is in.
+fn multipath_head(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("nvme")?;
+    let (subsystem, rest) = rest.split_once('c')?;
+    let (controller, namespace) = rest.split_once('n')?;
+    let numbers = [subsystem, controller, namespace];
+    if numbers
+        .iter()
+        .any(|n| n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    Some(format!("nvme{subsystem}n{namespace}"))
+}
+
+/// Every bound loop device: (sysfs dir, name, backing file).
+fn loop_devices(sysfs_root: &Path) -> Vec<(PathBuf, String, String)> {
+    let mut loops = Vec::new();
+    for entry in fs::read_dir(sysfs_root.join("class/block"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let dir = entry.path();
+        // Only a bound loop device has a backing file.
+        if let Ok(backing_file) = read_attribute(&dir.join("loop/backing_file")) {
+            loops.push((dir, name, backing_file));
+        }
+    }
+    loops.sort();
+    loops
+}
+
+/// What a loop's backing file is on: the number of the node it is, or of
+/// the file system holding it. (A file on btrfs has an anonymous number:
+/// its file system's mount is found anyway.)
+fn backing_number(dev_root: &Path, backing_file: &str) -> Option<u64> {
+    block_number_of(&host_path(dev_root, backing_file))
 }
 
 /// The `dev` attribute (`MAJOR:MINOR`) of a sysfs device directory as
@@ -308,11 +449,11 @@ mod tests {
     }
 
     fn vda1() -> Vec<BlockDevice> {
-        vec![BlockDevice {
-            name: "vda1".into(),
-            rdev: libc::makedev(254, 1),
-            chain: vec!["vda1".into()],
-        }]
+        vec![BlockDevice::found(
+            Path::new("/nonexistent"),
+            "vda1",
+            libc::makedev(254, 1),
+        )]
     }
 
     fn mount_points(uses: &[HostUse]) -> Vec<&str> {

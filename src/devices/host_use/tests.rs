@@ -7,6 +7,7 @@ use crate::test_support::{
 };
 use std::ffi::CString;
 use std::os::unix::fs::symlink;
+use storage::multipath_head_of;
 
 const DISK: &str = "0000:00:02.0";
 
@@ -38,13 +39,16 @@ impl Host {
     }
 
     fn uses(&self, address: &str, network: NetworkSnapshot) -> HostUses {
+        self.try_uses(address, network).unwrap()
+    }
+
+    fn try_uses(&self, address: &str, network: NetworkSnapshot) -> Result<HostUses, HostUseError> {
         host_uses(
             &self.roots(),
             &address.parse().unwrap(),
             &Network::Given(network),
             &CancellationToken::new(),
         )
-        .unwrap()
     }
 
     fn mountinfo(&self, text: &str) {
@@ -78,6 +82,47 @@ impl Host {
             uevent = format!("MAJOR={major}\nMINOR={minor}\nDEVNAME={devname}\n");
         }
         fs::write(dir.join("uevent"), uevent).unwrap();
+        dir
+    }
+
+    /// A block device outside the PCI tree (`devices/virtual/block/<name>`,
+    /// or `parent/<name>`), listed in `class/block`, stacked on `lower`
+    /// (their `holders/`) when given.
+    fn virtual_block(
+        &self,
+        parent: Option<&Path>,
+        name: &str,
+        (major, minor): (u32, u32),
+        lower: &[&Path],
+    ) -> PathBuf {
+        let root = self.sys.root();
+        let dir = match parent {
+            Some(parent) => parent.join(name),
+            None => root.join("devices/virtual/block").join(name),
+        };
+        fs::create_dir_all(dir.join("holders")).unwrap();
+        fs::write(dir.join("dev"), format!("{major}:{minor}\n")).unwrap();
+        fs::create_dir_all(root.join("class/block")).unwrap();
+        symlink(&dir, root.join("class/block").join(name)).unwrap();
+        for lower in lower {
+            fs::create_dir_all(lower.join("holders")).unwrap();
+            symlink(&dir, lower.join("holders").join(name)).unwrap();
+        }
+        dir
+    }
+
+    /// A partition `name` of the block device at `disk`.
+    fn partition(&self, disk: &Path, name: &str, dev: (u32, u32)) -> PathBuf {
+        let dir = self.virtual_block(Some(disk), name, dev, &[]);
+        fs::write(dir.join("partition"), "1\n").unwrap();
+        dir
+    }
+
+    /// Bound loop device `name` with `backing_file`.
+    fn loop_device(&self, name: &str, dev: (u32, u32), backing_file: &str) -> PathBuf {
+        let dir = self.virtual_block(None, name, dev, &[]);
+        fs::create_dir_all(dir.join("loop")).unwrap();
+        fs::write(dir.join("loop/backing_file"), format!("{backing_file}\n")).unwrap();
         dir
     }
 
@@ -120,8 +165,11 @@ impl Host {
 fn disk(host: &Host) {
     host.sys.device(DISK, 0x1af4, 0x1001, 0x010000);
     host.device(DISK, "virtio1/block/vda", "block", Some((254, 0)));
-    host.device(DISK, "virtio1/block/vda/vda1", "block", Some((254, 1)));
+    let vda1 = host.device(DISK, "virtio1/block/vda/vda1", "block", Some((254, 1)));
     let vda2 = host.device(DISK, "virtio1/block/vda/vda2", "block", Some((254, 2)));
+    for partition in [&vda1, &vda2] {
+        fs::write(partition.join("partition"), "1\n").unwrap();
+    }
     let dm = host.sys.root().join("devices/virtual/block/dm-0");
     fs::create_dir_all(dm.join("holders")).unwrap();
     fs::write(dm.join("dev"), "253:0\n").unwrap();
@@ -172,6 +220,128 @@ fn mounted_partitions_and_what_stacks_on_them_are_named() {
         matches!(&uses.unknown[..], [Unknown::Swap { reason }] if reason.contains("ProcSubset=pid")),
         "{:?}",
         uses.unknown
+    );
+}
+
+/// Partitions of a stacked device (an md array's `md126p1`) are followed
+/// like holders.
+#[test]
+fn partitions_of_stacked_devices_are_followed() {
+    let host = Host::new();
+    disk(&host);
+    let vda1 = host.sys.device_dir(DISK).join("virtio1/block/vda/vda1");
+    let md = host.virtual_block(None, "md126", (9, 126), &[&vda1]);
+    host.partition(&md, "md126p1", (259, 7));
+    host.mountinfo("22 1 259:7 / /data rw - ext4 /dev/md126p1 rw\n");
+    assert_eq!(
+        mounts_of(&host.uses(DISK, NetworkSnapshot::default())),
+        ["block device vda1 → md126 → md126p1 backs /data (ext4 on /dev/md126p1)"]
+    );
+}
+
+/// NVMe native multipath: the PCI device has only the hidden path
+/// `nvme0c0n1`; the disk and its partitions live under the subsystem.
+#[test]
+fn nvme_multipath_heads_are_followed() {
+    let host = Host::new();
+    let nvme = "0000:04:00.0";
+    host.sys.device(nvme, 0x144d, 0xa808, 0x010802);
+    host.device(nvme, "nvme/nvme0", "nvme", Some((240, 0)));
+    let path = host.device(nvme, "nvme/nvme0/nvme0c0n1", "block", Some((259, 0)));
+    fs::write(path.join("hidden"), "1\n").unwrap();
+    let subsystem = host
+        .sys
+        .root()
+        .join("devices/virtual/nvme-subsystem/nvme-subsys0");
+    let head = host.virtual_block(Some(&subsystem), "nvme0n1", (259, 1), &[]);
+    host.partition(&head, "nvme0n1p1", (259, 2));
+    host.partition(&head, "nvme0n1p2", (259, 3));
+    host.mountinfo(
+        "22 1 259:3 / / rw - xfs /dev/nvme0n1p2 rw\n\
+         23 22 259:2 / /boot/efi rw - vfat /dev/nvme0n1p1 rw\n",
+    );
+    assert_eq!(
+        mounts_of(&host.uses(nvme, NetworkSnapshot::default())),
+        [
+            "block device nvme0c0n1 → nvme0n1 → nvme0n1p2 backs / (xfs on /dev/nvme0n1p2)",
+            "block device nvme0c0n1 → nvme0n1 → nvme0n1p1 backs /boot/efi (vfat on /dev/nvme0n1p1)",
+        ]
+    );
+    assert_eq!(multipath_head_of("nvme12c3n45"), Some("nvme12n45".into()));
+    for not_a_path in ["nvme0n1", "nvme0c0n", "nvmeXc0n1", "nvme0c0n1p2", "sda"] {
+        assert_eq!(multipath_head_of(not_a_path), None, "{not_a_path}");
+    }
+}
+
+/// A loop device whose backing file is a node of the device (or a file on
+/// one of its file systems) holds it in the kernel, where no process
+/// shows: said, and its mount named through it.
+#[test]
+fn loop_devices_on_the_device_are_followed() {
+    use std::os::unix::fs::MetadataExt;
+    let host = Host::new();
+    host.sys.device(DISK, 0x1af4, 0x1001, 0x010000);
+    // The image's file system is on vdb; vdc1 (another number) is
+    // a loop's backing node. Loops' numbers are far from any real one.
+    let image = host.dev.path().join("disk.img");
+    fs::write(&image, "").unwrap();
+    let on = fs::metadata(&image).unwrap().dev();
+    let (major, minor) = (libc::major(on), libc::minor(on));
+    host.device(DISK, "virtio1/block/vdb", "block", Some((major, minor)));
+    let vdc1 = host.device(
+        DISK,
+        "virtio1/block/vdc1",
+        "block",
+        Some((major, minor + 1000)),
+    );
+    fs::write(vdc1.join("partition"), "1\n").unwrap();
+    host.block_node("vdc1", major, minor + 1000);
+    host.block_node("loop0", 7, 1000);
+    host.loop_device("loop0", (7, 1000), "/dev/vdc1");
+    host.loop_device("loop1", (7, 1001), "/dev/disk.img");
+    host.loop_device("loop2", (7, 1002), "/elsewhere/other.img");
+    host.loop_device("loop3", (7, 1003), "/dev/loop0");
+    let uses = host.uses(DISK, NetworkSnapshot::default());
+    let loops = |uses: &HostUses| sentences(uses, |u| matches!(u, HostUse::Loop { .. }));
+    // loop0 is named by loop3's sentence.
+    assert_eq!(
+        loops(&uses),
+        [
+            "loop device loop1 reads from block device vdb (its backing file is /dev/disk.img)",
+            "loop device loop3 reads from block device vdc1 → loop0 (its backing file is /dev/loop0)",
+        ]
+    );
+    // Mounted: the mount names it; no second sentence.
+    host.mountinfo("22 1 7:1003 / /mnt rw - ext4 /dev/loop3 rw\n");
+    let uses = host.uses(DISK, NetworkSnapshot::default());
+    assert_eq!(
+        mounts_of(&uses),
+        ["block device vdc1 → loop0 → loop3 backs /mnt (ext4 on /dev/loop3)"]
+    );
+    assert_eq!(
+        loops(&uses),
+        ["loop device loop1 reads from block device vdb (its backing file is /dev/disk.img)"]
+    );
+}
+
+/// Stacking deeper than the bound is an error, never cut.
+#[test]
+fn stacking_deeper_than_the_bound_is_an_error() {
+    let host = Host::new();
+    disk(&host);
+    let mut lower = host.sys.device_dir(DISK).join("virtio1/block/vda/vda1");
+    for i in 0..storage::MAX_STACK_DEPTH {
+        lower = host.virtual_block(
+            None,
+            &format!("dm-{}", i + 10),
+            (253, 10 + i as u32),
+            &[&lower],
+        );
+    }
+    let result = host.try_uses(DISK, NetworkSnapshot::default());
+    assert!(
+        matches!(&result, Err(HostUseError::TooDeeplyStacked { chain }) if chain.len() == storage::MAX_STACK_DEPTH + 1),
+        "{result:?}"
     );
 }
 
@@ -437,12 +607,7 @@ fn a_subtree_deeper_than_the_limit_is_an_error() {
             .join("block/sdz/deeper"),
     )
     .unwrap();
-    let result = host_uses(
-        &host.roots(),
-        &DISK.parse().unwrap(),
-        &Network::Given(NetworkSnapshot::default()),
-        &CancellationToken::new(),
-    );
+    let result = host.try_uses(DISK, NetworkSnapshot::default());
     assert!(
         matches!(&result, Err(HostUseError::TooDeep { path, .. }) if path.ends_with("sdz/deeper")),
         "{result:?}"
