@@ -8,7 +8,10 @@
 //! - **storage** (`host_use/storage.rs`): the block devices and what stacks on them
 //!   (holders: dm, md, LVM; their partitions; NVMe multipath heads; loop
 //!   devices on them), matched against the service's mount table and
-//!   `/proc/swaps`;
+//!   `/proc/swaps`, and opened exclusively (`host_use/claims.rs`): EBUSY
+//!   shows what no table here does (a mount in another mount namespace,
+//!   a lazily unmounted file system). Needs `DeviceAllow=block-* r` in the
+//!   unit; without it, [`Unknown::BlockDevices`];
 //! - **network** ([`netlink`]): interfaces that are up with a global
 //!   address, or carry a default route, from rtnetlink dumps;
 //! - **display**: `boot_vga`/`boot_display`, connected DRM outputs, a
@@ -34,6 +37,7 @@ use crate::kernel_files::{self, AtLimit};
 use crate::procfs::{self, HoldersError, Target};
 use vmmanager_client::PciAddress;
 
+mod claims;
 pub mod netlink;
 mod storage;
 
@@ -94,6 +98,14 @@ pub enum HostUse {
     },
     /// Swap on a block device of the device, or a swap file on one.
     Swap { path: String, chain: Vec<String> },
+    /// The kernel holds a block device of the device (or one stacked on
+    /// it) that no mount or swap in the service's view explains: a mount
+    /// in another mount namespace, a lazily unmounted file system, a
+    /// holder (`held_by`: dm, md) or an exclusive opener.
+    Claimed {
+        chain: Vec<String>,
+        held_by: Vec<String>,
+    },
     /// A loop device (the chain's last) whose backing file is a block
     /// device of the device (or one stacked on it) or a file on one.
     Loop {
@@ -139,6 +151,7 @@ impl HostUse {
         match self {
             HostUse::Mount { chain, .. }
             | HostUse::Swap { chain, .. }
+            | HostUse::Claimed { chain, .. }
             | HostUse::Loop { chain, .. } => Some(chain),
             _ => None,
         }
@@ -172,6 +185,17 @@ impl std::fmt::Display for HostUse {
                     chain_text(chain)
                 )
             }
+            HostUse::Claimed { chain, held_by } if held_by.is_empty() => write!(
+                f,
+                "block device {} is in use by the kernel: mounted, swap or opened exclusively, possibly in another mount namespace",
+                chain_text(chain)
+            ),
+            HostUse::Claimed { chain, held_by } => write!(
+                f,
+                "block device {} is held by {}, stacked on it",
+                chain_text(chain),
+                held_by.join(", ")
+            ),
             HostUse::Loop {
                 chain,
                 backing_file,
@@ -237,6 +261,9 @@ pub enum Unknown {
     Swap { reason: String },
     /// Whether an interface of the device is up or routes.
     Network { reason: String },
+    /// Whether the kernel holds a block device of the device (a mount in
+    /// another mount namespace, …): it could not be opened to find out.
+    BlockDevices { reason: String },
     /// Whether processes hold the device's nodes: the service was refused
     /// a look at some processes' open files (an LSM, ptrace's check).
     Processes { reason: String },
@@ -252,6 +279,10 @@ impl std::fmt::Display for Unknown {
                     "whether its network interfaces are in use is unknown: {reason}"
                 )
             }
+            Unknown::BlockDevices { reason } => write!(
+                f,
+                "whether the kernel holds its block devices (a mount in another mount namespace) is unknown: {reason}"
+            ),
             Unknown::Processes { reason } => {
                 write!(
                     f,
@@ -473,6 +504,10 @@ pub fn host_uses(
             })
             .collect();
         found.uses.extend(loops);
+        let (claims, unknown) =
+            claims::claim_uses(&devices, &found.uses, |d| claims::probe(&roots.dev, d));
+        found.uses.extend(claims);
+        found.unknown.extend(unknown);
     }
 
     // Network.

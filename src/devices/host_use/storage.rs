@@ -39,6 +39,10 @@ pub(super) struct BlockDevice {
     pub dir: PathBuf,
     /// A loop device's backing file, as the kernel names it.
     pub backing_file: Option<String>,
+    /// For a partition, its disk's name.
+    pub whole: Option<String>,
+    /// The devices stacked on it (`holders/`).
+    pub holders: Vec<String>,
 }
 
 impl BlockDevice {
@@ -47,24 +51,36 @@ impl BlockDevice {
     fn at(dir: PathBuf, name: String, chain: &[String]) -> Option<BlockDevice> {
         let rdev = device_number(&dir)?;
         let mut chain = chain.to_vec();
-        chain.push(name.clone());
-        Some(BlockDevice {
-            name,
-            rdev,
-            chain,
-            dir,
-            backing_file: None,
-        })
+        chain.push(name);
+        Some(BlockDevice::new(dir, rdev, chain))
     }
 
     /// One the walk found below the PCI device.
     pub(super) fn found(dir: &Path, name: &str, rdev: u64) -> BlockDevice {
+        BlockDevice::new(dir.to_owned(), rdev, vec![name.to_owned()])
+    }
+
+    fn new(dir: PathBuf, rdev: u64, chain: Vec<String>) -> BlockDevice {
+        let whole = dir
+            .join("partition")
+            .is_file()
+            .then(|| dir.parent()?.file_name()?.to_str().map(str::to_owned))
+            .flatten();
+        let mut holders: Vec<String> = fs::read_dir(dir.join("holders"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        holders.sort();
         BlockDevice {
-            name: name.to_owned(),
+            name: chain.last().cloned().unwrap_or_default(),
             rdev,
-            chain: vec![name.to_owned()],
-            dir: dir.to_owned(),
+            chain,
+            dir,
             backing_file: None,
+            whole,
+            holders,
         }
     }
 }
@@ -113,11 +129,8 @@ pub(super) fn stacked(
             chain.push(name.clone());
             seen.insert(rdev);
             queue.push(BlockDevice {
-                name: name.clone(),
-                rdev,
-                chain,
-                dir: dir.clone(),
                 backing_file: Some(backing_file.clone()),
+                ..BlockDevice::new(dir.clone(), rdev, chain)
             });
         }
     }

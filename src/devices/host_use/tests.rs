@@ -161,18 +161,20 @@ impl Host {
 }
 
 /// A virtio disk: `virtio1/block/vda` with partition `vda1`; `vda2` held
-/// by `dm-0`.
+/// by `dm-0`. Its numbers, and those of the other prepared block devices,
+/// are of no real device (majors 60-63 are for local, experimental use):
+/// the exclusive open of a prepared node never reaches a real disk.
 fn disk(host: &Host) {
     host.sys.device(DISK, 0x1af4, 0x1001, 0x010000);
-    host.device(DISK, "virtio1/block/vda", "block", Some((254, 0)));
-    let vda1 = host.device(DISK, "virtio1/block/vda/vda1", "block", Some((254, 1)));
-    let vda2 = host.device(DISK, "virtio1/block/vda/vda2", "block", Some((254, 2)));
+    host.device(DISK, "virtio1/block/vda", "block", Some((60, 0)));
+    let vda1 = host.device(DISK, "virtio1/block/vda/vda1", "block", Some((60, 1)));
+    let vda2 = host.device(DISK, "virtio1/block/vda/vda2", "block", Some((60, 2)));
     for partition in [&vda1, &vda2] {
         fs::write(partition.join("partition"), "1\n").unwrap();
     }
     let dm = host.sys.root().join("devices/virtual/block/dm-0");
     fs::create_dir_all(dm.join("holders")).unwrap();
-    fs::write(dm.join("dev"), "253:0\n").unwrap();
+    fs::write(dm.join("dev"), "61:0\n").unwrap();
     fs::create_dir_all(vda2.join("holders")).unwrap();
     symlink(&dm, vda2.join("holders/dm-0")).unwrap();
 }
@@ -201,8 +203,8 @@ fn mounted_partitions_and_what_stacks_on_them_are_named() {
     let host = Host::new();
     disk(&host);
     host.mountinfo(
-        "22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
-         23 22 253:0 / /srv/my\\040data rw - xfs /dev/mapper/vg-data rw\n\
+        "22 1 60:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
+         23 22 61:0 / /srv/my\\040data rw - xfs /dev/mapper/vg-data rw\n\
          24 22 0:5 / /dev rw - devtmpfs udev rw\n\
          25 22 8:1 / /other rw - ext4 /dev/sda1 rw\n",
     );
@@ -217,10 +219,17 @@ fn mounted_partitions_and_what_stacks_on_them_are_named() {
     assert!(uses.uses.iter().all(HostUse::blocks_by_default));
     // No /proc/swaps here, as under ProcSubset=pid: said, not taken for "none".
     assert!(
-        matches!(&uses.unknown[..], [Unknown::Swap { reason }] if reason.contains("ProcSubset=pid")),
+        matches!(&swap_unknown(&uses)[..], [Unknown::Swap { reason }] if reason.contains("ProcSubset=pid")),
         "{:?}",
         uses.unknown
     );
+}
+
+fn swap_unknown(uses: &HostUses) -> Vec<&Unknown> {
+    uses.unknown
+        .iter()
+        .filter(|u| matches!(u, Unknown::Swap { .. }))
+        .collect()
 }
 
 /// Partitions of a stacked device (an md array's `md126p1`) are followed
@@ -231,8 +240,8 @@ fn partitions_of_stacked_devices_are_followed() {
     disk(&host);
     let vda1 = host.sys.device_dir(DISK).join("virtio1/block/vda/vda1");
     let md = host.virtual_block(None, "md126", (9, 126), &[&vda1]);
-    host.partition(&md, "md126p1", (259, 7));
-    host.mountinfo("22 1 259:7 / /data rw - ext4 /dev/md126p1 rw\n");
+    host.partition(&md, "md126p1", (62, 7));
+    host.mountinfo("22 1 62:7 / /data rw - ext4 /dev/md126p1 rw\n");
     assert_eq!(
         mounts_of(&host.uses(DISK, NetworkSnapshot::default())),
         ["block device vda1 → md126 → md126p1 backs /data (ext4 on /dev/md126p1)"]
@@ -247,18 +256,18 @@ fn nvme_multipath_heads_are_followed() {
     let nvme = "0000:04:00.0";
     host.sys.device(nvme, 0x144d, 0xa808, 0x010802);
     host.device(nvme, "nvme/nvme0", "nvme", Some((240, 0)));
-    let path = host.device(nvme, "nvme/nvme0/nvme0c0n1", "block", Some((259, 0)));
+    let path = host.device(nvme, "nvme/nvme0/nvme0c0n1", "block", Some((62, 0)));
     fs::write(path.join("hidden"), "1\n").unwrap();
     let subsystem = host
         .sys
         .root()
         .join("devices/virtual/nvme-subsystem/nvme-subsys0");
-    let head = host.virtual_block(Some(&subsystem), "nvme0n1", (259, 1), &[]);
-    host.partition(&head, "nvme0n1p1", (259, 2));
-    host.partition(&head, "nvme0n1p2", (259, 3));
+    let head = host.virtual_block(Some(&subsystem), "nvme0n1", (62, 1), &[]);
+    host.partition(&head, "nvme0n1p1", (62, 2));
+    host.partition(&head, "nvme0n1p2", (62, 3));
     host.mountinfo(
-        "22 1 259:3 / / rw - xfs /dev/nvme0n1p2 rw\n\
-         23 22 259:2 / /boot/efi rw - vfat /dev/nvme0n1p1 rw\n",
+        "22 1 62:3 / / rw - xfs /dev/nvme0n1p2 rw\n\
+         23 22 62:2 / /boot/efi rw - vfat /dev/nvme0n1p1 rw\n",
     );
     assert_eq!(
         mounts_of(&host.uses(nvme, NetworkSnapshot::default())),
@@ -281,26 +290,23 @@ fn loop_devices_on_the_device_are_followed() {
     use std::os::unix::fs::MetadataExt;
     let host = Host::new();
     host.sys.device(DISK, 0x1af4, 0x1001, 0x010000);
-    // The image's file system is on vdb; vdc1 (another number) is
-    // a loop's backing node. Loops' numbers are far from any real one.
+    // The image's file system is on vdb (the real number of its file
+    // system; no node of it is made); vdc1 is a loop's backing node. The
+    // other numbers are of no real device (majors 60-63 are for local,
+    // experimental use): nothing real is opened.
     let image = host.dev.path().join("disk.img");
     fs::write(&image, "").unwrap();
     let on = fs::metadata(&image).unwrap().dev();
     let (major, minor) = (libc::major(on), libc::minor(on));
     host.device(DISK, "virtio1/block/vdb", "block", Some((major, minor)));
-    let vdc1 = host.device(
-        DISK,
-        "virtio1/block/vdc1",
-        "block",
-        Some((major, minor + 1000)),
-    );
+    let vdc1 = host.device(DISK, "virtio1/block/vdc1", "block", Some((62, 900)));
     fs::write(vdc1.join("partition"), "1\n").unwrap();
-    host.block_node("vdc1", major, minor + 1000);
-    host.block_node("loop0", 7, 1000);
-    host.loop_device("loop0", (7, 1000), "/dev/vdc1");
-    host.loop_device("loop1", (7, 1001), "/dev/disk.img");
-    host.loop_device("loop2", (7, 1002), "/elsewhere/other.img");
-    host.loop_device("loop3", (7, 1003), "/dev/loop0");
+    host.block_node("vdc1", 62, 900);
+    host.block_node("loop0", 62, 1000);
+    host.loop_device("loop0", (62, 1000), "/dev/vdc1");
+    host.loop_device("loop1", (62, 1001), "/dev/disk.img");
+    host.loop_device("loop2", (62, 1002), "/elsewhere/other.img");
+    host.loop_device("loop3", (62, 1003), "/dev/loop0");
     let uses = host.uses(DISK, NetworkSnapshot::default());
     let loops = |uses: &HostUses| sentences(uses, |u| matches!(u, HostUse::Loop { .. }));
     // loop0 is named by loop3's sentence.
@@ -312,7 +318,7 @@ fn loop_devices_on_the_device_are_followed() {
         ]
     );
     // Mounted: the mount names it; no second sentence.
-    host.mountinfo("22 1 7:1003 / /mnt rw - ext4 /dev/loop3 rw\n");
+    host.mountinfo("22 1 62:1003 / /mnt rw - ext4 /dev/loop3 rw\n");
     let uses = host.uses(DISK, NetworkSnapshot::default());
     assert_eq!(
         mounts_of(&uses),
@@ -334,7 +340,7 @@ fn stacking_deeper_than_the_bound_is_an_error() {
         lower = host.virtual_block(
             None,
             &format!("dm-{}", i + 10),
-            (253, 10 + i as u32),
+            (61, 10 + i as u32),
             &[&lower],
         );
     }
@@ -349,7 +355,7 @@ fn stacking_deeper_than_the_bound_is_an_error() {
 fn a_btrfs_mount_is_found_by_its_source_node() {
     let host = Host::new();
     disk(&host);
-    host.block_node("vda1", 254, 1);
+    host.block_node("vda1", 60, 1);
     // btrfs reports an anonymous device number.
     host.mountinfo("22 1 0:33 / /home rw - btrfs /dev/vda1 rw\n");
     let uses = host.uses(DISK, NetworkSnapshot::default());
@@ -363,7 +369,7 @@ fn a_btrfs_mount_is_found_by_its_source_node() {
 fn swap_partitions_and_swap_files_are_named() {
     let host = Host::new();
     disk(&host);
-    host.block_node("vda2", 254, 2);
+    host.block_node("vda2", 60, 2);
     fs::write(
         host.proc.path().join("swaps"),
         "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
@@ -376,7 +382,7 @@ fn swap_partitions_and_swap_files_are_named() {
         mounts_of(&uses),
         ["block device vda2 is used for swap (/dev/vda2)"]
     );
-    assert_eq!(uses.unknown, []);
+    assert_eq!(swap_unknown(&uses), [] as [&Unknown; 0]);
 }
 
 #[test]
@@ -481,9 +487,9 @@ fn the_boot_display_connected_outputs_and_framebuffers() {
 fn processes_holding_the_nodes_are_named_in_one_pass() {
     let host = Host::new();
     disk(&host);
-    let vda = host.block_node("vda", 254, 0);
+    let vda = host.block_node("vda", 60, 0);
     // Another node of the same disk (a container's /dev): the same device.
-    let copy = host.block_node("copy-of-dm", 253, 0);
+    let copy = host.block_node("copy-of-dm", 61, 0);
     let other = host.block_node("sda", 8, 0);
     host.process_holding(100, "/usr/bin/sleep", &vda);
     host.process_holding(101, "/usr/bin/cryptsetup", &copy);
@@ -525,7 +531,7 @@ fn a_process_refused_to_the_scan_is_unknown() {
     use std::os::unix::fs::PermissionsExt;
     let host = Host::new();
     disk(&host);
-    let vda = host.block_node("vda", 254, 0);
+    let vda = host.block_node("vda", 60, 0);
     host.process_holding(100, "/usr/bin/sleep", &vda);
     host.process_holding(101, "/usr/bin/secret", &vda);
     let fd = host.proc.path().join("101/fd");
@@ -594,8 +600,8 @@ fn a_subtree_deeper_than_the_limit_is_an_error() {
     let host = Host::new();
     host.sys.device(DISK, 0x1af4, 0x1001, 0x010000);
     let hubs = vec!["h"; MAX_SUBTREE_DEPTH - 2].join("/");
-    host.device(DISK, &format!("{hubs}/block/sdz"), "block", Some((8, 0)));
-    host.mountinfo("22 1 8:0 / /deep rw - ext4 /dev/sdz rw\n");
+    host.device(DISK, &format!("{hubs}/block/sdz"), "block", Some((63, 0)));
+    host.mountinfo("22 1 63:0 / /deep rw - ext4 /dev/sdz rw\n");
     assert_eq!(
         mounts_of(&host.uses(DISK, NetworkSnapshot::default())),
         ["block device sdz backs /deep (ext4 on /dev/sdz)"]
@@ -611,6 +617,183 @@ fn a_subtree_deeper_than_the_limit_is_an_error() {
     assert!(
         matches!(&result, Err(HostUseError::TooDeep { path, .. }) if path.ends_with("sdz/deeper")),
         "{result:?}"
+    );
+}
+
+// --- The real kernel's claims, on loop devices of the tests' own ---------
+
+/// A loop device on an ext4 image in a temp dir; detached on drop (once
+/// its last user is gone, if one is left).
+struct LoopDevice {
+    path: PathBuf,
+    _image: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    fn new() -> LoopDevice {
+        let image_dir = tempfile::tempdir().unwrap();
+        let image = image_dir.path().join("fs.img");
+        fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
+        let run = |program: &str, args: &[&std::ffi::OsStr]| {
+            let out = std::process::Command::new(program)
+                .args(args)
+                .output()
+                .unwrap_or_else(|e| panic!("{program}: {e}"));
+            assert!(out.status.success(), "{program}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        run("mkfs.ext4", &["-q".as_ref(), image.as_os_str()]);
+        let path = run(
+            "losetup",
+            &["--find".as_ref(), "--show".as_ref(), image.as_os_str()],
+        );
+        LoopDevice {
+            path: PathBuf::from(path.trim()),
+            _image: image_dir,
+        }
+    }
+
+    fn number(&self) -> (u32, u32) {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = fs::metadata(&self.path).unwrap().rdev();
+        (libc::major(rdev), libc::minor(rdev))
+    }
+
+    /// Whether an exclusive open succeeds now.
+    fn free(&self) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_EXCL)
+            .open(&self.path)
+            .is_ok()
+    }
+
+    /// A `sleep` in a mount namespace of its own where the device is
+    /// mounted on `dir`: there only, or, `lazily`, nowhere any more
+    /// (unmounted with MNT_DETACH while the sleep's cwd keeps it busy).
+    fn mounted_elsewhere(&self, dir: &Path, lazily: bool) -> Sleeper {
+        use std::os::unix::process::CommandExt;
+        let device = CString::new(self.path.to_str().unwrap()).unwrap();
+        let target = CString::new(dir.to_str().unwrap()).unwrap();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("600");
+        // SAFETY: only unshare, mount, chdir and umount2 between fork and
+        // exec, on C strings made before: async-signal-safe, no allocation.
+        unsafe {
+            cmd.pre_exec(move || {
+                let check = |rc: libc::c_int| {
+                    if rc == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                };
+                check(libc::unshare(libc::CLONE_NEWNS))?;
+                check(libc::mount(
+                    std::ptr::null(),
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ))?;
+                check(libc::mount(
+                    device.as_ptr(),
+                    target.as_ptr(),
+                    c"ext4".as_ptr(),
+                    libc::MS_RDONLY,
+                    std::ptr::null(),
+                ))?;
+                if lazily {
+                    check(libc::chdir(target.as_ptr()))?;
+                    check(libc::umount2(target.as_ptr(), libc::MNT_DETACH))?;
+                }
+                Ok(())
+            });
+        }
+        Sleeper::spawn(&mut cmd)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        // Busy: the kernel detaches it at its last close.
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// A mount in another mount namespace and a lazily unmounted file system
+/// are in no mount table the service sees; the kernel's claim on the
+/// device shows them. The prepared disk `vdz` has the number of a loop
+/// device of the test's own, which the kernel claims for real.
+#[test]
+fn real_claims_beyond_the_mount_table_are_found() {
+    let device = LoopDevice::new();
+    let host = Host::new();
+    host.sys.device(DISK, 0x1af4, 0x1001, 0x010000);
+    let (major, minor) = device.number();
+    host.device(DISK, "virtio1/block/vdz", "block", Some((major, minor)));
+    host.block_node("vdz", major, minor);
+    let claims = |host: &Host| {
+        let uses = host.uses(DISK, NetworkSnapshot::default());
+        let unknown: Vec<&Unknown> = uses
+            .unknown
+            .iter()
+            .filter(|u| matches!(u, Unknown::BlockDevices { .. }))
+            .collect();
+        assert_eq!(unknown, [] as [&Unknown; 0]);
+        sentences(&uses, |u| matches!(u, HostUse::Claimed { .. }))
+    };
+    let claimed = [
+        "block device vdz is in use by the kernel: mounted, swap or opened exclusively, possibly in another mount namespace",
+    ];
+    assert_eq!(claims(&host), [] as [&str; 0]);
+    let dir = tempfile::tempdir().unwrap();
+    for lazily in [false, true] {
+        let elsewhere = device.mounted_elsewhere(dir.path(), lazily);
+        assert_eq!(claims(&host), claimed, "lazily: {lazily}");
+        drop(elsewhere);
+        // The namespace's mount goes with its last process, soon after.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !device.free() {
+            assert!(std::time::Instant::now() < deadline, "never unmounted");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+    assert_eq!(claims(&host), [] as [&str; 0]);
+}
+
+/// A block device that cannot be opened to look for claims (no node; a
+/// node of no device; under the unit's device policy, refused) is
+/// unknown, never free.
+#[test]
+fn a_block_device_that_cannot_be_probed_is_unknown() {
+    let host = Host::new();
+    disk(&host);
+    let unknown = |host: &Host| -> Vec<String> {
+        host.uses(DISK, NetworkSnapshot::default())
+            .unknown
+            .iter()
+            .filter(|u| matches!(u, Unknown::BlockDevices { .. }))
+            .map(ToString::to_string)
+            .collect()
+    };
+    let dev = host.dev.path().display();
+    assert_eq!(
+        unknown(&host),
+        [format!(
+            "whether the kernel holds its block devices (a mount in another mount namespace) is unknown: no node of vda (60:0) in {dev} (vda, vda1, vda2, dm-0)"
+        )]
+    );
+    // A node, but of no device (major 60 is for local, experimental use).
+    host.block_node("vda", 60, 0);
+    let said = unknown(&host);
+    assert!(
+        matches!(&said[..], [one] if one.contains(&format!("cannot open {dev}/vda: No such device or address"))),
+        "{said:?}"
     );
 }
 
@@ -658,6 +841,15 @@ fn root_disk() -> (String, PciAddress) {
 fn real_root_disk_backs_the_root_file_system() {
     let (name, address) = root_disk();
     let uses = real_uses(&address);
+    // Its claim (or, where the service may not open it, the unknown) is
+    // the mount's: no claim of its own is said.
+    assert!(
+        !uses
+            .uses
+            .iter()
+            .any(|u| matches!(u, HostUse::Claimed { chain, .. } if chain.last() == Some(&name))),
+        "{uses:?}"
+    );
     assert!(
         uses.uses
             .iter()
