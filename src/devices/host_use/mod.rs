@@ -12,8 +12,12 @@
 //!   shows what no table here does (a mount in another mount namespace,
 //!   a lazily unmounted file system). Needs `DeviceAllow=block-* r` in the
 //!   unit; without it, [`Unknown::BlockDevices`];
-//! - **network** ([`netlink`]): interfaces that are up with a global
-//!   address, or carry a default route, from rtnetlink dumps;
+//! - **network** ([`netlink`], `host_use/network.rs`): interfaces that
+//!   are up with a global address, or carry a default route (any routing
+//!   table), themselves or through what stacks on them (a bridge, bond,
+//!   team or VRF they are ports of; a VLAN or macvlan on them), from
+//!   rtnetlink dumps; an interface outside the service's network namespace
+//!   is unknown;
 //! - **display**: `boot_vga`/`boot_display`, connected DRM outputs, a
 //!   framebuffer below the device, and a firmware framebuffer (efifb,
 //!   simpledrm, vesafb) when the device is the boot display;
@@ -39,6 +43,7 @@ use vmmanager_client::PciAddress;
 
 mod claims;
 pub mod netlink;
+mod network;
 mod storage;
 
 pub use netlink::NetworkSnapshot;
@@ -120,6 +125,17 @@ pub enum HostUse {
         addresses: Vec<(IpAddr, u8)>,
         default_route: bool,
     },
+    /// An interface of the device through the interfaces stacked on it
+    /// (`via`: the last one is up with addresses or carries a default
+    /// route), or, `via` empty, the interface itself carrying a default
+    /// route of a table other than main (policy routing, a VRF).
+    StackedInterface {
+        name: String,
+        via: Vec<Stacking>,
+        up: bool,
+        addresses: Vec<(IpAddr, u8)>,
+        default_route_tables: Vec<u32>,
+    },
     /// The firmware's boot display (`boot_vga` or `boot_display` is 1).
     BootDisplay,
     /// A DRM connector with status `connected` (`card1-HDMI-A-1`).
@@ -140,6 +156,17 @@ pub enum HostUse {
     },
 }
 
+/// How an interface is stacked on the one below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stacking {
+    /// It is the master of the one below: a bridge, bond, team or VRF
+    /// (`IFLA_MASTER`).
+    PortOf(String),
+    /// It is on the one below: a VLAN, macvlan, ipvlan or tunnel
+    /// (`IFLA_LINK`).
+    Carries(String),
+}
+
 impl HostUse {
     /// Whether Detach refuses because of it unless forced: every use does.
     pub fn blocks_by_default(&self) -> bool {
@@ -156,6 +183,44 @@ impl HostUse {
             _ => None,
         }
     }
+}
+
+/// " is up with A, B and carries …" of an interface: its addresses when
+/// up, then its default routes by table.
+fn interface_state(
+    f: &mut std::fmt::Formatter<'_>,
+    up: bool,
+    addresses: &[(IpAddr, u8)],
+    tables: &[u32],
+) -> std::fmt::Result {
+    let mut parts = Vec::new();
+    if up && !addresses.is_empty() {
+        let list: Vec<String> = addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+        parts.push(format!("is up with {}", list.join(", ")));
+    }
+    if tables.contains(&netlink::RT_TABLE_MAIN) {
+        parts.push("carries the host's default route".to_owned());
+    }
+    let others: Vec<String> = tables
+        .iter()
+        .filter(|&&t| t != netlink::RT_TABLE_MAIN)
+        .map(ToString::to_string)
+        .collect();
+    match others.len() {
+        0 => {}
+        1 => parts.push(format!(
+            "carries a default route of routing table {}",
+            others[0]
+        )),
+        _ => parts.push(format!(
+            "carries default routes of routing tables {}",
+            others.join(", ")
+        )),
+    }
+    if parts.is_empty() {
+        parts.push("is stacked on it".to_owned());
+    }
+    write!(f, " {}", parts.join(" and "))
 }
 
 fn chain_text(chain: &[String]) -> String {
@@ -216,19 +281,29 @@ impl std::fmt::Display for HostUse {
                 addresses,
                 default_route,
             } => {
+                let tables: &[u32] = if *default_route {
+                    &[netlink::RT_TABLE_MAIN]
+                } else {
+                    &[]
+                };
                 write!(f, "network interface {name}")?;
-                if *up && !addresses.is_empty() {
-                    let list: Vec<String> =
-                        addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
-                    write!(f, " is up with {}", list.join(", "))?;
-                    if *default_route {
-                        write!(f, " and")?;
+                interface_state(f, *up, addresses, tables)
+            }
+            HostUse::StackedInterface {
+                name,
+                via,
+                up,
+                addresses,
+                default_route_tables,
+            } => {
+                write!(f, "network interface {name}")?;
+                for step in via {
+                    match step {
+                        Stacking::PortOf(upper) => write!(f, " is a port of {upper}, which")?,
+                        Stacking::Carries(upper) => write!(f, " carries {upper}, which")?,
                     }
                 }
-                if *default_route {
-                    write!(f, " carries the host's default route")?;
-                }
-                Ok(())
+                interface_state(f, *up, addresses, default_route_tables)
             }
             HostUse::BootDisplay => {
                 write!(f, "it is the boot display (the firmware's console)")
@@ -341,6 +416,9 @@ struct Subtree {
     nodes: Vec<Node>,
     /// (name, ifindex).
     interfaces: Vec<(String, u32)>,
+    /// `net/` directories listing no interface: those of another network
+    /// namespace are hidden in sysfs.
+    empty_net_dirs: Vec<PathBuf>,
     connectors: Vec<String>,
     /// (fbN, its `name`).
     framebuffers: Vec<(String, String)>,
@@ -396,7 +474,11 @@ impl Subtree {
             if child.join("uevent").is_file() {
                 self.device(&child);
             }
+            let interfaces = self.interfaces.len();
             self.walk(address, &child, depth + 1)?;
+            if entry.file_name() == "net" && self.interfaces.len() == interfaces {
+                self.empty_net_dirs.push(child);
+            }
         }
         Ok(())
     }
@@ -460,6 +542,11 @@ pub fn host_uses(
     subtree.connectors.sort();
     subtree.framebuffers.sort();
     subtree.nodes.sort_by(|a, b| a.path.cmp(&b.path));
+    for empty in &mut subtree.empty_net_dirs {
+        if let Ok(relative) = empty.strip_prefix(&dir) {
+            *empty = relative.to_owned();
+        }
+    }
     let mut found = HostUses::default();
 
     // Storage.
@@ -517,13 +604,23 @@ pub fn host_uses(
             Network::Kernel => NetworkSnapshot::from_kernel(),
         };
         match snapshot {
-            Ok(snapshot) => found
-                .uses
-                .extend(interface_uses(&subtree.interfaces, &snapshot)),
+            Ok(snapshot) => {
+                let (uses, unknown) = network::interface_uses(
+                    &subtree.interfaces,
+                    &subtree.empty_net_dirs,
+                    &snapshot,
+                );
+                found.uses.extend(uses);
+                found.unknown.extend(unknown);
+            }
             Err(e) => found.unknown.push(Unknown::Network {
                 reason: e.to_string(),
             }),
         }
+    } else if !subtree.empty_net_dirs.is_empty() {
+        let (_, unknown) =
+            network::interface_uses(&[], &subtree.empty_net_dirs, &NetworkSnapshot::default());
+        found.unknown.extend(unknown);
     }
 
     // Display.
@@ -577,34 +674,6 @@ pub fn host_uses(
         }
     }
     Ok(found)
-}
-
-/// The interfaces of `interfaces` that are up with a global address or
-/// carry a default route.
-fn interface_uses(interfaces: &[(String, u32)], snapshot: &NetworkSnapshot) -> Vec<HostUse> {
-    let mut uses = Vec::new();
-    for (name, index) in interfaces {
-        let up = snapshot
-            .links
-            .iter()
-            .any(|link| link.index == *index && link.up);
-        let addresses: Vec<(IpAddr, u8)> = snapshot
-            .addresses
-            .iter()
-            .filter(|a| a.index == *index)
-            .map(|a| (a.address, a.prefix))
-            .collect();
-        let default_route = snapshot.default_route_interfaces.contains(index);
-        if (up && !addresses.is_empty()) || default_route {
-            uses.push(HostUse::Interface {
-                name: name.clone(),
-                up,
-                addresses,
-                default_route,
-            });
-        }
-    }
-    uses
 }
 
 /// Framebuffers of the firmware's (`<sysfs>/class/graphics/fb*` whose

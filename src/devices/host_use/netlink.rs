@@ -30,13 +30,18 @@ const RECEIVE_BUFFER: usize = 64 * 1024;
 
 const NLMSG_HEADER: usize = 16;
 const IFF_UP: u32 = 1;
+const IFLA_LINK: u16 = 5;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_MASTER: u16 = 10;
+const IFLA_LINK_NETNSID: u16 = 37;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
 const RTA_OIF: u16 = 4;
 const RTA_MULTIPATH: u16 = 9;
 const RTA_TABLE: u16 = 15;
-const RT_TABLE_MAIN: u32 = 254;
+const RTA_NH_ID: u16 = 30;
+/// The table of `ip route`'s default route.
+pub const RT_TABLE_MAIN: u32 = 254;
 const RTN_UNICAST: u8 = 1;
 /// Scopes of addresses that say nothing about use: `fe80::/10` and
 /// 169.254/16 appear on every interface that is up; 127/8 on `lo`.
@@ -50,6 +55,11 @@ pub struct Link {
     pub name: String,
     /// Administratively up (`IFF_UP`).
     pub up: bool,
+    /// The bridge, bond, team or VRF it is a port of (`IFLA_MASTER`).
+    pub master: Option<u32>,
+    /// The interface it is stacked on (`IFLA_LINK`: a VLAN's, macvlan's
+    /// or tunnel's), when that is in this namespace.
+    pub lower: Option<u32>,
 }
 
 /// One address of an interface, with its prefix length.
@@ -67,9 +77,28 @@ pub struct NetworkSnapshot {
     /// Global and site scope only: link-local and host addresses are on every
     /// interface that is up.
     pub addresses: Vec<Address>,
-    /// Interface indexes that carry a default route (IPv4 or IPv6, main
-    /// table, any of a multipath route's next hops).
-    pub default_route_interfaces: Vec<u32>,
+    /// Default routes (IPv4 or IPv6) by interface and table: any table,
+    /// as policy routing and VRFs use others; each of a multipath route's
+    /// next hops.
+    pub default_routes: Vec<DefaultRoute>,
+    /// Default routes whose interfaces the dump does not say (through a
+    /// nexthop object, `RTA_NH_ID`, with the kernel's compatibility
+    /// attributes off), described.
+    pub unresolved_default_routes: Vec<String>,
+}
+
+/// A default route through interface `index`, in routing table `table`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct DefaultRoute {
+    pub index: u32,
+    pub table: u32,
+}
+
+/// What one route message says, if it is a default route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RouteMessage {
+    Default(Vec<DefaultRoute>),
+    Unresolved(String),
 }
 
 impl NetworkSnapshot {
@@ -93,17 +122,19 @@ impl NetworkSnapshot {
             request(libc::RTM_GETADDR, &[0u8; 8]),
             each_parsed(libc::RTM_NEWADDR, parse_address),
         )?;
-        snapshot.default_route_interfaces = dump(
+        let routes = dump(
             &mut socket,
             request(libc::RTM_GETROUTE, &[0u8; 12]),
-            |interfaces: &mut Vec<u32>, kind, body| {
-                if kind == libc::RTM_NEWROUTE {
-                    interfaces.extend(default_route_interfaces(body));
-                }
-            },
+            each_parsed(libc::RTM_NEWROUTE, default_route),
         )?;
-        snapshot.default_route_interfaces.sort_unstable();
-        snapshot.default_route_interfaces.dedup();
+        for route in routes {
+            match route {
+                RouteMessage::Default(routes) => snapshot.default_routes.extend(routes),
+                RouteMessage::Unresolved(what) => snapshot.unresolved_default_routes.push(what),
+            }
+        }
+        snapshot.default_routes.sort_unstable();
+        snapshot.default_routes.dedup();
         Ok(snapshot)
     }
 }
@@ -402,14 +433,24 @@ fn parse_link(body: &[u8]) -> Option<Link> {
     let header = body.get(..16)?;
     let index = u32::from_ne_bytes(header[4..8].try_into().ok()?);
     let flags = u32::from_ne_bytes(header[8..12].try_into().ok()?);
-    let name = attributes(&body[16..])
-        .find(|(kind, _)| *kind == IFLA_IFNAME)?
-        .1;
-    let name = name.split(|&b| b == 0).next()?;
+    let u32_of = |payload: &[u8]| payload.try_into().ok().map(u32::from_ne_bytes);
+    let (mut name, mut master, mut lower, mut other_namespace) = (None, None, None, false);
+    for (kind, payload) in attributes(&body[16..]) {
+        match kind {
+            IFLA_IFNAME => name = payload.split(|&b| b == 0).next(),
+            IFLA_MASTER => master = u32_of(payload).filter(|&m| m != 0),
+            IFLA_LINK => lower = u32_of(payload).filter(|&l| l != 0 && l != index),
+            // IFLA_LINK is then an index of another namespace (a veth's peer).
+            IFLA_LINK_NETNSID => other_namespace = true,
+            _ => {}
+        }
+    }
     Some(Link {
         index,
-        name: String::from_utf8_lossy(name).into_owned(),
+        name: String::from_utf8_lossy(name?).into_owned(),
         up: flags & IFF_UP != 0,
+        master,
+        lower: lower.filter(|_| !other_namespace),
     })
 }
 
@@ -444,27 +485,24 @@ fn parse_address(body: &[u8]) -> Option<Address> {
     })
 }
 
-/// The output interfaces of a route message if it is a default route of
-/// the main table.
-fn default_route_interfaces(body: &[u8]) -> Vec<u32> {
+/// What a route message says if it is a unicast default route: its
+/// output interfaces and table.
+fn default_route(body: &[u8]) -> Option<RouteMessage> {
     // struct rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags.
-    let Some(header) = body.get(..12) else {
-        return Vec::new();
-    };
+    let header = body.get(..12)?;
     let (dst_len, table, kind) = (header[1], header[4], header[7]);
     if dst_len != 0 || kind != RTN_UNICAST {
-        return Vec::new();
+        return None;
     }
+    let u32_of = |payload: &[u8]| payload.try_into().ok().map(u32::from_ne_bytes);
     let mut table = u32::from(table);
     let mut interfaces = Vec::new();
+    let mut nexthop_object = None;
     for (attribute, payload) in attributes(&body[12..]) {
         match attribute {
-            RTA_TABLE if payload.len() == 4 => {
-                table = u32::from_ne_bytes(payload.try_into().expect("four bytes"));
-            }
-            RTA_OIF if payload.len() == 4 => {
-                interfaces.push(u32::from_ne_bytes(payload.try_into().expect("four bytes")));
-            }
+            RTA_TABLE => table = u32_of(payload).unwrap_or(table),
+            RTA_OIF => interfaces.extend(u32_of(payload)),
+            RTA_NH_ID => nexthop_object = u32_of(payload),
             RTA_MULTIPATH => {
                 // struct rtnexthop: len (u16), flags, hops, ifindex (i32), then attributes.
                 let mut hops = payload;
@@ -473,19 +511,38 @@ fn default_route_interfaces(body: &[u8]) -> Vec<u32> {
                     if len < 8 || len > hops.len() {
                         break;
                     }
-                    interfaces.push(u32::from_ne_bytes(
-                        hops[4..8].try_into().expect("four bytes"),
-                    ));
+                    interfaces.extend(u32_of(&hops[4..8]));
                     hops = &hops[align(len).min(hops.len())..];
                 }
             }
             _ => {}
         }
     }
-    if table != RT_TABLE_MAIN {
-        return Vec::new();
+    if interfaces.is_empty() {
+        let through = match nexthop_object {
+            Some(id) => format!("through nexthop object {id}"),
+            None => "with no output interface".to_owned(),
+        };
+        return Some(RouteMessage::Unresolved(format!(
+            "a default route of routing table {} {through} goes through no interface the dump names",
+            table_name(table)
+        )));
     }
-    interfaces
+    Some(RouteMessage::Default(
+        interfaces
+            .into_iter()
+            .map(|index| DefaultRoute { index, table })
+            .collect(),
+    ))
+}
+
+/// `main` for the main table, else its number.
+pub fn table_name(table: u32) -> String {
+    if table == RT_TABLE_MAIN {
+        "main".to_owned()
+    } else {
+        table.to_string()
+    }
 }
 
 #[cfg(test)]
@@ -501,8 +558,7 @@ mod tests {
         a
     }
 
-    #[test]
-    fn default_routes_of_the_main_table_only() {
+    fn route(table: u32, attributes: &[Vec<u8>]) -> Vec<u8> {
         let mut route = vec![
             libc::AF_INET as u8,
             0,
@@ -517,27 +573,91 @@ mod tests {
             0,
             0,
         ];
-        route.extend(attribute(RTA_OIF, &7u32.to_ne_bytes()));
-        assert_eq!(default_route_interfaces(&route), [7]);
+        route.extend(attribute(RTA_TABLE, &table.to_ne_bytes()));
+        route.extend(attributes.concat());
+        route
+    }
+
+    fn through(routes: &[(u32, u32)]) -> Option<RouteMessage> {
+        Some(RouteMessage::Default(
+            routes
+                .iter()
+                .map(|&(index, table)| DefaultRoute { index, table })
+                .collect(),
+        ))
+    }
+
+    #[test]
+    fn default_routes_of_every_table() {
+        let oif = |index: u32| attribute(RTA_OIF, &index.to_ne_bytes());
+        let main = route(RT_TABLE_MAIN, &[oif(7)]);
+        assert_eq!(default_route(&main), through(&[(7, 254)]));
         // A /24 route is no default route.
-        let mut subnet = route.clone();
+        let mut subnet = main.clone();
         subnet[1] = 24;
-        assert_eq!(default_route_interfaces(&subnet), [] as [u32; 0]);
-        // Another table (a VRF, policy routing) is not the host's default.
-        let mut other = route.clone();
-        other.extend(attribute(RTA_TABLE, &100u32.to_ne_bytes()));
-        assert_eq!(default_route_interfaces(&other), [] as [u32; 0]);
+        assert_eq!(default_route(&subnet), None);
+        // Another table (a VRF, policy routing): said with its table.
+        assert_eq!(default_route(&route(100, &[oif(7)])), through(&[(7, 100)]));
         // Multipath: every next hop.
-        let mut multipath = route[..12].to_vec();
         let mut hops = Vec::new();
         for index in [3u32, 5] {
             hops.extend_from_slice(&8u16.to_ne_bytes());
             hops.extend_from_slice(&[0, 0]);
             hops.extend_from_slice(&index.to_ne_bytes());
         }
-        multipath.extend(attribute(RTA_MULTIPATH, &hops));
-        assert_eq!(default_route_interfaces(&multipath), [3, 5]);
-        assert_eq!(default_route_interfaces(&[1, 2]), [] as [u32; 0]);
+        let multipath = route(RT_TABLE_MAIN, &[attribute(RTA_MULTIPATH, &hops)]);
+        assert_eq!(default_route(&multipath), through(&[(3, 254), (5, 254)]));
+        // Through a nexthop object, without the compatibility attributes:
+        // which interface is not said.
+        let nexthop = route(100, &[attribute(RTA_NH_ID, &12u32.to_ne_bytes())]);
+        assert_eq!(
+            default_route(&nexthop),
+            Some(RouteMessage::Unresolved(
+                "a default route of routing table 100 through nexthop object 12 goes through no interface the dump names".into()
+            ))
+        );
+        // With them, it is.
+        let compatible = route(
+            RT_TABLE_MAIN,
+            &[attribute(RTA_NH_ID, &12u32.to_ne_bytes()), oif(4)],
+        );
+        assert_eq!(default_route(&compatible), through(&[(4, 254)]));
+        assert_eq!(default_route(&[1, 2]), None);
+    }
+
+    /// IFLA_MASTER and IFLA_LINK; a veth's IFLA_LINK (with
+    /// IFLA_LINK_NETNSID) is an index of another namespace.
+    #[test]
+    fn links_say_what_they_are_stacked_on() {
+        let link = |index: u32, attributes: &[Vec<u8>]| {
+            let mut body = vec![0u8; 16];
+            body[4..8].copy_from_slice(&index.to_ne_bytes());
+            body[8..12].copy_from_slice(&IFF_UP.to_ne_bytes());
+            body.extend(attribute(IFLA_IFNAME, b"x\0"));
+            body.extend(attributes.concat());
+            parse_link(&body).map(|l| (l.master, l.lower))
+        };
+        let u32_attribute = |kind, value: u32| attribute(kind, &value.to_ne_bytes());
+        assert_eq!(link(3, &[]), Some((None, None)));
+        assert_eq!(
+            link(3, &[u32_attribute(IFLA_MASTER, 9)]),
+            Some((Some(9), None))
+        );
+        assert_eq!(
+            link(4, &[u32_attribute(IFLA_LINK, 2)]),
+            Some((None, Some(2)))
+        );
+        assert_eq!(link(4, &[u32_attribute(IFLA_LINK, 4)]), Some((None, None)));
+        assert_eq!(
+            link(
+                5,
+                &[
+                    u32_attribute(IFLA_LINK, 2),
+                    u32_attribute(IFLA_LINK_NETNSID, 0)
+                ]
+            ),
+            Some((None, None))
+        );
     }
 
     #[test]

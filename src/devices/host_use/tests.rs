@@ -385,25 +385,65 @@ fn swap_partitions_and_swap_files_are_named() {
     assert_eq!(swap_unknown(&uses), [] as [&Unknown; 0]);
 }
 
-#[test]
-fn interfaces_up_with_addresses_or_the_default_route() {
-    let host = Host::new();
-    let nic = "0000:00:03.0";
+/// A NIC `nic` whose interfaces are `interfaces` (name, ifindex).
+fn nic(host: &Host, nic: &str, interfaces: &[(&str, u32)]) {
     host.sys.device(nic, 0x1af4, 0x1000, 0x020000);
-    for (name, index) in [("eth0", 2), ("eth1", 3), ("eth2", 4), ("eth3", 5)] {
+    for (name, index) in interfaces {
         let dir = host.device(nic, &format!("virtio2/net/{name}"), "net", None);
         fs::write(dir.join("ifindex"), format!("{index}\n")).unwrap();
     }
-    let link = |index, name: &str, up| netlink::Link {
+}
+
+fn link(index: u32, name: &str, up: bool) -> netlink::Link {
+    netlink::Link {
         index,
         name: name.into(),
         up,
-    };
-    let address = |index, address: &str, prefix| netlink::Address {
+        master: None,
+        lower: None,
+    }
+}
+
+fn address(index: u32, address: &str, prefix: u8) -> netlink::Address {
+    netlink::Address {
         index,
         address: address.parse().unwrap(),
         prefix,
-    };
+    }
+}
+
+fn default_routes(routes: &[(u32, u32)]) -> Vec<netlink::DefaultRoute> {
+    routes
+        .iter()
+        .map(|&(index, table)| netlink::DefaultRoute { index, table })
+        .collect()
+}
+
+fn network_unknown(uses: &HostUses) -> Vec<String> {
+    uses.unknown
+        .iter()
+        .filter(|u| matches!(u, Unknown::Network { .. }))
+        .map(ToString::to_string)
+        .collect()
+}
+
+const NIC: &str = "0000:00:03.0";
+
+/// The sentences of `NIC`'s uses, with nothing unknown about its network.
+fn known_uses(host: &Host, network: NetworkSnapshot) -> Vec<String> {
+    let uses = host.uses(NIC, network);
+    assert_eq!(network_unknown(&uses), [] as [&str; 0]);
+    sentences(&uses, |_| true)
+}
+
+#[test]
+fn interfaces_up_with_addresses_or_the_default_route() {
+    let host = Host::new();
+    nic(
+        &host,
+        NIC,
+        &[("eth0", 2), ("eth1", 3), ("eth2", 4), ("eth3", 5)],
+    );
     let network = NetworkSnapshot {
         links: vec![
             link(1, "lo", true),
@@ -418,16 +458,100 @@ fn interfaces_up_with_addresses_or_the_default_route() {
             // Down: an address alone is no use.
             address(5, "198.51.100.1", 24),
         ],
-        default_route_interfaces: vec![2],
+        default_routes: default_routes(&[(2, netlink::RT_TABLE_MAIN)]),
+        ..NetworkSnapshot::default()
     };
-    let uses = host.uses(nic, network);
-    let sentences: Vec<String> = uses.uses.iter().map(ToString::to_string).collect();
     // eth2 is up without an address, eth3 down: unused.
     assert_eq!(
-        sentences,
+        known_uses(&host, network),
         [
             "network interface eth0 is up with 192.0.2.2/24 and carries the host's default route",
             "network interface eth1 is up with 2001:db8::1/64",
+        ]
+    );
+}
+
+/// A port of a bridge or bond, a VLAN's lower interface: the use is the
+/// upper's, named with the way to it. A default route in another table
+/// (policy routing, a VRF) counts too.
+#[test]
+fn interfaces_stacked_on_the_device_s_and_other_tables() {
+    let host = Host::new();
+    nic(
+        &host,
+        NIC,
+        &[("eth0", 2), ("eth1", 3), ("eth2", 4), ("eth3", 5)],
+    );
+    let port_of = |mut l: netlink::Link, master| {
+        l.master = Some(master);
+        l
+    };
+    let on = |mut l: netlink::Link, lower| {
+        l.lower = Some(lower);
+        l
+    };
+    let network = NetworkSnapshot {
+        links: vec![
+            port_of(link(2, "eth0", true), 10),
+            link(10, "br0", true),
+            link(3, "eth1", true),
+            on(link(11, "eth1.100", true), 3),
+            port_of(link(4, "eth2", true), 12),
+            // Up without an address: no use itself, but its VLAN is.
+            link(12, "bond0", true),
+            on(link(13, "bond0.5", true), 12),
+            link(5, "eth3", true),
+            // Not on the device's interfaces.
+            on(link(14, "other.7", true), 99),
+        ],
+        addresses: vec![
+            address(10, "10.0.0.2", 24),
+            address(13, "192.0.2.5", 24),
+            address(14, "192.0.2.9", 24),
+        ],
+        default_routes: default_routes(&[(11, netlink::RT_TABLE_MAIN), (5, 100), (13, 200)]),
+        ..NetworkSnapshot::default()
+    };
+    assert_eq!(
+        known_uses(&host, network),
+        [
+            "network interface eth0 is a port of br0, which is up with 10.0.0.2/24",
+            "network interface eth1 carries eth1.100, which carries the host's default route",
+            "network interface eth2 is a port of bond0, which carries bond0.5, which is up with 192.0.2.5/24 and carries a default route of routing table 200",
+            "network interface eth3 carries a default route of routing table 100",
+        ]
+    );
+}
+
+/// An interface of the device outside the service's network namespace
+/// (sysfs names it, the dump does not; or sysfs hides it, leaving an
+/// empty `net/`), and a default route whose interface the dump does not
+/// name: unknown, never "unused".
+#[test]
+fn what_the_network_namespace_does_not_show_is_unknown() {
+    let host = Host::new();
+    nic(&host, NIC, &[("eth0", 2), ("eth1", 3)]);
+    let network = NetworkSnapshot {
+        // eth1's index is another interface's here.
+        links: vec![link(2, "eth0", true), link(3, "veth9", true)],
+        unresolved_default_routes: vec!["a default route of routing table main through nexthop object 12 goes through no interface the dump names".into()],
+        ..NetworkSnapshot::default()
+    };
+    assert_eq!(
+        network_unknown(&host.uses(NIC, network.clone())),
+        [
+            "whether its network interfaces are in use is unknown: a default route of routing table main through nexthop object 12 goes through no interface the dump names",
+            "whether its network interfaces are in use is unknown: interface eth1 (index 3) is not in the service's network namespace (moved into a container's?)",
+        ]
+    );
+    // Hidden from sysfs, as for a device whose only interface was moved.
+    let hidden = "0000:00:04.0";
+    host.sys.device(hidden, 0x1af4, 0x1000, 0x020000);
+    fs::create_dir_all(host.sys.device_dir(hidden).join("virtio3/net")).unwrap();
+    assert_eq!(
+        network_unknown(&host.uses(hidden, network)),
+        [
+            "whether its network interfaces are in use is unknown: sysfs lists no interface in its virtio3/net: they are in another network namespace"
         ]
     );
 }
@@ -795,6 +919,121 @@ fn a_block_device_that_cannot_be_probed_is_unknown() {
         matches!(&said[..], [one] if one.contains(&format!("cannot open {dev}/vda: No such device or address"))),
         "{said:?}"
     );
+}
+
+// --- The real kernel's network, in a namespace of the test's own --------
+
+/// Runs `work` on a new thread in a network namespace of its own (and
+/// what it spawns: `ip`); the namespace goes with the thread.
+fn in_private_network_namespace<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a plain syscall; it moves only this thread.
+                let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0, "unshare: {}", io::Error::last_os_error());
+                work()
+            })
+            .join()
+            .expect("the thread in its own network namespace panicked")
+    })
+}
+
+fn ip(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+/// A `sleep` in a network namespace of its own, to move interfaces into.
+fn namespace_holder() -> Sleeper {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new("sleep");
+    cmd.arg("600");
+    // SAFETY: only unshare between fork and exec: async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Sleeper::spawn(&mut cmd)
+}
+
+/// What the kernel's dumps say of a veth `v0` (standing in for the
+/// device's interface) that is a port of a bridge with an address and a
+/// default route of table 100; of a default route through a nexthop
+/// object, with the kernel's compatibility attributes and without; and of
+/// an interface moved into another namespace.
+#[test]
+fn real_stacked_interfaces_policy_routes_and_moved_interfaces() {
+    in_private_network_namespace(|| {
+        ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
+        ip(&["link", "add", "br0", "type", "bridge"]);
+        ip(&["link", "set", "v0", "master", "br0"]);
+        for link in ["v0", "v1", "br0"] {
+            ip(&["link", "set", link, "up"]);
+        }
+        ip(&["addr", "add", "10.9.0.1/24", "dev", "br0"]);
+        ip(&["route", "add", "default", "dev", "br0", "table", "100"]);
+        ip(&["nexthop", "add", "id", "12", "dev", "v1"]);
+        ip(&["route", "add", "default", "nhid", "12", "table", "200"]);
+        let compat = "/proc/sys/net/ipv4/nexthop_compat_mode";
+        fs::write(compat, "1").unwrap();
+        let snapshot = NetworkSnapshot::from_kernel().unwrap();
+        let index = |name: &str| {
+            snapshot
+                .links
+                .iter()
+                .find(|l| l.name == name)
+                .unwrap_or_else(|| panic!("{name} in {snapshot:?}"))
+                .index
+        };
+        let (v0, v1) = (index("v0"), index("v1"));
+        let said = |interfaces: &[(String, u32)], snapshot: &NetworkSnapshot| {
+            let (uses, unknown) = network::interface_uses(interfaces, &[], snapshot);
+            let uses: Vec<String> = uses.iter().map(ToString::to_string).collect();
+            let unknown: Vec<String> = unknown.iter().map(ToString::to_string).collect();
+            (uses, unknown)
+        };
+        assert_eq!(
+            said(&[("v0".into(), v0), ("v1".into(), v1)], &snapshot),
+            (
+                vec![
+                    "network interface v0 is a port of br0, which is up with 10.9.0.1/24 and carries a default route of routing table 100".to_owned(),
+                    "network interface v1 carries a default route of routing table 200".to_owned(),
+                ],
+                vec![]
+            ),
+            "{snapshot:?}"
+        );
+        // Without the compatibility attributes, the nexthop object's
+        // route names no interface.
+        fs::write(compat, "0").unwrap();
+        let snapshot = NetworkSnapshot::from_kernel().unwrap();
+        let (_, unknown) = said(&[("v1".into(), v1)], &snapshot);
+        assert_eq!(
+            unknown,
+            [
+                "whether its network interfaces are in use is unknown: a default route of routing table 200 through nexthop object 12 goes through no interface the dump names"
+            ]
+        );
+        // Moved into another namespace: not in the dump any more.
+        let elsewhere = namespace_holder();
+        ip(&["link", "set", "v1", "netns", &elsewhere.pid().to_string()]);
+        let snapshot = NetworkSnapshot::from_kernel().unwrap();
+        let (_, unknown) = said(&[("v1".into(), v1)], &snapshot);
+        assert_eq!(
+            unknown,
+            [format!(
+                "whether its network interfaces are in use is unknown: interface v1 (index {v1}) is not in the service's network namespace (moved into a container's?)"
+            )]
+        );
+    });
 }
 
 // --- This machine's real devices, read only ---------------------------------
