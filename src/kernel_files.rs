@@ -63,11 +63,21 @@ pub fn read_bounded(
     limit: u64,
     at_limit: AtLimit,
 ) -> Result<Vec<u8>, KernelFileError> {
+    read_open_bounded(&open_regular(path)?, limit, at_limit)
+}
+
+/// Opens the regular file at `path` for reading by the module's rules,
+/// for a caller that reads it piece by piece (a mount table too long to
+/// hold at once).
+pub fn open_regular(path: &Path) -> Result<File, KernelFileError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)?;
-    read_open_bounded(&file, limit, at_limit)
+    if !file.metadata()?.is_file() {
+        return Err(KernelFileError::NotRegularFile);
+    }
+    Ok(file)
 }
 
 /// [`read_bounded`] of a file the caller already opened (e.g. as another

@@ -28,7 +28,9 @@ const MAX_FDINFO: u64 = 4096;
 
 mod scan;
 
-pub use scan::{Holder, HoldersError, Target, holders, holders_of_any};
+pub use scan::{
+    Holder, HoldersError, Scanned, Target, holders, holders_of_any, holders_of_any_and_unseen,
+};
 
 /// A decimal PID/fd directory name (no sign, no leading `+`, fits in u32).
 fn parse_pid_name(name: &OsStr) -> Option<u32> {

@@ -94,7 +94,9 @@ impl HoldersError {
 /// ESRCH, EACCES), garbage in a prepared tree (ENOTDIR), or a dead FUSE or
 /// NFS mount behind one fd (ENOTCONN, ESTALE, EIO) says nothing about the
 /// target; failing on them would let any user with a dead FUSE mount stop
-/// every check on the host.
+/// every check on the host. A refused look (EACCES, EPERM) is skipped too,
+/// but said ([`Scanned::unseen`]) for callers who must not take it for
+/// "no holder".
 fn out_of_resources(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
@@ -141,7 +143,35 @@ pub fn holders_of_any(
     skip_pid: u32,
     cancel: &CancellationToken,
 ) -> Result<Vec<Vec<Holder>>, HoldersError> {
+    scan(proc_root, targets, skip_pid, cancel, Split::HOST).map(|scanned| scanned.holders)
+}
+
+/// [`holders_of_any`], and the processes whose fds the service was not
+/// allowed to look at (EACCES, EPERM: an LSM's or ptrace's refusal), for
+/// a caller to whom such a process is "unknown", not "no holder".
+pub fn holders_of_any_and_unseen(
+    proc_root: &Path,
+    targets: &[Target],
+    skip_pid: u32,
+    cancel: &CancellationToken,
+) -> Result<Scanned, HoldersError> {
     scan(proc_root, targets, skip_pid, cancel, Split::HOST)
+}
+
+/// What one pass found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    /// For each target, in order, its holders sorted by PID.
+    pub holders: Vec<Vec<Holder>>,
+    /// Processes, sorted, with an fd directory or fd the service was
+    /// refused (EACCES, EPERM), still there after the pass.
+    pub unseen: Vec<u32>,
+}
+
+/// A refusal to look (ptrace's access check, an LSM), not a vanished
+/// process or fd.
+fn denied(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM))
 }
 
 /// How a scan is shared out among threads. A thread costs about as much to
@@ -209,9 +239,12 @@ fn scan(
     skip_pid: u32,
     cancel: &CancellationToken,
     split: Split,
-) -> Result<Vec<Vec<Holder>>, HoldersError> {
+) -> Result<Scanned, HoldersError> {
     if targets.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Scanned {
+            holders: Vec::new(),
+            unseen: Vec::new(),
+        });
     }
     let index = TargetIndex::new(targets);
     let root =
@@ -260,13 +293,15 @@ fn scan(
         while let Some(&pid) = pids.get(next.fetch_add(1, Ordering::Relaxed)) {
             scanner.process(pid, split.shared_above)?;
         }
-        Ok((scanner.found, scanner.set_aside))
+        Ok((scanner.found, scanner.set_aside, scanner.unseen))
     })?;
     let mut found = Vec::with_capacity(first.len());
     let mut set_aside = Vec::new();
-    for (matched, aside) in first {
+    let mut unseen = Vec::new();
+    for (matched, aside, refused) in first {
         found.push(matched);
         set_aside.extend(aside);
+        unseen.extend(refused);
     }
 
     // Second pass: the set-aside fds, in chunks.
@@ -275,7 +310,7 @@ fn scan(
         let all_fds = set_aside.iter().map(|(_, fds)| fds.len()).sum();
         let next = AtomicUsize::new(0);
         let threads = threads_for(all_fds, split.fds_per_thread, &mut max_threads);
-        found.extend(on_threads(threads, &scan.failed, || {
+        let second = on_threads(threads, &scan.failed, || {
             let mut scanner = Scanner::new(&scan);
             // Consecutive chunks may be the same process's.
             let mut open: Option<(u32, OwnedFd)> = None;
@@ -292,8 +327,12 @@ fn scan(
                 scanner.check_fds(dir.as_fd(), *pid, &fds[range.clone()])?;
                 open = Some((*pid, dir));
             }
-            Ok(scanner.found)
-        })?);
+            Ok((scanner.found, scanner.unseen))
+        })?;
+        for (matched, refused) in second {
+            found.push(matched);
+            unseen.extend(refused);
+        }
     }
 
     let found = merged(found.into_iter().flatten().collect());
@@ -338,7 +377,11 @@ fn scan(
             });
         }
     }
-    Ok(holders)
+    unseen.sort_unstable();
+    unseen.dedup();
+    // Gone since: it holds nothing now.
+    unseen.retain(|&pid| !matches!(parent_after_pass(proc_root, pid), ParentAfterPass::Gone));
+    Ok(Scanned { holders, unseen })
 }
 
 /// The parent of a process the pass found, read after the pass.
@@ -479,6 +522,8 @@ struct Scanner<'a> {
     found: Vec<Found>,
     /// How many fdinfo files were read for each entry of `found`.
     fdinfo_reads: Vec<u32>,
+    /// Processes whose fd directory or an fd of it was refused.
+    unseen: Vec<u32>,
     /// (pid, target) to its entry in `found`: allocates only on matches.
     holdings: HashMap<(u32, usize), usize>,
     /// The last of `holdings` used: a process's fds on one file come in a
@@ -498,6 +543,7 @@ impl<'a> Scanner<'a> {
             holdings: HashMap::new(),
             last_holding: None,
             set_aside: Vec::new(),
+            unseen: Vec::new(),
         }
     }
 
@@ -520,15 +566,21 @@ impl<'a> Scanner<'a> {
         pid_path(self.scan.proc_root, pid, "fd")
     }
 
-    /// `pid`'s fd directory, `None` when the process vanished or is hidden.
-    fn open_fd_dir(&self, pid: u32) -> Result<Option<OwnedFd>, HoldersError> {
+    /// `pid`'s fd directory, `None` when the process vanished or is hidden
+    /// (or refused: then it is unseen).
+    fn open_fd_dir(&mut self, pid: u32) -> Result<Option<OwnedFd>, HoldersError> {
         match with_c_name(pid, "/fd", |name| {
             open_dir(self.scan.root.as_raw_fd(), name)
         }) {
             Ok(dir) => Ok(Some(dir)),
             Err(e) if out_of_resources(&e) => Err(unreadable(&self.fd_dir_path(pid), e)),
-            // EACCES or a vanished process: nothing to see.
-            Err(_) => Ok(None),
+            Err(e) => {
+                if denied(&e) {
+                    self.unseen.push(pid);
+                }
+                // Else a vanished process: nothing to see.
+                Ok(None)
+            }
         }
     }
 
@@ -561,8 +613,14 @@ impl<'a> Scanner<'a> {
                 Err(e) if out_of_resources(&e) => {
                     return Err(unreadable(&self.fd_dir_path(pid), e));
                 }
-                // The process exited mid-listing: what was seen stands.
-                Err(_) => break,
+                Err(e) => {
+                    if denied(&e) {
+                        self.unseen.push(pid);
+                    }
+                    // Else the process exited mid-listing: what was seen
+                    // stands.
+                    break;
+                }
             }
             if fds.len() > shared_above {
                 let room = self.scan.set_aside_room.fetch_update(
@@ -596,7 +654,15 @@ impl<'a> Scanner<'a> {
                 Err(e) if out_of_resources(&e) => {
                     return Err(unreadable(&self.fd_dir_path(pid).join(fd.to_string()), e));
                 }
-                Err(_) => continue,
+                Err(e) => {
+                    // The link of an fd refused (ptrace's check is made
+                    // per fd): it may be on a target.
+                    if denied(&e) && self.unseen.last() != Some(&pid) {
+                        self.unseen.push(pid);
+                    }
+                    // Else closed meanwhile, or a dead mount behind it.
+                    continue;
+                }
             };
             // This fd's flags, read at most once whatever it matches.
             let mut writable = None;
@@ -864,7 +930,12 @@ mod tests {
 
     use super::super::parse_pid_name;
     use super::*;
-    use crate::test_support::{Sleeper, sleep_holding_copies};
+    use std::os::unix::process::CommandExt;
+
+    use crate::test_support::{
+        CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, Sleeper, sleep_holding_copies,
+        without_capabilities,
+    };
 
     /// Every thread, every process's fds set aside and shared out three at
     /// a time: the second pass and the merging of chunks on a small host.
@@ -926,7 +997,7 @@ mod tests {
         for skip_pid in [0, me] {
             for split in [Split::HOST, ONE_THREAD, SPLIT_EVERYTHING, LITTLE_ROOM] {
                 let found = scan(Path::new("/proc"), &targets, skip_pid, &never, split).unwrap();
-                assert_eq!(found, want, "{split:?}, skipping {skip_pid}");
+                assert_eq!(found.holders, want, "{split:?}, skipping {skip_pid}");
             }
         }
         assert_eq!(
@@ -964,7 +1035,11 @@ mod tests {
                     &never,
                     split,
                 );
-                assert_eq!(found.unwrap(), want, "{split:?}, skipping {skip_pid}");
+                assert_eq!(
+                    found.unwrap().holders,
+                    want,
+                    "{split:?}, skipping {skip_pid}"
+                );
             }
         }
     }
@@ -1116,6 +1191,42 @@ mod tests {
         );
     }
 
+    /// A process the service may not look into (ptrace's check refuses
+    /// each fd link; without DAC override, its fd directory itself) is
+    /// unseen, never taken for "holds nothing"; [`holders_of_any`] keeps
+    /// skipping it.
+    #[test]
+    fn processes_refused_to_the_scan_are_unseen() {
+        let nobody = Sleeper::spawn(Command::new("sleep").arg("60").uid(65534).gid(65534));
+        let null = File::open("/dev/null").unwrap();
+        let target = Target::of(&null.metadata().unwrap());
+        let never = CancellationToken::new();
+        let me = std::process::id();
+        let scanned = scan(Path::new("/proc"), &[target], me, &never, ONE_THREAD).unwrap();
+        assert!(!scanned.unseen.contains(&nobody.pid()), "{scanned:?}");
+        let refused = [
+            &[CAP_SYS_PTRACE][..],
+            &[CAP_SYS_PTRACE, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH],
+        ];
+        for capabilities in refused {
+            for split in [ONE_THREAD, SPLIT_EVERYTHING] {
+                let scanned = without_capabilities(capabilities, || {
+                    scan(Path::new("/proc"), &[target], me, &never, split).unwrap()
+                });
+                assert!(
+                    scanned.unseen.contains(&nobody.pid()),
+                    "without {capabilities:?}, {split:?}: {:?}",
+                    scanned.unseen
+                );
+                assert!(!scanned.holders[0].iter().any(|h| h.pid == nobody.pid()));
+            }
+            let holders = without_capabilities(capabilities, || {
+                holders_of_any(Path::new("/proc"), &[target], me, &never).unwrap()
+            });
+            assert_eq!(holders.len(), 1);
+        }
+    }
+
     #[test]
     fn names_on_the_stack() {
         assert_eq!(
@@ -1162,13 +1273,15 @@ mod tests {
             let targets = [target(&few), target(&many)];
             for split in [Split::HOST, ONE_THREAD] {
                 let found = scan(Path::new("/proc"), &targets, 0, &never, split).unwrap();
-                assert_eq!(found, want, "{split:?}");
+                assert_eq!(found.holders, want, "{split:?}");
             }
             // Shared out a few fds at a time, each thread reads up to the
             // bound: the reader is still read in full, the hoarder may or may
             // not have been reached.
             for split in [SPLIT_EVERYTHING, LITTLE_ROOM] {
-                let found = scan(Path::new("/proc"), &targets, 0, &never, split).unwrap();
+                let found = scan(Path::new("/proc"), &targets, 0, &never, split)
+                    .unwrap()
+                    .holders;
                 assert_eq!(found[0], want[0], "{split:?}");
                 assert_eq!(found[1].len(), 1, "{split:?}");
             }

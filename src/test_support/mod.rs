@@ -1,5 +1,6 @@
 //! What the unit tests of several modules share.
 
+mod capabilities;
 mod dead_fuse;
 mod fd_copies;
 mod seccomp;
@@ -10,6 +11,9 @@ mod sysfs;
 
 use std::time::{Duration, Instant};
 
+pub use capabilities::{
+    CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, without_capabilities,
+};
 pub use dead_fuse::DeadFuse;
 pub use fd_copies::sleep_holding_copies;
 pub use seccomp::with_failing_syscalls;

@@ -6,10 +6,18 @@
 //! collects its block devices, network interfaces, DRM connectors,
 //! framebuffers and device nodes; then:
 //! - **storage** (`host_use/storage.rs`): the block devices and what stacks on them
-//!   (`holders/`: dm, md, LVM), matched against the service's mount table
-//!   and `/proc/swaps`;
-//! - **network** ([`netlink`]): interfaces that are up with a global
-//!   address, or carry a default route, from rtnetlink dumps;
+//!   (holders: dm, md, LVM; their partitions; NVMe multipath heads; loop
+//!   devices on them), matched against the service's mount table and
+//!   `/proc/swaps`, and opened exclusively (`host_use/claims.rs`): EBUSY
+//!   shows what no table here does (a mount in another mount namespace,
+//!   a lazily unmounted file system). Needs `DeviceAllow=block-* r` in the
+//!   unit; without it, [`Unknown::BlockDevices`];
+//! - **network** ([`netlink`], `host_use/network.rs`): interfaces that
+//!   are up with a global address, or carry a default route (any routing
+//!   table), themselves or through what stacks on them (a bridge, bond,
+//!   team or VRF they are ports of; a VLAN or macvlan on them), from
+//!   rtnetlink dumps; an interface outside the service's network namespace
+//!   is unknown;
 //! - **display**: `boot_vga`/`boot_display`, connected DRM outputs, a
 //!   framebuffer below the device, and a firmware framebuffer (efifb,
 //!   simpledrm, vesafb) when the device is the boot display;
@@ -18,7 +26,8 @@
 //!   too; `/dev/nvidiaN` for the nvidia driver), in one /proc pass.
 //!
 //! What cannot be looked at is said ([`Unknown`]), never taken for "no
-//! use": the unit's ProcSubset=pid hides `/proc/swaps`.
+//! use": the unit's ProcSubset=pid hides `/proc/swaps`; a process whose
+//! open files the service is refused (an LSM) may hold a node.
 
 use std::fs;
 use std::io;
@@ -32,7 +41,9 @@ use crate::kernel_files::{self, AtLimit};
 use crate::procfs::{self, HoldersError, Target};
 use vmmanager_client::PciAddress;
 
+mod claims;
 pub mod netlink;
+mod network;
 mod storage;
 
 pub use netlink::NetworkSnapshot;
@@ -40,8 +51,11 @@ pub use netlink::NetworkSnapshot;
 /// Directories of one device's sysfs subtree looked at, at most (a GPU
 /// has a few hundred).
 pub const MAX_SUBTREE_DIRS: usize = 20_000;
-/// Deeper than any device's sysfs subtree (`virtio1/block/vda/vda1` is 4).
-const MAX_SUBTREE_DEPTH: usize = 12;
+/// Deeper than any device's sysfs subtree: `virtio1/block/vda/vda1` is 4,
+/// a USB disk behind five tiers of hubs below an xHCI controller about 16.
+/// A deeper directory is an error ([`HostUseError::TooDeep`]): a cut walk
+/// could miss a mounted partition.
+pub const MAX_SUBTREE_DEPTH: usize = 32;
 const NVIDIA_MAJOR: u32 = 195;
 /// `/dev/nvidiactl` and `/dev/nvidia-modeset`: shared by every GPU.
 const NVIDIA_FIRST_SHARED_MINOR: u32 = 254;
@@ -89,6 +103,20 @@ pub enum HostUse {
     },
     /// Swap on a block device of the device, or a swap file on one.
     Swap { path: String, chain: Vec<String> },
+    /// The kernel holds a block device of the device (or one stacked on
+    /// it) that no mount or swap in the service's view explains: a mount
+    /// in another mount namespace, a lazily unmounted file system, a
+    /// holder (`held_by`: dm, md) or an exclusive opener.
+    Claimed {
+        chain: Vec<String>,
+        held_by: Vec<String>,
+    },
+    /// A loop device (the chain's last) whose backing file is a block
+    /// device of the device (or one stacked on it) or a file on one.
+    Loop {
+        chain: Vec<String>,
+        backing_file: String,
+    },
     /// An interface of the device is up with addresses, or carries a
     /// default route.
     Interface {
@@ -96,6 +124,17 @@ pub enum HostUse {
         up: bool,
         addresses: Vec<(IpAddr, u8)>,
         default_route: bool,
+    },
+    /// An interface of the device through the interfaces stacked on it
+    /// (`via`: the last one is up with addresses or carries a default
+    /// route), or, `via` empty, the interface itself carrying a default
+    /// route of a table other than main (policy routing, a VRF).
+    StackedInterface {
+        name: String,
+        via: Vec<Stacking>,
+        up: bool,
+        addresses: Vec<(IpAddr, u8)>,
+        default_route_tables: Vec<u32>,
     },
     /// The firmware's boot display (`boot_vga` or `boot_display` is 1).
     BootDisplay,
@@ -117,11 +156,71 @@ pub enum HostUse {
     },
 }
 
+/// How an interface is stacked on the one below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stacking {
+    /// It is the master of the one below: a bridge, bond, team or VRF
+    /// (`IFLA_MASTER`).
+    PortOf(String),
+    /// It is on the one below: a VLAN, macvlan, ipvlan or tunnel
+    /// (`IFLA_LINK`).
+    Carries(String),
+}
+
 impl HostUse {
     /// Whether Detach refuses because of it unless forced: every use does.
     pub fn blocks_by_default(&self) -> bool {
         true
     }
+
+    /// The block devices a storage use goes through.
+    fn chain(&self) -> Option<&[String]> {
+        match self {
+            HostUse::Mount { chain, .. }
+            | HostUse::Swap { chain, .. }
+            | HostUse::Claimed { chain, .. }
+            | HostUse::Loop { chain, .. } => Some(chain),
+            _ => None,
+        }
+    }
+}
+
+/// " is up with A, B and carries …" of an interface: its addresses when
+/// up, then its default routes by table.
+fn interface_state(
+    f: &mut std::fmt::Formatter<'_>,
+    up: bool,
+    addresses: &[(IpAddr, u8)],
+    tables: &[u32],
+) -> std::fmt::Result {
+    let mut parts = Vec::new();
+    if up && !addresses.is_empty() {
+        let list: Vec<String> = addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+        parts.push(format!("is up with {}", list.join(", ")));
+    }
+    if tables.contains(&netlink::RT_TABLE_MAIN) {
+        parts.push("carries the host's default route".to_owned());
+    }
+    let others: Vec<String> = tables
+        .iter()
+        .filter(|&&t| t != netlink::RT_TABLE_MAIN)
+        .map(ToString::to_string)
+        .collect();
+    match others.len() {
+        0 => {}
+        1 => parts.push(format!(
+            "carries a default route of routing table {}",
+            others[0]
+        )),
+        _ => parts.push(format!(
+            "carries default routes of routing tables {}",
+            others.join(", ")
+        )),
+    }
+    if parts.is_empty() {
+        parts.push("is stacked on it".to_owned());
+    }
+    write!(f, " {}", parts.join(" and "))
 }
 
 fn chain_text(chain: &[String]) -> String {
@@ -151,25 +250,60 @@ impl std::fmt::Display for HostUse {
                     chain_text(chain)
                 )
             }
+            HostUse::Claimed { chain, held_by } if held_by.is_empty() => write!(
+                f,
+                "block device {} is in use by the kernel: mounted, swap or opened exclusively, possibly in another mount namespace",
+                chain_text(chain)
+            ),
+            HostUse::Claimed { chain, held_by } => write!(
+                f,
+                "block device {} is held by {}, stacked on it",
+                chain_text(chain),
+                held_by.join(", ")
+            ),
+            HostUse::Loop {
+                chain,
+                backing_file,
+            } => {
+                let (device, under) = match chain.split_last() {
+                    Some((device, under)) if !under.is_empty() => (device.as_str(), under),
+                    _ => ("?", &chain[..]),
+                };
+                write!(
+                    f,
+                    "loop device {device} reads from block device {} (its backing file is {backing_file})",
+                    chain_text(under)
+                )
+            }
             HostUse::Interface {
                 name,
                 up,
                 addresses,
                 default_route,
             } => {
+                let tables: &[u32] = if *default_route {
+                    &[netlink::RT_TABLE_MAIN]
+                } else {
+                    &[]
+                };
                 write!(f, "network interface {name}")?;
-                if *up && !addresses.is_empty() {
-                    let list: Vec<String> =
-                        addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
-                    write!(f, " is up with {}", list.join(", "))?;
-                    if *default_route {
-                        write!(f, " and")?;
+                interface_state(f, *up, addresses, tables)
+            }
+            HostUse::StackedInterface {
+                name,
+                via,
+                up,
+                addresses,
+                default_route_tables,
+            } => {
+                write!(f, "network interface {name}")?;
+                for step in via {
+                    match step {
+                        Stacking::PortOf(upper) => write!(f, " is a port of {upper}, which")?,
+                        Stacking::Carries(upper) => write!(f, " carries {upper}, which")?,
                     }
                 }
-                if *default_route {
-                    write!(f, " carries the host's default route")?;
-                }
-                Ok(())
+                interface_state(f, *up, addresses, default_route_tables)
             }
             HostUse::BootDisplay => {
                 write!(f, "it is the boot display (the firmware's console)")
@@ -202,6 +336,12 @@ pub enum Unknown {
     Swap { reason: String },
     /// Whether an interface of the device is up or routes.
     Network { reason: String },
+    /// Whether the kernel holds a block device of the device (a mount in
+    /// another mount namespace, …): it could not be opened to find out.
+    BlockDevices { reason: String },
+    /// Whether processes hold the device's nodes: the service was refused
+    /// a look at some processes' open files (an LSM, ptrace's check).
+    Processes { reason: String },
 }
 
 impl std::fmt::Display for Unknown {
@@ -212,6 +352,16 @@ impl std::fmt::Display for Unknown {
                 write!(
                     f,
                     "whether its network interfaces are in use is unknown: {reason}"
+                )
+            }
+            Unknown::BlockDevices { reason } => write!(
+                f,
+                "whether the kernel holds its block devices (a mount in another mount namespace) is unknown: {reason}"
+            ),
+            Unknown::Processes { reason } => {
+                write!(
+                    f,
+                    "whether processes hold its device nodes is unknown: {reason}"
                 )
             }
         }
@@ -237,6 +387,10 @@ pub enum HostUseError {
     },
     #[error("the sysfs tree of {0} has more than {MAX_SUBTREE_DIRS} directories")]
     TooLarge(PciAddress),
+    #[error("block devices stacked deeper than {} on it: {}", storage::MAX_STACK_DEPTH, chain.join(" → "))]
+    TooDeeplyStacked { chain: Vec<String> },
+    #[error("the sysfs tree of {address} is deeper than {MAX_SUBTREE_DEPTH} directories (at {})", path.display())]
+    TooDeep { address: PciAddress, path: PathBuf },
     #[error("cannot read the mount table {}: {source}", path.display())]
     MountTable {
         path: PathBuf,
@@ -258,10 +412,13 @@ struct Node {
 /// What one walk of the device's sysfs subtree finds.
 #[derive(Debug, Default)]
 struct Subtree {
-    block: Vec<(PathBuf, storage::BlockDevice)>,
+    block: Vec<storage::BlockDevice>,
     nodes: Vec<Node>,
     /// (name, ifindex).
     interfaces: Vec<(String, u32)>,
+    /// `net/` directories listing no interface: those of another network
+    /// namespace are hidden in sysfs.
+    empty_net_dirs: Vec<PathBuf>,
     connectors: Vec<String>,
     /// (fbN, its `name`).
     framebuffers: Vec<(String, String)>,
@@ -308,11 +465,19 @@ impl Subtree {
                 return Err(HostUseError::TooLarge(*address));
             }
             let child = entry.path();
+            if depth + 1 > MAX_SUBTREE_DEPTH {
+                return Err(HostUseError::TooDeep {
+                    address: *address,
+                    path: child,
+                });
+            }
             if child.join("uevent").is_file() {
                 self.device(&child);
             }
-            if depth + 1 < MAX_SUBTREE_DEPTH {
-                self.walk(address, &child, depth + 1)?;
+            let interfaces = self.interfaces.len();
+            self.walk(address, &child, depth + 1)?;
+            if entry.file_name() == "net" && self.interfaces.len() == interfaces {
+                self.empty_net_dirs.push(child);
             }
         }
         Ok(())
@@ -328,14 +493,8 @@ impl Subtree {
         if let Some(rdev) = storage::device_number(dir) {
             let path = format!("/dev/{}", dev_name(dir).unwrap_or_else(|| name.clone()));
             let target = if subsystem == "block" {
-                self.block.push((
-                    dir.to_owned(),
-                    storage::BlockDevice {
-                        name: name.clone(),
-                        rdev,
-                        chain: vec![name.clone()],
-                    },
-                ));
+                self.block
+                    .push(storage::BlockDevice::found(dir, &name, rdev));
                 Target::BlockDevice { rdev }
             } else {
                 Target::CharDevice { rdev }
@@ -383,11 +542,17 @@ pub fn host_uses(
     subtree.connectors.sort();
     subtree.framebuffers.sort();
     subtree.nodes.sort_by(|a, b| a.path.cmp(&b.path));
+    for empty in &mut subtree.empty_net_dirs {
+        if let Ok(relative) = empty.strip_prefix(&dir) {
+            *empty = relative.to_owned();
+        }
+    }
     let mut found = HostUses::default();
 
     // Storage.
     if !subtree.block.is_empty() {
-        let devices = storage::with_holders(std::mem::take(&mut subtree.block));
+        let devices =
+            storage::stacked(std::mem::take(&mut subtree.block), &roots.sysfs, &roots.dev)?;
         for device in &devices {
             // Holders' nodes (`/dev/dm-0`) can be held open as well.
             if device.chain.len() > 1 {
@@ -404,6 +569,32 @@ pub fn host_uses(
             Ok(swaps) => found.uses.extend(swaps),
             Err(unknown) => found.unknown.push(unknown),
         }
+        // A loop device holds its backing file open in the kernel, seen by
+        // no process: said unless a use of it, or a loop above it, names
+        // it already.
+        let loops: Vec<HostUse> = devices
+            .iter()
+            .filter_map(|device| {
+                let backing_file = device.backing_file.clone()?;
+                let used = found
+                    .uses
+                    .iter()
+                    .any(|u| u.chain().is_some_and(|chain| chain.contains(&device.name)));
+                let below_a_loop = devices.iter().any(|other| {
+                    other.backing_file.is_some()
+                        && other.chain[..other.chain.len() - 1].contains(&device.name)
+                });
+                (!used && !below_a_loop).then(|| HostUse::Loop {
+                    chain: device.chain.clone(),
+                    backing_file,
+                })
+            })
+            .collect();
+        found.uses.extend(loops);
+        let (claims, unknown) =
+            claims::claim_uses(&devices, &found.uses, |d| claims::probe(&roots.dev, d));
+        found.uses.extend(claims);
+        found.unknown.extend(unknown);
     }
 
     // Network.
@@ -413,13 +604,23 @@ pub fn host_uses(
             Network::Kernel => NetworkSnapshot::from_kernel(),
         };
         match snapshot {
-            Ok(snapshot) => found
-                .uses
-                .extend(interface_uses(&subtree.interfaces, &snapshot)),
+            Ok(snapshot) => {
+                let (uses, unknown) = network::interface_uses(
+                    &subtree.interfaces,
+                    &subtree.empty_net_dirs,
+                    &snapshot,
+                );
+                found.uses.extend(uses);
+                found.unknown.extend(unknown);
+            }
             Err(e) => found.unknown.push(Unknown::Network {
                 reason: e.to_string(),
             }),
         }
+    } else if !subtree.empty_net_dirs.is_empty() {
+        let (_, unknown) =
+            network::interface_uses(&[], &subtree.empty_net_dirs, &NetworkSnapshot::default());
+        found.unknown.extend(unknown);
     }
 
     // Display.
@@ -455,8 +656,14 @@ pub fn host_uses(
     }
     if !subtree.nodes.is_empty() {
         let targets: Vec<Target> = subtree.nodes.iter().map(|n| n.target).collect();
-        let holders = procfs::holders_of_any(&roots.proc, &targets, std::process::id(), cancel)?;
-        for (node, holders) in subtree.nodes.iter().zip(holders) {
+        let scanned =
+            procfs::holders_of_any_and_unseen(&roots.proc, &targets, std::process::id(), cancel)?;
+        if !scanned.unseen.is_empty() {
+            found.unknown.push(Unknown::Processes {
+                reason: unseen_reason(&roots.proc, &scanned.unseen),
+            });
+        }
+        for (node, holders) in subtree.nodes.iter().zip(scanned.holders) {
             for holder in holders {
                 found.uses.push(HostUse::Process {
                     pid: holder.pid,
@@ -467,34 +674,6 @@ pub fn host_uses(
         }
     }
     Ok(found)
-}
-
-/// The interfaces of `interfaces` that are up with a global address or
-/// carry a default route.
-fn interface_uses(interfaces: &[(String, u32)], snapshot: &NetworkSnapshot) -> Vec<HostUse> {
-    let mut uses = Vec::new();
-    for (name, index) in interfaces {
-        let up = snapshot
-            .links
-            .iter()
-            .any(|link| link.index == *index && link.up);
-        let addresses: Vec<(IpAddr, u8)> = snapshot
-            .addresses
-            .iter()
-            .filter(|a| a.index == *index)
-            .map(|a| (a.address, a.prefix))
-            .collect();
-        let default_route = snapshot.default_route_interfaces.contains(index);
-        if (up && !addresses.is_empty()) || default_route {
-            uses.push(HostUse::Interface {
-                name: name.clone(),
-                up,
-                addresses,
-                default_route,
-            });
-        }
-    }
-    uses
 }
 
 /// Framebuffers of the firmware's (`<sysfs>/class/graphics/fb*` whose
@@ -562,6 +741,30 @@ fn nvidia_nodes(roots: &HostRoots, address: &PciAddress) -> Vec<Node> {
         .collect();
     nodes.sort_by(|a, b| a.path.cmp(&b.path));
     nodes
+}
+
+/// Processes named in an [`Unknown::Processes`] at most.
+const MAX_UNSEEN_NAMED: usize = 5;
+
+/// Why the processes `unseen` are unknown: named, a few of them.
+fn unseen_reason(proc_root: &Path, unseen: &[u32]) -> String {
+    let mut named: Vec<String> = unseen
+        .iter()
+        .take(MAX_UNSEEN_NAMED)
+        .map(|&pid| format!("{pid} ({})", program(proc_root, pid)))
+        .collect();
+    if unseen.len() > MAX_UNSEEN_NAMED {
+        named.push(format!("{} more", unseen.len() - MAX_UNSEEN_NAMED));
+    }
+    let processes = if unseen.len() == 1 {
+        "process"
+    } else {
+        "processes"
+    };
+    format!(
+        "the service was refused a look at the open files of {processes} {}",
+        named.join(", ")
+    )
 }
 
 /// A holder's executable, else its `comm`, else "unknown program".
