@@ -160,7 +160,8 @@ pub fn public_view(found: &HostUses) -> Vec<PublicUse> {
         let kind = match found_use {
             HostUse::Mount { .. } => "mount",
             HostUse::Swap { .. } => "swap",
-            HostUse::Interface { .. } => "interface",
+            HostUse::Claimed { .. } | HostUse::Loop { .. } => "block-device",
+            HostUse::Interface { .. } | HostUse::StackedInterface { .. } => "interface",
             HostUse::BootDisplay => "boot-display",
             HostUse::Connector { .. } => "connector",
             HostUse::Framebuffer { .. } => "framebuffer",
