@@ -605,3 +605,80 @@ async fn without_a_notification_server_it_waits_and_shows_later() {
     );
     assert!(companion.is_running());
 }
+
+/// A device detached with auto-return whose driver is gone when its VM
+/// exits: the service's `ReturnFinished` becomes a critical notification
+/// naming the device and why (a device given back shows none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_not_given_back_after_its_vm_is_a_critical_notification() {
+    use common::fake_kernel::FakeKernel;
+    use vmmanager_client::PciDeviceProxy;
+    use vmmanager_client::options::BindingOptions;
+    const GPU: &str = "0000:01:00.0";
+    let desktop = Desktop::start(true);
+    let (bus, polkit) = Polkit::builder().start_with_bus().await;
+    let fs = FakeSysfs::new();
+    fs.device(GPU, 0x10de, 0x2204, 0x030000)
+        .driver("nvidia")
+        .iommu_group(7)
+        .names("NVIDIA Corporation", "GA102");
+    fs.driver_dir("vfio-pci");
+    let kernel = FakeKernel::new(&fs.root());
+    let dev = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/7");
+    std::fs::write(&node, "").unwrap();
+    let config = common::inproc::config(&fs, dev.path(), &[]);
+    let service = InProcService::start_with(&bus, &config, kernel, dev).await;
+    let mut companion = Companion::start(bus.address(), &desktop);
+    companion.wait_for_log("following org.example.VmManager");
+
+    let client = bus.connect().await;
+    let gpu = PciDeviceProxy::builder(&client)
+        .path(vmmanager_client::PciAddress::object_path(
+            &GPU.parse().unwrap(),
+        ))
+        .cache_properties(zbus::proxy::CacheProperties::No)
+        .build()
+        .await
+        .unwrap();
+    let options = BindingOptions::new().auto_return(true).build();
+    gpu.detach(options.clone()).await.unwrap();
+    // A VM uses it and exits: given back, no notification.
+    let mut vm = util::hold_open(&node, true);
+    thread::sleep(Duration::from_millis(300));
+    vm.kill_and_wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while gpu.driver().await.unwrap() != "nvidia" {
+        assert!(
+            Instant::now() < deadline,
+            "not given back: {}",
+            companion.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Again, with nvidia unloaded while the VM runs.
+    gpu.detach(options).await.unwrap();
+    let mut vm = util::hold_open(&node, true);
+    thread::sleep(Duration::from_millis(300));
+    std::fs::remove_dir_all(fs.root().join("bus/pci/drivers/nvidia")).unwrap();
+    vm.kill_and_wait();
+    let n = desktop.wait_for(
+        "Not given back (driver did not bind): 0000:01:00.0 NVIDIA Corporation GA102",
+        &mut companion,
+    );
+    assert_common(&n);
+    assert_eq!(n.urgency, "CRITICAL");
+    assert_eq!(n.category, "device.error");
+    assert_eq!(
+        n.body,
+        "0000:01:00.0: nvidia did not take it back (the nvidia driver is not loaded); it is on \
+         no driver"
+    );
+    assert_eq!(
+        desktop.summaries(),
+        ["Not given back (driver did not bind): 0000:01:00.0 NVIDIA Corporation GA102"]
+    );
+    drop(service);
+    drop(polkit);
+}

@@ -289,6 +289,29 @@ pub fn device_call_failed(call: DeviceCall, address: &str, error: &Error) -> Mes
     }
 }
 
+/// The notification for a device detached with `auto-return` that was not
+/// given back after its VM exited (`ReturnFinished` with any outcome but
+/// `returned`); `None` for a device given back (the menus show it, and
+/// every user's companion hears the signal).
+pub fn return_finished(label: &str, outcome: &str, message: &str) -> Option<Message> {
+    let summary = match outcome {
+        "returned" => return None,
+        "reset-failed" => format!("Not given back (reset failed): {label}"),
+        "driver-did-not-bind" => format!("Not given back (driver did not bind): {label}"),
+        _ => format!("Not given back after its VM: {label}"),
+    };
+    let address = label.split(' ').next().unwrap_or(label);
+    Some(Message {
+        topic: Topic::Device(address.to_owned()),
+        summary,
+        body: escape_markup(message),
+        urgency: Urgency::Critical,
+        icon: "dialog-error",
+        category: "device.error",
+        action: None,
+    })
+}
+
 /// "0000:03:00.0 NVIDIA Corporation GA102" (names when udev knew them),
 /// "(VF of …)" for a virtual function.
 pub fn device_label(device: &DeviceProperties) -> String {

@@ -160,7 +160,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 /// The match rules for one owner: DiskChecked, the ObjectManager's signals,
-/// and device property changes.
+/// device property changes and give-backs after use.
 fn rules(owner: &UniqueName<'_>) -> zbus::Result<Vec<MatchRule<'static>>> {
     let owner = owner.to_owned();
     let base = || {
@@ -178,6 +178,12 @@ fn rules(owner: &UniqueName<'_>) -> zbus::Result<Vec<MatchRule<'static>>> {
         base()
             .path(MANAGER_PATH)
             .interface("org.freedesktop.DBus.ObjectManager")
+            .build()?
+            .to_owned(),
+        base()
+            .path_namespace(DEVICES_PATH)
+            .interface(DEVICE_INTERFACE)
+            .member(signal::RETURN_FINISHED)
             .build()?
             .to_owned(),
         base()
@@ -398,6 +404,19 @@ impl Watcher<'_> {
                 tracing::info!(image, summary = message.summary, "disk check notification");
                 self.notifier.show(message).await;
             }
+            signal::RETURN_FINISHED => {
+                let Ok((outcome, text)) = body.deserialize::<(String, String)>() else {
+                    return;
+                };
+                let label = match self.devices.as_ref().and_then(|v| v.get(&path)) {
+                    Some(device) => policy::device_label(device),
+                    None => address_of(&path),
+                };
+                if let Some(message) = policy::return_finished(&label, &outcome, &text) {
+                    tracing::info!(summary = message.summary, "give-back notification");
+                    self.notifier.show(message).await;
+                }
+            }
             "InterfacesAdded" => {
                 type Added = HashMap<String, Dict>;
                 let Ok((object, interfaces)) = body.deserialize::<(OwnedObjectPath, Added)>()
@@ -484,10 +503,11 @@ mod tests {
     fn rules_name_the_owner() {
         let owner = UniqueName::try_from(":1.42").unwrap();
         let rules = rules(&owner).unwrap();
-        assert_eq!(rules.len(), 3);
+        assert_eq!(rules.len(), 4);
         for rule in &rules {
             assert!(rule.to_string().contains("sender=':1.42'"), "{rule}");
         }
-        assert!(rules[2].to_string().contains(DEVICE_INTERFACE));
+        assert!(rules[2].to_string().contains(signal::RETURN_FINISHED));
+        assert!(rules[3].to_string().contains(DEVICE_INTERFACE));
     }
 }
