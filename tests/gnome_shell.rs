@@ -352,6 +352,16 @@ fn assert_menu_matches_vmctl(menu: &[MenuItem], bus: &TestBus) {
                 );
             }
         }
+        // What Detach would refuse for, unless it is on vfio-pci already.
+        if !d["Driver"].as_str().unwrap().contains("vfio") {
+            for used in d["HostUsers"].as_array().unwrap() {
+                let text = used["text"].as_str().unwrap();
+                assert!(
+                    all.contains(&format!("• {text}")),
+                    "{address}: {text} missing in {all}"
+                );
+            }
+        }
         match d["Driver"].as_str().unwrap() {
             "" => assert!(all.contains("No driver"), "{all}"),
             driver => assert!(all.contains(&format!("Driver: {driver} ·")), "{all}"),
@@ -516,6 +526,9 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
     );
     assert_eq!(icon(&shell), "dialog-warning-symbolic");
 
+    // The firmware made the GPU its boot display: HostUsers says so (no
+    // change signal), and opening the GPU's submenu reads it again.
+    fs.write_attr(GPU, "boot_vga", "1\n");
     // The screenshot for the README: the open menu with the GPU's details.
     tokio::task::block_in_place(|| {
         shell.tidy_for_screenshot();
@@ -526,6 +539,21 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
             "[...Main.panel.statusArea.vmmanager._devices.values()].some(r => r.item.menu.isOpen)",
             Duration::from_secs(10),
         );
+        let menu = wait_menu(&shell, "the GPU's host uses", |m| {
+            row(m, GPU).1.iter().any(|t| {
+                t == "Used by the host:\n• it is the boot display (the firmware's console)"
+            })
+        });
+        // The same sentences as vmctl's (the service's).
+        let gpu = &vmctl_devices(&bus)[GPU];
+        let details = row(&menu, GPU).1.join("\n");
+        for used in gpu["HostUsers"].as_array().unwrap() {
+            let text = used["text"].as_str().unwrap();
+            assert!(
+                details.contains(&format!("• {text}")),
+                "{text} missing in {details}"
+            );
+        }
         screenshot_menu(&shell);
         // Long names and blockers wrap: the menu stays narrow (unwrapped,
         // the NIC's name alone made it wider than 700 px).

@@ -149,12 +149,20 @@ class DeviceRow {
         this.path = object.get_object_path();
         /** InUseBy as last read ([] when never read or unknown). */
         this._users = [];
+        /** HostUsers: as the object manager read it, then read again each
+         * time the submenu opens (it has no change signal). */
+        const hostUsers = this.proxy.get_cached_property('HostUsers');
+        this._hostUses = hostUsers ? hostUsers.recursiveUnpack() : [];
         this._actionRunning = null;
         this._actionError = null;
         /** Was ready and is not any more (noticed while watching). */
         this.lostReadiness = false;
         this.item = new PopupMenu.PopupSubMenuMenuItem('', false);
         wrap(this.item.label);
+        this.item.menu.connect('open-state-changed', (_menu, open) => {
+            if (open)
+                this._indicator.readHostUses(this);
+        });
         this.update();
     }
 
@@ -210,6 +218,11 @@ class DeviceRow {
         this.update();
     }
 
+    setHostUses(uses) {
+        this._hostUses = uses;
+        this.update();
+    }
+
     update() {
         this._wasReady = this.ready;
         const holders = this._users.map(u =>
@@ -244,6 +257,11 @@ class DeviceRow {
             menu.addMenuItem(infoItem(`In use by ${holders.join(', ')}`));
 
         const vfio = isVfioDriver(this.driver);
+        // What Detach would refuse for (moot once it is on vfio-pci).
+        if (!vfio && this._hostUses.length > 0) {
+            const uses = this._hostUses.map(u => `• ${u.text}`);
+            menu.addMenuItem(infoItem(['Used by the host:', ...uses].join('\n'), 'vmmanager-attention'));
+        }
         const method = vfio ? 'Reattach' : 'Detach';
         const label = this._actionRunning
             ? `${this._actionRunning === 'Detach' ? 'Detaching' : 'Reattaching'}…`
@@ -592,6 +610,27 @@ class VmManagerIndicator extends PanelMenu.Button {
                 if (!row.destroyed)
                     row.setUsers(users);
                 this._nextInUse();
+            });
+    }
+
+    /** HostUsers has no change signal: read when the device's submenu
+     * opens (the service bounds concurrent reads; an unknown answer is an
+     * entry of its own, never an empty list). */
+    readHostUses(row) {
+        if (this._bus === null)
+            return;
+        this._bus.call(BUS_NAME, row.path, PROPERTIES_IFACE, 'Get',
+            new GLib.Variant('(ss)', [DEVICE_IFACE, 'HostUsers']), new GLib.VariantType('(v)'),
+            Gio.DBusCallFlags.NO_AUTO_START, IN_USE_TIMEOUT_MS, this._cancellable,
+            (bus, result) => {
+                let uses;
+                try {
+                    uses = bus.call_finish(result).recursiveUnpack()[0];
+                } catch (e) {
+                    return;
+                }
+                if (!row.destroyed)
+                    row.setHostUses(uses);
             });
     }
 
