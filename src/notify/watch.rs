@@ -299,18 +299,32 @@ impl Watcher<'_> {
         let Some(view) = &mut self.devices else {
             return;
         };
+        // Only what has no change signal: the rest is kept current by
+        // PropertiesChanged.
+        const COMPUTED: [&str; 3] = [
+            property::IN_USE_BY,
+            property::HOST_USERS,
+            property::AUTO_RETURN,
+        ];
         for (path, interfaces) in &objects {
-            let users = interfaces
+            let Some(props) = interfaces
                 .iter()
                 .find(|(name, _)| name.as_str() == DEVICE_INTERFACE)
-                .and_then(|(_, props)| props.get(property::IN_USE_BY));
-            if let (Some(device), Some(users)) = (view.get_mut(path.as_str()), users) {
-                let only_users = std::collections::HashMap::from([(
-                    property::IN_USE_BY.to_owned(),
-                    users.try_clone().expect("no fds in InUseBy"),
-                )]);
-                device.update(&only_users);
-            }
+                .map(|(_, props)| props)
+            else {
+                continue;
+            };
+            let Some(device) = view.get_mut(path.as_str()) else {
+                continue;
+            };
+            let computed: Dict = COMPUTED
+                .iter()
+                .filter_map(|name| {
+                    let value = props.get(*name)?.try_clone().ok()?;
+                    Some(((*name).to_owned(), value))
+                })
+                .collect();
+            device.update(&computed);
         }
         self.publish_devices();
     }

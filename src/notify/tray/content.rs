@@ -167,6 +167,23 @@ fn device(device: &DeviceProperties) -> Entry {
             (g, _) => format!("IOMMU group {g}"),
         },
     ));
+    // What Detach would refuse for (moot once it is on vfio-pci).
+    if !is_vfio_driver(&device.driver) && !device.host_users.is_empty() {
+        children.push(
+            label(key("host-uses"), "Used by the host:")
+                .icon("dialog-warning-symbolic")
+                .disabled(),
+        );
+        for (i, used) in device.host_users.iter().enumerate() {
+            children.push(label(
+                key(&format!("host-use/{i}")),
+                &format!("• {}", used.text),
+            ));
+        }
+    }
+    if device.auto_return {
+        children.push(label(key("auto-return"), "Given back after its VM exits"));
+    }
     for (i, user) in device.in_use_by.iter().enumerate() {
         let who = match user.vm_name.as_str() {
             "" => format!("In use by PID {}", user.pid),
@@ -309,6 +326,46 @@ mod tests {
             Some(MenuAction::Detach("0000:01:00.0".into()))
         );
         assert!(!detach.props.contains_key(prop::ENABLED));
+    }
+
+    /// What Detach would refuse for, while it is the host's; the mark of
+    /// a device to be given back.
+    #[test]
+    fn host_uses_and_auto_return() {
+        let mut device = gpu();
+        device.host_users = vec![vmmanager_client::HostUser {
+            kind: "boot-display".into(),
+            text: "it is the boot display (the firmware's console)".into(),
+        }];
+        let shown = |device: &DeviceProperties| {
+            let mut status = running();
+            status.devices = vec![device.clone()];
+            labels(&menu(&status)[3].children)
+                .into_iter()
+                .map(str::to_owned)
+                .collect::<Vec<String>>()
+        };
+        let texts = shown(&device);
+        let at = texts
+            .iter()
+            .position(|t| *t == "Used by the host:")
+            .unwrap();
+        assert_eq!(
+            texts[at + 1],
+            "• it is the boot display (the firmware's console)"
+        );
+        // On vfio-pci the host has nothing of it left to lose.
+        device.driver = "vfio-pci".into();
+        device.auto_return = true;
+        let texts = shown(&device);
+        assert!(
+            !texts.iter().any(|t| t.starts_with("Used by the host")),
+            "{texts:?}"
+        );
+        assert!(
+            texts.iter().any(|t| *t == "Given back after its VM exits"),
+            "{texts:?}"
+        );
     }
 
     #[test]
