@@ -1891,14 +1891,12 @@ async fn detach_refuses_while_the_host_uses_the_device_unless_forced() {
     // The audio function has nothing of the host's: it moves alone.
     assert_eq!(kernel.take_log(), vec![]);
 
-    // Any reader sees the uses before clicking; the holder is counted.
+    // Any reader sees the uses before clicking, except the processes:
+    // which files another user's processes hold is not theirs to see (and
+    // looking costs a pass over every process).
     let public = vec![
         ("boot-display".to_owned(), uses[0].clone()),
         ("connector".to_owned(), uses[1].clone()),
-        (
-            "processes".to_owned(),
-            "a process holds /dev/dri/card1 open".to_owned(),
-        ),
     ];
     let out = world
         .busctl(
@@ -1949,10 +1947,7 @@ async fn detach_refuses_while_the_host_uses_the_device_unless_forced() {
     assert!(seen(&out.stderr).contains(&refusal), "{out:?}");
     let out = tokio::task::block_in_place(|| vmctl(&["device", GPU]));
     assert!(
-        seen(&out.stdout).contains(&format!(
-            "HostUsers: {}; {}; a process holds /dev/dri/card1 open\n",
-            uses[0], uses[1]
-        )),
+        seen(&out.stdout).contains(&format!("HostUsers: {}; {}\n", uses[0], uses[1])),
         "{out:?}"
     );
 

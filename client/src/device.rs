@@ -47,7 +47,7 @@ impl VfioUser {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostUser {
     /// `mount`, `swap`, `block-device`, `interface`, `boot-display`,
-    /// `connector`, `framebuffer`, `processes` or `unknown` (see
+    /// `connector`, `framebuffer` or `unknown` (see
     /// [`names::host_use::KIND`](crate::names::host_use::KIND)).
     pub kind: String,
     /// The sentence shown to a user.

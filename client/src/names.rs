@@ -137,7 +137,7 @@ pub mod user {
 /// Keys of one entry of the `HostUsers` property.
 pub mod host_use {
     /// `s`: what kind of use: `mount`, `swap`, `block-device`, `interface`,
-    /// `boot-display`, `connector`, `framebuffer`, `processes`, `unknown`.
+    /// `boot-display`, `connector`, `framebuffer`, `unknown`.
     pub const KIND: &str = "kind";
     /// `s`: the sentence shown to a user.
     pub const TEXT: &str = "text";

@@ -425,12 +425,13 @@ pub trait PciDevice {
     #[zbus(property(emits_changed_signal = "false"))]
     fn in_use_by(&self) -> zbus::Result<Vec<Dict>>;
 
-    /// `HostUsers` (`aa{sv}`): how the host uses the device — what Detach
+    /// `HostUsers` (`aa{sv}`): how the host uses the device, as any local
+    /// user may see it — mounts, swap, interfaces, display: what Detach
     /// refuses for unless forced — each with kind and text (decode with
-    /// [`HostUser::from_dict`](crate::HostUser::from_dict)). Processes are
-    /// counted per device node, not named (their open files are not every
-    /// reader's to see; Detach's `HostInUse` error names them). Computed
-    /// when read, without a change signal.
+    /// [`HostUser::from_dict`](crate::HostUser::from_dict)). Processes
+    /// holding its nodes and the kernel's claims on its disks are looked
+    /// at by Detach only, after polkit. Computed when read, without a
+    /// change signal.
     #[zbus(property(emits_changed_signal = "false"))]
     fn host_users(&self) -> zbus::Result<Vec<Dict>>;
 

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use tokio_util::sync::CancellationToken;
 
-use super::host_use::{self, HostRoots, HostUse, HostUses, Network};
+use super::host_use::{self, HostRoots, HostUse, HostUses, Look, Network};
 use super::sysfs;
 use super::vfio::is_vfio_driver;
 use vmmanager_client::PciAddress;
@@ -112,7 +112,7 @@ pub fn blockers(
                 info.class
             ));
         }
-        match host_use::host_uses(roots, &member, network, cancel) {
+        match host_use::host_uses(roots, &member, network, Look::Full, cancel) {
             Ok(HostUses { uses, unknown }) => {
                 uses.iter().for_each(|u| add(u.to_string()));
                 unknown.iter().for_each(|u| add(u.to_string()));
@@ -149,39 +149,24 @@ pub fn roots(sysfs_root: &Path, proc_root: &Path, dev_root: &Path) -> HostRoots 
 /// One entry of the public `HostUsers` view: (kind, sentence).
 pub type PublicUse = (&'static str, String);
 
-/// What any local user may be shown of `found` before a Detach: every use
-/// as its sentence, except that processes are counted per device node
-/// rather than named (which files another user's processes hold open is
-/// not every reader's to see; Detach's refusal, after polkit, names them).
+/// `found` (a [`Look::Public`] look) as the `HostUsers` entries any local
+/// user may read: each use's kind and sentence, then what is unknown.
 pub fn public_view(found: &HostUses) -> Vec<PublicUse> {
-    let mut view = Vec::new();
-    let mut holders: Vec<(&str, usize)> = Vec::new();
-    for found_use in &found.uses {
-        let kind = match found_use {
-            HostUse::Mount { .. } => "mount",
-            HostUse::Swap { .. } => "swap",
-            HostUse::Claimed { .. } | HostUse::Loop { .. } => "block-device",
-            HostUse::Interface { .. } | HostUse::StackedInterface { .. } => "interface",
-            HostUse::BootDisplay => "boot-display",
-            HostUse::Connector { .. } => "connector",
-            HostUse::Framebuffer { .. } => "framebuffer",
-            HostUse::Process { node, .. } => {
-                match holders.iter_mut().find(|(n, _)| *n == node.as_str()) {
-                    Some((_, count)) => *count += 1,
-                    None => holders.push((node, 1)),
-                }
-                continue;
-            }
-        };
-        view.push((kind, found_use.to_string()));
-    }
-    for (node, count) in holders {
-        let text = match count {
-            1 => format!("a process holds {node} open"),
-            n => format!("{n} processes hold {node} open"),
-        };
-        view.push(("processes", text));
-    }
-    view.extend(found.unknown.iter().map(|u| ("unknown", u.to_string())));
-    view
+    let kind = |found_use: &HostUse| match found_use {
+        HostUse::Mount { .. } => "mount",
+        HostUse::Swap { .. } => "swap",
+        HostUse::Claimed { .. } | HostUse::Loop { .. } => "block-device",
+        HostUse::Interface { .. } | HostUse::StackedInterface { .. } => "interface",
+        HostUse::BootDisplay => "boot-display",
+        HostUse::Connector { .. } => "connector",
+        HostUse::Framebuffer { .. } => "framebuffer",
+        // Not in a public look (see `Look::Public`).
+        HostUse::Process { .. } => "processes",
+    };
+    found
+        .uses
+        .iter()
+        .map(|u| (kind(u), u.to_string()))
+        .chain(found.unknown.iter().map(|u| ("unknown", u.to_string())))
+        .collect()
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auto_return::ReturnOutcome;
 use super::gate::{self, Blocker, Blockers, Described, PublicUse};
-use super::host_use::{self, HostRoots, Network};
+use super::host_use::{self, HostRoots, Look, Network};
 use super::sysfs::{self, SysfsError};
 use super::vfio::{self, GroupOutcome, Outcome, VfioBinder, VfioError, VfioUser};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
@@ -135,10 +135,11 @@ pub struct Passthrough {
     binder: Arc<VfioBinder>,
     proc_root: PathBuf,
     dev_root: PathBuf,
-    /// The places of [`Passthrough::users_for_anyone`]'s and
-    /// [`Passthrough::host_users_for_anyone`]'s scans; a scan's thread
-    /// holds its place until it ends.
+    /// The places of [`Passthrough::users_for_anyone`]'s scans; a scan's
+    /// thread holds its place until it ends.
     public_scans: Arc<Semaphore>,
+    /// The places of [`Passthrough::host_users_for_anyone`]'s looks.
+    public_looks: Arc<Semaphore>,
     /// Where the safety gates read the host's network state.
     network: Network,
 }
@@ -152,6 +153,7 @@ impl Passthrough {
             proc_root,
             dev_root,
             public_scans: Arc::new(Semaphore::new(PUBLIC_SCANS)),
+            public_looks: Arc::new(Semaphore::new(PUBLIC_SCANS)),
             network: Network::Kernel,
         }
     }
@@ -211,20 +213,21 @@ impl Passthrough {
     }
 
     /// How the host uses the device at `address`, as any local user may
-    /// see it ([`gate::public_view`]): within [`PUBLIC_SCANS`] scans at
-    /// once, like [`users_for_anyone`](Self::users_for_anyone). What could
-    /// not be looked at reads as an `unknown` entry, never as "no use".
+    /// see it: a [`Look::Public`] look ([`gate::public_view`]: no /proc
+    /// pass, no probe of its disks), within [`PUBLIC_SCANS`] such looks at
+    /// once (places of their own, not InUseBy's). What could not be looked
+    /// at reads as an `unknown` entry, never as "no use".
     pub async fn host_users_for_anyone(&self, address: PciAddress) -> Vec<PublicUse> {
         let unknown =
             |why: &str| vec![("unknown", format!("how the host uses it is unknown: {why}"))];
-        let Ok(place) = self.public_scans.clone().try_acquire_owned() else {
+        let Ok(place) = self.public_looks.clone().try_acquire_owned() else {
             return unknown("too many such reads at once; read it again");
         };
         let roots = self.host_roots();
         let network = self.network.clone();
         let never = CancellationToken::new();
         let scan = uid_counts::spawn_stoppable(place, &never, move |stop| {
-            host_use::host_uses(&roots, &address, &network, stop)
+            host_use::host_uses(&roots, &address, &network, Look::Public, stop)
         });
         match scan.finish(SCAN_TIMEOUT, &never).await {
             Ok(Ok(found)) => gate::public_view(&found),

@@ -900,9 +900,10 @@ impl PciDeviceObject {
         self.shared.passthrough.auto_return(address)
     }
 
-    /// How the host uses the device — what Detach refuses for unless
-    /// forced: `kind` (s) and `text` (s) per use; processes counted per
-    /// device node, not named. Computed when read; no change signal.
+    /// How the host uses the device, as any local user may see it (mounts,
+    /// swap, interfaces, display; processes and disk claims only Detach
+    /// looks at, after polkit): `kind` (s) and `text` (s) per use.
+    /// Computed when read; no change signal.
     #[zbus(property(emits_changed_signal = "false"))]
     async fn host_users(&self) -> Vec<Dict> {
         let address = self.state().info.address;

@@ -368,6 +368,21 @@ impl std::fmt::Display for Unknown {
     }
 }
 
+/// How far [`host_uses`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// Everything, for Detach's gates (after polkit): also the kernel's
+    /// claims on its disks (an `O_EXCL` open, which makes a mount started
+    /// at that instant fail with EBUSY) and the processes holding its
+    /// nodes (a pass over every process; which files other users'
+    /// processes hold open is not every reader's to see).
+    Full,
+    /// What any local user may make the service look at, cheaply and as
+    /// often as they like: mounts, swap, interfaces, display — no claim
+    /// probe, no /proc pass.
+    Public,
+}
+
 /// Everything found about one device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostUses {
@@ -529,6 +544,7 @@ pub fn host_uses(
     roots: &HostRoots,
     address: &PciAddress,
     network: &Network,
+    look: Look,
     cancel: &CancellationToken,
 ) -> Result<HostUses, HostUseError> {
     let dir = sysfs::device_dir(&roots.sysfs, address);
@@ -591,10 +607,12 @@ pub fn host_uses(
             })
             .collect();
         found.uses.extend(loops);
-        let (claims, unknown) =
-            claims::claim_uses(&devices, &found.uses, |d| claims::probe(&roots.dev, d));
-        found.uses.extend(claims);
-        found.unknown.extend(unknown);
+        if look == Look::Full {
+            let (claims, unknown) =
+                claims::claim_uses(&devices, &found.uses, |d| claims::probe(&roots.dev, d));
+            found.uses.extend(claims);
+            found.unknown.extend(unknown);
+        }
     }
 
     // Network.
@@ -651,6 +669,9 @@ pub fn host_uses(
     }
 
     // Processes.
+    if look == Look::Public {
+        return Ok(found);
+    }
     if sysfs::driver(&dir).ok().flatten().as_deref() == Some("nvidia") {
         subtree.nodes.extend(nvidia_nodes(roots, address));
     }

@@ -47,6 +47,7 @@ impl Host {
             &self.roots(),
             &address.parse().unwrap(),
             &Network::Given(network),
+            Look::Full,
             &CancellationToken::new(),
         )
     }
@@ -700,6 +701,7 @@ fn an_unreadable_proc_is_an_error_never_nobody() {
         &roots,
         &DISK.parse().unwrap(),
         &Network::Given(NetworkSnapshot::default()),
+        Look::Full,
         &CancellationToken::new(),
     );
     assert!(
@@ -711,6 +713,7 @@ fn an_unreadable_proc_is_an_error_never_nobody() {
             &host.roots(),
             &"0000:09:00.0".parse().unwrap(),
             &Network::Kernel,
+            Look::Full,
             &CancellationToken::new()
         ),
         Err(HostUseError::Gone(_))
@@ -1054,6 +1057,7 @@ fn real_uses(address: &PciAddress) -> HostUses {
         &HostRoots::host(),
         address,
         &Network::Kernel,
+        Look::Full,
         &CancellationToken::new(),
     )
     .unwrap();
