@@ -1522,3 +1522,46 @@ fn a_member_that_vanished_midway_is_not_found_and_rolled_back() {
             .all(|(path, value)| !path.contains(G_USB) && value != G_USB)
     );
 }
+
+/// A give-back after use acts only on a device still marked and still on
+/// vfio-pci, in one step under the binder's lock: a device someone gave
+/// back meanwhile is never reset from under its host driver, and the mark
+/// goes with the first attempt.
+#[test]
+fn a_give_back_never_resets_a_device_back_on_its_host_driver() {
+    use vmmanager::devices::vfio::MarkedReturn;
+    let fs = group_tree();
+    fs.write_attr(G_AUDIO, "reset", "");
+    let kernel = FakeKernel::new(&fs.root());
+    let binder = kernel.binder();
+    binder.detach(addr(G_AUDIO)).unwrap();
+    binder.set_auto_return(addr(G_AUDIO), true).unwrap();
+    assert_eq!(binder.auto_return_marks(), [addr(G_AUDIO)]);
+    // Back on its driver by other means (the kernel, a script): the mark
+    // is found stale and dropped, nothing is written.
+    fs.rebind(G_AUDIO, "snd_hda_intel");
+    kernel.take_log();
+    assert!(matches!(
+        binder.give_back_marked(addr(G_AUDIO)),
+        MarkedReturn::NotOnVfio
+    ));
+    assert_eq!(kernel.take_log(), vec![]);
+    assert!(!binder.is_marked(addr(G_AUDIO)));
+    assert!(matches!(
+        binder.give_back_marked(addr(G_AUDIO)),
+        MarkedReturn::NotMarked
+    ));
+    // A Reattach takes the mark with it.
+    fs.rebind(G_AUDIO, "vfio-pci");
+    binder.set_auto_return(addr(G_AUDIO), true).unwrap();
+    binder.reattach(addr(G_AUDIO)).unwrap();
+    kernel.take_log();
+    assert!(matches!(
+        binder.give_back_marked(addr(G_AUDIO)),
+        MarkedReturn::NotMarked
+    ));
+    assert_eq!(kernel.take_log(), vec![]);
+    // Only a device this service detached can be marked.
+    let err = binder.set_auto_return(addr(G_PREBOUND), true).unwrap_err();
+    assert!(matches!(err, VfioError::NotDetachedByUs(_)), "{err:?}");
+}

@@ -182,7 +182,11 @@ impl Watch {
                 events = self.inotify.read() => match events {
                     Ok(events) => {
                         for (wd, mask) in events {
-                            self.event(wd, mask).await;
+                            if mask & libc::IN_Q_OVERFLOW != 0 {
+                                self.overflowed().await;
+                            } else {
+                                self.event(wd, mask).await;
+                            }
                         }
                     }
                     Err(e) => {
@@ -246,6 +250,21 @@ impl Watch {
         }
     }
 
+    /// Events were lost (the kernel's queue overflowed: someone opened and
+    /// closed group nodes very often): look at every watched group again,
+    /// as if each had been opened and closed.
+    async fn overflowed(&mut self) {
+        tracing::warn!("auto-return: inotify events were lost; looking at every watched group");
+        let groups: Vec<u32> = self.groups.keys().copied().collect();
+        for group in groups {
+            let Some(wd) = self.groups.get(&group).map(|g| g.wd) else {
+                continue;
+            };
+            self.event(wd, libc::IN_OPEN).await;
+            self.event(wd, libc::IN_CLOSE_NOWRITE).await;
+        }
+    }
+
     /// Whether a process holds the group; unknown counts as held (never
     /// give a device back from under a VM).
     async fn held(&self, group: u32) -> bool {
@@ -265,19 +284,23 @@ impl Watch {
         }
     }
 
-    async fn give_back(&self, group: u32) {
+    async fn give_back(&mut self, group: u32) {
         let sysfs_root = self.passthrough.sysfs_root().to_owned();
+        let in_group = |a: &PciAddress| iommu_group_of(&sysfs_root, *a) == Some(group);
         let marked: Vec<PciAddress> = self
             .passthrough
             .auto_return_marks()
             .into_iter()
-            .filter(|a| iommu_group_of(&sysfs_root, *a) == Some(group))
+            .filter(in_group)
             .collect();
         for address in marked {
-            let outcome = self
+            let Some(outcome) = self
                 .passthrough
                 .give_back_after_use(address, Some(group))
-                .await;
+                .await
+            else {
+                continue;
+            };
             match &outcome {
                 ReturnOutcome::Returned { .. } => {
                     tracing::info!(device = %address, "given back after use: {outcome}")
@@ -285,6 +308,10 @@ impl Watch {
                 _ => tracing::warn!(device = %address, "giving back after use failed: {outcome}"),
             }
             let _ = self.reports.send(ReturnReport { address, outcome }).await;
+        }
+        // Not given back (a VM holds the group again): keep watching.
+        if self.passthrough.auto_return_marks().iter().any(in_group) {
+            self.watch(group).await;
         }
     }
 }

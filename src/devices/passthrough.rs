@@ -29,7 +29,7 @@ use super::auto_return::ReturnOutcome;
 use super::gate::{self, Blocker, Blockers, Described, PublicUse};
 use super::host_use::{self, HostRoots, Look, Network};
 use super::sysfs::{self, SysfsError};
-use super::vfio::{self, GroupOutcome, Outcome, VfioBinder, VfioError, VfioUser};
+use super::vfio::{self, GroupOutcome, MarkedReturn, Outcome, VfioBinder, VfioError, VfioUser};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
 use crate::uid_counts::{self, Unfinished};
 use vmmanager_client::PciAddress;
@@ -47,6 +47,50 @@ pub const PUBLIC_SCANS: usize = 4;
 /// How long a give-back after use waits for the original driver to bind
 /// after the reattach (drivers may probe asynchronously).
 pub const RETURN_VERIFY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits (bounded by [`RETURN_VERIFY_TIMEOUT`]; not for a driver that is
+/// not loaded at all) until `current()` is `expected` — or, for a device
+/// that had no driver, anything but a VFIO driver. A driver may probe
+/// asynchronously.
+fn verify_bound(
+    sysfs_root: &Path,
+    expected: Option<String>,
+    current: impl Fn() -> Option<String>,
+) -> ReturnOutcome {
+    let deadline = Instant::now() + RETURN_VERIFY_TIMEOUT;
+    loop {
+        let now = current();
+        let done = match &expected {
+            Some(name) => now.as_ref() == Some(name),
+            None => !now.as_deref().is_some_and(vfio::is_vfio_driver),
+        };
+        if done {
+            return ReturnOutcome::Returned { driver: now };
+        }
+        let Some(expected) = &expected else {
+            return ReturnOutcome::Failed {
+                reason: format!("it is still on {}", now.unwrap_or_default()),
+            };
+        };
+        let loaded = sysfs_root.join("bus/pci/drivers").join(expected).is_dir();
+        let reason = if !loaded {
+            format!("the {expected} driver is not loaded")
+        } else if Instant::now() >= deadline {
+            format!(
+                "not bound {}s after the reattach",
+                RETURN_VERIFY_TIMEOUT.as_secs()
+            )
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        return ReturnOutcome::DidNotBind {
+            expected: expected.clone(),
+            actual: now,
+            reason,
+        };
+    }
+}
 
 /// Which way a device moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,44 +402,48 @@ impl Passthrough {
 
     /// Whether the device is marked to be given back after use.
     pub fn auto_return(&self, address: PciAddress) -> bool {
-        self.binder
-            .remembered(address)
-            .is_some_and(|b| b.auto_return)
+        self.binder.is_marked(address)
     }
 
     /// Gives a marked device back now that no VM holds it: reset (when it
     /// has a reset method), reattach to the driver remembered, and verify
-    /// within [`RETURN_VERIFY_TIMEOUT`] that this driver is bound. The
-    /// mark goes in every case: one attempt per use.
+    /// within [`RETURN_VERIFY_TIMEOUT`] that this driver is bound — the
+    /// first two as one binder operation ([`VfioBinder::give_back_marked`]).
+    /// `None` when nothing was done: a process holds the group again (or
+    /// that is unknown: fail closed), or the device is no longer marked.
     pub async fn give_back_after_use(
         &self,
         address: PciAddress,
         group: Option<u32>,
-    ) -> ReturnOutcome {
-        let Some(remembered) = self.binder.remembered(address) else {
-            return ReturnOutcome::Failed {
-                reason: "it is no longer one this service detached".into(),
-            };
-        };
-        if let Err(e) = self.refuse_if_used(address, group, Scope::Device).await {
-            return ReturnOutcome::Failed {
-                reason: e.to_string(),
-            };
+    ) -> Option<ReturnOutcome> {
+        if self
+            .refuse_if_used(address, group, Scope::Group)
+            .await
+            .is_err()
+        {
+            return None;
         }
         let binder = self.binder.clone();
         let work = move || {
-            if let Err(e) = binder.reset(address) {
-                let _ = binder.set_auto_return(address, false);
-                return ReturnOutcome::ResetFailed {
-                    reason: e.to_string(),
-                };
-            }
-            let expected = remembered.driver.clone();
+            let (remembered, result) = match binder.give_back_marked(address) {
+                MarkedReturn::NotMarked => return None,
+                MarkedReturn::NotOnVfio => {
+                    return Some(ReturnOutcome::Failed {
+                        reason: "it was no longer on vfio-pci (reattached meanwhile?)".into(),
+                    });
+                }
+                MarkedReturn::ResetFailed(e) => {
+                    return Some(ReturnOutcome::ResetFailed {
+                        reason: e.to_string(),
+                    });
+                }
+                MarkedReturn::Reattached { remembered, result } => (remembered, result),
+            };
+            let expected = remembered.driver;
             let dev = sysfs::device_dir(binder.sysfs_root(), &address);
             let current = || sysfs::driver(&dev).ok().flatten();
-            if let Err(e) = binder.reattach(address) {
-                let _ = binder.set_auto_return(address, false);
-                return match expected {
+            if let Err(e) = result {
+                return Some(match expected {
                     Some(expected) => ReturnOutcome::DidNotBind {
                         expected,
                         actual: current(),
@@ -404,53 +452,15 @@ impl Passthrough {
                     None => ReturnOutcome::Failed {
                         reason: e.to_string(),
                     },
-                };
+                });
             }
-            // A driver may probe asynchronously: wait for it, bounded (not
-            // for one that is not loaded at all).
-            let deadline = Instant::now() + RETURN_VERIFY_TIMEOUT;
-            loop {
-                let now = current();
-                let done = match &expected {
-                    Some(name) => now.as_ref() == Some(name),
-                    None => !now.as_deref().is_some_and(vfio::is_vfio_driver),
-                };
-                if done {
-                    return ReturnOutcome::Returned { driver: now };
-                }
-                let Some(expected) = &expected else {
-                    return ReturnOutcome::Failed {
-                        reason: format!("it is still on {}", now.unwrap_or_default()),
-                    };
-                };
-                let loaded = binder
-                    .sysfs_root()
-                    .join("bus/pci/drivers")
-                    .join(expected)
-                    .is_dir();
-                let reason = if !loaded {
-                    format!("the {expected} driver is not loaded")
-                } else if Instant::now() >= deadline {
-                    format!(
-                        "not bound {}s after the reattach",
-                        RETURN_VERIFY_TIMEOUT.as_secs()
-                    )
-                } else {
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
-                };
-                return ReturnOutcome::DidNotBind {
-                    expected: expected.clone(),
-                    actual: now,
-                    reason,
-                };
-            }
+            Some(verify_bound(binder.sysfs_root(), expected, current))
         };
-        tokio::task::spawn_blocking(work)
-            .await
-            .unwrap_or_else(|_| ReturnOutcome::Failed {
+        tokio::task::spawn_blocking(work).await.unwrap_or_else(|_| {
+            Some(ReturnOutcome::Failed {
                 reason: "the give-back stopped unexpectedly; see the service's log".into(),
             })
+        })
     }
 
     /// Forgets the original drivers of devices gone or no longer detached

@@ -60,13 +60,13 @@
 
 mod state;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
 
 use tokio_util::sync::CancellationToken;
 
@@ -474,6 +474,22 @@ impl VfioError {
     }
 }
 
+/// What [`VfioBinder::give_back_marked`] did.
+#[derive(Debug)]
+pub enum MarkedReturn {
+    /// Not marked (any more): nothing done.
+    NotMarked,
+    /// No longer on a VFIO driver (reattached meanwhile): mark dropped.
+    NotOnVfio,
+    /// The reset failed: still on vfio-pci, its driver remembered.
+    ResetFailed(VfioError),
+    /// Reset (when it can be) and reattached, or the reattach's error.
+    Reattached {
+        remembered: Binding,
+        result: Result<Outcome, VfioError>,
+    },
+}
+
 /// Moves devices to and from vfio-pci and remembers where they came from.
 pub struct VfioBinder {
     sysfs_root: PathBuf,
@@ -482,6 +498,10 @@ pub struct VfioBinder {
     /// Original driver and override per device detached by us. The lock
     /// is held for a whole operation, so they never interleave.
     originals: Mutex<Remembered>,
+    /// The devices marked `auto_return` in `originals`, copied after every
+    /// change: readable at any time, while an unbind that can take seconds
+    /// holds `originals` (the async getters must never wait for that).
+    marks: RwLock<BTreeSet<PciAddress>>,
 }
 
 impl fmt::Debug for VfioBinder {
@@ -505,12 +525,14 @@ impl VfioBinder {
         state_file: Option<PathBuf>,
         writer: Box<dyn SysfsWriter>,
     ) -> Self {
-        let originals = state_file.as_deref().map(state::load).unwrap_or_default();
+        let originals: Remembered = state_file.as_deref().map(state::load).unwrap_or_default();
+        let marks = RwLock::new(marked(&originals));
         let binder = VfioBinder {
             sysfs_root,
             state_file,
             writer,
             originals: Mutex::new(originals),
+            marks,
         };
         // The file outlives restarts, so it may name devices gone or given
         // back while no daemon ran.
@@ -566,13 +588,48 @@ impl VfioBinder {
         Ok(())
     }
 
-    /// The devices marked to be given back after use.
+    /// The devices marked to be given back after use. Never waits for a
+    /// move under way.
     pub fn auto_return_marks(&self) -> Vec<PciAddress> {
-        self.lock()
-            .iter()
-            .filter(|(_, b)| b.auto_return)
-            .map(|(a, _)| *a)
-            .collect()
+        let marks = self.marks.read().unwrap_or_else(PoisonError::into_inner);
+        marks.iter().copied().collect()
+    }
+
+    /// Whether the device is marked to be given back after use. Never
+    /// waits for a move under way.
+    pub fn is_marked(&self, address: PciAddress) -> bool {
+        let marks = self.marks.read().unwrap_or_else(PoisonError::into_inner);
+        marks.contains(&address)
+    }
+
+    /// Gives a marked device back after use, as one operation under the
+    /// lock, so a Detach or Reattach cannot come in between: only if it is
+    /// still marked and still on a VFIO driver (a device someone reattached
+    /// meanwhile is never reset from under its host driver). The mark goes
+    /// first: one attempt per use. Then the reset (when it has one), then
+    /// [`reattach`](Self::reattach).
+    pub fn give_back_marked(&self, address: PciAddress) -> MarkedReturn {
+        let mut originals = self.lock();
+        let Some(entry) = originals.get_mut(&address).filter(|b| b.auto_return) else {
+            return MarkedReturn::NotMarked;
+        };
+        entry.auto_return = false;
+        let remembered = entry.clone();
+        self.save(&originals);
+        let on_vfio = self
+            .existing_device(address)
+            .and_then(|dev| read_driver(&dev))
+            .is_ok_and(|d| d.as_deref().is_some_and(is_vfio_driver));
+        if !on_vfio {
+            return MarkedReturn::NotOnVfio;
+        }
+        if let Err(e) = self.reset(address) {
+            return MarkedReturn::ResetFailed(e);
+        }
+        MarkedReturn::Reattached {
+            remembered,
+            result: self.reattach_locked(&mut originals, address),
+        }
     }
 
     /// Resets the device through its sysfs `reset` (a function-level,
@@ -993,12 +1050,22 @@ impl VfioBinder {
 
     /// Persistence is best effort: the detach itself has happened.
     fn save(&self, originals: &Remembered) {
+        *self.marks.write().unwrap_or_else(PoisonError::into_inner) = marked(originals);
         if let Some(path) = &self.state_file
             && let Err(e) = state::save(path, originals)
         {
             tracing::warn!("cannot save original drivers to {}: {e}", path.display());
         }
     }
+}
+
+/// The devices of `originals` marked to be given back after use.
+fn marked(originals: &Remembered) -> BTreeSet<PciAddress> {
+    originals
+        .iter()
+        .filter(|(_, b)| b.auto_return)
+        .map(|(a, _)| *a)
+        .collect()
 }
 
 /// Drops the remembered original drivers that Reattach could no longer
