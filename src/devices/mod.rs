@@ -14,6 +14,8 @@
 //!   process holds the device's VFIO group, and when that is unknown.
 //! - [`host_use`]: who on the host uses a device (mounts, swap, network,
 //!   display, processes holding its nodes), for the safety gates.
+//! - [`persistent`]: boot-time claims, driverctl's override files
+//!   (`/etc/driverctl.d/pci-<address>`), and which of them this service wrote.
 //! - [`gate`]: Detach's safety gates: the blockers of detaching a device
 //!   or its group (host uses, siblings the host runs on, SR-IOV VFs), and
 //!   the public view of the `HostUsers` property.
@@ -24,6 +26,7 @@ pub mod hwdb;
 pub mod inventory;
 pub mod monitor;
 pub mod passthrough;
+pub mod persistent;
 pub mod sysfs;
 pub mod vfio;
 

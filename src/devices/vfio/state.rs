@@ -5,9 +5,7 @@
 //! when it had no driver. Reading is bounded and skips anything else.
 
 use std::collections::BTreeMap;
-use std::fs::{DirBuilder, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
 use std::path::Path;
 
 use crate::kernel_files::{self, AtLimit};
@@ -85,7 +83,7 @@ fn valid_driver_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+'))
 }
 
-/// Replaces `path` atomically (temp file + rename), creating its directory.
+/// Replaces `path` atomically ([`crate::atomic_file::replace`]).
 pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Option<String>>) -> io::Result<()> {
     let mut text = String::from("# vmmanager: original drivers of devices detached to vfio-pci\n");
     for (addr, driver) in map {
@@ -94,22 +92,7 @@ pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Option<String>>) -> i
             driver.as_deref().unwrap_or(NO_DRIVER)
         ));
     }
-    if let Some(dir) = path.parent() {
-        DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = Path::new(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(tmp, path)
+    crate::atomic_file::replace(path, text.as_bytes())
 }
 
 #[cfg(test)]
