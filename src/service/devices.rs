@@ -36,7 +36,8 @@ use crate::auth::{Action, Authority};
 use crate::devices::host_use::Network;
 use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
-use crate::devices::passthrough::{Move, Passthrough, PassthroughError, Scope};
+use crate::devices::passthrough::{Move, Passthrough, PassthroughError, Persistence, Scope};
+use crate::devices::persistent::{BootClaims, BootOverride};
 use crate::devices::vfio::VfioBinder;
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager_client::PciAddress;
@@ -70,6 +71,9 @@ pub struct DeviceSettings {
     /// Where Detach's safety gates see the host's interfaces and routes.
     pub network: Network,
     pub allow_list: Vec<AllowEntry>,
+    /// Where Detach/Reattach's `persistent` keeps boot-time claims; `None`:
+    /// refused as not supported.
+    pub boot_claims: Option<BootClaims>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -119,16 +123,20 @@ impl DeviceService {
             EventSource::Channel(receiver) => (None, Some(receiver)),
             EventSource::None => (None, None),
         };
+        let mut passthrough = Passthrough::new(
+            binder,
+            settings.proc_root.clone(),
+            settings.dev_root.clone(),
+        )
+        .with_network(settings.network.clone());
+        if let Some(claims) = &settings.boot_claims {
+            passthrough = passthrough.with_boot_claims(claims.clone());
+        }
         let shared = Arc::new(Shared {
             connection: connection.clone(),
             authority,
             callers,
-            passthrough: Passthrough::new(
-                binder,
-                settings.proc_root.clone(),
-                settings.dev_root.clone(),
-            )
-            .with_network(settings.network.clone()),
+            passthrough,
             rereads: reread_sender,
         });
         let mut inventory = Inventory::new(
@@ -491,6 +499,19 @@ impl PciDeviceObject {
         device_properties::of(&self.state())
     }
 
+    /// The device's boot-time claim, for the properties; `None` when it
+    /// could not be read (logged: a property has no error to say it with).
+    async fn boot_override(&self) -> Option<BootOverride> {
+        let address = self.state().info.address;
+        match self.shared.passthrough.boot_override(address).await {
+            Ok(found) => Some(found),
+            Err(e) => {
+                tracing::warn!(device = %address, "boot-time claim: {e}");
+                None
+            }
+        }
+    }
+
     /// Shared part of Detach and Reattach: options, polkit, then the
     /// domain's decision and writes, and a re-read of the device afterwards.
     async fn change_binding(
@@ -516,6 +537,15 @@ impl PciDeviceObject {
             // group again, in the thread that acts.
             details.insert(polkit_detail::GROUP_DEVICES, group_devices.as_str());
         }
+        if options.persistent {
+            // So rules can refuse boot-time claims while allowing the rest.
+            details.insert(polkit_detail::PERSISTENT, "true");
+        }
+        let persistence = if options.persistent {
+            Persistence::AtBoot
+        } else {
+            Persistence::UntilReboot
+        };
         let guard = self.shared.callers.guard(header)?;
         let authority = &self.shared.authority;
         let caller = authority.caller(header).await?;
@@ -572,14 +602,14 @@ impl PciDeviceObject {
         let (result, reread) = match scope {
             Scope::Group => {
                 let result = passthrough
-                    .change_group(target, group, action, &approved)
+                    .change_group(target, group, action, &approved, persistence)
                     .await;
                 // Also after a failure: a rollback that failed left a member
                 // elsewhere, and its object must say where.
                 (result.map(drop), approved)
             }
             Scope::Device => {
-                let result = passthrough.change(target, group, action).await;
+                let result = passthrough.change(target, group, action, persistence).await;
                 let reread = if result.is_ok() {
                     vec![target]
                 } else {
@@ -771,6 +801,32 @@ impl PciDeviceObject {
             .into_iter()
             .map(|u| device_properties::host_user(u).to_dict())
             .collect()
+    }
+
+    /// The driver the device is claimed for at boot (driverctl's override
+    /// file), "" when none. Computed when read; no change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn persistent_driver(&self) -> String {
+        let found = self.boot_override().await;
+        found
+            .as_ref()
+            .and_then(BootOverride::driver)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Who made the boot-time claim: `vmmanager`, `other` (driverctl, an
+    /// admin), `unknown` (unreadable), "" when none. Computed when read; no
+    /// change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn persistent_origin(&self) -> String {
+        let origin = match self.boot_override().await {
+            None => "unknown",
+            Some(BootOverride::None) => "",
+            Some(BootOverride::Vfio { ours: true }) => "vmmanager",
+            Some(BootOverride::Vfio { ours: false } | BootOverride::Other(_)) => "other",
+        };
+        origin.to_owned()
     }
 
     /// Processes holding /dev/vfio/<group> or the device's iommufd cdev

@@ -13,7 +13,7 @@ use crate::disk::image::{MAX_NAME_LEN, MAX_PATH_LEN, over_long_name};
 use crate::disk::qemu_img::RepairMode;
 
 use vmmanager_client::names::option::{
-    FORCE, FORCE_SHARE, GROUP, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
+    FORCE, FORCE_SHARE, GROUP, NO_USER_INTERACTION, PERSISTENT, PIDFILE, REPAIR, TIMEOUT_SEC,
 };
 use vmmanager_client::options::Repair;
 
@@ -242,6 +242,8 @@ pub struct BindingOptions {
     pub group: bool,
     /// `force` (Detach only): detach although the host uses it.
     pub force: bool,
+    /// `persistent`: the boot-time claim follows the move.
+    pub persistent: bool,
 }
 
 pub fn parse_binding(
@@ -258,11 +260,13 @@ pub fn parse_binding(
     } else {
         false
     };
+    let persistent = reader.bool(PERSISTENT)?.unwrap_or(false);
     reader.finish()?;
     Ok(BindingOptions {
         interactive,
         group,
         force,
+        persistent,
     })
 }
 
@@ -376,12 +380,14 @@ mod tests {
                 interactive: true,
                 group: false,
                 force: false,
+                persistent: false,
             }
         );
         let all = opts(&[
             (GROUP, variant(true)),
             (NO_USER_INTERACTION, variant(true)),
             (FORCE, variant(true)),
+            (PERSISTENT, variant(true)),
         ]);
         assert_eq!(
             parse_binding("Detach", all).unwrap(),
@@ -389,7 +395,13 @@ mod tests {
                 interactive: false,
                 group: true,
                 force: true,
+                persistent: true,
             }
+        );
+        assert!(
+            parse_binding("Reattach", opts(&[(PERSISTENT, variant(true))]))
+                .unwrap()
+                .persistent
         );
         // Reattach has nothing to force.
         match parse_binding("Reattach", opts(&[(FORCE, variant(true))])) {

@@ -264,6 +264,8 @@ pub struct Rebind {
     pub group: bool,
     /// Detach although the host uses it.
     pub force: bool,
+    /// The boot-time claim follows (option `persistent`).
+    pub persistent: bool,
 }
 
 /// Detach or Reattach, of the device or its whole group, then say where
@@ -279,11 +281,13 @@ pub async fn rebind(
         to_vfio,
         group,
         force,
+        persistent,
     } = how;
     let device = device_proxy(connection, address).await?;
     let options = BindingOptions::new()
         .group(group)
         .force(force)
+        .persistent(persistent)
         .no_user_interaction(!ask)
         .build();
     let result = if to_vfio {

@@ -235,6 +235,13 @@ enum Command {
         /// rolled back.
         #[arg(long)]
         group: bool,
+        /// Also bind it to vfio-pci at every boot and hotplug (with
+        /// --group, every device of the group): writes vfio-pci to
+        /// /etc/driverctl.d/pci-ADDRESS, driverctl's format, once the
+        /// detach succeeded. Refused, with nothing changed, when that file
+        /// names another driver. `reattach --persistent` removes it.
+        #[arg(long)]
+        persistent: bool,
         /// Print {"address", "driver"} (or the error) as one JSON object;
         /// with --group, "group" lists each member's address and driver.
         #[arg(long)]
@@ -251,6 +258,11 @@ enum Command {
         /// hand) stay there. Rolled back like `detach --group`.
         #[arg(long)]
         group: bool,
+        /// Also remove its claim for vfio-pci at boot (`detach
+        /// --persistent`, or driverctl's for vfio-pci); with --group, also
+        /// the claims vmmanager wrote for the members it gives back.
+        #[arg(long)]
+        persistent: bool,
         /// Print {"address", "driver"} (or the error) as one JSON object;
         /// with --group, "group" lists each member's address and driver.
         #[arg(long)]
@@ -520,24 +532,28 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
             address,
             force,
             group,
+            persistent,
             json,
         } => {
             let how = devices::Rebind {
                 to_vfio: true,
                 group: *group,
                 force: *force,
+                persistent: *persistent,
             };
             devices::rebind(&connection, ask, address, how, *json).await
         }
         Command::Reattach {
             address,
             group,
+            persistent,
             json,
         } => {
             let how = devices::Rebind {
                 to_vfio: false,
                 group: *group,
                 force: false,
+                persistent: *persistent,
             };
             devices::rebind(&connection, ask, address, how, *json).await
         }
