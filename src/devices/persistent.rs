@@ -18,9 +18,13 @@
 //! loads and unsets ours like its own. Which ones this service wrote is
 //! kept apart, in a record (`[devices] boot-claims-record`, normally
 //! `/var/lib/vmmanager/boot-claims`): each address with the device and
-//! inode numbers of the file written. A file counts as ours only while it
-//! is that very file and still names vfio-pci, so a claim driverctl (or an
-//! admin) removed and made again is theirs. Files naming another driver
+//! inode numbers and the modification time of the file written. A file
+//! counts as ours only while it is that very file, unmodified, and still
+//! names vfio-pci, so a claim driverctl (or an admin) removed and made
+//! again, or rewrote, is theirs. (The time tells a new file that got the
+//! removed one's inode number apart; file times are as fine as the clock
+//! tick, so a file removed and made again within the same few
+//! milliseconds with the same inode would still read as ours.) Files naming another driver
 //! are never replaced or removed: [`PersistError::Foreign`] says so.
 //!
 //! # Writing safely
@@ -60,8 +64,12 @@ pub fn file_name(address: PciAddress) -> String {
     format!("pci-{address}")
 }
 
-/// A file's identity: device and inode numbers.
-type FileId = (u64, u64);
+/// A file's identity: device and inode numbers, modification time (s, ns).
+type FileId = (u64, u64, i64, i64);
+
+fn file_id(meta: &std::fs::Metadata) -> FileId {
+    (meta.dev(), meta.ino(), meta.mtime(), meta.mtime_nsec())
+}
 
 /// What a device's override file says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -337,7 +345,7 @@ impl BootClaims {
         let meta = file
             .metadata()
             .map_err(|source| PersistError::Read { path, source })?;
-        let id = (meta.dev(), meta.ino());
+        let id = file_id(&meta);
         Ok((self.classify(address, &raw, id), Some(id)))
     }
 
@@ -372,7 +380,7 @@ impl BootClaims {
             file.sync_all()?;
             let meta = file.metadata()?;
             rename_no_replace(dir, &temp, name)?;
-            Ok((meta.dev(), meta.ino()))
+            Ok(file_id(&meta))
         })();
         match written {
             Ok(id) => {
@@ -466,7 +474,8 @@ fn sync_dir(dir: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// `0000:01:00.0 2049:1234` lines: address, then device and inode numbers.
+/// `0000:01:00.0 2049:1234:1700000000:5` lines: address, then device and
+/// inode numbers and modification time (seconds, nanoseconds).
 fn parse_record(raw: &[u8]) -> BTreeMap<PciAddress, FileId> {
     let text = String::from_utf8_lossy(raw);
     let mut record = BTreeMap::new();
@@ -481,11 +490,14 @@ fn parse_record(raw: &[u8]) -> BTreeMap<PciAddress, FileId> {
         let Ok(address) = address.parse::<PciAddress>() else {
             continue;
         };
-        let Some((dev, ino)) = id.split_once(':') else {
+        let fields: Vec<&str> = id.split(':').collect();
+        let [dev, ino, sec, nsec] = fields.as_slice() else {
             continue;
         };
-        if let (Ok(dev), Ok(ino)) = (dev.parse(), ino.parse()) {
-            record.insert(address, (dev, ino));
+        if let (Ok(dev), Ok(ino), Ok(sec), Ok(nsec)) =
+            (dev.parse(), ino.parse(), sec.parse(), nsec.parse())
+        {
+            record.insert(address, (dev, ino, sec, nsec));
         }
     }
     record
@@ -497,11 +509,11 @@ impl fmt::Display for RecordText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "# vmmanager: the boot-time claims it wrote in {} (device:inode of each file)",
+            "# vmmanager: the boot-time claims it wrote in {} (device:inode:mtime-s:mtime-ns)",
             self.0.display()
         )?;
-        for (address, (dev, ino)) in self.1 {
-            writeln!(f, "{address} {dev}:{ino}")?;
+        for (address, (dev, ino, sec, nsec)) in self.1 {
+            writeln!(f, "{address} {dev}:{ino}:{sec}:{nsec}")?;
         }
         Ok(())
     }
@@ -594,11 +606,25 @@ mod tests {
 
         s.claims.claim(addr(A)).unwrap();
         let path = s.dir.join("pci-0000:01:00.0");
-        // `driverctl unset-override`, then `set-override … vfio-pci`.
+        // `driverctl unset-override`, then `set-override … vfio-pci` (a
+        // clock tick later): the new file may well get the old inode
+        // number, but not its time.
+        let inode = std::fs::metadata(&path).unwrap().ino();
         std::fs::remove_file(&path).unwrap();
-        let keep_inode_busy = std::fs::File::create(s.dir.join("other")).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&path, "vfio-pci\n").unwrap();
-        drop(keep_inode_busy);
+        assert_eq!(
+            s.claims.read(addr(A)).unwrap(),
+            BootOverride::Vfio { ours: false }
+        );
+        let reused = std::fs::metadata(&path).unwrap().ino() == inode;
+        eprintln!("inode number reused by the new file: {reused}");
+
+        // driverctl rewriting ours in place (`echo vfio-pci > file`).
+        s.claims.release(addr(A)).unwrap();
+        s.claims.claim(addr(A)).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, "vfio-pci\n").unwrap();
         assert_eq!(
             s.claims.read(addr(A)).unwrap(),
             BootOverride::Vfio { ours: false }
@@ -727,9 +753,13 @@ mod tests {
         ));
 
         let record = parse_record(
-            b"# header\n0000:01:00.0 1:2\n0000:01:00.1 x:2\nbad 1:2\n0000:02:00.0 1:2 3\n\xff\n",
+            b"# header\n0000:01:00.0 1:2:3:4\n0000:01:00.1 x:2:3:4\nbad 1:2:3:4\n\
+              0000:02:00.0 1:2:3:4 5\n0000:03:00.0 1:2\n\xff\n",
         );
-        assert_eq!(record.into_iter().collect::<Vec<_>>(), [(addr(A), (1, 2))]);
+        assert_eq!(
+            record.into_iter().collect::<Vec<_>>(),
+            [(addr(A), (1, 2, 3, 4))]
+        );
     }
 
     /// Entries whose file is gone are dropped when the record is next
