@@ -2334,3 +2334,72 @@ async fn polkit_rules_see_persistent() {
         .expect_success("Detach as nobody");
     assert_eq!(world.driver(AUDIO).await, "vfio-pci");
 }
+
+/// driverctl itself (0.111) reads a claim the service wrote: its
+/// `load-override`, what its udev rule starts at boot, writes vfio-pci to
+/// the device's driver_override, unbinds and reprobes it, and
+/// `list-overrides` then lists the device. driverctl's paths are fixed
+/// (/etc/driverctl.d, /sys), so it runs in a private mount namespace with
+/// the claims directory and the prepared tree bound over them (and
+/// /sys/module/vfio-pci made there, so it never modprobes on this host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn driverctl_loads_a_claim_the_service_wrote() {
+    assert!(
+        std::path::Path::new("/usr/sbin/driverctl").exists(),
+        "driverctl is missing: apt-get install driverctl (scripts/install-deps)"
+    );
+    let (world, kernel) = gpu_world(true, Polkit::builder()).await;
+    world
+        .call(None, AUDIO, "Detach", &PERSISTENT)
+        .await
+        .expect_success("Detach persistent");
+    // Given back for now: the override is cleared, the claim stays.
+    world
+        .call(None, AUDIO, "Reattach", &["0"])
+        .await
+        .expect_success("Reattach");
+    assert_eq!(world.fs.read_attr(AUDIO, "driver_override"), "(null)\n");
+    kernel.take_log();
+    fs::create_dir_all(world.fs.root().join("module/vfio-pci")).unwrap();
+    let driverctl = |command: &'static [&'static str]| {
+        let sys = world.fs.root();
+        let claims = world.fs.driverctl_dir();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let script = r#"set -e
+                    mount --bind "$1" /sys
+                    mount --bind "$2" /etc/driverctl.d
+                    shift 2
+                    exec driverctl "$@""#;
+                common::util::run(
+                    common::util::in_private_mounts(script)
+                        .arg(sys)
+                        .arg(claims)
+                        .args(command),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = driverctl(&["load-override", AUDIO]).await;
+    out.expect_success("driverctl load-override");
+    assert_eq!(world.fs.read_attr(AUDIO, "driver_override"), "vfio-pci\n");
+    let unbind = world.fs.driver_dir("snd_hda_intel").join("unbind");
+    assert_eq!(fs::read_to_string(unbind).unwrap(), format!("{AUDIO}\n"));
+    let probe = fs::read_to_string(world.fs.root().join("bus/pci/drivers_probe")).unwrap();
+    assert_eq!(probe, format!("{AUDIO}\n"));
+    let out = driverctl(&["--nosave", "list-overrides"]).await;
+    // The prepared tree moves no driver link by itself: still the old one.
+    assert_eq!(
+        out.expect_success("driverctl list-overrides"),
+        format!("{AUDIO} snd_hda_intel\n")
+    );
+    // And `unset-override` removes our file as its own (--noprobe: the
+    // prepared tree has no kernel to probe with).
+    driverctl(&["--noprobe", "unset-override", AUDIO])
+        .await
+        .expect_success("driverctl unset-override");
+    assert_eq!(claim_files(&world.fs), Vec::<String>::new());
+    assert_eq!(world.boot_claim(AUDIO).await, claim("", ""));
+}
