@@ -44,6 +44,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::vfio::VFIO_DRIVER;
 use crate::kernel_files::{self, AtLimit, KernelFileError};
@@ -170,17 +171,24 @@ fn describe_driver(driver: &str) -> String {
 }
 
 /// The override files of one directory and the record of the ones this
-/// service wrote. Cheap to clone.
+/// service wrote. Cheap to clone; clones share one lock.
 #[derive(Debug, Clone)]
 pub struct BootClaims {
     dir: PathBuf,
     /// `None`: nothing is remembered, every claim reads as someone else's.
     record: Option<PathBuf>,
+    /// Held by each claim and release: the record is read, changed and
+    /// written whole, and two at once would lose one's entry.
+    changing: Arc<Mutex<()>>,
 }
 
 impl BootClaims {
     pub fn new(dir: PathBuf, record: Option<PathBuf>) -> Self {
-        BootClaims { dir, record }
+        BootClaims {
+            dir,
+            record,
+            changing: Arc::default(),
+        }
     }
 
     /// Where `address`'s override file is.
@@ -200,6 +208,7 @@ impl BootClaims {
     /// Makes `address` bound to vfio-pci at boot: writes its claim unless
     /// one is there already. Refuses a file for another driver.
     pub fn claim(&self, address: PciAddress) -> Result<Claimed, PersistError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         let dir = self.open_dir(true)?.expect("created when missing");
         match self.read_in(&dir, address)? {
             (BootOverride::None, _) => {}
@@ -242,6 +251,7 @@ impl BootClaims {
     /// Removes `address`'s vfio-pci claim, whoever wrote it. Refuses a file
     /// for another driver.
     pub fn release(&self, address: PciAddress) -> Result<Released, PersistError> {
+        let _one_at_a_time = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(dir) = self.open_dir(false)? else {
             return Ok(Released::NoneThere);
         };
@@ -760,6 +770,25 @@ mod tests {
             record.into_iter().collect::<Vec<_>>(),
             [(addr(A), (1, 2, 3, 4))]
         );
+    }
+
+    /// Claims made at once (a group's members, two callers) all end up in
+    /// the record.
+    #[test]
+    fn claims_at_once_are_all_recorded() {
+        let s = setup();
+        let addresses: Vec<PciAddress> = (0..32u8)
+            .map(|slot| PciAddress::new(0, 3, slot, 0).unwrap())
+            .collect();
+        std::thread::scope(|scope| {
+            for &address in &addresses {
+                let claims = s.claims.clone();
+                scope.spawn(move || claims.claim(address).unwrap());
+            }
+        });
+        for address in addresses {
+            assert!(s.claims.read(address).unwrap().is_ours(), "{address}");
+        }
     }
 
     /// Entries whose file is gone are dropped when the record is next

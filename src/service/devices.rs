@@ -649,7 +649,9 @@ impl PciDeviceObject {
     /// `auth.no-user-interaction` (b); `group` (b): every non-bridge
     /// endpoint of the IOMMU group, rolled back in reverse order when one
     /// fails (`Failed` names the member, what was rolled back, and any
-    /// device the rollback left behind).
+    /// device the rollback left behind); `persistent` (b): once moved, also
+    /// claimed for vfio-pci at boot (`devices::persistent`), polkit detail
+    /// `persistent`.
     async fn detach(
         &self,
         options: HashMap<String, OwnedVariant>,
@@ -663,7 +665,8 @@ impl PciDeviceObject {
     /// kernel pick one). `InUse` when a VM holds its VFIO group; nothing
     /// happens when it is not bound to a VFIO driver. Options:
     /// `auth.no-user-interaction` (b); `group` (b): the device and every
-    /// group member this service detached, each to its own driver.
+    /// group member this service detached, each to its own driver;
+    /// `persistent` (b): once moved, the boot-time claim is removed.
     async fn reattach(
         &self,
         options: HashMap<String, OwnedVariant>,
