@@ -305,7 +305,13 @@ impl BootClaims {
                         path: self.dir.clone(),
                         source,
                     })?;
-                open()
+                // 0755 as driverctl's `mkdir -p` makes it, whatever the
+                // umask (the service's is 0077); through the handle, never
+                // the name again.
+                open().and_then(|dir| {
+                    dir.set_permissions(Permissions::from_mode(DIR_MODE))?;
+                    Ok(dir)
+                })
             }
             other => other,
         };
@@ -770,6 +776,53 @@ mod tests {
             record.into_iter().collect::<Vec<_>>(),
             [(addr(A), (1, 2, 3, 4))]
         );
+    }
+
+    const CHILD_DIR: &str = "VMMANAGER_TEST_CLAIMS_DIR";
+
+    /// Under the service's umask (its unit's UMask=0077) a claim is still
+    /// 0644 and a directory made for it 0755, as driverctl's: the claim is
+    /// made in a child process of this test binary with that umask (the
+    /// umask is the whole process's, and other tests run beside this one).
+    #[test]
+    fn modes_do_not_depend_on_the_umask() {
+        use std::os::unix::process::CommandExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("driverctl.d");
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        child
+            .args([
+                "--exact",
+                "devices::persistent::tests::claim_in_a_child",
+                "--include-ignored",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DIR, &dir);
+        // SAFETY: umask is async-signal-safe.
+        unsafe {
+            child.pre_exec(|| {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
+        let out = child.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&dir), 0o755);
+        assert_eq!(mode(&dir.join("pci-0000:01:00.0")), 0o644);
+    }
+
+    #[test]
+    #[ignore = "run by modes_do_not_depend_on_the_umask, in a child process with umask 0077"]
+    fn claim_in_a_child() {
+        let dir = std::env::var_os(CHILD_DIR).expect("run by modes_do_not_depend_on_the_umask");
+        let claims = BootClaims::new(dir.into(), None);
+        assert_eq!(claims.claim(addr(A)).unwrap(), Claimed::Written);
     }
 
     /// Claims made at once (a group's members, two callers) all end up in
