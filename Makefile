@@ -39,7 +39,8 @@
 #                                              at boot, run by the udev rule only
 #   $(PREFIX)/share/dbus-1/interfaces/         introspection XML (for developers)
 #   $(PREFIX)/share/man/man1, man8/            vmctl(1), vmctl-*(1), vmmanager-notify(1),
-#                                              vmmanagerd(8), vmmanager-opener(8)
+#                                              vmmanagerd(8), vmmanager-opener(8),
+#                                              vmmanager-vfio-claim(8) (udev/, by hand)
 #   $(PREFIX)/share/bash-completion/completions/vmctl, fish/vendor_completions.d/
 #                                              completions; zsh: zsh/vendor-completions
 #                                              if PREFIX=/usr, else zsh/site-functions
@@ -296,6 +297,7 @@ install:
 	    $(DESTDIR)$(FISH_COMPLETIONSDIR)
 	$(INSTALL_DATA) $(MAN_OUT)/*.1 $(DESTDIR)$(MANDIR)/man1/
 	$(INSTALL_DATA) $(MAN_OUT)/*.8 $(DESTDIR)$(MANDIR)/man8/
+	$(INSTALL_DATA) $(VFIO_CLAIM).8 $(DESTDIR)$(MANDIR)/man8/
 	$(INSTALL_DATA) $(COMPLETIONS_OUT)/vmctl.bash $(DESTDIR)$(BASH_COMPLETIONSDIR)/vmctl
 	$(INSTALL_DATA) $(COMPLETIONS_OUT)/_vmctl $(DESTDIR)$(ZSH_COMPLETIONSDIR)/_vmctl
 	$(INSTALL_DATA) $(COMPLETIONS_OUT)/vmctl.fish $(DESTDIR)$(FISH_COMPLETIONSDIR)/vmctl.fish
@@ -326,7 +328,8 @@ uninstall:
 	rm -f $(DESTDIR)$(DBUS_INTERFACESDIR)/org.example.VmManager1.xml
 	rm -f $(DESTDIR)$(MANDIR)/man1/vmctl.1 $(DESTDIR)$(MANDIR)/man1/vmctl-*.1
 	rm -f $(DESTDIR)$(MANDIR)/man1/vmmanager-notify.1
-	rm -f $(DESTDIR)$(MANDIR)/man8/vmmanagerd.8 $(DESTDIR)$(MANDIR)/man8/vmmanager-opener.8
+	rm -f $(DESTDIR)$(MANDIR)/man8/vmmanagerd.8 $(DESTDIR)$(MANDIR)/man8/vmmanager-opener.8 \
+	    $(DESTDIR)$(MANDIR)/man8/vmmanager-vfio-claim.8
 	rm -f $(DESTDIR)$(BASH_COMPLETIONSDIR)/vmctl $(DESTDIR)$(ZSH_COMPLETIONSDIR)/_vmctl
 	rm -f $(DESTDIR)$(FISH_COMPLETIONSDIR)/vmctl.fish
 	rm -f $(DESTDIR)$(GNOME_SHELL_EXTENSIONDIR)/$(GNOME_SHELL_UUID)/extension.js \
