@@ -35,9 +35,12 @@
 #   $(PREFIX)/libexec/vmmanagerd               daemon, started by D-Bus/systemd only
 #   $(PREFIX)/libexec/vmmanager-opener         opens images for repairs, started by
 #                                              vmmanager-opener.socket only
+#   $(PREFIX)/libexec/vmmanager-vfio-claim     binds a device claimed for vfio-pci
+#                                              at boot, run by the udev rule only
 #   $(PREFIX)/share/dbus-1/interfaces/         introspection XML (for developers)
 #   $(PREFIX)/share/man/man1, man8/            vmctl(1), vmctl-*(1), vmmanager-notify(1),
-#                                              vmmanagerd(8), vmmanager-opener(8)
+#                                              vmmanagerd(8), vmmanager-opener(8),
+#                                              vmmanager-vfio-claim(8) (udev/, by hand)
 #   $(PREFIX)/share/bash-completion/completions/vmctl, fish/vendor_completions.d/
 #                                              completions; zsh: zsh/vendor-completions
 #                                              if PREFIX=/usr, else zsh/site-functions
@@ -47,6 +50,14 @@
 #                                              latter is the admin's)
 #   /usr/share/dbus-1/system-services/         bus activation file
 #   /usr/share/polkit-1/actions/               polkit reads actions only here
+#   $(UDEVRULESDIR) (/usr/lib/udev/rules.d)    89-vmmanager-vfio.rules (boot-time
+#                                              claims without driverctl); from udev.pc
+#                                              when available, /lib read as /usr/lib
+#   /etc/driverctl.d/                          driverctl's override directory, made
+#                                              (empty) so the sandboxed daemon may
+#                                              write claims there (ReadWritePaths=);
+#                                              uninstall leaves it (driverctl's too,
+#                                              and the claims in it are the admin's)
 #   $(SYSTEMDUNITDIR) (/usr/lib/systemd/system) systemd units; from systemd.pc when
 #                                              available (distribution's unit dir,
 #                                              /lib/... read as /usr/lib/...)
@@ -104,6 +115,13 @@ SYSTEMDUNITDIR   ?= $(patsubst /lib/%,/usr/lib/%,$(shell pkg-config --variable=s
 ifeq ($(strip $(SYSTEMDUNITDIR)),)
 SYSTEMDUNITDIR = /usr/lib/systemd/system
 endif
+# udev reads rules in /usr/lib/udev/rules.d on every Debian (see SYSTEMDUNITDIR).
+UDEVRULESDIR     ?= $(patsubst /lib/%,/usr/lib/%,$(shell pkg-config --variable=udevdir udev 2>/dev/null))/rules.d
+ifeq ($(strip $(UDEVRULESDIR)),/rules.d)
+UDEVRULESDIR = /usr/lib/udev/rules.d
+endif
+# driverctl's override directory (boot-time claims; src/devices/persistent.rs).
+DRIVERCTLDIR     ?= /etc/driverctl.d
 AUTOSTARTDIR       ?= /etc/xdg/autostart
 GNOME_SHELL_EXTENSIONDIR ?= $(DATADIR)/gnome-shell/extensions
 GNOME_SHELL_API ?= $(shell gnome-shell --version 2>/dev/null | \
@@ -146,6 +164,9 @@ OPENER_SOCKET  := systemd/vmmanager-opener.socket
 OPENER_UNIT    := systemd/vmmanager-opener@.service
 NOTIFY_DESKTOP := desktop/vmmanager-notify.desktop
 NOTIFY_UNIT    := systemd/user/vmmanager-notify.service
+# Boot-time claims without driverctl: the udev rule and what it runs.
+UDEV_RULE      := udev/89-vmmanager-vfio.rules
+VFIO_CLAIM     := udev/vmmanager-vfio-claim
 GNOME_SHELL_UUID := vmmanager@example.org
 GNOME_SHELL_BUILD := $(GNOME_SHELL_OUT)/$(GNOME_SHELL_API)/$(GNOME_SHELL_UUID)
 
@@ -241,7 +262,8 @@ install:
 	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LIBEXECDIR) \
 	    $(DESTDIR)$(DBUS_POLICYDIR) $(DESTDIR)$(DBUS_SERVICEDIR) \
 	    $(DESTDIR)$(POLKIT_ACTIONDIR) $(DESTDIR)$(SYSTEMDUNITDIR) \
-	    $(DESTDIR)$(AUTOSTARTDIR) $(DESTDIR)$(SYSTEMDUSERUNITDIR)
+	    $(DESTDIR)$(AUTOSTARTDIR) $(DESTDIR)$(SYSTEMDUSERUNITDIR) \
+	    $(DESTDIR)$(UDEVRULESDIR) $(DESTDIR)$(DRIVERCTLDIR)
 	$(INSTALL_PROG) $(RELEASE)/vmctl $(DESTDIR)$(BINDIR)/vmctl
 	$(INSTALL_PROG) $(RELEASE)/vmmanager-notify $(DESTDIR)$(BINDIR)/vmmanager-notify
 	$(INSTALL_DATA) $(NOTIFY_DESKTOP) $(DESTDIR)$(AUTOSTARTDIR)/vmmanager-notify.desktop
@@ -250,6 +272,10 @@ install:
 	chmod 0644 $(DESTDIR)$(SYSTEMDUSERUNITDIR)/vmmanager-notify.service
 	$(INSTALL_PROG) $(RELEASE)/vmmanagerd $(DESTDIR)$(LIBEXECDIR)/vmmanagerd
 	$(INSTALL_PROG) $(RELEASE)/vmmanager-opener $(DESTDIR)$(LIBEXECDIR)/vmmanager-opener
+	$(INSTALL_PROG) $(VFIO_CLAIM) $(DESTDIR)$(LIBEXECDIR)/vmmanager-vfio-claim
+	sed -e 's|$(SOURCE_LIBEXECDIR)/|$(LIBEXECDIR)/|g' $(UDEV_RULE) \
+	    > $(DESTDIR)$(UDEVRULESDIR)/89-vmmanager-vfio.rules
+	chmod 0644 $(DESTDIR)$(UDEVRULESDIR)/89-vmmanager-vfio.rules
 	$(INSTALL_DATA) $(BUS_POLICY_FILE) $(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf
 	sed -e 's|$(SOURCE_LIBEXECDIR)/|$(LIBEXECDIR)/|g' $(SERVICE_FILE) \
 	    > $(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service
@@ -271,6 +297,7 @@ install:
 	    $(DESTDIR)$(FISH_COMPLETIONSDIR)
 	$(INSTALL_DATA) $(MAN_OUT)/*.1 $(DESTDIR)$(MANDIR)/man1/
 	$(INSTALL_DATA) $(MAN_OUT)/*.8 $(DESTDIR)$(MANDIR)/man8/
+	$(INSTALL_DATA) $(VFIO_CLAIM).8 $(DESTDIR)$(MANDIR)/man8/
 	$(INSTALL_DATA) $(COMPLETIONS_OUT)/vmctl.bash $(DESTDIR)$(BASH_COMPLETIONSDIR)/vmctl
 	$(INSTALL_DATA) $(COMPLETIONS_OUT)/_vmctl $(DESTDIR)$(ZSH_COMPLETIONSDIR)/_vmctl
 	$(INSTALL_DATA) $(COMPLETIONS_OUT)/vmctl.fish $(DESTDIR)$(FISH_COMPLETIONSDIR)/vmctl.fish
@@ -287,7 +314,9 @@ install:
 
 uninstall:
 	rm -f $(DESTDIR)$(BINDIR)/vmctl $(DESTDIR)$(BINDIR)/vmmanager-notify
-	rm -f $(DESTDIR)$(LIBEXECDIR)/vmmanagerd $(DESTDIR)$(LIBEXECDIR)/vmmanager-opener
+	rm -f $(DESTDIR)$(LIBEXECDIR)/vmmanagerd $(DESTDIR)$(LIBEXECDIR)/vmmanager-opener \
+	    $(DESTDIR)$(LIBEXECDIR)/vmmanager-vfio-claim
+	rm -f $(DESTDIR)$(UDEVRULESDIR)/89-vmmanager-vfio.rules
 	rm -f $(DESTDIR)$(DBUS_POLICYDIR)/$(BUS_NAME).conf
 	rm -f $(DESTDIR)$(DBUS_SERVICEDIR)/$(BUS_NAME).service
 	rm -f $(DESTDIR)$(POLKIT_ACTIONDIR)/org.example.vmmanager.policy
@@ -299,7 +328,8 @@ uninstall:
 	rm -f $(DESTDIR)$(DBUS_INTERFACESDIR)/org.example.VmManager1.xml
 	rm -f $(DESTDIR)$(MANDIR)/man1/vmctl.1 $(DESTDIR)$(MANDIR)/man1/vmctl-*.1
 	rm -f $(DESTDIR)$(MANDIR)/man1/vmmanager-notify.1
-	rm -f $(DESTDIR)$(MANDIR)/man8/vmmanagerd.8 $(DESTDIR)$(MANDIR)/man8/vmmanager-opener.8
+	rm -f $(DESTDIR)$(MANDIR)/man8/vmmanagerd.8 $(DESTDIR)$(MANDIR)/man8/vmmanager-opener.8 \
+	    $(DESTDIR)$(MANDIR)/man8/vmmanager-vfio-claim.8
 	rm -f $(DESTDIR)$(BASH_COMPLETIONSDIR)/vmctl $(DESTDIR)$(ZSH_COMPLETIONSDIR)/_vmctl
 	rm -f $(DESTDIR)$(FISH_COMPLETIONSDIR)/vmctl.fish
 	rm -f $(DESTDIR)$(GNOME_SHELL_EXTENSIONDIR)/$(GNOME_SHELL_UUID)/extension.js \

@@ -98,6 +98,13 @@ pub struct DevicesConfig {
     /// Where the original drivers of detached devices are remembered across
     /// restarts; empty for memory only.
     pub vfio_state_file: PathBuf,
+    /// Where Detach's `persistent` writes boot-time claims, in driverctl's
+    /// format (`pci-<address>` holding `vfio-pci`), and Reattach's removes
+    /// them: driverctl's directory, read by its udev rule and by ours.
+    pub driver_overrides_dir: PathBuf,
+    /// Which of those claims this service wrote (so driverctl's own are
+    /// told apart); empty to remember none.
+    pub boot_claims_record: PathBuf,
 }
 
 impl Default for DevicesConfig {
@@ -111,6 +118,9 @@ impl Default for DevicesConfig {
             dev_root: PathBuf::from("/dev"),
             permitted: Vec::new(),
             vfio_state_file: PathBuf::from("/run/vmmanager/vfio-drivers"),
+            driver_overrides_dir: PathBuf::from("/etc/driverctl.d"),
+            // Outlives reboots, as the claims do (the unit's StateDirectory=).
+            boot_claims_record: PathBuf::from("/var/lib/vmmanager/boot-claims"),
         }
     }
 }
@@ -247,11 +257,16 @@ impl Config {
             )
             .map_err(|e| invalid(format!("devices.permitted: {e}")))?;
         }
-        let state_file = &self.devices.vfio_state_file;
-        if !state_file.as_os_str().is_empty() && !state_file.is_absolute() {
-            return Err(invalid(
-                "devices.vfio-state-file must be an absolute path or \"\"".into(),
-            ));
+        for (key, path) in [
+            ("devices.vfio-state-file", &self.devices.vfio_state_file),
+            (
+                "devices.boot-claims-record",
+                &self.devices.boot_claims_record,
+            ),
+        ] {
+            if !path.as_os_str().is_empty() && !path.is_absolute() {
+                return Err(invalid(format!("{key} must be an absolute path or \"\"")));
+            }
         }
         for (key, path) in [
             ("system.proc-root", &self.system.proc_root),
@@ -262,6 +277,10 @@ impl Config {
                 &self.devices.udev_control_socket,
             ),
             ("devices.dev-root", &self.devices.dev_root),
+            (
+                "devices.driver-overrides-dir",
+                &self.devices.driver_overrides_dir,
+            ),
         ] {
             if !path.is_absolute() {
                 return Err(invalid(format!("{key} must be an absolute path")));
@@ -385,6 +404,8 @@ mod tests {
         });
         config.devices.events = EventsSetting::None;
         config.devices.vfio_state_file = PathBuf::new();
+        config.devices.boot_claims_record = PathBuf::new();
+        config.devices.driver_overrides_dir = PathBuf::from("/tmp/driverctl.d");
         config.system.proc_root = PathBuf::from("/tmp/a b/proc");
         config.devices.udev_control_socket = PathBuf::from("/tmp/udev/control");
         assert_eq!(Config::parse(&config.to_toml()).unwrap(), config);

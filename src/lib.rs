@@ -45,6 +45,10 @@
 //!     boot display, connected outputs and framebuffers, and processes
 //!     holding its nodes (one /proc pass); each a sentence naming what and
 //!     who, and what could not be looked at said as such.
+//!   - [`devices::persistent`]: boot-time claims (Detach/Reattach's
+//!     `persistent`): driverctl's override files, written atomically
+//!     without following symlinks, and the record of which are ours.
+//! - [`atomic_file`]: replacing a small state file atomically.
 //! - [`kernel_files`]: reading kernel-provided files (/proc, /sys) safely:
 //!   the one bounded read (never blocking, regular files only, the caller
 //!   says whether the bound truncates or refuses), the one `/proc/PID/stat`
@@ -113,6 +117,7 @@
 //! `PciDevice` properties ([`service::device_properties`]) and `Uevent` are
 //! public on the system bus, as with udisks.
 
+pub mod atomic_file;
 pub mod auth;
 pub mod config;
 pub mod devices;

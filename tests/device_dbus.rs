@@ -205,6 +205,8 @@ fn expected(address: &str) -> BTreeMap<String, Val> {
         ("InUseBy", Val::Dicts(vec![])),
         ("HostUsers", Val::Dicts(vec![])),
         ("AutoReturn", Val::B(false)),
+        ("PersistentDriver", s("")),
+        ("PersistentOrigin", s("")),
     ])
 }
 
@@ -625,6 +627,8 @@ async fn events_produce_exactly_the_signals_of_the_changes() {
         ("InUseBy", Val::Dicts(vec![])),
         ("HostUsers", Val::Dicts(vec![])),
         ("AutoReturn", Val::B(false)),
+        ("PersistentDriver", s("")),
+        ("PersistentOrigin", s("")),
     ]);
     let device_props = interfaces
         .get(DEVICE_IFACE)
@@ -974,6 +978,21 @@ fn gpu_tree(vfio: bool) -> FakeSysfs {
     if vfio {
         fs.driver_dir("vfio-pci");
     }
+    fs
+}
+
+/// The third function of the GPU in [`gpu_group_tree`].
+const SERIAL: &str = "0000:01:00.2";
+
+/// The GPU's group with a bridge and a third function: group 1.
+fn gpu_group_tree() -> FakeSysfs {
+    let fs = gpu_tree(true);
+    fs.device(BRIDGE, 0x8086, 0xa110, 0x060400)
+        .driver("pcieport")
+        .iommu_group(1);
+    fs.device(SERIAL, 0x10de, 0x1ad8, 0x0c8000)
+        .driver("nvidia-serial")
+        .iommu_group(1);
     fs
 }
 
@@ -1595,14 +1614,7 @@ async fn stop_right_after_start_and_guard_on_panic() {
 /// so (exit 1, the service's message).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn vmctl_moves_a_whole_group_and_reports_a_rollback() {
-    const SERIAL: &str = "0000:01:00.2";
-    let fs = gpu_tree(true);
-    fs.device(BRIDGE, 0x8086, 0xa110, 0x060400)
-        .driver("pcieport")
-        .iommu_group(1);
-    fs.device(SERIAL, 0x10de, 0x1ad8, 0x0c8000)
-        .driver("nvidia-serial")
-        .iommu_group(1);
+    let fs = gpu_group_tree();
     let kernel = FakeKernel::new(&fs.root());
     let world = DeviceWorld::start(fs, Some(Polkit::builder()), Some(kernel.clone())).await;
     let bus = world.bus.address().to_owned();
@@ -2111,4 +2123,430 @@ async fn wait_for<F: std::future::Future<Output = bool>>(check: impl Fn() -> F) 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     panic!("not within 10 s");
+}
+
+// ---------------------------------------------------------------------------
+// 9. Boot-time claims: Detach/Reattach with `persistent`
+// ---------------------------------------------------------------------------
+
+/// driverctl's override file of `address` in the world's claims directory.
+fn claim_file(fs: &FakeSysfs, address: &str) -> std::path::PathBuf {
+    fs.driverctl_dir().join(format!("pci-{address}"))
+}
+
+/// The files in the claims directory, sorted (none when it is missing).
+fn claim_files(fs: &FakeSysfs) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(fs.driverctl_dir())
+        .map(|dir| {
+            dir.map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+impl DeviceWorld {
+    /// `(PersistentDriver, PersistentOrigin)` of `address`.
+    async fn boot_claim(&self, address: &str) -> (String, String) {
+        let get = |name| async move {
+            match self.get(&path(address), name).await.unwrap() {
+                Val::S(text) => text,
+                other => panic!("{name} is not a string: {other:?}"),
+            }
+        };
+        (get("PersistentDriver").await, get("PersistentOrigin").await)
+    }
+
+    /// `vmctl --bus-address … ARGS` as root, off the async workers.
+    async fn vmctl(&self, args: &[&str]) -> CmdOutput {
+        let bus = self.bus.address().to_owned();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(common::world::VMCTL);
+            cmd.arg("--bus-address").arg(&bus).args(&args);
+            common::util::run(&mut cmd)
+        })
+        .await
+        .unwrap()
+    }
+}
+
+fn claim(driver: &str, origin: &str) -> (String, String) {
+    (driver.to_owned(), origin.to_owned())
+}
+
+const PERSISTENT: [&str; 4] = ["1", "persistent", "b", "true"];
+const GROUP_PERSISTENT: [&str; 7] = ["2", "group", "b", "true", "persistent", "b", "true"];
+
+/// Detach with `persistent` leaves exactly what `driverctl set-override
+/// ADDR vfio-pci` saves (`vfio-pci` and a newline, 0644), after the move;
+/// Reattach with `persistent` removes it; without it, Reattach leaves the
+/// claim. vmctl says the same through --persistent and `device`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn persistent_detach_writes_driverctls_file_and_reattach_removes_it() {
+    use std::os::unix::fs::PermissionsExt;
+    let (world, kernel) = gpu_world(true, Polkit::builder()).await;
+    let file = claim_file(&world.fs, AUDIO);
+    assert_eq!(world.boot_claim(AUDIO).await, claim("", ""));
+
+    world
+        .call(None, AUDIO, "Detach", &PERSISTENT)
+        .await
+        .expect_success("Detach persistent");
+    assert_eq!(kernel.take_log(), detach_writes(AUDIO));
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+    assert_eq!(fs::read(&file).unwrap(), b"vfio-pci\n");
+    let mode = fs::metadata(&file).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o644);
+    assert_eq!(claim_files(&world.fs), [format!("pci-{AUDIO}")]);
+    assert_eq!(
+        world.boot_claim(AUDIO).await,
+        claim("vfio-pci", "vmmanager")
+    );
+    assert_eq!(world.boot_claim(GPU).await, claim("", ""));
+
+    // Already detached and claimed: nothing written anywhere.
+    let before = fs::metadata(&file).unwrap().modified().unwrap();
+    world
+        .call(None, AUDIO, "Detach", &PERSISTENT)
+        .await
+        .expect_success("second Detach persistent");
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(fs::metadata(&file).unwrap().modified().unwrap(), before);
+
+    // A plain Reattach gives the device back for now; the claim stays.
+    world
+        .call(None, AUDIO, "Reattach", &["0"])
+        .await
+        .expect_success("Reattach");
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    assert_eq!(fs::read(&file).unwrap(), b"vfio-pci\n");
+
+    // Reattach persistent of a device already given back: the claim goes.
+    world
+        .call(None, AUDIO, "Reattach", &PERSISTENT)
+        .await
+        .expect_success("Reattach persistent");
+    assert_eq!(kernel.take_log(), reattach_writes(AUDIO, "snd_hda_intel"));
+    assert!(!file.exists());
+    assert_eq!(world.boot_claim(AUDIO).await, claim("", ""));
+
+    // vmctl: --persistent both ways, and `device` shows the claim.
+    let out = world.vmctl(&["detach", "--persistent", GPU]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, format!("{GPU}: vfio-pci\n"));
+    assert_eq!(fs::read(claim_file(&world.fs, GPU)).unwrap(), b"vfio-pci\n");
+    let out = world.vmctl(&["device", GPU]).await;
+    let lines: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    assert!(lines.contains(&"PersistentDriver: vfio-pci"), "{out:?}");
+    assert!(lines.contains(&"PersistentOrigin: vmmanager"), "{out:?}");
+    let out = world.vmctl(&["reattach", "--persistent", GPU]).await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(out.stdout, format!("{GPU}: nvidia\n"));
+    assert_eq!(claim_files(&world.fs), Vec::<String>::new());
+    let out = world.vmctl(&["device", GPU]).await;
+    let lines: Vec<&str> = out.stdout.lines().map(str::trim).collect();
+    assert!(lines.contains(&"PersistentDriver: -"), "{out:?}");
+}
+
+/// A file driverctl wrote for another driver is never replaced nor
+/// removed: `persistent` is refused before anything moves and says which
+/// file; the properties show it as someone else's. driverctl's own
+/// vfio-pci claim is kept by Detach and shown as theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn another_drivers_override_is_not_touched_and_is_reported() {
+    let (world, kernel) = gpu_world(true, Polkit::builder()).await;
+    fs::create_dir_all(world.fs.driverctl_dir()).unwrap();
+    let file = claim_file(&world.fs, AUDIO);
+    // `driverctl set-override 0000:01:00.1 snd_hda_intel`.
+    fs::write(&file, "snd_hda_intel\n").unwrap();
+    assert_eq!(
+        world.boot_claim(AUDIO).await,
+        claim("snd_hda_intel", "other")
+    );
+
+    for method in ["Detach", "Reattach"] {
+        let out = world.call(None, AUDIO, method, &PERSISTENT).await;
+        assert!(!out.success(), "{method}: {out:?}");
+        assert!(out.stderr.contains(&file.display().to_string()), "{out:?}");
+        assert!(
+            out.stderr
+                .contains("has a boot-time override for \"snd_hda_intel\""),
+            "{out:?}"
+        );
+        assert!(out.stderr.contains("nothing was changed"), "{out:?}");
+        let audio = world.device(AUDIO).await;
+        let result = if method == "Detach" {
+            audio
+                .detach(opts(&[("persistent", Variant::from(true))]))
+                .await
+        } else {
+            audio
+                .reattach(opts(&[("persistent", Variant::from(true))]))
+                .await
+        };
+        let (name, _) = method_error(result.unwrap_err());
+        assert_eq!(name, format!("{ERROR_PREFIX}Failed"));
+    }
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "snd_hda_intel\n");
+
+    // Without `persistent` the file is none of Detach's business.
+    world
+        .call(None, AUDIO, "Detach", &["0"])
+        .await
+        .expect_success("plain Detach");
+    assert_eq!(fs::read_to_string(&file).unwrap(), "snd_hda_intel\n");
+
+    // driverctl's vfio-pci claim: kept, and still theirs.
+    let gpu_file = claim_file(&world.fs, GPU);
+    fs::write(&gpu_file, "vfio-pci\n").unwrap();
+    assert_eq!(world.boot_claim(GPU).await, claim("vfio-pci", "other"));
+    world
+        .call(None, GPU, "Detach", &PERSISTENT)
+        .await
+        .expect_success("Detach persistent over driverctl's vfio-pci claim");
+    assert_eq!(world.boot_claim(GPU).await, claim("vfio-pci", "other"));
+    assert_eq!(
+        claim_files(&world.fs),
+        [format!("pci-{GPU}"), format!("pci-{AUDIO}")]
+    );
+
+    // A symlink where a claim would go is refused, never followed.
+    fs::remove_file(&gpu_file).unwrap();
+    let elsewhere = world.fs.driverctl_dir().with_file_name("elsewhere");
+    symlink(&elsewhere, &gpu_file).unwrap();
+    assert_eq!(world.boot_claim(GPU).await, claim("", "unknown"));
+    let out = world.call(None, GPU, "Detach", &PERSISTENT).await;
+    assert!(out.stderr.contains("is not a regular file"), "{out:?}");
+    assert!(!elsewhere.exists());
+}
+
+/// A tmpfs with room for `files` files, mounted on `dir` until dropped:
+/// the claim after the last one fails with ENOSPC.
+struct SmallTmpfs(std::path::PathBuf);
+
+impl SmallTmpfs {
+    fn mount(dir: &std::path::Path, files: u32) -> SmallTmpfs {
+        fs::create_dir_all(dir).unwrap();
+        // The root directory takes one inode too.
+        let options = format!("nr_inodes={},mode=0755", files + 1);
+        let out = common::util::run(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &options, "vmm-claims"])
+                .arg(dir),
+        );
+        out.expect_success("mount a small tmpfs");
+        SmallTmpfs(dir.to_owned())
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// With `group`, every endpoint gets a claim (not the bridge), and Reattach
+/// `group` `persistent` removes them all. A failed move writes no claim; a
+/// claim that cannot be written after the move takes back the ones this
+/// call wrote and says so, the devices staying on vfio-pci for now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn group_persistent_claims_every_endpoint_and_takes_them_back_on_failure() {
+    let fs = gpu_group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let world = DeviceWorld::start(fs, Some(Polkit::builder()), Some(kernel.clone())).await;
+    let endpoints = [GPU, AUDIO, SERIAL];
+    let files = |list: &[&str]| -> Vec<String> {
+        let mut names: Vec<String> = list.iter().map(|a| format!("pci-{a}")).collect();
+        names.sort();
+        names
+    };
+
+    let out = world
+        .vmctl(&["detach", "--group", "--persistent", AUDIO])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(claim_files(&world.fs), files(&endpoints));
+    for a in endpoints {
+        assert_eq!(fs::read(claim_file(&world.fs, a)).unwrap(), b"vfio-pci\n");
+        assert_eq!(world.boot_claim(a).await, claim("vfio-pci", "vmmanager"));
+    }
+    assert_eq!(world.boot_claim(BRIDGE).await, claim("", ""));
+    let out = world
+        .vmctl(&["reattach", "--group", "--persistent", GPU])
+        .await;
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(claim_files(&world.fs), Vec::<String>::new());
+    assert_eq!(world.driver(SERIAL).await, "nvidia-serial");
+    kernel.take_log();
+
+    // The move fails and is rolled back: no claim was written.
+    kernel.set(|k| k.fail = Some(format!("bus/pci/devices/{AUDIO}/driver/unbind")));
+    let out = world.call(None, GPU, "Detach", &GROUP_PERSISTENT).await;
+    assert!(
+        out.stderr.contains(&format!("rolled back: {AUDIO}, {GPU}")),
+        "{out:?}"
+    );
+    assert_eq!(claim_files(&world.fs), Vec::<String>::new());
+    assert_eq!(world.driver(GPU).await, "nvidia");
+    kernel.set(|k| k.fail = None);
+
+    // Room for two claims: the third fails after the move.
+    let _small = SmallTmpfs::mount(&world.fs.driverctl_dir(), 2);
+    let out = world.call(None, GPU, "Detach", &GROUP_PERSISTENT).await;
+    assert!(!out.success(), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "{GPU} was detached to vfio-pci, but the boot-time claim of {SERIAL} could not be written: "
+        )),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains(&format!(
+            "the claims this call wrote were removed again ({AUDIO}, {GPU}); nothing is claimed \
+             at boot, the devices stay on vfio-pci until the next boot"
+        )),
+        "{out:?}"
+    );
+    assert_eq!(claim_files(&world.fs), Vec::<String>::new());
+    for a in endpoints {
+        assert_eq!(world.driver(a).await, "vfio-pci");
+    }
+}
+
+/// After a reboot the original drivers are forgotten, yet a group our
+/// claims bound at boot goes back whole on Reattach `group` (each member
+/// to what the kernel picks); a member driverctl claimed stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reattach_group_gives_back_members_our_claims_bound_at_boot() {
+    let fs = gpu_group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let mut world = DeviceWorld::start(fs, Some(Polkit::builder()), Some(kernel.clone())).await;
+    world
+        .call(None, GPU, "Detach", &GROUP_PERSISTENT)
+        .await
+        .expect_success("group Detach persistent");
+    // SERIAL's claim is driverctl's (made again by `driverctl set-override`,
+    // a clock tick later: see `devices::persistent`).
+    let serial = claim_file(&world.fs, SERIAL);
+    fs::remove_file(&serial).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    fs::write(&serial, "vfio-pci\n").unwrap();
+    // "Reboot": a new service that remembers no original driver.
+    world.svc.stop().await;
+    world.svc = InProcService::start(&world.bus, &world.fs, PERMITTED, kernel.clone()).await;
+    kernel.set(|k| {
+        for (a, d) in [
+            (GPU, "nvidia"),
+            (AUDIO, "snd_hda_intel"),
+            (SERIAL, "nvidia-serial"),
+        ] {
+            k.natural.insert(a.to_owned(), d.to_owned());
+        }
+    });
+    world
+        .call(None, AUDIO, "Reattach", &["1", "group", "b", "true"])
+        .await
+        .expect_success("group Reattach");
+    assert_eq!(world.driver(GPU).await, "nvidia");
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+    assert_eq!(world.driver(SERIAL).await, "vfio-pci");
+    // Without `persistent` the claims stay for the next boot.
+    assert_eq!(world.boot_claim(GPU).await, claim("vfio-pci", "vmmanager"));
+    assert_eq!(world.boot_claim(SERIAL).await, claim("vfio-pci", "other"));
+}
+
+/// polkit sees `persistent` = "true" (only when asked for), so a rule can
+/// allow detaching and refuse boot-time claims.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn polkit_rules_see_persistent() {
+    let rule = "polkit.addRule(function(action, subject) { \
+         if (action.id == 'org.example.vmmanager.manage-devices' && subject.user == 'nobody') \
+         return action.lookup('persistent') == 'true' ? polkit.Result.NO : polkit.Result.YES; });";
+    let (world, kernel) = gpu_world(true, Polkit::builder().rule(rule)).await;
+    let nobody = Some((NOBODY, NOBODY));
+    let out = world.call(nobody, AUDIO, "Detach", &PERSISTENT).await;
+    assert!(
+        out.stderr.contains("NotAuthorized") || out.stderr.contains("not authorized"),
+        "{out:?}"
+    );
+    assert_eq!(kernel.take_log(), vec![]);
+    assert_eq!(claim_files(&world.fs), Vec::<String>::new());
+    world
+        .call(nobody, AUDIO, "Detach", &["0"])
+        .await
+        .expect_success("Detach as nobody");
+    assert_eq!(world.driver(AUDIO).await, "vfio-pci");
+}
+
+/// driverctl itself (0.111) reads a claim the service wrote: its
+/// `load-override`, what its udev rule starts at boot, writes vfio-pci to
+/// the device's driver_override, unbinds and reprobes it, and
+/// `list-overrides` then lists the device. driverctl's paths are fixed
+/// (/etc/driverctl.d, /sys), so it runs in a private mount namespace with
+/// the claims directory and the prepared tree bound over them (and
+/// /sys/module/vfio-pci made there, so it never modprobes on this host).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn driverctl_loads_a_claim_the_service_wrote() {
+    assert!(
+        std::path::Path::new("/usr/sbin/driverctl").exists(),
+        "driverctl is missing: apt-get install driverctl (scripts/install-deps)"
+    );
+    let (world, kernel) = gpu_world(true, Polkit::builder()).await;
+    world
+        .call(None, AUDIO, "Detach", &PERSISTENT)
+        .await
+        .expect_success("Detach persistent");
+    // Given back for now: the override is cleared, the claim stays.
+    world
+        .call(None, AUDIO, "Reattach", &["0"])
+        .await
+        .expect_success("Reattach");
+    assert_eq!(world.fs.read_attr(AUDIO, "driver_override"), "(null)\n");
+    kernel.take_log();
+    fs::create_dir_all(world.fs.root().join("module/vfio-pci")).unwrap();
+    let driverctl = |command: &'static [&'static str]| {
+        let sys = world.fs.root();
+        let claims = world.fs.driverctl_dir();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let script = r#"set -e
+                    mount --bind "$1" /sys
+                    mount --bind "$2" /etc/driverctl.d
+                    shift 2
+                    exec driverctl "$@""#;
+                common::util::run(
+                    common::util::in_private_mounts(script)
+                        .arg(sys)
+                        .arg(claims)
+                        .args(command),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = driverctl(&["load-override", AUDIO]).await;
+    out.expect_success("driverctl load-override");
+    assert_eq!(world.fs.read_attr(AUDIO, "driver_override"), "vfio-pci\n");
+    let unbind = world.fs.driver_dir("snd_hda_intel").join("unbind");
+    assert_eq!(fs::read_to_string(unbind).unwrap(), format!("{AUDIO}\n"));
+    let probe = fs::read_to_string(world.fs.root().join("bus/pci/drivers_probe")).unwrap();
+    assert_eq!(probe, format!("{AUDIO}\n"));
+    let out = driverctl(&["--nosave", "list-overrides"]).await;
+    // The prepared tree moves no driver link by itself: still the old one.
+    assert_eq!(
+        out.expect_success("driverctl list-overrides"),
+        format!("{AUDIO} snd_hda_intel\n")
+    );
+    // And `unset-override` removes our file as its own (--noprobe: the
+    // prepared tree has no kernel to probe with).
+    driverctl(&["--noprobe", "unset-override", AUDIO])
+        .await
+        .expect_success("driverctl unset-override");
+    assert_eq!(claim_files(&world.fs), Vec::<String>::new());
+    assert_eq!(world.boot_claim(AUDIO).await, claim("", ""));
 }

@@ -36,6 +36,7 @@ fn settings() -> DeviceSettings {
         dev_root: "/dev".into(),
         network: Network::Kernel,
         allow_list: Vec::new(),
+        boot_claims: None,
     }
 }
 

@@ -849,7 +849,7 @@ fn variant_vfio_driver_counts_as_detached() {
 /// writes anything (fail closed); a process holding it is named.
 #[tokio::test]
 async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
-    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError};
+    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError, Persistence};
     let tree = Tree::audio();
     let kernel = FakeKernel::new(tree.root());
     let dev = tempfile::tempdir().unwrap();
@@ -863,7 +863,7 @@ async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
     );
     for action in [Move::Detach, Move::Reattach] {
         let err = blind
-            .change(addr(AUDIO), Some(12), action)
+            .change(addr(AUDIO), Some(12), action, Persistence::UntilReboot)
             .await
             .unwrap_err();
         assert!(
@@ -881,7 +881,12 @@ async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
     let vm = Holder::spawn(&node, &["-name", "win11"]);
     wait_for_users(dev.path(), 12, &[vm.pid()]);
     let err = seeing
-        .change(addr(AUDIO), Some(12), Move::Detach)
+        .change(
+            addr(AUDIO),
+            Some(12),
+            Move::Detach,
+            Persistence::UntilReboot,
+        )
         .await
         .unwrap_err();
     assert_eq!(
@@ -894,7 +899,12 @@ async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
     assert_eq!(kernel.take_log(), vec![]);
     drop(vm);
     seeing
-        .change(addr(AUDIO), Some(12), Move::Detach)
+        .change(
+            addr(AUDIO),
+            Some(12),
+            Move::Detach,
+            Persistence::UntilReboot,
+        )
         .await
         .unwrap();
     assert_eq!(tree.driver_of(AUDIO).as_deref(), Some("vfio-pci"));
@@ -908,7 +918,7 @@ async fn passthrough_refuses_when_the_group_users_are_unknown_or_present() {
 /// processes holding /dev/zero cannot disturb the test.
 #[tokio::test]
 async fn iommufd_holders_of_the_device_cdev_are_users() {
-    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError};
+    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError, Persistence};
     let tree = Tree::new();
     tree.driver("snd_hda_intel")
         .driver("vfio-pci")
@@ -947,7 +957,12 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let err = passthrough
-        .change(addr(AUDIO), Some(12), Move::Reattach)
+        .change(
+            addr(AUDIO),
+            Some(12),
+            Move::Reattach,
+            Persistence::UntilReboot,
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, PassthroughError::InUse { .. }), "{err:?}");
@@ -967,7 +982,12 @@ async fn iommufd_holders_of_the_device_cdev_are_users() {
     // A cdev number that cannot be read: unknown, so nothing moves.
     fs::write(cdev.join("dev"), "garbage\n").unwrap();
     let err = passthrough
-        .change(addr(AUDIO), Some(12), Move::Reattach)
+        .change(
+            addr(AUDIO),
+            Some(12),
+            Move::Reattach,
+            Persistence::UntilReboot,
+        )
         .await
         .unwrap_err();
     assert!(
@@ -1094,7 +1114,7 @@ fn group_detach_binds_every_endpoint_and_reattach_gives_each_its_own_driver() {
     assert_eq!(log[0].0, format!("bus/pci/devices/{G_GPU}/driver_override"));
     assert_eq!(log[8], w("bus/pci/drivers_probe", G_USB));
 
-    let outcome = binder.reattach_group(addr(G_GPU), &group5()).unwrap();
+    let outcome = binder.reattach_group(addr(G_GPU), &group5(), &[]).unwrap();
     assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
     assert_eq!(
         drivers(&fs),
@@ -1212,7 +1232,7 @@ fn a_failed_rollback_names_the_device_left_behind() {
 /// before anything is written, for Detach and Reattach alike.
 #[tokio::test]
 async fn a_vm_holding_the_group_refuses_group_moves_without_writes() {
-    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError};
+    use vmmanager::devices::passthrough::{Move, Passthrough, PassthroughError, Persistence};
     let fs = group_tree();
     let kernel = FakeKernel::new(&fs.root());
     let dev = tempfile::tempdir().unwrap();
@@ -1224,7 +1244,13 @@ async fn a_vm_holding_the_group_refuses_group_moves_without_writes() {
     wait_for_users(dev.path(), 5, &[vm.pid()]);
     for action in [Move::Detach, Move::Reattach] {
         let err = passthrough
-            .change_group(addr(G_AUDIO), Some(5), action, &group5())
+            .change_group(
+                addr(G_AUDIO),
+                Some(5),
+                action,
+                &group5(),
+                Persistence::UntilReboot,
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, PassthroughError::InUse { .. }), "{err:?}");
@@ -1232,7 +1258,13 @@ async fn a_vm_holding_the_group_refuses_group_moves_without_writes() {
     assert_eq!(kernel.take_log(), vec![]);
     drop(vm);
     let outcome = passthrough
-        .change_group(addr(G_AUDIO), Some(5), Move::Detach, &group5())
+        .change_group(
+            addr(G_AUDIO),
+            Some(5),
+            Move::Detach,
+            &group5(),
+            Persistence::UntilReboot,
+        )
         .await
         .unwrap();
     assert_eq!(outcome.moved, addrs(&[G_GPU, G_AUDIO, G_USB]));
@@ -1309,7 +1341,7 @@ fn a_group_that_changed_since_it_was_authorized_moves_nothing() {
     let shown = addrs(&[G_BRIDGE, G_GPU, G_AUDIO, G_USB]);
     for result in [
         binder.detach_group(addr(G_GPU), &shown),
-        binder.reattach_group(addr(G_GPU), &shown),
+        binder.reattach_group(addr(G_GPU), &shown, &[]),
     ] {
         let err = result.unwrap_err();
         assert!(
@@ -1411,7 +1443,7 @@ fn a_rollback_that_leaves_a_member_elsewhere_is_a_failure() {
     binder.detach_group(addr(G_GPU), &group_now(&fs)).unwrap();
     kernel.set(|k| k.fail_at = vec![("bus/pci/drivers/vfio-pci/unbind".into(), G_AUDIO.into())]);
     let err = binder
-        .reattach_group(addr(G_GPU), &group_now(&fs))
+        .reattach_group(addr(G_GPU), &group_now(&fs), &[])
         .unwrap_err();
     let failure = group_failure(&err);
     assert_eq!(failure.failed, addr(G_AUDIO));

@@ -6,6 +6,7 @@
 mod common;
 
 mod attacks;
+mod boot_claims;
 mod bounds;
 mod check_disk;
 mod desktop_clients;

@@ -12,6 +12,10 @@ const OPENER_UNIT: &str = include_str!("../systemd/vmmanager-opener@.service");
 
 /// The settings that decide which files a service sees where, and which
 /// it may write.
+/// Where only the daemon writes, for devices: sysfs (binding) and
+/// driverctl's override files (boot-time claims).
+const DEVICE_PATHS: &[&str] = &["/sys/", "/etc/driverctl.d"];
+
 const FILE_SYSTEM_VIEW: &[&str] = &[
     "ProtectSystem",
     "ProtectHome",
@@ -31,8 +35,8 @@ const FILE_SYSTEM_VIEW: &[&str] = &[
 
 /// Each of [`FILE_SYSTEM_VIEW`]'s settings in `unit`'s `[Service]`
 /// section, its assignments' words in order (an empty assignment resets
-/// the list, as systemd reads it). sysfs paths are left out: the daemon
-/// writes there for device binding, which has nothing to do with images.
+/// the list, as systemd reads it). The daemon's device paths are left out
+/// ([`DEVICE_PATHS`]): binding has nothing to do with images.
 fn view(unit: &str) -> BTreeMap<&'static str, Vec<String>> {
     let mut settings: BTreeMap<&'static str, Vec<String>> = BTreeMap::new();
     let mut in_service = false;
@@ -55,7 +59,10 @@ fn view(unit: &str) -> BTreeMap<&'static str, Vec<String>> {
         words.extend(
             value
                 .split_whitespace()
-                .filter(|w| !w.trim_start_matches(['-', '+']).starts_with("/sys/"))
+                .filter(|w| {
+                    let path = w.trim_start_matches(['-', '+']);
+                    !DEVICE_PATHS.iter().any(|p| path.starts_with(p))
+                })
                 .map(str::to_owned),
         );
     }
@@ -73,7 +80,7 @@ fn the_opener_sees_the_files_as_the_daemon_does() {
     assert_eq!(
         daemon, opener,
         "systemd/vmmanagerd.service and systemd/vmmanager-opener@.service must have the \
-         same file-system settings (ReadWritePaths= apart from /sys)"
+         same file-system settings (ReadWritePaths= apart from /sys and /etc/driverctl.d)"
     );
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::bus::{BusMonitor, busctl_at};
 use common::images::make_clean_qcow2;
 use common::pty::Terminal;
-use common::util::{give, public_tempdir, run, setpriv_args, write_file};
+use common::util::{give, in_private_mounts, public_tempdir, run, setpriv_args, write_file};
 use common::{DaemonConfig, NOBODY, Polkit, PolkitBuilder, Stack};
 use tempfile::TempDir;
 
@@ -181,17 +181,8 @@ fn in_password_namespace(cmd: &Command, bus: &Path, dir: &Path) -> Command {
         && : >/run/dbus/system_bus_socket \
         && mount --bind \"$2\" /run/dbus/system_bus_socket \
         && shift 2 && exec \"$@\"";
-    let mut wrapped = Command::new("unshare");
+    let mut wrapped = in_private_mounts(SCRIPT);
     wrapped
-        .args([
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            SCRIPT,
-            "sh",
-        ])
         .arg(&shadow)
         .arg(bus)
         .arg(cmd.get_program())
@@ -313,11 +304,9 @@ fn without_a_working_agent_vmctl_answers_not_authorized() {
 
     // In a private mount namespace, /dev/null over the real pkttyagent.
     let vmctl = setup.vmctl_as_nobody(&["check-disk"]);
-    let mut missing = Command::new("unshare");
+    let mut missing =
+        in_private_mounts("mount --bind /dev/null /usr/bin/pkttyagent && exec \"$@\"");
     missing
-        .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg("mount --bind /dev/null /usr/bin/pkttyagent && exec \"$@\"")
-        .arg("sh")
         .arg(vmctl.get_program())
         .args(vmctl.get_args())
         .env_remove("NO_COLOR")

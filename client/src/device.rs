@@ -128,6 +128,13 @@ pub struct DeviceProperties {
     /// Given back to its host driver after its last VM user exits.
     /// Computed when read, like `in_use_by`.
     pub auto_return: bool,
+    /// The driver the device is claimed for at boot (driverctl's override
+    /// file), "" when none. Computed when read, like `in_use_by`.
+    pub persistent_driver: String,
+    /// Who made that claim: `vmmanager`, `other`, `unknown`, or "" (see
+    /// [`names::property::PERSISTENT_ORIGIN`](crate::names::property::PERSISTENT_ORIGIN)).
+    /// Computed when read.
+    pub persistent_origin: String,
 }
 
 impl Default for DeviceProperties {
@@ -155,6 +162,8 @@ impl Default for DeviceProperties {
             in_use_by: Vec::new(),
             host_users: Vec::new(),
             auto_return: false,
+            persistent_driver: String::new(),
+            persistent_origin: String::new(),
         }
     }
 }
@@ -238,13 +247,23 @@ impl DeviceProperties {
         if let Some(uses) = dict::dicts(d, property::HOST_USERS) {
             self.host_users = uses.iter().map(HostUser::from_dict).collect();
         }
+        set(
+            &mut self.persistent_driver,
+            dict::string(d, property::PERSISTENT_DRIVER),
+        );
+        set(
+            &mut self.persistent_origin,
+            dict::string(d, property::PERSISTENT_ORIGIN),
+        );
     }
 
     /// `(name, value)` of every property, in the order of this type's
-    /// fields (the order the service declares them), `InUseBy`,
-    /// `HostUsers` and `AutoReturn` last: what
+    /// fields (the order the service declares them), those computed when
+    /// read (`InUseBy`, `HostUsers`, `AutoReturn`,
+    /// `PersistentDriver`, `PersistentOrigin`) last: what
     /// [`from_properties`](Self::from_properties) reads back. The service
-    /// sends its changed ones in PropertiesChanged, never those three.
+    /// sends its changed ones in PropertiesChanged, never those
+    /// ([`COMPUTED_WHEN_READ`](Self::COMPUTED_WHEN_READ)).
     pub fn to_entries(&self) -> Vec<(&'static str, OwnedVariant)> {
         vec![
             (property::ADDRESS, variant(self.address.as_str())),
@@ -303,8 +322,25 @@ impl DeviceProperties {
                 ),
             ),
             (property::AUTO_RETURN, variant(self.auto_return)),
+            (
+                property::PERSISTENT_DRIVER,
+                variant(self.persistent_driver.as_str()),
+            ),
+            (
+                property::PERSISTENT_ORIGIN,
+                variant(self.persistent_origin.as_str()),
+            ),
         ]
     }
+
+    /// The properties computed when read: never in PropertiesChanged.
+    pub const COMPUTED_WHEN_READ: [&'static str; 5] = [
+        property::IN_USE_BY,
+        property::HOST_USERS,
+        property::AUTO_RETURN,
+        property::PERSISTENT_DRIVER,
+        property::PERSISTENT_ORIGIN,
+    ];
 }
 
 #[cfg(test)]
@@ -373,6 +409,8 @@ mod tests {
                 text: "block device nvme0n1p2 backs /".into(),
             }],
             auto_return: true,
+            persistent_driver: "vfio-pci".into(),
+            persistent_origin: "vmmanager".into(),
         }
     }
 

@@ -64,6 +64,11 @@ pub mod option {
     /// this service detached) back to its host driver once the last VM
     /// holding its VFIO group exits; `ReturnFinished` says how it went.
     pub const AUTO_RETURN: &str = "auto-return";
+    /// `b`, PciDevice.Detach: also claim the device (with `group`, every
+    /// endpoint) for vfio-pci at boot and hotplug, in driverctl's format
+    /// (`/etc/driverctl.d/pci-<address>`); Reattach: remove that claim
+    /// (with `group`, also the members' that the service wrote).
+    pub const PERSISTENT: &str = "persistent";
 }
 
 /// Keys of the CheckDisk report and the DiskChecked signal's dictionary.
@@ -176,6 +181,13 @@ pub mod property {
     pub const PASSTHROUGH_BLOCKERS: &str = "PassthroughBlockers";
     /// `b`: a VM can be given this device.
     pub const PASSTHROUGH_READY: &str = "PassthroughReady";
+    /// `s`: the driver the device is claimed for at boot (driverctl's
+    /// override file), "" when none; computed when read, no change signal.
+    pub const PERSISTENT_DRIVER: &str = "PersistentDriver";
+    /// `s`: who made that claim: `vmmanager` (this service's Detach with
+    /// `persistent`), `other` (driverctl or an admin), `unknown` (the file
+    /// could not be read), "" when there is none; computed when read.
+    pub const PERSISTENT_ORIGIN: &str = "PersistentOrigin";
     /// `b`: matches the configured allow-list.
     pub const PERMITTED: &str = "Permitted";
     /// `s`: an SR-IOV virtual function's physical function, else "".
@@ -239,4 +251,7 @@ pub mod polkit_detail {
     /// the host uses the device(s), the sentences of the `HostInUse`
     /// error joined by `; ` (also shown in polkit's message).
     pub const HOST_USES: &str = "host-uses";
+    /// With Detach's or Reattach's `persistent` option only: `"true"`, e.g.
+    /// `action.lookup("persistent") == "true"` to refuse boot-time claims.
+    pub const PERSISTENT: &str = "persistent";
 }

@@ -131,6 +131,7 @@ pub struct BindingOptions {
     group: bool,
     force: bool,
     auto_return: bool,
+    persistent: bool,
 }
 
 impl BindingOptions {
@@ -164,6 +165,14 @@ impl BindingOptions {
         self
     }
 
+    /// `persistent`: Detach also claims the device (with
+    /// [`group`](Self::group), every endpoint) for vfio-pci at every boot,
+    /// in driverctl's format; Reattach removes that claim.
+    pub fn persistent(mut self, yes: bool) -> Self {
+        self.persistent = yes;
+        self
+    }
+
     /// `auth.no-user-interaction`, as [`AuthOptions::no_user_interaction`].
     pub fn no_user_interaction(mut self, yes: bool) -> Self {
         self.auth = self.auth.no_user_interaction(yes);
@@ -173,14 +182,15 @@ impl BindingOptions {
     /// The options dictionary, with only the keys that were set.
     pub fn build(&self) -> Options {
         let mut options = self.auth.build();
-        if self.auto_return {
-            options.insert(option::AUTO_RETURN, Variant::from(true));
-        }
-        if self.group {
-            options.insert(option::GROUP, Variant::from(true));
-        }
-        if self.force {
-            options.insert(option::FORCE, Variant::from(true));
+        for (set, key) in [
+            (self.group, option::GROUP),
+            (self.force, option::FORCE),
+            (self.persistent, option::PERSISTENT),
+            (self.auto_return, option::AUTO_RETURN),
+        ] {
+            if set {
+                options.insert(key, Variant::from(true));
+            }
         }
         options
     }
@@ -319,10 +329,12 @@ mod tests {
         assert!(BindingOptions::new().build().is_empty());
         let binding = BindingOptions::new()
             .group(true)
+            .persistent(true)
             .no_user_interaction(true)
             .build();
-        assert_eq!(binding.len(), 2);
+        assert_eq!(binding.len(), 3);
         assert_eq!(binding[option::GROUP], Variant::from(true));
+        assert_eq!(binding[option::PERSISTENT], Variant::from(true));
         assert_eq!("leaks".parse(), Ok(Repair::Leaks));
         assert!("some".parse::<Repair>().is_err());
     }

@@ -475,6 +475,20 @@ pub trait PciDevice {
     #[zbus(property)]
     fn permitted(&self) -> zbus::Result<bool>;
 
+    /// `PersistentDriver` (`s`): the driver the device is claimed for at
+    /// boot and hotplug (driverctl's override file,
+    /// `/etc/driverctl.d/pci-<address>`), "" when none. Computed when read,
+    /// without a change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn persistent_driver(&self) -> zbus::Result<String>;
+
+    /// `PersistentOrigin` (`s`): who made that claim: `vmmanager` (Detach
+    /// with `persistent`), `other` (driverctl, an admin), `unknown` (the
+    /// file could not be read), "" when there is none. Computed when read,
+    /// without a change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn persistent_origin(&self) -> zbus::Result<String>;
+
     /// `PhysicalFunction` (`s`): for an SR-IOV virtual function, the
     /// address of its physical function; else "".
     #[zbus(property)]

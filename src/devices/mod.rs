@@ -16,6 +16,8 @@
 //!   display, processes holding its nodes), for the safety gates.
 //! - [`auto_return`]: devices given back after their last VM user exits
 //!   (inotify on the group node, reset, reattach, verify, a report).
+//! - [`persistent`]: boot-time claims, driverctl's override files
+//!   (`/etc/driverctl.d/pci-<address>`), and which of them this service wrote.
 //! - [`gate`]: Detach's safety gates: the blockers of detaching a device
 //!   or its group (host uses, siblings the host runs on, SR-IOV VFs), and
 //!   the public view of the `HostUsers` property.
@@ -27,6 +29,7 @@ pub mod hwdb;
 pub mod inventory;
 pub mod monitor;
 pub mod passthrough;
+pub mod persistent;
 pub mod sysfs;
 pub mod vfio;
 

@@ -14,6 +14,17 @@
 //! the host would lose ([`Passthrough::detach_blockers`]); the caller
 //! refuses with [`PassthroughError::HostInUse`] unless it was forced.
 //!
+//! With [`Persistence::AtBoot`], the move is made to last: once it has
+//! succeeded, Detach writes a boot-time claim ([`persistent`]) for every
+//! endpoint it put (or found) on vfio-pci, and Reattach removes the
+//! device's claim and those of the members it gives back that this service
+//! wrote. A claim for another driver is checked for before anything moves
+//! and refuses the whole call ([`PassthroughError::BootClaimRefused`]).
+//! A claim that cannot be written after the move leaves the devices where
+//! the move put them — on vfio-pci only until the next boot, which is the
+//! safe side — and removes the claims this call wrote
+//! ([`PassthroughError::BootClaimAfterMove`]).
+//!
 //! Errors are typed ([`PassthroughError`]); the D-Bus layer maps them to its
 //! error names in one place (`service::error`).
 
@@ -28,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 use super::auto_return::ReturnOutcome;
 use super::gate::{self, Blocker, Blockers, Described, PublicUse};
 use super::host_use::{self, HostRoots, Look, Network};
+use super::persistent::{self, BootClaims, BootOverride, Claimed, PersistError};
 use super::sysfs::{self, SysfsError};
 use super::vfio::{self, GroupOutcome, MarkedReturn, Outcome, VfioBinder, VfioError, VfioUser};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
@@ -111,6 +123,16 @@ pub enum Scope {
     Group,
 }
 
+/// Whether a move lasts beyond the next boot ([`persistent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Persistence {
+    /// Boot-time claims are left as they are.
+    UntilReboot,
+    /// Detach: claim the devices for vfio-pci at boot; Reattach: remove
+    /// those claims.
+    AtBoot,
+}
+
 impl fmt::Display for Move {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -167,9 +189,79 @@ pub enum PassthroughError {
         address: PciAddress,
         blockers: Blockers,
     },
+    /// A boot-time claim stood in the way, or could not be looked at,
+    /// before anything moved: nothing was changed.
+    #[error("{source}; nothing was changed")]
+    BootClaimRefused {
+        address: PciAddress,
+        #[source]
+        source: PersistError,
+    },
+    /// The move succeeded, but a boot-time claim could not follow it.
+    #[error("{}", AfterMove { address: *address, action: *action, failed: *failed, source, undone })]
+    BootClaimAfterMove {
+        address: PciAddress,
+        action: Move,
+        /// The device whose claim could not be written or removed.
+        failed: PciAddress,
+        #[source]
+        source: PersistError,
+        /// Detach: the claims this call wrote and removed again.
+        undone: Vec<PciAddress>,
+    },
+    /// `persistent` where no claims directory is configured.
+    #[error("boot-time claims are not configured in this service; nothing was changed")]
+    NoBootClaims,
     /// The blocking sysfs work panicked; what it wrote is unknown.
     #[error("the {action} of {address} stopped unexpectedly; see the service's log")]
     Panicked { address: PciAddress, action: Move },
+}
+
+/// How [`PassthroughError::BootClaimAfterMove`] says it.
+struct AfterMove<'a> {
+    address: PciAddress,
+    action: Move,
+    failed: PciAddress,
+    source: &'a PersistError,
+    undone: &'a [PciAddress],
+}
+
+impl fmt::Display for AfterMove<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let AfterMove {
+            address,
+            action,
+            failed,
+            source,
+            undone,
+        } = self;
+        match action {
+            Move::Detach => {
+                write!(
+                    f,
+                    "{address} was detached to vfio-pci, but the boot-time claim of {failed} \
+                     could not be written: {source}; "
+                )?;
+                if !undone.is_empty() {
+                    let names: Vec<String> = undone.iter().map(ToString::to_string).collect();
+                    write!(
+                        f,
+                        "the claims this call wrote were removed again ({}); ",
+                        names.join(", ")
+                    )?;
+                }
+                f.write_str(
+                    "nothing is claimed at boot, the devices stay on vfio-pci until the next boot",
+                )
+            }
+            Move::Reattach => write!(
+                f,
+                "{address} was given back to its driver, but the boot-time claim of {failed} \
+                 could not be removed: {source}; {failed} is bound to vfio-pci again at the \
+                 next boot"
+            ),
+        }
+    }
 }
 
 /// Detach and Reattach with their refusals, and who holds a VFIO group;
@@ -186,6 +278,8 @@ pub struct Passthrough {
     public_looks: Arc<Semaphore>,
     /// Where the safety gates read the host's network state.
     network: Network,
+    /// Boot-time claims; `None`: not configured (no `persistent`).
+    claims: Option<BootClaims>,
 }
 
 impl Passthrough {
@@ -199,6 +293,42 @@ impl Passthrough {
             public_scans: Arc::new(Semaphore::new(PUBLIC_SCANS)),
             public_looks: Arc::new(Semaphore::new(PUBLIC_SCANS)),
             network: Network::Kernel,
+            claims: None,
+        }
+    }
+
+    /// Boot-time claims ([`Persistence::AtBoot`], [`boot_override`]) live
+    /// in `claims`.
+    ///
+    /// [`boot_override`]: Self::boot_override
+    pub fn with_boot_claims(mut self, claims: BootClaims) -> Self {
+        self.claims = Some(claims);
+        self
+    }
+
+    /// What the device's boot-time claim says (`BootOverride::None` when
+    /// claims are not configured); for the `PersistentDriver` property.
+    pub async fn boot_override(&self, address: PciAddress) -> Result<BootOverride, PersistError> {
+        let Some(claims) = self.claims.clone() else {
+            return Ok(BootOverride::None);
+        };
+        tokio::task::spawn_blocking(move || claims.read(address))
+            .await
+            .unwrap_or_else(|_| {
+                Err(PersistError::Read {
+                    path: persistent::file_name(address).into(),
+                    source: std::io::Error::other("the read stopped unexpectedly"),
+                })
+            })
+    }
+
+    /// The claims a [`Persistence`] needs: refused when it needs them and
+    /// there are none.
+    fn claims_for(&self, persistence: Persistence) -> Result<Option<BootClaims>, PassthroughError> {
+        match (persistence, &self.claims) {
+            (Persistence::UntilReboot, _) => Ok(None),
+            (Persistence::AtBoot, Some(claims)) => Ok(Some(claims.clone())),
+            (Persistence::AtBoot, None) => Err(PassthroughError::NoBootClaims),
         }
     }
 
@@ -477,19 +607,33 @@ impl Passthrough {
     }
 
     /// Moves the device at `address` (in VFIO group `group`) unless a
-    /// process holds the group or that is unknown. Its scan is not counted:
-    /// only callers polkit authorized get here.
+    /// process holds the group or that is unknown; with
+    /// [`Persistence::AtBoot`], its boot-time claim follows (see the module
+    /// docs). Its scan is not counted: only callers polkit authorized get
+    /// here.
     pub async fn change(
         &self,
         address: PciAddress,
         group: Option<u32>,
         action: Move,
+        persistence: Persistence,
     ) -> Result<Outcome, PassthroughError> {
+        let claims = self.claims_for(persistence)?;
         self.refuse_if_used(address, group, Scope::Device).await?;
         let binder = self.binder.clone();
-        let outcome = tokio::task::spawn_blocking(move || match action {
-            Move::Detach => binder.detach(address),
-            Move::Reattach => binder.reattach(address),
+        let outcome = tokio::task::spawn_blocking(move || {
+            let to_change = match &claims {
+                Some(claims) => claims_to_change(claims, action, address, &[address])?,
+                None => Vec::new(),
+            };
+            let outcome = match action {
+                Move::Detach => binder.detach(address),
+                Move::Reattach => binder.reattach(address),
+            }?;
+            if let Some(claims) = &claims {
+                follow_move(claims, action, address, &to_change)?;
+            }
+            Ok::<_, PassthroughError>(outcome)
         })
         .await
         .map_err(|_| PassthroughError::Panicked { address, action })??;
@@ -502,7 +646,9 @@ impl Passthrough {
     /// [`change`](Self::change) for the whole IOMMU group `group` of the
     /// device at `address`: refused when a process holds the group or a
     /// member's cdev; the binder reads the members once, in the thread that
-    /// moves them, and rolls back on a failure.
+    /// moves them, and rolls back on a failure. Members whose boot-time
+    /// claim this service wrote go back on Reattach as those it detached
+    /// do; with [`Persistence::AtBoot`] every endpoint's claim follows.
     ///
     /// `approved` is the group as polkit was shown it (all members,
     /// bridges included): a group that changed since is refused.
@@ -512,16 +658,35 @@ impl Passthrough {
         group: Option<u32>,
         action: Move,
         approved: &[PciAddress],
+        persistence: Persistence,
     ) -> Result<GroupOutcome, PassthroughError> {
         if group.is_none() {
             return Err(VfioError::NoGroup(address).into());
         }
+        let persist = self.claims_for(persistence)?;
         self.refuse_if_used(address, group, Scope::Group).await?;
         let binder = self.binder.clone();
+        let claims = self.claims.clone();
         let approved = approved.to_vec();
-        let outcome = tokio::task::spawn_blocking(move || match action {
-            Move::Detach => binder.detach_group(address, &approved),
-            Move::Reattach => binder.reattach_group(address, &approved),
+        let outcome = tokio::task::spawn_blocking(move || {
+            let endpoints = binder.group_endpoints(address)?;
+            let to_change = match &persist {
+                Some(claims) => claims_to_change(claims, action, address, &endpoints)?,
+                None => Vec::new(),
+            };
+            let outcome = match action {
+                Move::Detach => binder.detach_group(address, &approved)?,
+                Move::Reattach => {
+                    let ours = claims
+                        .as_ref()
+                        .map_or_else(Vec::new, |c| ours(c, &endpoints));
+                    binder.reattach_group(address, &approved, &ours)?
+                }
+            };
+            if let Some(claims) = &persist {
+                follow_move(claims, action, address, &to_change)?;
+            }
+            Ok::<_, PassthroughError>(outcome)
         })
         .await
         .map_err(|_| PassthroughError::Panicked { address, action })??;
@@ -548,6 +713,97 @@ impl Passthrough {
             None => Ok(()),
         }
     }
+}
+
+/// The devices whose boot-time claims a move of `members` (the device
+/// `address` among them) changes, checked before anything moves. Detach:
+/// every member, each refused when its file names another driver.
+/// Reattach: the device's claim (refused when for another driver), and
+/// the members' that this service wrote; others' stay.
+fn claims_to_change(
+    claims: &BootClaims,
+    action: Move,
+    address: PciAddress,
+    members: &[PciAddress],
+) -> Result<Vec<PciAddress>, PassthroughError> {
+    let refused = |source| PassthroughError::BootClaimRefused { address, source };
+    let mut to_change = Vec::new();
+    for &member in members {
+        let found = match claims.read(member) {
+            Ok(found) => found,
+            Err(e) if action == Move::Detach || member == address => return Err(refused(e)),
+            // Only ours would change: one that cannot be read is left.
+            Err(e) => {
+                tracing::warn!(device = %member, "boot-time claim left as it is: {e}");
+                continue;
+            }
+        };
+        let change = match (&found, action) {
+            (BootOverride::Other(driver), _) if action == Move::Detach || member == address => {
+                return Err(refused(PersistError::Foreign {
+                    address: member,
+                    path: claims.path(member),
+                    driver: driver.clone(),
+                }));
+            }
+            (_, Move::Detach) => true,
+            (BootOverride::Vfio { .. }, Move::Reattach) => member == address || found.is_ours(),
+            _ => false,
+        };
+        if change {
+            to_change.push(member);
+        }
+    }
+    Ok(to_change)
+}
+
+/// The `members` whose vfio-pci claim this service wrote.
+fn ours(claims: &BootClaims, members: &[PciAddress]) -> Vec<PciAddress> {
+    members
+        .iter()
+        .copied()
+        .filter(|m| claims.read(*m).is_ok_and(|found| found.is_ours()))
+        .collect()
+}
+
+/// After a successful move: Detach claims `members` (on a failure, what
+/// this call wrote is removed again); Reattach removes their claims.
+fn follow_move(
+    claims: &BootClaims,
+    action: Move,
+    address: PciAddress,
+    members: &[PciAddress],
+) -> Result<(), PassthroughError> {
+    let mut written = Vec::new();
+    for &member in members {
+        let result = match action {
+            Move::Detach => claims.claim(member).map(|claimed| {
+                if claimed == Claimed::Written {
+                    written.push(member);
+                }
+            }),
+            Move::Reattach => claims.release(member).map(drop),
+        };
+        if let Err(source) = result {
+            let mut undone = Vec::new();
+            for &undo in written.iter().rev() {
+                match claims.release(undo) {
+                    Ok(_) => undone.push(undo),
+                    Err(e) => {
+                        tracing::error!(device = %undo, "cannot remove the boot-time claim this call wrote: {e}")
+                    }
+                }
+            }
+            return Err(PassthroughError::BootClaimAfterMove {
+                address,
+                action,
+                failed: member,
+                source,
+                undone,
+            });
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

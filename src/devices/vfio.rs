@@ -856,7 +856,8 @@ impl VfioBinder {
 
     /// [`reattach`](Self::reattach) for the device and every member of its
     /// group that this service detached (its original driver is
-    /// remembered). Members on vfio-pci that we did not detach (bound at
+    /// remembered) or that is in `also` (bound at boot by a claim this
+    /// service wrote). Members on vfio-pci that we did not detach (bound at
     /// boot by `vfio-pci.ids`, driverctl, by hand) stay there: someone put
     /// them there on purpose. Rolled back like
     /// [`detach_group`](Self::detach_group). Blocking.
@@ -864,13 +865,14 @@ impl VfioBinder {
         &self,
         address: PciAddress,
         approved: &[PciAddress],
+        also: &[PciAddress],
     ) -> Result<GroupOutcome, VfioError> {
         let mut originals = self.lock();
         self.check_approved(address, approved)?;
         let members: Vec<PciAddress> = self
             .group_endpoints(address)?
             .into_iter()
-            .filter(|m| *m == address || originals.contains_key(m))
+            .filter(|m| *m == address || originals.contains_key(m) || also.contains(m))
             .collect();
         self.move_all(
             &mut originals,

@@ -26,6 +26,7 @@ use crate::config::{Config, EventsSetting};
 use crate::devices::MonitorMessage;
 use crate::devices::inventory::AllowEntry;
 use crate::devices::monitor::{self, EventGroup, MonitorOptions};
+use crate::devices::persistent::BootClaims;
 use crate::devices::vfio::{KernelSysfs, SysfsWriter, VfioBinder};
 use crate::disk::checker::DiskChecker;
 use crate::disk::usage::UsageScanner;
@@ -116,6 +117,10 @@ pub fn build(config: &Config, roots: Roots) -> Parts {
             .iter()
             .filter_map(|p| AllowEntry::new(&p.selector, p.resource_name.clone()).ok())
             .collect(),
+        boot_claims: Some(BootClaims::new(
+            devices.driver_overrides_dir.clone(),
+            non_empty(&devices.boot_claims_record),
+        )),
     };
     let group = |socket: &Path| match devices.events {
         EventsSetting::Auto => Some(monitor::detect_group_at(socket)),
@@ -132,16 +137,20 @@ pub fn build(config: &Config, roots: Roots) -> Parts {
         }),
         (None, None) => EventSource::None,
     };
-    let state_file = &devices.vfio_state_file;
     Parts {
         checker,
         devices: DeviceParts {
             settings,
             source,
-            vfio_state_file: (!state_file.as_os_str().is_empty()).then(|| state_file.clone()),
+            vfio_state_file: non_empty(&devices.vfio_state_file),
             sysfs_writer: roots.sysfs_writer,
         },
     }
+}
+
+/// A configured path, `None` for "" (the configuration's "none").
+fn non_empty(path: &Path) -> Option<PathBuf> {
+    (!path.as_os_str().is_empty()).then(|| path.to_owned())
 }
 
 /// Serves `parts` on `connection` until `shutdown` completes (then `Ok`) or

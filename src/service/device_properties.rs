@@ -6,10 +6,9 @@
 //!
 //! The domain says "none" with `Option`; the API says it with `""` (names,
 //! driver, physical function, resource name) and `-1` (IOMMU group, NUMA
-//! node). `InUseBy` and `HostUsers` are computed when read ([`vfio_user`],
-//! [`host_user`]) and never signalled.
+//! node). `InUseBy`, `HostUsers` and `Persistent*` are computed when read
+//! ([`vfio_user`], [`host_user`]) and never signalled.
 
-use vmmanager_client::names::property;
 use vmmanager_client::{DeviceProperties, HostUser, VfioUser};
 use zbus::OwnedVariant;
 
@@ -17,8 +16,8 @@ use crate::devices::gate::PublicUse;
 use crate::devices::inventory::DeviceState;
 use crate::devices::vfio;
 
-/// The one conversion from the domain state; `in_use_by` and `host_users`
-/// (computed when read) are left empty.
+/// The one conversion from the domain state; what is computed when read
+/// (`in_use_by`, `host_users`, `persistent_*`) is left empty.
 pub fn of(state: &DeviceState) -> DeviceProperties {
     let info = &state.info;
     let text = |value: &Option<String>| value.clone().unwrap_or_default();
@@ -48,6 +47,8 @@ pub fn of(state: &DeviceState) -> DeviceProperties {
         in_use_by: Vec::new(),
         host_users: Vec::new(),
         auto_return: false,
+        persistent_driver: String::new(),
+        persistent_origin: String::new(),
     }
 }
 
@@ -75,8 +76,9 @@ pub fn host_user((kind, text): PublicUse) -> HostUser {
 
 /// The properties whose values differ between `old` and `new`, with their
 /// new values, in [`DeviceProperties::to_entries`]'s order: what one
-/// PropertiesChanged carries. `InUseBy` and `HostUsers` never count, nor do domain fields
-/// the API does not show (`driver_override`, `modalias`).
+/// PropertiesChanged carries. Properties computed when read
+/// ([`DeviceProperties::COMPUTED_WHEN_READ`]) never count, nor do domain
+/// fields the API does not show (`driver_override`, `modalias`).
 pub fn changed(old: &DeviceState, new: &DeviceState) -> Vec<(&'static str, OwnedVariant)> {
     let old = of(old).to_entries();
     of(new)
@@ -84,13 +86,7 @@ pub fn changed(old: &DeviceState, new: &DeviceState) -> Vec<(&'static str, Owned
         .into_iter()
         .zip(old)
         .filter(|(new, old)| {
-            ![
-                property::IN_USE_BY,
-                property::HOST_USERS,
-                property::AUTO_RETURN,
-            ]
-            .contains(&new.0)
-                && new.1 != old.1
+            !DeviceProperties::COMPUTED_WHEN_READ.contains(&new.0) && new.1 != old.1
         })
         .map(|(new, _)| new)
         .collect()

@@ -37,7 +37,8 @@ use crate::devices::auto_return::{AutoReturn, ReturnReport, Watcher};
 use crate::devices::host_use::Network;
 use crate::devices::inventory::{AllowEntry, DeviceState, Inventory, InventoryChange};
 use crate::devices::monitor::{DeviceMonitor, MonitorOptions};
-use crate::devices::passthrough::{Move, Passthrough, PassthroughError, Scope};
+use crate::devices::passthrough::{Move, Passthrough, PassthroughError, Persistence, Scope};
+use crate::devices::persistent::{BootClaims, BootOverride};
 use crate::devices::vfio::{VfioBinder, VfioError};
 use crate::devices::{DeviceAction, DeviceEvent, MonitorMessage};
 use vmmanager_client::PciAddress;
@@ -71,6 +72,9 @@ pub struct DeviceSettings {
     /// Where Detach's safety gates see the host's interfaces and routes.
     pub network: Network,
     pub allow_list: Vec<AllowEntry>,
+    /// Where Detach/Reattach's `persistent` keeps boot-time claims; `None`:
+    /// refused as not supported.
+    pub boot_claims: Option<BootClaims>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,12 +124,15 @@ impl DeviceService {
             EventSource::Channel(receiver) => (None, Some(receiver)),
             EventSource::None => (None, None),
         };
-        let passthrough = Passthrough::new(
+        let mut passthrough = Passthrough::new(
             binder,
             settings.proc_root.clone(),
             settings.dev_root.clone(),
         )
         .with_network(settings.network.clone());
+        if let Some(claims) = &settings.boot_claims {
+            passthrough = passthrough.with_boot_claims(claims.clone());
+        }
         let (report_sender, returns) = mpsc::channel(16);
         let auto_return = match AutoReturn::start(
             passthrough.clone(),
@@ -494,6 +501,25 @@ async fn emit_uevents(shared: &Arc<Shared>, events: &[DeviceEvent]) {
     }
 }
 
+/// Most uses polkit's dialog lists (a GPU can have hundreds of holders).
+const MAX_POLKIT_USES: usize = 10;
+
+/// `sentences` for polkit's dialog and rules: joined by `; `, at most
+/// [`MAX_POLKIT_USES`] of them, the rest counted.
+fn polkit_list(sentences: &[String]) -> String {
+    let mut shown: Vec<&str> = sentences
+        .iter()
+        .take(MAX_POLKIT_USES)
+        .map(String::as_str)
+        .collect();
+    let more = sentences.len().saturating_sub(MAX_POLKIT_USES);
+    let rest = format!("and {more} more");
+    if more > 0 {
+        shown.push(&rest);
+    }
+    shown.join("; ")
+}
+
 /// `ReturnFinished` on the object of a device given back after use.
 async fn emit_return(shared: &Arc<Shared>, report: &ReturnReport) {
     let path = report.address.object_path();
@@ -564,6 +590,19 @@ impl PciDeviceObject {
         device_properties::of(&self.state())
     }
 
+    /// The device's boot-time claim, for the properties; `None` when it
+    /// could not be read (logged: a property has no error to say it with).
+    async fn boot_override(&self) -> Option<BootOverride> {
+        let address = self.state().info.address;
+        match self.shared.passthrough.boot_override(address).await {
+            Ok(found) => Some(found),
+            Err(e) => {
+                tracing::warn!(device = %address, "boot-time claim: {e}");
+                None
+            }
+        }
+    }
+
     /// Shared part of Detach and Reattach: options, polkit, then the
     /// domain's decision and writes, and a re-read of the device afterwards.
     async fn change_binding(
@@ -601,6 +640,15 @@ impl PciDeviceObject {
             // group again, in the thread that acts.
             details.insert(polkit_detail::GROUP_DEVICES, group_devices.as_str());
         }
+        if options.persistent {
+            // So rules can refuse boot-time claims while allowing the rest.
+            details.insert(polkit_detail::PERSISTENT, "true");
+        }
+        let persistence = if options.persistent {
+            Persistence::AtBoot
+        } else {
+            Persistence::UntilReboot
+        };
         let guard = self.shared.callers.guard(header)?;
         let authority = &self.shared.authority;
         let caller = authority.caller(header).await?;
@@ -636,7 +684,8 @@ impl PciDeviceObject {
                     }
                     .into());
                 }
-                let uses = blockers.sentences(target).join("; ");
+                let shown = blockers.sentences(target);
+                let uses = polkit_list(&shown);
                 let mut details = details.clone();
                 details.insert(polkit_detail::HOST_USES, uses.as_str());
                 let check = authority.check(
@@ -647,6 +696,18 @@ impl PciDeviceObject {
                     &details,
                 );
                 guard.until_gone(check).await?;
+                // The administrator may have taken minutes to answer: force
+                // only what they were shown.
+                let now = guard
+                    .until_gone(passthrough.detach_blockers(target, group, scope, &approved))
+                    .await?;
+                if now.sentences(target).iter().any(|s| !shown.contains(s)) {
+                    return Err(PassthroughError::HostInUse {
+                        address: target,
+                        blockers: now,
+                    }
+                    .into());
+                }
                 tracing::warn!(
                     device = %target,
                     uid = caller.uid,
@@ -657,14 +718,14 @@ impl PciDeviceObject {
         let (result, reread) = match scope {
             Scope::Group => {
                 let result = passthrough
-                    .change_group(target, group, action, &approved)
+                    .change_group(target, group, action, &approved, persistence)
                     .await;
                 // Also after a failure: a rollback that failed left a member
                 // elsewhere, and its object must say where.
                 (result.map(drop), approved.clone())
             }
             Scope::Device => {
-                let result = passthrough.change(target, group, action).await;
+                let result = passthrough.change(target, group, action, persistence).await;
                 let reread = if result.is_ok() {
                     vec![target]
                 } else {
@@ -752,7 +813,9 @@ impl PciDeviceObject {
     /// `auth.no-user-interaction` (b); `group` (b): every non-bridge
     /// endpoint of the IOMMU group, rolled back in reverse order when one
     /// fails (`Failed` names the member, what was rolled back, and any
-    /// device the rollback left behind).
+    /// device the rollback left behind); `persistent` (b): once moved, also
+    /// claimed for vfio-pci at boot (`devices::persistent`), polkit detail
+    /// `persistent`.
     async fn detach(
         &self,
         options: HashMap<String, OwnedVariant>,
@@ -766,7 +829,8 @@ impl PciDeviceObject {
     /// kernel pick one). `InUse` when a VM holds its VFIO group; nothing
     /// happens when it is not bound to a VFIO driver. Options:
     /// `auth.no-user-interaction` (b); `group` (b): the device and every
-    /// group member this service detached, each to its own driver.
+    /// group member this service detached, each to its own driver;
+    /// `persistent` (b): once moved, the boot-time claim is removed.
     async fn reattach(
         &self,
         options: HashMap<String, OwnedVariant>,
@@ -914,6 +978,32 @@ impl PciDeviceObject {
             .into_iter()
             .map(|u| device_properties::host_user(u).to_dict())
             .collect()
+    }
+
+    /// The driver the device is claimed for at boot (driverctl's override
+    /// file), "" when none. Computed when read; no change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn persistent_driver(&self) -> String {
+        let found = self.boot_override().await;
+        found
+            .as_ref()
+            .and_then(BootOverride::driver)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Who made the boot-time claim: `vmmanager`, `other` (driverctl, an
+    /// admin), `unknown` (unreadable), "" when none. Computed when read; no
+    /// change signal.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn persistent_origin(&self) -> String {
+        let origin = match self.boot_override().await {
+            None => "unknown",
+            Some(BootOverride::None) => "",
+            Some(BootOverride::Vfio { ours: true }) => "vmmanager",
+            Some(BootOverride::Vfio { ours: false } | BootOverride::Other(_)) => "other",
+        };
+        origin.to_owned()
     }
 
     /// Processes holding /dev/vfio/<group> or the device's iommufd cdev

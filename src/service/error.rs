@@ -116,6 +116,12 @@ impl From<PassthroughError> for VmError {
             PassthroughError::UsersUnknown { .. } | PassthroughError::Panicked { .. } => {
                 VmError::Failed(e.to_string())
             }
+            // Another driver's boot-time override (never replaced), a file
+            // that is not one, or a write or removal that failed: the
+            // message names the file and what happened to the devices.
+            PassthroughError::BootClaimRefused { .. }
+            | PassthroughError::BootClaimAfterMove { .. } => VmError::Failed(e.to_string()),
+            PassthroughError::NoBootClaims => VmError::NotSupported(e.to_string()),
             PassthroughError::Vfio(e) => e.into(),
         }
     }

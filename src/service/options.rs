@@ -13,7 +13,8 @@ use crate::disk::image::{MAX_NAME_LEN, MAX_PATH_LEN, over_long_name};
 use crate::disk::qemu_img::RepairMode;
 
 use vmmanager_client::names::option::{
-    AUTO_RETURN, FORCE, FORCE_SHARE, GROUP, NO_USER_INTERACTION, PIDFILE, REPAIR, TIMEOUT_SEC,
+    AUTO_RETURN, FORCE, FORCE_SHARE, GROUP, NO_USER_INTERACTION, PERSISTENT, PIDFILE, REPAIR,
+    TIMEOUT_SEC,
 };
 use vmmanager_client::options::Repair;
 
@@ -244,6 +245,8 @@ pub struct BindingOptions {
     pub force: bool,
     /// `auto-return` (Detach only): give it back after its last VM user.
     pub auto_return: bool,
+    /// `persistent`: the boot-time claim follows the move.
+    pub persistent: bool,
 }
 
 pub fn parse_binding(
@@ -263,12 +266,14 @@ pub fn parse_binding(
     };
     let force = detach_only(&mut reader, FORCE)?;
     let auto_return = detach_only(&mut reader, AUTO_RETURN)?;
+    let persistent = reader.bool(PERSISTENT)?.unwrap_or(false);
     reader.finish()?;
     Ok(BindingOptions {
         interactive,
         group,
         force,
         auto_return,
+        persistent,
     })
 }
 
@@ -383,6 +388,7 @@ mod tests {
                 group: false,
                 force: false,
                 auto_return: false,
+                persistent: false,
             }
         );
         let all = opts(&[
@@ -390,6 +396,7 @@ mod tests {
             (NO_USER_INTERACTION, variant(true)),
             (FORCE, variant(true)),
             (AUTO_RETURN, variant(true)),
+            (PERSISTENT, variant(true)),
         ]);
         assert_eq!(
             parse_binding("Detach", all).unwrap(),
@@ -398,7 +405,13 @@ mod tests {
                 group: true,
                 force: true,
                 auto_return: true,
+                persistent: true,
             }
+        );
+        assert!(
+            parse_binding("Reattach", opts(&[(PERSISTENT, variant(true))]))
+                .unwrap()
+                .persistent
         );
         // Reattach has nothing to force.
         match parse_binding("Reattach", opts(&[(FORCE, variant(true))])) {

@@ -83,6 +83,17 @@ impl FakeSysfs {
         self.dir.path().join("udev-data")
     }
 
+    /// What the code gets instead of `/etc/driverctl.d` (boot-time claims);
+    /// not created.
+    pub fn driverctl_dir(&self) -> PathBuf {
+        self.dir.path().join("driverctl.d")
+    }
+
+    /// What the code gets instead of `/var/lib/vmmanager/boot-claims`.
+    pub fn boot_claims_record(&self) -> PathBuf {
+        self.dir.path().join("state/boot-claims")
+    }
+
     /// The real directory of a device (`devices/pci0000:00/<addr>`).
     pub fn device_dir(&self, addr: &str) -> PathBuf {
         self.root().join("devices/pci0000:00").join(addr)

@@ -21,7 +21,7 @@ pub const DAEMON_BIN: &str = env!("CARGO_BIN_EXE_vmmanagerd");
 /// The daemon's configuration (the real [`Config`], written as its TOML
 /// file) and how it is started. Defaults are the daemon's, except that
 /// nothing points at the host: no PID-file patterns in the host's /run, no
-/// vfio state file, and kernel events (so whether another test runs udevd
+/// vfio state file, no boot-time claims in /etc, and kernel events (so whether another test runs udevd
 /// at the moment does not change what this daemon does).
 #[derive(Debug, Clone)]
 pub struct DaemonConfig {
@@ -37,6 +37,10 @@ impl Default for DaemonConfig {
         config.disk.pidfile_patterns = vec!["{image_dir}/*.pid".into()];
         config.devices.events = EventsSetting::Kernel;
         config.devices.vfio_state_file = PathBuf::new();
+        // Never the host's /etc/driverctl.d (nothing here asks for
+        // `persistent`; a test that does gives its own directory).
+        config.devices.driver_overrides_dir = PathBuf::from("/nonexistent/driverctl.d");
+        config.devices.boot_claims_record = PathBuf::new();
         DaemonConfig {
             config,
             mount_namespace: None,

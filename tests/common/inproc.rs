@@ -51,7 +51,7 @@ pub struct InProcService {
 
 /// The daemon's default configuration pointed at `fs` (sysfs and udev
 /// database) and `dev_root` (for /dev), with `permitted` devices; the real
-/// /proc, no vfio state file.
+/// /proc, no vfio state file, boot-time claims beside the tree.
 pub fn config(fs: &FakeSysfs, dev_root: &Path, permitted: &[(&str, &str)]) -> Config {
     let mut config = Config::default();
     config.system.sysfs_root = fs.root();
@@ -60,6 +60,8 @@ pub fn config(fs: &FakeSysfs, dev_root: &Path, permitted: &[(&str, &str)]) -> Co
     config.devices.hwdb = false;
     config.devices.dev_root = dev_root.to_owned();
     config.devices.vfio_state_file = PathBuf::new();
+    config.devices.driver_overrides_dir = fs.driverctl_dir();
+    config.devices.boot_claims_record = fs.boot_claims_record();
     // Events come from the test's channel (see `InProcService::start_with`).
     config.devices.events = EventsSetting::None;
     config.devices.permitted = permitted

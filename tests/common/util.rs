@@ -164,6 +164,23 @@ pub fn command_as(user: Option<(u32, u32)>, program: &str) -> Command {
     }
 }
 
+/// `sh -c SCRIPT` in a new private mount namespace (`unshare --mount
+/// --propagation private`): what it mounts is gone with it and never
+/// reaches the host. Arguments added to the `Command` are the script's `$1`…
+pub fn in_private_mounts(script: &str) -> Command {
+    let mut c = Command::new("unshare");
+    c.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        script,
+        "sh",
+    ]);
+    c
+}
+
 /// `Command` for `program` in the mount namespace `ns` (`/proc/PID/ns/mnt`),
 /// or in this one when `None`. nsenter without --fork execs: the child's
 /// PID is `program`'s.

@@ -266,6 +266,8 @@ pub struct Rebind {
     pub force: bool,
     /// Give it back after its last VM user exits.
     pub auto_return: bool,
+    /// The boot-time claim follows (option `persistent`).
+    pub persistent: bool,
 }
 
 /// Detach or Reattach, of the device or its whole group, then say where
@@ -282,12 +284,14 @@ pub async fn rebind(
         group,
         force,
         auto_return,
+        persistent,
     } = how;
     let device = device_proxy(connection, address).await?;
     let options = BindingOptions::new()
         .group(group)
         .force(force)
         .auto_return(auto_return)
+        .persistent(persistent)
         .no_user_interaction(!ask)
         .build();
     let result = if to_vfio {

@@ -242,6 +242,13 @@ enum Command {
         /// rolled back.
         #[arg(long)]
         group: bool,
+        /// Also bind it to vfio-pci at every boot and hotplug (with
+        /// --group, every device of the group): writes vfio-pci to
+        /// /etc/driverctl.d/pci-ADDRESS, driverctl's format, once the
+        /// detach succeeded. Refused, with nothing changed, when that file
+        /// names another driver. `reattach --persistent` removes it.
+        #[arg(long)]
+        persistent: bool,
         /// Print {"address", "driver"} (or the error) as one JSON object;
         /// with --group, "group" lists each member's address and driver.
         #[arg(long)]
@@ -258,6 +265,11 @@ enum Command {
         /// hand) stay there. Rolled back like `detach --group`.
         #[arg(long)]
         group: bool,
+        /// Also remove its claim for vfio-pci at boot (`detach
+        /// --persistent`, or driverctl's for vfio-pci); with --group, also
+        /// the claims vmmanager wrote for the members it gives back.
+        #[arg(long)]
+        persistent: bool,
         /// Print {"address", "driver"} (or the error) as one JSON object;
         /// with --group, "group" lists each member's address and driver.
         #[arg(long)]
@@ -528,6 +540,7 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
             force,
             auto_return,
             group,
+            persistent,
             json,
         } => {
             let how = devices::Rebind {
@@ -535,12 +548,14 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
                 group: *group,
                 force: *force,
                 auto_return: *auto_return,
+                persistent: *persistent,
             };
             devices::rebind(&connection, ask, address, how, *json).await
         }
         Command::Reattach {
             address,
             group,
+            persistent,
             json,
         } => {
             let how = devices::Rebind {
@@ -548,6 +563,7 @@ async fn run(cli: &Cli) -> Result<u8, Failure> {
                 group: *group,
                 force: false,
                 auto_return: false,
+                persistent: *persistent,
             };
             devices::rebind(&connection, ask, address, how, *json).await
         }

@@ -4,14 +4,13 @@
 //!
 //! One line per device: `0000:03:00.0 snd_hda_intel`, or `0000:03:00.0 -`
 //! when it had no driver, then ` override=pci-stub` when it had an
-//! override, then ` auto-return` when it is to be given back after use. A line without it (every line of a file written before
-//! overrides were kept) means no override. Reading is bounded and skips
+//! override, then ` auto-return` when it is to be given back after use.
+//! A line without an override (every line of a file written before
+//! overrides were kept) means none. Reading is bounded and skips
 //! anything else.
 
 use std::collections::BTreeMap;
-use std::fs::{DirBuilder, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
 use std::path::Path;
 
 use super::Binding;
@@ -110,7 +109,7 @@ pub(super) fn valid_driver_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'+'))
 }
 
-/// Replaces `path` atomically (temp file + rename), creating its directory.
+/// Replaces `path` atomically ([`crate::atomic_file::replace`]).
 pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Binding>) -> io::Result<()> {
     let mut text = String::from(
         "# vmmanager: original drivers (and overrides) of devices detached to vfio-pci\n",
@@ -128,22 +127,7 @@ pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Binding>) -> io::Resu
         }
         text.push('\n');
     }
-    if let Some(dir) = path.parent() {
-        DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = Path::new(&tmp);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(tmp, path)
+    crate::atomic_file::replace(path, text.as_bytes())
 }
 
 #[cfg(test)]
