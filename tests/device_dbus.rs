@@ -2550,3 +2550,71 @@ async fn driverctl_loads_a_claim_the_service_wrote() {
     assert_eq!(claim_files(&world.fs), Vec::<String>::new());
     assert_eq!(world.boot_claim(AUDIO).await, claim("", ""));
 }
+
+/// A VM whose /dev is its own (libvirt makes its own node for the group,
+/// another inode with the same number) is not seen by the inotify watch:
+/// the slow re-check finds it, its exit is followed by pidfd, and the
+/// device is given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_return_follows_a_vm_whose_dev_is_its_own() {
+    use vmmanager::devices::auto_return::RECHECK_INTERVAL;
+    let fs = gpu_tree(true);
+    let kernel = FakeKernel::new(&fs.root());
+    let (bus, polkit) = Polkit::builder().start_with_bus().await;
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    // The group's node: a char device of a number only this test holds.
+    let pts = Pts::open();
+    let node = std::ffi::CString::new(dev.path().join("vfio/1").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    let made = unsafe {
+        libc::mknod(
+            node.as_ptr(),
+            libc::S_IFCHR | 0o600,
+            libc::makedev(pts.major, pts.minor),
+        )
+    };
+    assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
+    let config = inproc::config(&fs, dev.path(), PERMITTED);
+    let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
+    let client = bus.connect().await;
+    let world = DeviceWorld {
+        svc,
+        client,
+        _polkit: Some(polkit),
+        bus,
+        fs,
+    };
+    let audio = world.device(AUDIO).await;
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface(DEVICE_IFACE)
+        .member("ReturnFinished")
+        .path(path(AUDIO))
+        .build()
+        .unwrap();
+    let mut finished = zbus::MessageStream::for_match_rule(rule, &world.client, None)
+        .await
+        .unwrap();
+    audio
+        .detach(
+            vmmanager_client::options::BindingOptions::new()
+                .auto_return(true)
+                .build(),
+        )
+        .await
+        .unwrap();
+    kernel.take_log();
+    // The VM opens its own node (/dev/pts/N stands for it): no event.
+    let mut vm = hold_open(&pts.path, true);
+    wait_for(|| async { !audio.in_use_by().await.unwrap().is_empty() }).await;
+    tokio::time::sleep(RECHECK_INTERVAL + Duration::from_secs(1)).await;
+    assert_eq!(kernel.take_log(), vec![], "given back under a running VM");
+    vm.kill_and_wait();
+    let (outcome, message) = next_return(&mut finished).await;
+    assert_eq!(
+        (outcome.as_str(), message.as_str()),
+        ("returned", "0000:01:00.1: back on snd_hda_intel")
+    );
+    assert_eq!(world.driver(AUDIO).await, "snd_hda_intel");
+}

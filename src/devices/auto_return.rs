@@ -4,13 +4,17 @@
 //! reattached, then verified — and every attempt ends in one
 //! [`ReturnReport`] (returned, reset failed, driver did not bind).
 //!
-//! Nothing is polled: the group node `/dev/vfio/<group>` is watched with
-//! inotify, which reports every open and close of it by any process (a
-//! VM's exit closes it too). An open makes the service look for holders
-//! (a brief opener that is gone by then does not count); a close after a
-//! holder was seen makes it look again, and when nobody holds the group
-//! any more, its marked devices are given back. [`AutoReturn`] owns the
-//! watch and its task; `stop().await` returns when the task has ended.
+//! The group node `/dev/vfio/<group>` is watched with inotify, which
+//! reports opens and closes of that node (a VM's exit closes it too). An
+//! open makes the service look for holders (a brief opener that is gone by
+//! then does not count); each holder's exit is followed with a pidfd; a
+//! close or an exit makes it look again, and when nobody holds the group
+//! any more, its marked devices are given back. A VM that opens a node of
+//! its own (libvirt makes one in the VM's private /dev; iommufd's cdev is
+//! another node) is not seen by inotify: for those, groups nobody holds
+//! are looked at again every [`RECHECK_INTERVAL`] while marked.
+//! [`AutoReturn`] owns the watch and its task; `stop().await` returns when
+//! the task has ended.
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -20,6 +24,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,6 +35,10 @@ use tokio_util::sync::CancellationToken;
 use super::passthrough::Passthrough;
 use super::vfio::iommu_group_of;
 use vmmanager_client::PciAddress;
+
+/// How often groups nobody was seen holding are looked at again, for the
+/// opens inotify cannot see (see `Watch::recheck`).
+pub const RECHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How one give-back ended. [`fmt::Display`] is the sentence for a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,20 +185,25 @@ struct Watch {
 
 impl Watch {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<u32>, cancel: CancellationToken) {
+        let mut exits: FuturesUnordered<BoxFuture<'static, u32>> = FuturesUnordered::new();
+        let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
+        recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let found = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 Some(group) = commands.recv() => self.watch(group).await,
                 events = self.inotify.read() => match events {
                     Ok(events) => {
+                        let mut found = Vec::new();
                         for (wd, mask) in events {
                             if mask & libc::IN_Q_OVERFLOW != 0 {
-                                self.overflowed().await;
+                                found.extend(self.overflowed().await);
                             } else {
-                                self.event(wd, mask).await;
+                                found.extend(self.event(wd, mask).await);
                             }
                         }
+                        found
                     }
                     Err(e) => {
                         tracing::error!("auto-return: reading inotify events failed: {e}; stopped watching");
@@ -195,20 +211,27 @@ impl Watch {
                         break;
                     }
                 },
+                Some(group) = exits.next() => self.closed(group).await,
+                _ = recheck.tick() => self.recheck().await,
+            };
+            for (group, pid) in found {
+                exits.push(Box::pin(exited(pid, group)));
             }
         }
     }
 
-    async fn watch(&mut self, group: u32) {
+    /// Starts watching `group`; the holders found, to follow their exits.
+    async fn watch(&mut self, group: u32) -> Vec<(u32, u32)> {
         if self.groups.contains_key(&group) {
-            return;
+            return Vec::new();
         }
         let node = self.dev_root.join("vfio").join(group.to_string());
         let mask =
             libc::IN_OPEN | libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE | libc::IN_DELETE_SELF;
         match self.inotify.add_watch(&node, mask) {
             Ok(wd) => {
-                let held = self.held(group).await;
+                let holders = self.holders(group).await;
+                let held = holders.is_some();
                 tracing::info!(
                     group,
                     held,
@@ -216,75 +239,120 @@ impl Watch {
                     node.display()
                 );
                 self.groups.insert(group, Group { wd, held });
+                with_group(group, holders)
             }
-            Err(e) => tracing::warn!(
-                group,
-                "cannot watch {}: {e}; its devices will not be given back after use",
-                node.display()
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    group,
+                    "cannot watch {}: {e}; its devices will not be given back after use",
+                    node.display()
+                );
+                Vec::new()
+            }
         }
     }
 
-    async fn event(&mut self, wd: i32, mask: u32) {
-        let Some((&group, watched)) = self.groups.iter_mut().find(|(_, g)| g.wd == wd) else {
-            return;
+    async fn event(&mut self, wd: i32, mask: u32) -> Vec<(u32, u32)> {
+        let Some(group) = self
+            .groups
+            .iter()
+            .find(|(_, g)| g.wd == wd)
+            .map(|(g, _)| *g)
+        else {
+            return Vec::new();
         };
         if mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF) != 0 {
             // The node is gone (the group left vfio-pci): nothing to wait for.
             self.groups.remove(&group);
-            return;
+            return Vec::new();
         }
-        if mask & libc::IN_OPEN != 0 && !watched.held {
-            let held = self.held(group).await;
-            if let Some(g) = self.groups.get_mut(&group) {
-                g.held = held;
-            }
-        } else if mask & (libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE) != 0 && watched.held {
-            if self.held(group).await {
-                return;
-            }
-            if let Some(g) = self.groups.remove(&group) {
-                self.inotify.remove_watch(g.wd);
-            }
-            self.give_back(group).await;
+        if mask & libc::IN_OPEN != 0 {
+            return self.opened(group).await;
         }
+        if mask & (libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE) != 0 {
+            return self.closed(group).await;
+        }
+        Vec::new()
+    }
+
+    /// Someone opened the group (or may have): held once a holder shows.
+    async fn opened(&mut self, group: u32) -> Vec<(u32, u32)> {
+        if self.groups.get(&group).is_none_or(|g| g.held) {
+            return Vec::new();
+        }
+        let holders = self.holders(group).await;
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.held = holders.is_some();
+        }
+        with_group(group, holders)
+    }
+
+    /// A holder closed the group or exited: given back when nobody is left.
+    async fn closed(&mut self, group: u32) -> Vec<(u32, u32)> {
+        if !self.groups.get(&group).is_some_and(|g| g.held) {
+            return Vec::new();
+        }
+        if let Some(holders) = self.holders(group).await {
+            return with_group(group, Some(holders));
+        }
+        if let Some(g) = self.groups.remove(&group) {
+            self.inotify.remove_watch(g.wd);
+        }
+        self.give_back(group).await
+    }
+
+    /// The fallback for opens inotify does not see — a VM whose /dev is
+    /// its own (libvirt's namespace makes its own node, another inode), or
+    /// one using iommufd's cdev: every [`RECHECK_INTERVAL`], each watched
+    /// group nobody was seen holding is looked at. (Exits are followed by
+    /// pidfd, so only the start of such a use waits for this.)
+    async fn recheck(&mut self) -> Vec<(u32, u32)> {
+        let idle: Vec<u32> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| !g.held)
+            .map(|(group, _)| *group)
+            .collect();
+        let mut found = Vec::new();
+        for group in idle {
+            found.extend(self.opened(group).await);
+        }
+        found
     }
 
     /// Events were lost (the kernel's queue overflowed: someone opened and
     /// closed group nodes very often): look at every watched group again,
     /// as if each had been opened and closed.
-    async fn overflowed(&mut self) {
+    async fn overflowed(&mut self) -> Vec<(u32, u32)> {
         tracing::warn!("auto-return: inotify events were lost; looking at every watched group");
         let groups: Vec<u32> = self.groups.keys().copied().collect();
+        let mut found = Vec::new();
         for group in groups {
-            let Some(wd) = self.groups.get(&group).map(|g| g.wd) else {
-                continue;
-            };
-            self.event(wd, libc::IN_OPEN).await;
-            self.event(wd, libc::IN_CLOSE_NOWRITE).await;
+            found.extend(self.opened(group).await);
+            found.extend(self.closed(group).await);
         }
+        found
     }
 
-    /// Whether a process holds the group; unknown counts as held (never
-    /// give a device back from under a VM).
-    async fn held(&self, group: u32) -> bool {
+    /// The PIDs holding the group, `None` when nobody does; unknown counts
+    /// as held, with no PID to follow (never give a device back from under
+    /// a VM).
+    async fn holders(&self, group: u32) -> Option<Vec<u32>> {
         let sysfs_root = self.passthrough.sysfs_root();
-        let Some(member) = super::sysfs::iommu_group_members(sysfs_root, group)
+        let member = super::sysfs::iommu_group_members(sysfs_root, group)
             .into_iter()
-            .next()
-        else {
-            return false;
-        };
+            .next()?;
         match self.passthrough.group_users(member, group).await {
-            Ok(users) => !users.is_empty(),
+            Ok(users) if users.is_empty() => None,
+            Ok(users) => Some(users.iter().map(|u| u.pid).collect()),
             Err(e) => {
                 tracing::warn!(group, "auto-return: {e}; taken as still in use");
-                true
+                Some(Vec::new())
             }
         }
     }
 
-    async fn give_back(&mut self, group: u32) {
+    async fn give_back(&mut self, group: u32) -> Vec<(u32, u32)> {
         let sysfs_root = self.passthrough.sysfs_root().to_owned();
         let in_group = |a: &PciAddress| iommu_group_of(&sysfs_root, *a) == Some(group);
         let marked: Vec<PciAddress> = self
@@ -311,9 +379,38 @@ impl Watch {
         }
         // Not given back (a VM holds the group again): keep watching.
         if self.passthrough.auto_return_marks().iter().any(in_group) {
-            self.watch(group).await;
+            return self.watch(group).await;
         }
+        Vec::new()
     }
+}
+
+/// (group, pid) for each of `holders`.
+fn with_group(group: u32, holders: Option<Vec<u32>>) -> Vec<(u32, u32)> {
+    holders
+        .unwrap_or_default()
+        .into_iter()
+        .map(|pid| (group, pid))
+        .collect()
+}
+
+/// Resolves to `group` when process `pid` has exited (its pidfd becomes
+/// readable), or at once when it cannot be followed (gone already, or no
+/// pidfd: the close path looks again and finds out).
+async fn exited(pid: u32, group: u32) -> u32 {
+    // SAFETY: a plain system call; the descriptor is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return group;
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: the OwnedFd stays open, the same descriptor, while registered.
+    let Ok(registered) = (unsafe { AsyncFd::register(fd) }) else {
+        return group;
+    };
+    let _ = registered.readable().await;
+    group
 }
 
 /// A non-blocking inotify descriptor on the runtime.
