@@ -117,12 +117,18 @@ pub(super) fn mounts(
             devices.iter().find(|d| d.rdev == rdev)
         });
         if let Some(device) = device {
-            uses.push(HostUse::Mount {
+            let found = HostUse::Mount {
                 mount_point: mount.mount_point,
                 fs_type: mount.fs_type,
                 source: mount.source,
                 chain: device.chain.clone(),
-            });
+            };
+            // The service's own namespace can list one mount twice: a host
+            // mount below /mnt propagates both under the original /mnt and
+            // under the unit's ReadWritePaths= bind mount of it.
+            if !uses.contains(&found) {
+                uses.push(found);
+            }
         }
     }
     Ok(uses)
