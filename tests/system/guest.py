@@ -316,12 +316,13 @@ class Guest:
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=qga,path={socket_path},server=on,wait=off",
             "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
-            # A conventional PCI bus behind a PCIe-to-PCI bridge: the devices
-            # on it share one IOMMU group (their DMA carries the bridge's
-            # requester ID), as a disk controller and a NIC behind a
-            # motherboard's PCI bridge do. Last, so that nothing above moves.
-            "-device", "pcie-root-port,id=rp4,bus=pcie.0,chassis=4,slot=4",
-            "-device", "pcie-pci-bridge,id=pbr,bus=rp4",
+            # A conventional PCI bus behind a PCI bridge: the devices on it
+            # share one IOMMU group with the bridge (their DMA carries the
+            # bridge's requester ID), as a disk controller and a NIC behind a
+            # motherboard's PCI bridge do. Not pcie-pci-bridge: its SHPC
+            # cannot be turned off and shpchp logs errors at boot (ACPI
+            # hotplug owns the slots). Last, so that nothing above moves.
+            "-device", "pci-bridge,id=pbr,bus=pcie.0,chassis_nr=4,shpc=off",
             "-drive", f"file={gated_disk},if=none,id=gated,format=raw,cache=unsafe",
             "-device", f"virtio-blk-pci,drive=gated,serial={GATED_DISK_SERIAL},bus=pbr,addr=1",
             "-netdev", "user,id=net-gated,restrict=on",
