@@ -32,6 +32,9 @@ from dataclasses import dataclass
 CACHE_DIR = os.environ.get("VMM_SYSTEM_TEST_CACHE", "/var/cache/vmmanager-system-test")
 QEMU = os.environ.get("VMM_SYSTEM_TEST_QEMU", "qemu-system-x86_64")
 SHARE_TAG = "hostshare"  # the guest's fstab mounts it on /mnt/host
+# The blank disk behind the PCI bridge: /dev/disk/by-id/virtio-<serial>.
+GATED_DISK_SERIAL = "gated"
+GATED_DISK_BYTES = 16 << 20
 KERNEL_CMDLINE = "root=/dev/vda rw console=ttyS0 intel_iommu=on iommu=pt panic=-1"
 
 
@@ -280,7 +283,8 @@ class Guest:
         except (OSError, TypeError):
             return ""
 
-    def _qemu_command(self, overlay: str, socket_path: str, share: str) -> list[str]:
+    def _qemu_command(self, overlay: str, socket_path: str, share: str,
+                      gated_disk: str) -> list[str]:
         cpu = "host" if self.accel == "kvm" else "max"
         accel = "kvm" if self.accel == "kvm" else "tcg,thread=multi"
         command = [
@@ -312,6 +316,17 @@ class Guest:
             "-device", "virtio-serial-pci",
             "-chardev", f"socket,id=qga,path={socket_path},server=on,wait=off",
             "-device", "virtserialport,chardev=qga,name=org.qemu.guest_agent.0",
+            # A conventional PCI bus behind a PCI bridge: the devices on it
+            # share one IOMMU group with the bridge (their DMA carries the
+            # bridge's requester ID), as a disk controller and a NIC behind a
+            # motherboard's PCI bridge do. Not pcie-pci-bridge: its SHPC
+            # cannot be turned off and shpchp logs errors at boot (ACPI
+            # hotplug owns the slots). Last, so that nothing above moves.
+            "-device", "pci-bridge,id=pbr,bus=pcie.0,chassis_nr=4,shpc=off",
+            "-drive", f"file={gated_disk},if=none,id=gated,format=raw,cache=unsafe",
+            "-device", f"virtio-blk-pci,drive=gated,serial={GATED_DISK_SERIAL},bus=pbr,addr=1",
+            "-netdev", "user,id=net-gated,restrict=on",
+            "-device", "e1000,netdev=net-gated,bus=pbr,addr=2",
         ]
         return command
 
@@ -328,11 +343,14 @@ class Guest:
         overlay = os.path.join(self._work, "overlay.qcow2")
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2",
                         "-b", image, overlay], check=True)
+        gated_disk = os.path.join(self._work, "gated.raw")
+        with open(gated_disk, "wb") as f:
+            f.truncate(GATED_DISK_BYTES)  # sparse: costs nothing until written
         share = self.share_dir or os.path.join(self._work, "share")
         os.makedirs(share, exist_ok=True)
         socket_path = os.path.join(self._work, "qga.sock")
         self._qemu = subprocess.Popen(
-            self._qemu_command(overlay, socket_path, share),
+            self._qemu_command(overlay, socket_path, share, gated_disk),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(self._work, "qemu.stderr"), "wb"),
             preexec_fn=_die_with_parent)

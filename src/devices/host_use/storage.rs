@@ -327,12 +327,18 @@ fn mounts_in(
             devices.iter().find(|d| d.rdev == rdev)
         });
         if let Some(device) = device {
-            uses.push(HostUse::Mount {
+            let found = HostUse::Mount {
                 mount_point: mount.mount_point,
                 fs_type: mount.fs_type,
                 source: mount.source,
                 chain: device.chain.clone(),
-            });
+            };
+            // The service's own namespace can list one mount twice: a host
+            // mount below /mnt propagates both under the original /mnt and
+            // under the unit's ReadWritePaths= bind mount of it.
+            if !uses.contains(&found) {
+                uses.push(found);
+            }
         }
     }
     Ok(uses)
@@ -527,6 +533,7 @@ mod tests {
         let at = format!("{}\n{}", &last[..last.len() - 1], &last[..last.len() - 1]);
         let line = last.len() - 1;
         let uses = mounts_in(at.as_bytes(), dev, &devices, within, line).unwrap();
-        assert_eq!(mount_points(&uses), ["/srv", "/srv"]);
+        // Both lines read (the same mount twice: one use).
+        assert_eq!(mount_points(&uses), ["/srv"]);
     }
 }

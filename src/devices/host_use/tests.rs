@@ -1152,3 +1152,21 @@ fn real_process_holding_the_root_disk_is_named() {
         sleeper.pid()
     );
 }
+
+/// Under ReadWritePaths=/mnt, the service's mount table has a host mount
+/// on /mnt/x twice (propagated below the original /mnt and below the bind
+/// mount of it): one use, one sentence.
+#[test]
+fn a_mount_listed_twice_in_the_namespace_is_named_once() {
+    let host = Host::new();
+    disk(&host);
+    host.mountinfo(
+        "22 1 60:0 / /mnt/gated rw - ext4 /dev/vda rw\n\
+         23 30 60:0 / /mnt/gated rw - ext4 /dev/vda rw\n",
+    );
+    let uses = host.uses(DISK, NetworkSnapshot::default());
+    assert_eq!(
+        mounts_of(&uses),
+        ["block device vda backs /mnt/gated (ext4 on /dev/vda)"]
+    );
+}
