@@ -1947,7 +1947,7 @@ async fn detach_refuses_while_the_host_uses_the_device_unless_forced() {
         vec![]
     );
 
-    // vmctl: the refusal (exit 4) and the uses beforehand.
+    // vmctl: the refusal (exit 6, not a VM's 4) and the uses beforehand.
     let bus = world.bus.address().to_owned();
     let vmctl = |args: &[&str]| {
         let mut cmd = std::process::Command::new(common::world::VMCTL);
@@ -1955,7 +1955,7 @@ async fn detach_refuses_while_the_host_uses_the_device_unless_forced() {
         common::util::run(&mut cmd)
     };
     let out = tokio::task::block_in_place(|| vmctl(&["detach", GPU]));
-    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
     assert!(seen(&out.stderr).contains(&refusal), "{out:?}");
     let out = tokio::task::block_in_place(|| vmctl(&["device", GPU]));
     assert!(

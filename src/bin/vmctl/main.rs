@@ -59,6 +59,8 @@ mod exit {
     pub const LEAKS: u8 = 3;
     pub const IN_USE: u8 = 4;
     pub const NOT_AUTHORIZED: u8 = 5;
+    /// Detach: the host uses the device (`--force` would go ahead).
+    pub const HOST_IN_USE: u8 = 6;
     pub const NOT_SUPPORTED: u8 = 63;
     pub const USAGE: u8 = 64;
     /// 128 + SIGINT, as shells report it.
@@ -97,10 +99,10 @@ Exit status:
   0   done; the device's driver now is printed (with --group, each
       member's)
   1   error (message on stderr)
-  4   a running VM holds the device's IOMMU group, or (detach) the host
-      uses the device or a member of its group: the message names each
-      use; --force detaches anyway
+  4   a running VM holds the device's IOMMU group
   5   not authorized (polkit said no)
+  6   (detach) the host uses the device or a member of its group: the
+      message names each use; --force detaches anyway
   64  wrong command-line usage (e.g. not a PCI address)";
 
 const MONITOR_EXIT_HELP: &str = "\
@@ -348,7 +350,8 @@ impl Failure {
 impl From<Error> for Failure {
     fn from(error: Error) -> Self {
         let code = match &error {
-            Error::InUse(_) | Error::HostInUse(_) => exit::IN_USE,
+            Error::InUse(_) => exit::IN_USE,
+            Error::HostInUse(_) => exit::HOST_IN_USE,
             Error::NotAuthorized(_) => exit::NOT_AUTHORIZED,
             _ => exit::ERROR,
         };
