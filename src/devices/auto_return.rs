@@ -4,8 +4,8 @@
 //! reattached, then verified — and every attempt ends in one
 //! [`ReturnReport`] (returned, reset failed, driver did not bind).
 //!
-//! The group node `/dev/vfio/<group>` is watched with inotify, which
-//! reports opens and closes of that node (a VM's exit closes it too). An
+//! The directory `/dev/vfio` is watched with inotify, which reports opens
+//! and closes of the group nodes in it (a VM's exit closes them too). An
 //! open makes the service look for holders (a brief opener that is gone by
 //! then does not count); each holder's exit is followed with a pidfd; a
 //! close or an exit makes it look again, and when nobody holds the group
@@ -142,6 +142,7 @@ impl AutoReturn {
                 passthrough,
                 dev_root,
                 inotify,
+                dir: None,
                 groups: HashMap::new(),
                 reports,
             }
@@ -170,7 +171,6 @@ impl AutoReturn {
 
 /// One watched group.
 struct Group {
-    wd: i32,
     /// A holder was seen since the watch began: its last close counts.
     held: bool,
 }
@@ -179,6 +179,11 @@ struct Watch {
     passthrough: Passthrough,
     dev_root: PathBuf,
     inotify: Inotify,
+    /// The watch on `<dev>/vfio` (the directory: its children's opens and
+    /// closes are reported with their names; a watch on a device node
+    /// itself needs read access to the device, which the unit's device
+    /// policy does not give).
+    dir: Option<i32>,
     groups: HashMap<u32, Group>,
     reports: mpsc::Sender<ReturnReport>,
 }
@@ -196,11 +201,11 @@ impl Watch {
                 events = self.inotify.read() => match events {
                     Ok(events) => {
                         let mut found = Vec::new();
-                        for (wd, mask) in events {
+                        for (wd, mask, name) in events {
                             if mask & libc::IN_Q_OVERFLOW != 0 {
                                 found.extend(self.overflowed().await);
                             } else {
-                                found.extend(self.event(wd, mask).await);
+                                found.extend(self.event(wd, mask, &name).await);
                             }
                         }
                         found
@@ -225,43 +230,55 @@ impl Watch {
         if self.groups.contains_key(&group) {
             return Vec::new();
         }
-        let node = self.dev_root.join("vfio").join(group.to_string());
-        let mask =
-            libc::IN_OPEN | libc::IN_CLOSE_WRITE | libc::IN_CLOSE_NOWRITE | libc::IN_DELETE_SELF;
-        match self.inotify.add_watch(&node, mask) {
-            Ok(wd) => {
-                let holders = self.holders(group).await;
-                let held = holders.is_some();
-                tracing::info!(
-                    group,
-                    held,
-                    "watching for the last user of {}",
-                    node.display()
-                );
-                self.groups.insert(group, Group { wd, held });
-                with_group(group, holders)
-            }
-            Err(e) => {
-                tracing::warn!(
-                    group,
-                    "cannot watch {}: {e}; its devices will not be given back after use",
-                    node.display()
-                );
-                Vec::new()
+        let dir = self.dev_root.join("vfio");
+        if self.dir.is_none() {
+            let mask = libc::IN_OPEN
+                | libc::IN_CLOSE_WRITE
+                | libc::IN_CLOSE_NOWRITE
+                | libc::IN_DELETE
+                | libc::IN_ONLYDIR;
+            match self.inotify.add_watch(&dir, mask) {
+                Ok(wd) => self.dir = Some(wd),
+                Err(e) => {
+                    tracing::warn!(
+                        group,
+                        "cannot watch {}: {e}; its devices will not be given back after use",
+                        dir.display()
+                    );
+                    return Vec::new();
+                }
             }
         }
+        let holders = self.holders(group).await;
+        let held = holders.is_some();
+        tracing::info!(
+            group,
+            held,
+            "watching for the last user of {}/{group}",
+            dir.display()
+        );
+        self.groups.insert(group, Group { held });
+        with_group(group, holders)
     }
 
-    async fn event(&mut self, wd: i32, mask: u32) -> Vec<(u32, u32)> {
-        let Some(group) = self
-            .groups
-            .iter()
-            .find(|(_, g)| g.wd == wd)
-            .map(|(g, _)| *g)
+    async fn event(&mut self, wd: i32, mask: u32, name: &str) -> Vec<(u32, u32)> {
+        if Some(wd) != self.dir {
+            return Vec::new();
+        }
+        if mask & libc::IN_IGNORED != 0 {
+            // The directory is gone (vfio unloaded): so are the groups.
+            self.dir = None;
+            self.groups.clear();
+            return Vec::new();
+        }
+        let Some(group) = name
+            .parse::<u32>()
+            .ok()
+            .filter(|g| self.groups.contains_key(g))
         else {
             return Vec::new();
         };
-        if mask & (libc::IN_IGNORED | libc::IN_DELETE_SELF) != 0 {
+        if mask & libc::IN_DELETE != 0 {
             // The node is gone (the group left vfio-pci): nothing to wait for.
             self.groups.remove(&group);
             return Vec::new();
@@ -295,9 +312,7 @@ impl Watch {
         if let Some(holders) = self.holders(group).await {
             return with_group(group, Some(holders));
         }
-        if let Some(g) = self.groups.remove(&group) {
-            self.inotify.remove_watch(g.wd);
-        }
+        self.groups.remove(&group);
         self.give_back(group).await
     }
 
@@ -448,13 +463,8 @@ impl Inotify {
         Ok(wd)
     }
 
-    fn remove_watch(&self, wd: i32) {
-        // SAFETY: a valid descriptor; a stale `wd` is only EINVAL.
-        unsafe { libc::inotify_rm_watch(self.0.get_ref().as_raw_fd(), wd) };
-    }
-
-    /// The next batch of events: (watch descriptor, mask) each.
-    async fn read(&self) -> io::Result<Vec<(i32, u32)>> {
+    /// The next batch of events: (watch descriptor, mask, name) each.
+    async fn read(&self) -> io::Result<Vec<(i32, u32, String)>> {
         let mut buffer = [0u8; 4096];
         loop {
             let mut guard = self.0.readable().await?;
@@ -483,14 +493,16 @@ impl Inotify {
 }
 
 /// `struct inotify_event`s: wd (i32), mask (u32), cookie (u32), len (u32),
-/// then `len` bytes of name.
-fn parse_events(mut bytes: &[u8]) -> Vec<(i32, u32)> {
+/// then `len` bytes of name, NUL-padded; (wd, mask, name) each.
+fn parse_events(mut bytes: &[u8]) -> Vec<(i32, u32, String)> {
     const HEADER: usize = 16;
     let mut events = Vec::new();
     while bytes.len() >= HEADER {
         let word = |i: usize| u32::from_ne_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
         let (wd, mask, len) = (word(0) as i32, word(4), word(12) as usize);
-        events.push((wd, mask));
+        let name = bytes.get(HEADER..HEADER + len).unwrap_or_default();
+        let name = name.split(|b| *b == 0).next().unwrap_or_default();
+        events.push((wd, mask, String::from_utf8_lossy(name).into_owned()));
         bytes = bytes.get(HEADER + len..).unwrap_or_default();
     }
     events
