@@ -3,6 +3,7 @@ agent (python3 standard library only).
 
     with Guest(image_prefix, share_dir=...) as guest:
         result = guest.run("lspci -nn")      # ExecResult(exitcode, stdout, stderr)
+        shutdown_s, boot_s = guest.reboot()  # clean power-off, boot on the same disks
 
 The guest boots from a qcow2 overlay whose read-only backing file is the
 cached image of `build-image`; the overlay, the agent socket and the serial
@@ -116,6 +117,13 @@ class Agent:
             if message.get("return") == sync_id:
                 return True
         return False
+
+    def notify(self, name: str, arguments: dict | None = None) -> None:
+        """Sends a command that answers nothing on success (guest-shutdown)."""
+        message = {"execute": name}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self._send(message)
 
     def command(self, name: str, arguments: dict | None = None, timeout: float = 30):
         message = {"execute": name}
@@ -260,6 +268,7 @@ class Guest:
         self._work = None
         self._qemu = None
         self._agent = None
+        self._command: list[str] = []
 
     def __enter__(self) -> "Guest":
         try:
@@ -299,7 +308,9 @@ class Guest:
             "-drive", f"file={overlay},if=none,id=root,format=qcow2,cache=unsafe",
             "-device", "virtio-blk-pci,drive=root",
             "-device", "virtio-rng-pci",
-            "-serial", f"file:{self.serial_path}",
+            # Appended to: a reboot's new QEMU keeps the first boot's log.
+            "-chardev", f"file,id=serial,path={self.serial_path},append=on",
+            "-serial", "chardev:serial",
             # Each NIC behind its own root port: its own IOMMU group, and the
             # igb's VFs on that port's bus.
             "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1,slot=1",
@@ -348,13 +359,50 @@ class Guest:
             f.truncate(GATED_DISK_BYTES)  # sparse: costs nothing until written
         share = self.share_dir or os.path.join(self._work, "share")
         os.makedirs(share, exist_ok=True)
-        socket_path = os.path.join(self._work, "qga.sock")
-        self._qemu = subprocess.Popen(
-            self._qemu_command(overlay, socket_path, share, gated_disk),
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(os.path.join(self._work, "qemu.stderr"), "wb"),
-            preexec_fn=_die_with_parent)
-        self._agent = self._wait_for_agent(socket_path)
+        self._command = self._qemu_command(overlay, self._socket_path, share, gated_disk)
+        self._launch()
+
+    @property
+    def _socket_path(self) -> str:
+        return os.path.join(self._work, "qga.sock")
+
+    def _launch(self) -> None:
+        """Starts QEMU on the work dir's disks and waits for the agent."""
+        try:
+            os.unlink(self._socket_path)  # a reboot's: never connect to the old one
+        except FileNotFoundError:
+            pass
+        with open(os.path.join(self._work, "qemu.stderr"), "ab") as stderr:
+            self._qemu = subprocess.Popen(self._command, stdin=subprocess.DEVNULL,
+                                          stdout=subprocess.DEVNULL, stderr=stderr,
+                                          preexec_fn=_die_with_parent)
+        self._agent = self._wait_for_agent(self._socket_path)
+
+    def reboot(self, shutdown_timeout: float = 120) -> tuple[float, float]:
+        """Shuts the guest down cleanly (the agent's guest-shutdown: systemd
+        stops everything, the file systems are synced and unmounted) and
+        boots it again on the same overlay and disks, so that what it wrote
+        survives, as at a power cycle. A new QEMU (this one runs with
+        -no-reboot, so that a panic ends it). Returns the seconds the
+        shutdown and the boot (until the agent answered) took."""
+        start = time.monotonic()
+        self._agent.notify("guest-shutdown", {"mode": "powerdown"})
+        try:
+            status = self._qemu.wait(timeout=shutdown_timeout)
+        except subprocess.TimeoutExpired:
+            raise GuestError(f"the guest did not power off within {shutdown_timeout} s\n"
+                             f"serial console:\n{self.serial_tail()}") from None
+        finally:
+            self._agent.close()
+            self._agent = None
+        if status != 0:
+            self._qemu = None
+            raise GuestError(f"QEMU exited with {status} at the shutdown\n"
+                             f"serial console:\n{self.serial_tail()}")
+        shutdown = time.monotonic() - start
+        start = time.monotonic()
+        self._launch()
+        return shutdown, time.monotonic() - start
 
     def _check_qemu_alive(self) -> None:
         if self._qemu.poll() is not None:
