@@ -1169,16 +1169,7 @@ async fn detach_of_a_group_in_use_names_the_process() {
     fs::create_dir(dev.path().join("vfio")).unwrap();
     let node = dev.path().join("vfio/1");
     fs::write(&node, "").unwrap();
-    let config = inproc::config(&fs, dev.path(), PERMITTED);
-    let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
-    let client = bus.connect().await;
-    let world = DeviceWorld {
-        svc,
-        client,
-        _polkit: Some(polkit),
-        bus,
-        fs,
-    };
+    let world = world_with_dev(bus, polkit, fs, &kernel, dev).await;
 
     // Nobody holds it yet.
     assert_eq!(
@@ -2024,27 +2015,9 @@ async fn auto_return_gives_the_device_back_after_its_last_vm_user_exits() {
     // What the kernel makes once the group is on vfio-pci.
     let node = dev.path().join("vfio/1");
     fs::write(&node, "").unwrap();
-    let config = inproc::config(&fs, dev.path(), PERMITTED);
-    let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
-    let client = bus.connect().await;
-    let world = DeviceWorld {
-        svc,
-        client,
-        _polkit: Some(polkit),
-        bus,
-        fs,
-    };
+    let world = world_with_dev(bus, polkit, fs, &kernel, dev).await;
     let audio = world.device(AUDIO).await;
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .interface(DEVICE_IFACE)
-        .member("ReturnFinished")
-        .path(path(AUDIO))
-        .build()
-        .unwrap();
-    let mut finished = zbus::MessageStream::for_match_rule(rule, &world.client, None)
-        .await
-        .unwrap();
+    let mut finished = return_finished(&world, AUDIO).await;
     let auto_return = || {
         vmmanager_client::options::BindingOptions::new()
             .auto_return(true)
@@ -2101,6 +2074,41 @@ async fn auto_return_gives_the_device_back_after_its_last_vm_user_exits() {
     assert!(gpu.auto_return().await.unwrap());
     gpu.reattach(HashMap::new()).await.unwrap();
     assert!(!gpu.auto_return().await.unwrap());
+}
+
+/// The service on `fs` with `dev` as its /dev (VFIO group nodes the test
+/// made), on a bus with polkitd.
+async fn world_with_dev(
+    bus: TestBus,
+    polkit: Polkit,
+    fs: FakeSysfs,
+    kernel: &FakeKernel,
+    dev: tempfile::TempDir,
+) -> DeviceWorld {
+    let config = inproc::config(&fs, dev.path(), PERMITTED);
+    let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
+    let client = bus.connect().await;
+    DeviceWorld {
+        svc,
+        client,
+        _polkit: Some(polkit),
+        bus,
+        fs,
+    }
+}
+
+/// `ReturnFinished` signals of the device at `address`.
+async fn return_finished(world: &DeviceWorld, address: &str) -> zbus::MessageStream {
+    let rule = zbus::MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .interface(DEVICE_IFACE)
+        .member("ReturnFinished")
+        .path(path(address))
+        .build()
+        .unwrap();
+    zbus::MessageStream::for_match_rule(rule, &world.client, None)
+        .await
+        .unwrap()
 }
 
 /// The next `ReturnFinished` (outcome, message), within 10 s.
@@ -2575,27 +2583,9 @@ async fn auto_return_follows_a_vm_whose_dev_is_its_own() {
         )
     };
     assert_eq!(made, 0, "mknod: {}", std::io::Error::last_os_error());
-    let config = inproc::config(&fs, dev.path(), PERMITTED);
-    let svc = InProcService::start_with(&bus, &config, kernel.clone(), dev).await;
-    let client = bus.connect().await;
-    let world = DeviceWorld {
-        svc,
-        client,
-        _polkit: Some(polkit),
-        bus,
-        fs,
-    };
+    let world = world_with_dev(bus, polkit, fs, &kernel, dev).await;
     let audio = world.device(AUDIO).await;
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .interface(DEVICE_IFACE)
-        .member("ReturnFinished")
-        .path(path(AUDIO))
-        .build()
-        .unwrap();
-    let mut finished = zbus::MessageStream::for_match_rule(rule, &world.client, None)
-        .await
-        .unwrap();
+    let mut finished = return_finished(&world, AUDIO).await;
     audio
         .detach(
             vmmanager_client::options::BindingOptions::new()
