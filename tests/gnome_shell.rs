@@ -158,18 +158,29 @@ fn harness_runs_a_shell_with_a_system_extension_and_cleans_up() {
         String::new,
     );
     // Its PID in the shell's namespace; find the host PID by the shell's
-    // namespace: the only `sleep 600` below the namespace's init.
+    // namespace: the only `sleep 600` below the namespace's init. The PID
+    // file is written right after the fork, possibly before the child has
+    // exec'd `sleep`, so look until it has.
     let shell_pid = shell.pid();
     let ns = fs::read_link(format!("/proc/{shell_pid}/ns/pid")).unwrap();
-    let orphans: Vec<u32> = fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|pid: &u32| {
-            fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() == Some(&ns)
-                && fs::read_to_string(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| c == "sleep\x00600\x00")
-        })
-        .collect();
+    let find_orphans = || -> Vec<u32> {
+        fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .filter(|pid: &u32| {
+                fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() == Some(&ns)
+                    && fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|c| c == "sleep\x00600\x00")
+            })
+            .collect()
+    };
+    util::wait_until(
+        Duration::from_secs(10),
+        "the orphan's `sleep 600` in the shell's namespace",
+        || !find_orphans().is_empty(),
+        String::new,
+    );
+    let orphans = find_orphans();
     assert_eq!(orphans.len(), 1, "{orphans:?}");
 
     // Restart on the same session: the extensions come back.
