@@ -1165,10 +1165,7 @@ async fn detach_of_a_group_in_use_names_the_process() {
     let fs = gpu_tree(true);
     let kernel = FakeKernel::new(&fs.root());
     let (bus, polkit) = Polkit::builder().start_with_bus().await;
-    let dev = tempfile::tempdir().unwrap();
-    fs::create_dir(dev.path().join("vfio")).unwrap();
-    let node = dev.path().join("vfio/1");
-    fs::write(&node, "").unwrap();
+    let (dev, node) = dev_with_group_node();
     let world = world_with_dev(bus, polkit, fs, &kernel, dev).await;
 
     // Nobody holds it yet.
@@ -2010,19 +2007,10 @@ async fn auto_return_gives_the_device_back_after_its_last_vm_user_exits() {
     fs.write_attr(AUDIO, "reset", "");
     let kernel = FakeKernel::new(&fs.root());
     let (bus, polkit) = Polkit::builder().start_with_bus().await;
-    let dev = tempfile::tempdir().unwrap();
-    fs::create_dir(dev.path().join("vfio")).unwrap();
-    // What the kernel makes once the group is on vfio-pci.
-    let node = dev.path().join("vfio/1");
-    fs::write(&node, "").unwrap();
+    let (dev, node) = dev_with_group_node();
     let world = world_with_dev(bus, polkit, fs, &kernel, dev).await;
     let audio = world.device(AUDIO).await;
     let mut finished = return_finished(&world, AUDIO).await;
-    let auto_return = || {
-        vmmanager_client::options::BindingOptions::new()
-            .auto_return(true)
-            .build()
-    };
 
     audio.detach(auto_return()).await.unwrap();
     assert_eq!(kernel.take_log(), detach_writes(AUDIO));
@@ -2074,6 +2062,94 @@ async fn auto_return_gives_the_device_back_after_its_last_vm_user_exits() {
     assert!(gpu.auto_return().await.unwrap());
     gpu.reattach(HashMap::new()).await.unwrap();
     assert!(!gpu.auto_return().await.unwrap());
+}
+
+/// The use of a marked device is saved: a service that was not running
+/// when the VM exited gives the device back when it starts, while a
+/// device no VM has used yet stays detached across a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_return_gives_back_what_a_vm_used_while_the_service_was_down() {
+    let fs = gpu_tree(true);
+    let kernel = FakeKernel::new(&fs.root());
+    let (bus, polkit) = Polkit::builder().start_with_bus().await;
+    let (dev, node) = dev_with_group_node();
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("vfio-drivers");
+    let mut config = inproc::config(&fs, dev.path(), PERMITTED);
+    config.devices.vfio_state_file = state_file.clone();
+    // The service as systemd would start it again: a new process, the
+    // same configuration and state file.
+    async fn start(
+        bus: &TestBus,
+        config: &vmmanager::config::Config,
+        kernel: &FakeKernel,
+    ) -> InProcService {
+        InProcService::start_with(bus, config, kernel.clone(), tempfile::tempdir().unwrap()).await
+    }
+    let svc = start(&bus, &config, &kernel).await;
+    let client = bus.connect().await;
+    let mut world = DeviceWorld {
+        svc,
+        client,
+        _polkit: Some(polkit),
+        bus,
+        fs,
+    };
+    let mut finished = return_finished(&world, AUDIO).await;
+    world
+        .device(AUDIO)
+        .await
+        .detach(auto_return())
+        .await
+        .unwrap();
+    kernel.take_log();
+
+    // Restarted before any VM used it: it waits for one.
+    world.svc.stop().await;
+    world.svc = start(&world.bus, &config, &kernel).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        kernel.take_log(),
+        vec![],
+        "given back before any VM used it"
+    );
+    assert!(world.device(AUDIO).await.auto_return().await.unwrap());
+
+    // A VM takes it; the service stops; the VM exits; the service starts.
+    let mut vm = hold_open(&node, true);
+    let audio = world.device(AUDIO).await;
+    wait_for(|| async { !audio.in_use_by().await.unwrap().is_empty() }).await;
+    let saved = || fs::read_to_string(&state_file).unwrap_or_default();
+    wait_for(|| async { saved().contains(&format!("{AUDIO} snd_hda_intel auto-return=in-use\n")) })
+        .await;
+    world.svc.stop().await;
+    vm.kill_and_wait();
+    assert_eq!(kernel.take_log(), vec![]);
+    world.svc = start(&world.bus, &config, &kernel).await;
+    let (outcome, message) = next_return(&mut finished).await;
+    assert_eq!(
+        (outcome.as_str(), message.as_str()),
+        ("returned", "0000:01:00.1: back on snd_hda_intel")
+    );
+    assert_eq!(kernel.take_log(), reattach_writes(AUDIO, "snd_hda_intel"));
+    assert!(!saved().contains(AUDIO), "{}", saved());
+}
+
+/// Detach's options with `auto-return`.
+fn auto_return() -> vmmanager_client::options::Options {
+    vmmanager_client::options::BindingOptions::new()
+        .auto_return(true)
+        .build()
+}
+
+/// A /dev for the service with group 1's node, as the kernel makes it once
+/// the group is on vfio-pci (a plain file: opening it is what counts).
+fn dev_with_group_node() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dev = tempfile::tempdir().unwrap();
+    fs::create_dir(dev.path().join("vfio")).unwrap();
+    let node = dev.path().join("vfio/1");
+    fs::write(&node, "").unwrap();
+    (dev, node)
 }
 
 /// The service on `fs` with `dev` as its /dev (VFIO group nodes the test
@@ -2586,14 +2662,7 @@ async fn auto_return_follows_a_vm_whose_dev_is_its_own() {
     let world = world_with_dev(bus, polkit, fs, &kernel, dev).await;
     let audio = world.device(AUDIO).await;
     let mut finished = return_finished(&world, AUDIO).await;
-    audio
-        .detach(
-            vmmanager_client::options::BindingOptions::new()
-                .auto_return(true)
-                .build(),
-        )
-        .await
-        .unwrap();
+    audio.detach(auto_return()).await.unwrap();
     kernel.take_log();
     // The VM opens its own node (/dev/pts/N stands for it): no event.
     let mut vm = hold_open(&pts.path, true);

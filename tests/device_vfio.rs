@@ -20,8 +20,8 @@ use common::fake_kernel::FakeKernel;
 use tokio_util::sync::CancellationToken;
 
 use vmmanager::devices::vfio::{
-    Binding, KernelSysfs, Outcome, SysfsWrite, SysfsWriter, VfioBinder, VfioError, group_users,
-    iommu_group_of,
+    Binding, KernelSysfs, Outcome, ReturnMark, SysfsWrite, SysfsWriter, VfioBinder, VfioError,
+    group_users, iommu_group_of,
 };
 use vmmanager_client::PciAddress;
 
@@ -468,7 +468,7 @@ fn state_file_survives_a_restart_and_ignores_garbage() {
 
 fn binding(driver: Option<&str>, driver_override: Option<&str>) -> Binding {
     Binding {
-        auto_return: false,
+        auto_return: ReturnMark::Unmarked,
         driver: driver.map(str::to_owned),
         driver_override: driver_override.map(str::to_owned),
     }
@@ -1596,4 +1596,40 @@ fn a_give_back_never_resets_a_device_back_on_its_host_driver() {
     // Only a device this service detached can be marked.
     let err = binder.set_auto_return(addr(G_PREBOUND), true).unwrap_err();
     assert!(matches!(err, VfioError::NotDetachedByUs(_)), "{err:?}");
+}
+
+/// A VM seen holding a marked device's group is remembered in the state
+/// file, so that a restarted service knows the use has happened (and gives
+/// the device back when nobody holds it) rather than waiting for another.
+#[test]
+fn a_use_seen_is_remembered_across_a_restart() {
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let state = tempfile::tempdir().unwrap();
+    // A binder as a (re)started service makes it: loading the state file.
+    let start = || {
+        VfioBinder::with_writer(
+            fs.root(),
+            Some(state.path().join("vfio-drivers")),
+            Box::new(kernel.clone()),
+        )
+    };
+    let binder = start();
+    binder.detach(addr(G_AUDIO)).unwrap();
+    binder.detach(addr(G_GPU)).unwrap();
+    binder.set_auto_return(addr(G_AUDIO), true).unwrap();
+    assert_eq!(binder.return_mark(addr(G_AUDIO)), ReturnMark::Marked);
+    // Only marked devices take the use; the unmarked GPU stays unmarked.
+    binder.set_in_use(&[addr(G_AUDIO), addr(G_GPU), addr(G_PREBOUND)]);
+    assert_eq!(binder.return_mark(addr(G_AUDIO)), ReturnMark::InUse);
+    assert_eq!(binder.return_mark(addr(G_GPU)), ReturnMark::Unmarked);
+    // Marking again (a second `detach --auto-return`) keeps the use.
+    binder.set_auto_return(addr(G_AUDIO), true).unwrap();
+    let restarted = start();
+    assert_eq!(restarted.return_mark(addr(G_AUDIO)), ReturnMark::InUse);
+    assert_eq!(restarted.return_mark(addr(G_GPU)), ReturnMark::Unmarked);
+    // Unmarked and marked again: a new use to wait for.
+    restarted.set_auto_return(addr(G_AUDIO), false).unwrap();
+    restarted.set_auto_return(addr(G_AUDIO), true).unwrap();
+    assert_eq!(start().return_mark(addr(G_AUDIO)), ReturnMark::Marked);
 }

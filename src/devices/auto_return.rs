@@ -12,7 +12,11 @@
 //! any more, its marked devices are given back. A VM that opens a node of
 //! its own (libvirt makes one in the VM's private /dev; iommufd's cdev is
 //! another node) is not seen by inotify: for those, groups nobody holds
-//! are looked at again every [`RECHECK_INTERVAL`] while marked.
+//! are looked at again every [`RECHECK_INTERVAL`] while marked. That a VM
+//! was seen holding a group is saved with its marks
+//! ([`ReturnMark::InUse`]): a group found idle when the watch starts (the
+//! service was not running when the VM exited) is given back then, while
+//! one never used yet is waited on.
 //! [`AutoReturn`] owns the watch and its task; `stop().await` returns when
 //! the task has ended.
 
@@ -33,6 +37,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::passthrough::Passthrough;
+use super::vfio::ReturnMark;
 use super::vfio::iommu_group_of;
 use vmmanager_client::PciAddress;
 
@@ -144,6 +149,7 @@ impl AutoReturn {
                 inotify,
                 dir: None,
                 groups: HashMap::new(),
+                ended_unseen: Vec::new(),
                 reports,
             }
             .run(receiver, cancel.clone()),
@@ -185,6 +191,9 @@ struct Watch {
     /// policy does not give).
     dir: Option<i32>,
     groups: HashMap<u32, Group>,
+    /// Groups to look at at once, as if their last holder had just closed
+    /// them (a use whose end the service did not see).
+    ended_unseen: Vec<u32>,
     reports: mpsc::Sender<ReturnReport>,
 }
 
@@ -222,6 +231,9 @@ impl Watch {
             for (group, pid) in found {
                 exits.push(Box::pin(exited(pid, group)));
             }
+            for group in self.ended_unseen.drain(..) {
+                exits.push(Box::pin(std::future::ready(group)));
+            }
         }
     }
 
@@ -250,15 +262,41 @@ impl Watch {
             }
         }
         let holders = self.holders(group).await;
+        let marked = self.marked_in(group);
+        let used_before = marked
+            .iter()
+            .any(|a| self.passthrough.return_mark(*a) == ReturnMark::InUse);
         let held = holders.is_some();
         tracing::info!(
             group,
             held,
+            used_before,
             "watching for the last user of {}/{group}",
             dir.display()
         );
-        self.groups.insert(group, Group { held });
+        if held {
+            self.passthrough.set_in_use(marked).await;
+        } else if used_before {
+            // Its VM exited while nobody watched: given back now.
+            self.ended_unseen.push(group);
+        }
+        self.groups.insert(
+            group,
+            Group {
+                held: held || used_before,
+            },
+        );
         with_group(group, holders)
+    }
+
+    /// The devices of `group` marked to be given back after use.
+    fn marked_in(&self, group: u32) -> Vec<PciAddress> {
+        let sysfs_root = self.passthrough.sysfs_root();
+        self.passthrough
+            .auto_return_marks()
+            .into_iter()
+            .filter(|a| iommu_group_of(sysfs_root, *a) == Some(group))
+            .collect()
     }
 
     async fn event(&mut self, wd: i32, mask: u32, name: &str) -> Vec<(u32, u32)> {
@@ -300,6 +338,9 @@ impl Watch {
         let holders = self.holders(group).await;
         if let Some(g) = self.groups.get_mut(&group) {
             g.held = holders.is_some();
+        }
+        if holders.is_some() {
+            self.passthrough.set_in_use(self.marked_in(group)).await;
         }
         with_group(group, holders)
     }
@@ -368,15 +409,7 @@ impl Watch {
     }
 
     async fn give_back(&mut self, group: u32) -> Vec<(u32, u32)> {
-        let sysfs_root = self.passthrough.sysfs_root().to_owned();
-        let in_group = |a: &PciAddress| iommu_group_of(&sysfs_root, *a) == Some(group);
-        let marked: Vec<PciAddress> = self
-            .passthrough
-            .auto_return_marks()
-            .into_iter()
-            .filter(in_group)
-            .collect();
-        for address in marked {
+        for address in self.marked_in(group) {
             let Some(outcome) = self
                 .passthrough
                 .give_back_after_use(address, Some(group))
@@ -393,7 +426,7 @@ impl Watch {
             let _ = self.reports.send(ReturnReport { address, outcome }).await;
         }
         // Not given back (a VM holds the group again): keep watching.
-        if self.passthrough.auto_return_marks().iter().any(in_group) {
+        if !self.marked_in(group).is_empty() {
             return self.watch(group).await;
         }
         Vec::new()

@@ -41,7 +41,9 @@ use super::gate::{self, Blocker, Blockers, Described, PublicUse};
 use super::host_use::{self, HostRoots, Look, Network};
 use super::persistent::{self, BootClaims, BootOverride, Claimed, PersistError};
 use super::sysfs::{self, SysfsError};
-use super::vfio::{self, GroupOutcome, MarkedReturn, Outcome, VfioBinder, VfioError, VfioUser};
+use super::vfio::{
+    self, GroupOutcome, MarkedReturn, Outcome, ReturnMark, VfioBinder, VfioError, VfioUser,
+};
 use crate::procfs::{HoldersError, SCAN_TIMEOUT};
 use crate::uid_counts::{self, Unfinished};
 use vmmanager_client::PciAddress;
@@ -533,6 +535,23 @@ impl Passthrough {
     /// Whether the device is marked to be given back after use.
     pub fn auto_return(&self, address: PciAddress) -> bool {
         self.binder.is_marked(address)
+    }
+
+    /// The device's auto-return mark, with whether a VM was seen using it.
+    pub fn return_mark(&self, address: PciAddress) -> ReturnMark {
+        self.binder.return_mark(address)
+    }
+
+    /// Records that a VM holds the group of the marked `addresses`
+    /// ([`VfioBinder::set_in_use`]).
+    pub async fn set_in_use(&self, addresses: Vec<PciAddress>) {
+        let binder = self.binder.clone();
+        if tokio::task::spawn_blocking(move || binder.set_in_use(&addresses))
+            .await
+            .is_err()
+        {
+            tracing::error!("recording a VM's use of marked devices failed; see above");
+        }
     }
 
     /// Gives a marked device back now that no VM holds it: reset (when it

@@ -60,7 +60,7 @@
 
 mod state;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -330,9 +330,30 @@ pub struct Binding {
     pub driver: Option<String>,
     /// None: unset (`(null)`).
     pub driver_override: Option<String>,
-    /// Remembered only (false in what is read from a device): give the
+    /// Remembered only (unmarked in what is read from a device): give the
     /// device back after its last VM user exits (Detach's `auto-return`).
-    pub auto_return: bool,
+    pub auto_return: ReturnMark,
+}
+
+/// Whether a device detached by us goes back by itself after use, and how
+/// far its use has got. Saved with its original driver, so that a VM that
+/// exits while the service is not running is noticed when it starts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReturnMark {
+    #[default]
+    Unmarked,
+    /// Marked; no VM seen holding its group yet (an idle group is waited
+    /// on, not given back).
+    Marked,
+    /// Marked, and a VM was seen holding its group: given back as soon as
+    /// nobody holds it.
+    InUse,
+}
+
+impl ReturnMark {
+    pub fn is_marked(self) -> bool {
+        self != ReturnMark::Unmarked
+    }
 }
 
 impl fmt::Display for Binding {
@@ -501,7 +522,7 @@ pub struct VfioBinder {
     /// The devices marked `auto_return` in `originals`, copied after every
     /// change: readable at any time, while an unbind that can take seconds
     /// holds `originals` (the async getters must never wait for that).
-    marks: RwLock<BTreeSet<PciAddress>>,
+    marks: RwLock<BTreeMap<PciAddress, ReturnMark>>,
 }
 
 impl fmt::Debug for VfioBinder {
@@ -581,25 +602,56 @@ impl VfioBinder {
         let entry = originals
             .get_mut(&address)
             .ok_or(VfioError::NotDetachedByUs(address))?;
-        if entry.auto_return != on {
-            entry.auto_return = on;
+        // Marking a marked device again keeps what was seen of its use.
+        if entry.auto_return.is_marked() != on {
+            entry.auto_return = if on {
+                ReturnMark::Marked
+            } else {
+                ReturnMark::Unmarked
+            };
             self.save(&originals);
         }
         Ok(())
+    }
+
+    /// Records that a VM was seen holding the group of each marked device
+    /// of `addresses` ([`ReturnMark::InUse`]), saved at once so that the
+    /// VM's exit counts even when the service was not running to see it.
+    pub fn set_in_use(&self, addresses: &[PciAddress]) {
+        let mut originals = self.lock();
+        let mut changed = false;
+        for address in addresses {
+            if let Some(entry) = originals.get_mut(address)
+                && entry.auto_return == ReturnMark::Marked
+            {
+                entry.auto_return = ReturnMark::InUse;
+                changed = true;
+            }
+        }
+        if changed {
+            self.save(&originals);
+        }
     }
 
     /// The devices marked to be given back after use. Never waits for a
     /// move under way.
     pub fn auto_return_marks(&self) -> Vec<PciAddress> {
         let marks = self.marks.read().unwrap_or_else(PoisonError::into_inner);
-        marks.iter().copied().collect()
+        marks.keys().copied().collect()
+    }
+
+    /// The device's mark ([`ReturnMark::Unmarked`] when not detached by
+    /// us). Never waits for a move under way.
+    pub fn return_mark(&self, address: PciAddress) -> ReturnMark {
+        let marks = self.marks.read().unwrap_or_else(PoisonError::into_inner);
+        marks.get(&address).copied().unwrap_or_default()
     }
 
     /// Whether the device is marked to be given back after use. Never
     /// waits for a move under way.
     pub fn is_marked(&self, address: PciAddress) -> bool {
         let marks = self.marks.read().unwrap_or_else(PoisonError::into_inner);
-        marks.contains(&address)
+        marks.contains_key(&address)
     }
 
     /// Gives a marked device back after use, as one operation under the
@@ -610,10 +662,13 @@ impl VfioBinder {
     /// [`reattach`](Self::reattach).
     pub fn give_back_marked(&self, address: PciAddress) -> MarkedReturn {
         let mut originals = self.lock();
-        let Some(entry) = originals.get_mut(&address).filter(|b| b.auto_return) else {
+        let Some(entry) = originals
+            .get_mut(&address)
+            .filter(|b| b.auto_return.is_marked())
+        else {
             return MarkedReturn::NotMarked;
         };
-        entry.auto_return = false;
+        entry.auto_return = ReturnMark::Unmarked;
         let remembered = entry.clone();
         self.save(&originals);
         let on_vfio = self
@@ -1029,7 +1084,7 @@ impl VfioBinder {
         Ok(Binding {
             driver: read_driver(&dev)?,
             driver_override: read_override_strictly(&dev)?,
-            auto_return: false,
+            auto_return: ReturnMark::Unmarked,
         })
     }
 
@@ -1062,11 +1117,11 @@ impl VfioBinder {
 }
 
 /// The devices of `originals` marked to be given back after use.
-fn marked(originals: &Remembered) -> BTreeSet<PciAddress> {
+fn marked(originals: &Remembered) -> BTreeMap<PciAddress, ReturnMark> {
     originals
         .iter()
-        .filter(|(_, b)| b.auto_return)
-        .map(|(a, _)| *a)
+        .filter(|(_, b)| b.auto_return.is_marked())
+        .map(|(a, b)| (*a, b.auto_return))
         .collect()
 }
 
@@ -1241,7 +1296,7 @@ mod tests {
 
         let entry = |addr: &str, driver: Option<&str>| {
             let binding = Binding {
-                auto_return: false,
+                auto_return: ReturnMark::Unmarked,
                 driver: driver.map(str::to_owned),
                 driver_override: None,
             };
@@ -1305,7 +1360,7 @@ mod tests {
             [(
                 detached,
                 Binding {
-                    auto_return: false,
+                    auto_return: ReturnMark::Unmarked,
                     driver: Some("igb".to_owned()),
                     driver_override: None
                 }

@@ -4,7 +4,8 @@
 //!
 //! One line per device: `0000:03:00.0 snd_hda_intel`, or `0000:03:00.0 -`
 //! when it had no driver, then ` override=pci-stub` when it had an
-//! override, then ` auto-return` when it is to be given back after use.
+//! override, then ` auto-return` when it is to be given back after use
+//! (` auto-return=in-use` once a VM was seen holding it).
 //! A line without an override (every line of a file written before
 //! overrides were kept) means none. Reading is bounded and skips
 //! anything else.
@@ -13,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
 
-use super::Binding;
+use super::{Binding, ReturnMark};
 use crate::kernel_files::{self, AtLimit};
 use vmmanager_client::PciAddress;
 
@@ -24,8 +25,10 @@ const MAX_ENTRIES: usize = 1024;
 const MAX_DRIVER_NAME: usize = 64;
 const NO_DRIVER: &str = "-";
 const OVERRIDE: &str = "override=";
-/// Last word of a device marked to be given back after use.
+/// Last word of a device marked to be given back after use, and of one a
+/// VM was seen holding since.
 const AUTO_RETURN: &str = "auto-return";
+const AUTO_RETURN_IN_USE: &str = "auto-return=in-use";
 
 /// What `path` says; empty when missing or unreadable. Bad lines are skipped.
 pub(super) fn load(path: &Path) -> BTreeMap<PciAddress, Binding> {
@@ -75,8 +78,12 @@ fn parse_line(line: &str) -> Option<(PciAddress, Binding)> {
         word => Some(name(word)?),
     };
     let mut rest: Vec<&str> = words.collect();
-    let auto_return = rest.last() == Some(&AUTO_RETURN);
-    if auto_return {
+    let auto_return = match rest.last() {
+        Some(&AUTO_RETURN) => ReturnMark::Marked,
+        Some(&AUTO_RETURN_IN_USE) => ReturnMark::InUse,
+        _ => ReturnMark::Unmarked,
+    };
+    if auto_return.is_marked() {
         rest.pop();
     }
     let driver_override = match rest.as_slice() {
@@ -122,8 +129,10 @@ pub(super) fn save(path: &Path, map: &BTreeMap<PciAddress, Binding>) -> io::Resu
         if let Some(name) = &binding.driver_override {
             text.push_str(&format!(" {OVERRIDE}{name}"));
         }
-        if binding.auto_return {
-            text.push_str(&format!(" {AUTO_RETURN}"));
+        match binding.auto_return {
+            ReturnMark::Unmarked => {}
+            ReturnMark::Marked => text.push_str(&format!(" {AUTO_RETURN}")),
+            ReturnMark::InUse => text.push_str(&format!(" {AUTO_RETURN_IN_USE}")),
         }
         text.push('\n');
     }
@@ -140,7 +149,7 @@ mod tests {
 
     fn binding(driver: Option<&str>, driver_override: Option<&str>) -> Binding {
         Binding {
-            auto_return: false,
+            auto_return: ReturnMark::Unmarked,
             driver: driver.map(str::to_owned),
             driver_override: driver_override.map(str::to_owned),
         }
@@ -192,9 +201,11 @@ mod tests {
             0000:05:00.2 igb override=-\n\
             0000:05:00.3 igb override=none x\n\
             0000:06:00.0 igb override=pci-stub\n\
-            0000:06:00.1 - override=none\n";
+            0000:06:00.1 - override=none\n\
+            0000:07:00.0 igb auto-return=later\n\
+            0000:07:00.1 igb auto-return in-use\n";
         let (map, skipped) = parse(raw);
-        assert_eq!(skipped, 9);
+        assert_eq!(skipped, 11);
         assert_eq!(
             map.into_iter().collect::<Vec<_>>(),
             vec![
@@ -230,7 +241,20 @@ mod tests {
         map.insert(addr("0000:01:00.0"), binding(None, None));
         map.insert(addr("0000:02:00.0"), binding(Some("igb"), Some("pci-stub")));
         map.insert(addr("0000:02:00.1"), binding(None, Some("none")));
+        for (address, mark) in [
+            ("0000:03:00.0", ReturnMark::Marked),
+            ("0000:03:00.1", ReturnMark::InUse),
+        ] {
+            let mut marked = binding(Some("e1000e"), Some("pci-stub"));
+            marked.auto_return = mark;
+            map.insert(addr(address), marked);
+        }
         save(&path, &map).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("0000:03:00.1 e1000e override=pci-stub auto-return=in-use\n"),
+            "{text}"
+        );
         assert_eq!(load(&path), map);
         save(&path, &BTreeMap::new()).unwrap();
         assert!(load(&path).is_empty());
