@@ -18,7 +18,7 @@ use common::images::{make_clean_qcow2, make_corrupt_qcow2};
 use common::inproc::InProcService;
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard};
-use common::world::{check_disk_as_root, check_own_disk_as_nobody};
+use common::world::{check_disk_as_root, check_own_disk_as_nobody, vmctl_as_root};
 use common::{Daemon, DaemonConfig, Polkit, TestBus};
 use tempfile::TempDir;
 use vmmanager::config::EventsSetting;
@@ -323,14 +323,8 @@ fn icon(shell: &GnomeShell) -> String {
 
 /// `vmctl devices --json`: address → properties.
 fn vmctl_devices(bus: &TestBus) -> BTreeMap<String, serde_json::Value> {
-    let out = util::run(
-        Command::new(env!("CARGO_BIN_EXE_vmctl"))
-            .arg("--bus-address")
-            .arg(bus.address())
-            .args(["devices", "--json"]),
-    );
     let json: Vec<serde_json::Value> =
-        serde_json::from_str(out.expect_success("vmctl devices --json")).unwrap();
+        serde_json::from_str(&vmctl_as_root(bus, &["devices", "--json"])).unwrap();
     json.into_iter()
         .map(|d| (d["Address"].as_str().unwrap().to_owned(), d))
         .collect()
@@ -543,13 +537,7 @@ async fn extension_shows_devices_and_checks_and_follows_the_service() {
     // The screenshot for the README: the open menu with the GPU's details.
     tokio::task::block_in_place(|| {
         shell.tidy_for_screenshot();
-        shell.open_panel_menu(ROLE);
-        shell.activate_menu_item(ROLE, &[GPU]).unwrap();
-        shell.wait_eval(
-            "the GPU's submenu to open",
-            "[...Main.panel.statusArea.vmmanager._devices.values()].some(r => r.item.menu.isOpen)",
-            Duration::from_secs(10),
-        );
+        open_device_submenu(&shell, GPU);
         let menu = wait_menu(&shell, "the GPU's host uses", |m| {
             row(m, GPU).1.iter().any(|t| {
                 t == "Used by the host:\n• it is the boot display (the firmware's console)"
@@ -674,6 +662,25 @@ fn row(menu: &[MenuItem], address: &str) -> (String, Vec<String>) {
         .unwrap_or_default()
 }
 
+/// Opens the panel menu afresh and in it the submenu of `address` (which
+/// makes the extension read what has no change signal).
+fn open_device_submenu(shell: &GnomeShell, address: &str) {
+    // Closing the menu closes its submenus: the next open is a new one.
+    shell.close_menus().unwrap();
+    shell.open_panel_menu(ROLE);
+    shell.activate_menu_item(ROLE, &[address]).unwrap();
+    shell.wait_eval(
+        &format!("the submenu of {address} to open"),
+        &format!(
+            "[...Main.panel.statusArea[{}]._devices.values()] \
+             .some(r => r.address === {} && r.item.menu.isOpen)",
+            gnome_shell::js_string(ROLE),
+            gnome_shell::js_string(address)
+        ),
+        Duration::from_secs(10),
+    );
+}
+
 /// Actors on the stage carrying one of the extension's style classes.
 fn extension_actors(shell: &GnomeShell) -> usize {
     shell.eval_json(
@@ -776,6 +783,41 @@ async fn extension_detaches_and_reattaches_and_follows_live_devices() {
         "{failure}"
     );
     kernel.set(|s| s.fail = None);
+
+    // Detached by vmctl to come back after its VM, and claimed at boot:
+    // neither property has a change signal, so the submenu reads them when
+    // it opens. Reattach takes both away.
+    let returns = "Returns to its host driver when its VM stops";
+    let claimed = "Claimed for vfio-pci at boot (by VM Manager)";
+    let audio_shows = |m: &[MenuItem]| {
+        let details = row(m, AUDIO).1;
+        [returns, claimed].map(|line| details.iter().any(|d| d == line))
+    };
+    tokio::task::block_in_place(|| {
+        vmctl_as_root(&bus, &["detach", "--auto-return", "--persistent", AUDIO]);
+        open_device_submenu(&shell, AUDIO);
+        wait_menu(&shell, "the audio function's return and claim", |m| {
+            audio_shows(m) == [true, true]
+        });
+        vmctl_as_root(&bus, &["reattach", "--persistent", AUDIO]);
+        open_device_submenu(&shell, AUDIO);
+        let menu = wait_menu(&shell, "the audio function back on the host", |m| {
+            audio_shows(m) == [false, false]
+                && row(m, AUDIO)
+                    .1
+                    .iter()
+                    .any(|d| d.starts_with("Driver: snd_hda_intel"))
+        });
+        assert!(
+            !row(&menu, GPU)
+                .1
+                .iter()
+                .any(|d| d == returns || d == claimed),
+            "{}",
+            dump(&menu)
+        );
+        shell.close_menus().unwrap();
+    });
 
     // Hot-plug: a device that comes appears, one that goes disappears.
     fs.add(VF, 0x8086, 0x154c, 0x020000).iommu_group(6);

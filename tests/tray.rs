@@ -30,7 +30,7 @@ use common::images::{make_corrupt_qcow2, make_leaky_qcow2};
 use common::inproc::{self, InProcService};
 use common::sysfs::FakeSysfs;
 use common::util::{self, ChildGuard, public_tempdir, read_lossy};
-use common::world::check_own_disk_as_nobody;
+use common::world::{check_own_disk_as_nobody, vmctl_as_root};
 use common::{Polkit, TestBus};
 use vmmanager::devices::DeviceAction;
 use vmmanager_client::ManagerProxy;
@@ -603,6 +603,40 @@ async fn the_tray_icon_in_gnome_shell_shows_devices_and_checks_and_follows_the_h
             std::fs::metadata(&png).unwrap().len() > 1000,
             "{}",
             png.display()
+        );
+        shell.close_menus().unwrap();
+    });
+
+    // Detached by vmctl to come back after its VM, and claimed at boot:
+    // neither property has a change signal, so opening the menu re-reads
+    // them (AboutToShow). Reattach takes both away.
+    let returns = "Returns to its host driver when its VM stops";
+    let claimed = "Claimed for vfio-pci at boot (by VM Manager)";
+    blocking(|| {
+        vmctl_as_root(&bus, &["detach", "--auto-return", "--persistent", AUDIO]);
+        shell.open_panel_menu(&role(&item));
+        let menu = wait_menu(
+            &shell,
+            &companion,
+            &item,
+            "the audio function's return and claim",
+            |labels| has(labels, returns) && has(labels, claimed),
+        );
+        let audio = menu.iter().find(|m| m.text().starts_with(AUDIO)).unwrap();
+        let audio_items: Vec<String> = audio.children.iter().map(MenuItem::text).collect();
+        assert!(
+            has(&audio_items, returns) && has(&audio_items, claimed),
+            "{audio_items:#?}"
+        );
+        shell.close_menus().unwrap();
+        vmctl_as_root(&bus, &["reattach", "--persistent", AUDIO]);
+        shell.open_panel_menu(&role(&item));
+        wait_menu(
+            &shell,
+            &companion,
+            &item,
+            "the audio function back on the host",
+            |labels| !has(labels, returns) && !has(labels, claimed),
         );
         shell.close_menus().unwrap();
     });

@@ -31,7 +31,7 @@ use vmmanager_client::PciAddress;
 use vmmanager_client::dict::Dict;
 use vmmanager_client::names::{
     BUS_NAME as SERVICE_NAME, DEVICE_INTERFACE, DEVICES_PATH, MANAGER_INTERFACE, MANAGER_PATH,
-    property, signal,
+    signal,
 };
 
 /// Signals are queued up to this many per stream while a notification is
@@ -61,7 +61,7 @@ struct Watcher<'a> {
 pub struct Links<'a> {
     pub notifier: &'a Notifier,
     pub status: &'a StatusSender,
-    /// Requests to re-read what has no change signal (`InUseBy`), e.g.
+    /// Requests to re-read what has no change signal (`InUseBy`, …), e.g.
     /// when the tray menu opens.
     pub refresh: mpsc::Receiver<()>,
 }
@@ -272,9 +272,10 @@ impl Watcher<'_> {
         });
     }
 
-    /// Re-reads `InUseBy`, which the service computes when read and never
-    /// signals. Only that: every other property arrives by signal, and the
-    /// notifications are made from those.
+    /// Re-reads what the service computes when read and never signals
+    /// ([`DeviceProperties::COMPUTED_WHEN_READ`]: `InUseBy`, `HostUsers`,
+    /// `AutoReturn`, the boot-time claim). Only those: every other property
+    /// arrives by signal, and the notifications are made from those.
     async fn refresh(&mut self) {
         let Some(owner) = self.owner.clone() else {
             return;
@@ -301,11 +302,6 @@ impl Watcher<'_> {
         };
         // Only what has no change signal: the rest is kept current by
         // PropertiesChanged.
-        const COMPUTED: [&str; 3] = [
-            property::IN_USE_BY,
-            property::HOST_USERS,
-            property::AUTO_RETURN,
-        ];
         for (path, interfaces) in &objects {
             let Some(props) = interfaces
                 .iter()
@@ -317,7 +313,7 @@ impl Watcher<'_> {
             let Some(device) = view.get_mut(path.as_str()) else {
                 continue;
             };
-            let computed: Dict = COMPUTED
+            let computed: Dict = DeviceProperties::COMPUTED_WHEN_READ
                 .iter()
                 .filter_map(|name| {
                     let value = props.get(*name)?.try_clone().ok()?;

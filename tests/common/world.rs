@@ -158,6 +158,16 @@ pub async fn check_disk_as_root(bus: &super::TestBus, image: &Path) {
     let _ = check_disk_on(&bus.connect().await, image).await;
 }
 
+/// `vmctl ARGS` as root on `bus` (blocking: off the async workers); its
+/// output, which must be a success.
+pub fn vmctl_as_root(bus: &super::TestBus, args: &[&str]) -> String {
+    let mut cmd = command_as(None, VMCTL);
+    cmd.arg("--bus-address").arg(bus.address()).args(args);
+    run(&mut cmd)
+        .expect_success(&format!("vmctl {}", args.join(" ")))
+        .to_owned()
+}
+
 /// Another local user's check of their own image: `image` is handed to
 /// [`NOBODY`], who checks it (polkit must allow it:
 /// `allow_user("org.example.vmmanager.check-disk", "nobody")`). Panics when

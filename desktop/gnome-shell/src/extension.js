@@ -46,6 +46,16 @@ const IN_USE_TIMEOUT_MS = 35 * 1000;
 const ICON = 'computer-symbolic';
 const ATTENTION_ICON = 'dialog-warning-symbolic';
 
+/** What the service computes when read and never signals, shown in a
+ * device's submenu: read again each time the submenu opens. */
+const READ_ON_OPEN = ['HostUsers', 'AutoReturn', 'PersistentDriver', 'PersistentOrigin'];
+
+/** Who made a boot-time claim (PersistentOrigin), in words. */
+const CLAIMED_BY = {
+    vmmanager: ' (by VM Manager)',
+    other: ' (by driverctl or an admin)',
+};
+
 /** PCI base classes, for devices without a name in the hwdb. */
 const PCI_CLASSES = {
     0x01: 'Storage controller',
@@ -149,10 +159,11 @@ class DeviceRow {
         this.path = object.get_object_path();
         /** InUseBy as last read ([] when never read or unknown). */
         this._users = [];
-        /** HostUsers: as the object manager read it, then read again each
-         * time the submenu opens (it has no change signal). */
-        const hostUsers = this.proxy.get_cached_property('HostUsers');
-        this._hostUses = hostUsers ? hostUsers.recursiveUnpack() : [];
+        /** READ_ON_OPEN by name: as the object manager read them, then
+         * read again each time the submenu opens (no change signal). */
+        this._readOnOpen = {};
+        for (const name of READ_ON_OPEN)
+            this._readOnOpen[name] = this.proxy.get_cached_property(name)?.recursiveUnpack() ?? null;
         this._actionRunning = null;
         this._actionError = null;
         /** Was ready and is not any more (noticed while watching). */
@@ -161,7 +172,7 @@ class DeviceRow {
         wrap(this.item.label);
         this.item.menu.connect('open-state-changed', (_menu, open) => {
             if (open)
-                this._indicator.readHostUses(this);
+                this._indicator.readOnOpen(this);
         });
         this.update();
     }
@@ -218,8 +229,11 @@ class DeviceRow {
         this.update();
     }
 
-    setHostUses(uses) {
-        this._hostUses = uses;
+    setReadOnOpen(name, value) {
+        // Rebuilding the open submenu for nothing would move its focus.
+        if (JSON.stringify(this._readOnOpen[name]) === JSON.stringify(value))
+            return;
+        this._readOnOpen[name] = value;
         this.update();
     }
 
@@ -255,11 +269,20 @@ class DeviceRow {
         }
         if (holders.length > 0)
             menu.addMenuItem(infoItem(`In use by ${holders.join(', ')}`));
+        // Detach's auto-return and persistent, as vmctl set them.
+        if (this._readOnOpen.AutoReturn === true)
+            menu.addMenuItem(infoItem('Returns to its host driver when its VM stops'));
+        const claimedFor = this._readOnOpen.PersistentDriver;
+        if (claimedFor) {
+            const by = CLAIMED_BY[this._readOnOpen.PersistentOrigin] ?? '';
+            menu.addMenuItem(infoItem(`Claimed for ${claimedFor} at boot${by}`));
+        }
 
         const vfio = isVfioDriver(this.driver);
         // What Detach would refuse for (moot once it is on vfio-pci).
-        if (!vfio && this._hostUses.length > 0) {
-            const uses = this._hostUses.map(u => `• ${u.text}`);
+        const hostUses = this._readOnOpen.HostUsers ?? [];
+        if (!vfio && hostUses.length > 0) {
+            const uses = hostUses.map(u => `• ${u.text}`);
             menu.addMenuItem(infoItem(['Used by the host:', ...uses].join('\n'), 'vmmanager-attention'));
         }
         const method = vfio ? 'Reattach' : 'Detach';
@@ -613,25 +636,28 @@ class VmManagerIndicator extends PanelMenu.Button {
             });
     }
 
-    /** HostUsers has no change signal: read when the device's submenu
-     * opens (the service bounds concurrent reads; an unknown answer is an
-     * entry of its own, never an empty list). */
-    readHostUses(row) {
+    /** READ_ON_OPEN have no change signal: read when the device's
+     * submenu opens, each on its own (HostUsers may take seconds; the
+     * service bounds concurrent reads, and an unknown answer is an entry of
+     * its own, never an empty list). A failed read keeps the last value. */
+    readOnOpen(row) {
         if (this._bus === null)
             return;
-        this._bus.call(BUS_NAME, row.path, PROPERTIES_IFACE, 'Get',
-            new GLib.Variant('(ss)', [DEVICE_IFACE, 'HostUsers']), new GLib.VariantType('(v)'),
-            Gio.DBusCallFlags.NO_AUTO_START, IN_USE_TIMEOUT_MS, this._cancellable,
-            (bus, result) => {
-                let uses;
-                try {
-                    uses = bus.call_finish(result).recursiveUnpack()[0];
-                } catch (e) {
-                    return;
-                }
-                if (!row.destroyed)
-                    row.setHostUses(uses);
-            });
+        for (const name of READ_ON_OPEN) {
+            this._bus.call(BUS_NAME, row.path, PROPERTIES_IFACE, 'Get',
+                new GLib.Variant('(ss)', [DEVICE_IFACE, name]), new GLib.VariantType('(v)'),
+                Gio.DBusCallFlags.NO_AUTO_START, IN_USE_TIMEOUT_MS, this._cancellable,
+                (bus, result) => {
+                    let value;
+                    try {
+                        value = bus.call_finish(result).recursiveUnpack()[0];
+                    } catch (e) {
+                        return;
+                    }
+                    if (!row.destroyed)
+                        row.setReadOnOpen(name, value);
+                });
+        }
     }
 
     /** Whether a check is this user's: started by them, or of an image of

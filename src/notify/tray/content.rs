@@ -4,8 +4,9 @@
 //! ([`policy::disk_checked`]).
 //!
 //! The menu: the service's state; what needs attention; one submenu per
-//! PCI device (readiness and blockers, driver, IOMMU group, the VM holding
-//! it, Detach or Reattach); the recent disk checks.
+//! PCI device (readiness and blockers, driver, IOMMU group, host uses,
+//! whether it returns after its VM, its boot-time claim, the VM holding it,
+//! Detach or Reattach); the recent disk checks.
 
 use vmmanager_client::DeviceProperties;
 
@@ -115,6 +116,24 @@ pub fn menu(status: &Status) -> Vec<Entry> {
     entries
 }
 
+/// A device marked `AutoReturn`, in the GNOME extension's words too.
+const AUTO_RETURN: &str = "Returns to its host driver when its VM stops";
+
+/// "Claimed for vfio-pci at boot (by VM Manager)" from `PersistentDriver`
+/// and `PersistentOrigin`; `None` without a claim.
+fn boot_claim(device: &DeviceProperties) -> Option<String> {
+    let driver = device.persistent_driver.as_str();
+    if driver.is_empty() {
+        return None;
+    }
+    let by = match device.persistent_origin.as_str() {
+        "vmmanager" => " (by VM Manager)",
+        "other" => " (by driverctl or an admin)",
+        _ => "",
+    };
+    Some(format!("Claimed for {driver} at boot{by}"))
+}
+
 /// "ready", "in use by win11", "not ready".
 fn state(device: &DeviceProperties) -> String {
     if let Some(user) = device.in_use_by.first() {
@@ -181,8 +200,12 @@ fn device(device: &DeviceProperties) -> Entry {
             ));
         }
     }
+    // Detach's auto-return and persistent, as vmctl set them.
     if device.auto_return {
-        children.push(label(key("auto-return"), "Given back after its VM exits"));
+        children.push(label(key("auto-return"), AUTO_RETURN));
+    }
+    if let Some(claim) = boot_claim(device) {
+        children.push(label(key("boot-claim"), &claim));
     }
     for (i, user) in device.in_use_by.iter().enumerate() {
         let who = match user.vm_name.as_str() {
@@ -329,9 +352,9 @@ mod tests {
     }
 
     /// What Detach would refuse for, while it is the host's; the mark of
-    /// a device to be given back.
+    /// a device to be given back, and its boot-time claim.
     #[test]
-    fn host_uses_and_auto_return() {
+    fn host_uses_auto_return_and_boot_claim() {
         let mut device = gpu();
         device.host_users = vec![vmmanager_client::HostUser {
             kind: "boot-display".into(),
@@ -363,9 +386,25 @@ mod tests {
             "{texts:?}"
         );
         assert!(
-            texts.iter().any(|t| *t == "Given back after its VM exits"),
+            texts
+                .iter()
+                .any(|t| *t == "Returns to its host driver when its VM stops"),
             "{texts:?}"
         );
+        assert!(!texts.iter().any(|t| t.starts_with("Claimed")), "{texts:?}");
+        device.persistent_driver = "vfio-pci".into();
+        for (origin, line) in [
+            ("vmmanager", "Claimed for vfio-pci at boot (by VM Manager)"),
+            (
+                "other",
+                "Claimed for vfio-pci at boot (by driverctl or an admin)",
+            ),
+            ("unknown", "Claimed for vfio-pci at boot"),
+        ] {
+            device.persistent_origin = origin.into();
+            let texts = shown(&device);
+            assert!(texts.iter().any(|t| t == line), "{origin}: {texts:?}");
+        }
     }
 
     #[test]

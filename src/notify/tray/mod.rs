@@ -71,7 +71,8 @@ pub struct TrayLinks {
     /// The system bus, for Detach and Reattach.
     pub system: Connection,
     pub status: StatusReceiver,
-    /// Asks the watcher to re-read what has no change signal (`InUseBy`).
+    /// Asks the watcher to re-read what has no change signal (`InUseBy`,
+    /// `HostUsers`, `AutoReturn`, the boot-time claim).
     pub refresh: mpsc::Sender<()>,
     pub notifications: Messages,
 }
