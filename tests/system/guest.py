@@ -336,7 +336,11 @@ class Guest:
             "-device", "pci-bridge,id=pbr,bus=pcie.0,chassis_nr=4,shpc=off",
             "-drive", f"file={gated_disk},if=none,id=gated,format=raw,cache=unsafe",
             "-device", f"virtio-blk-pci,drive=gated,serial={GATED_DISK_SERIAL},bus=pbr,addr=1",
-            "-netdev", "user,id=net-gated,restrict=on",
+            # No IPv6 from QEMU's user network: its router advertisement
+            # would give the gated NIC an address and a default route some
+            # time after the checks bring it up, changing its host uses
+            # between the look a check expects and the next one.
+            "-netdev", "user,id=net-gated,restrict=on,ipv6=off",
             "-device", "e1000,netdev=net-gated,bus=pbr,addr=2",
         ]
         return command
