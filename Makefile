@@ -51,7 +51,7 @@
 #   /usr/share/dbus-1/system-services/         bus activation file
 #   /usr/share/polkit-1/actions/               polkit reads actions only here
 #   $(UDEVRULESDIR) (/usr/lib/udev/rules.d)    89-vmmanager-vfio.rules (boot-time
-#                                              claims without driverctl); from udev.pc
+#                                              claims, with driverctl or without); from udev.pc
 #                                              when available, /lib read as /usr/lib
 #   /etc/driverctl.d/                          driverctl's override directory, made
 #                                              (empty) so the sandboxed daemon may
@@ -164,7 +164,7 @@ OPENER_SOCKET  := systemd/vmmanager-opener.socket
 OPENER_UNIT    := systemd/vmmanager-opener@.service
 NOTIFY_DESKTOP := desktop/vmmanager-notify.desktop
 NOTIFY_UNIT    := systemd/user/vmmanager-notify.service
-# Boot-time claims without driverctl: the udev rule and what it runs.
+# Boot-time claims: the udev rule and the helper it runs (and asks).
 UDEV_RULE      := udev/89-vmmanager-vfio.rules
 VFIO_CLAIM     := udev/vmmanager-vfio-claim
 GNOME_SHELL_UUID := vmmanager@example.org
