@@ -1623,13 +1623,11 @@ fn a_use_seen_is_remembered_across_a_restart() {
     binder.set_in_use(&[addr(G_AUDIO), addr(G_GPU), addr(G_PREBOUND)]);
     assert_eq!(binder.return_mark(addr(G_AUDIO)), ReturnMark::InUse);
     assert_eq!(binder.return_mark(addr(G_GPU)), ReturnMark::Unmarked);
-    // Marking again (a second `detach --auto-return`) keeps the use.
-    binder.set_auto_return(addr(G_AUDIO), true).unwrap();
     let restarted = start();
     assert_eq!(restarted.return_mark(addr(G_AUDIO)), ReturnMark::InUse);
     assert_eq!(restarted.return_mark(addr(G_GPU)), ReturnMark::Unmarked);
-    // Unmarked and marked again: a new use to wait for.
-    restarted.set_auto_return(addr(G_AUDIO), false).unwrap();
+    // Marked again (a second `detach --auto-return`, for the next VM): a
+    // new use to wait for.
     restarted.set_auto_return(addr(G_AUDIO), true).unwrap();
     assert_eq!(start().return_mark(addr(G_AUDIO)), ReturnMark::Marked);
 }

@@ -203,7 +203,7 @@ impl Watch {
         let mut recheck = tokio::time::interval(RECHECK_INTERVAL);
         recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let found = tokio::select! {
+            let mut found = tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 Some(group) = commands.recv() => self.watch(group).await,
@@ -228,11 +228,12 @@ impl Watch {
                 Some(group) = exits.next() => self.closed(group).await,
                 _ = recheck.tick() => self.recheck().await,
             };
+            // Taken once: a group queued again waits for the next event.
+            for group in std::mem::take(&mut self.ended_unseen) {
+                found.extend(self.ended_while_away(group).await);
+            }
             for (group, pid) in found {
                 exits.push(Box::pin(exited(pid, group)));
-            }
-            for group in self.ended_unseen.drain(..) {
-                exits.push(Box::pin(std::future::ready(group)));
             }
         }
     }
@@ -274,9 +275,9 @@ impl Watch {
             "watching for the last user of {}/{group}",
             dir.display()
         );
-        if held {
+        if holders.as_ref().is_some_and(|pids| !pids.is_empty()) {
             self.passthrough.set_in_use(marked).await;
-        } else if used_before {
+        } else if !held && used_before {
             // Its VM exited while nobody watched: given back now.
             self.ended_unseen.push(group);
         }
@@ -339,10 +340,30 @@ impl Watch {
         if let Some(g) = self.groups.get_mut(&group) {
             g.held = holders.is_some();
         }
-        if holders.is_some() {
+        // Only a holder seen counts as a use: holders unknown (a failed
+        // look) keep the device but are not saved as a VM's use.
+        if holders.as_ref().is_some_and(|pids| !pids.is_empty()) {
             self.passthrough.set_in_use(self.marked_in(group)).await;
         }
         with_group(group, holders)
+    }
+
+    /// A group whose use ended while the service was not running: given
+    /// back as if its last holder had just closed it — unless a Detach
+    /// since marked it afresh (its mark is no longer [`ReturnMark::InUse`]:
+    /// the device was just asked for again, by a VM about to start).
+    async fn ended_while_away(&mut self, group: u32) -> Vec<(u32, u32)> {
+        let still_in_use = self
+            .marked_in(group)
+            .iter()
+            .any(|a| self.passthrough.return_mark(*a) == ReturnMark::InUse);
+        if !still_in_use {
+            if let Some(g) = self.groups.get_mut(&group) {
+                g.held = false;
+            }
+            return Vec::new();
+        }
+        self.closed(group).await
     }
 
     /// A holder closed the group or exited: given back when nobody is left.

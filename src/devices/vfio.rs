@@ -602,13 +602,16 @@ impl VfioBinder {
         let entry = originals
             .get_mut(&address)
             .ok_or(VfioError::NotDetachedByUs(address))?;
-        // Marking a marked device again keeps what was seen of its use.
-        if entry.auto_return.is_marked() != on {
-            entry.auto_return = if on {
-                ReturnMark::Marked
-            } else {
-                ReturnMark::Unmarked
-            };
+        // Marking again starts a new wait: a Detach asks for the device
+        // for a VM to come, so a use seen before (even one whose end the
+        // service missed) is over.
+        let mark = if on {
+            ReturnMark::Marked
+        } else {
+            ReturnMark::Unmarked
+        };
+        if entry.auto_return != mark {
+            entry.auto_return = mark;
             self.save(&originals);
         }
         Ok(())
