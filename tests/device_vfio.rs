@@ -1598,6 +1598,63 @@ fn a_give_back_never_resets_a_device_back_on_its_host_driver() {
     assert!(matches!(err, VfioError::NotDetachedByUs(_)), "{err:?}");
 }
 
+/// Saving a use never waits for a move under way (an unbind can wait for
+/// seconds, and the auto-return watch must go on): it says "later".
+#[test]
+fn saving_a_use_does_not_wait_for_a_move() {
+    /// Writes through `kernel`, but once armed the first unbind waits
+    /// until released.
+    struct StallingUnbind {
+        kernel: FakeKernel,
+        armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        stalled: std::sync::mpsc::SyncSender<()>,
+        release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+    impl SysfsWriter for StallingUnbind {
+        fn write(&self, path: &Path, value: &[u8]) -> std::io::Result<()> {
+            if path.ends_with("unbind")
+                && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                let _ = self.stalled.try_send(());
+                let _ = self.release.lock().unwrap().recv();
+            }
+            self.kernel.write(path, value)
+        }
+    }
+    let fs = group_tree();
+    let kernel = FakeKernel::new(&fs.root());
+    let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (stalled_tx, stalled) = std::sync::mpsc::sync_channel(1);
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let binder = std::sync::Arc::new(VfioBinder::with_writer(
+        fs.root(),
+        None,
+        Box::new(StallingUnbind {
+            kernel: kernel.clone(),
+            armed: armed.clone(),
+            stalled: stalled_tx,
+            release: std::sync::Mutex::new(release_rx),
+        }),
+    ));
+    binder.detach(addr(G_AUDIO)).unwrap();
+    binder.set_auto_return(addr(G_AUDIO), true).unwrap();
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let moving = std::thread::spawn({
+        let binder = binder.clone();
+        move || binder.detach(addr(G_GPU))
+    });
+    stalled.recv().unwrap();
+    assert!(
+        !binder.try_set_in_use(&[addr(G_AUDIO)]),
+        "it waited or saved under a move"
+    );
+    assert_eq!(binder.return_mark(addr(G_AUDIO)), ReturnMark::Marked);
+    release.send(()).unwrap();
+    moving.join().unwrap().unwrap();
+    assert!(binder.try_set_in_use(&[addr(G_AUDIO)]));
+    assert_eq!(binder.return_mark(addr(G_AUDIO)), ReturnMark::InUse);
+}
+
 /// A VM seen holding a marked device's group is remembered in the state
 /// file, so that a restarted service knows the use has happened (and gives
 /// the device back when nobody holds it) rather than waiting for another.
@@ -1620,7 +1677,7 @@ fn a_use_seen_is_remembered_across_a_restart() {
     binder.set_auto_return(addr(G_AUDIO), true).unwrap();
     assert_eq!(binder.return_mark(addr(G_AUDIO)), ReturnMark::Marked);
     // Only marked devices take the use; the unmarked GPU stays unmarked.
-    binder.set_in_use(&[addr(G_AUDIO), addr(G_GPU), addr(G_PREBOUND)]);
+    assert!(binder.try_set_in_use(&[addr(G_AUDIO), addr(G_GPU), addr(G_PREBOUND)]));
     assert_eq!(binder.return_mark(addr(G_AUDIO)), ReturnMark::InUse);
     assert_eq!(binder.return_mark(addr(G_GPU)), ReturnMark::Unmarked);
     let restarted = start();

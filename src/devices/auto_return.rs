@@ -20,7 +20,7 @@
 //! [`AutoReturn`] owns the watch and its task; `stop().await` returns when
 //! the task has ended.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fmt;
 use std::io;
@@ -150,6 +150,7 @@ impl AutoReturn {
                 dir: None,
                 groups: HashMap::new(),
                 ended_unseen: Vec::new(),
+                unsaved_uses: BTreeSet::new(),
                 reports,
             }
             .run(receiver, cancel.clone()),
@@ -194,6 +195,9 @@ struct Watch {
     /// Groups to look at at once, as if their last holder had just closed
     /// them (a use whose end the service did not see).
     ended_unseen: Vec<u32>,
+    /// Groups a VM was seen holding whose use is not saved yet (a move
+    /// held the binder): saved at the next event or re-check.
+    unsaved_uses: BTreeSet<u32>,
     reports: mpsc::Sender<ReturnReport>,
 }
 
@@ -228,6 +232,9 @@ impl Watch {
                 Some(group) = exits.next() => self.closed(group).await,
                 _ = recheck.tick() => self.recheck().await,
             };
+            for group in std::mem::take(&mut self.unsaved_uses) {
+                self.save_use(group);
+            }
             // Taken once: a group queued again waits for the next event.
             for group in std::mem::take(&mut self.ended_unseen) {
                 found.extend(self.ended_while_away(group).await);
@@ -276,7 +283,7 @@ impl Watch {
             dir.display()
         );
         if holders.as_ref().is_some_and(|pids| !pids.is_empty()) {
-            self.passthrough.set_in_use(marked).await;
+            self.save_use(group);
         } else if !held && used_before {
             // Its VM exited while nobody watched: given back now.
             self.ended_unseen.push(group);
@@ -288,6 +295,14 @@ impl Watch {
             },
         );
         with_group(group, holders)
+    }
+
+    /// Saves that a VM holds `group` ([`ReturnMark::InUse`] for its marked
+    /// devices) without waiting for a move under way: then later.
+    fn save_use(&mut self, group: u32) {
+        if !self.passthrough.try_set_in_use(&self.marked_in(group)) {
+            self.unsaved_uses.insert(group);
+        }
     }
 
     /// The devices of `group` marked to be given back after use.
@@ -343,7 +358,7 @@ impl Watch {
         // Only a holder seen counts as a use: holders unknown (a failed
         // look) keep the device but are not saved as a VM's use.
         if holders.as_ref().is_some_and(|pids| !pids.is_empty()) {
-            self.passthrough.set_in_use(self.marked_in(group)).await;
+            self.save_use(group);
         }
         with_group(group, holders)
     }

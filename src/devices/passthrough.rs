@@ -543,15 +543,10 @@ impl Passthrough {
     }
 
     /// Records that a VM holds the group of the marked `addresses`
-    /// ([`VfioBinder::set_in_use`]).
-    pub async fn set_in_use(&self, addresses: Vec<PciAddress>) {
-        let binder = self.binder.clone();
-        if tokio::task::spawn_blocking(move || binder.set_in_use(&addresses))
-            .await
-            .is_err()
-        {
-            tracing::error!("recording a VM's use of marked devices failed; see above");
-        }
+    /// ([`VfioBinder::try_set_in_use`]); `false` when a move under way
+    /// holds the binder (try again later).
+    pub fn try_set_in_use(&self, addresses: &[PciAddress]) -> bool {
+        self.binder.try_set_in_use(addresses)
     }
 
     /// Gives a marked device back now that no VM holds it: reset (when it

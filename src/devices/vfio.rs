@@ -66,7 +66,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, TryLockError};
 
 use tokio_util::sync::CancellationToken;
 
@@ -620,8 +620,14 @@ impl VfioBinder {
     /// Records that a VM was seen holding the group of each marked device
     /// of `addresses` ([`ReturnMark::InUse`]), saved at once so that the
     /// VM's exit counts even when the service was not running to see it.
-    pub fn set_in_use(&self, addresses: &[PciAddress]) {
-        let mut originals = self.lock();
+    /// Never waits: `false` when a move under way holds the lock (an
+    /// unbind can wait for seconds), so the caller tries again later.
+    pub fn try_set_in_use(&self, addresses: &[PciAddress]) -> bool {
+        let mut originals = match self.originals.try_lock() {
+            Ok(originals) => originals,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
         let mut changed = false;
         for address in addresses {
             if let Some(entry) = originals.get_mut(address)
@@ -634,6 +640,7 @@ impl VfioBinder {
         if changed {
             self.save(&originals);
         }
+        true
     }
 
     /// The devices marked to be given back after use. Never waits for a
