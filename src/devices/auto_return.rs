@@ -270,10 +270,7 @@ impl Watch {
             }
         }
         let holders = self.holders(group).await;
-        let marked = self.marked_in(group);
-        let used_before = marked
-            .iter()
-            .any(|a| self.passthrough.return_mark(*a) == ReturnMark::InUse);
+        let used_before = self.use_saved(group);
         let held = holders.is_some();
         tracing::info!(
             group,
@@ -282,7 +279,7 @@ impl Watch {
             "watching for the last user of {}/{group}",
             dir.display()
         );
-        if holders.as_ref().is_some_and(|pids| !pids.is_empty()) {
+        if seen(&holders) {
             self.save_use(group);
         } else if !held && used_before {
             // Its VM exited while nobody watched: given back now.
@@ -303,6 +300,14 @@ impl Watch {
         if !self.passthrough.try_set_in_use(&self.marked_in(group)) {
             self.unsaved_uses.insert(group);
         }
+    }
+
+    /// Whether a VM's use of `group` is saved with its marks
+    /// ([`ReturnMark::InUse`]).
+    fn use_saved(&self, group: u32) -> bool {
+        self.marked_in(group)
+            .iter()
+            .any(|a| self.passthrough.return_mark(*a) == ReturnMark::InUse)
     }
 
     /// The devices of `group` marked to be given back after use.
@@ -355,9 +360,7 @@ impl Watch {
         if let Some(g) = self.groups.get_mut(&group) {
             g.held = holders.is_some();
         }
-        // Only a holder seen counts as a use: holders unknown (a failed
-        // look) keep the device but are not saved as a VM's use.
-        if holders.as_ref().is_some_and(|pids| !pids.is_empty()) {
+        if seen(&holders) {
             self.save_use(group);
         }
         with_group(group, holders)
@@ -368,11 +371,7 @@ impl Watch {
     /// since marked it afresh (its mark is no longer [`ReturnMark::InUse`]:
     /// the device was just asked for again, by a VM about to start).
     async fn ended_while_away(&mut self, group: u32) -> Vec<(u32, u32)> {
-        let still_in_use = self
-            .marked_in(group)
-            .iter()
-            .any(|a| self.passthrough.return_mark(*a) == ReturnMark::InUse);
-        if !still_in_use {
+        if !self.use_saved(group) {
             if let Some(g) = self.groups.get_mut(&group) {
                 g.held = false;
             }
@@ -467,6 +466,13 @@ impl Watch {
         }
         Vec::new()
     }
+}
+
+/// Whether `holders` (from `Watch::holders`) names a process: only a
+/// holder seen counts as a VM's use; unknown (a failed look, `Some` and
+/// empty) keeps the device but is not saved as a use.
+fn seen(holders: &Option<Vec<u32>>) -> bool {
+    holders.as_ref().is_some_and(|pids| !pids.is_empty())
 }
 
 /// (group, pid) for each of `holders`.

@@ -660,8 +660,7 @@ impl VfioBinder {
     /// Whether the device is marked to be given back after use. Never
     /// waits for a move under way.
     pub fn is_marked(&self, address: PciAddress) -> bool {
-        let marks = self.marks.read().unwrap_or_else(PoisonError::into_inner);
-        marks.contains_key(&address)
+        self.return_mark(address).is_marked()
     }
 
     /// Gives a marked device back after use, as one operation under the
